@@ -1,0 +1,22 @@
+//! Generates the gRPC code from ../../proto with the protoc binary that protoc-bin-vendored ships,
+//! so that no system protoc is needed.
+
+use std::path::PathBuf;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let proto_root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../proto");
+    let protos = ["berth/v1/kv.proto", "berth/v1/cluster.proto", "berth/v1/raft.proto"].map(|p| proto_root.join(p));
+    let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
+
+    let mut config = prost_build::Config::new();
+    config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
+    tonic_prost_build::configure().file_descriptor_set_path(out_dir.join("berth_descriptor.bin")).compile_with_config(
+        config,
+        &protos,
+        &[proto_root.clone()],
+    )?;
+    for p in &protos {
+        println!("cargo:rerun-if-changed={}", p.display());
+    }
+    Ok(())
+}

@@ -1,0 +1,155 @@
+//! `berth bench kv`: the same write workload against berth or etcd, from the same harness.
+
+use std::{sync::Arc, time::Instant};
+
+use anyhow::{Context, Result, bail};
+use berth_api::pb;
+use clap::{Args, Subcommand, ValueEnum};
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+use crate::{Global, client::Client, output};
+
+#[derive(Subcommand)]
+pub enum BenchCmd {
+    /// Concurrent puts of random values; prints throughput and latency.
+    Kv(KvBench),
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Target {
+    Berth,
+    Etcd,
+}
+
+#[derive(Args)]
+pub struct KvBench {
+    #[arg(long, value_enum, default_value_t = Target::Berth)]
+    target: Target,
+    /// Concurrent clients, each with its own connection.
+    #[arg(long, default_value_t = 1)]
+    clients: usize,
+    /// Total puts across all clients.
+    #[arg(long, default_value_t = 10_000)]
+    ops: usize,
+    #[arg(long, default_value_t = 256)]
+    value_size: usize,
+    /// Distinct keys written (round-robin).
+    #[arg(long, default_value_t = 10_000)]
+    keys: usize,
+}
+
+#[derive(Serialize)]
+struct BenchOut {
+    target: Target,
+    clients: usize,
+    value_size: usize,
+    ops: usize,
+    errors: usize,
+    seconds: f64,
+    ops_per_sec: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    max_ms: f64,
+}
+
+enum Conn {
+    Berth(berth_api::pb::kv_client::KvClient<tonic::transport::Channel>),
+    Etcd(Box<etcd_client::KvClient>),
+}
+
+impl Conn {
+    async fn put(&mut self, key: Vec<u8>, value: Vec<u8>) -> Result<()> {
+        match self {
+            Conn::Berth(c) => {
+                c.put(pb::PutRequest { key, value, prev_kv: false }).await?;
+            }
+            Conn::Etcd(c) => {
+                c.put(key, value, None).await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+pub async fn run(cmd: BenchCmd, g: &Global) -> Result<()> {
+    let BenchCmd::Kv(a) = cmd;
+    if a.clients == 0 || a.ops == 0 {
+        bail!("--clients and --ops must be at least 1");
+    }
+    let endpoints: Vec<String> = match crate::config::client(g) {
+        Ok(c) => c.endpoints().to_vec(),
+        Err(e) => return Err(e),
+    };
+    // Clients are spread over the endpoints, as etcd's own benchmark does.
+    let mut conns = Vec::with_capacity(a.clients);
+    for i in 0..a.clients {
+        let ep = &endpoints[i % endpoints.len()];
+        conns.push(match a.target {
+            Target::Berth => Conn::Berth(Client::kv(Client::channel(ep)?)),
+            Target::Etcd => {
+                let c = etcd_client::Client::connect([format!("http://{ep}")], None)
+                    .await
+                    .with_context(|| format!("cannot connect to etcd at {ep}"))?;
+                Conn::Etcd(Box::new(c.kv_client()))
+            }
+        });
+    }
+    // Warm up every connection so that connection set-up is not measured.
+    for (i, c) in conns.iter_mut().enumerate() {
+        c.put(format!("bench/warmup/{i}").into_bytes(), vec![b'w'; a.value_size])
+            .await
+            .context("warm-up put failed")?;
+    }
+    let per_client = a.ops.div_ceil(a.clients);
+    let value: Arc<Vec<u8>> = Arc::new((0..a.value_size).map(|i| b'a' + (i % 26) as u8).collect());
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for (ci, mut conn) in conns.into_iter().enumerate() {
+        let value = value.clone();
+        let n = per_client.min(a.ops.saturating_sub(ci * per_client));
+        let keys = a.keys;
+        tasks.push(tokio::spawn(async move {
+            let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
+            let mut errors = 0;
+            for i in 0..n {
+                let key = format!("bench/{:08}", (ci * per_client + i) % keys).into_bytes();
+                let t = Instant::now();
+                match conn.put(key, value.to_vec()).await {
+                    Ok(()) => h.saturating_record(t.elapsed().as_micros() as u64),
+                    Err(_) => errors += 1,
+                }
+            }
+            (h, errors)
+        }));
+    }
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let mut errors = 0;
+    for t in tasks {
+        let (h, e) = t.await?;
+        hist.add(&h)?;
+        errors += e;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let ok = hist.len() as usize;
+    let out = BenchOut {
+        target: a.target,
+        clients: a.clients,
+        value_size: a.value_size,
+        ops: ok,
+        errors,
+        seconds: secs,
+        ops_per_sec: ok as f64 / secs,
+        p50_ms: hist.value_at_quantile(0.5) as f64 / 1000.0,
+        p99_ms: hist.value_at_quantile(0.99) as f64 / 1000.0,
+        max_ms: hist.max() as f64 / 1000.0,
+    };
+    output::print(g.output, &out, |o| {
+        println!(
+            "target={:?} clients={} ops={} errors={} seconds={:.2} ops_per_sec={:.0} p50_ms={:.2} p99_ms={:.2} max_ms={:.2}",
+            o.target, o.clients, o.ops, o.errors, o.seconds, o.ops_per_sec, o.p50_ms, o.p99_ms, o.max_ms
+        )
+    });
+    Ok(())
+}

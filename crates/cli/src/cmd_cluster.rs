@@ -1,0 +1,294 @@
+//! `berth cluster`, `berth member` and `berth snapshot`.
+
+use std::{io::Write, path::PathBuf};
+
+use anyhow::{Context, Result, bail};
+use berth_api::pb;
+use clap::{Args, Subcommand};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use crate::{
+    Global,
+    client::Client,
+    output::{self, human_bytes},
+};
+
+#[derive(Subcommand)]
+pub enum ClusterCmd {
+    /// Leader, term, and every member's role, log and applied index and database size.
+    Status,
+    /// Hand leadership to another voter.
+    TransferLeader {
+        /// Target master id (default: any other voter).
+        #[arg(long)]
+        to: Option<u64>,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum MemberCmd {
+    /// List the members.
+    List,
+    /// Add a master as a learner; it catches up, then `member promote` makes it a voter.
+    Add {
+        #[arg(long)]
+        id: u64,
+        #[arg(long)]
+        endpoint: String,
+        /// Promote to voter as soon as it has caught up.
+        #[arg(long)]
+        promote: bool,
+    },
+    /// Make a caught-up learner a voter.
+    Promote { id: u64 },
+    /// Remove a master. Its id can never be used again.
+    Remove { id: u64 },
+}
+
+#[derive(Subcommand)]
+pub enum SnapshotCmd {
+    /// Save a consistent backup of the cluster's state from any master.
+    Save { file: PathBuf },
+    /// Seed a new master's data dir from a backup: disaster recovery after losing quorum. Run it
+    /// for every master of the new cluster, then start each with `berth master --data-dir DIR`.
+    Restore(RestoreArgs),
+}
+
+#[derive(Args)]
+pub struct RestoreArgs {
+    file: PathBuf,
+    #[arg(long)]
+    data_dir: PathBuf,
+    #[arg(long)]
+    id: u64,
+    #[arg(long)]
+    initial_cluster: String,
+}
+
+#[derive(Serialize)]
+struct MemberOut {
+    id: u64,
+    endpoint: String,
+    role: String,
+    voter: bool,
+    last_log_index: u64,
+    applied_index: u64,
+    db_size_bytes: u64,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    error: String,
+}
+
+impl From<pb::Member> for MemberOut {
+    fn from(m: pb::Member) -> Self {
+        MemberOut {
+            id: m.id,
+            endpoint: m.endpoint,
+            role: m.role,
+            voter: m.voter,
+            last_log_index: m.last_log_index,
+            applied_index: m.applied_index,
+            db_size_bytes: m.db_size_bytes,
+            error: m.error,
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct StatusOut {
+    leader: u64,
+    term: u64,
+    cluster_id: String,
+    members: Vec<MemberOut>,
+}
+
+fn print_members(g: &Global, leader: u64, members: Vec<pb::Member>) {
+    #[derive(Serialize)]
+    struct ListOut {
+        leader: u64,
+        members: Vec<MemberOut>,
+    }
+    let out = ListOut { leader, members: members.into_iter().map(Into::into).collect() };
+    output::print(g.output, &out, |o| {
+        let rows: Vec<Vec<String>> = o
+            .members
+            .iter()
+            .map(|m| vec![m.id.to_string(), m.endpoint.clone(), m.role.clone(), m.voter.to_string()])
+            .collect();
+        output::table(&["ID", "ENDPOINT", "ROLE", "VOTER"], &rows);
+    });
+}
+
+pub async fn run_cluster(cmd: ClusterCmd, g: &Global) -> Result<()> {
+    let client = crate::config::client(g)?;
+    match cmd {
+        ClusterCmd::Status => {
+            let r = client
+                .call(
+                    |ch| async move { Client::cluster(ch).status(pb::StatusRequest {}).await.map(|r| r.into_inner()) },
+                )
+                .await?;
+            let out = StatusOut {
+                leader: r.leader,
+                term: r.term,
+                cluster_id: r.header.map(|h| h.cluster_id).unwrap_or_default(),
+                members: r.members.into_iter().map(Into::into).collect(),
+            };
+            output::print(g.output, &out, |o| {
+                println!("leader: {}  term: {}  cluster: {}", o.leader, o.term, o.cluster_id);
+                let rows: Vec<Vec<String>> = o
+                    .members
+                    .iter()
+                    .map(|m| {
+                        vec![
+                            m.id.to_string(),
+                            m.endpoint.clone(),
+                            m.role.clone(),
+                            m.last_log_index.to_string(),
+                            m.applied_index.to_string(),
+                            human_bytes(m.db_size_bytes),
+                            m.error.clone(),
+                        ]
+                    })
+                    .collect();
+                output::table(&["ID", "ENDPOINT", "ROLE", "LAST_LOG", "APPLIED", "DB_SIZE", "ERROR"], &rows);
+            });
+        }
+        ClusterCmd::TransferLeader { to } => {
+            let r = client
+                .call(|ch| async move {
+                    Client::cluster(ch)
+                        .transfer_leader(pb::TransferLeaderRequest { target: to.unwrap_or(0) })
+                        .await
+                        .map(|r| r.into_inner())
+                })
+                .await?;
+            println!("leader is now master {}", r.leader);
+        }
+    }
+    Ok(())
+}
+
+pub async fn run_member(cmd: MemberCmd, g: &Global) -> Result<()> {
+    let mut client = crate::config::client(g)?;
+    match cmd {
+        MemberCmd::List => {
+            let r = client
+                .call(|ch| async move {
+                    Client::cluster(ch).member_list(pb::MemberListRequest {}).await.map(|r| r.into_inner())
+                })
+                .await?;
+            print_members(g, r.leader, r.members);
+        }
+        MemberCmd::Add { id, endpoint, promote } => {
+            // Catching up may take a while on a big state.
+            client.patience = std::time::Duration::from_secs(120);
+            let r = client
+                .call(|ch| {
+                    let endpoint = endpoint.clone();
+                    async move {
+                        Client::cluster(ch)
+                            .member_add(pb::MemberAddRequest { id, endpoint, promote })
+                            .await
+                            .map(|r| r.into_inner())
+                    }
+                })
+                .await?;
+            eprintln!("added master {id}{}", if promote { " as a voter" } else { " as a learner" });
+            print_members(g, 0, r.members);
+        }
+        MemberCmd::Promote { id } => {
+            let r = client
+                .call(|ch| async move {
+                    Client::cluster(ch).member_promote(pb::MemberPromoteRequest { id }).await.map(|r| r.into_inner())
+                })
+                .await?;
+            eprintln!("master {id} is now a voter");
+            print_members(g, 0, r.members);
+        }
+        MemberCmd::Remove { id } => {
+            let r = client
+                .call(|ch| async move {
+                    Client::cluster(ch).member_remove(pb::MemberRemoveRequest { id }).await.map(|r| r.into_inner())
+                })
+                .await?;
+            eprintln!("removed master {id}; its id can never be used again");
+            print_members(g, 0, r.members);
+        }
+    }
+    Ok(())
+}
+
+pub async fn run_snapshot(cmd: SnapshotCmd, g: &Global) -> Result<()> {
+    match cmd {
+        SnapshotCmd::Save { file } => {
+            let client = crate::config::client(g)?;
+            let mut stream =
+                client
+                    .call(|ch| async move {
+                        Client::cluster(ch).snapshot(pb::SnapshotRequest {}).await.map(|r| r.into_inner())
+                    })
+                    .await?;
+            let tmp = file.with_extension("part");
+            let mut out = std::fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+            let mut hasher = Sha256::new();
+            let mut total = 0u64;
+            let mut expected = None;
+            while let Some(chunk) = stream.message().await? {
+                out.write_all(&chunk.blob)?;
+                hasher.update(&chunk.blob);
+                total += chunk.blob.len() as u64;
+                if chunk.done {
+                    expected = Some(chunk.sha256);
+                }
+            }
+            let Some(expected) = expected else {
+                let _ = std::fs::remove_file(&tmp);
+                bail!("the backup stream ended early; nothing was saved, retry");
+            };
+            let got = hex::encode(hasher.finalize());
+            if got != expected {
+                let _ = std::fs::remove_file(&tmp);
+                bail!("backup checksum mismatch (got {got}, master sent {expected}); nothing was saved, retry");
+            }
+            out.sync_all()?;
+            std::fs::rename(&tmp, &file)?;
+            let header = berth_store::read_header(&file)?;
+            println!(
+                "saved {} ({}) at revision {}, sha256 {got}",
+                file.display(),
+                human_bytes(total),
+                header.counters.revision
+            );
+        }
+        SnapshotCmd::Restore(a) => {
+            let ic = berth_master::parse_initial_cluster(&a.initial_cluster)?;
+            if !ic.contains_key(&a.id) {
+                bail!("--initial-cluster does not list --id {}", a.id);
+            }
+            if a.data_dir.exists() && std::fs::read_dir(&a.data_dir)?.next().is_some() {
+                bail!("{} is not empty: restore needs a new, empty data dir", a.data_dir.display());
+            }
+            let header = berth_store::read_header(&a.file)?;
+            // Every member restored from the same backup into the same new cluster gets the same
+            // id, derived from the backup and the new membership.
+            let mut h = Sha256::new();
+            h.update(std::fs::read(&a.file)?);
+            h.update(a.initial_cluster.as_bytes());
+            let digest = hex::encode(h.finalize());
+            let cluster_id = format!("restored-{}", &digest[..32]);
+            berth_store::restore_into(&a.file, &a.data_dir, cluster_id.clone())?;
+            let ident =
+                berth_master::Identity { format: 1, id: a.id, listen: ic[&a.id].clone(), initial_cluster: Some(ic) };
+            ident.store(&a.data_dir)?;
+            println!(
+                "restored the state at revision {} into {} as master {} of new cluster {cluster_id}; start it with: berth master --data-dir {}",
+                header.counters.revision,
+                a.data_dir.display(),
+                a.id,
+                a.data_dir.display()
+            );
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,238 @@
+//! `berth dev`: a local HA cluster of real `berth master` child processes.
+
+use std::{
+    collections::BTreeMap,
+    fs,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use anyhow::{Context, Result, bail};
+use berth_api::pb;
+use clap::Args;
+use serde::{Deserialize, Serialize};
+
+use crate::{Global, client::Client, config::ClientConfig};
+
+#[derive(Args)]
+pub struct DevArgs {
+    /// Where the cluster lives: one data dir per master, cluster.json and berth.toml.
+    #[arg(long)]
+    data_dir: PathBuf,
+    /// Number of masters (odd: 1, 3, 5, ...).
+    #[arg(long, default_value_t = 3)]
+    masters: u64,
+    /// Port of master 1; master N listens on base-port + N - 1.
+    #[arg(long, default_value_t = 7001)]
+    base_port: u16,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ClusterFile {
+    pub endpoints: Vec<String>,
+    pub masters: Vec<MasterEntry>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct MasterEntry {
+    pub id: u64,
+    pub endpoint: String,
+    pub pid: u32,
+    pub data_dir: PathBuf,
+}
+
+fn write_atomic(path: &Path, text: &str) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    fs::write(&tmp, text).with_context(|| format!("cannot write {}", tmp.display()))?;
+    fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+fn spawn_master(exe: &Path, args: &[String], log: &Path) -> Result<Child> {
+    let out = fs::OpenOptions::new().create(true).append(true).open(log)?;
+    Command::new(exe)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(out.try_clone()?)
+        .stderr(out)
+        .spawn()
+        .with_context(|| format!("cannot start {}", exe.display()))
+}
+
+pub async fn run(a: DevArgs, _g: &Global) -> Result<()> {
+    if a.masters == 0 || a.masters % 2 == 0 {
+        bail!("--masters must be odd (1, 3, 5, ...) so that a majority is well defined; got {}", a.masters);
+    }
+    fs::create_dir_all(&a.data_dir).with_context(|| format!("cannot create {}", a.data_dir.display()))?;
+    let dir = fs::canonicalize(&a.data_dir)?;
+    let exe = std::env::current_exe().context("cannot find the berth binary")?;
+    let cluster_json = dir.join("cluster.json");
+
+    // Resume: the masters already exist; a restart needs only each data dir.
+    let previous: Option<ClusterFile> = match fs::read_to_string(&cluster_json) {
+        Ok(t) => Some(serde_json::from_str(&t).with_context(|| format!("{} is not valid", cluster_json.display()))?),
+        Err(_) => None,
+    };
+    let plan: BTreeMap<u64, (String, PathBuf)> = match &previous {
+        Some(p) => {
+            if a.masters != p.masters.len() as u64 {
+                eprintln!(
+                    "resuming the existing {}-master cluster in {} (--masters ignored)",
+                    p.masters.len(),
+                    dir.display()
+                );
+            }
+            p.masters.iter().map(|m| (m.id, (m.endpoint.clone(), m.data_dir.clone()))).collect()
+        }
+        None => (1..=a.masters)
+            .map(|id| {
+                let port = a.base_port as u64 + id - 1;
+                if port > u16::MAX as u64 {
+                    return Err(anyhow::anyhow!(
+                        "--base-port {} leaves no room for {} masters",
+                        a.base_port,
+                        a.masters
+                    ));
+                }
+                Ok((id, (format!("127.0.0.1:{port}"), dir.join(format!("master-{id}")))))
+            })
+            .collect::<Result<_>>()?,
+    };
+    if previous.is_none() {
+        for (ep, _) in plan.values() {
+            if std::net::TcpListener::bind(ep).is_err() {
+                bail!("port {ep} is in use: pick other ports with --base-port");
+            }
+        }
+    }
+    let initial = plan.iter().map(|(id, (ep, _))| format!("{id}={ep}")).collect::<Vec<_>>().join(",");
+
+    let mut children: BTreeMap<u64, Child> = BTreeMap::new();
+    for (id, (ep, mdir)) in &plan {
+        fs::create_dir_all(mdir)?;
+        let mut args = vec!["master".to_string(), "--data-dir".into(), mdir.display().to_string()];
+        if !mdir.join(berth_master::IDENTITY_FILE).exists() {
+            args.extend([
+                "--id".into(),
+                id.to_string(),
+                "--listen".into(),
+                ep.clone(),
+                "--initial-cluster".into(),
+                initial.clone(),
+            ]);
+        }
+        let child = spawn_master(&exe, &args, &mdir.join("master.log"))?;
+        children.insert(*id, child);
+    }
+    let cleanup = |children: &mut BTreeMap<u64, Child>| stop_all(children);
+
+    let endpoints: Vec<String> = plan.values().map(|(ep, _)| ep.clone()).collect();
+    let client = Client::new(endpoints.clone())?;
+    let leader = match wait_for_leader(&client, &mut children).await {
+        Ok(l) => l,
+        Err(e) => {
+            cleanup(&mut children);
+            return Err(e);
+        }
+    };
+    let file = ClusterFile {
+        endpoints: endpoints.clone(),
+        masters: plan
+            .iter()
+            .map(|(id, (ep, d))| MasterEntry {
+                id: *id,
+                endpoint: ep.clone(),
+                pid: children[id].id(),
+                data_dir: d.clone(),
+            })
+            .collect(),
+    };
+    write_atomic(&cluster_json, &serde_json::to_string_pretty(&file)?)?;
+    let toml_path = dir.join("berth.toml");
+    write_atomic(&toml_path, &toml::to_string(&ClientConfig { endpoints: endpoints.clone() })?)?;
+
+    println!("berth dev: {} masters up, leader is master {leader}", plan.len());
+    for m in &file.masters {
+        println!("  master {}  {}  pid {}  log {}", m.id, m.endpoint, m.pid, m.data_dir.join("master.log").display());
+    }
+    println!();
+    println!("Use it from another shell:");
+    println!("  export BERTH_CONFIG={}", toml_path.display());
+    println!("  berth cluster status");
+    println!("  berth kv put hello world && berth kv get hello");
+    println!(
+        "Kill a master to see failover: kill -9 <pid>. Ctrl-C stops the cluster; run the same command to resume it."
+    );
+
+    let shutdown = crate::shutdown_on_signals();
+    let mut reported = std::collections::BTreeSet::new();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+        for (id, child) in children.iter_mut() {
+            if !reported.contains(id)
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                eprintln!(
+                    "berth dev: master {id} (pid {}) exited: {status}; not restarting it. Its log: {}",
+                    child.id(),
+                    plan[id].1.join("master.log").display()
+                );
+                reported.insert(*id);
+            }
+        }
+    }
+    eprintln!("berth dev: stopping the masters");
+    cleanup(&mut children);
+    Ok(())
+}
+
+async fn wait_for_leader(client: &Client, children: &mut BTreeMap<u64, Child>) -> Result<u64> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        for (id, child) in children.iter_mut() {
+            if let Ok(Some(status)) = child.try_wait() {
+                bail!("master {id} exited during start-up ({status}); see its master.log");
+            }
+        }
+        let r = client
+            .call(|ch| async move {
+                Client::cluster(ch).member_list(pb::MemberListRequest {}).await.map(|r| r.into_inner())
+            })
+            .await;
+        if let Ok(r) = r
+            && r.leader != 0
+        {
+            return Ok(r.leader);
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("no leader was elected within 60s; see the masters' master.log files");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// SIGTERM to every child, then SIGKILL to any still running after 10 s.
+fn stop_all(children: &mut BTreeMap<u64, Child>) {
+    for child in children.values() {
+        // A polite stop first: a leader hands over leadership on SIGTERM.
+        let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    for child in children.values_mut() {
+        loop {
+            match child.try_wait() {
+                Ok(Some(_)) | Err(_) => break,
+                Ok(None) if std::time::Instant::now() > deadline => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break;
+                }
+                Ok(None) => std::thread::sleep(Duration::from_millis(50)),
+            }
+        }
+    }
+}

@@ -1,0 +1,56 @@
+//! Output formats: table for people, JSON and YAML for programs.
+
+use serde::Serialize;
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    Table,
+    Json,
+    Yaml,
+}
+
+/// Prints `value` as JSON or YAML, or calls `table` for the table form.
+pub fn print<T: Serialize>(format: Format, value: &T, table: impl FnOnce(&T)) {
+    match format {
+        Format::Json => println!("{}", serde_json::to_string_pretty(value).expect("serializable output")),
+        Format::Yaml => print!("{}", serde_yaml::to_string(value).expect("serializable output")),
+        Format::Table => table(value),
+    }
+}
+
+/// Left-aligned columns.
+pub fn table(headers: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            widths[i] = widths[i].max(c.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let s: Vec<String> = cells.iter().enumerate().map(|(i, c)| format!("{c:<w$}", w = widths[i])).collect();
+        println!("{}", s.join("  ").trim_end());
+    };
+    line(headers.iter().map(|h| h.to_string()).collect());
+    for r in rows {
+        line(r.clone());
+    }
+}
+
+/// A user-facing description of an error: gRPC statuses by their message and code.
+pub fn describe(e: &anyhow::Error) -> String {
+    if let Some(s) = e.downcast_ref::<tonic::Status>() {
+        return format!("{} ({:?})", s.message(), s.code());
+    }
+    format!("{e:#}")
+}
+
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 { format!("{n} B") } else { format!("{v:.1} {}", UNITS[u]) }
+}

@@ -1,0 +1,212 @@
+//! The client KV API, and the one gRPC server that carries every service of a master.
+
+use std::{path::PathBuf, pin::Pin, sync::Arc};
+
+use berth_api::pb::{self, kv_server};
+use berth_store::WatchEvents;
+use berth_types::{Command, CommandResult, DeleteRange, Put, RequestOp, Txn};
+use futures::Stream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+use crate::{MasterError, cluster_service::ClusterService, node::Ctx, raft_service::RaftService};
+
+const CLIENT_MESSAGE_LIMIT: usize = 16 * 1024 * 1024;
+const RAFT_MESSAGE_LIMIT: usize = 512 * 1024 * 1024;
+
+/// Serves KV, Cluster, Raft and reflection on `listener` until `token` fires.
+pub(crate) async fn serve(
+    ctx: Arc<Ctx>,
+    listener: tokio::net::TcpListener,
+    snap_dir: PathBuf,
+    token: CancellationToken,
+) -> Result<(), MasterError> {
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(berth_api::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| MasterError::Serve(e.to_string()))?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(berth_api::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .map_err(|e| MasterError::Serve(e.to_string()))?;
+    let kv = kv_server::KvServer::new(KvService { ctx: ctx.clone() })
+        .max_decoding_message_size(CLIENT_MESSAGE_LIMIT)
+        .max_encoding_message_size(CLIENT_MESSAGE_LIMIT);
+    let cluster = pb::cluster_server::ClusterServer::new(ClusterService { ctx: ctx.clone() })
+        .max_decoding_message_size(CLIENT_MESSAGE_LIMIT);
+    let raft = pb::raft::raft_server::RaftServer::new(RaftService { ctx, snap_dir })
+        .max_decoding_message_size(RAFT_MESSAGE_LIMIT)
+        .max_encoding_message_size(RAFT_MESSAGE_LIMIT);
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(5)))
+        .add_service(kv)
+        .add_service(cluster)
+        .add_service(raft)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .serve_with_incoming_shutdown(incoming, token.cancelled_owned())
+        .await
+        .map_err(|e| MasterError::Serve(e.to_string()))
+}
+
+pub(crate) struct KvService {
+    pub ctx: Arc<Ctx>,
+}
+
+fn store_err(e: berth_store::StoreError) -> Status {
+    match e {
+        berth_store::StoreError::Command(c) => crate::node::command_result(Err(c)).unwrap_err(),
+        other => Status::internal(other.to_string()),
+    }
+}
+
+impl KvService {
+    async fn txn(&self, txn: Txn) -> Result<berth_types::TxnResult, Status> {
+        match self.ctx.write(Command::Txn(txn)).await? {
+            CommandResult::Txn(r) => Ok(r),
+            other => Err(Status::internal(format!("unexpected result {other:?} for a transaction"))),
+        }
+    }
+
+    fn header_at(&self, revision: i64) -> pb::ResponseHeader {
+        pb::ResponseHeader { revision, ..self.ctx.header() }
+    }
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl kv_server::Kv for KvService {
+    async fn range(&self, r: Request<pb::RangeRequest>) -> Result<Response<pb::RangeResponse>, Status> {
+        let r = r.into_inner();
+        let q = berth_api::range_query_from_pb(&r)?;
+        self.ctx.limits.check_key(&q.key).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if !r.serializable {
+            self.ctx.read_barrier().await?;
+        }
+        let reader = self.ctx.reader.clone();
+        let (res, counters) = tokio::task::spawn_blocking(move || reader.range(&q))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(store_err)?;
+        Ok(Response::new(berth_api::range_result_to_pb(res, &self.header_at(counters.revision))))
+    }
+
+    async fn put(&self, r: Request<pb::PutRequest>) -> Result<Response<pb::PutResponse>, Status> {
+        let r = r.into_inner();
+        let txn = Txn {
+            success: vec![RequestOp::Put(Put { key: r.key, value: r.value, prev_kv: r.prev_kv })],
+            ..Default::default()
+        };
+        let res = self.txn(txn).await?;
+        let prev_kv = match res.responses.into_iter().next() {
+            Some(berth_types::OpResult::Put(p)) => p.prev_kv.map(Into::into),
+            _ => None,
+        };
+        Ok(Response::new(pb::PutResponse { header: Some(self.header_at(res.revision)), prev_kv }))
+    }
+
+    async fn delete_range(
+        &self,
+        r: Request<pb::DeleteRangeRequest>,
+    ) -> Result<Response<pb::DeleteRangeResponse>, Status> {
+        let r = r.into_inner();
+        let txn = Txn {
+            success: vec![RequestOp::DeleteRange(DeleteRange {
+                key: r.key,
+                range_end: r.range_end,
+                prev_kv: r.prev_kv,
+            })],
+            ..Default::default()
+        };
+        let res = self.txn(txn).await?;
+        let header = self.header_at(res.revision);
+        match res.responses.into_iter().next() {
+            Some(berth_types::OpResult::DeleteRange(d)) => Ok(Response::new(pb::DeleteRangeResponse {
+                header: Some(header),
+                deleted: d.deleted,
+                prev_kvs: d.prev_kvs.into_iter().map(Into::into).collect(),
+            })),
+            _ => Err(Status::internal("delete returned no result")),
+        }
+    }
+
+    async fn txn(&self, r: Request<pb::TxnRequest>) -> Result<Response<pb::TxnResponse>, Status> {
+        let txn = berth_api::txn_from_pb(r.into_inner())?;
+        if !txn.writes() {
+            // A read-only transaction needs no Raft entry: a linearizable read serves it.
+            self.ctx.read_barrier().await?;
+        }
+        let res = self.txn(txn).await?;
+        Ok(Response::new(berth_api::txn_result_to_pb(res.clone(), &self.header_at(res.revision))))
+    }
+
+    async fn compact(&self, r: Request<pb::CompactionRequest>) -> Result<Response<pb::CompactionResponse>, Status> {
+        let revision = r.into_inner().revision;
+        self.ctx.write(Command::Compact { revision }).await?;
+        Ok(Response::new(pb::CompactionResponse { header: Some(self.ctx.header()) }))
+    }
+
+    type WatchStream = WatchStream;
+
+    async fn watch(&self, r: Request<pb::WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+        let r = r.into_inner();
+        if r.start_revision < 0 {
+            return Err(Status::invalid_argument("start_revision must be >= 0"));
+        }
+        self.ctx.limits.check_key(&r.key).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let mut watcher = self.ctx.reader.watch(r.key, r.range_end, r.start_revision).map_err(store_err)?;
+        let ctx = self.ctx.clone();
+        let want_prev = r.prev_kv;
+        let stream = async_stream::try_stream! {
+            // The first message confirms the watch and names the revision it starts after.
+            yield pb::WatchResponse {
+                header: Some(pb::ResponseHeader { revision: watcher.last_revision(), ..ctx.header() }),
+                ..Default::default()
+            };
+            loop {
+                match watcher.next().await.map_err(store_err)? {
+                    WatchEvents::Events(events) => {
+                        let rev = events.last().map_or(0, |(r, _)| *r);
+                        let events = events.into_iter().map(|(_, mut e)| {
+                            if !want_prev { e.prev_kv = None; }
+                            pb::Event::from(e)
+                        }).collect();
+                        yield pb::WatchResponse {
+                            header: Some(pb::ResponseHeader { revision: rev, ..ctx.header() }),
+                            events,
+                            ..Default::default()
+                        };
+                    }
+                    WatchEvents::Compacted { compact_revision } => {
+                        yield pb::WatchResponse {
+                            header: Some(ctx.header()),
+                            compact_revision,
+                            canceled: true,
+                            cancel_reason: format!(
+                                "the requested start revision has been compacted; watch again from revision {} or later",
+                                compact_revision + 1
+                            ),
+                            ..Default::default()
+                        };
+                        break;
+                    }
+                    WatchEvents::Reset { revision } => {
+                        yield pb::WatchResponse {
+                            header: Some(ctx.header()),
+                            canceled: true,
+                            cancel_reason: format!(
+                                "this master replaced its state with a snapshot from the leader; watch again from revision {revision}"
+                            ),
+                            ..Default::default()
+                        };
+                        break;
+                    }
+                }
+            }
+        };
+        Ok(Response::new(Box::pin(stream)))
+    }
+}

@@ -1,0 +1,20 @@
+//! A berth master: one RocksDB-backed openraft node, the gRPC services on one port (the client
+//! KV and Cluster APIs and the internal Raft service), write batching and forwarding.
+//!
+//! The service library takes a plain [`MasterConfig`]; it knows nothing of clap or the CLI.
+//! It may depend on every lower crate (types, api, store); nothing depends on it but the CLI.
+
+mod cluster_service;
+mod config;
+mod error;
+mod identity;
+mod kv_service;
+mod network;
+mod node;
+mod proposer;
+mod raft_service;
+
+pub use config::{MasterConfig, parse_initial_cluster};
+pub use error::MasterError;
+pub use identity::{IDENTITY_FILE, Identity};
+pub use node::{Master, run_master};

@@ -1,0 +1,256 @@
+//! Raft between masters, client side: openraft's network traits over the internal gRPC service.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex, RwLock},
+    time::Duration,
+};
+
+use berth_api::pb::raft::{RaftHeader, RaftRequest, SnapshotChunk, raft_client::RaftClient};
+use berth_store::{SnapshotFile, TypeConfig};
+use openraft::{
+    OptionalSend, RaftNetworkFactory, RaftNetworkV2,
+    alias::{SnapshotOf, VoteOf},
+    errors::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable},
+    network::RPCOption,
+    raft::{
+        AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest, TransferLeaderResponse,
+        VoteRequest, VoteResponse,
+    },
+};
+use serde::{Serialize, de::DeserializeOwned};
+use tokio::io::AsyncReadExt;
+use tonic::transport::{Channel, Endpoint};
+
+/// Bound on one decoded Raft message. AppendEntries carries at most a few hundred entries of at
+/// most ~1 MiB each; anything bigger is corrupt or hostile.
+const WIRE_LIMIT: usize = 512 * 1024 * 1024;
+/// Snapshot data is streamed in chunks of this size, never as one message.
+pub(crate) const SNAPSHOT_CHUNK: usize = 1024 * 1024;
+
+pub(crate) fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    bincode::serde::encode_to_vec(v, bincode::config::standard()).expect("bincode encoding to a Vec")
+}
+
+pub(crate) fn decode<T: DeserializeOwned>(b: &[u8]) -> Result<T, String> {
+    bincode::serde::decode_from_slice(b, bincode::config::standard().with_limit::<WIRE_LIMIT>())
+        .map(|(v, _)| v)
+        .map_err(|e| format!("undecodable Raft message: {e}"))
+}
+
+/// The cluster id this master knows ("" until the bootstrap has been applied).
+#[derive(Clone, Default)]
+pub(crate) struct ClusterIdCell(Arc<RwLock<String>>);
+
+impl ClusterIdCell {
+    pub fn get(&self) -> String {
+        self.0.read().expect("cluster id lock").clone()
+    }
+    pub fn set(&self, id: &str) {
+        *self.0.write().expect("cluster id lock") = id.to_string();
+    }
+}
+
+/// Connections to the other masters, shared by the Raft network and the API forwarders.
+pub(crate) struct Peers {
+    pub self_id: u64,
+    pub cluster_id: ClusterIdCell,
+    channels: Mutex<HashMap<String, Channel>>,
+}
+
+impl Peers {
+    pub fn new(self_id: u64, cluster_id: ClusterIdCell) -> Arc<Self> {
+        Arc::new(Peers { self_id, cluster_id, channels: Mutex::new(HashMap::new()) })
+    }
+
+    /// A lazily connecting channel to `addr`, reused across calls.
+    pub fn channel(&self, addr: &str) -> Result<Channel, String> {
+        let mut map = self.channels.lock().expect("channel map lock");
+        if let Some(c) = map.get(addr) {
+            return Ok(c.clone());
+        }
+        let ep = Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| format!("bad master address {addr:?}: {e}"))?
+            .connect_timeout(Duration::from_millis(500))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(2))
+            .keep_alive_timeout(Duration::from_secs(3))
+            .keep_alive_while_idle(true);
+        let ch = ep.connect_lazy();
+        map.insert(addr.to_string(), ch.clone());
+        Ok(ch)
+    }
+
+    pub fn header(&self, to: u64) -> RaftHeader {
+        RaftHeader { cluster_id: self.cluster_id.get(), from: self.self_id, to }
+    }
+}
+
+pub(crate) struct NetworkFactory {
+    pub peers: Arc<Peers>,
+}
+
+impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
+    type Network = PeerClient;
+
+    async fn new_client(&mut self, target: u64, node: &openraft::BasicNode) -> PeerClient {
+        PeerClient { target, addr: node.addr.clone(), peers: self.peers.clone() }
+    }
+}
+
+pub(crate) struct PeerClient {
+    target: u64,
+    addr: String,
+    peers: Arc<Peers>,
+}
+
+fn status_to_rpc_error(s: tonic::Status) -> RPCError<TypeConfig> {
+    match s.code() {
+        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled | tonic::Code::Unknown => {
+            RPCError::Unreachable(Unreachable::from_string(s.to_string()))
+        }
+        _ => RPCError::Network(NetworkError::from_string(s.to_string())),
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Rpc {
+    Vote,
+    PreVote,
+    Append,
+    TransferLeader,
+}
+
+impl PeerClient {
+    fn client(&self) -> Result<RaftClient<Channel>, RPCError<TypeConfig>> {
+        let ch = self.peers.channel(&self.addr).map_err(|e| RPCError::Unreachable(Unreachable::from_string(e)))?;
+        Ok(RaftClient::new(ch).max_decoding_message_size(WIRE_LIMIT).max_encoding_message_size(WIRE_LIMIT))
+    }
+
+    async fn call<Req: Serialize, Resp: DeserializeOwned>(
+        &self,
+        rpc: Rpc,
+        req: &Req,
+        ttl: Duration,
+    ) -> Result<Resp, RPCError<TypeConfig>> {
+        let mut client = self.client()?;
+        let mut request =
+            tonic::Request::new(RaftRequest { header: Some(self.peers.header(self.target)), payload: encode(req) });
+        request.set_timeout(ttl);
+        let fut = async {
+            match rpc {
+                Rpc::Vote => client.vote(request).await,
+                Rpc::PreVote => client.pre_vote(request).await,
+                Rpc::Append => client.append(request).await,
+                Rpc::TransferLeader => client.transfer_leader(request).await,
+            }
+        };
+        let resp = match tokio::time::timeout(ttl, fut).await {
+            Ok(r) => r.map_err(status_to_rpc_error)?,
+            Err(_) => {
+                return Err(RPCError::Unreachable(Unreachable::from_string(format!(
+                    "master {} at {} did not answer within {ttl:?}",
+                    self.target, self.addr
+                ))));
+            }
+        };
+        let res: Result<Resp, String> =
+            decode(&resp.into_inner().payload).map_err(|e| RPCError::Network(NetworkError::from_string(e)))?;
+        res.map_err(|e| RPCError::Network(NetworkError::from_string(e)))
+    }
+}
+
+impl RaftNetworkV2<TypeConfig> for PeerClient {
+    type SnapshotData = SnapshotFile;
+
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
+        // A large batch may take longer than a heartbeat to ship; give it room.
+        let ttl = option.hard_ttl().max(Duration::from_secs(2));
+        self.call(Rpc::Append, &rpc, ttl).await
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.call(Rpc::Vote, &rpc, option.hard_ttl()).await
+    }
+
+    async fn pre_vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.call(Rpc::PreVote, &rpc, option.hard_ttl()).await
+    }
+
+    async fn transfer_leader(
+        &mut self,
+        req: TransferLeaderRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<TransferLeaderResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.call(Rpc::TransferLeader, &req, option.hard_ttl()).await
+    }
+
+    async fn full_snapshot(
+        &mut self,
+        vote: VoteOf<TypeConfig>,
+        snapshot: SnapshotOf<TypeConfig, SnapshotFile>,
+        cancel: impl Future<Output = ReplicationClosed> + OptionalSend + 'static,
+        _option: RPCOption,
+    ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
+        let mut client = self.client().map_err(|e| StreamingError::Unreachable(Unreachable::new(&e)))?;
+        let mut file = tokio::fs::File::open(&snapshot.snapshot.path)
+            .await
+            .map_err(|e| StreamingError::Network(NetworkError::new(&e)))?;
+        let header = self.peers.header(self.target);
+        let first = SnapshotChunk {
+            header: Some(header),
+            vote: encode(&vote),
+            meta: encode(&snapshot.meta),
+            data: vec![],
+            done: false,
+        };
+        let (tx, rx) = tokio::sync::mpsc::channel::<SnapshotChunk>(4);
+        let reader = async move {
+            if tx.send(first).await.is_err() {
+                return Ok(());
+            }
+            loop {
+                let mut buf = vec![0u8; SNAPSHOT_CHUNK];
+                let mut filled = 0;
+                while filled < buf.len() {
+                    let n = file.read(&mut buf[filled..]).await?;
+                    if n == 0 {
+                        break;
+                    }
+                    filled += n;
+                }
+                buf.truncate(filled);
+                let done = filled < SNAPSHOT_CHUNK;
+                let chunk = SnapshotChunk { header: None, vote: vec![], meta: vec![], data: buf, done };
+                if tx.send(chunk).await.is_err() || done {
+                    return Ok::<(), std::io::Error>(());
+                }
+            }
+        };
+        let send = client.install_snapshot(tokio_stream::wrappers::ReceiverStream::new(rx));
+        let work = async {
+            let (read_res, resp) = tokio::join!(reader, send);
+            read_res.map_err(|e| StreamingError::Network(NetworkError::new(&e)))?;
+            let resp = resp.map_err(|s| StreamingError::from(status_to_rpc_error(s)))?;
+            let res: Result<SnapshotResponse<TypeConfig>, String> = decode(&resp.into_inner().payload)
+                .map_err(|e| StreamingError::Network(NetworkError::from_string(e)))?;
+            res.map_err(|e| StreamingError::Network(NetworkError::from_string(e)))
+        };
+        tokio::select! {
+            r = work => r,
+            closed = cancel => Err(StreamingError::Closed(closed)),
+        }
+    }
+}

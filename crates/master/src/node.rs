@@ -1,0 +1,426 @@
+//! A running master: startup, the shared context of the services, leader tasks and shutdown.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use berth_api::pb::{self, raft::LocalStatusResponse};
+use berth_store::{KvReader, Raft, TypeConfig};
+use berth_types::{Command, CommandError, CommandResult, Limits};
+use openraft::{BasicNode, Config, ServerState, SnapshotPolicy, async_runtime::WatchReceiver};
+use tokio_util::sync::CancellationToken;
+use tonic::Status;
+use tracing::{info, warn};
+
+use crate::{
+    MasterConfig, MasterError,
+    identity::Identity,
+    network::{ClusterIdCell, NetworkFactory, Peers, decode, encode},
+    proposer::{CmdResult, ProposeError, Proposer},
+};
+
+/// Largest client request accepted (values are limited to 1 MiB by validation; this leaves room
+/// for a clear validation error on somewhat larger ones instead of a transport error).
+const CLIENT_MESSAGE_LIMIT: usize = 16 * 1024 * 1024;
+
+/// What every service of a master shares.
+pub(crate) struct Ctx {
+    pub id: u64,
+    pub raft: Raft,
+    pub reader: KvReader,
+    pub peers: Arc<Peers>,
+    pub proposer: Proposer,
+    pub limits: Limits,
+    pub election_timeout: Duration,
+    pub data_dir: std::path::PathBuf,
+    /// Membership changes are serialized, one at a time.
+    pub membership_lock: tokio::sync::Mutex<()>,
+    removed: Mutex<BTreeSet<u64>>,
+}
+
+impl Ctx {
+    pub fn metrics(&self) -> openraft::RaftMetrics<TypeConfig> {
+        self.raft.metrics().borrow_watched().clone()
+    }
+
+    pub fn is_leader(&self) -> bool {
+        let m = self.metrics();
+        m.state == ServerState::Leader && m.current_leader == Some(self.id)
+    }
+
+    /// The current leader's id and endpoint, when known.
+    pub fn leader(&self) -> Option<(u64, String)> {
+        let m = self.metrics();
+        let id = m.current_leader?;
+        let node = m.membership_config.membership().get_node(&id)?.clone();
+        Some((id, node.addr))
+    }
+
+    pub fn is_removed(&self, id: u64) -> bool {
+        self.removed.lock().expect("removed lock").contains(&id)
+    }
+
+    pub fn refresh_removed(&self) {
+        if let Ok(set) = self.reader.removed_members() {
+            *self.removed.lock().expect("removed lock") = set;
+        }
+    }
+
+    pub fn header(&self) -> pb::ResponseHeader {
+        let m = self.metrics();
+        pb::ResponseHeader {
+            cluster_id: self.peers.cluster_id.get(),
+            member_id: self.id,
+            revision: self.reader.counters().map(|c| c.revision).unwrap_or(0),
+            raft_term: m.current_term,
+        }
+    }
+
+    pub fn local_status(&self) -> LocalStatusResponse {
+        let m = self.metrics();
+        LocalStatusResponse {
+            id: self.id,
+            role: role_name(&m, self.id).to_string(),
+            term: m.current_term,
+            leader: m.current_leader.unwrap_or(0),
+            last_log_index: m.last_log_index.unwrap_or(0),
+            applied_index: m.last_applied.as_ref().map_or(0, |l| l.index),
+            db_size_bytes: self.reader.db_size(),
+            cluster_id: self.peers.cluster_id.get(),
+        }
+    }
+
+    /// Waits (bounded) until some leader is known.
+    async fn wait_for_leader(&self) -> Result<(), Status> {
+        let deadline = self.election_timeout * 4;
+        self.raft.wait(Some(deadline)).metrics(|m| m.current_leader.is_some(), "a leader").await.map(|_| ()).map_err(
+            |_| {
+                Status::unavailable(format!(
+                    "no leader was elected within {deadline:?}: fewer than a majority of masters \
+                     are reachable; check `berth cluster status`"
+                ))
+            },
+        )
+    }
+
+    /// Proposes a command: locally when leader, else forwarded to the leader. Retries only where
+    /// the write certainly did not happen.
+    pub async fn write(&self, cmd: Command) -> Result<CommandResult, Status> {
+        self.limits.check_command(&cmd).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let mut last_err = None;
+        for _ in 0..5 {
+            let res = if self.is_leader() {
+                self.proposer.propose(cmd.clone()).await
+            } else if let Some((lid, addr)) = self.leader() {
+                match self.forward(lid, &addr, &cmd).await {
+                    Ok(r) => r,
+                    Err(status) => return Err(status),
+                }
+            } else {
+                self.wait_for_leader().await?;
+                continue;
+            };
+            match res {
+                Ok(r) => return command_result(r),
+                Err(ProposeError::NotLeader { leader }) => {
+                    last_err = Some(leader);
+                    // Leadership is moving: wait for this master to learn of the new leader.
+                    let old = self.metrics().current_leader;
+                    let _ = self
+                        .raft
+                        .wait(Some(self.election_timeout * 2))
+                        .metrics(|m| m.current_leader.is_some() && m.current_leader != old, "leader change")
+                        .await;
+                }
+                Err(ProposeError::OutcomeUnknown(msg)) => return Err(Status::unavailable(msg)),
+                Err(ProposeError::Fatal(msg)) => return Err(Status::unavailable(format!("master is stopping: {msg}"))),
+            }
+        }
+        Err(berth_api::not_leader(last_err.flatten().as_ref().map(|(i, e)| (*i, e.as_str()))))
+    }
+
+    async fn forward(&self, leader: u64, addr: &str, cmd: &Command) -> Result<Result<CmdResult, ProposeError>, Status> {
+        let ch = self.peers.channel(addr).map_err(Status::unavailable)?;
+        let mut client = pb::raft::raft_client::RaftClient::new(ch)
+            .max_decoding_message_size(CLIENT_MESSAGE_LIMIT)
+            .max_encoding_message_size(CLIENT_MESSAGE_LIMIT);
+        let req = pb::raft::RaftRequest { header: Some(self.peers.header(leader)), payload: encode(cmd) };
+        match client.propose(req).await {
+            Ok(resp) => decode(&resp.into_inner().payload).map_err(Status::internal),
+            // Not connected at all: the write was never sent, so asking again is safe.
+            Err(s) if s.code() == tonic::Code::Unavailable && s.message().contains("connect") => {
+                Ok(Err(ProposeError::NotLeader { leader: None }))
+            }
+            Err(s) => Err(Status::unavailable(format!(
+                "forwarding the write to leader {leader} at {addr} failed, so its outcome is \
+                 unknown: {}; read it back before retrying",
+                s.message()
+            ))),
+        }
+    }
+
+    /// Makes a following read linearizable: waits until this master has applied everything the
+    /// leader had committed when the read arrived (read-index).
+    pub async fn read_barrier(&self) -> Result<(), Status> {
+        for _ in 0..3 {
+            if self.is_leader() {
+                match self.raft.ensure_linearizable(openraft::ReadPolicy::ReadIndex).await {
+                    Ok(_) => return Ok(()),
+                    Err(e) if e.forward_to_leader().is_some() => continue,
+                    Err(e) => return Err(Status::unavailable(format!("linearizable read failed: {e}"))),
+                }
+            }
+            let Some((lid, addr)) = self.leader() else {
+                self.wait_for_leader().await?;
+                continue;
+            };
+            let ch = self.peers.channel(&addr).map_err(Status::unavailable)?;
+            let mut client = pb::raft::raft_client::RaftClient::new(ch);
+            let mut req = tonic::Request::new(pb::raft::ReadIndexRequest { header: Some(self.peers.header(lid)) });
+            req.set_timeout(self.election_timeout * 2);
+            match client.read_index(req).await {
+                Ok(r) => {
+                    let idx = r.into_inner().read_index;
+                    return self
+                        .raft
+                        .wait(Some(Duration::from_secs(5)))
+                        .applied_index_at_least(Some(idx), "read index")
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| {
+                            Status::unavailable(format!("this master is not catching up with the leader: {e}"))
+                        });
+                }
+                Err(s) if s.code() == tonic::Code::Unavailable => {
+                    let old = Some(lid);
+                    let _ = self
+                        .raft
+                        .wait(Some(self.election_timeout * 2))
+                        .metrics(|m| m.current_leader != old, "leader change")
+                        .await;
+                }
+                Err(s) => return Err(s),
+            }
+        }
+        Err(Status::unavailable("no leader could confirm the read; retry shortly"))
+    }
+}
+
+pub(crate) fn role_name(m: &openraft::RaftMetrics<TypeConfig>, id: u64) -> &'static str {
+    match m.state {
+        ServerState::Leader => "leader",
+        ServerState::Learner => "learner",
+        ServerState::Candidate => "candidate",
+        ServerState::Shutdown => "shutdown",
+        ServerState::Follower => {
+            if m.membership_config.membership().voter_ids().any(|v| v == id) {
+                "follower"
+            } else {
+                "learner"
+            }
+        }
+    }
+}
+
+pub(crate) fn command_result(r: CmdResult) -> Result<CommandResult, Status> {
+    r.map_err(|e| match e {
+        CommandError::Compacted { .. } | CommandError::FutureRevision { .. } => Status::out_of_range(e.to_string()),
+        CommandError::ClusterIdAlreadySet { .. } => Status::failed_precondition(e.to_string()),
+    })
+}
+
+/// A started master.
+pub struct Master {
+    ctx: Arc<Ctx>,
+    pub local_addr: SocketAddr,
+}
+
+impl Master {
+    pub fn id(&self) -> u64 {
+        self.ctx.id
+    }
+}
+
+fn raft_config(cfg: &MasterConfig) -> Result<Arc<Config>, MasterError> {
+    let et = cfg.election_timeout.as_millis() as u64;
+    let c = Config {
+        cluster_name: "berth".into(),
+        heartbeat_interval: cfg.heartbeat_interval.as_millis() as u64,
+        election_timeout_min: et,
+        election_timeout_max: et * 2,
+        enable_pre_vote: Some(true),
+        snapshot_policy: SnapshotPolicy::LogsSinceLast(cfg.snapshot_logs),
+        max_in_snapshot_log_to_keep: 1000,
+        purge_batch_size: 256,
+        install_snapshot_timeout: 120_000,
+        max_payload_entries: 256,
+        ..Default::default()
+    };
+    c.validate().map(Arc::new).map_err(|e| MasterError::Config(e.to_string()))
+}
+
+/// Starts a master and serves until `shutdown` fires; on the leader, hands leadership to another
+/// voter before exiting.
+pub async fn run_master(cfg: MasterConfig, shutdown: CancellationToken) -> Result<(), MasterError> {
+    cfg.validate()?;
+    let (ident, _first_start) = Identity::resolve(&cfg)?;
+    let listen: SocketAddr = ident
+        .listen
+        .parse()
+        .map_err(|e| MasterError::Config(format!("listen address {:?} is not IP:PORT: {e}", ident.listen)))?;
+    if !listen.ip().is_loopback() {
+        warn!(
+            %listen,
+            "listening on a non-loopback address without TLS: anyone who can reach this port can \
+             read and write the cluster's data. TLS arrives with the agents' PKI; until then keep \
+             masters on loopback or a trusted network"
+        );
+    }
+    let (log, sm) = berth_store::open(&cfg.data_dir)?;
+    let reader = sm.reader();
+    if reader.removed_members()?.contains(&ident.id) {
+        return Err(MasterError::DataDir {
+            dir: cfg.data_dir.display().to_string(),
+            reason: format!("master id {} was removed from the cluster and can never rejoin", ident.id),
+        });
+    }
+    let cluster_id = ClusterIdCell::default();
+    if let Some(cid) = reader.cluster_id()? {
+        cluster_id.set(&cid);
+    }
+    let peers = Peers::new(ident.id, cluster_id.clone());
+    let raft = Raft::new(ident.id, raft_config(&cfg)?, NetworkFactory { peers: peers.clone() }, log, sm)
+        .await
+        .map_err(|e| MasterError::Raft(e.to_string()))?;
+
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| MasterError::Listen { addr: listen.to_string(), source: e })?;
+    let local_addr = listener.local_addr()?;
+
+    let ctx = Arc::new(Ctx {
+        id: ident.id,
+        raft: raft.clone(),
+        reader: reader.clone(),
+        peers,
+        proposer: Proposer::start(raft.clone()),
+        limits: Limits { max_value_bytes: cfg.max_value_bytes, ..Limits::default() },
+        election_timeout: cfg.election_timeout,
+        data_dir: cfg.data_dir.clone(),
+        membership_lock: tokio::sync::Mutex::new(()),
+        removed: Mutex::new(BTreeSet::new()),
+    });
+    ctx.refresh_removed();
+
+    let server_token = CancellationToken::new();
+    let server = tokio::spawn(crate::kv_service::serve(
+        ctx.clone(),
+        listener,
+        cfg.data_dir.join("snapshots"),
+        server_token.clone(),
+    ));
+
+    let initialized = raft.is_initialized().await.map_err(|e| MasterError::Raft(e.to_string()))?;
+    if !initialized && let Some(ic) = &ident.initial_cluster {
+        let members: BTreeMap<u64, BasicNode> = ic.iter().map(|(id, ep)| (*id, BasicNode::new(ep.clone()))).collect();
+        match raft.initialize(members).await {
+            Ok(()) => info!(members = %crate::identity::format_cluster(ic), "initialised a new cluster"),
+            Err(e) => info!("not initialising: {e}"),
+        }
+    } else if !initialized {
+        info!("waiting to be added to a cluster with `berth member add --id {} --endpoint {}`", ident.id, ident.listen);
+    }
+    let watcher = tokio::spawn(watch_state(ctx.clone(), shutdown.clone()));
+    info!(id = ident.id, %local_addr, data_dir = %cfg.data_dir.display(), "master started");
+
+    shutdown.cancelled().await;
+    info!("shutting down");
+    if ctx.is_leader() {
+        hand_over_leadership(&ctx).await;
+    }
+    watcher.abort();
+    server_token.cancel();
+    if let Err(e) = raft.shutdown().await {
+        warn!("raft shutdown: {e}");
+    }
+    match tokio::time::timeout(Duration::from_secs(5), server).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => warn!("server: {e}"),
+        Ok(Err(e)) => warn!("server task: {e}"),
+        Err(_) => warn!("server did not stop within 5s"),
+    }
+    let _ = Master { ctx, local_addr };
+    info!("stopped");
+    Ok(())
+}
+
+/// SIGTERM on the leader: hand leadership to the most up-to-date voter, so that clients see no
+/// election timeout.
+async fn hand_over_leadership(ctx: &Ctx) {
+    let m = ctx.metrics();
+    let voters: Vec<u64> = m.membership_config.membership().voter_ids().filter(|v| *v != ctx.id).collect();
+    let best = m
+        .replication
+        .as_ref()
+        .and_then(|r| voters.iter().max_by_key(|v| r.get(v).cloned().flatten().map(|l| l.index)).copied())
+        .or_else(|| voters.first().copied());
+    let Some(target) = best else { return };
+    info!(target, "transferring leadership before exit");
+    if ctx.raft.trigger().transfer_leader(target).await.is_err() {
+        return;
+    }
+    let me = Some(ctx.id);
+    match ctx
+        .raft
+        .wait(Some(ctx.election_timeout * 2))
+        .metrics(|m| m.current_leader.is_some() && m.current_leader != me, "leadership handed over")
+        .await
+    {
+        Ok(m) => info!(new_leader = ?m.current_leader, "leadership handed over"),
+        Err(e) => warn!("leadership transfer did not finish: {e}"),
+    }
+}
+
+/// Follows Raft metrics: learns the cluster id once applied, refreshes the removed set, and as a
+/// new leader records a cluster id if the cluster has none yet.
+async fn watch_state(ctx: Arc<Ctx>, shutdown: CancellationToken) {
+    let mut rx = ctx.raft.metrics();
+    let mut last_state = None;
+    let mut last_applied = None;
+    loop {
+        let m = rx.borrow_watched().clone();
+        if m.last_applied != last_applied {
+            last_applied = m.last_applied.clone();
+            if ctx.peers.cluster_id.get().is_empty()
+                && let Ok(Some(cid)) = ctx.reader.cluster_id()
+            {
+                info!(cluster_id = %cid, "cluster id known");
+                ctx.peers.cluster_id.set(&cid);
+            }
+            ctx.refresh_removed();
+        }
+        if Some(m.state) != last_state {
+            info!(state = ?m.state, term = m.current_term, leader = ?m.current_leader, "raft state");
+            last_state = Some(m.state);
+            if m.state == ServerState::Leader && ctx.peers.cluster_id.get().is_empty() {
+                let ctx2 = ctx.clone();
+                tokio::spawn(async move {
+                    if let Ok(Ok(None)) = ctx2.reader.cluster_id().map(Ok::<_, ()>) {
+                        let cid = uuid::Uuid::new_v4().to_string();
+                        match ctx2.write(Command::SetClusterId { cluster_id: cid }).await {
+                            Ok(_) => {}
+                            Err(e) => info!("cluster id not recorded by this leader: {}", e.message()),
+                        }
+                    }
+                });
+            }
+        }
+        tokio::select! {
+            r = rx.changed() => if r.is_err() { return },
+            _ = shutdown.cancelled() => return,
+        }
+    }
+}

@@ -1,0 +1,157 @@
+//! Raft between masters, server side: the internal gRPC service.
+
+use std::{path::PathBuf, sync::Arc};
+
+use berth_api::pb::raft::{
+    LocalStatusRequest, LocalStatusResponse, RaftHeader, RaftRequest, RaftResponse, ReadIndexRequest,
+    ReadIndexResponse, SnapshotChunk, raft_server,
+};
+use berth_store::{SnapshotFile, TypeConfig};
+use berth_types::Command;
+use openraft::{
+    ReadPolicy,
+    alias::{SnapshotMetaOf, VoteOf},
+    raft::{AppendEntriesRequest, TransferLeaderRequest, VoteRequest},
+    storage::Snapshot,
+};
+use tokio::io::AsyncWriteExt;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::{
+    network::{decode, encode},
+    node::Ctx,
+    proposer::ProposeError,
+};
+
+pub(crate) struct RaftService {
+    pub ctx: Arc<Ctx>,
+    pub snap_dir: PathBuf,
+}
+
+fn reply<T: serde::Serialize>(v: &T) -> Result<Response<RaftResponse>, Status> {
+    Ok(Response::new(RaftResponse { payload: encode(v) }))
+}
+
+impl RaftService {
+    /// Refuses messages not meant for this master: wrong target id (a master replaced at the
+    /// same address), another cluster, or a sender whose id was removed.
+    fn check(&self, h: Option<&RaftHeader>) -> Result<(), Status> {
+        let h = h.ok_or_else(|| Status::invalid_argument("Raft message without a header"))?;
+        let me = self.ctx.id;
+        if h.to != me {
+            return Err(Status::failed_precondition(format!(
+                "message for master {} reached master {me}: the address now belongs to another \
+                 member; update the membership with `berth member remove {}`",
+                h.to, h.to
+            )));
+        }
+        let ours = self.ctx.peers.cluster_id.get();
+        if !ours.is_empty() && !h.cluster_id.is_empty() && ours != h.cluster_id {
+            return Err(Status::failed_precondition(format!(
+                "master {} belongs to cluster {}, but this master belongs to cluster {ours}: it was \
+                 pointed at the wrong cluster or started on another cluster's data dir",
+                h.from, h.cluster_id
+            )));
+        }
+        if self.ctx.is_removed(h.from) {
+            return Err(Status::permission_denied(format!(
+                "master {} was removed from this cluster and its id can never rejoin: wipe its data \
+                 dir and add it again under a new id",
+                h.from
+            )));
+        }
+        Ok(())
+    }
+
+    fn decode_req<T: serde::de::DeserializeOwned>(&self, r: Request<RaftRequest>) -> Result<T, Status> {
+        let r = r.into_inner();
+        self.check(r.header.as_ref())?;
+        decode(&r.payload).map_err(Status::invalid_argument)
+    }
+}
+
+#[tonic::async_trait]
+impl raft_server::Raft for RaftService {
+    async fn vote(&self, r: Request<RaftRequest>) -> Result<Response<RaftResponse>, Status> {
+        let req: VoteRequest<TypeConfig> = self.decode_req(r)?;
+        reply(&self.ctx.raft.vote(req).await.map_err(|e| e.to_string()))
+    }
+
+    async fn pre_vote(&self, r: Request<RaftRequest>) -> Result<Response<RaftResponse>, Status> {
+        let req: VoteRequest<TypeConfig> = self.decode_req(r)?;
+        reply(&self.ctx.raft.pre_vote(req).await.map_err(|e| e.to_string()))
+    }
+
+    async fn append(&self, r: Request<RaftRequest>) -> Result<Response<RaftResponse>, Status> {
+        let req: AppendEntriesRequest<TypeConfig> = self.decode_req(r)?;
+        reply(&self.ctx.raft.append_entries(req).await.map_err(|e| e.to_string()))
+    }
+
+    async fn transfer_leader(&self, r: Request<RaftRequest>) -> Result<Response<RaftResponse>, Status> {
+        let req: TransferLeaderRequest<TypeConfig> = self.decode_req(r)?;
+        reply(&self.ctx.raft.handle_transfer_leader(req).await.map_err(|e| e.to_string()))
+    }
+
+    async fn install_snapshot(&self, r: Request<Streaming<SnapshotChunk>>) -> Result<Response<RaftResponse>, Status> {
+        let mut stream = r.into_inner();
+        let first = stream.message().await?.ok_or_else(|| Status::invalid_argument("empty snapshot stream"))?;
+        self.check(first.header.as_ref())?;
+        let vote: VoteOf<TypeConfig> = decode(&first.vote).map_err(Status::invalid_argument)?;
+        let meta: SnapshotMetaOf<TypeConfig> = decode(&first.meta).map_err(Status::invalid_argument)?;
+        tokio::fs::create_dir_all(&self.snap_dir).await?;
+        let path = self.snap_dir.join(format!("recv-{}.incoming", uuid::Uuid::new_v4()));
+        let received = async {
+            let mut f = tokio::fs::File::create(&path).await?;
+            let mut done = first.done;
+            while !done {
+                let chunk = stream.message().await?.ok_or_else(|| {
+                    Status::aborted("snapshot stream ended before its last chunk: the sender went away")
+                })?;
+                f.write_all(&chunk.data).await?;
+                done = chunk.done;
+            }
+            f.sync_all().await?;
+            // Refuse a damaged file here, before openraft sees it.
+            let p = path.clone();
+            tokio::task::spawn_blocking(move || berth_store::read_header(&p))
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?
+                .map_err(|e| Status::data_loss(e.to_string()))?;
+            Ok::<(), Status>(())
+        };
+        if let Err(e) = received.await {
+            let _ = tokio::fs::remove_file(&path).await;
+            return Err(e);
+        }
+        let snapshot = Snapshot { meta, snapshot: SnapshotFile { path: path.clone() } };
+        let res = self.ctx.raft.install_full_snapshot(vote, snapshot).await.map_err(|e| e.to_string());
+        // Adopted snapshots were renamed away; anything left here was not installed.
+        let _ = tokio::fs::remove_file(&path).await;
+        reply(&res)
+    }
+
+    async fn read_index(&self, r: Request<ReadIndexRequest>) -> Result<Response<ReadIndexResponse>, Status> {
+        self.check(r.get_ref().header.as_ref())?;
+        match self.ctx.raft.get_read_log_id(ReadPolicy::ReadIndex).await {
+            Ok((read_log_id, _)) => Ok(Response::new(ReadIndexResponse { read_index: read_log_id.index() })),
+            Err(e) => Err(match e.forward_to_leader() {
+                Some(_) => berth_api::not_leader(self.ctx.leader().as_ref().map(|(i, e)| (*i, e.as_str()))),
+                None => Status::unavailable(format!("read index failed: {e}")),
+            }),
+        }
+    }
+
+    async fn local_status(&self, _r: Request<LocalStatusRequest>) -> Result<Response<LocalStatusResponse>, Status> {
+        Ok(Response::new(self.ctx.local_status()))
+    }
+
+    async fn propose(&self, r: Request<RaftRequest>) -> Result<Response<RaftResponse>, Status> {
+        let cmd: Command = self.decode_req(r)?;
+        let res = if self.ctx.is_leader() {
+            self.ctx.proposer.propose(cmd).await
+        } else {
+            Err(ProposeError::NotLeader { leader: self.ctx.leader() })
+        };
+        reply(&res)
+    }
+}

@@ -1,0 +1,81 @@
+//! The one RocksDB instance of a master: column families and their key layout.
+//!
+//! | CF     | key                              | value                         |
+//! |--------|----------------------------------|-------------------------------|
+//! | log    | log index, u64 big-endian        | Raft entry                    |
+//! | raft   | "vote", "committed", "purged"    | vote / log ids                |
+//! | kv     | user key                         | current KeyValue              |
+//! | hist   | revision (u64 BE) + sub (u32 BE) | Event, with its prev_kv       |
+//! | sm     | "applied", "membership", ...     | state machine metadata        |
+
+use std::{path::Path, sync::Arc};
+
+use rocksdb::{ColumnFamilyDescriptor, DB, Options};
+
+use crate::StoreError;
+
+pub(crate) const CF_LOG: &str = "log";
+pub(crate) const CF_RAFT: &str = "raft";
+pub(crate) const CF_KV: &str = "kv";
+pub(crate) const CF_HIST: &str = "hist";
+pub(crate) const CF_SM: &str = "sm";
+const ALL_CFS: [&str; 5] = [CF_LOG, CF_RAFT, CF_KV, CF_HIST, CF_SM];
+
+pub(crate) fn open(path: &Path) -> Result<Arc<DB>, StoreError> {
+    let mut opts = Options::default();
+    opts.create_if_missing(true);
+    opts.create_missing_column_families(true);
+    opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
+    opts.set_keep_log_file_num(4);
+    opts.set_max_total_wal_size(64 * 1024 * 1024);
+    let cfs = ALL_CFS.iter().map(|name| {
+        let mut cf_opts = Options::default();
+        cf_opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
+        ColumnFamilyDescriptor::new(*name, cf_opts)
+    });
+    let db = DB::open_cf_descriptors(&opts, path, cfs)
+        .map_err(|e| StoreError::Open { path: path.display().to_string(), source: e })?;
+    Ok(Arc::new(db))
+}
+
+pub(crate) fn cf<'a>(db: &'a DB, name: &str) -> &'a rocksdb::ColumnFamily {
+    db.cf_handle(name).expect("column family created at open")
+}
+
+/// Bytes on disk of the live SST files plus WAL, for status reports.
+pub fn db_size(db: &DB) -> u64 {
+    let sst = db.property_int_value(rocksdb::properties::TOTAL_SST_FILES_SIZE).ok().flatten();
+    let mem = db.property_int_value(rocksdb::properties::CUR_SIZE_ALL_MEM_TABLES).ok().flatten();
+    let mut total = sst.unwrap_or(0) + mem.unwrap_or(0);
+    for name in ALL_CFS {
+        if let Some(h) = db.cf_handle(name)
+            && let Ok(Some(v)) = db.property_int_value_cf(h, rocksdb::properties::TOTAL_SST_FILES_SIZE)
+        {
+            total += v;
+        }
+    }
+    total
+}
+
+pub(crate) fn hist_key(rev: i64, sub: u32) -> [u8; 12] {
+    let mut k = [0u8; 12];
+    k[..8].copy_from_slice(&(rev as u64).to_be_bytes());
+    k[8..].copy_from_slice(&sub.to_be_bytes());
+    k
+}
+
+pub(crate) fn hist_key_rev(k: &[u8]) -> i64 {
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&k[..8]);
+    u64::from_be_bytes(b) as i64
+}
+
+pub(crate) fn log_key(index: u64) -> [u8; 8] {
+    index.to_be_bytes()
+}
+
+pub(crate) fn log_key_index(k: &[u8]) -> u64 {
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&k[..8]);
+    u64::from_be_bytes(b)
+}

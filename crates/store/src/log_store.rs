@@ -1,0 +1,168 @@
+//! The Raft log on RocksDB (openraft `RaftLogStorage`).
+
+use std::{fmt::Debug, io, ops::RangeBounds, sync::Arc};
+
+use openraft::{
+    OptionalSend,
+    alias::{EntryOf, LogIdOf, VoteOf},
+    entry::RaftEntry,
+    storage::{IOFlushed, LogState, RaftLogReader, RaftLogStorage},
+};
+use rocksdb::{DB, Direction, IteratorMode, WriteBatch, WriteOptions};
+
+use crate::{
+    StoreError, TypeConfig,
+    db::{CF_LOG, CF_RAFT, cf, log_key, log_key_index},
+    envelope::{decode, encode},
+};
+
+const KEY_VOTE: &[u8] = b"vote";
+const KEY_COMMITTED: &[u8] = b"committed";
+const KEY_PURGED: &[u8] = b"purged";
+
+/// The Raft log. Cheap to clone: it is a handle on the shared RocksDB.
+#[derive(Clone)]
+pub struct LogStore {
+    db: Arc<DB>,
+}
+
+fn synced() -> WriteOptions {
+    let mut o = WriteOptions::default();
+    o.set_sync(true);
+    o
+}
+
+impl LogStore {
+    pub(crate) fn new(db: Arc<DB>) -> Result<Self, StoreError> {
+        Ok(LogStore { db })
+    }
+
+    fn get_meta<T: serde::de::DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, StoreError> {
+        self.db
+            .get_cf(cf(&self.db, CF_RAFT), key)?
+            .map(|b| decode(&b, std::str::from_utf8(key).unwrap_or("raft meta")))
+            .transpose()
+    }
+
+    /// Writes a batch with `sync = true` on a blocking thread, so the runtime keeps serving.
+    async fn write_synced(&self, batch: WriteBatch) -> Result<(), io::Error> {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || db.write_opt(batch, &synced()))
+            .await
+            .map_err(io::Error::other)?
+            .map_err(|e| io::Error::other(format!("RocksDB write of the Raft log failed: {e}")))
+    }
+
+    fn last_entry_log_id(&self) -> Result<Option<LogIdOf<TypeConfig>>, StoreError> {
+        let mut it = self.db.iterator_cf(cf(&self.db, CF_LOG), IteratorMode::End);
+        match it.next() {
+            Some(item) => {
+                let (_, v) = item?;
+                let e: EntryOf<TypeConfig> = decode(&v, "log entry")?;
+                Ok(Some(e.log_id()))
+            }
+            None => Ok(None),
+        }
+    }
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<EntryOf<TypeConfig>>, io::Error> {
+        use std::ops::Bound;
+        let start = match range.start_bound() {
+            Bound::Included(&s) => s,
+            Bound::Excluded(&s) => s + 1,
+            Bound::Unbounded => 0,
+        };
+        let mut out = Vec::new();
+        let it = self.db.iterator_cf(cf(&self.db, CF_LOG), IteratorMode::From(&log_key(start), Direction::Forward));
+        for item in it {
+            let (k, v) = item.map_err(|e| io::Error::other(e.to_string()))?;
+            let idx = log_key_index(&k);
+            if !range.contains(&idx) {
+                break;
+            }
+            out.push(decode(&v, "log entry")?);
+        }
+        Ok(out)
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<VoteOf<TypeConfig>>, io::Error> {
+        Ok(self.get_meta(KEY_VOTE)?)
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = Self;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, io::Error> {
+        let last_purged_log_id: Option<LogIdOf<TypeConfig>> = self.get_meta(KEY_PURGED)?;
+        let last_log_id = self.last_entry_log_id()?.or_else(|| last_purged_log_id.clone());
+        Ok(LogState { last_purged_log_id, last_log_id })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &VoteOf<TypeConfig>) -> Result<(), io::Error> {
+        let mut b = WriteBatch::default();
+        b.put_cf(cf(&self.db, CF_RAFT), KEY_VOTE, encode(vote));
+        self.write_synced(b).await
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogIdOf<TypeConfig>>) -> Result<(), io::Error> {
+        // Not synced on its own: losing it only means re-applying committed entries after a crash.
+        self.db
+            .put_cf(cf(&self.db, CF_RAFT), KEY_COMMITTED, encode(&committed))
+            .map_err(|e| io::Error::other(e.to_string()))
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogIdOf<TypeConfig>>, io::Error> {
+        Ok(self.get_meta::<Option<LogIdOf<TypeConfig>>>(KEY_COMMITTED)?.flatten())
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: IOFlushed<TypeConfig>) -> Result<(), io::Error>
+    where
+        I: IntoIterator<Item = EntryOf<TypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut b = WriteBatch::default();
+        let log_cf = cf(&self.db, CF_LOG);
+        for e in entries {
+            b.put_cf(log_cf, log_key(e.index()), encode(&e));
+        }
+        // One WriteBatch, one synced WAL write, then the acknowledgement.
+        let res = self.write_synced(b).await;
+        match res {
+            Ok(()) => {
+                callback.io_completed(Ok(()));
+                Ok(())
+            }
+            Err(e) => {
+                callback.io_completed(Err(io::Error::new(e.kind(), e.to_string())));
+                Err(e)
+            }
+        }
+    }
+
+    async fn truncate_after(&mut self, last_log_id: Option<LogIdOf<TypeConfig>>) -> Result<(), io::Error> {
+        let from = last_log_id.map_or(0, |l| l.index() + 1);
+        let mut b = WriteBatch::default();
+        b.delete_range_cf(cf(&self.db, CF_LOG), log_key(from), log_key(u64::MAX));
+        if from == u64::MAX {
+            return Ok(());
+        }
+        self.write_synced(b).await
+    }
+
+    async fn purge(&mut self, log_id: LogIdOf<TypeConfig>) -> Result<(), io::Error> {
+        let mut b = WriteBatch::default();
+        b.put_cf(cf(&self.db, CF_RAFT), KEY_PURGED, encode(&log_id));
+        b.delete_range_cf(cf(&self.db, CF_LOG), log_key(0), log_key(log_id.index() + 1));
+        self.write_synced(b).await
+    }
+}

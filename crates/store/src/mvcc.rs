@@ -1,0 +1,399 @@
+//! The MVCC key-value model on RocksDB: current values in `kv`, every change (with the value it
+//! replaced) in `hist`. A read at an old revision R starts from the current values and undoes,
+//! per key, the first change made after R, so it costs the history since R, which compaction
+//! bounds.
+
+use std::collections::BTreeMap;
+
+use berth_types::{
+    Command, CommandError, CommandResult, DeleteResult, Event, EventKind, KeyValue, OpResult, PutResult, RangeQuery,
+    RangeResult, RequestOp, Revision, Txn, TxnResult, key_in_range,
+};
+use rocksdb::{DB, Direction, IteratorMode, SnapshotWithThreadMode, WriteBatch};
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    StoreError,
+    db::{CF_HIST, CF_KV, CF_SM, cf, hist_key},
+    envelope::{decode, encode},
+};
+
+/// How many revisions of history are kept before the oldest are compacted automatically
+/// (etcd keeps everything until told; Kubernetes compacts every 5 minutes). Watches and reads at
+/// a revision work inside this window. Deterministic, so every replica compacts at the same point.
+pub const HISTORY_WINDOW: Revision = 100_000;
+
+pub(crate) const SM_COUNTERS: &[u8] = b"counters";
+pub(crate) const SM_CLUSTER_ID: &[u8] = b"cluster_id";
+pub(crate) const SM_REMOVED: &[u8] = b"removed_members";
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counters {
+    pub revision: Revision,
+    pub compact_revision: Revision,
+}
+
+/// Read access to a consistent view: the live DB (for the single writer) or a RocksDB snapshot.
+pub(crate) trait View {
+    fn get(&self, cf: &str, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Calls `f` for each entry from `from` on, in key order, until it returns false.
+    fn scan(
+        &self,
+        cf: &str,
+        from: &[u8],
+        f: &mut dyn FnMut(&[u8], &[u8]) -> Result<bool, StoreError>,
+    ) -> Result<(), StoreError>;
+}
+
+impl View for DB {
+    fn get(&self, name: &str, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.get_cf(cf(self, name), key)?)
+    }
+
+    fn scan(
+        &self,
+        name: &str,
+        from: &[u8],
+        f: &mut dyn FnMut(&[u8], &[u8]) -> Result<bool, StoreError>,
+    ) -> Result<(), StoreError> {
+        for item in self.iterator_cf(cf(self, name), IteratorMode::From(from, Direction::Forward)) {
+            let (k, v) = item?;
+            if !f(&k, &v)? {
+                break;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A RocksDB snapshot together with its DB (the column family handles live on the DB).
+pub(crate) struct SnapView<'a> {
+    pub db: &'a DB,
+    pub snap: SnapshotWithThreadMode<'a, DB>,
+}
+
+impl<'a> SnapView<'a> {
+    pub fn new(db: &'a DB) -> Self {
+        SnapView { db, snap: db.snapshot() }
+    }
+}
+
+impl View for SnapView<'_> {
+    fn get(&self, name: &str, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.snap.get_cf(cf(self.db, name), key)?)
+    }
+
+    fn scan(
+        &self,
+        name: &str,
+        from: &[u8],
+        f: &mut dyn FnMut(&[u8], &[u8]) -> Result<bool, StoreError>,
+    ) -> Result<(), StoreError> {
+        let it = self.snap.iterator_cf(cf(self.db, name), IteratorMode::From(from, Direction::Forward));
+        for item in it {
+            let (k, v) = item?;
+            if !f(&k, &v)? {
+                break;
+            }
+        }
+        Ok(())
+    }
+}
+
+pub(crate) fn read_counters(v: &dyn View) -> Result<Counters, StoreError> {
+    match v.get(CF_SM, SM_COUNTERS)? {
+        Some(b) => decode(&b, "state machine counters"),
+        None => Ok(Counters::default()),
+    }
+}
+
+pub(crate) fn read_removed(v: &dyn View) -> Result<std::collections::BTreeSet<u64>, StoreError> {
+    Ok(v.get(CF_SM, SM_REMOVED)?.map(|b| decode(&b, "removed members")).transpose()?.unwrap_or_default())
+}
+
+pub(crate) fn read_cluster_id(v: &dyn View) -> Result<Option<String>, StoreError> {
+    v.get(CF_SM, SM_CLUSTER_ID)?.map(|b| decode(&b, "cluster id")).transpose()
+}
+
+fn get_kv(v: &dyn View, key: &[u8]) -> Result<Option<KeyValue>, StoreError> {
+    v.get(CF_KV, key)?.map(|b| decode(&b, "key-value")).transpose()
+}
+
+/// Every current key-value in the query's range, in key order (no limit applied).
+fn scan_current(
+    v: &dyn View,
+    q_key: &[u8],
+    q_end: &[u8],
+    f: &mut dyn FnMut(KeyValue) -> Result<bool, StoreError>,
+) -> Result<(), StoreError> {
+    if q_end.is_empty() {
+        if let Some(kv) = get_kv(v, q_key)? {
+            f(kv)?;
+        }
+        return Ok(());
+    }
+    v.scan(CF_KV, q_key, &mut |k, val| {
+        if !key_in_range(q_key, q_end, k) {
+            return Ok(false);
+        }
+        f(decode(val, "key-value")?)
+    })
+}
+
+/// Shapes the matched key-values (in key order) into a result: limit, keys_only, count_only.
+fn finish_range(q: &RangeQuery, kvs: impl Iterator<Item = KeyValue>) -> RangeResult {
+    let mut out = RangeResult::default();
+    for mut kv in kvs {
+        out.count += 1;
+        if q.count_only {
+            continue;
+        }
+        if q.limit > 0 && out.kvs.len() as i64 >= q.limit {
+            out.more = true;
+            continue;
+        }
+        if q.keys_only {
+            kv.value.clear();
+        }
+        out.kvs.push(kv);
+    }
+    out
+}
+
+/// A read outside the state machine's apply path, against a snapshot.
+pub(crate) fn range(v: &dyn View, q: &RangeQuery) -> Result<(RangeResult, Counters), StoreError> {
+    let counters = read_counters(v)?;
+    let res = range_at(v, &BTreeMap::new(), &[], counters, q)?;
+    Ok((res.map_err(StoreError::Command)?, counters))
+}
+
+/// Range at the query's revision over `view` + the not-yet-written `overlay` and `pending` events.
+fn range_at(
+    v: &dyn View,
+    overlay: &BTreeMap<Vec<u8>, Option<KeyValue>>,
+    pending: &[(Revision, u32, Event)],
+    counters: Counters,
+    q: &RangeQuery,
+) -> Result<Result<RangeResult, CommandError>, StoreError> {
+    let at = q.revision;
+    if at > counters.revision {
+        return Ok(Err(CommandError::FutureRevision { requested: at, current: counters.revision }));
+    }
+    if at != 0 && at < counters.compact_revision {
+        return Ok(Err(CommandError::Compacted { requested: at, compacted: counters.compact_revision }));
+    }
+
+    // Current values, as a map so that overlay and history can be folded in.
+    let mut current = BTreeMap::new();
+    scan_current(v, &q.key, &q.range_end, &mut |kv| {
+        current.insert(kv.key.clone(), kv);
+        Ok(true)
+    })?;
+    for (k, val) in overlay.range::<[u8], _>((std::ops::Bound::Included(q.key.as_slice()), std::ops::Bound::Unbounded))
+    {
+        if !q.contains(k) {
+            if q.range_end.is_empty() {
+                break;
+            }
+            continue;
+        }
+        match val {
+            Some(kv) => current.insert(k.clone(), kv.clone()),
+            None => current.remove(k),
+        };
+    }
+
+    if at != 0 && at < counters.revision {
+        // Undo changes made after `at`: the first change after `at` to a key holds its value at `at`.
+        let mut undone: BTreeMap<Vec<u8>, Option<KeyValue>> = BTreeMap::new();
+        let mut visit = |e: &Event| {
+            if q.contains(&e.kv.key) && !undone.contains_key(&e.kv.key) {
+                undone.insert(e.kv.key.clone(), e.prev_kv.clone());
+            }
+        };
+        v.scan(CF_HIST, &hist_key(at + 1, 0), &mut |_, val| {
+            let e: Event = decode(val, "history event")?;
+            visit(&e);
+            Ok(true)
+        })?;
+        for (rev, _, e) in pending {
+            if *rev > at {
+                visit(e);
+            }
+        }
+        for (k, val) in undone {
+            match val {
+                Some(kv) => current.insert(k, kv),
+                None => current.remove(&k),
+            };
+        }
+    }
+    Ok(Ok(finish_range(q, current.into_values())))
+}
+
+/// Every event with revision >= `from` (in order), for watches. Returns the revisions they cover.
+pub(crate) fn history_from(
+    v: &dyn View,
+    from: Revision,
+    f: &mut dyn FnMut(Revision, Event) -> Result<bool, StoreError>,
+) -> Result<(), StoreError> {
+    v.scan(CF_HIST, &hist_key(from.max(0), 0), &mut |k, val| {
+        let rev = crate::db::hist_key_rev(k);
+        f(rev, decode(val, "history event")?)
+    })
+}
+
+/// The changes of one `apply` call, collected in a WriteBatch that is written atomically together
+/// with the applied log id.
+pub(crate) struct Apply<'a> {
+    db: &'a DB,
+    pub batch: WriteBatch,
+    overlay: BTreeMap<Vec<u8>, Option<KeyValue>>,
+    pub events: Vec<(Revision, u32, Event)>,
+    pub counters: Counters,
+    cluster_id: Option<String>,
+    removed_pending: std::collections::BTreeSet<u64>,
+}
+
+impl<'a> Apply<'a> {
+    pub fn new(db: &'a DB) -> Result<Self, StoreError> {
+        Ok(Apply {
+            db,
+            batch: WriteBatch::default(),
+            overlay: BTreeMap::new(),
+            events: Vec::new(),
+            counters: read_counters(db)?,
+            cluster_id: read_cluster_id(db)?,
+            removed_pending: Default::default(),
+        })
+    }
+
+    fn get(&self, key: &[u8]) -> Result<Option<KeyValue>, StoreError> {
+        match self.overlay.get(key) {
+            Some(v) => Ok(v.clone()),
+            None => get_kv(self.db, key),
+        }
+    }
+
+    fn record(&mut self, rev: Revision, sub: u32, event: Event) {
+        let cf_kv = cf(self.db, CF_KV);
+        match event.kind {
+            EventKind::Put => self.batch.put_cf(cf_kv, &event.kv.key, encode(&event.kv)),
+            EventKind::Delete => self.batch.delete_cf(cf_kv, &event.kv.key),
+        }
+        self.batch.put_cf(cf(self.db, CF_HIST), hist_key(rev, sub), encode(&event));
+        let now = match event.kind {
+            EventKind::Put => Some(event.kv.clone()),
+            EventKind::Delete => None,
+        };
+        self.overlay.insert(event.kv.key.clone(), now);
+        self.events.push((rev, sub, event));
+    }
+
+    pub fn command(&mut self, cmd: Command) -> Result<Result<CommandResult, CommandError>, StoreError> {
+        Ok(match cmd {
+            Command::Txn(txn) => self.txn(txn)?.map(CommandResult::Txn),
+            Command::Compact { revision } => self.compact(revision).map(|()| CommandResult::Compacted { revision }),
+            Command::SetClusterId { cluster_id } => match &self.cluster_id {
+                Some(existing) if *existing != cluster_id => {
+                    Err(CommandError::ClusterIdAlreadySet { existing: existing.clone() })
+                }
+                _ => {
+                    self.batch.put_cf(cf(self.db, CF_SM), SM_CLUSTER_ID, encode(&cluster_id));
+                    self.cluster_id = Some(cluster_id.clone());
+                    Ok(CommandResult::ClusterId { cluster_id })
+                }
+            },
+            Command::MemberRemoved { id } => {
+                let mut removed = read_removed(self.db)?;
+                removed.extend(self.removed_pending.iter().copied());
+                removed.insert(id);
+                self.removed_pending.insert(id);
+                self.batch.put_cf(cf(self.db, CF_SM), SM_REMOVED, encode(&removed));
+                Ok(CommandResult::MemberRemoved)
+            }
+        })
+    }
+
+    fn txn(&mut self, txn: Txn) -> Result<Result<TxnResult, CommandError>, StoreError> {
+        let mut succeeded = true;
+        for c in &txn.compare {
+            if !c.holds(self.get(&c.key)?.as_ref()) {
+                succeeded = false;
+                break;
+            }
+        }
+        let ops = if succeeded { txn.success } else { txn.failure };
+        let rev = self.counters.revision + 1;
+        let mut sub = 0u32;
+        let mut responses = Vec::with_capacity(ops.len());
+        for op in ops {
+            responses.push(match op {
+                RequestOp::Range(q) => {
+                    let view_counters = Counters { revision: if sub > 0 { rev } else { rev - 1 }, ..self.counters };
+                    match range_at(self.db, &self.overlay, &self.events, view_counters, &q)? {
+                        Ok(r) => OpResult::Range(r),
+                        Err(e) => return Ok(Err(e)),
+                    }
+                }
+                RequestOp::Put(p) => {
+                    let prev = self.get(&p.key)?;
+                    let kv = KeyValue {
+                        create_revision: prev.as_ref().map_or(rev, |p| p.create_revision),
+                        mod_revision: rev,
+                        version: prev.as_ref().map_or(0, |p| p.version) + 1,
+                        key: p.key,
+                        value: p.value,
+                    };
+                    self.record(rev, sub, Event { kind: EventKind::Put, kv, prev_kv: prev.clone() });
+                    sub += 1;
+                    OpResult::Put(PutResult { prev_kv: if p.prev_kv { prev } else { None } })
+                }
+                RequestOp::DeleteRange(d) => {
+                    let q = RangeQuery { key: d.key, range_end: d.range_end, ..Default::default() };
+                    let view_counters = Counters { revision: self.counters.revision, ..self.counters };
+                    let matched = match range_at(self.db, &self.overlay, &[], view_counters, &q)? {
+                        Ok(r) => r.kvs,
+                        Err(e) => return Ok(Err(e)),
+                    };
+                    let mut res = DeleteResult { deleted: matched.len() as i64, prev_kvs: vec![] };
+                    for prev in matched {
+                        let tomb = KeyValue { key: prev.key.clone(), mod_revision: rev, ..Default::default() };
+                        if d.prev_kv {
+                            res.prev_kvs.push(prev.clone());
+                        }
+                        self.record(rev, sub, Event { kind: EventKind::Delete, kv: tomb, prev_kv: Some(prev) });
+                        sub += 1;
+                    }
+                    OpResult::DeleteRange(res)
+                }
+            });
+        }
+        if sub > 0 {
+            self.counters.revision = rev;
+            if self.counters.revision - self.counters.compact_revision > HISTORY_WINDOW + HISTORY_WINDOW / 10 {
+                let to = self.counters.revision - HISTORY_WINDOW;
+                self.compact(to).expect("automatic compaction target is within range");
+            }
+        }
+        Ok(Ok(TxnResult { succeeded, responses, revision: self.counters.revision }))
+    }
+
+    fn compact(&mut self, revision: Revision) -> Result<(), CommandError> {
+        if revision > self.counters.revision {
+            return Err(CommandError::FutureRevision { requested: revision, current: self.counters.revision });
+        }
+        if revision <= self.counters.compact_revision {
+            return Err(CommandError::Compacted { requested: revision, compacted: self.counters.compact_revision });
+        }
+        self.batch.delete_range_cf(cf(self.db, CF_HIST), hist_key(0, 0), hist_key(revision + 1, 0));
+        self.events.retain(|(r, _, _)| *r > revision);
+        self.counters.compact_revision = revision;
+        Ok(())
+    }
+
+    /// Stages the counters; the caller adds the applied log id and writes the batch.
+    pub fn finish(&mut self) {
+        self.batch.put_cf(cf(self.db, CF_SM), SM_COUNTERS, encode(&self.counters));
+    }
+}

@@ -1,0 +1,351 @@
+//! The replicated state machine (openraft `RaftStateMachine`) and read access to it.
+
+use std::{
+    io,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use berth_types::{Event, KeyValue, RangeQuery, RangeResult, Revision, key_in_range};
+use futures::TryStreamExt;
+use openraft::{
+    EntryPayload, OptionalSend, StoredMembership,
+    alias::{LogIdOf, SnapshotMetaOf, SnapshotOf, StoredMembershipOf},
+    storage::{EntryResponder, RaftSnapshotBuilder, RaftStateMachine, Snapshot},
+};
+use rocksdb::DB;
+use tokio::sync::{broadcast, oneshot};
+
+use crate::{
+    BatchResponse, StoreError, TypeConfig,
+    db::{CF_SM, cf},
+    envelope::encode,
+    mvcc::{self, Apply, Counters, SnapView},
+    snapshot::{self, SM_APPLIED, SM_MEMBERSHIP, SnapshotFile, SnapshotHeader},
+};
+
+/// The changes of one applied batch, broadcast to watchers.
+#[derive(Debug, Clone)]
+pub struct WatchBatch {
+    pub events: Vec<(Revision, Event)>,
+    /// The store was replaced by a snapshot: watchers must start over.
+    pub reset: bool,
+}
+
+struct Shared {
+    db: Arc<DB>,
+    snap_dir: PathBuf,
+    watch_tx: broadcast::Sender<Arc<WatchBatch>>,
+}
+
+/// The state machine handed to openraft.
+pub struct StateMachine {
+    shared: Arc<Shared>,
+}
+
+/// Read-only access to the state machine, for API servers. Cheap to clone.
+#[derive(Clone)]
+pub struct KvReader {
+    shared: Arc<Shared>,
+}
+
+impl StateMachine {
+    pub(crate) fn new(db: Arc<DB>, snap_dir: PathBuf) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(&snap_dir)?;
+        snapshot::list(&snap_dir)?; // clears temp files a crash may have left
+        let (watch_tx, _) = broadcast::channel(1024);
+        Ok(StateMachine { shared: Arc::new(Shared { db, snap_dir, watch_tx }) })
+    }
+
+    pub fn reader(&self) -> KvReader {
+        KvReader { shared: self.shared.clone() }
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotData = SnapshotFile;
+    type SnapshotBuilder = SnapshotBuilder;
+
+    async fn applied_state(
+        &mut self,
+    ) -> Result<(Option<LogIdOf<TypeConfig>>, StoredMembershipOf<TypeConfig>), io::Error> {
+        let db = &*self.shared.db;
+        Ok((snapshot::read_applied(db)?, snapshot::read_membership(db)?))
+    }
+
+    async fn apply<Strm>(&mut self, mut entries: Strm) -> Result<(), io::Error>
+    where
+        Strm: futures::Stream<Item = Result<EntryResponder<TypeConfig>, io::Error>> + Unpin + OptionalSend,
+    {
+        let db = &*self.shared.db;
+        let mut apply = Apply::new(db)?;
+        let mut applied = None;
+        let mut membership = None;
+        let mut responders = Vec::new();
+        while let Some((entry, responder)) = entries.try_next().await? {
+            let resp = match entry.payload {
+                EntryPayload::Blank => BatchResponse::default(),
+                EntryPayload::Normal(batch) => {
+                    let mut results = Vec::with_capacity(batch.commands.len());
+                    for c in batch.commands {
+                        results.push(apply.command(c)?);
+                    }
+                    BatchResponse { results }
+                }
+                EntryPayload::Membership(m) => {
+                    membership = Some(StoredMembership::new(Some(entry.log_id.clone()), m));
+                    BatchResponse::default()
+                }
+            };
+            applied = Some(entry.log_id);
+            if let Some(r) = responder {
+                responders.push((r, resp));
+            }
+        }
+        apply.finish();
+        let sm = cf(db, CF_SM);
+        apply.batch.put_cf(sm, SM_APPLIED, encode(&applied));
+        if let Some(m) = &membership {
+            apply.batch.put_cf(sm, SM_MEMBERSHIP, encode(m));
+        }
+        let events = std::mem::take(&mut apply.events);
+        db.write(std::mem::take(&mut apply.batch))
+            .map_err(|e| io::Error::other(format!("applying to the state machine failed: {e}")))?;
+        if !events.is_empty() {
+            let events = events.into_iter().map(|(rev, _, e)| (rev, e)).collect();
+            let _ = self.shared.watch_tx.send(Arc::new(WatchBatch { events, reset: false }));
+        }
+        for (r, resp) in responders {
+            r.send(resp);
+        }
+        Ok(())
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        SnapshotBuilder::start(self.shared.clone())
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMetaOf<TypeConfig>,
+        snapshot: SnapshotFile,
+    ) -> Result<(), io::Error> {
+        let shared = self.shared.clone();
+        let meta = meta.clone();
+        tokio::task::spawn_blocking(move || -> Result<(), StoreError> {
+            let header = snapshot::load_into_db(
+                &shared.db,
+                &snapshot.path,
+                meta.last_log_id.clone(),
+                meta.last_membership.clone(),
+                None,
+            )?;
+            snapshot::adopt(&snapshot.path, &shared.snap_dir, &header)?;
+            snapshot::prune(&shared.snap_dir)?;
+            Ok(())
+        })
+        .await
+        .map_err(io::Error::other)??;
+        let _ = self.shared.watch_tx.send(Arc::new(WatchBatch { events: vec![], reset: true }));
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<SnapshotOf<TypeConfig, SnapshotFile>>, io::Error> {
+        let Some(path) = snapshot::list(&self.shared.snap_dir)?.pop() else {
+            return Ok(None);
+        };
+        let header = snapshot::read_header(&path)?;
+        Ok(Some(Snapshot { meta: header.meta, snapshot: SnapshotFile { path } }))
+    }
+}
+
+/// Builds a snapshot on its own thread from a RocksDB snapshot taken when the builder is created,
+/// so that it is consistent with the applied state at that moment while `apply` goes on.
+pub struct SnapshotBuilder {
+    result: Option<oneshot::Receiver<Result<(PathBuf, SnapshotHeader), StoreError>>>,
+    snap_dir: PathBuf,
+}
+
+impl SnapshotBuilder {
+    fn start(shared: Arc<Shared>) -> Self {
+        let (taken_tx, taken_rx) = std::sync::mpsc::channel();
+        let (done_tx, done_rx) = oneshot::channel();
+        let snap_dir = shared.snap_dir.clone();
+        std::thread::Builder::new()
+            .name("snapshot-builder".into())
+            .spawn(move || {
+                let view = SnapView::new(&shared.db);
+                let _ = taken_tx.send(());
+                let res = snapshot::write_snapshot(&view, &shared.snap_dir);
+                let _ = done_tx.send(res);
+            })
+            .expect("spawning the snapshot builder thread");
+        // Wait until the RocksDB snapshot exists: from here on, apply may continue.
+        let _ = taken_rx.recv();
+        SnapshotBuilder { result: Some(done_rx), snap_dir }
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
+    type SnapshotData = SnapshotFile;
+
+    async fn build_snapshot(&mut self) -> Result<SnapshotOf<TypeConfig, SnapshotFile>, io::Error> {
+        let rx = self.result.take().ok_or_else(|| io::Error::other("snapshot builder used twice"))?;
+        let (path, header) = rx.await.map_err(|_| io::Error::other("snapshot builder thread died"))??;
+        snapshot::prune(&self.snap_dir)?;
+        Ok(Snapshot { meta: header.meta, snapshot: SnapshotFile { path } })
+    }
+}
+
+/// What a watcher receives next.
+#[derive(Debug)]
+pub enum WatchEvents {
+    Events(Vec<(Revision, Event)>),
+    /// The requested revision is no longer in the history.
+    Compacted {
+        compact_revision: Revision,
+    },
+    /// This master's state was replaced by a snapshot; start over from `revision`.
+    Reset {
+        revision: Revision,
+    },
+}
+
+/// A live watch over a key range from a revision, built on history + the apply broadcast.
+pub struct Watcher {
+    reader: KvReader,
+    key: Vec<u8>,
+    range_end: Vec<u8>,
+    rx: broadcast::Receiver<Arc<WatchBatch>>,
+    /// Highest revision delivered (or skipped as not matching).
+    last: Revision,
+    pending: Option<WatchEvents>,
+}
+
+impl Watcher {
+    pub fn last_revision(&self) -> Revision {
+        self.last
+    }
+
+    fn catch_up(&mut self, from: Revision) -> Result<WatchEvents, StoreError> {
+        let view = SnapView::new(&self.reader.shared.db);
+        let counters = mvcc::read_counters(&view)?;
+        if from <= counters.compact_revision {
+            return Ok(WatchEvents::Compacted { compact_revision: counters.compact_revision });
+        }
+        let mut events = Vec::new();
+        mvcc::history_from(&view, from, &mut |rev, e| {
+            if rev > counters.revision {
+                return Ok(false);
+            }
+            if key_in_range(&self.key, &self.range_end, &e.kv.key) {
+                events.push((rev, e));
+            }
+            Ok(true)
+        })?;
+        self.last = counters.revision.max(self.last);
+        Ok(WatchEvents::Events(events))
+    }
+
+    /// The next events (never empty), a compaction or a reset.
+    pub async fn next(&mut self) -> Result<WatchEvents, StoreError> {
+        if let Some(p) = self.pending.take() {
+            match p {
+                WatchEvents::Events(ev) if ev.is_empty() => {}
+                other => return Ok(other),
+            }
+        }
+        loop {
+            match self.rx.recv().await {
+                Ok(batch) => {
+                    if batch.reset {
+                        let c = self.reader.counters()?;
+                        self.last = c.revision;
+                        return Ok(WatchEvents::Reset { revision: c.revision });
+                    }
+                    let mut out = Vec::new();
+                    for (rev, e) in batch.events.iter() {
+                        if *rev > self.last && key_in_range(&self.key, &self.range_end, &e.kv.key) {
+                            out.push((*rev, e.clone()));
+                        }
+                    }
+                    if let Some((rev, _)) = batch.events.last() {
+                        self.last = self.last.max(*rev);
+                    }
+                    if !out.is_empty() {
+                        return Ok(WatchEvents::Events(out));
+                    }
+                }
+                Err(broadcast::error::RecvError::Lagged(_)) => {
+                    // We fell behind the broadcast: read what we missed from the history.
+                    let from = self.last + 1;
+                    match self.catch_up(from)? {
+                        WatchEvents::Events(ev) if ev.is_empty() => {}
+                        other => return Ok(other),
+                    }
+                }
+                Err(broadcast::error::RecvError::Closed) => {
+                    return Err(StoreError::Io(io::Error::other("the state machine was shut down")));
+                }
+            }
+        }
+    }
+}
+
+impl KvReader {
+    /// A range read against a consistent view of the applied state.
+    pub fn range(&self, q: &RangeQuery) -> Result<(RangeResult, Counters), StoreError> {
+        let view = SnapView::new(&self.shared.db);
+        mvcc::range(&view, q)
+    }
+
+    pub fn get(&self, key: &[u8]) -> Result<Option<KeyValue>, StoreError> {
+        let q = RangeQuery { key: key.to_vec(), ..Default::default() };
+        Ok(self.range(&q)?.0.kvs.pop())
+    }
+
+    pub fn counters(&self) -> Result<Counters, StoreError> {
+        mvcc::read_counters(&*self.shared.db)
+    }
+
+    pub fn cluster_id(&self) -> Result<Option<String>, StoreError> {
+        mvcc::read_cluster_id(&*self.shared.db)
+    }
+
+    /// Ids of masters removed from the cluster; they are never accepted again.
+    pub fn removed_members(&self) -> Result<std::collections::BTreeSet<u64>, StoreError> {
+        mvcc::read_removed(&*self.shared.db)
+    }
+
+    pub fn applied(&self) -> Result<Option<LogIdOf<TypeConfig>>, StoreError> {
+        snapshot::read_applied(&*self.shared.db)
+    }
+
+    pub fn membership(&self) -> Result<StoredMembershipOf<TypeConfig>, StoreError> {
+        snapshot::read_membership(&*self.shared.db)
+    }
+
+    pub fn db_size(&self) -> u64 {
+        crate::db::db_size(&self.shared.db)
+    }
+
+    /// Starts a watch on `[key, range_end)` from `start_revision` (0 = from now on).
+    /// The first call to `next` returns the history since `start_revision`, if any.
+    pub fn watch(&self, key: Vec<u8>, range_end: Vec<u8>, start_revision: Revision) -> Result<Watcher, StoreError> {
+        // Subscribe first, then read history, so that nothing falls between the two.
+        let rx = self.shared.watch_tx.subscribe();
+        let mut w = Watcher { reader: self.clone(), key, range_end, rx, last: 0, pending: None };
+        if start_revision > 0 {
+            w.pending = Some(w.catch_up(start_revision)?);
+        } else {
+            w.last = self.counters()?.revision;
+        }
+        Ok(w)
+    }
+
+    /// Writes a consistent backup of the applied state into `dir` and returns its path and header.
+    pub fn backup(&self, dir: &Path) -> Result<(PathBuf, SnapshotHeader), StoreError> {
+        let view = SnapView::new(&self.shared.db);
+        snapshot::write_snapshot(&view, dir)
+    }
+}

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Quick start: a local HA cluster of 3 masters on 127.0.0.1:7001-7003, data in ./berth-dev.
+# Installs missing build prerequisites, builds berth, then runs `berth dev` until Ctrl-C.
+# Extra arguments go to `berth dev` (e.g. --masters 5 --base-port 8001).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source deploy/prereqs.sh
+cargo build -p berth-cli --bin berth
+target="${CARGO_TARGET_DIR:-target}"
+exec "$target/debug/berth" dev --data-dir "${BERTH_DEV_DIR:-berth-dev}" "$@"

@@ -1,0 +1,253 @@
+//! Cross-crate tests against real `berth master` processes, driven by the real `berth` CLI.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use berth_tests::{Cluster, wait_for};
+
+/// 1. start 3 masters; 2. stream writes; 3. kill -9 the leader mid-stream; 4. keep writing until
+/// writes resume; 5. every acknowledged write reads back; 6. a new leader is reported.
+#[test]
+fn kill9_leader_during_writes_loses_nothing() -> Result<()> {
+    let mut c = Cluster::start(3, &[])?;
+    let old_leader = c.wait_leader(Duration::from_secs(30))?;
+    let mut acked = Vec::new();
+    let mut i = 0;
+    while acked.len() < 30 {
+        let k = format!("stream/{i:05}");
+        if c.put(&k, &format!("v{i}")) {
+            acked.push(k);
+        }
+        i += 1;
+    }
+    c.kill9(old_leader);
+    let killed_at = Instant::now();
+    let mut first_ok_after_kill = None;
+    let resumed = acked.len();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while acked.len() < resumed + 30 && Instant::now() < deadline {
+        let k = format!("stream/{i:05}");
+        if c.put(&k, &format!("v{i}")) {
+            first_ok_after_kill.get_or_insert_with(|| killed_at.elapsed());
+            acked.push(k);
+        }
+        i += 1;
+    }
+    assert_eq!(acked.len(), resumed + 30, "writes did not resume after the leader was killed");
+    eprintln!("first acknowledged write {:?} after kill -9 of the leader", first_ok_after_kill);
+    let all = c.get_prefix("stream/")?;
+    for k in &acked {
+        assert!(all.contains_key(k), "acknowledged write {k} was lost");
+    }
+    let new_leader = c.wait_leader(Duration::from_secs(10))?;
+    assert_ne!(new_leader, old_leader);
+    Ok(())
+}
+
+/// 1. start 3 masters with frequent snapshots; 2. write enough that the log is purged; 3. stop a
+/// follower, remove it, wipe its data dir; 4. add it back under a new id; 5. it catches up by
+/// snapshot and serves every key; 6. the removed id is refused forever.
+#[test]
+fn wiped_follower_rejoins_under_new_id_by_snapshot() -> Result<()> {
+    let mut c = Cluster::start(3, &["--snapshot-logs", "50"])?;
+    let out = c.berth(&["bench", "kv", "--ops", "600", "--clients", "8", "--keys", "600"]);
+    assert!(out.status.success(), "bench failed: {}", String::from_utf8_lossy(&out.stderr));
+    let leader = c.wait_leader(Duration::from_secs(10))?;
+    let follower = (1..=3).find(|id| *id != leader).expect("a follower");
+    c.kill9(follower);
+    let out = c.berth(&["member", "remove", &follower.to_string()]);
+    assert!(out.status.success(), "member remove: {}", String::from_utf8_lossy(&out.stderr));
+    std::fs::remove_dir_all(&c.masters[&follower].data_dir)?;
+    c.masters.remove(&follower);
+
+    let new = c.add_entry(4).endpoint.clone();
+    c.spawn(4, &["--id", "4", "--join"])?;
+    let out = c.berth(&["member", "add", "--id", "4", "--endpoint", &new, "--promote"]);
+    assert!(out.status.success(), "member add: {}", String::from_utf8_lossy(&out.stderr));
+
+    let members = c.berth_json(&["member", "list"])?;
+    let m4 = members["members"].as_array().unwrap().iter().find(|m| m["id"] == 4).cloned().expect("member 4 listed");
+    assert_eq!(m4["voter"], true);
+    // Caught up: member 4 serves every key from its own state.
+    let expected = c.get_prefix("bench/")?;
+    assert_eq!(expected.len(), 600);
+    wait_for(Duration::from_secs(30), "member 4 to serve all keys", || {
+        let out = c.berth_at(&new, &["kv", "get", "bench/", "--prefix", "--serializable", "-o", "json"]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        (v["count"].as_u64()? == 600).then_some(())
+    })?;
+    let snaps = std::fs::read_dir(c.masters[&4].data_dir.join("snapshots"))?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().extension().is_some_and(|x| x == "snap"))
+        .count();
+    assert!(snaps >= 1, "member 4 should have caught up by installing a snapshot");
+
+    let out = c.berth(&["member", "add", "--id", &follower.to_string(), "--endpoint", "127.0.0.1:1"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("can never be used again"), "{err}");
+    Ok(())
+}
+
+/// 1. write keys; 2. SIGTERM every master; 3. restart each with only --data-dir; 4. all keys intact.
+#[test]
+fn all_masters_restarted_keep_their_data() -> Result<()> {
+    let mut c = Cluster::start(3, &[])?;
+    for i in 0..20 {
+        assert!(c.put(&format!("keep/{i}"), &format!("v{i}")));
+    }
+    let before = c.get_prefix("keep/")?;
+    for id in 1..=3 {
+        c.stop(id)?;
+    }
+    for id in 1..=3 {
+        c.spawn(id, &[])?;
+    }
+    c.wait_leader(Duration::from_secs(30))?;
+    assert_eq!(c.get_prefix("keep/")?, before);
+    Ok(())
+}
+
+/// 1. write keys; 2. save a backup from a follower; 3. restore it into a new 3-master cluster on
+/// new ports; 4. the new cluster has the keys and a different cluster id.
+#[test]
+fn backup_restores_into_a_new_cluster() -> Result<()> {
+    let c = Cluster::start(3, &[])?;
+    for i in 0..25 {
+        assert!(c.put(&format!("dr/{i}"), &format!("v{i}")));
+    }
+    let leader = c.wait_leader(Duration::from_secs(10))?;
+    let follower = (1..=3).find(|id| *id != leader).unwrap();
+    let backup = c.dir.path().join("backup.snap");
+    let out = c.berth_at(&c.masters[&follower].endpoint, &["snapshot", "save", backup.to_str().unwrap()]);
+    assert!(out.status.success(), "snapshot save: {}", String::from_utf8_lossy(&out.stderr));
+    let old_id = c.berth_json(&["cluster", "status"])?["cluster_id"].clone();
+
+    let mut n = Cluster { dir: tempfile::tempdir()?, masters: Default::default(), extra_args: vec![] };
+    for id in 1..=3 {
+        n.add_entry(id);
+    }
+    let initial = n.initial_cluster();
+    for id in 1..=3 {
+        let dd = n.masters[&id].data_dir.clone();
+        let out = n.berth(&[
+            "snapshot",
+            "restore",
+            backup.to_str().unwrap(),
+            "--data-dir",
+            dd.to_str().unwrap(),
+            "--id",
+            &id.to_string(),
+            "--initial-cluster",
+            &initial,
+        ]);
+        assert!(out.status.success(), "restore: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    for id in 1..=3 {
+        n.spawn(id, &[])?;
+    }
+    n.wait_leader(Duration::from_secs(30))?;
+    let got = n.get_prefix("dr/")?;
+    assert_eq!(got.len(), 25);
+    assert_eq!(got["dr/7"], "v7");
+    assert_ne!(n.berth_json(&["cluster", "status"])?["cluster_id"], old_id);
+    // And it takes writes.
+    assert!(n.put("dr/new", "x"));
+    drop(c);
+    Ok(())
+}
+
+/// Bad input is refused with a clear error and changes nothing.
+#[test]
+fn bad_input_is_refused_clearly() -> Result<()> {
+    let c = Cluster::start(1, &["--max-value-bytes", "1024"])?;
+    // Oversized value.
+    let big = "x".repeat(2000);
+    let out = c.berth(&["kv", "put", "big", &big]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("over the limit of 1024 bytes"), "{err}");
+    assert!(c.get_prefix("big")?.is_empty());
+    // Malformed request: a negative revision.
+    let out = c.berth(&["kv", "get", "k", "--revision=-5"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("revision must be >= 0"), "{err}");
+    // Unknown flag.
+    let out = c.berth(&["kv", "put", "--bogus", "k", "v"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("--bogus"), "{err}");
+    // A conditional put whose condition fails writes nothing and says why.
+    assert!(c.put("cas", "1"));
+    let out = c.berth(&["kv", "put", "cas", "2", "--if-mod-revision", "1"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("condition did not hold"), "{err}");
+    assert_eq!(c.get_prefix("cas")?["cas"], "1");
+    Ok(())
+}
+
+/// A master refuses a data dir it cannot use: another cluster's, or another id's.
+#[test]
+fn foreign_data_dir_is_refused() -> Result<()> {
+    let mut a = Cluster::start(1, &[])?;
+    a.stop(1)?;
+    let dir = a.masters[&1].data_dir.clone();
+    let bin = berth_tests::berth_bin();
+    let port = berth_tests::free_port();
+    let out = std::process::Command::new(&bin)
+        .args(["master", "--data-dir", dir.to_str().unwrap(), "--id", "1", "--initial-cluster"])
+        .arg(format!("1=127.0.0.1:{port},2=127.0.0.1:{}", port + 1))
+        .output()?;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("belongs to another cluster"), "{err}");
+    let out =
+        std::process::Command::new(&bin).args(["master", "--data-dir", dir.to_str().unwrap(), "--id", "2"]).output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("belongs to master 1"), "{err}");
+    Ok(())
+}
+
+/// Conditional writes, history reads, watches and compaction through the CLI.
+#[test]
+fn kv_semantics_through_the_cli() -> Result<()> {
+    let c = Cluster::start(3, &[])?;
+    let put =
+        |k: &str, v: &str| -> Result<i64> { Ok(c.berth_json(&["kv", "put", k, v])?["revision"].as_i64().unwrap()) };
+    let r1 = put("a", "1")?;
+    let r2 = put("a", "2")?;
+    assert!(r2 > r1);
+    let old = c.berth_json(&["kv", "get", "a", "--revision", &r1.to_string()])?;
+    assert_eq!(old["kvs"][0]["value"], "1");
+    let out = c.berth(&["kv", "put", "a", "3", "--if-mod-revision", &r2.to_string()]);
+    assert!(out.status.success());
+    let out = c.berth(&["kv", "put", "a", "4", "--if-absent"]);
+    assert!(!out.status.success());
+
+    // A watch from r1 replays history in order, then stops at our deadline.
+    let mut child = std::process::Command::new(berth_tests::berth_bin())
+        .args(["kv", "watch", "a", "--from-revision", &r1.to_string(), "-o", "json", "--endpoints", &c.endpoints()])
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let stdout = child.stdout.take().unwrap();
+    let lines = std::thread::spawn(move || {
+        use std::io::BufRead;
+        std::io::BufReader::new(stdout).lines().take(3).collect::<Result<Vec<_>, _>>()
+    });
+    let lines = wait_for(Duration::from_secs(20), "three watch events", || lines.is_finished().then_some(()))
+        .map(|_| lines.join().unwrap());
+    let _ = child.kill();
+    let _ = child.wait();
+    let lines = lines??;
+    let values: Vec<String> = lines
+        .iter()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["value"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(values, ["1", "2", "3"]);
+
+    let out = c.berth(&["kv", "compact", &r2.to_string()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = c.berth(&["kv", "get", "a", "--revision", &r1.to_string()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("compacted"), "{err}");
+    Ok(())
+}

@@ -1,0 +1,235 @@
+//! Test harness: starts real `berth master` processes on free loopback ports, drives them with the
+//! real `berth` CLI, waits on conditions (never fixed sleeps), and kills every process it started
+//! when dropped, even when a test fails.
+
+use std::{
+    collections::BTreeMap,
+    net::TcpListener,
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, anyhow, bail};
+use serde_json::Value;
+
+/// The `berth` binary: `$BERTH_BIN`, or `target/<profile>/berth` next to this test binary.
+pub fn berth_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("BERTH_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("test binary path");
+    // target/debug/deps/cluster-xxxx -> target/debug/berth
+    let bin = exe.parent().and_then(Path::parent).expect("target dir").join("berth");
+    assert!(
+        bin.exists(),
+        "{} not found: build it first with `cargo build -p berth-cli` (deploy/test.sh does), or set BERTH_BIN",
+        bin.display()
+    );
+    bin
+}
+
+/// A free TCP port on loopback (bound and released; the kernel does not hand it out again soon).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0").local_addr().expect("local addr").port()
+}
+
+/// Polls `f` until it returns Some, or fails after `timeout` with `what`.
+pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> Result<T> {
+    let deadline = Instant::now() + timeout;
+    let mut pause = Duration::from_millis(20);
+    loop {
+        if let Some(v) = f() {
+            return Ok(v);
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(250));
+    }
+}
+
+pub struct MasterProc {
+    pub id: u64,
+    pub endpoint: String,
+    pub data_dir: PathBuf,
+    pub child: Option<Child>,
+}
+
+impl MasterProc {
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+}
+
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub masters: BTreeMap<u64, MasterProc>,
+    pub extra_args: Vec<String>,
+}
+
+impl Cluster {
+    /// Starts `n` masters (ids 1..=n) as a new cluster and waits for a leader.
+    pub fn start(n: u64, extra_args: &[&str]) -> Result<Self> {
+        let dir = tempfile::Builder::new().prefix("berth-test-").tempdir()?;
+        let mut c =
+            Cluster { dir, masters: BTreeMap::new(), extra_args: extra_args.iter().map(|s| s.to_string()).collect() };
+        for id in 1..=n {
+            let endpoint = format!("127.0.0.1:{}", free_port());
+            let data_dir = c.dir.path().join(format!("master-{id}"));
+            c.masters.insert(id, MasterProc { id, endpoint, data_dir, child: None });
+        }
+        let initial = c.initial_cluster();
+        for id in 1..=n {
+            c.spawn(id, &["--id", &id.to_string(), "--initial-cluster", &initial])?;
+        }
+        c.wait_leader(Duration::from_secs(30))?;
+        Ok(c)
+    }
+
+    pub fn initial_cluster(&self) -> String {
+        self.masters.values().map(|m| format!("{}={}", m.id, m.endpoint)).collect::<Vec<_>>().join(",")
+    }
+
+    /// Starts master `id` with `--data-dir` plus `args`.
+    pub fn spawn(&mut self, id: u64, args: &[&str]) -> Result<()> {
+        let m = self.masters.get_mut(&id).ok_or_else(|| anyhow!("no master {id}"))?;
+        std::fs::create_dir_all(&m.data_dir)?;
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(m.data_dir.join("master.log"))?;
+        let child = Command::new(berth_bin())
+            .arg("master")
+            .arg("--data-dir")
+            .arg(&m.data_dir)
+            .arg("--listen")
+            .arg(&m.endpoint)
+            .args(args)
+            .args(&self.extra_args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting berth master")?;
+        m.child = Some(child);
+        Ok(())
+    }
+
+    /// Adds a master entry (not started) for a new member.
+    pub fn add_entry(&mut self, id: u64) -> &MasterProc {
+        let endpoint = format!("127.0.0.1:{}", free_port());
+        let data_dir = self.dir.path().join(format!("master-{id}"));
+        self.masters.insert(id, MasterProc { id, endpoint, data_dir, child: None });
+        &self.masters[&id]
+    }
+
+    pub fn endpoints(&self) -> String {
+        self.masters.values().filter(|m| m.child.is_some()).map(|m| m.endpoint.clone()).collect::<Vec<_>>().join(",")
+    }
+
+    /// Runs the CLI against the running masters.
+    pub fn berth(&self, args: &[&str]) -> Output {
+        self.berth_at(&self.endpoints(), args)
+    }
+
+    pub fn berth_at(&self, endpoints: &str, args: &[&str]) -> Output {
+        Command::new(berth_bin())
+            .args(args)
+            .arg("--endpoints")
+            .arg(endpoints)
+            .stdin(Stdio::null())
+            .output()
+            .expect("running the berth CLI")
+    }
+
+    /// Runs the CLI and parses its JSON output; fails with its stderr when it exits non-zero.
+    pub fn berth_json(&self, args: &[&str]) -> Result<Value> {
+        let mut a = args.to_vec();
+        a.extend(["-o", "json"]);
+        let out = self.berth(&a);
+        if !out.status.success() {
+            bail!("berth {:?} failed: {}", args, String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(serde_json::from_slice(&out.stdout)?)
+    }
+
+    pub fn leader(&self) -> Option<u64> {
+        let v = self.berth_json(&["cluster", "status"]).ok()?;
+        let l = v["leader"].as_u64()?;
+        (l != 0).then_some(l)
+    }
+
+    pub fn wait_leader(&self, timeout: Duration) -> Result<u64> {
+        wait_for(timeout, "a leader", || self.leader())
+    }
+
+    pub fn kill9(&mut self, id: u64) {
+        if let Some(mut c) = self.masters.get_mut(&id).and_then(|m| m.child.take()) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait for the exit.
+    pub fn stop(&mut self, id: u64) -> Result<()> {
+        if let Some(mut c) = self.masters.get_mut(&id).and_then(|m| m.child.take()) {
+            let pid = c.id() as libc::pid_t;
+            // The pid is our own child's, still unreaped, so it cannot have been reused.
+            let rc = Command::new("kill").arg("-TERM").arg(pid.to_string()).status()?;
+            if !rc.success() {
+                bail!("kill -TERM {pid} failed");
+            }
+            let status =
+                wait_for(Duration::from_secs(20), "master to exit after SIGTERM", || c.try_wait().ok().flatten());
+            if status.is_err() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+            status?;
+        }
+        Ok(())
+    }
+
+    /// Puts `key=value` through the CLI; true when acknowledged.
+    pub fn put(&self, key: &str, value: &str) -> bool {
+        self.berth(&["kv", "put", key, value]).status.success()
+    }
+
+    /// Every key-value under `prefix`, read linearizably.
+    pub fn get_prefix(&self, prefix: &str) -> Result<BTreeMap<String, String>> {
+        let v = self.berth_json(&["kv", "get", prefix, "--prefix"])?;
+        Ok(v["kvs"]
+            .as_array()
+            .ok_or_else(|| anyhow!("no kvs in {v}"))?
+            .iter()
+            .map(|kv| {
+                (
+                    kv["key"].as_str().unwrap_or_default().to_string(),
+                    kv["value"].as_str().unwrap_or_default().to_string(),
+                )
+            })
+            .collect())
+    }
+
+    pub fn log_of(&self, id: u64) -> String {
+        std::fs::read_to_string(self.masters[&id].data_dir.join("master.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for m in self.masters.values_mut() {
+            if let Some(mut c) = m.child.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+        if std::thread::panicking() {
+            // Keep the evidence: print where the logs were and what they said last.
+            for m in self.masters.values() {
+                let log = std::fs::read_to_string(m.data_dir.join("master.log")).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(30).collect();
+                eprintln!("--- master {} log (last 30 lines, newest first) ---\n{}", m.id, tail.join("\n"));
+            }
+        }
+    }
+}
