@@ -5,8 +5,8 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use berth_tests::{Cluster, wait_for};
 
-/// 1. start 3 masters; 2. stream writes; 3. kill -9 the leader mid-stream; 4. keep writing until
-/// writes resume; 5. every acknowledged write reads back; 6. a new leader is reported.
+// 1. start 3 masters; 2. stream writes; 3. kill -9 the leader mid-stream; 4. keep writing until
+// writes resume; 5. every acknowledged write reads back; 6. a new leader is reported.
 #[test]
 fn kill9_leader_during_writes_loses_nothing() -> Result<()> {
     let mut c = Cluster::start(3, &[])?;
@@ -44,9 +44,9 @@ fn kill9_leader_during_writes_loses_nothing() -> Result<()> {
     Ok(())
 }
 
-/// 1. start 3 masters with frequent snapshots; 2. write enough that the log is purged; 3. stop a
-/// follower, remove it, wipe its data dir; 4. add it back under a new id; 5. it catches up by
-/// snapshot and serves every key; 6. the removed id is refused forever.
+// 1. start 3 masters with frequent snapshots; 2. write enough that the log is purged; 3. stop a
+// follower, remove it, wipe its data dir; 4. add it back under a new id; 5. it catches up by
+// snapshot and serves every key; 6. the removed id is refused forever.
 #[test]
 fn wiped_follower_rejoins_under_new_id_by_snapshot() -> Result<()> {
     let mut c = Cluster::start(3, &["--snapshot-logs", "50"])?;
@@ -69,10 +69,10 @@ fn wiped_follower_rejoins_under_new_id_by_snapshot() -> Result<()> {
     let m4 = members["members"].as_array().unwrap().iter().find(|m| m["id"] == 4).cloned().expect("member 4 listed");
     assert_eq!(m4["voter"], true);
     // Caught up: member 4 serves every key from its own state.
-    let expected = c.get_prefix("bench/")?;
+    let expected = c.get_prefix("bench/0")?;
     assert_eq!(expected.len(), 600);
     wait_for(Duration::from_secs(30), "member 4 to serve all keys", || {
-        let out = c.berth_at(&new, &["kv", "get", "bench/", "--prefix", "--serializable", "-o", "json"]);
+        let out = c.berth_at(&new, &["kv", "get", "bench/0", "--prefix", "--serializable", "-o", "json"]);
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
         (v["count"].as_u64()? == 600).then_some(())
     })?;
@@ -89,7 +89,7 @@ fn wiped_follower_rejoins_under_new_id_by_snapshot() -> Result<()> {
     Ok(())
 }
 
-/// 1. write keys; 2. SIGTERM every master; 3. restart each with only --data-dir; 4. all keys intact.
+// 1. write keys; 2. SIGTERM every master; 3. restart each with only --data-dir; 4. all keys intact.
 #[test]
 fn all_masters_restarted_keep_their_data() -> Result<()> {
     let mut c = Cluster::start(3, &[])?;
@@ -108,8 +108,8 @@ fn all_masters_restarted_keep_their_data() -> Result<()> {
     Ok(())
 }
 
-/// 1. write keys; 2. save a backup from a follower; 3. restore it into a new 3-master cluster on
-/// new ports; 4. the new cluster has the keys and a different cluster id.
+// 1. write keys; 2. save a backup from a follower; 3. restore it into a new 3-master cluster on
+// new ports; 4. the new cluster has the keys and a different cluster id.
 #[test]
 fn backup_restores_into_a_new_cluster() -> Result<()> {
     let c = Cluster::start(3, &[])?;
@@ -157,7 +157,7 @@ fn backup_restores_into_a_new_cluster() -> Result<()> {
     Ok(())
 }
 
-/// Bad input is refused with a clear error and changes nothing.
+// Bad input is refused with a clear error and changes nothing.
 #[test]
 fn bad_input_is_refused_clearly() -> Result<()> {
     let c = Cluster::start(1, &["--max-value-bytes", "1024"])?;
@@ -178,14 +178,14 @@ fn bad_input_is_refused_clearly() -> Result<()> {
     assert!(!out.status.success() && err.contains("--bogus"), "{err}");
     // A conditional put whose condition fails writes nothing and says why.
     assert!(c.put("cas", "1"));
-    let out = c.berth(&["kv", "put", "cas", "2", "--if-mod-revision", "1"]);
+    let out = c.berth(&["kv", "put", "cas", "2", "--if-mod-revision", "999"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("condition did not hold"), "{err}");
     assert_eq!(c.get_prefix("cas")?["cas"], "1");
     Ok(())
 }
 
-/// A master refuses a data dir it cannot use: another cluster's, or another id's.
+// A master refuses a data dir it cannot use: another cluster's, or another id's.
 #[test]
 fn foreign_data_dir_is_refused() -> Result<()> {
     let mut a = Cluster::start(1, &[])?;
@@ -207,7 +207,7 @@ fn foreign_data_dir_is_refused() -> Result<()> {
     Ok(())
 }
 
-/// Conditional writes, history reads, watches and compaction through the CLI.
+// Conditional writes, history reads, watches and compaction through the CLI.
 #[test]
 fn kv_semantics_through_the_cli() -> Result<()> {
     let c = Cluster::start(3, &[])?;

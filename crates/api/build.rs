@@ -13,7 +13,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure().file_descriptor_set_path(out_dir.join("berth_descriptor.bin")).compile_with_config(
         config,
         &protos,
-        &[proto_root.clone()],
+        std::slice::from_ref(&proto_root),
     )?;
     for p in &protos {
         println!("cargo:rerun-if-changed={}", p.display());

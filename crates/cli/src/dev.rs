@@ -61,7 +61,7 @@ fn spawn_master(exe: &Path, args: &[String], log: &Path) -> Result<Child> {
 }
 
 pub async fn run(a: DevArgs, _g: &Global) -> Result<()> {
-    if a.masters == 0 || a.masters % 2 == 0 {
+    if a.masters == 0 || a.masters.is_multiple_of(2) {
         bail!("--masters must be odd (1, 3, 5, ...) so that a majority is well defined; got {}", a.masters);
     }
     fs::create_dir_all(&a.data_dir).with_context(|| format!("cannot create {}", a.data_dir.display()))?;

@@ -393,7 +393,7 @@ async fn watch_state(ctx: Arc<Ctx>, shutdown: CancellationToken) {
     loop {
         let m = rx.borrow_watched().clone();
         if m.last_applied != last_applied {
-            last_applied = m.last_applied.clone();
+            last_applied = m.last_applied;
             if ctx.peers.cluster_id.get().is_empty()
                 && let Ok(Some(cid)) = ctx.reader.cluster_id()
             {

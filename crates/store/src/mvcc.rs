@@ -33,16 +33,14 @@ pub struct Counters {
     pub compact_revision: Revision,
 }
 
+/// Visitor of (key, value) pairs in a scan; returns false to stop.
+pub(crate) type ScanFn<'a> = dyn FnMut(&[u8], &[u8]) -> Result<bool, StoreError> + 'a;
+
 /// Read access to a consistent view: the live DB (for the single writer) or a RocksDB snapshot.
 pub(crate) trait View {
     fn get(&self, cf: &str, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
     /// Calls `f` for each entry from `from` on, in key order, until it returns false.
-    fn scan(
-        &self,
-        cf: &str,
-        from: &[u8],
-        f: &mut dyn FnMut(&[u8], &[u8]) -> Result<bool, StoreError>,
-    ) -> Result<(), StoreError>;
+    fn scan(&self, cf: &str, from: &[u8], f: &mut ScanFn<'_>) -> Result<(), StoreError>;
 }
 
 impl View for DB {
@@ -50,12 +48,7 @@ impl View for DB {
         Ok(self.get_cf(cf(self, name), key)?)
     }
 
-    fn scan(
-        &self,
-        name: &str,
-        from: &[u8],
-        f: &mut dyn FnMut(&[u8], &[u8]) -> Result<bool, StoreError>,
-    ) -> Result<(), StoreError> {
+    fn scan(&self, name: &str, from: &[u8], f: &mut ScanFn<'_>) -> Result<(), StoreError> {
         for item in self.iterator_cf(cf(self, name), IteratorMode::From(from, Direction::Forward)) {
             let (k, v) = item?;
             if !f(&k, &v)? {
@@ -83,12 +76,7 @@ impl View for SnapView<'_> {
         Ok(self.snap.get_cf(cf(self.db, name), key)?)
     }
 
-    fn scan(
-        &self,
-        name: &str,
-        from: &[u8],
-        f: &mut dyn FnMut(&[u8], &[u8]) -> Result<bool, StoreError>,
-    ) -> Result<(), StoreError> {
+    fn scan(&self, name: &str, from: &[u8], f: &mut ScanFn<'_>) -> Result<(), StoreError> {
         let it = self.snap.iterator_cf(cf(self.db, name), IteratorMode::From(from, Direction::Forward));
         for item in it {
             let (k, v) = item?;

@@ -93,7 +93,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     BatchResponse { results }
                 }
                 EntryPayload::Membership(m) => {
-                    membership = Some(StoredMembership::new(Some(entry.log_id.clone()), m));
+                    membership = Some(StoredMembership::new(Some(entry.log_id), m));
                     BatchResponse::default()
                 }
             };
@@ -136,7 +136,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             let header = snapshot::load_into_db(
                 &shared.db,
                 &snapshot.path,
-                meta.last_log_id.clone(),
+                meta.last_log_id,
                 meta.last_membership.clone(),
                 None,
             )?;
