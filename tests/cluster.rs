@@ -89,7 +89,8 @@ fn wiped_follower_rejoins_under_new_id_by_snapshot() -> Result<()> {
     Ok(())
 }
 
-// 1. write keys; 2. SIGTERM every master; 3. restart each with only --data-dir; 4. all keys intact.
+// 1. write keys; 2. SIGTERM the leader: it hands leadership over first; 3. SIGTERM the rest;
+// 4. restart each with only --data-dir; 5. all keys intact.
 #[test]
 fn all_masters_restarted_keep_their_data() -> Result<()> {
     let mut c = Cluster::start(3, &[])?;
@@ -97,6 +98,10 @@ fn all_masters_restarted_keep_their_data() -> Result<()> {
         assert!(c.put(&format!("keep/{i}"), &format!("v{i}")));
     }
     let before = c.get_prefix("keep/")?;
+    // SIGTERM on the leader hands leadership over before it exits.
+    let leader = c.wait_leader(Duration::from_secs(10))?;
+    c.stop(leader)?;
+    assert!(c.log_of(leader).contains("leadership handed over"), "{}", c.log_of(leader));
     for id in 1..=3 {
         c.stop(id)?;
     }

@@ -14,6 +14,33 @@ use crate::{Global, client::Client, output};
 pub enum BenchCmd {
     /// Concurrent puts of random values; prints throughput and latency.
     Kv(KvBench),
+    /// Starts its own 3-master cluster and kills the leader N times: time from kill -9 to the
+    /// first committed write.
+    Failover(FailoverBench),
+    /// Starts its own 3-master cluster, writes steadily for a while and counts leader changes
+    /// (there should be none).
+    Stability(StabilityBench),
+}
+
+#[derive(Args)]
+pub struct FailoverBench {
+    #[arg(long, default_value_t = 10)]
+    kills: usize,
+    /// Extra flags for every master, e.g. "--election-timeout=500ms".
+    #[arg(long = "master-arg", allow_hyphen_values = true)]
+    master_args: Vec<String>,
+}
+
+#[derive(Args)]
+pub struct StabilityBench {
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "60s")]
+    duration: std::time::Duration,
+    #[arg(long, default_value_t = 16)]
+    clients: usize,
+    #[arg(long, default_value_t = 256)]
+    value_size: usize,
+    #[arg(long = "master-arg", allow_hyphen_values = true)]
+    master_args: Vec<String>,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -74,7 +101,14 @@ impl Conn {
 }
 
 pub async fn run(cmd: BenchCmd, g: &Global) -> Result<()> {
-    let BenchCmd::Kv(a) = cmd;
+    let a = match cmd {
+        BenchCmd::Kv(a) => a,
+        BenchCmd::Failover(f) => return crate::bench_cluster::failover(f.kills, &f.master_args, g.output).await,
+        BenchCmd::Stability(s) => {
+            return crate::bench_cluster::stability(s.duration, s.clients, s.value_size, &s.master_args, g.output)
+                .await;
+        }
+    };
     if a.clients == 0 || a.ops == 0 {
         bail!("--clients and --ops must be at least 1");
     }

@@ -49,7 +49,7 @@ fn write_atomic(path: &Path, text: &str) -> Result<()> {
     Ok(())
 }
 
-fn spawn_master(exe: &Path, args: &[String], log: &Path) -> Result<Child> {
+pub(crate) fn spawn_master(exe: &Path, args: &[String], log: &Path) -> Result<Child> {
     let out = fs::OpenOptions::new().create(true).append(true).open(log)?;
     Command::new(exe)
         .args(args)
@@ -216,7 +216,7 @@ async fn wait_for_leader(client: &Client, children: &mut BTreeMap<u64, Child>) -
 }
 
 /// SIGTERM to every child, then SIGKILL to any still running after 10 s.
-fn stop_all(children: &mut BTreeMap<u64, Child>) {
+pub(crate) fn stop_all(children: &mut BTreeMap<u64, Child>) {
     for child in children.values() {
         // A polite stop first: a leader hands over leadership on SIGTERM.
         let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();

@@ -2,6 +2,7 @@
 //! knows clap; everything it runs lives in the library crates.
 
 mod bench;
+mod bench_cluster;
 mod client;
 mod cmd_cluster;
 mod cmd_kv;
@@ -86,10 +87,10 @@ struct MasterArgs {
     #[arg(long)]
     join: bool,
     /// How often the leader sends heartbeats.
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "100ms")]
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "50ms")]
     heartbeat_interval: Duration,
     /// Minimum election timeout (the maximum is twice this).
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "1s")]
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "300ms")]
     election_timeout: Duration,
     /// Snapshot the state and purge the log after this many entries.
     #[arg(long, default_value_t = 10_000)]

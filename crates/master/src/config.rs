@@ -24,11 +24,14 @@ pub struct MasterConfig {
     pub max_value_bytes: usize,
 }
 
-/// Defaults chosen by measurement (see BENCHMARKS.md, "Failover and stability"): a 100 ms
-/// heartbeat and a 1000-2000 ms election window fail over in about 1.2 s after kill -9, and
-/// showed no leader change during sustained write load with fsync tails of 50 ms on these VMs.
-pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_millis(100);
-pub const DEFAULT_ELECTION_TIMEOUT: Duration = Duration::from_millis(1000);
+/// Defaults chosen by measurement (BENCHMARKS.md, "Failover and stability"). openraft lets a
+/// follower campaign only after the leader lease (= the maximum election timeout) plus its own
+/// random election timeout, so failover takes about 3 x the minimum election timeout: with
+/// 50 ms heartbeats and a 300-600 ms election window, the first write commits about 1.0-1.2 s
+/// after kill -9 of the leader (1 s / 2 s gave 3.5-4 s), and sustained write load showed no leader
+/// change.
+pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_millis(50);
+pub const DEFAULT_ELECTION_TIMEOUT: Duration = Duration::from_millis(300);
 
 impl MasterConfig {
     pub fn new(data_dir: PathBuf) -> Self {

@@ -42,16 +42,14 @@ pub(crate) fn cf<'a>(db: &'a DB, name: &str) -> &'a rocksdb::ColumnFamily {
     db.cf_handle(name).expect("column family created at open")
 }
 
-/// Bytes on disk of the live SST files plus WAL, for status reports.
+/// Bytes of live SST files plus memtables over every column family, for status reports.
 pub fn db_size(db: &DB) -> u64 {
-    let sst = db.property_int_value(rocksdb::properties::TOTAL_SST_FILES_SIZE).ok().flatten();
-    let mem = db.property_int_value(rocksdb::properties::CUR_SIZE_ALL_MEM_TABLES).ok().flatten();
-    let mut total = sst.unwrap_or(0) + mem.unwrap_or(0);
+    let mut total = 0;
     for name in ALL_CFS {
-        if let Some(h) = db.cf_handle(name)
-            && let Ok(Some(v)) = db.property_int_value_cf(h, rocksdb::properties::TOTAL_SST_FILES_SIZE)
-        {
-            total += v;
+        if let Some(h) = db.cf_handle(name) {
+            for prop in [rocksdb::properties::TOTAL_SST_FILES_SIZE, rocksdb::properties::CUR_SIZE_ALL_MEM_TABLES] {
+                total += db.property_int_value_cf(h, prop).ok().flatten().unwrap_or(0);
+            }
         }
     }
     total

@@ -385,3 +385,109 @@ impl<'a> Apply<'a> {
         self.batch.put_cf(cf(self.db, CF_SM), SM_COUNTERS, encode(&self.counters));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use berth_types::{Compare, CompareOp, CompareTarget, DeleteRange, Put, prefix_end};
+
+    use super::*;
+
+    fn apply(db: &DB, cmds: Vec<Command>) -> Vec<Result<CommandResult, CommandError>> {
+        let mut a = Apply::new(db).unwrap();
+        let out = cmds.into_iter().map(|c| a.command(c).unwrap()).collect();
+        a.finish();
+        db.write(std::mem::take(&mut a.batch)).unwrap();
+        out
+    }
+
+    fn put(k: &str, v: &str) -> Command {
+        Command::Txn(Txn::put(k, v))
+    }
+
+    fn get(db: &DB, k: &str, rev: Revision) -> Result<Option<KeyValue>, StoreError> {
+        let q = RangeQuery { key: k.into(), revision: rev, ..Default::default() };
+        Ok(range(&SnapView::new(db), &q)?.0.kvs.pop())
+    }
+
+    #[test]
+    fn revisions_versions_and_history_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = crate::db::open(dir.path()).unwrap();
+        // Two writes in one batch get two revisions; a read at an old revision sees old values.
+        apply(&db, vec![put("a", "1"), put("b", "1")]);
+        apply(&db, vec![put("a", "2")]);
+        let a = get(&db, "a", 0).unwrap().unwrap();
+        assert_eq!((a.create_revision, a.mod_revision, a.version, a.value.as_slice()), (1, 3, 2, &b"2"[..]));
+        assert_eq!(get(&db, "a", 1).unwrap().unwrap().value, b"1");
+        assert_eq!(get(&db, "a", 2).unwrap().unwrap().value, b"1");
+        assert!(get(&db, "b", 1).unwrap().is_none(), "b did not exist at revision 1");
+
+        // Delete, then the key is gone now but visible in the past.
+        let del = Command::Txn(Txn {
+            success: vec![RequestOp::DeleteRange(DeleteRange { key: b"a".to_vec(), range_end: vec![], prev_kv: true })],
+            ..Default::default()
+        });
+        apply(&db, vec![del]);
+        assert!(get(&db, "a", 0).unwrap().is_none());
+        assert_eq!(get(&db, "a", 3).unwrap().unwrap().value, b"2");
+        // Recreated: version restarts and create_revision moves.
+        apply(&db, vec![put("a", "3")]);
+        let a = get(&db, "a", 0).unwrap().unwrap();
+        assert_eq!((a.create_revision, a.version), (5, 1));
+
+        // Future and compacted revisions are refused with their own errors.
+        assert!(matches!(get(&db, "a", 99), Err(StoreError::Command(CommandError::FutureRevision { .. }))));
+        apply(&db, vec![Command::Compact { revision: 3 }]);
+        assert!(matches!(get(&db, "a", 2), Err(StoreError::Command(CommandError::Compacted { .. }))));
+        assert_eq!(get(&db, "a", 3).unwrap().unwrap().value, b"2", "the compact revision itself stays readable");
+    }
+
+    #[test]
+    fn transactions_compare_and_see_their_own_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = crate::db::open(dir.path()).unwrap();
+        apply(&db, vec![put("k", "v1")]);
+        let cas = |expect: Revision, v: &str| {
+            Command::Txn(Txn {
+                compare: vec![Compare {
+                    key: b"k".to_vec(),
+                    op: CompareOp::Equal,
+                    target: CompareTarget::ModRevision(expect),
+                }],
+                success: vec![
+                    RequestOp::Put(Put { key: b"k".to_vec(), value: v.into(), prev_kv: true }),
+                    RequestOp::Range(RangeQuery { key: b"k".to_vec(), ..Default::default() }),
+                ],
+                failure: vec![RequestOp::Range(RangeQuery { key: b"k".to_vec(), ..Default::default() })],
+            })
+        };
+        let r = apply(&db, vec![cas(1, "v2"), cas(1, "v3")]);
+        let CommandResult::Txn(first) = r[0].clone().unwrap() else { panic!() };
+        let CommandResult::Txn(second) = r[1].clone().unwrap() else { panic!() };
+        assert!(first.succeeded);
+        assert!(!second.succeeded, "the second CAS saw the first one's write");
+        match &first.responses[1] {
+            OpResult::Range(rr) => assert_eq!(rr.kvs[0].value, b"v2"),
+            other => panic!("{other:?}"),
+        }
+        // A read-only failure branch does not bump the revision.
+        assert_eq!(second.revision, first.revision);
+    }
+
+    #[test]
+    fn prefix_ranges_limits_and_history_events() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = crate::db::open(dir.path()).unwrap();
+        apply(&db, vec![put("p/1", "a"), put("p/2", "b"), put("p/3", "c"), put("q", "d")]);
+        let q = RangeQuery { key: b"p/".to_vec(), range_end: prefix_end(b"p/"), limit: 2, ..Default::default() };
+        let (r, _) = range(&SnapView::new(&db), &q).unwrap();
+        assert_eq!((r.kvs.len(), r.count, r.more), (2, 3, true));
+        let mut seen = vec![];
+        history_from(&*db, 2, &mut |rev, e| {
+            seen.push((rev, String::from_utf8(e.kv.key).unwrap()));
+            Ok(true)
+        })
+        .unwrap();
+        assert_eq!(seen, vec![(2, "p/2".into()), (3, "p/3".into()), (4, "q".into())]);
+    }
+}

@@ -1,0 +1,283 @@
+//! Benchmarks that run their own local cluster of real `berth master` processes: failover time
+//! after kill -9 of the leader, and leader stability under steady write load.
+
+use std::{
+    collections::BTreeMap,
+    path::PathBuf,
+    process::Child,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use berth_api::pb;
+use serde::Serialize;
+
+use crate::{
+    client::Client,
+    dev::{spawn_master, stop_all},
+    output::{self, Format},
+};
+
+struct LocalCluster {
+    _dir: tempfile_dir::Dir,
+    endpoints: BTreeMap<u64, String>,
+    data_dirs: BTreeMap<u64, PathBuf>,
+    children: BTreeMap<u64, Child>,
+    exe: PathBuf,
+    extra: Vec<String>,
+}
+
+/// A temporary directory removed on drop (std only; the CLI does not depend on tempfile).
+mod tempfile_dir {
+    pub struct Dir(pub std::path::PathBuf);
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+impl LocalCluster {
+    fn start(n: u64, extra: &[String]) -> Result<Self> {
+        let dir = std::env::temp_dir().join(format!("berth-bench-{}-{}", std::process::id(), rand::random::<u32>()));
+        std::fs::create_dir_all(&dir)?;
+        let mut c = LocalCluster {
+            _dir: tempfile_dir::Dir(dir.clone()),
+            endpoints: BTreeMap::new(),
+            data_dirs: BTreeMap::new(),
+            children: BTreeMap::new(),
+            exe: std::env::current_exe()?,
+            extra: extra.to_vec(),
+        };
+        for id in 1..=n {
+            c.endpoints.insert(id, format!("127.0.0.1:{}", free_port()?));
+            c.data_dirs.insert(id, dir.join(format!("master-{id}")));
+        }
+        let initial = c.endpoints.iter().map(|(id, ep)| format!("{id}={ep}")).collect::<Vec<_>>().join(",");
+        for id in 1..=n {
+            let mut args =
+                vec!["master".to_string(), "--id".into(), id.to_string(), "--initial-cluster".into(), initial.clone()];
+            args.extend(c.extra.iter().cloned());
+            c.spawn(id, args)?;
+        }
+        Ok(c)
+    }
+
+    fn spawn(&mut self, id: u64, mut args: Vec<String>) -> Result<()> {
+        let dd = &self.data_dirs[&id];
+        std::fs::create_dir_all(dd)?;
+        args.extend(["--data-dir".into(), dd.display().to_string(), "--listen".into(), self.endpoints[&id].clone()]);
+        let child = spawn_master(&self.exe, &args, &dd.join("master.log"))?;
+        self.children.insert(id, child);
+        Ok(())
+    }
+
+    fn restart(&mut self, id: u64) -> Result<()> {
+        let mut args = vec!["master".to_string()];
+        args.extend(self.extra.iter().cloned());
+        self.spawn(id, args)
+    }
+
+    fn kill9(&mut self, id: u64) -> Result<()> {
+        let mut c = self.children.remove(&id).context("no such master")?;
+        c.kill()?;
+        c.wait()?;
+        Ok(())
+    }
+
+    fn client(&self) -> Result<Client> {
+        let mut c = Client::new(self.endpoints.values().cloned().collect())?;
+        c.patience = Duration::from_secs(60);
+        Ok(c)
+    }
+
+    async fn status(&self) -> Result<pb::StatusResponse> {
+        Ok(self
+            .client()?
+            .call(|ch| async move { Client::cluster(ch).status(pb::StatusRequest {}).await.map(|r| r.into_inner()) })
+            .await?)
+    }
+
+    /// Waits until there is a leader and every member reports the leader's applied index.
+    async fn wait_converged(&self) -> Result<u64> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(s) = self.status().await
+                && s.leader != 0
+            {
+                let top = s.members.iter().map(|m| m.applied_index).max().unwrap_or(0);
+                if s.members.iter().all(|m| m.error.is_empty() && m.applied_index == top) {
+                    return Ok(s.leader);
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("the cluster did not converge within 60s; see the master logs");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for LocalCluster {
+    fn drop(&mut self) {
+        stop_all(&mut self.children);
+    }
+}
+
+fn quantile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let idx = ((sorted.len() as f64 - 1.0) * q).round() as usize;
+    sorted[idx]
+}
+
+/// One put against any endpoint, each attempt bounded, until one is acknowledged.
+async fn first_write(endpoints: &[String], key: &str) -> Duration {
+    let start = Instant::now();
+    let mut clients: Vec<_> = endpoints.iter().filter_map(|e| Client::channel(e).ok()).map(Client::kv).collect();
+    loop {
+        for c in clients.iter_mut() {
+            let mut req = tonic::Request::new(pb::PutRequest {
+                key: key.as_bytes().to_vec(),
+                value: b"x".to_vec(),
+                prev_kv: false,
+            });
+            req.set_timeout(Duration::from_millis(500));
+            if c.put(req).await.is_ok() {
+                return start.elapsed();
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+pub async fn failover(kills: usize, extra: &[String], format: Format) -> Result<()> {
+    let mut c = LocalCluster::start(3, extra)?;
+    c.wait_converged().await?;
+    let mut times = Vec::with_capacity(kills);
+    for round in 0..kills {
+        let leader = c.wait_converged().await?;
+        let others: Vec<String> = c.endpoints.iter().filter(|(id, _)| **id != leader).map(|(_, e)| e.clone()).collect();
+        c.kill9(leader)?;
+        let t = first_write(&others, &format!("failover/{round}")).await;
+        eprintln!(
+            "kill {}: master {leader} killed, first committed write after {:.0} ms",
+            round + 1,
+            t.as_secs_f64() * 1000.0
+        );
+        times.push(t.as_secs_f64() * 1000.0);
+        c.restart(leader)?;
+    }
+    times.sort_by(f64::total_cmp);
+    #[derive(Serialize)]
+    struct Out {
+        kills: usize,
+        master_args: Vec<String>,
+        p50_ms: f64,
+        p99_ms: f64,
+        max_ms: f64,
+        min_ms: f64,
+    }
+    let out = Out {
+        kills,
+        master_args: extra.to_vec(),
+        p50_ms: quantile(&times, 0.5),
+        p99_ms: quantile(&times, 0.99),
+        max_ms: times.last().copied().unwrap_or(0.0),
+        min_ms: times.first().copied().unwrap_or(0.0),
+    };
+    output::print(format, &out, |o| {
+        println!(
+            "failover after kill -9 of the leader ({} kills): p50_ms={:.0} p99_ms={:.0} max_ms={:.0} min_ms={:.0}",
+            o.kills, o.p50_ms, o.p99_ms, o.max_ms, o.min_ms
+        )
+    });
+    Ok(())
+}
+
+pub async fn stability(
+    duration: Duration,
+    clients: usize,
+    value_size: usize,
+    extra: &[String],
+    format: Format,
+) -> Result<()> {
+    let c = LocalCluster::start(3, extra)?;
+    let first_leader = c.wait_converged().await?;
+    let first_term = c.status().await?.term;
+    let stop = Arc::new(AtomicBool::new(false));
+    let ops = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let endpoints: Vec<String> = c.endpoints.values().cloned().collect();
+    let mut tasks = Vec::new();
+    for i in 0..clients {
+        let mut kv = Client::kv(Client::channel(&endpoints[i % endpoints.len()])?);
+        let (stop, ops, errors) = (stop.clone(), ops.clone(), errors.clone());
+        let value = vec![b'v'; value_size];
+        tasks.push(tokio::spawn(async move {
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let key = format!("stability/{i}/{}", n % 1000).into_bytes();
+                match kv.put(pb::PutRequest { key, value: value.clone(), prev_kv: false }).await {
+                    Ok(_) => ops.fetch_add(1, Ordering::Relaxed),
+                    Err(_) => errors.fetch_add(1, Ordering::Relaxed),
+                };
+                n += 1;
+            }
+        }));
+    }
+    let start = Instant::now();
+    let mut leader_changes = 0u64;
+    let mut last = (first_term, first_leader);
+    while start.elapsed() < duration {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        if let Ok(s) = c.status().await
+            && (s.term, s.leader) != last
+        {
+            leader_changes += 1;
+            eprintln!("leader change: term {} leader {} -> term {} leader {}", last.0, last.1, s.term, s.leader);
+            last = (s.term, s.leader);
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        let _ = t.await;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    #[derive(Serialize)]
+    struct Out {
+        seconds: f64,
+        clients: usize,
+        ops: u64,
+        errors: u64,
+        ops_per_sec: f64,
+        leader_changes: u64,
+        master_args: Vec<String>,
+    }
+    let ops = ops.load(Ordering::Relaxed);
+    let out = Out {
+        seconds: secs,
+        clients,
+        ops,
+        errors: errors.load(Ordering::Relaxed),
+        ops_per_sec: ops as f64 / secs,
+        leader_changes,
+        master_args: extra.to_vec(),
+    };
+    output::print(format, &out, |o| {
+        println!(
+            "stability: {:.0}s of writes from {} clients, {} ops ({:.0}/s), {} errors, leader_changes={}",
+            o.seconds, o.clients, o.ops, o.ops_per_sec, o.errors, o.leader_changes
+        )
+    });
+    Ok(())
+}
