@@ -104,11 +104,22 @@ struct StatusOut {
 
 fn print_members(g: &Global, leader: u64, members: Vec<pb::Member>) {
     #[derive(Serialize)]
+    struct ListMember {
+        id: u64,
+        endpoint: String,
+        role: String,
+        voter: bool,
+    }
+    #[derive(Serialize)]
     struct ListOut {
         leader: u64,
-        members: Vec<MemberOut>,
+        members: Vec<ListMember>,
     }
-    let out = ListOut { leader, members: members.into_iter().map(Into::into).collect() };
+    let members = members
+        .into_iter()
+        .map(|m| ListMember { id: m.id, endpoint: m.endpoint, role: m.role, voter: m.voter })
+        .collect();
+    let out = ListOut { leader, members };
     output::print(g.output, &out, |o| {
         let rows: Vec<Vec<String>> = o
             .members
@@ -195,7 +206,7 @@ pub async fn run_member(cmd: MemberCmd, g: &Global) -> Result<()> {
                 })
                 .await?;
             eprintln!("added master {id}{}", if promote { " as a voter" } else { " as a learner" });
-            print_members(g, 0, r.members);
+            print_members(g, r.header.as_ref().map_or(0, |h| h.member_id), r.members);
         }
         MemberCmd::Promote { id } => {
             let r = client
@@ -204,7 +215,7 @@ pub async fn run_member(cmd: MemberCmd, g: &Global) -> Result<()> {
                 })
                 .await?;
             eprintln!("master {id} is now a voter");
-            print_members(g, 0, r.members);
+            print_members(g, r.header.as_ref().map_or(0, |h| h.member_id), r.members);
         }
         MemberCmd::Remove { id } => {
             let r = client
@@ -213,7 +224,7 @@ pub async fn run_member(cmd: MemberCmd, g: &Global) -> Result<()> {
                 })
                 .await?;
             eprintln!("removed master {id}; its id can never be used again");
-            print_members(g, 0, r.members);
+            print_members(g, r.header.as_ref().map_or(0, |h| h.member_id), r.members);
         }
     }
     Ok(())

@@ -37,7 +37,8 @@ pub(crate) async fn serve(
     let raft = pb::raft::raft_server::RaftServer::new(RaftService { ctx, snap_dir })
         .max_decoding_message_size(RAFT_MESSAGE_LIMIT)
         .max_encoding_message_size(RAFT_MESSAGE_LIMIT);
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    // Nagle's algorithm plus delayed ACKs would add ~40 ms stalls to small request/response pairs.
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(5)))

@@ -69,10 +69,25 @@ impl Ctx {
         }
     }
 
+    /// The cluster id, read from the state machine until the metrics watcher has cached it.
+    pub fn cluster_id(&self) -> String {
+        let cached = self.peers.cluster_id.get();
+        if !cached.is_empty() {
+            return cached;
+        }
+        match self.reader.cluster_id() {
+            Ok(Some(id)) => {
+                self.peers.cluster_id.set(&id);
+                id
+            }
+            _ => String::new(),
+        }
+    }
+
     pub fn header(&self) -> pb::ResponseHeader {
         let m = self.metrics();
         pb::ResponseHeader {
-            cluster_id: self.peers.cluster_id.get(),
+            cluster_id: self.cluster_id(),
             member_id: self.id,
             revision: self.reader.counters().map(|c| c.revision).unwrap_or(0),
             raft_term: m.current_term,
@@ -89,7 +104,7 @@ impl Ctx {
             last_log_index: m.last_log_index.unwrap_or(0),
             applied_index: m.last_applied.as_ref().map_or(0, |l| l.index),
             db_size_bytes: self.reader.db_size(),
-            cluster_id: self.peers.cluster_id.get(),
+            cluster_id: self.cluster_id(),
         }
     }
 
@@ -257,6 +272,8 @@ fn raft_config(cfg: &MasterConfig) -> Result<Arc<Config>, MasterError> {
         purge_batch_size: 256,
         install_snapshot_timeout: 120_000,
         max_payload_entries: 256,
+        // Replicate as soon as entries are written locally, while the leader's own fsync runs.
+        broadcast_submitted_on_append: Some(true),
         ..Default::default()
     };
     c.validate().map(Arc::new).map_err(|e| MasterError::Config(e.to_string()))

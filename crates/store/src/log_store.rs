@@ -21,9 +21,31 @@ const KEY_COMMITTED: &[u8] = b"committed";
 const KEY_PURGED: &[u8] = b"purged";
 
 /// The Raft log. Cheap to clone: it is a handle on the shared RocksDB.
+///
+/// Appends are group-committed: `append` writes its WriteBatch to RocksDB (WAL included, so the
+/// entries are readable at once) and hands the flush callback to the syncer thread, which syncs the
+/// WAL once for every callback waiting and only then acknowledges them. Replication to followers can
+/// thus start while the leader's own fsync is in flight, and concurrent appends share one fsync.
 #[derive(Clone)]
 pub struct LogStore {
     db: Arc<DB>,
+    syncer: std::sync::mpsc::Sender<IOFlushed<TypeConfig>>,
+}
+
+/// Syncs the WAL for every waiting append, then acknowledges them, in order.
+fn run_syncer(db: Arc<DB>, rx: std::sync::mpsc::Receiver<IOFlushed<TypeConfig>>) {
+    while let Ok(first) = rx.recv() {
+        let mut waiting = vec![first];
+        while let Ok(cb) = rx.try_recv() {
+            waiting.push(cb);
+        }
+        let res = db.flush_wal(true).map_err(|e| e.to_string());
+        for cb in waiting {
+            cb.io_completed(
+                res.clone().map_err(|e| io::Error::other(format!("syncing the Raft log to disk failed: {e}"))),
+            );
+        }
+    }
 }
 
 fn synced() -> WriteOptions {
@@ -34,7 +56,10 @@ fn synced() -> WriteOptions {
 
 impl LogStore {
     pub(crate) fn new(db: Arc<DB>) -> Result<Self, StoreError> {
-        Ok(LogStore { db })
+        let (syncer, rx) = std::sync::mpsc::channel();
+        let sync_db = db.clone();
+        std::thread::Builder::new().name("raft-log-sync".into()).spawn(move || run_syncer(sync_db, rx))?;
+        Ok(LogStore { db, syncer })
     }
 
     fn get_meta<T: serde::de::DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, StoreError> {
@@ -135,18 +160,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         for e in entries {
             b.put_cf(log_cf, log_key(e.index()), encode(&e));
         }
-        // One WriteBatch, one synced WAL write, then the acknowledgement.
-        let res = self.write_synced(b).await;
-        match res {
-            Ok(()) => {
-                callback.io_completed(Ok(()));
-                Ok(())
-            }
-            Err(e) => {
-                callback.io_completed(Err(io::Error::new(e.kind(), e.to_string())));
-                Err(e)
-            }
-        }
+        // Readable as soon as this returns; durable (and acknowledged) once the syncer has synced
+        // the WAL.
+        self.db.write(b).map_err(|e| io::Error::other(format!("writing the Raft log failed: {e}")))?;
+        self.syncer.send(callback).map_err(|_| io::Error::other("the Raft log syncer thread has stopped"))?;
+        Ok(())
     }
 
     async fn truncate_after(&mut self, last_log_id: Option<LogIdOf<TypeConfig>>) -> Result<(), io::Error> {
