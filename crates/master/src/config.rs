@@ -125,7 +125,7 @@ mod tests {
     #[test]
     fn election_timeout_must_cover_heartbeats() {
         let mut c = MasterConfig::new("/tmp/x".into());
-        c.election_timeout = Duration::from_millis(200);
+        c.election_timeout = Duration::from_millis(100);
         assert!(c.validate().is_err());
     }
 }
