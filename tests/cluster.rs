@@ -46,7 +46,8 @@ fn kill9_leader_during_writes_loses_nothing() -> Result<()> {
 
 // 1. start 3 masters with frequent snapshots; 2. write enough that the log is purged; 3. stop a
 // follower, remove it, wipe its data dir; 4. add it back under a new id; 5. it catches up by
-// snapshot and serves every key; 6. the removed id is refused forever.
+// snapshot and serves every key; 6. restarted, it keeps the current membership; 7. the removed
+// id is refused forever.
 #[test]
 fn wiped_follower_rejoins_under_new_id_by_snapshot() -> Result<()> {
     let mut c = Cluster::start(3, &["--snapshot-logs", "50"])?;
@@ -81,6 +82,18 @@ fn wiped_follower_rejoins_under_new_id_by_snapshot() -> Result<()> {
         .filter(|e| e.path().extension().is_some_and(|x| x == "snap"))
         .count();
     assert!(snaps >= 1, "member 4 should have caught up by installing a snapshot");
+
+    // Restarted, member 4 still knows the membership it installed with the snapshot and the
+    // changes after it: itself a voter, the removed id gone (stale membership must not survive).
+    c.stop(4)?;
+    c.spawn(4, &[])?;
+    wait_for(Duration::from_secs(30), "restarted member 4 to see the current membership", || {
+        let out = c.berth_at(&new, &["member", "list", "-o", "json"]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        let ids: Vec<u64> = v["members"].as_array()?.iter().filter_map(|m| m["id"].as_u64()).collect();
+        let four_votes = v["members"].as_array()?.iter().any(|m| m["id"] == 4 && m["voter"] == true);
+        (four_votes && !ids.contains(&follower) && v["leader"].as_u64()? != 0).then_some(())
+    })?;
 
     let out = c.berth(&["member", "add", "--id", &follower.to_string(), "--endpoint", "127.0.0.1:1"]);
     assert!(!out.status.success());

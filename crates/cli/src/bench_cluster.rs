@@ -106,7 +106,8 @@ impl LocalCluster {
             .await?)
     }
 
-    /// Waits until there is a leader and every member reports the leader's applied index.
+    /// Waits until exactly one member calls itself leader, none is campaigning, and every member
+    /// has applied as much as the others (the start-up election has settled).
     async fn wait_converged(&self) -> Result<u64> {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
@@ -114,7 +115,10 @@ impl LocalCluster {
                 && s.leader != 0
             {
                 let top = s.members.iter().map(|m| m.applied_index).max().unwrap_or(0);
-                if s.members.iter().all(|m| m.error.is_empty() && m.applied_index == top) {
+                let leaders: Vec<u64> = s.members.iter().filter(|m| m.role == "leader").map(|m| m.id).collect();
+                if leaders == [s.leader]
+                    && s.members.iter().all(|m| m.error.is_empty() && m.role != "candidate" && m.applied_index == top)
+                {
                     return Ok(s.leader);
                 }
             }
@@ -151,7 +155,8 @@ async fn first_write(endpoints: &[String], key: &str) -> Duration {
                 value: b"x".to_vec(),
                 prev_kv: false,
             });
-            req.set_timeout(Duration::from_millis(500));
+            // Short attempts, so that the measurement's granularity is well below the failover time.
+            req.set_timeout(Duration::from_millis(100));
             if c.put(req).await.is_ok() {
                 return start.elapsed();
             }

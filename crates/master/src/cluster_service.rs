@@ -25,6 +25,15 @@ impl ClusterService {
         }
     }
 
+    /// Membership changes go one at a time: a second one is refused while the first runs.
+    fn membership_guard(&self) -> Result<tokio::sync::MutexGuard<'_, ()>, Status> {
+        self.ctx.membership_lock.try_lock().map_err(|_| {
+            Status::failed_precondition(
+                "another membership change is in progress; changes go one at a time: retry when it is done",
+            )
+        })
+    }
+
     /// Every member in the current membership, voters first, with its role as this master sees it.
     fn members(&self) -> Vec<pb::Member> {
         let m = self.ctx.metrics();
@@ -132,9 +141,7 @@ impl cluster_server::Cluster for ClusterService {
         if r.endpoint.is_empty() || !r.endpoint.contains(':') {
             return Err(Status::invalid_argument(format!("endpoint {:?} is not HOST:PORT", r.endpoint)));
         }
-        let _guard = self.ctx.membership_lock.try_lock().map_err(|_| {
-            Status::failed_precondition("another membership change is in progress; changes go one at a time")
-        })?;
+        let _guard = self.membership_guard()?;
         if self.ctx.reader.removed_members().map_err(|e| Status::internal(e.to_string()))?.contains(&r.id) {
             return Err(Status::failed_precondition(format!(
                 "master id {} was removed earlier and can never be used again: pick a new id",
@@ -166,9 +173,7 @@ impl cluster_server::Cluster for ClusterService {
     ) -> Result<Response<pb::MemberPromoteResponse>, Status> {
         let id = r.into_inner().id;
         self.require_leader()?;
-        let _guard = self.ctx.membership_lock.try_lock().map_err(|_| {
-            Status::failed_precondition("another membership change is in progress; changes go one at a time")
-        })?;
+        let _guard = self.membership_guard()?;
         let member = self.members().into_iter().find(|m| m.id == id);
         match member {
             None => {
@@ -209,9 +214,7 @@ impl cluster_server::Cluster for ClusterService {
     ) -> Result<Response<pb::MemberRemoveResponse>, Status> {
         let id = r.into_inner().id;
         self.require_leader()?;
-        let _guard = self.ctx.membership_lock.try_lock().map_err(|_| {
-            Status::failed_precondition("another membership change is in progress; changes go one at a time")
-        })?;
+        let _guard = self.membership_guard()?;
         let members = self.members();
         let Some(member) = members.iter().find(|m| m.id == id) else {
             return Err(Status::not_found(format!("master {id} is not a member")));

@@ -72,7 +72,7 @@ impl KvService {
     }
 
     fn header_at(&self, revision: i64) -> pb::ResponseHeader {
-        pb::ResponseHeader { revision, ..self.ctx.header() }
+        self.ctx.header_at(revision)
     }
 }
 
@@ -164,7 +164,7 @@ impl kv_server::Kv for KvService {
         let stream = async_stream::try_stream! {
             // The first message confirms the watch and names the revision it starts after.
             yield pb::WatchResponse {
-                header: Some(pb::ResponseHeader { revision: watcher.last_revision(), ..ctx.header() }),
+                header: Some(ctx.header_at(watcher.last_revision())),
                 ..Default::default()
             };
             loop {
@@ -176,7 +176,7 @@ impl kv_server::Kv for KvService {
                             pb::Event::from(e)
                         }).collect();
                         yield pb::WatchResponse {
-                            header: Some(pb::ResponseHeader { revision: rev, ..ctx.header() }),
+                            header: Some(ctx.header_at(rev)),
                             events,
                             ..Default::default()
                         };

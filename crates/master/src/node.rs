@@ -47,7 +47,8 @@ impl Ctx {
     }
 
     pub fn is_leader(&self) -> bool {
-        let m = self.metrics();
+        let rx = self.raft.metrics();
+        let m = rx.borrow_watched();
         m.state == ServerState::Leader && m.current_leader == Some(self.id)
     }
 
@@ -85,12 +86,16 @@ impl Ctx {
     }
 
     pub fn header(&self) -> pb::ResponseHeader {
-        let m = self.metrics();
+        self.header_at(self.reader.counters().map(|c| c.revision).unwrap_or(0))
+    }
+
+    /// A response header for a known revision (no store read).
+    pub fn header_at(&self, revision: i64) -> pb::ResponseHeader {
         pb::ResponseHeader {
             cluster_id: self.cluster_id(),
             member_id: self.id,
-            revision: self.reader.counters().map(|c| c.revision).unwrap_or(0),
-            raft_term: m.current_term,
+            revision,
+            raft_term: self.raft.metrics().borrow_watched().current_term,
         }
     }
 
