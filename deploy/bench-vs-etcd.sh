@@ -46,11 +46,27 @@ pids+=($!)
 for _ in $(seq 1 300); do [ -f "$work/berth/berth.toml" ] && break; sleep 0.2; done
 berth_eps="127.0.0.1:$base,127.0.0.1:$((base+1)),127.0.0.1:$((base+2))"
 
+# The leader of each cluster, so that single-client latency is measured both on the leader and
+# through a follower (where the write is forwarded), for both systems alike.
+etcd_leader=$(ETCDCTL_API=3 etcdctl --endpoints "$etcd_eps" endpoint status -w json | python3 -c '
+import json, sys
+st = json.load(sys.stdin)
+leader = st[0]["Status"]["leader"]
+print(next(s["Endpoint"] for s in st if s["Status"]["header"]["member_id"] == leader))')
+etcd_follower=$(echo "$etcd_eps" | tr , '\n' | grep -v "^${etcd_leader#http://}$" | head -n 1)
+berth_leader_id=$("$berth" cluster status --endpoints "$berth_eps" -o json | python3 -c 'import json,sys; print(json.load(sys.stdin)["leader"])')
+berth_leader="127.0.0.1:$((base + berth_leader_id - 1))"
+berth_follower=$(echo "$berth_eps" | tr , '\n' | grep -v "^${berth_leader}$" | head -n 1)
+
+run() { # target endpoints clients ops where
+  "$berth" bench kv --target "$1" --endpoints "$2" --clients "$3" --ops "$4" --value-size 256 -o json \
+    | python3 -c 'import json,sys; d=json.load(sys.stdin); d["via"]=sys.argv[1]; print(json.dumps(d))' "$5"
+}
+
 echo "# machine: $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB, $(uname -r)"
-for clients in 1 64; do
-  ops=$(( clients == 1 ? 2000 : 20000 ))
-  for t in etcd berth; do
-    eps=$([ "$t" = etcd ] && echo "$etcd_eps" || echo "$berth_eps")
-    "$berth" bench kv --target "$t" --endpoints "$eps" --clients "$clients" --ops "$ops" --value-size 256 -o json | tr -d '\n ' ; echo
-  done
-done
+run etcd "${etcd_leader#http://}" 1 2000 leader
+run berth "$berth_leader" 1 2000 leader
+run etcd "$etcd_follower" 1 2000 follower
+run berth "$berth_follower" 1 2000 follower
+run etcd "$etcd_eps" 64 20000 all
+run berth "$berth_eps" 64 20000 all
