@@ -184,7 +184,11 @@ impl Cluster {
                 let _ = c.kill();
                 let _ = c.wait();
             }
-            status?;
+            let status = status?;
+            // A graceful stop must be clean: no abort while closing RocksDB, no error exit.
+            if !status.success() {
+                bail!("master {id} exited with {status} after SIGTERM");
+            }
         }
         Ok(())
     }

@@ -33,13 +33,20 @@ pub struct LogStore {
 }
 
 /// Syncs the WAL for every waiting append, then acknowledges them, in order.
-fn run_syncer(db: Arc<DB>, rx: std::sync::mpsc::Receiver<IOFlushed<TypeConfig>>) {
+///
+/// It holds the DB only weakly (and strongly only while syncing), so the DB closes when its
+/// owners drop it, not whenever this thread gets round to it: a RocksDB still open while the
+/// process exits aborts in its static destructors.
+fn run_syncer(db: std::sync::Weak<DB>, rx: std::sync::mpsc::Receiver<IOFlushed<TypeConfig>>) {
     while let Ok(first) = rx.recv() {
         let mut waiting = vec![first];
         while let Ok(cb) = rx.try_recv() {
             waiting.push(cb);
         }
-        let res = db.flush_wal(true).map_err(|e| e.to_string());
+        let res = match db.upgrade() {
+            Some(db) => db.flush_wal(true).map_err(|e| e.to_string()),
+            None => Err("the database was closed".to_string()),
+        };
         for cb in waiting {
             cb.io_completed(
                 res.clone().map_err(|e| io::Error::other(format!("syncing the Raft log to disk failed: {e}"))),
@@ -57,7 +64,7 @@ fn synced() -> WriteOptions {
 impl LogStore {
     pub(crate) fn new(db: Arc<DB>) -> Result<Self, StoreError> {
         let (syncer, rx) = std::sync::mpsc::channel();
-        let sync_db = db.clone();
+        let sync_db = Arc::downgrade(&db);
         std::thread::Builder::new().name("raft-log-sync".into()).spawn(move || run_syncer(sync_db, rx))?;
         Ok(LogStore { db, syncer })
     }
