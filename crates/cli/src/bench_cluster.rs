@@ -23,22 +23,12 @@ use crate::{
 };
 
 struct LocalCluster {
-    _dir: tempfile_dir::Dir,
+    _dir: tempfile::TempDir,
     endpoints: BTreeMap<u64, String>,
     data_dirs: BTreeMap<u64, PathBuf>,
     children: BTreeMap<u64, Child>,
     exe: PathBuf,
     extra: Vec<String>,
-}
-
-/// A temporary directory removed on drop (std only; the CLI does not depend on tempfile).
-mod tempfile_dir {
-    pub struct Dir(pub std::path::PathBuf);
-    impl Drop for Dir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
 }
 
 fn free_port() -> Result<u16> {
@@ -47,10 +37,10 @@ fn free_port() -> Result<u16> {
 
 impl LocalCluster {
     fn start(n: u64, extra: &[String]) -> Result<Self> {
-        let dir = std::env::temp_dir().join(format!("berth-bench-{}-{}", std::process::id(), rand::random::<u32>()));
-        std::fs::create_dir_all(&dir)?;
+        let tmp = tempfile::Builder::new().prefix("berth-bench-").tempdir()?;
+        let dir = tmp.path().to_path_buf();
         let mut c = LocalCluster {
-            _dir: tempfile_dir::Dir(dir.clone()),
+            _dir: tmp,
             endpoints: BTreeMap::new(),
             data_dirs: BTreeMap::new(),
             children: BTreeMap::new(),

@@ -17,4 +17,4 @@ mod raft_service;
 pub use config::{MasterConfig, parse_initial_cluster};
 pub use error::MasterError;
 pub use identity::{IDENTITY_FILE, Identity};
-pub use node::{Master, run_master};
+pub use node::run_master;

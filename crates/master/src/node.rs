@@ -252,18 +252,6 @@ pub(crate) fn command_result(r: CmdResult) -> Result<CommandResult, Status> {
     })
 }
 
-/// A started master.
-pub struct Master {
-    ctx: Arc<Ctx>,
-    pub local_addr: SocketAddr,
-}
-
-impl Master {
-    pub fn id(&self) -> u64 {
-        self.ctx.id
-    }
-}
-
 fn raft_config(cfg: &MasterConfig) -> Result<Arc<Config>, MasterError> {
     let et = cfg.election_timeout.as_millis() as u64;
     let c = Config {
@@ -374,7 +362,7 @@ pub async fn run_master(cfg: MasterConfig, shutdown: CancellationToken) -> Resul
         Ok(Err(e)) => warn!("server task: {e}"),
         Err(_) => warn!("server did not stop within 5s"),
     }
-    let _ = Master { ctx, local_addr };
+    drop(ctx);
     info!("stopped");
     Ok(())
 }

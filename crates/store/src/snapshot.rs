@@ -57,6 +57,14 @@ pub(crate) fn read_membership(v: &dyn View) -> Result<StoredMembershipOf<TypeCon
     Ok(v.get(CF_SM, SM_MEMBERSHIP)?.map(|b| decode(&b, "membership")).transpose()?.unwrap_or_default())
 }
 
+/// `snap-<index>-<term>-<nanos>.snap`: names sort by log index, and never repeat.
+fn file_name(header: &SnapshotHeader) -> String {
+    let index = header.meta.last_log_id.as_ref().map_or(0, |l| l.index);
+    let term = header.meta.last_log_id.as_ref().map_or(0, |l| l.leader_id.term);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    format!("snap-{index:020}-{term:010}-{nanos}.snap")
+}
+
 fn fsync_dir(dir: &Path) -> Result<(), StoreError> {
     File::open(dir)?.sync_all()?;
     Ok(())
@@ -75,10 +83,7 @@ pub(crate) fn write_snapshot(view: &dyn View, dir: &Path) -> Result<(PathBuf, Sn
         cluster_id: read_cluster_id(view)?,
         removed_members: read_removed(view)?,
     };
-    let index = header.meta.last_log_id.as_ref().map_or(0, |l| l.index);
-    let term = header.meta.last_log_id.as_ref().map_or(0, |l| l.leader_id.term);
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
-    let name = format!("snap-{index:020}-{term:010}-{nanos}.snap");
+    let name = file_name(&header);
     let tmp = dir.join(format!("{name}.tmp"));
     let final_path = dir.join(&name);
 
@@ -290,10 +295,7 @@ pub(crate) fn prune(dir: &Path) -> Result<(), StoreError> {
 /// Puts a received or foreign snapshot file into `dir` under a proper name, durably.
 pub(crate) fn adopt(src: &Path, dir: &Path, header: &SnapshotHeader) -> Result<PathBuf, StoreError> {
     fs::create_dir_all(dir)?;
-    let index = header.meta.last_log_id.as_ref().map_or(0, |l| l.index);
-    let term = header.meta.last_log_id.as_ref().map_or(0, |l| l.leader_id.term);
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
-    let dst = dir.join(format!("snap-{index:020}-{term:010}-{nanos}.snap"));
+    let dst = dir.join(file_name(header));
     if src.parent() == Some(dir) && src.extension().is_some_and(|x| x == "incoming") {
         fs::rename(src, &dst)?;
     } else {
