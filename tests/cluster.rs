@@ -269,3 +269,27 @@ fn kv_semantics_through_the_cli() -> Result<()> {
     assert!(!out.status.success() && err.contains("compacted"), "{err}");
     Ok(())
 }
+
+// 1. start 3 masters; 2. kill -9 both followers; 3. a write to the lone leader fails with an error
+// that says why (no quorum) instead of hanging; 4. restart one follower: writes work again and the
+// earlier, unacknowledged write may or may not be there, but an acknowledged one is.
+#[test]
+fn write_without_quorum_fails_clearly_and_recovers() -> Result<()> {
+    let mut c = Cluster::start(3, &[])?;
+    assert!(c.put("q/before", "1"));
+    let leader = c.wait_leader(Duration::from_secs(10))?;
+    let followers: Vec<u64> = (1..=3).filter(|id| *id != leader).collect();
+    for f in &followers {
+        c.kill9(*f);
+    }
+    let out = c.berth_at(&c.masters[&leader].endpoint, &["kv", "put", "q/lost", "x"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("majority of masters"), "{err}");
+    c.spawn(followers[0], &[])?;
+    wait_for(Duration::from_secs(30), "writes to work again", || c.put("q/after", "2").then_some(()))?;
+    let got = c.get_prefix("q/")?;
+    assert_eq!(got["q/before"], "1");
+    assert_eq!(got["q/after"], "2");
+    Ok(())
+}

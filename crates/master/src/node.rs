@@ -26,6 +26,9 @@ use crate::{
 /// for a clear validation error on somewhat larger ones instead of a transport error).
 const CLIENT_MESSAGE_LIMIT: usize = 16 * 1024 * 1024;
 
+/// How long a leader waits for a proposal to commit before telling the client it could not.
+pub(crate) const COMMIT_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// What every service of a master shares.
 pub(crate) struct Ctx {
     pub id: u64,
@@ -133,7 +136,16 @@ impl Ctx {
         let mut last_err = None;
         for _ in 0..5 {
             let res = if self.is_leader() {
-                self.proposer.propose(cmd.clone()).await
+                match tokio::time::timeout(COMMIT_TIMEOUT, self.proposer.propose(cmd.clone())).await {
+                    Ok(r) => r,
+                    Err(_) => {
+                        return Err(Status::unavailable(format!(
+                            "the write was not committed within {COMMIT_TIMEOUT:?}: a majority of masters is \
+                             probably unreachable (see `berth cluster status`); it may still be applied if \
+                             they return, so read it back before retrying"
+                        )));
+                    }
+                }
             } else if let Some((lid, addr)) = self.leader() {
                 match self.forward(lid, &addr, &cmd).await {
                     Ok(r) => r,

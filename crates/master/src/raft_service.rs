@@ -148,7 +148,14 @@ impl raft_server::Raft for RaftService {
     async fn propose(&self, r: Request<RaftRequest>) -> Result<Response<RaftResponse>, Status> {
         let cmd: Command = self.decode_req(r)?;
         let res = if self.ctx.is_leader() {
-            self.ctx.proposer.propose(cmd).await
+            match tokio::time::timeout(crate::node::COMMIT_TIMEOUT, self.ctx.proposer.propose(cmd)).await {
+                Ok(r) => r,
+                Err(_) => Err(ProposeError::OutcomeUnknown(format!(
+                    "the write was not committed within {:?}: a majority of masters is probably \
+                     unreachable; it may still be applied if they return, so read it back before retrying",
+                    crate::node::COMMIT_TIMEOUT
+                ))),
+            }
         } else {
             Err(ProposeError::NotLeader { leader: self.ctx.leader() })
         };
