@@ -112,10 +112,7 @@ pub async fn run(cmd: BenchCmd, g: &Global) -> Result<()> {
     if a.clients == 0 || a.ops == 0 {
         bail!("--clients and --ops must be at least 1");
     }
-    let endpoints: Vec<String> = match crate::config::client(g) {
-        Ok(c) => c.endpoints().to_vec(),
-        Err(e) => return Err(e),
-    };
+    let endpoints = crate::config::client(g)?.endpoints().to_vec();
     // Clients are spread over the endpoints, as etcd's own benchmark does.
     let mut conns = Vec::with_capacity(a.clients);
     for i in 0..a.clients {

@@ -125,14 +125,13 @@ pub async fn run(a: DevArgs, _g: &Global) -> Result<()> {
         let child = spawn_master(&exe, &args, &mdir.join("master.log"))?;
         children.insert(*id, child);
     }
-    let cleanup = |children: &mut BTreeMap<u64, Child>| stop_all(children);
 
     let endpoints: Vec<String> = plan.values().map(|(ep, _)| ep.clone()).collect();
     let client = Client::new(endpoints.clone())?;
     let leader = match wait_for_leader(&client, &mut children).await {
         Ok(l) => l,
         Err(e) => {
-            cleanup(&mut children);
+            stop_all(&mut children);
             return Err(e);
         }
     };
@@ -186,7 +185,7 @@ pub async fn run(a: DevArgs, _g: &Global) -> Result<()> {
         }
     }
     eprintln!("berth dev: stopping the masters");
-    cleanup(&mut children);
+    stop_all(&mut children);
     Ok(())
 }
 

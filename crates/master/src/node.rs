@@ -406,22 +406,28 @@ async fn hand_over_leadership(ctx: &Ctx) {
     }
 }
 
-/// Follows Raft metrics: learns the cluster id once applied, refreshes the removed set, and as a
-/// new leader records a cluster id if the cluster has none yet.
+/// Follows Raft metrics: caches the cluster id once applied, refreshes the removed set when the
+/// membership changes, and as a new leader records a cluster id if the cluster has none yet.
 async fn watch_state(ctx: Arc<Ctx>, shutdown: CancellationToken) {
     let mut rx = ctx.raft.metrics();
     let mut last_state = None;
-    let mut last_applied = None;
+    let mut last_membership = None;
+    let mut cluster_id_known = false;
     loop {
         let m = rx.borrow_watched().clone();
-        if m.last_applied != last_applied {
-            last_applied = m.last_applied;
-            if ctx.peers.cluster_id.get().is_empty()
-                && let Ok(Some(cid)) = ctx.reader.cluster_id()
-            {
+        if !cluster_id_known && m.last_applied.is_some() {
+            // Reads the state machine until the id is there, then it is cached.
+            let cid = ctx.cluster_id();
+            if !cid.is_empty() {
                 info!(cluster_id = %cid, "cluster id known");
-                ctx.peers.cluster_id.set(&cid);
+                cluster_id_known = true;
             }
+        }
+        // A member's removal is committed just before the membership change that drops it, so
+        // the removed set only needs re-reading when the membership changes.
+        let membership = *m.membership_config.log_id();
+        if membership != last_membership {
+            last_membership = membership;
             ctx.refresh_removed();
         }
         if Some(m.state) != last_state {
@@ -430,7 +436,7 @@ async fn watch_state(ctx: Arc<Ctx>, shutdown: CancellationToken) {
             if m.state == ServerState::Leader && ctx.peers.cluster_id.get().is_empty() {
                 let ctx2 = ctx.clone();
                 tokio::spawn(async move {
-                    if let Ok(Ok(None)) = ctx2.reader.cluster_id().map(Ok::<_, ()>) {
+                    if let Ok(None) = ctx2.reader.cluster_id() {
                         let cid = uuid::Uuid::new_v4().to_string();
                         match ctx2.write(Command::SetClusterId { cluster_id: cid }).await {
                             Ok(_) => {}

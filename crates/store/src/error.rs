@@ -18,6 +18,8 @@ pub enum StoreError {
     Corrupt(String),
     #[error("bad snapshot file {path}: {reason}")]
     BadSnapshot { path: String, reason: String },
+    #[error("{dir} already holds a berth database: restore needs a new, empty data dir")]
+    NotEmpty { dir: String },
     #[error(transparent)]
     Command(CommandError),
 }

@@ -239,7 +239,8 @@ pub(crate) struct Apply<'a> {
     overlay: BTreeMap<Vec<u8>, Option<KeyValue>>,
     pub events: Vec<(Revision, u32, Event)>,
     pub counters: Counters,
-    cluster_id: Option<String>,
+    /// Read lazily: only a `SetClusterId` needs it, and that happens once per cluster.
+    cluster_id: Option<Option<String>>,
     removed_pending: std::collections::BTreeSet<u64>,
 }
 
@@ -251,9 +252,16 @@ impl<'a> Apply<'a> {
             overlay: BTreeMap::new(),
             events: Vec::new(),
             counters: read_counters(db)?,
-            cluster_id: read_cluster_id(db)?,
+            cluster_id: None,
             removed_pending: Default::default(),
         })
+    }
+
+    fn current_cluster_id(&mut self) -> Result<Option<String>, StoreError> {
+        if self.cluster_id.is_none() {
+            self.cluster_id = Some(read_cluster_id(self.db)?);
+        }
+        Ok(self.cluster_id.clone().flatten())
     }
 
     fn get(&self, key: &[u8]) -> Result<Option<KeyValue>, StoreError> {
@@ -282,13 +290,11 @@ impl<'a> Apply<'a> {
         Ok(match cmd {
             Command::Txn(txn) => self.txn(txn)?.map(CommandResult::Txn),
             Command::Compact { revision } => self.compact(revision).map(|()| CommandResult::Compacted { revision }),
-            Command::SetClusterId { cluster_id } => match &self.cluster_id {
-                Some(existing) if *existing != cluster_id => {
-                    Err(CommandError::ClusterIdAlreadySet { existing: existing.clone() })
-                }
+            Command::SetClusterId { cluster_id } => match self.current_cluster_id()? {
+                Some(existing) if existing != cluster_id => Err(CommandError::ClusterIdAlreadySet { existing }),
                 _ => {
                     self.batch.put_cf(cf(self.db, CF_SM), SM_CLUSTER_ID, encode(&cluster_id));
-                    self.cluster_id = Some(cluster_id.clone());
+                    self.cluster_id = Some(Some(cluster_id.clone()));
                     Ok(CommandResult::ClusterId { cluster_id })
                 }
             },

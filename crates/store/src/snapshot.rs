@@ -251,10 +251,7 @@ pub(crate) fn load_into_db(
 pub fn restore_into(backup: &Path, data_dir: &Path, cluster_id: String) -> Result<SnapshotHeader, StoreError> {
     let db = crate::db::open(&data_dir.join("db"))?;
     if crate::mvcc::read_counters(&*db)?.revision != 0 || read_applied(&*db)?.is_some() {
-        return Err(StoreError::BadSnapshot {
-            path: data_dir.display().to_string(),
-            reason: "the target data dir already holds data; restore needs an empty one".into(),
-        });
+        return Err(StoreError::NotEmpty { dir: data_dir.display().to_string() });
     }
     load_into_db(&db, backup, None, Default::default(), Some(cluster_id))
 }
