@@ -62,7 +62,11 @@ fn wiped_follower_rejoins_under_new_id_by_snapshot() -> Result<()> {
     c.masters.remove(&follower);
 
     let new = c.add_entry(4).endpoint.clone();
-    c.spawn(4, &["--id", "4", "--join"])?;
+    // The new master's credentials come from the cluster; its CA key arrives through Raft.
+    let creds = c.dir.path().join("pki-4");
+    let out = c.berth(&["member", "certificate", "--id", "4", "--endpoint", &new, "--out", creds.to_str().unwrap()]);
+    assert!(out.status.success(), "member certificate: {}", String::from_utf8_lossy(&out.stderr));
+    c.spawn(4, &["--id", "4", "--join", "--pki-dir", creds.to_str().unwrap()])?;
     let out = c.berth(&["member", "add", "--id", "4", "--endpoint", &new, "--promote"]);
     assert!(out.status.success(), "member add: {}", String::from_utf8_lossy(&out.stderr));
 
@@ -142,6 +146,8 @@ fn backup_restores_into_a_new_cluster() -> Result<()> {
     let old_id = c.berth_json(&["cluster", "status"])?["cluster_id"].clone();
 
     let mut n = Cluster { dir: tempfile::tempdir()?, masters: Default::default(), extra_args: vec![] };
+    berth_tests::pki_init(&n.pki_dir())?;
+    let pki = n.pki_dir().display().to_string();
     for id in 1..=3 {
         n.add_entry(id);
     }
@@ -162,7 +168,7 @@ fn backup_restores_into_a_new_cluster() -> Result<()> {
         assert!(out.status.success(), "restore: {}", String::from_utf8_lossy(&out.stderr));
     }
     for id in 1..=3 {
-        n.spawn(id, &[])?;
+        n.spawn(id, &["--pki-dir", &pki])?;
     }
     n.wait_leader(Duration::from_secs(30))?;
     let got = n.get_prefix("dr/")?;
@@ -244,6 +250,7 @@ fn kv_semantics_through_the_cli() -> Result<()> {
     // A watch from r1 replays history in order, then stops at our deadline.
     let mut child = std::process::Command::new(berth_tests::berth_bin())
         .args(["kv", "watch", "a", "--from-revision", &r1.to_string(), "-o", "json", "--endpoints", &c.endpoints()])
+        .envs(berth_tests::admin_env(&c.pki_dir()))
         .stdout(std::process::Stdio::piped())
         .spawn()?;
     let stdout = child.stdout.take().unwrap();

@@ -13,6 +13,10 @@ use std::{
 use anyhow::{Context, Result, anyhow, bail};
 use serde_json::Value;
 
+#[path = "tls_checks.rs"]
+mod tls_checks;
+pub use tls_checks::tls_checks;
+
 /// The `berth` binary: `$BERTH_BIN`, or `target/<profile>/berth` next to this test binary.
 pub fn berth_bin() -> PathBuf {
     if let Ok(p) = std::env::var("BERTH_BIN") {
@@ -50,6 +54,24 @@ pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<
     }
 }
 
+/// `berth pki init --out dir`.
+pub fn pki_init(dir: &Path) -> Result<()> {
+    let out = Command::new(berth_bin()).args(["pki", "init", "--out"]).arg(dir).output()?;
+    if !out.status.success() {
+        bail!("berth pki init failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
+/// The environment that gives the CLI the admin credentials in `pki`.
+pub fn admin_env(pki: &Path) -> Vec<(&'static str, PathBuf)> {
+    vec![
+        ("BERTH_CA_CERT", pki.join("ca.crt")),
+        ("BERTH_CERT", pki.join("admin.crt")),
+        ("BERTH_KEY", pki.join("admin.key")),
+    ]
+}
+
 pub struct MasterProc {
     pub id: u64,
     pub endpoint: String,
@@ -73,6 +95,7 @@ impl Cluster {
     /// Starts `n` masters (ids 1..=n) as a new cluster and waits for a leader.
     pub fn start(n: u64, extra_args: &[&str]) -> Result<Self> {
         let dir = tempfile::Builder::new().prefix("berth-test-").tempdir()?;
+        pki_init(&dir.path().join("pki"))?;
         let mut c =
             Cluster { dir, masters: BTreeMap::new(), extra_args: extra_args.iter().map(|s| s.to_string()).collect() };
         for id in 1..=n {
@@ -81,11 +104,17 @@ impl Cluster {
             c.masters.insert(id, MasterProc { id, endpoint, data_dir, child: None });
         }
         let initial = c.initial_cluster();
+        let pki = c.pki_dir().display().to_string();
         for id in 1..=n {
-            c.spawn(id, &["--id", &id.to_string(), "--initial-cluster", &initial])?;
+            c.spawn(id, &["--id", &id.to_string(), "--initial-cluster", &initial, "--pki-dir", &pki])?;
         }
         c.wait_leader(Duration::from_secs(30))?;
         Ok(c)
+    }
+
+    /// The output of `berth pki init` for this cluster: CA and admin credentials.
+    pub fn pki_dir(&self) -> PathBuf {
+        self.dir.path().join("pki")
     }
 
     pub fn initial_cluster(&self) -> String {
@@ -136,6 +165,7 @@ impl Cluster {
             .args(args)
             .arg("--endpoints")
             .arg(endpoints)
+            .envs(admin_env(&self.pki_dir()))
             .stdin(Stdio::null())
             .output()
             .expect("running the berth CLI")

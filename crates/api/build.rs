@@ -5,7 +5,14 @@ use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let proto_root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../proto");
-    let protos = ["berth/v1/kv.proto", "berth/v1/cluster.proto", "berth/v1/raft.proto"].map(|p| proto_root.join(p));
+    let protos = [
+        "berth/v1/kv.proto",
+        "berth/v1/cluster.proto",
+        "berth/v1/raft.proto",
+        "berth/v1/agent.proto",
+        "berth/v1/nodes.proto",
+    ]
+    .map(|p| proto_root.join(p));
     let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
 
     let mut config = prost_build::Config::new();

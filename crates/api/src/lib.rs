@@ -15,6 +15,12 @@ pub mod pb {
         #![allow(clippy::all, clippy::pedantic, missing_docs)]
         tonic::include_proto!("berth.v1.raft");
     }
+
+    /// The master <-> agent protocol (QUIC frames, not gRPC).
+    pub mod agent {
+        #![allow(clippy::all, clippy::pedantic, missing_docs)]
+        tonic::include_proto!("berth.v1.agent");
+    }
 }
 
 /// The encoded descriptor set of every berth proto, for gRPC server reflection.

@@ -20,6 +20,20 @@ pub enum BenchCmd {
     /// Starts its own 3-master cluster, writes steadily for a while and counts leader changes
     /// (there should be none).
     Stability(StabilityBench),
+    /// Starts its own 3-master cluster and N simulated agents; reports the leader's CPU and
+    /// memory while they heartbeat.
+    Agents(AgentsBench),
+}
+
+#[derive(Args)]
+pub struct AgentsBench {
+    #[arg(long, default_value_t = 1000)]
+    count: usize,
+    /// How long to measure once every node is ready.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "30s")]
+    duration: std::time::Duration,
+    #[arg(long = "master-arg", allow_hyphen_values = true)]
+    master_args: Vec<String>,
 }
 
 #[derive(Args)]
@@ -104,6 +118,9 @@ pub async fn run(cmd: BenchCmd, g: &Global) -> Result<()> {
     let a = match cmd {
         BenchCmd::Kv(a) => a,
         BenchCmd::Failover(f) => return crate::bench_cluster::failover(f.kills, &f.master_args, g.output).await,
+        BenchCmd::Agents(a) => {
+            return crate::bench_cluster::agents(a.count, a.duration, &a.master_args, g.output).await;
+        }
         BenchCmd::Stability(s) => {
             return crate::bench_cluster::stability(s.duration, s.clients, s.value_size, &s.master_args, g.output)
                 .await;
@@ -112,13 +129,24 @@ pub async fn run(cmd: BenchCmd, g: &Global) -> Result<()> {
     if a.clients == 0 || a.ops == 0 {
         bail!("--clients and --ops must be at least 1");
     }
-    let endpoints = crate::config::client(g)?.endpoints().to_vec();
+    // etcd runs without TLS in the comparison script; berth always uses mTLS.
+    let berth = match a.target {
+        Target::Berth => Some(crate::config::client(g)?),
+        Target::Etcd => None,
+    };
+    let endpoints: Vec<String> = match &berth {
+        Some(c) => c.endpoints().to_vec(),
+        None => g.endpoints.clone(),
+    };
+    if endpoints.is_empty() {
+        bail!("no endpoints: pass --endpoints");
+    }
     // Clients are spread over the endpoints, as etcd's own benchmark does.
     let mut conns = Vec::with_capacity(a.clients);
     for i in 0..a.clients {
         let ep = &endpoints[i % endpoints.len()];
         conns.push(match a.target {
-            Target::Berth => Conn::Berth(Client::kv(Client::channel(ep)?)),
+            Target::Berth => Conn::Berth(Client::kv(berth.as_ref().expect("berth client").channel(ep)?)),
             Target::Etcd => {
                 let c = etcd_client::Client::connect([format!("http://{ep}")], None)
                     .await

@@ -29,6 +29,7 @@ struct LocalCluster {
     children: BTreeMap<u64, Child>,
     exe: PathBuf,
     extra: Vec<String>,
+    tls: tonic::transport::ClientTlsConfig,
 }
 
 fn free_port() -> Result<u16> {
@@ -39,6 +40,18 @@ impl LocalCluster {
     fn start(n: u64, extra: &[String]) -> Result<Self> {
         let tmp = tempfile::Builder::new().prefix("berth-bench-").tempdir()?;
         let dir = tmp.path().to_path_buf();
+        let pki = dir.join("pki");
+        crate::cmd_pki::init(&crate::cmd_pki::PkiInitArgs {
+            out: pki.clone(),
+            admin_name: "admin".into(),
+            admin_validity: Duration::from_secs(24 * 3600),
+        })?;
+        let tls = crate::config::Credentials {
+            ca_cert: pki.join("ca.crt"),
+            cert: pki.join("admin.crt"),
+            key: pki.join("admin.key"),
+        }
+        .tls()?;
         let mut c = LocalCluster {
             _dir: tmp,
             endpoints: BTreeMap::new(),
@@ -46,6 +59,7 @@ impl LocalCluster {
             children: BTreeMap::new(),
             exe: std::env::current_exe()?,
             extra: extra.to_vec(),
+            tls,
         };
         for id in 1..=n {
             c.endpoints.insert(id, format!("127.0.0.1:{}", free_port()?));
@@ -53,8 +67,15 @@ impl LocalCluster {
         }
         let initial = c.endpoints.iter().map(|(id, ep)| format!("{id}={ep}")).collect::<Vec<_>>().join(",");
         for id in 1..=n {
-            let mut args =
-                vec!["master".to_string(), "--id".into(), id.to_string(), "--initial-cluster".into(), initial.clone()];
+            let mut args = vec![
+                "master".to_string(),
+                "--id".into(),
+                id.to_string(),
+                "--initial-cluster".into(),
+                initial.clone(),
+                "--pki-dir".into(),
+                pki.display().to_string(),
+            ];
             args.extend(c.extra.iter().cloned());
             c.spawn(id, args)?;
         }
@@ -84,7 +105,7 @@ impl LocalCluster {
     }
 
     fn client(&self) -> Result<Client> {
-        let mut c = Client::new(self.endpoints.values().cloned().collect())?;
+        let mut c = Client::new(self.endpoints.values().cloned().collect(), self.tls.clone())?;
         c.patience = Duration::from_secs(60);
         Ok(c)
     }
@@ -135,9 +156,10 @@ fn quantile(sorted: &[f64], q: f64) -> f64 {
 }
 
 /// One put against any endpoint, each attempt bounded, until one is acknowledged.
-async fn first_write(endpoints: &[String], key: &str) -> Duration {
+async fn first_write(client: &Client, key: &str) -> Duration {
     let start = Instant::now();
-    let mut clients: Vec<_> = endpoints.iter().filter_map(|e| Client::channel(e).ok()).map(Client::kv).collect();
+    let mut clients: Vec<_> =
+        client.endpoints().iter().filter_map(|e| client.channel(e).ok()).map(Client::kv).collect();
     loop {
         for c in clients.iter_mut() {
             let mut req = tonic::Request::new(pb::PutRequest {
@@ -163,6 +185,7 @@ pub async fn failover(kills: usize, extra: &[String], format: Format) -> Result<
         let leader = c.wait_converged().await?;
         let others: Vec<String> = c.endpoints.iter().filter(|(id, _)| **id != leader).map(|(_, e)| e.clone()).collect();
         c.kill9(leader)?;
+        let others = Client::new(others, c.tls.clone())?;
         let t = first_write(&others, &format!("failover/{round}")).await;
         eprintln!(
             "kill {}: master {leader} killed, first committed write after {:.0} ms",
@@ -213,9 +236,10 @@ pub async fn stability(
     let ops = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
     let endpoints: Vec<String> = c.endpoints.values().cloned().collect();
+    let client = c.client()?;
     let mut tasks = Vec::new();
     for i in 0..clients {
-        let mut kv = Client::kv(Client::channel(&endpoints[i % endpoints.len()])?);
+        let mut kv = Client::kv(client.channel(&endpoints[i % endpoints.len()])?);
         let (stop, ops, errors) = (stop.clone(), ops.clone(), errors.clone());
         let value = vec![b'v'; value_size];
         tasks.push(tokio::spawn(async move {
@@ -272,6 +296,127 @@ pub async fn stability(
         println!(
             "stability: {:.0}s of writes from {} clients, {} ops ({:.0}/s), {} errors, leader_changes={}",
             o.seconds, o.clients, o.ops, o.ops_per_sec, o.errors, o.leader_changes
+        )
+    });
+    Ok(())
+}
+
+/// CPU seconds (user + system) and resident memory of a process, from /proc.
+fn proc_usage(pid: u32) -> Result<(f64, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which may contain spaces) start after the last ')'.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).context("unexpected /proc stat format")?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11).and_then(|u| u.parse::<f64>().ok()).unwrap_or(0.0)
+        + f.get(12).and_then(|s| s.parse::<f64>().ok()).unwrap_or(0.0);
+    // USER_HZ is 100 on Linux.
+    let cpu = ticks / 100.0;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let rss_kb = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0);
+    Ok((cpu, rss_kb * 1024))
+}
+
+/// Starts its own 3-master cluster and `berth agent --simulate N`, waits for every node to be
+/// ready, then measures the leader's CPU and memory while the agents heartbeat.
+pub async fn agents(count: usize, duration: Duration, extra: &[String], format: Format) -> Result<()> {
+    let mut c = LocalCluster::start(3, extra)?;
+    let leader = c.wait_converged().await?;
+    let client = c.client()?;
+    let req = pb::TokenCreateRequest {
+        ttl_seconds: 3600,
+        uses: count as u64,
+        labels: Default::default(),
+        description: "bench agents".into(),
+    };
+    let token = client
+        .call(|ch| {
+            let req = req.clone();
+            async move { Client::nodes(ch).token_create(req).await.map(|r| r.into_inner().token) }
+        })
+        .await?;
+    let dir = c._dir.path().join("agents");
+    std::fs::create_dir_all(&dir)?;
+    let args = vec![
+        "agent".to_string(),
+        "--join".into(),
+        c.endpoints.values().cloned().collect::<Vec<_>>().join(","),
+        "--token".into(),
+        token,
+        "--data-dir".into(),
+        dir.display().to_string(),
+        "--name".into(),
+        "sim".into(),
+        "--simulate".into(),
+        count.to_string(),
+    ];
+    let agent = spawn_master(&c.exe, &args, &dir.join("agent.log"))?;
+    c.children.insert(u64::MAX, agent);
+    let started = Instant::now();
+    let ready = loop {
+        let r = client
+            .call(|ch| async move { Client::nodes(ch).node_list(pb::NodeListRequest {}).await.map(|r| r.into_inner()) })
+            .await?;
+        let ready =
+            r.nodes.iter().filter(|n| n.node.as_ref().is_some_and(|n| n.status() == pb::NodeStatus::Ready)).count();
+        if ready >= count {
+            break started.elapsed();
+        }
+        if started.elapsed() > Duration::from_secs(1800) {
+            bail!("only {ready} of {count} simulated nodes became ready within 30 minutes");
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    };
+    eprintln!("{count} simulated nodes ready after {:.1}s; measuring the leader for {duration:?}", ready.as_secs_f64());
+    let pid = c.children[&leader].id();
+    let (cpu0, _) = proc_usage(pid)?;
+    let t0 = Instant::now();
+    let mut peak_rss = 0;
+    while t0.elapsed() < duration {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        peak_rss = peak_rss.max(proc_usage(pid)?.1);
+    }
+    let (cpu1, rss) = proc_usage(pid)?;
+    let secs = t0.elapsed().as_secs_f64();
+    // Every node still ready at the end: heartbeats kept up.
+    let r = client
+        .call(|ch| async move { Client::nodes(ch).node_list(pb::NodeListRequest {}).await.map(|r| r.into_inner()) })
+        .await?;
+    let still_ready =
+        r.nodes.iter().filter(|n| n.node.as_ref().is_some_and(|n| n.status() == pb::NodeStatus::Ready)).count();
+    #[derive(Serialize)]
+    struct Out {
+        agents: usize,
+        seconds_to_ready: f64,
+        measured_seconds: f64,
+        leader_cpu_cores: f64,
+        leader_rss_bytes: u64,
+        leader_peak_rss_bytes: u64,
+        ready_at_end: usize,
+    }
+    let out = Out {
+        agents: count,
+        seconds_to_ready: ready.as_secs_f64(),
+        measured_seconds: secs,
+        leader_cpu_cores: (cpu1 - cpu0) / secs,
+        leader_rss_bytes: rss,
+        leader_peak_rss_bytes: peak_rss.max(rss),
+        ready_at_end: still_ready,
+    };
+    output::print(format, &out, |o| {
+        println!(
+            "agents: {} simulated nodes ready in {:.1}s; leader over {:.0}s: {:.3} cores, RSS {} (peak {}); {} ready at the end",
+            o.agents,
+            o.seconds_to_ready,
+            o.measured_seconds,
+            o.leader_cpu_cores,
+            output::human_bytes(o.leader_rss_bytes),
+            output::human_bytes(o.leader_peak_rss_bytes),
+            o.ready_at_end
         )
     });
     Ok(())

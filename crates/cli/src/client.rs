@@ -3,14 +3,18 @@
 use std::{future::Future, sync::Mutex, time::Duration};
 
 use anyhow::{Context, Result, anyhow};
-use berth_api::pb::{cluster_client::ClusterClient, kv_client::KvClient};
-use tonic::{Code, Status, transport::Channel};
+use berth_api::pb::{cluster_client::ClusterClient, kv_client::KvClient, nodes_client::NodesClient};
+use tonic::{
+    Code, Status,
+    transport::{Channel, ClientTlsConfig},
+};
 
 /// Largest message the client sends or accepts (the masters cap values at 1 MiB by default).
 const MESSAGE_LIMIT: usize = 16 * 1024 * 1024;
 
 pub struct Client {
     endpoints: Vec<String>,
+    tls: ClientTlsConfig,
     /// Index into `endpoints` of the last endpoint that answered.
     preferred: Mutex<usize>,
     /// How long to keep retrying while no leader is available.
@@ -29,24 +33,26 @@ fn is_transport_error(s: &Status) -> bool {
 }
 
 impl Client {
-    pub fn new(endpoints: Vec<String>) -> Result<Self> {
+    pub fn new(endpoints: Vec<String>, tls: ClientTlsConfig) -> Result<Self> {
         if endpoints.is_empty() {
             return Err(anyhow!(
                 "no master endpoints: pass --endpoints HOST:PORT,..., set BERTH_ENDPOINTS, or point \
                  --config/BERTH_CONFIG at the berth.toml that `berth dev` writes"
             ));
         }
-        Ok(Client { endpoints, preferred: Mutex::new(0), patience: Duration::from_secs(10) })
+        Ok(Client { endpoints, tls, preferred: Mutex::new(0), patience: Duration::from_secs(10) })
     }
 
     pub fn endpoints(&self) -> &[String] {
         &self.endpoints
     }
 
-    pub fn channel(endpoint: &str) -> Result<Channel> {
-        let uri = if endpoint.contains("://") { endpoint.to_string() } else { format!("http://{endpoint}") };
-        Ok(Channel::from_shared(uri.clone())
+    pub fn channel(&self, endpoint: &str) -> Result<Channel> {
+        let host = endpoint.split_once("://").map_or(endpoint, |(_, h)| h);
+        Ok(Channel::from_shared(format!("https://{host}"))
             .with_context(|| format!("{endpoint:?} is not a valid endpoint (expected HOST:PORT)"))?
+            .tls_config(self.tls.clone())
+            .context("TLS configuration")?
             .connect_timeout(Duration::from_secs(1))
             .tcp_nodelay(true)
             .connect_lazy())
@@ -58,6 +64,10 @@ impl Client {
 
     pub fn cluster(ch: Channel) -> ClusterClient<Channel> {
         ClusterClient::new(ch).max_decoding_message_size(MESSAGE_LIMIT).max_encoding_message_size(MESSAGE_LIMIT)
+    }
+
+    pub fn nodes(ch: Channel) -> NodesClient<Channel> {
+        NodesClient::new(ch).max_decoding_message_size(64 << 20)
     }
 
     /// Runs `f` against the masters until one answers: a transport error moves on to the next
@@ -81,7 +91,7 @@ impl Client {
                 }
                 None => (self.endpoints[next % self.endpoints.len()].clone(), Some(next % self.endpoints.len())),
             };
-            let ch = Self::channel(&endpoint).map_err(|e| Status::invalid_argument(e.to_string()))?;
+            let ch = self.channel(&endpoint).map_err(|e| Status::invalid_argument(e.to_string()))?;
             match f(ch).await {
                 Ok(v) => {
                     if let Some(i) = idx {

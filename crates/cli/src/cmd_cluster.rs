@@ -40,6 +40,18 @@ pub enum MemberCmd {
         #[arg(long)]
         promote: bool,
     },
+    /// Issue the certificate of a master about to be added and write it, with the CA
+    /// certificate, into --out. Copy that directory to the new master's host and start it with
+    /// `berth master --id N --listen HOST:PORT --join --pki-dir DIR`, then `berth member add`.
+    Certificate {
+        #[arg(long)]
+        id: u64,
+        /// The address the new master will listen on.
+        #[arg(long)]
+        endpoint: String,
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Make a caught-up learner a voter.
     Promote { id: u64 },
     /// Remove a master. Its id can never be used again.
@@ -190,6 +202,24 @@ pub async fn run_member(cmd: MemberCmd, g: &Global) -> Result<()> {
                 })
                 .await?;
             print_members(g, r.leader, r.members);
+        }
+        MemberCmd::Certificate { id, endpoint, out } => {
+            let r = client
+                .call(|ch| {
+                    let endpoint = endpoint.clone();
+                    async move {
+                        Client::cluster(ch)
+                            .member_certificate(pb::MemberCertificateRequest { id, endpoint })
+                            .await
+                            .map(|r| r.into_inner())
+                    }
+                })
+                .await?;
+            crate::cmd_pki::write_files(
+                &out,
+                &[("ca.crt", &r.ca_pem, false), ("master.crt", &r.cert_pem, false), ("master.key", &r.key_pem, true)],
+            )?;
+            println!("wrote the credentials of master {id} into {}", out.display());
         }
         MemberCmd::Add { id, endpoint, promote } => {
             // Catching up may take a while on a big state.

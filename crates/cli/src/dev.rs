@@ -26,12 +26,27 @@ pub struct DevArgs {
     /// Port of master 1; master N listens on base-port + N - 1.
     #[arg(long, default_value_t = 7001)]
     base_port: u16,
+    /// Number of node agents (real `berth agent` processes, each in zone-<i>).
+    #[arg(long, default_value_t = 2)]
+    agents: usize,
+    /// Extra flags for every master (e.g. --node-down-grace 3s).
+    #[arg(long = "master-arg", allow_hyphen_values = true)]
+    master_args: Vec<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct ClusterFile {
     pub endpoints: Vec<String>,
     pub masters: Vec<MasterEntry>,
+    #[serde(default)]
+    pub agents: Vec<AgentEntry>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct AgentEntry {
+    pub name: String,
+    pub pid: u32,
+    pub data_dir: PathBuf,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -107,6 +122,20 @@ pub async fn run(a: DevArgs, _g: &Global) -> Result<()> {
         }
     }
     let initial = plan.iter().map(|(id, (ep, _))| format!("{id}={ep}")).collect::<Vec<_>>().join(",");
+    // The cluster CA and admin credentials, made once; each master copies the CA on its first start.
+    let pki = dir.join("pki");
+    if !pki.join("ca.crt").exists() {
+        crate::cmd_pki::init(&crate::cmd_pki::PkiInitArgs {
+            out: pki.clone(),
+            admin_name: "admin".into(),
+            admin_validity: Duration::from_secs(365 * 24 * 3600),
+        })?;
+    }
+    let creds = crate::config::Credentials {
+        ca_cert: pki.join("ca.crt"),
+        cert: pki.join("admin.crt"),
+        key: pki.join("admin.key"),
+    };
 
     let mut children: BTreeMap<u64, Child> = BTreeMap::new();
     for (id, (ep, mdir)) in &plan {
@@ -120,14 +149,17 @@ pub async fn run(a: DevArgs, _g: &Global) -> Result<()> {
                 ep.clone(),
                 "--initial-cluster".into(),
                 initial.clone(),
+                "--pki-dir".into(),
+                pki.display().to_string(),
             ]);
         }
+        args.extend(a.master_args.iter().cloned());
         let child = spawn_master(&exe, &args, &mdir.join("master.log"))?;
         children.insert(*id, child);
     }
 
     let endpoints: Vec<String> = plan.values().map(|(ep, _)| ep.clone()).collect();
-    let client = Client::new(endpoints.clone())?;
+    let client = Client::new(endpoints.clone(), creds.tls()?)?;
     let leader = match wait_for_leader(&client, &mut children).await {
         Ok(l) => l,
         Err(e) => {
@@ -135,6 +167,57 @@ pub async fn run(a: DevArgs, _g: &Global) -> Result<()> {
             return Err(e);
         }
     };
+    // Agents: resumed from their data dirs, or joined with one token made for them.
+    let agent_plan: Vec<(String, PathBuf)> = match &previous {
+        Some(p) if !p.agents.is_empty() => p.agents.iter().map(|g| (g.name.clone(), g.data_dir.clone())).collect(),
+        _ => (1..=a.agents).map(|i| (format!("agent-{i}"), dir.join(format!("agent-{i}")))).collect(),
+    };
+    let needs_token = agent_plan.iter().any(|(_, d)| !d.join("agent.json").exists());
+    let token = if needs_token {
+        let req = pb::TokenCreateRequest {
+            ttl_seconds: 3600,
+            uses: agent_plan.len() as u64,
+            labels: Default::default(),
+            description: "berth dev agents".into(),
+        };
+        match client
+            .call(|ch| {
+                let req = req.clone();
+                async move { Client::nodes(ch).token_create(req).await.map(|r| r.into_inner().token) }
+            })
+            .await
+        {
+            Ok(t) => Some(t),
+            Err(e) => {
+                stop_all(&mut children);
+                bail!("could not create a join token for the agents: {}", e.message());
+            }
+        }
+    } else {
+        None
+    };
+    let mut agent_children: Vec<(String, PathBuf, Child)> = Vec::new();
+    for (i, (name, adir)) in agent_plan.iter().enumerate() {
+        fs::create_dir_all(adir)?;
+        let mut args = vec![
+            "agent".to_string(),
+            "--join".into(),
+            endpoints.join(","),
+            "--data-dir".into(),
+            adir.display().to_string(),
+            "--name".into(),
+            name.clone(),
+            "--labels".into(),
+            format!("zone=zone-{}", i + 1),
+        ];
+        if !adir.join("agent.json").exists()
+            && let Some(t) = &token
+        {
+            args.extend(["--token".into(), t.clone()]);
+        }
+        let child = spawn_master(&exe, &args, &adir.join("agent.log"))?;
+        agent_children.push((name.clone(), adir.clone(), child));
+    }
     let file = ClusterFile {
         endpoints: endpoints.clone(),
         masters: plan
@@ -146,10 +229,20 @@ pub async fn run(a: DevArgs, _g: &Global) -> Result<()> {
                 data_dir: d.clone(),
             })
             .collect(),
+        agents: agent_children
+            .iter()
+            .map(|(name, d, c)| AgentEntry { name: name.clone(), pid: c.id(), data_dir: d.clone() })
+            .collect(),
     };
     write_atomic(&cluster_json, &serde_json::to_string_pretty(&file)?)?;
     let toml_path = dir.join("berth.toml");
-    write_atomic(&toml_path, &toml::to_string(&ClientConfig { endpoints: endpoints.clone() })?)?;
+    let config = ClientConfig {
+        endpoints: endpoints.clone(),
+        ca_cert: Some(creds.ca_cert.clone()),
+        cert: Some(creds.cert.clone()),
+        key: Some(creds.key.clone()),
+    };
+    write_atomic(&toml_path, &toml::to_string(&config)?)?;
 
     println!("berth dev: {} masters up, leader is master {leader}", plan.len());
     for m in &file.masters {
@@ -158,7 +251,11 @@ pub async fn run(a: DevArgs, _g: &Global) -> Result<()> {
     println!();
     println!("Use it from another shell:");
     println!("  export BERTH_CONFIG={}", toml_path.display());
+    for g in &file.agents {
+        println!("  agent {}  pid {}  log {}", g.name, g.pid, g.data_dir.join("agent.log").display());
+    }
     println!("  berth cluster status");
+    println!("  berth get nodes");
     println!("  berth kv put hello world && berth kv get hello");
     println!(
         "Kill a master to see failover: kill -9 <pid>. Ctrl-C stops the cluster; run the same command to resume it."
@@ -183,8 +280,24 @@ pub async fn run(a: DevArgs, _g: &Global) -> Result<()> {
                 reported.insert(*id);
             }
         }
+        for (name, adir, child) in agent_children.iter_mut() {
+            let key = u64::MAX - child.id() as u64;
+            if !reported.contains(&key)
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                eprintln!(
+                    "berth dev: agent {name} (pid {}) exited: {status}; not restarting it. Its log: {}",
+                    child.id(),
+                    adir.join("agent.log").display()
+                );
+                reported.insert(key);
+            }
+        }
     }
-    eprintln!("berth dev: stopping the masters");
+    eprintln!("berth dev: stopping the agents and the masters");
+    let mut agents: BTreeMap<u64, Child> =
+        agent_children.into_iter().enumerate().map(|(i, (_, _, c))| (i as u64, c)).collect();
+    stop_all(&mut agents);
     stop_all(&mut children);
     Ok(())
 }

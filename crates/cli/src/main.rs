@@ -6,6 +6,8 @@ mod bench_cluster;
 mod client;
 mod cmd_cluster;
 mod cmd_kv;
+mod cmd_nodes;
+mod cmd_pki;
 mod config;
 mod dev;
 mod output;
@@ -40,6 +42,15 @@ pub struct Global {
     /// Master endpoints, HOST:PORT,HOST:PORT,... (overrides --config).
     #[arg(long, global = true, env = "BERTH_ENDPOINTS", value_delimiter = ',')]
     pub endpoints: Vec<String>,
+    /// The cluster CA certificate (PEM), to verify the masters.
+    #[arg(long, global = true, env = "BERTH_CA_CERT")]
+    pub ca_cert: Option<PathBuf>,
+    /// This client's certificate (PEM), e.g. the admin.crt of `berth pki init`.
+    #[arg(long = "cert", id = "client_cert", global = true, env = "BERTH_CERT")]
+    pub cert: Option<PathBuf>,
+    /// This client's private key (PEM).
+    #[arg(long = "key", id = "client_key", global = true, env = "BERTH_KEY")]
+    pub key: Option<PathBuf>,
     /// Output format of read commands.
     #[arg(short = 'o', long = "output", global = true, value_enum, default_value_t = Format::Table)]
     pub output: Format,
@@ -49,8 +60,22 @@ pub struct Global {
 enum Cmd {
     /// Run a master.
     Master(MasterArgs),
-    /// Run a local HA cluster: every master a child process, until Ctrl-C.
+    /// Run a node agent: join with a token once, then keep a session with the leader.
+    Agent(AgentArgs),
+    /// Run a local HA cluster: masters and agents as child processes, until Ctrl-C.
     Dev(dev::DevArgs),
+    /// The cluster CA and admin credentials.
+    #[command(subcommand)]
+    Pki(PkiCmd),
+    /// Bootstrap tokens for adding hosts.
+    #[command(subcommand)]
+    Token(cmd_nodes::TokenCmd),
+    /// List objects.
+    #[command(subcommand)]
+    Get(cmd_nodes::GetCmd),
+    /// Change or remove a node.
+    #[command(subcommand)]
+    Node(cmd_nodes::NodeCmd),
     /// Read and write keys.
     #[command(subcommand)]
     Kv(cmd_kv::KvCmd),
@@ -66,6 +91,39 @@ enum Cmd {
     /// Benchmarks.
     #[command(subcommand)]
     Bench(bench::BenchCmd),
+}
+
+#[derive(Subcommand)]
+enum PkiCmd {
+    /// Create the cluster CA and an admin certificate (run once, on a master host, before the
+    /// first start of the founding masters; give each of them the directory with --pki-dir).
+    Init(cmd_pki::PkiInitArgs),
+}
+
+#[derive(Args, Debug)]
+struct AgentArgs {
+    /// Masters to join through, HOST:PORT,... (their gRPC port; QUIC uses the same number over UDP).
+    #[arg(long, value_delimiter = ',', required = true)]
+    join: Vec<String>,
+    /// Bootstrap token from `berth token create` (first start only).
+    #[arg(long, env = "BERTH_JOIN_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Where the agent keeps its identity, certificates and state.
+    #[arg(long)]
+    data_dir: PathBuf,
+    /// Node name (default: the host name).
+    #[arg(long)]
+    name: Option<String>,
+    /// Node labels, k=v,...
+    #[arg(long, value_delimiter = ',', value_parser = cmd_nodes::parse_label)]
+    labels: Vec<(String, String)>,
+    /// Address other hosts reach this one on.
+    #[arg(long)]
+    advertise_addr: Option<std::net::IpAddr>,
+    /// Run N simulated agents in this process (for scale tests): each its own identity, QUIC
+    /// connection and heartbeats, with a driver that only pretends to run tasks.
+    #[arg(long)]
+    simulate: Option<usize>,
 }
 
 #[derive(Args, Debug)]
@@ -98,6 +156,19 @@ struct MasterArgs {
     /// Largest value a client may write, in bytes.
     #[arg(long, default_value_t = 1024 * 1024)]
     max_value_bytes: usize,
+    /// First start only: the directory `berth pki init` wrote (founding masters) or
+    /// `berth member certificate` wrote (a master added later).
+    #[arg(long)]
+    pki_dir: Option<PathBuf>,
+    /// Lifetime of the certificates this master issues; each is renewed at a random 50-80% of it.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "90days")]
+    cert_validity: Duration,
+    /// A node whose agent is silent for this long is declared down.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+    node_down_grace: Duration,
+    /// How often agents send heartbeats.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "1s")]
+    agent_heartbeat_interval: Duration,
 }
 
 fn init_tracing() {
@@ -137,7 +208,25 @@ async fn run_master(a: MasterArgs) -> Result<()> {
     cfg.election_timeout = a.election_timeout;
     cfg.snapshot_logs = a.snapshot_logs;
     cfg.max_value_bytes = a.max_value_bytes;
+    cfg.pki_dir = a.pki_dir;
+    cfg.cert_validity = a.cert_validity;
+    cfg.node_down_grace = a.node_down_grace;
+    cfg.agent_heartbeat_interval = a.agent_heartbeat_interval;
     berth_master::run_master(cfg, shutdown_on_signals()).await?;
+    Ok(())
+}
+
+async fn run_agent(a: AgentArgs) -> Result<()> {
+    let cfg = berth_agent::AgentConfig {
+        join: a.join,
+        token: a.token,
+        data_dir: a.data_dir,
+        name: a.name,
+        labels: a.labels.into_iter().collect(),
+        advertise_addr: a.advertise_addr,
+        simulate: a.simulate,
+    };
+    berth_agent::run(cfg, shutdown_on_signals()).await?;
     Ok(())
 }
 
@@ -150,7 +239,23 @@ fn main() {
                 init_tracing();
                 run_master(a).await
             }
+            Cmd::Agent(a) => {
+                init_tracing();
+                run_agent(a).await
+            }
             Cmd::Dev(a) => dev::run(a, &cli.global).await,
+            Cmd::Pki(PkiCmd::Init(a)) => cmd_pki::init(&a).map(|()| {
+                println!(
+                    "wrote ca.crt, ca.key, admin.crt and admin.key into {}. Start each founding master once \
+                     with --pki-dir {} (copy the directory to master hosts only: ca.key signs every \
+                     certificate), and use ca.crt, admin.crt and admin.key as the client credentials.",
+                    a.out.display(),
+                    a.out.display()
+                )
+            }),
+            Cmd::Token(c) => cmd_nodes::run_token(c, &cli.global).await,
+            Cmd::Get(c) => cmd_nodes::run_get(c, &cli.global).await,
+            Cmd::Node(c) => cmd_nodes::run_node(c, &cli.global).await,
             Cmd::Kv(c) => cmd_kv::run(c, &cli.global).await,
             Cmd::Cluster(c) => cmd_cluster::run_cluster(c, &cli.global).await,
             Cmd::Member(c) => cmd_cluster::run_member(c, &cli.global).await,

@@ -26,9 +26,13 @@ pub fn table(headers: &[&str], rows: &[Vec<String>]) {
             widths[i] = widths[i].max(c.chars().count());
         }
     }
+    // A closed pipe (`berth get nodes | head`) ends the output quietly.
     let line = |cells: Vec<String>| {
+        use std::io::Write;
         let s: Vec<String> = cells.iter().enumerate().map(|(i, c)| format!("{c:<w$}", w = widths[i])).collect();
-        println!("{}", s.join("  ").trim_end());
+        if writeln!(std::io::stdout().lock(), "{}", s.join("  ").trim_end()).is_err() {
+            std::process::exit(0);
+        }
     };
     line(headers.iter().map(|h| h.to_string()).collect());
     for r in rows {

@@ -167,6 +167,37 @@ impl cluster_server::Cluster for ClusterService {
         Ok(Response::new(pb::MemberAddResponse { header: Some(self.ctx.header()), members: self.members() }))
     }
 
+    async fn member_certificate(
+        &self,
+        r: Request<pb::MemberCertificateRequest>,
+    ) -> Result<Response<pb::MemberCertificateResponse>, Status> {
+        let r = r.into_inner();
+        if r.id == 0 {
+            return Err(Status::invalid_argument("master id 0 is reserved; use ids from 1"));
+        }
+        let addr: std::net::SocketAddr = r
+            .endpoint
+            .parse()
+            .map_err(|_| Status::invalid_argument(format!("endpoint {:?} is not IP:PORT", r.endpoint)))?;
+        if self.ctx.reader.removed_members().map_err(|e| Status::internal(e.to_string()))?.contains(&r.id) {
+            return Err(Status::failed_precondition(format!(
+                "master id {} was removed earlier and can never be used again: pick a new id",
+                r.id
+            )));
+        }
+        let Some(ca) = self.ctx.pki.ca() else {
+            return Err(Status::unavailable("this master does not hold the CA key yet; ask another master"));
+        };
+        let cert = crate::tls::issue_master(&ca, r.id, addr, self.ctx.cert_validity)
+            .map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(pb::MemberCertificateResponse {
+            header: Some(self.ctx.header()),
+            ca_pem: self.ctx.pki.ca_pem().to_string(),
+            cert_pem: cert.cert_pem,
+            key_pem: cert.key_pem,
+        }))
+    }
+
     async fn member_promote(
         &self,
         r: Request<pb::MemberPromoteRequest>,

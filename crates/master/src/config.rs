@@ -22,7 +22,26 @@ pub struct MasterConfig {
     pub snapshot_logs: u64,
     /// Largest value a client may write.
     pub max_value_bytes: usize,
+    /// First start only: `berth pki init`'s output (CA certificate and key) for a founding
+    /// master, or `berth member add --pki-out`'s (CA certificate, master certificate and key) for
+    /// a master added later.
+    pub pki_dir: Option<PathBuf>,
+    /// Lifetime of the certificates this master issues (its own and agents'); renewed at a random
+    /// point between 50% and 80% of it.
+    pub cert_validity: Duration,
+    /// A node whose agent has not been heard from for this long is declared down.
+    pub node_down_grace: Duration,
+    /// How often agents send heartbeats (the leader tells them).
+    pub agent_heartbeat_interval: Duration,
 }
+
+/// SwarmKit declares a node down after ~15 s of silence (5 s heartbeats x 3); with 1 s
+/// heartbeats, 10 s rides out several lost heartbeats and a leader failover (agents reconnect in
+/// 1-3 s) while still noticing a dead host quickly.
+pub const DEFAULT_NODE_DOWN_GRACE: Duration = Duration::from_secs(10);
+pub const DEFAULT_AGENT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
+/// 90 days, renewed between day 45 and day 72.
+pub const DEFAULT_CERT_VALIDITY: Duration = Duration::from_secs(90 * 24 * 3600);
 
 /// Defaults chosen by measurement (BENCHMARKS.md, "Failover and stability"). openraft lets a
 /// follower campaign only after the leader lease (= the maximum election timeout) plus its own
@@ -45,6 +64,10 @@ impl MasterConfig {
             election_timeout: DEFAULT_ELECTION_TIMEOUT,
             snapshot_logs: 10_000,
             max_value_bytes: berth_types::Limits::default().max_value_bytes,
+            pki_dir: None,
+            cert_validity: DEFAULT_CERT_VALIDITY,
+            node_down_grace: DEFAULT_NODE_DOWN_GRACE,
+            agent_heartbeat_interval: DEFAULT_AGENT_HEARTBEAT_INTERVAL,
         }
     }
 
@@ -55,6 +78,15 @@ impl MasterConfig {
                  followers start elections between heartbeats",
                 self.election_timeout, self.heartbeat_interval
             )));
+        }
+        if self.node_down_grace < self.agent_heartbeat_interval * 3 {
+            return Err(MasterError::Config(format!(
+                "--node-down-grace ({:?}) must be at least 3 x the agent heartbeat interval ({:?})",
+                self.node_down_grace, self.agent_heartbeat_interval
+            )));
+        }
+        if self.cert_validity < Duration::from_secs(60) {
+            return Err(MasterError::Config("--cert-validity must be at least 1m".into()));
         }
         if self.heartbeat_interval < Duration::from_millis(10) {
             return Err(MasterError::Config("--heartbeat-interval must be at least 10ms".into()));

@@ -3,6 +3,8 @@
 pub enum MasterError {
     #[error("invalid configuration: {0}")]
     Config(String),
+    #[error("certificates: {0}")]
+    Pki(String),
     #[error("cannot use data dir {dir}: {reason}")]
     DataDir { dir: String, reason: String },
     #[error(transparent)]

@@ -7,7 +7,7 @@ use berth_store::WatchEvents;
 use berth_types::{Command, CommandResult, DeleteRange, Put, RequestOp, Txn};
 use futures::Stream;
 use tokio_util::sync::CancellationToken;
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, service::interceptor::InterceptedService};
 
 use crate::{MasterError, cluster_service::ClusterService, node::Ctx, raft_service::RaftService};
 
@@ -32,24 +32,46 @@ pub(crate) async fn serve(
     let kv = kv_server::KvServer::new(KvService { ctx: ctx.clone() })
         .max_decoding_message_size(CLIENT_MESSAGE_LIMIT)
         .max_encoding_message_size(CLIENT_MESSAGE_LIMIT);
+    let kv = InterceptedService::new(kv, require_client);
     let cluster = pb::cluster_server::ClusterServer::new(ClusterService { ctx: ctx.clone() })
         .max_decoding_message_size(CLIENT_MESSAGE_LIMIT);
+    let cluster = InterceptedService::new(cluster, require_client);
+    let nodes = InterceptedService::new(
+        pb::nodes_server::NodesServer::new(crate::nodes_service::NodesService { ctx: ctx.clone() }),
+        require_client,
+    );
+    let pki = ctx.pki.clone();
     let raft = pb::raft::raft_server::RaftServer::new(RaftService { ctx, snap_dir })
         .max_decoding_message_size(RAFT_MESSAGE_LIMIT)
         .max_encoding_message_size(RAFT_MESSAGE_LIMIT);
-    // Nagle's algorithm plus delayed ACKs would add ~40 ms stalls to small request/response pairs.
-    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    // Every connection is TLS 1.3 with a client certificate from the cluster CA (checked in the
+    // handshake); which services a certificate may use is checked per request. TCP_NODELAY is set
+    // on every accepted socket: Nagle plus delayed ACKs would stall small request/response pairs.
+    let incoming = crate::tls::tls_incoming(listener, pki, token.clone());
     tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(5)))
         .add_service(kv)
         .add_service(cluster)
+        .add_service(nodes)
         .add_service(raft)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .serve_with_incoming_shutdown(incoming, token.cancelled_owned())
         .await
         .map_err(|e| MasterError::Serve(e.to_string()))
+}
+
+/// The client APIs are for admins (and masters forwarding on a client's behalf); agents have
+/// their own protocol over QUIC.
+fn require_client(req: Request<()>) -> Result<Request<()>, Status> {
+    match crate::tls::peer_identity(&req) {
+        Some(i) if matches!(i.role, berth_pki::Role::Admin | berth_pki::Role::Master) => Ok(req),
+        Some(i) => Err(Status::permission_denied(format!(
+            "certificate {i} may not use the client API: use an admin certificate (see `berth pki init`)"
+        ))),
+        None => Err(Status::unauthenticated("no client certificate from the cluster CA")),
+    }
 }
 
 pub(crate) struct KvService {

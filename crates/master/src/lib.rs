@@ -6,15 +6,23 @@
 
 mod cluster_service;
 mod config;
+mod dispatcher;
 mod error;
 mod identity;
 mod kv_service;
 mod network;
 mod node;
+mod nodes_service;
+mod objects;
 mod proposer;
 mod raft_service;
+mod tls;
 
-pub use config::{MasterConfig, parse_initial_cluster};
+pub use config::{
+    DEFAULT_AGENT_HEARTBEAT_INTERVAL, DEFAULT_CERT_VALIDITY, DEFAULT_NODE_DOWN_GRACE, MasterConfig,
+    parse_initial_cluster,
+};
 pub use error::MasterError;
 pub use identity::{IDENTITY_FILE, Identity};
 pub use node::run_master;
+pub use tls::{MasterPki, client_tls, issue_master};

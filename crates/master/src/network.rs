@@ -55,12 +55,18 @@ impl ClusterIdCell {
 pub(crate) struct Peers {
     pub self_id: u64,
     pub cluster_id: ClusterIdCell,
+    pki: Arc<crate::tls::MasterPki>,
     channels: Mutex<HashMap<String, Channel>>,
 }
 
 impl Peers {
-    pub fn new(self_id: u64, cluster_id: ClusterIdCell) -> Arc<Self> {
-        Arc::new(Peers { self_id, cluster_id, channels: Mutex::new(HashMap::new()) })
+    pub fn new(self_id: u64, cluster_id: ClusterIdCell, pki: Arc<crate::tls::MasterPki>) -> Arc<Self> {
+        Arc::new(Peers { self_id, cluster_id, pki, channels: Mutex::new(HashMap::new()) })
+    }
+
+    /// Drops every cached channel, so new connections present the renewed certificate.
+    pub fn reset_channels(&self) {
+        self.channels.lock().expect("channel map lock").clear();
     }
 
     /// A lazily connecting channel to `addr`, reused across calls.
@@ -69,8 +75,10 @@ impl Peers {
         if let Some(c) = map.get(addr) {
             return Ok(c.clone());
         }
-        let ep = Endpoint::from_shared(format!("http://{addr}"))
+        let ep = Endpoint::from_shared(format!("https://{addr}"))
             .map_err(|e| format!("bad master address {addr:?}: {e}"))?
+            .tls_config(self.pki.client_tls())
+            .map_err(|e| format!("TLS configuration for {addr}: {e}"))?
             .connect_timeout(Duration::from_millis(500))
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(2))

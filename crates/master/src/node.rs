@@ -20,6 +20,7 @@ use crate::{
     identity::Identity,
     network::{ClusterIdCell, NetworkFactory, Peers, decode, encode},
     proposer::{CmdResult, ProposeError, Proposer},
+    tls::MasterPki,
 };
 
 /// Largest client request accepted (values are limited to 1 MiB by validation; this leaves room
@@ -42,6 +43,11 @@ pub(crate) struct Ctx {
     /// Membership changes are serialized, one at a time.
     pub membership_lock: tokio::sync::Mutex<()>,
     removed: Mutex<BTreeSet<u64>>,
+    pub pki: Arc<MasterPki>,
+    pub liveness: crate::dispatcher::Liveness,
+    pub cert_validity: Duration,
+    pub node_down_grace: Duration,
+    pub agent_heartbeat_interval: Duration,
 }
 
 impl Ctx {
@@ -293,14 +299,8 @@ pub async fn run_master(cfg: MasterConfig, shutdown: CancellationToken) -> Resul
         .listen
         .parse()
         .map_err(|e| MasterError::Config(format!("listen address {:?} is not IP:PORT: {e}", ident.listen)))?;
-    if !listen.ip().is_loopback() {
-        warn!(
-            %listen,
-            "listening on a non-loopback address without TLS: anyone who can reach this port can \
-             read and write the cluster's data. TLS arrives with the agents' PKI; until then keep \
-             masters on loopback or a trusted network"
-        );
-    }
+    berth_pki::tls::install_crypto_provider();
+    let pki = MasterPki::load_or_init(&cfg.data_dir, cfg.pki_dir.as_deref(), ident.id, listen, cfg.cert_validity)?;
     let (log, sm) = berth_store::open(&cfg.data_dir)?;
     let reader = sm.reader();
     if reader.removed_members()?.contains(&ident.id) {
@@ -313,7 +313,7 @@ pub async fn run_master(cfg: MasterConfig, shutdown: CancellationToken) -> Resul
     if let Some(cid) = reader.cluster_id()? {
         cluster_id.set(&cid);
     }
-    let peers = Peers::new(ident.id, cluster_id.clone());
+    let peers = Peers::new(ident.id, cluster_id.clone(), pki.clone());
     let raft = Raft::new(ident.id, raft_config(&cfg)?, NetworkFactory { peers: peers.clone() }, log, sm)
         .await
         .map_err(|e| MasterError::Raft(e.to_string()))?;
@@ -334,8 +334,16 @@ pub async fn run_master(cfg: MasterConfig, shutdown: CancellationToken) -> Resul
         data_dir: cfg.data_dir.clone(),
         membership_lock: tokio::sync::Mutex::new(()),
         removed: Mutex::new(BTreeSet::new()),
+        pki,
+        liveness: Default::default(),
+        cert_validity: cfg.cert_validity,
+        node_down_grace: cfg.node_down_grace,
+        agent_heartbeat_interval: cfg.agent_heartbeat_interval,
     });
     ctx.refresh_removed();
+    let quic = crate::dispatcher::bind(&ctx, local_addr)?;
+    let dispatcher = tokio::spawn(crate::dispatcher::run(ctx.clone(), quic, shutdown.clone()));
+    let renewer = tokio::spawn(renew_certificates(ctx.clone(), shutdown.clone()));
 
     let server_token = CancellationToken::new();
     let server = tokio::spawn(crate::kv_service::serve(
@@ -364,7 +372,10 @@ pub async fn run_master(cfg: MasterConfig, shutdown: CancellationToken) -> Resul
         hand_over_leadership(&ctx).await;
     }
     watcher.abort();
+    renewer.abort();
+    ctx.liveness.step_down();
     server_token.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(2), dispatcher).await;
     if let Err(e) = raft.shutdown().await {
         warn!("raft shutdown: {e}");
     }
@@ -377,6 +388,36 @@ pub async fn run_master(cfg: MasterConfig, shutdown: CancellationToken) -> Resul
     drop(ctx);
     info!("stopped");
     Ok(())
+}
+
+/// As a new leader, records the cluster CA in the replicated state if it is not there yet, so
+/// that masters added later receive the key.
+async fn record_ca(ctx: Arc<Ctx>) {
+    if !matches!(ctx.reader.ca(), Ok(None)) {
+        return;
+    }
+    let Some(ca) = ctx.pki.ca() else { return };
+    let ca = berth_types::ClusterCa { cert_pem: ca.cert_pem().to_string(), key_pem: ca.key_pem().to_string() };
+    match ctx.write(Command::SetCa { ca }).await {
+        Ok(_) => info!("recorded the cluster CA in the replicated state"),
+        Err(e) => info!("cluster CA not recorded by this leader: {}", e.message()),
+    }
+}
+
+/// Renews this master's certificate at its renewal point (a random 50-80% of its lifetime).
+async fn renew_certificates(ctx: Arc<Ctx>, shutdown: CancellationToken) {
+    loop {
+        let wait = ctx.pki.renew_at().duration_since(std::time::SystemTime::now()).unwrap_or(Duration::from_secs(60));
+        tokio::select! {
+            _ = tokio::time::sleep(wait.max(Duration::from_secs(1))) => {}
+            _ = shutdown.cancelled() => return,
+        }
+        match ctx.pki.renew_if_due() {
+            Ok(true) => ctx.peers.reset_channels(),
+            Ok(false) => {}
+            Err(e) => warn!("renewing this master's certificate failed: {e}"),
+        }
+    }
 }
 
 /// SIGTERM on the leader: hand leadership to the most up-to-date voter, so that clients see no
@@ -413,6 +454,8 @@ async fn watch_state(ctx: Arc<Ctx>, shutdown: CancellationToken) {
     let mut last_state = None;
     let mut last_membership = None;
     let mut cluster_id_known = false;
+    let mut leading: Option<CancellationToken> = None;
+    let mut ca_adopted = ctx.pki.ca().is_some();
     loop {
         let m = rx.borrow_watched().clone();
         if !cluster_id_known && m.last_applied.is_some() {
@@ -429,6 +472,28 @@ async fn watch_state(ctx: Arc<Ctx>, shutdown: CancellationToken) {
         if membership != last_membership {
             last_membership = membership;
             ctx.refresh_removed();
+        }
+        if !ca_adopted && m.last_applied.is_some() {
+            match ctx.reader.ca() {
+                Ok(Some(ca)) => match ctx.pki.adopt_ca(&ca) {
+                    Ok(()) => ca_adopted = true,
+                    Err(e) => warn!("{e}"),
+                },
+                Ok(None) => {}
+                Err(e) => warn!("reading the cluster CA: {e}"),
+            }
+        }
+        let is_leader = m.state == ServerState::Leader && m.current_leader == Some(ctx.id);
+        if is_leader && leading.is_none() {
+            // Leader-only controllers start here and stop when leadership ends.
+            let token = shutdown.child_token();
+            ctx.liveness.become_leader();
+            tokio::spawn(crate::dispatcher::monitor(ctx.clone(), token.clone()));
+            tokio::spawn(record_ca(ctx.clone()));
+            leading = Some(token);
+        } else if !is_leader && let Some(token) = leading.take() {
+            token.cancel();
+            ctx.liveness.step_down();
         }
         if Some(m.state) != last_state {
             info!(state = ?m.state, term = m.current_term, leader = ?m.current_leader, "raft state");

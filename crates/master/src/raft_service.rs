@@ -32,11 +32,30 @@ fn reply<T: serde::Serialize>(v: &T) -> Result<Response<RaftResponse>, Status> {
     Ok(Response::new(RaftResponse { payload: encode(v) }))
 }
 
+/// The master id in the peer's client certificate. The Raft service is for masters only.
+fn peer_master<T>(r: &Request<T>) -> Result<u64, Status> {
+    match crate::tls::peer_identity(r) {
+        Some(ident) => ident.master_id().ok_or_else(|| {
+            Status::permission_denied(format!(
+                "the Raft service is for masters only, and this client's certificate is {ident}"
+            ))
+        }),
+        None => Err(Status::unauthenticated("no client certificate from the cluster CA")),
+    }
+}
+
 impl RaftService {
-    /// Refuses messages not meant for this master: wrong target id (a master replaced at the
-    /// same address), another cluster, or a sender whose id was removed.
-    fn check(&self, h: Option<&RaftHeader>) -> Result<(), Status> {
+    /// Refuses messages not meant for this master: a sender whose certificate is not the member
+    /// the message claims to be from, wrong target id (a master replaced at the same address),
+    /// another cluster, or a sender whose id was removed.
+    fn check(&self, h: Option<&RaftHeader>, peer: u64) -> Result<(), Status> {
         let h = h.ok_or_else(|| Status::invalid_argument("Raft message without a header"))?;
+        if h.from != peer {
+            return Err(Status::permission_denied(format!(
+                "a Raft message claims to come from master {} but its sender's certificate is master {peer}",
+                h.from
+            )));
+        }
         let me = self.ctx.id;
         if h.to != me {
             return Err(Status::failed_precondition(format!(
@@ -64,8 +83,9 @@ impl RaftService {
     }
 
     fn decode_req<T: serde::de::DeserializeOwned>(&self, r: Request<RaftRequest>) -> Result<T, Status> {
+        let peer = peer_master(&r)?;
         let r = r.into_inner();
-        self.check(r.header.as_ref())?;
+        self.check(r.header.as_ref(), peer)?;
         decode(&r.payload).map_err(Status::invalid_argument)
     }
 }
@@ -93,9 +113,10 @@ impl raft_server::Raft for RaftService {
     }
 
     async fn install_snapshot(&self, r: Request<Streaming<SnapshotChunk>>) -> Result<Response<RaftResponse>, Status> {
+        let peer = peer_master(&r)?;
         let mut stream = r.into_inner();
         let first = stream.message().await?.ok_or_else(|| Status::invalid_argument("empty snapshot stream"))?;
-        self.check(first.header.as_ref())?;
+        self.check(first.header.as_ref(), peer)?;
         let vote: VoteOf<TypeConfig> = decode(&first.vote).map_err(Status::invalid_argument)?;
         let meta: SnapshotMetaOf<TypeConfig> = decode(&first.meta).map_err(Status::invalid_argument)?;
         tokio::fs::create_dir_all(&self.snap_dir).await?;
@@ -131,7 +152,7 @@ impl raft_server::Raft for RaftService {
     }
 
     async fn read_index(&self, r: Request<ReadIndexRequest>) -> Result<Response<ReadIndexResponse>, Status> {
-        self.check(r.get_ref().header.as_ref())?;
+        self.check(r.get_ref().header.as_ref(), peer_master(&r)?)?;
         match self.ctx.raft.get_read_log_id(ReadPolicy::ReadIndex).await {
             Ok((read_log_id, _)) => Ok(Response::new(ReadIndexResponse { read_index: read_log_id.index() })),
             Err(e) => Err(match e.forward_to_leader() {
@@ -141,7 +162,8 @@ impl raft_server::Raft for RaftService {
         }
     }
 
-    async fn local_status(&self, _r: Request<LocalStatusRequest>) -> Result<Response<LocalStatusResponse>, Status> {
+    async fn local_status(&self, r: Request<LocalStatusRequest>) -> Result<Response<LocalStatusResponse>, Status> {
+        peer_master(&r)?;
         Ok(Response::new(self.ctx.local_status()))
     }
 

@@ -26,6 +26,7 @@ pub const HISTORY_WINDOW: Revision = 100_000;
 pub(crate) const SM_COUNTERS: &[u8] = b"counters";
 pub(crate) const SM_CLUSTER_ID: &[u8] = b"cluster_id";
 pub(crate) const SM_REMOVED: &[u8] = b"removed_members";
+pub(crate) const SM_CA: &[u8] = b"cluster_ca";
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Counters {
@@ -97,6 +98,10 @@ pub(crate) fn read_counters(v: &dyn View) -> Result<Counters, StoreError> {
 
 pub(crate) fn read_removed(v: &dyn View) -> Result<std::collections::BTreeSet<u64>, StoreError> {
     Ok(v.get(CF_SM, SM_REMOVED)?.map(|b| decode(&b, "removed members")).transpose()?.unwrap_or_default())
+}
+
+pub(crate) fn read_ca(v: &dyn View) -> Result<Option<berth_types::ClusterCa>, StoreError> {
+    v.get(CF_SM, SM_CA)?.map(|b| decode(&b, "cluster CA")).transpose()
 }
 
 pub(crate) fn read_cluster_id(v: &dyn View) -> Result<Option<String>, StoreError> {
@@ -306,6 +311,13 @@ impl<'a> Apply<'a> {
                 self.batch.put_cf(cf(self.db, CF_SM), SM_REMOVED, encode(&removed));
                 Ok(CommandResult::MemberRemoved)
             }
+            Command::SetCa { ca } => match read_ca(self.db)? {
+                Some(existing) => Ok(CommandResult::Ca { cert_pem: existing.cert_pem }),
+                None => {
+                    self.batch.put_cf(cf(self.db, CF_SM), SM_CA, encode(&ca));
+                    Ok(CommandResult::Ca { cert_pem: ca.cert_pem })
+                }
+            },
         })
     }
 

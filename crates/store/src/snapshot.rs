@@ -21,7 +21,10 @@ use crate::{
     StoreError, TypeConfig,
     db::{CF_HIST, CF_KV, CF_SM, cf},
     envelope::{decode, encode},
-    mvcc::{Counters, SM_CLUSTER_ID, SM_COUNTERS, SM_REMOVED, View, read_cluster_id, read_counters, read_removed},
+    mvcc::{
+        Counters, SM_CA, SM_CLUSTER_ID, SM_COUNTERS, SM_REMOVED, View, read_ca, read_cluster_id, read_counters,
+        read_removed,
+    },
 };
 
 const MAGIC: &[u8; 8] = b"BERTHSNP";
@@ -44,6 +47,9 @@ pub struct SnapshotHeader {
     pub cluster_id: Option<String>,
     /// Ids of removed masters, which must stay refused after a snapshot install.
     pub removed_members: std::collections::BTreeSet<u64>,
+    /// The cluster CA, so that a master that catches up by snapshot can sign certificates.
+    /// Backups streamed to clients leave it out (the CA key never leaves the masters).
+    pub ca: Option<berth_types::ClusterCa>,
 }
 
 pub(crate) fn read_applied(v: &dyn View) -> Result<Option<LogIdOf<TypeConfig>>, StoreError> {
@@ -70,9 +76,22 @@ fn fsync_dir(dir: &Path) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// What a snapshot carries besides the key space.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Purpose {
+    /// For other masters (Raft): everything, the CA included.
+    Replication,
+    /// A backup for a client: the CA key never leaves the masters, so it is left out.
+    Backup,
+}
+
 /// Writes the snapshot of `view` into `dir` (temp file, fsync, rename, fsync dir) and returns its
 /// path and header.
-pub(crate) fn write_snapshot(view: &dyn View, dir: &Path) -> Result<(PathBuf, SnapshotHeader), StoreError> {
+pub(crate) fn write_snapshot(
+    view: &dyn View,
+    dir: &Path,
+    purpose: Purpose,
+) -> Result<(PathBuf, SnapshotHeader), StoreError> {
     fs::create_dir_all(dir)?;
     let header = SnapshotHeader {
         meta: SnapshotMetaOf::<TypeConfig> {
@@ -82,6 +101,7 @@ pub(crate) fn write_snapshot(view: &dyn View, dir: &Path) -> Result<(PathBuf, Sn
         counters: read_counters(view)?,
         cluster_id: read_cluster_id(view)?,
         removed_members: read_removed(view)?,
+        ca: if purpose == Purpose::Replication { read_ca(view)? } else { None },
     };
     let name = file_name(&header);
     let tmp = dir.join(format!("{name}.tmp"));
@@ -220,6 +240,7 @@ pub(crate) fn load_into_db(
     membership: StoredMembershipOf<TypeConfig>,
     cluster_id: Option<String>,
 ) -> Result<SnapshotHeader, StoreError> {
+    let restoring = cluster_id.is_some();
     let mut batch = WriteBatch::default();
     let kv_cf = cf(db, CF_KV);
     // Keys are at most 4 KiB (validated on write), so this bound is above every key.
@@ -235,6 +256,11 @@ pub(crate) fn load_into_db(
     batch.put_cf(sm, SM_APPLIED, encode(&applied));
     batch.put_cf(sm, SM_MEMBERSHIP, encode(&membership));
     batch.put_cf(sm, SM_REMOVED, encode(&header.removed_members));
+    // A restore seeds a new cluster, which has its own CA: only a snapshot install keeps one.
+    match (&header.ca, restoring) {
+        (Some(ca), false) => batch.put_cf(sm, SM_CA, encode(ca)),
+        _ => batch.delete_cf(sm, SM_CA),
+    }
     match cluster_id.or_else(|| header.cluster_id.clone()) {
         Some(id) => batch.put_cf(sm, SM_CLUSTER_ID, encode(&id)),
         None => batch.delete_cf(sm, SM_CLUSTER_ID),

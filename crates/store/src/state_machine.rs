@@ -176,7 +176,7 @@ impl SnapshotBuilder {
             .spawn(move || {
                 let view = SnapView::new(&shared.db);
                 let _ = taken_tx.send(());
-                let res = snapshot::write_snapshot(&view, &shared.snap_dir);
+                let res = snapshot::write_snapshot(&view, &shared.snap_dir, snapshot::Purpose::Replication);
                 let _ = done_tx.send(res);
             })
             .expect("spawning the snapshot builder thread");
@@ -312,6 +312,11 @@ impl KvReader {
         mvcc::read_cluster_id(&*self.shared.db)
     }
 
+    /// The cluster CA, once the first leader has recorded it.
+    pub fn ca(&self) -> Result<Option<berth_types::ClusterCa>, StoreError> {
+        mvcc::read_ca(&*self.shared.db)
+    }
+
     /// Ids of masters removed from the cluster; they are never accepted again.
     pub fn removed_members(&self) -> Result<std::collections::BTreeSet<u64>, StoreError> {
         mvcc::read_removed(&*self.shared.db)
@@ -346,6 +351,6 @@ impl KvReader {
     /// Writes a consistent backup of the applied state into `dir` and returns its path and header.
     pub fn backup(&self, dir: &Path) -> Result<(PathBuf, SnapshotHeader), StoreError> {
         let view = SnapView::new(&self.shared.db);
-        snapshot::write_snapshot(&view, dir)
+        snapshot::write_snapshot(&view, dir, snapshot::Purpose::Backup)
     }
 }

@@ -204,14 +204,41 @@ pub enum Command {
     MemberRemoved {
         id: crate::NodeId,
     },
+    /// The cluster CA, recorded once by the first leader so that every master (including ones
+    /// added later) can sign certificates. Kept in the state machine's metadata, never in the
+    /// key space: no client API can read it.
+    SetCa {
+        ca: ClusterCa,
+    },
+}
+
+/// The cluster CA's certificate and private key, PEM.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterCa {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+impl std::fmt::Debug for ClusterCa {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterCa").field("cert_pem", &self.cert_pem).field("key_pem", &"<redacted>").finish()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum CommandResult {
     Txn(TxnResult),
-    Compacted { revision: Revision },
-    ClusterId { cluster_id: String },
+    Compacted {
+        revision: Revision,
+    },
+    ClusterId {
+        cluster_id: String,
+    },
     MemberRemoved,
+    /// The CA now recorded (the first one wins; a later SetCa returns the recorded one).
+    Ca {
+        cert_pem: String,
+    },
 }
 
 /// Deterministic failures of a command: every replica reaches the same one.

@@ -8,9 +8,9 @@ mod kv;
 mod limits;
 
 pub use kv::{
-    Command, CommandError, CommandResult, Compare, CompareOp, CompareTarget, DeleteRange, DeleteResult, Event,
-    EventKind, KeyValue, OpResult, Put, PutResult, RangeQuery, RangeResult, RequestOp, Txn, TxnResult, key_in_range,
-    prefix_end,
+    ClusterCa, Command, CommandError, CommandResult, Compare, CompareOp, CompareTarget, DeleteRange, DeleteResult,
+    Event, EventKind, KeyValue, OpResult, Put, PutResult, RangeQuery, RangeResult, RequestOp, Txn, TxnResult,
+    key_in_range, prefix_end,
 };
 pub use limits::{Limits, ValidationError};
 

@@ -88,7 +88,10 @@ impl Limits {
         match cmd {
             Command::Txn(t) => self.check_txn(t),
             Command::Compact { revision } if *revision <= 0 => Err(ValidationError::BadCompactRevision(*revision)),
-            Command::Compact { .. } | Command::SetClusterId { .. } | Command::MemberRemoved { .. } => Ok(()),
+            Command::Compact { .. }
+            | Command::SetClusterId { .. }
+            | Command::MemberRemoved { .. }
+            | Command::SetCa { .. } => Ok(()),
         }
     }
 }

@@ -1,0 +1,258 @@
+//! The berth node agent.
+//!
+//! On first start it joins the cluster with a token (pinning the cluster CA by the digest in the
+//! token), keeps the node certificate in its data directory, then holds one QUIC session (mTLS)
+//! with the leader master: Hello, heartbeats, assignments in, batched task statuses out. It
+//! reconnects with jittered backoff across the masters it was told about, and never stops a task
+//! because a session ended. Tasks run through a [`Driver`].
+//!
+//! The agent talks to masters only through the wire protocol (`berth_api::pb::agent`, framed by
+//! `berth-channel`): it depends on `berth-api`, `berth-pki` and
+//! `berth-channel`, and never on `berth-store` or `berth-master`.
+
+mod certs;
+mod driver;
+mod error;
+mod join;
+mod net;
+mod resources;
+mod session;
+mod state;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use berth_api::pb::agent::Resources;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, error, info, info_span};
+
+pub use driver::{
+    Driver, SimulatedDriver, StatusSink, StatusStream, UNSUPPORTED_MESSAGE, UnsupportedDriver, status_channel,
+};
+pub use error::AgentError;
+pub use resources::{detect as detect_resources, hostname};
+pub use state::{AgentState, CA_FILE, CERT_FILE, FORMAT, KEY_FILE, STATE_FILE, StoredAssignment, StoredStatus};
+
+use crate::net::Endpoints;
+use crate::session::Agent;
+
+/// How long a first start keeps trying to join when no master can take the join yet
+/// (unreachable, no leader, UNAVAILABLE). Rejections end the join at once.
+pub const JOIN_PATIENCE: Duration = Duration::from_secs(60);
+/// Simulated agents per shared QUIC client endpoint (UDP socket).
+pub const AGENTS_PER_ENDPOINT: usize = 500;
+/// How many simulated agents may be joining or opening a session at the same time.
+pub const CONNECT_CONCURRENCY: usize = 64;
+
+/// How to run the agent. Its `Debug` output hides the token.
+#[derive(Clone, Default)]
+pub struct AgentConfig {
+    /// Master `host:port` list (QUIC, UDP, on the same port number as the masters' API).
+    pub join: Vec<String>,
+    /// The join token; needed only for the first start.
+    pub token: Option<String>,
+    pub data_dir: PathBuf,
+    /// Node name; default: the host name.
+    pub name: Option<String>,
+    pub labels: BTreeMap<String, String>,
+    pub advertise_addr: Option<IpAddr>,
+    /// Run this many simulated agents (each its own node) in this process.
+    pub simulate: Option<usize>,
+}
+
+impl std::fmt::Debug for AgentConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentConfig")
+            .field("join", &self.join)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("data_dir", &self.data_dir)
+            .field("name", &self.name)
+            .field("labels", &self.labels)
+            .field("advertise_addr", &self.advertise_addr)
+            .field("simulate", &self.simulate)
+            .finish()
+    }
+}
+
+/// One agent's parameters (not `Debug`: it holds the token).
+#[derive(Clone)]
+pub(crate) struct Spec {
+    pub dir: PathBuf,
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub advertise_addr: Option<IpAddr>,
+    pub join: Vec<String>,
+    pub token: Option<String>,
+}
+
+/// What the agents of one process share.
+#[derive(Clone)]
+pub(crate) struct Shared {
+    pub endpoints: Endpoints,
+    pub resources: Resources,
+    pub gate: Option<Arc<Semaphore>>,
+}
+
+/// Runs the agent (or `cfg.simulate` simulated agents) until `shutdown` is cancelled. Real agents
+/// use [`UnsupportedDriver`] for now; simulated ones [`SimulatedDriver`].
+pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), AgentError> {
+    berth_pki::tls::install_crypto_provider();
+    match cfg.simulate {
+        Some(n) => run_simulated(cfg, n, shutdown).await,
+        None => {
+            let (sink, statuses) = status_channel();
+            run_with_driver(cfg, UnsupportedDriver::new(sink), statuses, shutdown).await
+        }
+    }
+}
+
+/// Runs one agent with the given driver (whose [`StatusSink`] feeds `statuses`) until shutdown.
+/// `cfg.simulate` is ignored.
+pub async fn run_with_driver<D: Driver>(
+    cfg: AgentConfig,
+    driver: D,
+    statuses: StatusStream,
+    shutdown: CancellationToken,
+) -> Result<(), AgentError> {
+    berth_pki::tls::install_crypto_provider();
+    let shared = Shared { endpoints: Endpoints::new(), resources: resources::detect(&cfg.data_dir), gate: None };
+    let spec = Spec {
+        dir: cfg.data_dir.clone(),
+        name: cfg.name.clone().unwrap_or_else(hostname),
+        labels: cfg.labels.clone(),
+        advertise_addr: cfg.advertise_addr,
+        join: cfg.join.clone(),
+        token: cfg.token.clone(),
+    };
+    let span = info_span!("agent", name = %spec.name, node = tracing::field::Empty);
+    let result = run_agent(spec, &shared, driver, statuses, &shutdown).instrument(span).await;
+    shared.endpoints.shutdown().await;
+    result
+}
+
+/// Load or join, then sessions until shutdown.
+pub(crate) async fn run_agent<D: Driver>(
+    spec: Spec,
+    shared: &Shared,
+    driver: D,
+    statuses: StatusStream,
+    shutdown: &CancellationToken,
+) -> Result<(), AgentError> {
+    let state = match AgentState::load(&spec.dir)? {
+        Some(state) => {
+            if spec.token.is_some() {
+                info!(dir = %spec.dir.display(), "this node already joined; ignoring the token");
+            }
+            state
+        }
+        None => {
+            let Some(token) = &spec.token else {
+                return Err(AgentError::NoState { dir: spec.dir.clone() });
+            };
+            let joined = join::join(
+                &spec,
+                token,
+                &shared.resources,
+                &shared.endpoints,
+                shared.gate.as_deref(),
+                JOIN_PATIENCE,
+                shutdown,
+            )
+            .await?;
+            match joined {
+                Some(state) => state,
+                None => return Ok(()),
+            }
+        }
+    };
+    tracing::Span::current().record("node", state.node_id.as_str());
+    let files = certs::load(&spec.dir, &state.node_id)?;
+    let tls = certs::client_config(&files)?;
+    let renew_at = certs::renew_at(&files);
+    let mut agent = Agent {
+        dir: spec.dir.clone(),
+        state,
+        driver,
+        statuses,
+        statuses_open: true,
+        resources: shared.resources,
+        fallback: spec.join.clone(),
+        tls,
+        files,
+        renew_at,
+        renewing: None,
+        endpoints: shared.endpoints.clone(),
+        gate: shared.gate.clone(),
+        pending: BTreeMap::new(),
+        dirty: false,
+        complete_requested: None,
+    };
+    agent.recover().await;
+    agent.run(shutdown).await
+}
+
+/// `n` simulated agents, each with its own identity and state under `DIR/sim-<i>/`.
+async fn run_simulated(cfg: AgentConfig, n: usize, shutdown: CancellationToken) -> Result<(), AgentError> {
+    if n == 0 {
+        return Ok(());
+    }
+    let base = cfg.name.clone().unwrap_or_else(hostname);
+    let resources = resources::detect(&cfg.data_dir);
+    let gate = Arc::new(Semaphore::new(CONNECT_CONCURRENCY));
+    let pools: Vec<Endpoints> = (0..n.div_ceil(AGENTS_PER_ENDPOINT)).map(|_| Endpoints::new()).collect();
+    info!(agents = n, endpoints = pools.len(), "starting simulated agents");
+    let mut set = JoinSet::new();
+    for i in 0..n {
+        let spec = Spec {
+            dir: cfg.data_dir.join(format!("sim-{i}")),
+            name: format!("{base}-{i}"),
+            labels: cfg.labels.clone(),
+            advertise_addr: cfg.advertise_addr,
+            join: cfg.join.clone(),
+            token: cfg.token.clone(),
+        };
+        let shared = Shared { endpoints: pools[i / AGENTS_PER_ENDPOINT].clone(), resources, gate: Some(gate.clone()) };
+        let shutdown = shutdown.clone();
+        let span = info_span!("agent", sim = i, name = %spec.name, node = tracing::field::Empty);
+        set.spawn(
+            async move {
+                let (sink, statuses) = status_channel();
+                let r = run_agent(spec, &shared, SimulatedDriver::new(sink), statuses, &shutdown).await;
+                if let Err(e) = &r {
+                    error!("simulated agent failed: {e}");
+                }
+                (i, r)
+            }
+            .instrument(span),
+        );
+    }
+    let mut failed = BTreeSet::new();
+    let mut first = None;
+    while let Some(joined) = set.join_next().await {
+        match joined {
+            Ok((i, Err(e))) => {
+                failed.insert(i);
+                first.get_or_insert(e);
+            }
+            Ok((_, Ok(()))) => {}
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(_) => {}
+        }
+    }
+    for pool in &pools {
+        pool.shutdown().await;
+    }
+    match first {
+        None => Ok(()),
+        Some(first) if failed.len() == n && n == 1 => Err(first),
+        Some(first) => Err(AgentError::Simulation { failed: failed.len(), total: n, first: Box::new(first) }),
+    }
+}

@@ -1,0 +1,743 @@
+//! The session loop: connect to the leader with mTLS, say Hello, then heartbeats, assignments and
+//! status reports until the session ends; reconnect with backoff; repeat until shutdown.
+
+use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use berth_api::pb::agent::{
+    Accepted, AgentFrame, Assignment, Assignments, AssignmentsKind, CertificateRenewed, Heartbeat, Hello, MasterFrame,
+    RenewCertificate, RequestComplete, Resources, StatusReport, TaskState, TaskStatus, agent_frame, master_frame,
+};
+use berth_channel::{Backoff, FrameError, FrameReader, FrameWriter, close};
+use berth_pki::CertifiedKey;
+use berth_pki::tls::TlsFiles;
+use tokio::sync::Semaphore;
+use tokio::time::{Instant, MissedTickBehavior};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use crate::AgentError;
+use crate::driver::{Driver, StatusStream, now_ms};
+use crate::join::body_name;
+use crate::net::{self, Endpoints};
+use crate::state::{AgentState, StoredAssignment, StoredStatus};
+
+/// How long the master may take to answer Hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often batched task statuses go out (only when something changed).
+pub(crate) const STATUS_FLUSH: Duration = Duration::from_millis(100);
+/// Heartbeat period when the master does not say.
+const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(1);
+/// How long to wait for CertificateRenewed before asking again.
+const RENEW_RETRY: Duration = Duration::from_secs(60);
+
+/// The tokio instant of a wall-clock time (now if it is past).
+fn instant_of(t: SystemTime) -> Instant {
+    Instant::now() + t.duration_since(SystemTime::now()).unwrap_or_default()
+}
+
+/// How a session ended.
+#[derive(Debug)]
+enum SessionEnd {
+    Shutdown,
+    /// A follower answered Hello with Redirect.
+    Redirect {
+        leader: Option<String>,
+    },
+    /// The master closed the connection with NOT_LEADER.
+    NotLeader {
+        hint: Option<String>,
+    },
+    /// The master closed with UNAUTHENTICATED: this node's certificate is no good any more
+    /// (the node was removed, or the certificate names another node).
+    Refused {
+        reason: String,
+    },
+    /// Anything else; `accepted` when the session had been accepted first.
+    Lost {
+        accepted: bool,
+        reason: String,
+    },
+}
+
+impl SessionEnd {
+    fn lost(reason: impl Into<String>) -> Self {
+        SessionEnd::Lost { accepted: false, reason: reason.into() }
+    }
+
+    /// A connection-level failure read back into a session end.
+    fn from_close(c: close::Closed) -> Self {
+        match c {
+            close::Closed::NotLeader { hint } => SessionEnd::NotLeader { hint },
+            close::Closed::Other { code: Some(code), reason } if code == close::UNAUTHENTICATED => {
+                SessionEnd::Refused { reason }
+            }
+            other => SessionEnd::lost(other.to_string()),
+        }
+    }
+
+    fn from_frame_error(e: FrameError, conn: &quinn::Connection) -> Self {
+        if let Some(c) = e.connection_error() {
+            return SessionEnd::from_close(close::classify(c));
+        }
+        if e.is_protocol_violation() {
+            warn!("closing the session: the master sent a bad frame: {e}");
+            conn.close(close::MALFORMED_FRAME, e.to_string().as_bytes());
+        }
+        SessionEnd::lost(e.to_string())
+    }
+}
+
+/// One agent: its state, its driver, its connection settings.
+pub(crate) struct Agent<D> {
+    pub dir: std::path::PathBuf,
+    pub state: AgentState,
+    pub driver: D,
+    pub statuses: StatusStream,
+    pub statuses_open: bool,
+    pub resources: Resources,
+    /// `--join` addresses, tried after the masters the cluster told us about.
+    pub fallback: Vec<String>,
+    pub tls: quinn::ClientConfig,
+    /// The CA, node certificate and key `tls` was built from.
+    pub files: TlsFiles,
+    /// When to ask the leader for a fresh certificate.
+    pub renew_at: SystemTime,
+    /// The key of the renewal request in flight, if any.
+    pub renewing: Option<String>,
+    pub endpoints: Endpoints,
+    /// Bounds how many agents of this process connect at once.
+    pub gate: Option<Arc<Semaphore>>,
+    /// Status changes not yet reported to a leader.
+    pub pending: BTreeMap<String, TaskStatus>,
+    /// The state differs from the file.
+    pub dirty: bool,
+    /// The version at which a COMPLETE set was requested in this session.
+    pub complete_requested: Option<u64>,
+}
+
+type ReadResult = Result<Option<MasterFrame>, FrameError>;
+type ReadFuture = Pin<Box<dyn std::future::Future<Output = (FrameReader, ReadResult)> + Send>>;
+
+fn read_next(mut reader: FrameReader) -> ReadFuture {
+    Box::pin(async move {
+        let r = reader.recv::<MasterFrame>().await;
+        (reader, r)
+    })
+}
+
+fn frame(body: agent_frame::Body) -> AgentFrame {
+    AgentFrame { body: Some(body) }
+}
+
+impl<D: Driver> Agent<D> {
+    /// Hands every persisted RUNNING assignment to the driver (it adopts or restarts them).
+    pub async fn recover(&mut self) {
+        let running: Vec<Assignment> = self
+            .state
+            .assignments
+            .iter()
+            .filter(|(_, a)| a.desired == TaskState::Running as i32)
+            .map(|(id, a)| a.to_pb(id))
+            .collect();
+        if !running.is_empty() {
+            info!(tasks = running.len(), "handing the persisted assignments to the driver");
+        }
+        for a in &running {
+            self.driver.start(a).await;
+        }
+    }
+
+    /// Sessions until shutdown. Never stops tasks because a session ended.
+    pub async fn run(mut self, shutdown: &CancellationToken) -> Result<(), AgentError> {
+        let mut backoff = Backoff::default();
+        let mut next = self.state.last_leader.clone();
+        let mut cursor = 0usize;
+        let mut hops = 0usize;
+        while !shutdown.is_cancelled() {
+            let targets = self.targets();
+            if targets.is_empty() {
+                return Err(AgentError::NoMasters);
+            }
+            let addr = match next.take() {
+                Some(a) => a,
+                None => {
+                    let a = targets[cursor % targets.len()].clone();
+                    cursor = cursor.wrapping_add(1);
+                    a
+                }
+            };
+            let end = self.session(&addr, shutdown, &mut backoff).await;
+            let pause = match end {
+                SessionEnd::Shutdown => break,
+                SessionEnd::Refused { reason } => {
+                    error!(master = %addr, "the master refused this node: {reason}");
+                    self.drain();
+                    if self.dirty {
+                        self.persist().await.ok();
+                    }
+                    return Err(AgentError::Refused { dir: self.dir.clone(), reason });
+                }
+                SessionEnd::Redirect { leader } | SessionEnd::NotLeader { hint: leader } => {
+                    // Masters that keep pointing at each other (an election in progress) get a
+                    // pause every few hops.
+                    hops += 1;
+                    let tired = hops > targets.len() + 2;
+                    if tired {
+                        hops = 0;
+                    }
+                    match leader {
+                        Some(l) => {
+                            debug!(master = %addr, leader = %l, "not the leader; trying the leader");
+                            next = Some(l);
+                            tired.then(|| backoff.next())
+                        }
+                        None => {
+                            debug!(master = %addr, "not the leader, leader unknown; trying the next master");
+                            Some(backoff.next())
+                        }
+                    }
+                }
+                SessionEnd::Lost { accepted, reason } => {
+                    if accepted {
+                        hops = 0;
+                        warn!(master = %addr, "session ended: {reason}");
+                    } else {
+                        info!(master = %addr, "cannot open a session: {reason}");
+                    }
+                    if let Some(p) = targets.iter().position(|t| *t == addr) {
+                        cursor = p + 1;
+                    }
+                    Some(backoff.next())
+                }
+            };
+            if let Some(p) = pause
+                && !self.pause(p, shutdown).await
+            {
+                break;
+            }
+        }
+        self.drain();
+        if self.dirty {
+            self.persist().await.ok();
+        }
+        Ok(())
+    }
+
+    /// The masters to walk: what the cluster said, then the `--join` addresses.
+    fn targets(&self) -> Vec<String> {
+        let mut t = self.state.masters.clone();
+        for a in &self.fallback {
+            if !t.contains(a) {
+                t.push(a.clone());
+            }
+        }
+        t
+    }
+
+    /// Waits `d` (false on shutdown), absorbing driver reports meanwhile.
+    async fn pause(&mut self, d: Duration, shutdown: &CancellationToken) -> bool {
+        let sleep = tokio::time::sleep(d);
+        tokio::pin!(sleep);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return false,
+                _ = &mut sleep => break,
+                s = self.statuses.recv(), if self.statuses_open => match s {
+                    Some(s) => self.absorb(s),
+                    None => self.statuses_open = false,
+                },
+            }
+        }
+        if self.dirty
+            && let Err(e) = self.persist().await
+        {
+            error!("cannot persist the agent state: {e}");
+        }
+        true
+    }
+
+    /// Takes every report already queued by the driver.
+    fn drain(&mut self) {
+        while let Ok(s) = self.statuses.try_recv() {
+            self.absorb(s);
+        }
+    }
+
+    fn absorb(&mut self, mut s: TaskStatus) {
+        if s.task_id.is_empty() {
+            return;
+        }
+        if s.timestamp_ms == 0 {
+            s.timestamp_ms = now_ms();
+        }
+        let stored = StoredStatus::from_pb(&s);
+        if self.state.statuses.get(&s.task_id) == Some(&stored) {
+            return;
+        }
+        self.state.statuses.insert(s.task_id.clone(), stored);
+        self.dirty = true;
+        self.pending.insert(s.task_id.clone(), s);
+    }
+
+    async fn persist(&mut self) -> Result<(), AgentError> {
+        self.state.save_async(&self.dir).await?;
+        self.dirty = false;
+        Ok(())
+    }
+
+    /// Drops the statuses of tasks no longer assigned once they are final and were reported.
+    fn prune(&mut self, reported: impl IntoIterator<Item = String>) {
+        for id in reported {
+            let done = !self.state.assignments.contains_key(&id)
+                && self.state.statuses.get(&id).is_some_and(StoredStatus::is_terminal);
+            if done {
+                self.state.statuses.remove(&id);
+                self.dirty = true;
+            }
+        }
+    }
+
+    fn hello(&mut self) -> Hello {
+        self.drain();
+        self.pending.clear(); // Hello carries every task's state.
+        let mut tasks: BTreeMap<&String, TaskStatus> =
+            self.state.statuses.iter().map(|(id, s)| (id, s.to_pb(id))).collect();
+        for id in self.state.assignments.keys() {
+            tasks.entry(id).or_insert_with(|| TaskStatus {
+                task_id: id.clone(),
+                state: TaskState::Assigned as i32,
+                ..Default::default()
+            });
+        }
+        Hello {
+            node_id: self.state.node_id.clone(),
+            highest_term: self.state.highest_term,
+            assignments_version: self.state.assignments_version,
+            tasks: tasks.into_values().collect(),
+            agent_version: env!("CARGO_PKG_VERSION").to_string(),
+            resources: Some(self.resources),
+        }
+    }
+
+    async fn session(&mut self, addr: &str, shutdown: &CancellationToken, backoff: &mut Backoff) -> SessionEnd {
+        let gate = self.gate.clone();
+        let permit = match &gate {
+            Some(g) => tokio::select! {
+                _ = shutdown.cancelled() => return SessionEnd::Shutdown,
+                p = g.acquire() => Some(p.expect("the connect gate is never closed")),
+            },
+            None => None,
+        };
+        let conn = tokio::select! {
+            _ = shutdown.cancelled() => return SessionEnd::Shutdown,
+            c = net::connect(&self.endpoints, &self.tls, addr) => match c {
+                Ok(c) => c,
+                Err(f) => return SessionEnd::lost(format!("{addr}: {f}")),
+            },
+        };
+        let end = self.converse(&conn, addr, permit, shutdown, backoff).await;
+        if conn.close_reason().is_none() {
+            match &end {
+                SessionEnd::Shutdown => conn.close(close::SHUTDOWN, b"agent shutting down"),
+                _ => conn.close(close::NO_ERROR, b"session over"),
+            }
+        }
+        end
+    }
+
+    async fn converse(
+        &mut self,
+        conn: &quinn::Connection,
+        addr: &str,
+        permit: Option<tokio::sync::SemaphorePermit<'_>>,
+        shutdown: &CancellationToken,
+        backoff: &mut Backoff,
+    ) -> SessionEnd {
+        let (send, recv) = match conn.open_bi().await {
+            Ok(s) => s,
+            Err(e) => return SessionEnd::from_close(close::classify(&e)),
+        };
+        let mut writer = FrameWriter::new(send);
+        let mut reader = FrameReader::new(recv);
+        let hello = self.hello();
+        if let Err(e) = writer.send(&frame(agent_frame::Body::Hello(hello))).await {
+            return SessionEnd::from_frame_error(e, conn);
+        }
+        // With mTLS the handshake can "succeed" on the client before the master checked our
+        // certificate: the first answer is the real authentication point.
+        let first = tokio::select! {
+            _ = shutdown.cancelled() => return SessionEnd::Shutdown,
+            r = tokio::time::timeout(HELLO_TIMEOUT, reader.recv::<MasterFrame>()) => r,
+        };
+        drop(permit);
+        let first = match first {
+            Err(_) => return SessionEnd::lost(format!("{addr} did not answer Hello within {HELLO_TIMEOUT:?}")),
+            Ok(Err(e)) => return SessionEnd::from_frame_error(e, conn),
+            Ok(Ok(None)) => return SessionEnd::lost(format!("{addr} ended the stream without answering Hello")),
+            Ok(Ok(Some(f))) => f,
+        };
+        let accepted = match first.body {
+            Some(master_frame::Body::Redirect(r)) => {
+                if !r.masters.is_empty() && r.masters != self.state.masters {
+                    self.state.masters = r.masters;
+                    self.dirty = true;
+                    if let Err(e) = self.persist().await {
+                        error!("cannot persist the agent state: {e}");
+                    }
+                }
+                conn.close(close::NO_ERROR, b"redirected");
+                let leader = r.leader.trim();
+                return SessionEnd::Redirect { leader: (!leader.is_empty()).then(|| leader.to_string()) };
+            }
+            Some(master_frame::Body::Accepted(a)) => a,
+            other => {
+                let what = other.as_ref().map(body_name).unwrap_or("an empty frame");
+                let reason = format!("expected Redirect or Accepted, got {what}");
+                conn.close(close::MALFORMED_FRAME, reason.as_bytes());
+                return SessionEnd::lost(reason);
+            }
+        };
+        if let Err(end) = self.accept(conn, addr, &accepted).await {
+            return end;
+        }
+        backoff.reset();
+        let end = self.established(conn, addr, &accepted, writer, reader, shutdown).await;
+        match end {
+            SessionEnd::Lost { reason, .. } => SessionEnd::Lost { accepted: true, reason },
+            other => other,
+        }
+    }
+
+    /// Fencing and bookkeeping for an Accepted answer.
+    async fn accept(&mut self, conn: &quinn::Connection, addr: &str, a: &Accepted) -> Result<(), SessionEnd> {
+        if a.term < self.state.highest_term {
+            let reason = format!("leader term {} is older than term {} already seen", a.term, self.state.highest_term);
+            warn!(master = %addr, "refusing the session: {reason}");
+            conn.close(close::FENCED, reason.as_bytes());
+            return Err(SessionEnd::lost(reason));
+        }
+        self.state.highest_term = a.term;
+        if !a.masters.is_empty() {
+            self.state.masters = a.masters.clone();
+        }
+        self.state.last_leader = Some(addr.to_string());
+        self.complete_requested = None;
+        // Hello carried every final state: those of unassigned tasks can go.
+        let known: Vec<String> = self.state.statuses.keys().cloned().collect();
+        self.prune(known);
+        if let Err(e) = self.persist().await {
+            error!("cannot persist the agent state: {e}");
+            return Err(SessionEnd::lost(format!("cannot persist the agent state: {e}")));
+        }
+        info!(master = %addr, term = a.term, "session accepted");
+        Ok(())
+    }
+
+    async fn established(
+        &mut self,
+        conn: &quinn::Connection,
+        addr: &str,
+        accepted: &Accepted,
+        mut writer: FrameWriter,
+        reader: FrameReader,
+        shutdown: &CancellationToken,
+    ) -> SessionEnd {
+        let period = match accepted.heartbeat_interval_ms {
+            0 => DEFAULT_HEARTBEAT,
+            ms => Duration::from_millis(ms.clamp(50, 60_000)),
+        };
+        // The leader acks every heartbeat: three periods of silence mean it is gone (kill -9 sends
+        // no close), and waiting for the QUIC idle timeout would keep the node away from the new
+        // leader for 10 s.
+        let silence_limit = (period * 3).max(std::time::Duration::from_secs(2));
+        let mut heartbeat = tokio::time::interval(period);
+        heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut flush = tokio::time::interval(STATUS_FLUSH);
+        flush.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut seq = 0u64;
+        let mut last_heard = Instant::now();
+        let mut read = read_next(reader);
+        self.renewing = None;
+        let renew = tokio::time::sleep_until(instant_of(self.renew_at));
+        tokio::pin!(renew);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => {
+                    conn.close(close::SHUTDOWN, b"agent shutting down");
+                    return SessionEnd::Shutdown;
+                }
+                (reader, result) = &mut read => {
+                    read = read_next(reader);
+                    let frame = match result {
+                        Ok(Some(f)) => f,
+                        Ok(None) => return SessionEnd::lost(format!("{addr} ended the session stream")),
+                        Err(e) => return SessionEnd::from_frame_error(e, conn),
+                    };
+                    last_heard = Instant::now();
+                    let renewed = matches!(frame.body, Some(master_frame::Body::Renewed(_)));
+                    if let Err(end) = self.on_frame(frame, &mut writer, conn).await {
+                        return end;
+                    }
+                    if renewed && self.renewing.is_none() {
+                        renew.as_mut().reset(instant_of(self.renew_at));
+                    }
+                }
+                _ = &mut renew => {
+                    renew.as_mut().reset(Instant::now() + RENEW_RETRY);
+                    if let Err(end) = self.request_renewal(&mut writer, conn).await {
+                        return end;
+                    }
+                }
+                _ = heartbeat.tick() => {
+                    if last_heard.elapsed() > silence_limit {
+                        let reason = format!("nothing heard from {addr} for {:?}", last_heard.elapsed());
+                        conn.close(close::NO_ERROR, reason.as_bytes());
+                        return SessionEnd::lost(reason);
+                    }
+                    seq += 1;
+                    if let Err(e) = writer.send(&frame(agent_frame::Body::Heartbeat(Heartbeat { seq }))).await {
+                        return SessionEnd::from_frame_error(e, conn);
+                    }
+                }
+                s = self.statuses.recv(), if self.statuses_open => match s {
+                    Some(s) => self.absorb(s),
+                    None => self.statuses_open = false,
+                },
+                _ = flush.tick() => {
+                    if let Err(end) = self.flush(&mut writer, conn).await {
+                        return end;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sends the batched status changes as one StatusReport (after persisting them).
+    async fn flush(&mut self, writer: &mut FrameWriter, conn: &quinn::Connection) -> Result<(), SessionEnd> {
+        self.drain();
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        if self.dirty
+            && let Err(e) = self.persist().await
+        {
+            error!("cannot persist the agent state: {e}");
+            return Err(SessionEnd::lost(format!("cannot persist the agent state: {e}")));
+        }
+        let tasks: Vec<TaskStatus> = std::mem::take(&mut self.pending).into_values().collect();
+        let ids: Vec<String> = tasks.iter().map(|t| t.task_id.clone()).collect();
+        debug!(tasks = tasks.len(), "reporting task statuses");
+        if let Err(e) = writer.send(&frame(agent_frame::Body::Status(StatusReport { tasks }))).await {
+            return Err(SessionEnd::from_frame_error(e, conn));
+        }
+        self.prune(ids);
+        Ok(())
+    }
+
+    async fn on_frame(
+        &mut self,
+        frame_in: MasterFrame,
+        writer: &mut FrameWriter,
+        conn: &quinn::Connection,
+    ) -> Result<(), SessionEnd> {
+        match frame_in.body {
+            Some(master_frame::Body::HeartbeatAck(ack)) => {
+                if ack.term > self.state.highest_term {
+                    self.state.highest_term = ack.term;
+                    self.dirty = true;
+                } else if ack.term < self.state.highest_term && ack.term != 0 {
+                    debug!(term = ack.term, highest = self.state.highest_term, "heartbeat ack from an older term");
+                }
+                Ok(())
+            }
+            Some(master_frame::Body::Assignments(a)) => self.on_assignments(a, writer, conn).await,
+            Some(master_frame::Body::Renewed(r)) => {
+                self.on_renewed(r).await;
+                Ok(())
+            }
+            Some(other) => {
+                warn!("ignoring an unexpected {} frame in an established session", body_name(&other));
+                Ok(())
+            }
+            None => {
+                debug!("ignoring a frame of a kind this agent does not know");
+                Ok(())
+            }
+        }
+    }
+
+    async fn on_assignments(
+        &mut self,
+        a: Assignments,
+        writer: &mut FrameWriter,
+        conn: &quinn::Connection,
+    ) -> Result<(), SessionEnd> {
+        if a.term < self.state.highest_term {
+            warn!(
+                term = a.term,
+                highest = self.state.highest_term,
+                version = a.version,
+                "refusing assignments from an older leader term"
+            );
+            return Ok(());
+        }
+        if a.term > self.state.highest_term {
+            self.state.highest_term = a.term;
+            self.dirty = true;
+        }
+        let mut stopped: Vec<String> = Vec::new();
+        let mut changed: Vec<Assignment> = Vec::new();
+        match AssignmentsKind::try_from(a.kind) {
+            Ok(AssignmentsKind::Complete) => {
+                let mut set = BTreeMap::new();
+                for u in &a.updated {
+                    set.insert(u.task_id.clone(), StoredAssignment::from_pb(u));
+                }
+                for id in self.state.assignments.keys() {
+                    if !set.contains_key(id) {
+                        stopped.push(id.clone());
+                    }
+                }
+                for (id, new) in &set {
+                    if self.state.assignments.get(id) != Some(new) {
+                        changed.push(new.to_pb(id));
+                    }
+                }
+                self.state.assignments = set;
+                self.state.assignments_version = a.version;
+                self.complete_requested = None;
+                debug!(version = a.version, tasks = self.state.assignments.len(), "complete assignment set");
+            }
+            Ok(AssignmentsKind::Incremental) => {
+                let have = self.state.assignments_version;
+                if a.base_version != have {
+                    if self.complete_requested != Some(have) {
+                        info!(
+                            have,
+                            base = a.base_version,
+                            version = a.version,
+                            "assignment gap: asking for a complete set"
+                        );
+                        let request = frame(agent_frame::Body::RequestComplete(RequestComplete { have_version: have }));
+                        if let Err(e) = writer.send(&request).await {
+                            return Err(SessionEnd::from_frame_error(e, conn));
+                        }
+                        self.complete_requested = Some(have);
+                    }
+                    if self.dirty {
+                        self.persist_or_end().await?;
+                    }
+                    return Ok(());
+                }
+                for u in &a.updated {
+                    let new = StoredAssignment::from_pb(u);
+                    if self.state.assignments.get(&u.task_id) != Some(&new) {
+                        changed.push(u.clone());
+                        self.state.assignments.insert(u.task_id.clone(), new);
+                    }
+                }
+                for id in &a.removed {
+                    if self.state.assignments.remove(id).is_some() {
+                        stopped.push(id.clone());
+                    }
+                }
+                self.state.assignments_version = a.version;
+                debug!(version = a.version, updated = a.updated.len(), removed = a.removed.len(), "assignment changes");
+            }
+            _ => {
+                warn!(kind = a.kind, "ignoring assignments of an unknown kind");
+                return Ok(());
+            }
+        }
+        self.dirty = true;
+        // Durable before anything is acted on or reported.
+        self.persist_or_end().await?;
+        for id in &stopped {
+            self.driver.stop(id).await;
+        }
+        for a in &changed {
+            if a.desired_state == TaskState::Running as i32 {
+                self.driver.start(a).await;
+            } else {
+                self.driver.stop(&a.task_id).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends RenewCertificate with a CSR for a fresh key.
+    async fn request_renewal(&mut self, writer: &mut FrameWriter, conn: &quinn::Connection) -> Result<(), SessionEnd> {
+        let (csr_pem, key_pem) = match berth_pki::generate_csr(&self.state.name) {
+            Ok(pair) => pair,
+            Err(e) => {
+                error!("cannot create a certificate signing request for the renewal: {e}");
+                return Ok(());
+            }
+        };
+        info!("asking the leader to renew the node certificate");
+        let request = frame(agent_frame::Body::Renew(RenewCertificate { csr_pem }));
+        if let Err(e) = writer.send(&request).await {
+            return Err(SessionEnd::from_frame_error(e, conn));
+        }
+        self.renewing = Some(key_pem);
+        Ok(())
+    }
+
+    /// Checks and keeps a renewed certificate; later connections use it.
+    async fn on_renewed(&mut self, r: CertificateRenewed) {
+        let Some(key_pem) = self.renewing.take() else {
+            warn!("ignoring a CertificateRenewed this agent did not ask for");
+            return;
+        };
+        let ca_pem = if r.ca_pem.trim().is_empty() { self.files.ca_pem.clone() } else { r.ca_pem };
+        let new = TlsFiles::new(ca_pem, CertifiedKey::new(r.cert_pem, key_pem));
+        let checked = new
+            .cert
+            .identity()
+            .map_err(AgentError::from)
+            .and_then(|identity| {
+                if identity == berth_pki::Identity::agent(&self.state.node_id) {
+                    Ok(())
+                } else {
+                    Err(AgentError::CorruptState {
+                        path: self.dir.join(crate::state::CERT_FILE),
+                        reason: format!("the renewed certificate is for {identity}, not for this node"),
+                    })
+                }
+            })
+            .and_then(|()| crate::certs::client_config(&new));
+        let tls = match checked {
+            Ok(tls) => tls,
+            Err(e) => {
+                error!("refusing the renewed certificate: {e}");
+                self.renew_at = SystemTime::now() + RENEW_RETRY;
+                return;
+            }
+        };
+        let dir = self.dir.clone();
+        let (old, fresh) = (self.files.clone(), new.clone());
+        let written = tokio::task::spawn_blocking(move || crate::certs::replace(&dir, &old, &fresh)).await;
+        match written {
+            Ok(Ok(())) => {
+                self.renew_at = crate::certs::renew_at(&new);
+                self.files = new;
+                self.tls = tls;
+            }
+            Ok(Err(e)) => {
+                error!("cannot store the renewed certificate: {e}");
+                self.renew_at = SystemTime::now() + RENEW_RETRY;
+            }
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        }
+    }
+
+    async fn persist_or_end(&mut self) -> Result<(), SessionEnd> {
+        self.persist().await.map_err(|e| {
+            error!("cannot persist the agent state: {e}");
+            SessionEnd::lost(format!("cannot persist the agent state: {e}"))
+        })
+    }
+}

@@ -1,0 +1,40 @@
+//! The QUIC channel between masters and agents: the pieces both sides share.
+//!
+//! - [`FrameWriter`] / [`FrameReader`]: length-delimited protobuf frames (4-byte big-endian
+//!   length, then one message; at most [`MAX_FRAME`] bytes).
+//! - [`server_endpoint`], [`client_endpoint`], [`client_config`], [`transport_config`]: QUIC
+//!   endpoints with the cluster's transport settings (keep-alive 2 s, idle timeout 10 s) and ALPN
+//!   [`ALPN`].
+//! - [`close`]: the application close codes and [`close::classify`].
+//! - [`peer_identity`]: who is at the other end of an mTLS connection.
+//! - [`Backoff`]: jittered exponential backoff for reconnecting.
+//!
+//! The messages themselves are in `berth_api::pb::agent`. This crate knows nothing about the
+//! master, its store or the agent's runtime: it depends on `berth-pki` and the QUIC/TLS stack only.
+
+mod backoff;
+pub mod close;
+mod endpoint;
+mod frame;
+
+pub use backoff::Backoff;
+pub use endpoint::{
+    EndpointError, IDLE_TIMEOUT, KEEP_ALIVE, client_config, client_endpoint, server_config, server_endpoint,
+    transport_config,
+};
+pub use frame::{FrameError, FrameReader, FrameWriter};
+
+/// The ALPN protocol of master <-> agent connections.
+pub const ALPN: &[u8] = b"berth-agent/1";
+
+/// The largest frame (the encoded message, without its 4-byte length) either side accepts.
+pub const MAX_FRAME: usize = 4 << 20;
+
+/// The identity in the peer's certificate (the first certificate it presented), if it presented
+/// one that carries a berth identity.
+pub fn peer_identity(conn: &quinn::Connection) -> Option<berth_pki::Identity> {
+    let any = conn.peer_identity()?;
+    let chain = any.downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>().ok()?;
+    let leaf = chain.first()?;
+    berth_pki::identity_of_der(leaf.as_ref()).ok()
+}

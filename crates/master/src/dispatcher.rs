@@ -1,0 +1,563 @@
+//! The QUIC side of a master: agents join here (any master; followers point them at the leader)
+//! and keep one session with the leader, which sends assignments, takes heartbeats and status,
+//! and renews node certificates. The node monitor (leader only) turns heartbeats into committed
+//! status transitions.
+//!
+//! Heartbeats never touch Raft: the leader keeps the last time it heard from each node in memory
+//! and commits only transitions (ready, down), in batches, after re-checking that it still leads.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use berth_api::pb::{
+    JoinTokenRecord, Node, NodeAvailability, NodeStatus,
+    agent::{
+        Accepted, AgentFrame, Assignments, AssignmentsKind, CertificateRenewed, HeartbeatAck, JoinAccepted, JoinError,
+        JoinRejected, MasterFrame, Redirect, agent_frame, master_frame,
+    },
+};
+use berth_channel::{FrameReader, FrameWriter, close};
+use berth_pki::{Identity, Role, token::JoinToken};
+use berth_types::{Command, CommandResult};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::{
+    node::Ctx,
+    objects::{self, NODES_PREFIX, Versioned},
+};
+
+/// In-memory liveness, valid only on the leader.
+#[derive(Default)]
+pub(crate) struct Liveness {
+    inner: Mutex<LivenessInner>,
+}
+
+#[derive(Default)]
+struct LivenessInner {
+    /// When this master last became leader: every node's grace starts no earlier.
+    leader_since: Option<Instant>,
+    last_seen: HashMap<String, Instant>,
+    /// Open sessions: node id -> (session number, cancel token of that session).
+    sessions: HashMap<String, (u64, CancellationToken)>,
+    next_session: u64,
+}
+
+impl Liveness {
+    fn with<R>(&self, f: impl FnOnce(&mut LivenessInner) -> R) -> R {
+        f(&mut self.inner.lock().expect("liveness lock"))
+    }
+
+    /// A new term of leadership: forget what an earlier term saw, and give every node a full
+    /// grace period from now.
+    pub fn become_leader(&self) {
+        self.with(|l| {
+            l.leader_since = Some(Instant::now());
+            l.last_seen.clear();
+        });
+    }
+
+    /// Leadership lost: end every session (their agents reconnect to the new leader).
+    pub fn step_down(&self) {
+        self.with(|l| {
+            l.leader_since = None;
+            for (_, (_, t)) in l.sessions.drain() {
+                t.cancel();
+            }
+        });
+    }
+
+    pub fn seen(&self, node: &str) {
+        self.with(|l| {
+            l.last_seen.insert(node.to_string(), Instant::now());
+        });
+    }
+
+    /// Registers a session, superseding an older one of the same node.
+    fn open_session(&self, node: &str, token: CancellationToken) -> u64 {
+        self.with(|l| {
+            l.next_session += 1;
+            let n = l.next_session;
+            if let Some((_, old)) = l.sessions.insert(node.to_string(), (n, token)) {
+                old.cancel();
+            }
+            l.last_seen.insert(node.to_string(), Instant::now());
+            n
+        })
+    }
+
+    fn close_session(&self, node: &str, n: u64) {
+        self.with(|l| {
+            if l.sessions.get(node).is_some_and(|(m, _)| *m == n) {
+                l.sessions.remove(node);
+            }
+        });
+    }
+
+    fn end_session(&self, node: &str) {
+        self.with(|l| {
+            if let Some((_, t)) = l.sessions.remove(node) {
+                t.cancel();
+            }
+        });
+    }
+
+    /// (milliseconds since last heard, connected) for the node list.
+    pub fn info(&self, node: &str) -> (i64, bool) {
+        self.with(|l| {
+            let age = l.last_seen.get(node).map_or(-1, |t| t.elapsed().as_millis() as i64);
+            (age, l.sessions.contains_key(node))
+        })
+    }
+
+    /// How long the node has been silent, counting from when this master became leader at most.
+    fn silence(&self, node: &str) -> Option<Duration> {
+        self.with(|l| {
+            let since = l.leader_since?;
+            let last = l.last_seen.get(node).copied().map_or(since, |t| t.max(since));
+            Some(last.elapsed())
+        })
+    }
+
+    fn session_ids(&self) -> Vec<String> {
+        self.with(|l| l.sessions.keys().cloned().collect())
+    }
+
+    fn connected(&self, node: &str) -> bool {
+        self.with(|l| l.sessions.contains_key(node))
+    }
+}
+
+/// QUIC endpoints (host:port) of every master, from the current membership.
+pub(crate) fn master_endpoints(ctx: &Ctx) -> Vec<String> {
+    let m = ctx.metrics();
+    m.membership_config.membership().nodes().map(|(_, n)| n.addr.clone()).collect()
+}
+
+/// Accepts agent connections until `shutdown`.
+pub(crate) async fn run(ctx: Arc<Ctx>, endpoint: quinn::Endpoint, shutdown: CancellationToken) {
+    loop {
+        let incoming = tokio::select! {
+            i = endpoint.accept() => match i { Some(i) => i, None => return },
+            _ = shutdown.cancelled() => break,
+        };
+        let ctx = ctx.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let remote = incoming.remote_address();
+            match incoming.await {
+                Ok(conn) => handle_connection(ctx, conn, shutdown).await,
+                Err(e) => debug!(%remote, "agent connection failed during the handshake: {e}"),
+            }
+        });
+    }
+    endpoint.close(close::SHUTDOWN, b"master shutting down");
+}
+
+async fn handle_connection(ctx: Arc<Ctx>, conn: quinn::Connection, shutdown: CancellationToken) {
+    let remote = conn.remote_address();
+    let (send, recv) = match tokio::time::timeout(Duration::from_secs(10), conn.accept_bi()).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            debug!(%remote, "agent connection closed before opening a stream: {e}");
+            return;
+        }
+        Err(_) => {
+            conn.close(close::MALFORMED_FRAME, b"no stream opened within 10s");
+            return;
+        }
+    };
+    let mut writer = FrameWriter::new(send);
+    let mut reader = FrameReader::new(recv);
+    let first = match reader.recv::<AgentFrame>().await {
+        Ok(Some(f)) => f,
+        Ok(None) => return,
+        Err(e) => {
+            info!(%remote, "closing an agent connection: {e}");
+            conn.close(close::MALFORMED_FRAME, e.to_string().as_bytes());
+            return;
+        }
+    };
+    let peer = berth_channel::peer_identity(&conn);
+    match first.body {
+        Some(agent_frame::Body::Join(req)) => {
+            let reply = handle_join(&ctx, req).await;
+            if let Some(master_frame::Body::JoinRejected(r)) = &reply {
+                info!(%remote, error = ?r.error(), "join refused: {}", r.message);
+            }
+            let _ = writer.send(&MasterFrame { body: reply }).await;
+            let _ = writer.get_mut().finish();
+            // Let the agent read the answer and close the connection itself.
+            let _ = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
+        }
+        Some(agent_frame::Body::Hello(hello)) => {
+            let node_id = match peer {
+                Some(Identity { role: Role::Agent, id }) if id == hello.node_id => id,
+                other => {
+                    let who = other.map_or("no certificate".to_string(), |i| i.to_string());
+                    info!(%remote, claimed = %hello.node_id, "refused a session: the certificate is {who}");
+                    conn.close(close::UNAUTHENTICATED, b"a session needs the node certificate of the node it names");
+                    return;
+                }
+            };
+            session(ctx, conn, writer, reader, node_id, shutdown).await;
+        }
+        _ => {
+            info!(%remote, "closing an agent connection: the first frame must be Join or Hello");
+            conn.close(close::MALFORMED_FRAME, b"the first frame must be Join or Hello");
+        }
+    }
+}
+
+fn rejected(error: JoinError, message: impl Into<String>) -> Option<master_frame::Body> {
+    Some(master_frame::Body::JoinRejected(JoinRejected {
+        error: error as i32,
+        message: message.into(),
+        leader_hint: String::new(),
+    }))
+}
+
+/// Joins are handled one at a time on the leader, so token use counts stay exact.
+static JOIN_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+async fn handle_join(ctx: &Ctx, req: berth_api::pb::agent::JoinRequest) -> Option<master_frame::Body> {
+    if !ctx.is_leader() {
+        let hint = ctx.leader().map(|(_, addr)| addr).unwrap_or_default();
+        return Some(master_frame::Body::JoinRejected(JoinRejected {
+            error: JoinError::NotLeader as i32,
+            message: "this master is not the leader; join through the leader".into(),
+            leader_hint: hint,
+        }));
+    }
+    let token = match JoinToken::parse(&req.token) {
+        Ok(t) => t,
+        Err(e) => return rejected(JoinError::TokenInvalid, format!("the token is malformed: {e}")),
+    };
+    if &token.ca_digest != ctx.pki.digest() {
+        return rejected(JoinError::TokenInvalid, "the token was made for another cluster (its CA digest differs)");
+    }
+    if let Err(msg) = validate_name(&req.name) {
+        return rejected(JoinError::BadRequest, msg);
+    }
+    let Some(ca) = ctx.pki.ca() else {
+        return rejected(JoinError::Unavailable, "the leader does not hold the CA key yet; retry in a few seconds");
+    };
+    let _guard = JOIN_LOCK.lock().await;
+    let rec = match objects::get::<JoinTokenRecord>(&ctx.reader, &objects::token_key(&token.id)) {
+        Ok(Some(r)) => r,
+        Ok(None) => return rejected(JoinError::TokenInvalid, "no such token: create one with `berth token create`"),
+        Err(e) => return rejected(JoinError::Unavailable, e.message()),
+    };
+    if !berth_pki::token::secret_matches(&token.secret, &rec.obj.secret_sha256) {
+        return rejected(JoinError::TokenInvalid, "the token's secret is wrong: copy the whole token again");
+    }
+    if rec.obj.revoked {
+        return rejected(JoinError::TokenRevoked, "the token was revoked: create a new one with `berth token create`");
+    }
+    if rec.obj.expires_at_ms != 0 && objects::now_ms() >= rec.obj.expires_at_ms {
+        return rejected(JoinError::TokenExpired, "the token has expired: create a new one with `berth token create`");
+    }
+    if rec.obj.uses_left == 0 {
+        return rejected(
+            JoinError::TokenUsedUp,
+            "the token has no uses left: create a new one with `berth token create --uses N`",
+        );
+    }
+    let name_taken = || {
+        rejected(
+            JoinError::NameTaken,
+            format!(
+                "a node named {:?} is already in the cluster: pick another --name, or remove the old node with \
+                 `berth node rm {}`",
+                req.name, req.name
+            ),
+        )
+    };
+    match ctx.reader.get(&objects::node_name_key(&req.name)) {
+        Ok(Some(_)) => return name_taken(),
+        Ok(None) => {}
+        Err(e) => return rejected(JoinError::Unavailable, e.to_string()),
+    }
+    let node_id = uuid::Uuid::new_v4().to_string();
+    let cert_pem = match ca.sign_csr(&req.csr_pem, &Identity::agent(&node_id), ctx.cert_validity) {
+        Ok(c) => c,
+        Err(e) => return rejected(JoinError::BadRequest, format!("the certificate signing request is invalid: {e}")),
+    };
+    let mut labels = rec.obj.labels.clone();
+    labels.extend(req.labels.clone());
+    let now = objects::now_ms();
+    let node = Node {
+        id: node_id.clone(),
+        name: req.name.clone(),
+        labels,
+        resources: req.resources,
+        status: NodeStatus::Unknown as i32,
+        availability: NodeAvailability::Active as i32,
+        agent_version: req.agent_version.clone(),
+        advertise_addr: req.advertise_addr.clone(),
+        created_at_ms: now,
+        status_changed_at_ms: now,
+        status_message: "joined; waiting for its first session".into(),
+        joined_with_token: token.id.clone(),
+    };
+    let mut token_rec = rec.obj.clone();
+    if token_rec.uses_left > 0 {
+        token_rec.uses_left -= 1;
+    }
+    let txn = objects::txn_of(vec![
+        objects::cas_put(objects::token_key(&token.id), rec.mod_revision, objects::encode_token(&token_rec)),
+        objects::cas_put(objects::node_key(&node_id), 0, objects::encode_node(&node)),
+        objects::cas_put(objects::node_name_key(&req.name), 0, node_id.clone().into_bytes()),
+    ]);
+    match ctx.write(Command::Txn(txn)).await {
+        Ok(CommandResult::Txn(r)) if r.succeeded => {}
+        Ok(_) if matches!(ctx.reader.get(&objects::node_name_key(&req.name)), Ok(Some(_))) => return name_taken(),
+        Ok(_) => return rejected(JoinError::Unavailable, "the token changed during the join; retry"),
+        Err(s) => return rejected(JoinError::Unavailable, format!("recording the node failed: {}", s.message())),
+    }
+    info!(node = %node_id, name = %req.name, token = %token.id, "node joined");
+    Some(master_frame::Body::JoinAccepted(JoinAccepted {
+        node_id,
+        cert_pem,
+        ca_pem: ctx.pki.ca_pem().to_string(),
+        masters: master_endpoints(ctx),
+    }))
+}
+
+fn validate_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.' || c == '_');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("node name {name:?} is not valid: use 1-63 letters, digits, '-', '.' or '_' (set it with --name)"))
+    }
+}
+
+async fn session(
+    ctx: Arc<Ctx>,
+    conn: quinn::Connection,
+    mut writer: FrameWriter,
+    mut reader: FrameReader,
+    node_id: String,
+    shutdown: CancellationToken,
+) {
+    let masters = master_endpoints(&ctx);
+    if !ctx.is_leader() {
+        let leader = ctx.leader().map(|(_, a)| a).unwrap_or_default();
+        let _ =
+            writer.send(&MasterFrame { body: Some(master_frame::Body::Redirect(Redirect { leader, masters })) }).await;
+        let _ = writer.get_mut().finish();
+        let _ = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
+        return;
+    }
+    match objects::get::<Node>(&ctx.reader, &objects::node_key(&node_id)) {
+        Ok(Some(_)) => {}
+        Ok(None) => {
+            info!(node = %node_id, "refused a session: the node was removed");
+            conn.close(close::UNAUTHENTICATED, b"this node was removed from the cluster: join again with a token");
+            return;
+        }
+        Err(e) => {
+            warn!(node = %node_id, "refused a session: {}", e.message());
+            conn.close(close::SHUTDOWN, b"the leader could not read its state; retry");
+            return;
+        }
+    }
+    let term = ctx.metrics().current_term;
+    let session_token = shutdown.child_token();
+    let n = ctx.liveness.open_session(&node_id, session_token.clone());
+    info!(node = %node_id, term, "agent session opened");
+    let accepted = Accepted { term, heartbeat_interval_ms: ctx.agent_heartbeat_interval.as_millis() as u64, masters };
+    // The workloads issue fills assignments; until then every node's set is empty.
+    let complete = Assignments {
+        term,
+        kind: AssignmentsKind::Complete as i32,
+        version: 1,
+        base_version: 0,
+        updated: vec![],
+        removed: vec![],
+    };
+    let opened = async {
+        writer.send(&MasterFrame { body: Some(master_frame::Body::Accepted(accepted)) }).await?;
+        writer.send(&MasterFrame { body: Some(master_frame::Body::Assignments(complete.clone())) }).await
+    };
+    if let Err(e) = opened.await {
+        debug!(node = %node_id, "session ended while opening: {e}");
+        ctx.liveness.close_session(&node_id, n);
+        return;
+    }
+    let reason = loop {
+        let frame = tokio::select! {
+            f = reader.recv::<AgentFrame>() => f,
+            _ = session_token.cancelled() => {
+                break if shutdown.is_cancelled() {
+                    (close::SHUTDOWN, "master shutting down".to_string())
+                } else if ctx.is_leader() {
+                    (close::SUPERSEDED, "a newer session of this node replaced this one".to_string())
+                } else {
+                    (close::NOT_LEADER, ctx.leader().map(|(_, a)| a).unwrap_or_default())
+                };
+            }
+        };
+        let body = match frame {
+            Ok(Some(AgentFrame { body: Some(b) })) => b,
+            Ok(Some(AgentFrame { body: None })) => break (close::MALFORMED_FRAME, "empty frame".to_string()),
+            Ok(None) => break (close::SHUTDOWN, "the agent closed the session".to_string()),
+            Err(e) if e.is_protocol_violation() => {
+                info!(node = %node_id, "closing the session: {e}");
+                break (close::MALFORMED_FRAME, e.to_string());
+            }
+            Err(e) => {
+                debug!(node = %node_id, "session lost: {e}");
+                ctx.liveness.close_session(&node_id, n);
+                return;
+            }
+        };
+        ctx.liveness.seen(&node_id);
+        let reply = match body {
+            agent_frame::Body::Heartbeat(hb) => {
+                Some(master_frame::Body::HeartbeatAck(HeartbeatAck { seq: hb.seq, term }))
+            }
+            agent_frame::Body::Status(report) => {
+                debug!(node = %node_id, tasks = report.tasks.len(), "status report");
+                None
+            }
+            agent_frame::Body::RequestComplete(_) => Some(master_frame::Body::Assignments(complete.clone())),
+            agent_frame::Body::Renew(req) => match ctx.pki.ca() {
+                Some(ca) => match ca.sign_csr(&req.csr_pem, &Identity::agent(&node_id), ctx.cert_validity) {
+                    Ok(cert_pem) => {
+                        info!(node = %node_id, "renewed the node certificate");
+                        Some(master_frame::Body::Renewed(CertificateRenewed {
+                            cert_pem,
+                            ca_pem: ctx.pki.ca_pem().to_string(),
+                        }))
+                    }
+                    Err(e) => {
+                        warn!(node = %node_id, "refused a renewal: {e}");
+                        None
+                    }
+                },
+                None => None,
+            },
+            agent_frame::Body::Join(_) | agent_frame::Body::Hello(_) => {
+                break (close::MALFORMED_FRAME, "Join and Hello are only valid as the first frame".to_string());
+            }
+        };
+        if let Some(body) = reply
+            && let Err(e) = writer.send(&MasterFrame { body: Some(body) }).await
+        {
+            debug!(node = %node_id, "session lost: {e}");
+            ctx.liveness.close_session(&node_id, n);
+            return;
+        }
+    };
+    ctx.liveness.close_session(&node_id, n);
+    info!(node = %node_id, reason = %reason.1, "agent session closed");
+    conn.close(reason.0, reason.1.as_bytes());
+}
+
+/// Ends the session of a node that was removed.
+pub(crate) fn end_session(ctx: &Ctx, node_id: &str) {
+    ctx.liveness.end_session(node_id);
+}
+
+/// The node monitor: runs on the leader while it leads. Every tick it finds nodes that opened a
+/// session but are not ready, and nodes silent for longer than the grace; it re-checks
+/// leadership, then commits all transitions in one transaction.
+pub(crate) async fn monitor(ctx: Arc<Ctx>, leading: CancellationToken) {
+    let tick = (ctx.agent_heartbeat_interval / 2).max(Duration::from_millis(100));
+    let mut interval = tokio::time::interval(tick);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = interval.tick() => {}
+            _ = leading.cancelled() => return,
+        }
+        if let Err(e) = monitor_once(&ctx).await {
+            info!("node monitor: {e}");
+        }
+    }
+}
+
+async fn monitor_once(ctx: &Ctx) -> Result<(), String> {
+    let nodes = objects::list::<Node>(&ctx.reader, NODES_PREFIX).map_err(|e| e.message().to_string())?;
+    // A node removed (on any master) loses its session here on the leader.
+    let known: std::collections::HashSet<&str> = nodes.iter().map(|n| n.obj.id.as_str()).collect();
+    for id in ctx.liveness.session_ids() {
+        if !known.contains(id.as_str()) {
+            info!(node = %id, "ending the session of a removed node");
+            ctx.liveness.end_session(&id);
+        }
+    }
+    let mut changes: Vec<(Versioned<Node>, NodeStatus, String)> = Vec::new();
+    for n in nodes {
+        let status = n.obj.status();
+        if ctx.liveness.connected(&n.obj.id) {
+            if status != NodeStatus::Ready {
+                changes.push((n, NodeStatus::Ready, "session opened".into()));
+            }
+            continue;
+        }
+        let Some(silence) = ctx.liveness.silence(&n.obj.id) else { return Ok(()) };
+        if silence > ctx.node_down_grace && status != NodeStatus::Down {
+            let msg = format!("no heartbeat for {}s", silence.as_secs());
+            changes.push((n, NodeStatus::Down, msg));
+        }
+    }
+    if changes.is_empty() {
+        return Ok(());
+    }
+    // Never act on a stale view: a deposed leader must not declare nodes down.
+    ctx.raft
+        .ensure_linearizable(openraft::ReadPolicy::ReadIndex)
+        .await
+        .map_err(|e| format!("not declaring node transitions: leadership not confirmed: {e}"))?;
+    if !ctx.is_leader() {
+        return Ok(());
+    }
+    let now = objects::now_ms();
+    // Transactions are bounded in size; the chunks are proposed together, so the proposer packs
+    // them into one Raft entry and one fsync.
+    let writes = changes.chunks(TRANSITIONS_PER_TXN).map(|chunk| {
+        let parts = chunk
+            .iter()
+            .map(|(n, status, msg)| {
+                let mut node = n.obj.clone();
+                node.status = *status as i32;
+                node.status_changed_at_ms = now;
+                node.status_message = msg.clone();
+                objects::cas_put(objects::node_key(&node.id), n.mod_revision, objects::encode_node(&node))
+            })
+            .collect();
+        async move { (chunk, ctx.write(Command::Txn(objects::txn_of(parts))).await) }
+    });
+    let mut failed = None;
+    for (chunk, res) in futures::future::join_all(writes).await {
+        match res {
+            Ok(CommandResult::Txn(r)) if r.succeeded => {
+                for (n, status, msg) in chunk {
+                    info!(node = %n.obj.id, name = %n.obj.name, status = ?status, "{msg}");
+                }
+            }
+            Ok(_) => failed = Some("a node changed concurrently; retrying next tick".to_string()),
+            Err(s) => failed = Some(s.message().to_string()),
+        }
+    }
+    failed.map_or(Ok(()), Err)
+}
+
+/// Node transitions per transaction (a compare and a put each; transactions allow 128 ops).
+const TRANSITIONS_PER_TXN: usize = 60;
+
+/// Binds the agents' QUIC endpoint on the gRPC port number, over UDP.
+pub(crate) fn bind(ctx: &Ctx, addr: SocketAddr) -> Result<quinn::Endpoint, crate::MasterError> {
+    let cfg = ctx.pki.quic_server_config()?;
+    berth_channel::server_endpoint(addr, cfg)
+        .map_err(|e| crate::MasterError::Listen { addr: format!("udp/{addr}"), source: std::io::Error::other(e) })
+}

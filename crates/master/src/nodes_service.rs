@@ -1,0 +1,192 @@
+//! The Nodes API: bootstrap tokens and the hosts that joined with them.
+
+use std::sync::Arc;
+
+use berth_api::pb::{self, JoinTokenRecord, Node, NodeAvailability, NodeStatus, nodes_server::Nodes};
+use berth_pki::token::JoinToken;
+use berth_types::{Command, CommandResult, Compare, CompareOp, CompareTarget, DeleteRange, RequestOp, Txn};
+use tonic::{Request, Response, Status};
+use tracing::info;
+
+use crate::{
+    node::Ctx,
+    objects::{self, NODES_PREFIX, TOKENS_PREFIX},
+};
+
+pub(crate) struct NodesService {
+    pub ctx: Arc<Ctx>,
+}
+
+fn check_txn(r: CommandResult, what: &str) -> Result<(), Status> {
+    match r {
+        CommandResult::Txn(t) if t.succeeded => Ok(()),
+        CommandResult::Txn(_) => Err(Status::aborted(format!("{what} changed concurrently; run the command again"))),
+        other => Err(Status::internal(format!("unexpected result {other:?}"))),
+    }
+}
+
+fn validate_label(k: &str, v: &str) -> Result<(), Status> {
+    let ok = |s: &str, max: usize| {
+        s.len() <= max && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/'))
+    };
+    if k.is_empty() || !ok(k, 63) || !ok(v, 63) {
+        return Err(Status::invalid_argument(format!(
+            "label {k}={v} is not valid: keys and values are up to 63 letters, digits, '-', '_', '.' or '/'"
+        )));
+    }
+    Ok(())
+}
+
+#[tonic::async_trait]
+impl Nodes for NodesService {
+    async fn token_create(
+        &self,
+        r: Request<pb::TokenCreateRequest>,
+    ) -> Result<Response<pb::TokenCreateResponse>, Status> {
+        let r = r.into_inner();
+        for (k, v) in &r.labels {
+            validate_label(k, v)?;
+        }
+        if r.description.len() > 256 {
+            return Err(Status::invalid_argument("the description is longer than 256 characters"));
+        }
+        let token = JoinToken::generate(self.ctx.pki.digest().clone());
+        let now = objects::now_ms();
+        let record = JoinTokenRecord {
+            id: token.id.clone(),
+            secret_sha256: token.secret_hash(),
+            expires_at_ms: if r.ttl_seconds == 0 { 0 } else { now + (r.ttl_seconds as i64).saturating_mul(1000) },
+            uses_left: if r.uses == 0 { -1 } else { r.uses as i64 },
+            labels: r.labels,
+            description: r.description,
+            created_at_ms: now,
+            revoked: false,
+        };
+        let txn =
+            objects::txn_of(vec![objects::cas_put(objects::token_key(&token.id), 0, objects::encode_token(&record))]);
+        check_txn(self.ctx.write(Command::Txn(txn)).await?, "the token")?;
+        info!(token = %token.id, "join token created");
+        Ok(Response::new(pb::TokenCreateResponse {
+            header: Some(self.ctx.header()),
+            token: token.encode(),
+            record: Some(JoinTokenRecord { secret_sha256: String::new(), ..record }),
+        }))
+    }
+
+    async fn token_list(&self, _r: Request<pb::TokenListRequest>) -> Result<Response<pb::TokenListResponse>, Status> {
+        self.ctx.read_barrier().await?;
+        let tokens = objects::list::<JoinTokenRecord>(&self.ctx.reader, TOKENS_PREFIX)?
+            .into_iter()
+            .map(|t| JoinTokenRecord { secret_sha256: String::new(), ..t.obj })
+            .collect();
+        Ok(Response::new(pb::TokenListResponse { header: Some(self.ctx.header()), tokens }))
+    }
+
+    async fn token_revoke(
+        &self,
+        r: Request<pb::TokenRevokeRequest>,
+    ) -> Result<Response<pb::TokenRevokeResponse>, Status> {
+        let id = r.into_inner().id;
+        self.ctx.read_barrier().await?;
+        let Some(t) = objects::get::<JoinTokenRecord>(&self.ctx.reader, &objects::token_key(&id))? else {
+            return Err(Status::not_found(format!("no token with id {id:?}: see `berth token list`")));
+        };
+        let rec = JoinTokenRecord { revoked: true, ..t.obj };
+        let txn = objects::txn_of(vec![objects::cas_put(
+            objects::token_key(&id),
+            t.mod_revision,
+            objects::encode_token(&rec),
+        )]);
+        check_txn(self.ctx.write(Command::Txn(txn)).await?, "the token")?;
+        info!(token = %id, "join token revoked");
+        Ok(Response::new(pb::TokenRevokeResponse { header: Some(self.ctx.header()) }))
+    }
+
+    async fn node_list(&self, r: Request<pb::NodeListRequest>) -> Result<Response<pb::NodeListResponse>, Status> {
+        // Heartbeat ages live in the leader's memory: ask the leader.
+        if !self.ctx.is_leader()
+            && let Some((_, addr)) = self.ctx.leader()
+        {
+            let ch = self.ctx.peers.channel(&addr).map_err(Status::unavailable)?;
+            let mut client = pb::nodes_client::NodesClient::new(ch).max_decoding_message_size(64 << 20);
+            return client.node_list(r.into_inner()).await;
+        }
+        self.ctx.read_barrier().await?;
+        let nodes = objects::list::<Node>(&self.ctx.reader, NODES_PREFIX)?
+            .into_iter()
+            .map(|n| {
+                let (age, connected) =
+                    if self.ctx.is_leader() { self.ctx.liveness.info(&n.obj.id) } else { (-1, false) };
+                pb::NodeInfo { node: Some(n.obj), last_heartbeat_age_ms: age, connected }
+            })
+            .collect();
+        Ok(Response::new(pb::NodeListResponse { header: Some(self.ctx.header()), nodes }))
+    }
+
+    async fn node_update(&self, r: Request<pb::NodeUpdateRequest>) -> Result<Response<pb::NodeUpdateResponse>, Status> {
+        let r = r.into_inner();
+        for (k, v) in &r.label_add {
+            validate_label(k, v)?;
+        }
+        if let Some(a) = r.availability
+            && NodeAvailability::try_from(a).is_err()
+        {
+            return Err(Status::invalid_argument(format!("unknown availability {a}")));
+        }
+        self.ctx.read_barrier().await?;
+        let Some(n) = objects::find_node(&self.ctx.reader, &r.node)? else {
+            return Err(Status::not_found(format!("no node named {:?}: see `berth get nodes`", r.node)));
+        };
+        let mut node = n.obj.clone();
+        for k in &r.label_rm {
+            node.labels.remove(k);
+        }
+        node.labels.extend(r.label_add);
+        if let Some(a) = r.availability {
+            node.availability = a;
+        }
+        let txn = objects::txn_of(vec![objects::cas_put(
+            objects::node_key(&node.id),
+            n.mod_revision,
+            objects::encode_node(&node),
+        )]);
+        check_txn(self.ctx.write(Command::Txn(txn)).await?, "the node")?;
+        Ok(Response::new(pb::NodeUpdateResponse { header: Some(self.ctx.header()), node: Some(node) }))
+    }
+
+    async fn node_remove(&self, r: Request<pb::NodeRemoveRequest>) -> Result<Response<pb::NodeRemoveResponse>, Status> {
+        let r = r.into_inner();
+        self.ctx.read_barrier().await?;
+        let Some(n) = objects::find_node(&self.ctx.reader, &r.node)? else {
+            return Err(Status::not_found(format!("no node named {:?}: see `berth get nodes`", r.node)));
+        };
+        if n.obj.status() == NodeStatus::Ready && !r.force {
+            return Err(Status::failed_precondition(format!(
+                "node {} is ready: stop its agent first, or pass --force to remove it anyway (its agent will be \
+                 refused from then on)",
+                n.obj.name
+            )));
+        }
+        let key = objects::node_key(&n.obj.id);
+        let txn = Txn {
+            compare: vec![Compare {
+                key: key.clone(),
+                op: CompareOp::Equal,
+                target: CompareTarget::ModRevision(n.mod_revision),
+            }],
+            success: vec![
+                RequestOp::DeleteRange(DeleteRange { key, range_end: vec![], prev_kv: false }),
+                RequestOp::DeleteRange(DeleteRange {
+                    key: objects::node_name_key(&n.obj.name),
+                    range_end: vec![],
+                    prev_kv: false,
+                }),
+            ],
+            failure: vec![],
+        };
+        check_txn(self.ctx.write(Command::Txn(txn)).await?, "the node")?;
+        crate::dispatcher::end_session(&self.ctx, &n.obj.id);
+        info!(node = %n.obj.id, name = %n.obj.name, "node removed");
+        Ok(Response::new(pb::NodeRemoveResponse { header: Some(self.ctx.header()) }))
+    }
+}

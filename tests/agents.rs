@@ -1,0 +1,273 @@
+//! Agents against real masters: joining with tokens, sessions, node health, mTLS refusals and
+//! simulated agents. Every test starts real `berth master` and `berth agent` processes.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Result, bail};
+use berth_tests::{Cluster, admin_env, berth_bin, wait_for};
+use serde_json::Value;
+
+/// A `berth agent` child process, killed when dropped.
+struct AgentProc {
+    child: Option<Child>,
+    dir: PathBuf,
+}
+
+impl AgentProc {
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for AgentProc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+fn spawn_agent(c: &Cluster, dir: &Path, name: &str, token: Option<&str>, extra: &[&str]) -> Result<AgentProc> {
+    std::fs::create_dir_all(dir)?;
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.with_extension("log"))?;
+    let mut cmd = Command::new(berth_bin());
+    cmd.args(["agent", "--join", &c.endpoints(), "--data-dir"]).arg(dir).args(["--name", name]).args(extra);
+    if let Some(t) = token {
+        cmd.args(["--token", t]);
+    }
+    let child = cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log).spawn()?;
+    Ok(AgentProc { child: Some(child), dir: dir.to_path_buf() })
+}
+
+/// Runs `berth agent` to completion (a join that must fail), returning (success, stderr).
+fn agent_once(c: &Cluster, dir: &Path, token: &str) -> Result<(bool, String)> {
+    std::fs::create_dir_all(dir)?;
+    let out = Command::new(berth_bin())
+        .args(["agent", "--join", &c.endpoints(), "--data-dir"])
+        .arg(dir)
+        .args(["--name", "refused", "--token", token])
+        .stdin(Stdio::null())
+        .output()?;
+    Ok((out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned()))
+}
+
+fn token(c: &Cluster, args: &[&str]) -> Result<String> {
+    let mut a = vec!["token", "create"];
+    a.extend(args);
+    let out = c.berth(&a);
+    if !out.status.success() {
+        bail!("token create: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8(out.stdout)?.trim().to_string())
+}
+
+fn nodes(c: &Cluster) -> Result<Vec<Value>> {
+    Ok(c.berth_json(&["get", "nodes"])?.as_array().cloned().unwrap_or_default())
+}
+
+fn node<'a>(nodes: &'a [Value], name: &str) -> Option<&'a Value> {
+    nodes.iter().find(|n| n["name"] == name)
+}
+
+fn wait_status(c: &Cluster, name: &str, status: &str, timeout: Duration) -> Result<Value> {
+    wait_for(timeout, &format!("node {name} {status}"), || {
+        let ns = nodes(c).ok()?;
+        node(&ns, name).filter(|n| n["status"] == status).cloned()
+    })
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64
+}
+
+fn is_empty_dir(d: &Path) -> bool {
+    std::fs::read_dir(d).map(|mut r| r.next().is_none()).unwrap_or(true)
+}
+
+// 1. 3 masters, a token for 2 hosts; 2. two agents join and both nodes become ready, with the
+// token's and the agent's labels; 3. one agent stops and restarts from its data dir without the
+// token: same node id, ready again.
+#[test]
+fn agents_join_and_restart_without_token() -> Result<()> {
+    let c = Cluster::start(3, &[])?;
+    let t = token(&c, &["--uses", "2", "--labels", "tier=edge", "--description", "two hosts"])?;
+    assert!(t.starts_with("BERTH-1-"), "{t}");
+    let d1 = c.dir.path().join("agent-1");
+    let d2 = c.dir.path().join("agent-2");
+    let _a1 = spawn_agent(&c, &d1, "node-a", Some(&t), &["--labels", "zone=a"])?;
+    let mut a2 = spawn_agent(&c, &d2, "node-b", Some(&t), &["--labels", "zone=b"])?;
+    let n1 = wait_status(&c, "node-a", "ready", Duration::from_secs(30))?;
+    let n2 = wait_status(&c, "node-b", "ready", Duration::from_secs(30))?;
+    assert_eq!(n1["labels"]["zone"], "a");
+    assert_eq!(n1["labels"]["tier"], "edge");
+    assert!(n1["cpu_millis"].as_u64().unwrap() >= 1000, "{n1}");
+    assert!(n1["memory_bytes"].as_u64().unwrap() > 0, "{n1}");
+    assert_eq!(n1["availability"], "active");
+    let id_b = n2["id"].clone();
+
+    // The token is used up and listed without its secret.
+    let list = c.berth(&["token", "list", "-o", "json"]);
+    let text = String::from_utf8_lossy(&list.stdout);
+    assert!(!text.contains(t.rsplit('.').next().unwrap()), "token list shows the secret: {text}");
+    let tokens: Value = serde_json::from_str(&text)?;
+    assert_eq!(tokens[0]["uses_left"], 0);
+
+    a2.kill9();
+    let _a2 = spawn_agent(&c, &d2, "node-b", None, &[])?;
+    wait_for(Duration::from_secs(30), "node-b back in session", || {
+        let ns = nodes(&c).ok()?;
+        node(&ns, "node-b").filter(|n| n["connected"] == true && n["status"] == "ready").cloned()
+    })?;
+    let ns = nodes(&c)?;
+    assert_eq!(node(&ns, "node-b").unwrap()["id"], id_b, "the restarted agent kept its identity");
+    assert_eq!(ns.len(), 2);
+    Ok(())
+}
+
+// Each refused join fails with its own message and leaves the data dir empty: a wrong secret,
+// a token for another CA, an expired token, a revoked token, a token with no uses left.
+#[test]
+fn refused_joins_say_why_and_leave_nothing() -> Result<()> {
+    let c = Cluster::start(1, &[])?;
+    let good = token(&c, &["--uses", "1"])?;
+    let dir = |n: &str| c.dir.path().join(n);
+
+    let (head, _) = good.rsplit_once('.').unwrap();
+    let wrong_secret = format!("{head}.{}", "x".repeat(32));
+    let (ok, err) = agent_once(&c, &dir("wrong-secret"), &wrong_secret)?;
+    assert!(!ok && err.contains("secret"), "{err}");
+    assert!(is_empty_dir(&dir("wrong-secret")));
+
+    let parts: Vec<&str> = good.splitn(4, '-').collect();
+    let other_ca = format!("{}-{}-{}-{}", parts[0], parts[1], "0".repeat(64), parts[3]);
+    let (ok, err) = agent_once(&c, &dir("other-ca"), &other_ca)?;
+    assert!(!ok && err.contains("digest"), "{err}");
+    assert!(is_empty_dir(&dir("other-ca")));
+
+    let short = token(&c, &["--ttl", "1s"])?;
+    let created = Instant::now();
+    wait_for(Duration::from_secs(10), "the 1s token to expire", || {
+        (created.elapsed() > Duration::from_millis(1500)).then_some(())
+    })?;
+    let (ok, err) = agent_once(&c, &dir("expired"), &short)?;
+    assert!(!ok && err.contains("expired"), "{err}");
+    assert!(is_empty_dir(&dir("expired")));
+
+    let revoked = token(&c, &[])?;
+    let id = revoked.rsplit_once('.').unwrap().0.rsplit('-').next().unwrap().to_string();
+    let out = c.berth(&["token", "revoke", &id]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (ok, err) = agent_once(&c, &dir("revoked"), &revoked)?;
+    assert!(!ok && err.contains("revoked"), "{err}");
+    assert!(is_empty_dir(&dir("revoked")));
+
+    let _first = spawn_agent(&c, &dir("first"), "first", Some(&good), &[])?;
+    wait_status(&c, "first", "ready", Duration::from_secs(30))?;
+    let (ok, err) = agent_once(&c, &dir("used-up"), &good)?;
+    assert!(!ok && err.contains("no uses left"), "{err}");
+    assert!(is_empty_dir(&dir("used-up")));
+
+    let (ok, err) = agent_once(&c, &dir("garbage"), "not-a-token")?;
+    assert!(!ok && err.contains("token"), "{err}");
+    assert_eq!(nodes(&c)?.len(), 1, "no refused join recorded a node");
+    Ok(())
+}
+
+// 1. 3 masters and 2 ready agents; 2. kill -9 the leader; 3. both sessions reach the new leader
+// within a few seconds; 4. neither node was ever declared down (no status change since before
+// the kill).
+#[test]
+fn leader_kill_keeps_nodes_ready() -> Result<()> {
+    let mut c = Cluster::start(3, &[])?;
+    let t = token(&c, &["--uses", "2"])?;
+    let _a1 = spawn_agent(&c, &c.dir.path().join("a1"), "n1", Some(&t), &[])?;
+    let _a2 = spawn_agent(&c, &c.dir.path().join("a2"), "n2", Some(&t), &[])?;
+    wait_status(&c, "n1", "ready", Duration::from_secs(30))?;
+    wait_status(&c, "n2", "ready", Duration::from_secs(30))?;
+    let before = now_ms();
+    let leader = c.wait_leader(Duration::from_secs(10))?;
+    c.kill9(leader);
+    let killed = Instant::now();
+    let moved = wait_for(Duration::from_secs(15), "both sessions on the new leader", || {
+        let ns = nodes(&c).ok()?;
+        let ok = ns.len() == 2 && ns.iter().all(|n| n["connected"] == true);
+        ok.then(|| killed.elapsed())
+    })?;
+    eprintln!("sessions moved to the new leader {:.1}s after the kill", moved.as_secs_f64());
+    assert!(moved < Duration::from_secs(10), "sessions took {moved:?} to move");
+    for n in nodes(&c)? {
+        assert_eq!(n["status"], "ready", "{n}");
+        assert!(n["status_changed_at_ms"].as_i64().unwrap() < before, "node changed status after the kill: {n}");
+    }
+    Ok(())
+}
+
+// 1. an agent is ready (node-down grace 3s); 2. kill -9 the agent: its node goes down after the
+// grace; 3. restart it: ready again.
+#[test]
+fn dead_agent_goes_down_and_comes_back() -> Result<()> {
+    let c = Cluster::start(3, &["--node-down-grace", "3s"])?;
+    let t = token(&c, &[])?;
+    let d = c.dir.path().join("a");
+    let mut a = spawn_agent(&c, &d, "victim", Some(&t), &[])?;
+    wait_status(&c, "victim", "ready", Duration::from_secs(30))?;
+    a.kill9();
+    let killed = Instant::now();
+    wait_status(&c, "victim", "down", Duration::from_secs(20))?;
+    assert!(killed.elapsed() >= Duration::from_secs(3), "declared down before the grace ran out");
+    let _a = spawn_agent(&c, &a.dir, "victim", None, &[])?;
+    wait_status(&c, "victim", "ready", Duration::from_secs(30))?;
+    // A ready node is not removed without --force; a forced removal refuses the agent from then on.
+    let out = c.berth(&["node", "rm", "victim"]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("--force"));
+    let out = c.berth(&["node", "update", "victim", "--label-add", "disk=ssd", "--availability", "drain"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let n = wait_status(&c, "victim", "ready", Duration::from_secs(5))?;
+    assert_eq!(n["labels"]["disk"], "ssd");
+    assert_eq!(n["availability"], "drain");
+    let out = c.berth(&["node", "rm", "victim", "--force"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(nodes(&c)?.is_empty());
+    Ok(())
+}
+
+// A client with a certificate from another CA is refused by the API; the Raft service refuses
+// an admin certificate; a client without a certificate fails the handshake. (QUIC refusals are
+// in `quic_refuses_foreign_and_missing_certificates`.)
+#[test]
+fn api_and_raft_refuse_foreign_certificates() -> Result<()> {
+    let c = Cluster::start(1, &[])?;
+    let other = c.dir.path().join("other-pki");
+    berth_tests::pki_init(&other)?;
+    let out = Command::new(berth_bin())
+        .args(["kv", "put", "x", "1", "--endpoints", &c.endpoints()])
+        .envs(admin_env(&other))
+        .output()?;
+    assert!(!out.status.success(), "a foreign admin certificate was accepted");
+    let out = c.berth(&["kv", "put", "x", "1"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    berth_tests::tls_checks(&c.endpoints(), &c.pki_dir(), &other)?;
+    Ok(())
+}
+
+// `berth agent --simulate 1000`: 1,000 agents in one process, each its own identity and QUIC
+// session, all ready.
+#[test]
+fn thousand_simulated_agents_become_ready() -> Result<()> {
+    let c = Cluster::start(3, &[])?;
+    let t = token(&c, &["--uses", "1000"])?;
+    let _sim = spawn_agent(&c, &c.dir.path().join("sim"), "sim", Some(&t), &["--simulate", "1000"])?;
+    let started = Instant::now();
+    wait_for(Duration::from_secs(240), "1000 ready nodes", || {
+        let ns = nodes(&c).ok()?;
+        let ready = ns.iter().filter(|n| n["status"] == "ready").count();
+        (ready == 1000).then_some(())
+    })?;
+    eprintln!("1000 simulated agents ready after {:.1}s", started.elapsed().as_secs_f64());
+    Ok(())
+}

@@ -1,0 +1,101 @@
+//! Refusal checks at the TLS level, with real clients: gRPC without a client certificate, with
+//! one from another CA, an admin certificate on the Raft service; QUIC without a certificate and
+//! with one from another CA.
+
+use std::{path::Path, time::Duration};
+
+use anyhow::{Result, bail};
+use berth_api::pb::{
+    agent::{AgentFrame, Hello, MasterFrame, agent_frame},
+    raft::{LocalStatusRequest, raft_client::RaftClient},
+};
+use berth_pki::{CertificateAuthority, CertifiedKey, Identity, MASTER_SERVER_NAME, tls::TlsFiles};
+
+fn read(p: &Path) -> Result<String> {
+    Ok(std::fs::read_to_string(p)?)
+}
+
+async fn raft_status(endpoint: &str, tls: tonic::transport::ClientTlsConfig) -> Result<(), String> {
+    let ch = tonic::transport::Channel::from_shared(format!("https://{endpoint}"))
+        .map_err(|e| e.to_string())?
+        .tls_config(tls)
+        .map_err(|e| e.to_string())?
+        .connect_timeout(Duration::from_secs(3))
+        .connect()
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    RaftClient::new(ch).local_status(LocalStatusRequest {}).await.map(|_| ()).map_err(|s| s.to_string())
+}
+
+/// A QUIC session attempt presenting `client` (or no certificate); Ok when the master answered
+/// with any frame, Err with the reason otherwise.
+async fn quic_hello(endpoint: &str, ca_pem: &str, client: Option<CertifiedKey>) -> Result<MasterFrame, String> {
+    let tls = match client {
+        Some(cert) => berth_pki::tls::client_config(&TlsFiles { ca_pem: ca_pem.into(), cert }, &[berth_channel::ALPN])
+            .map_err(|e| e.to_string())?,
+        None => {
+            let digest = berth_pki::CaDigest::of_cert_pem(ca_pem).map_err(|e| e.to_string())?;
+            berth_pki::tls::pinned_client_config(&digest, &[berth_channel::ALPN]).map_err(|e| e.to_string())?
+        }
+    };
+    let cfg = berth_channel::client_config(tls).map_err(|e| e.to_string())?;
+    let ep = berth_channel::client_endpoint("127.0.0.1:0".parse().unwrap()).map_err(|e| e.to_string())?;
+    let addr = endpoint.parse().map_err(|e: std::net::AddrParseError| e.to_string())?;
+    let conn = ep
+        .connect_with(cfg, addr, MASTER_SERVER_NAME)
+        .map_err(|e| e.to_string())?
+        .await
+        .map_err(|e| format!("handshake: {e}"))?;
+    let (send, recv) = conn.open_bi().await.map_err(|e| format!("open stream: {e}"))?;
+    let mut w = berth_channel::FrameWriter::new(send);
+    let mut r = berth_channel::FrameReader::new(recv);
+    let hello =
+        AgentFrame { body: Some(agent_frame::Body::Hello(Hello { node_id: "intruder".into(), ..Default::default() })) };
+    w.send(&hello).await.map_err(|e| format!("send: {e}"))?;
+    match tokio::time::timeout(Duration::from_secs(5), r.recv::<MasterFrame>()).await {
+        Ok(Ok(Some(f))) => Ok(f),
+        Ok(Ok(None)) => Err("stream closed".into()),
+        Ok(Err(e)) => Err(format!("recv: {e}")),
+        Err(_) => Err("no answer within 5s".into()),
+    }
+}
+
+pub fn tls_checks(endpoints: &str, pki: &Path, other_pki: &Path) -> Result<()> {
+    berth_pki::tls::install_crypto_provider();
+    let endpoint = endpoints.split(',').next().unwrap_or_default().to_string();
+    let ca_pem = read(&pki.join("ca.crt"))?;
+    let admin = CertifiedKey { cert_pem: read(&pki.join("admin.crt"))?, key_pem: read(&pki.join("admin.key"))? };
+    let foreign =
+        CertifiedKey { cert_pem: read(&other_pki.join("admin.crt"))?, key_pem: read(&other_pki.join("admin.key"))? };
+    // An agent certificate signed by a CA the cluster does not know.
+    let rogue_ca = CertificateAuthority::generate("rogue")?;
+    let rogue_agent = rogue_ca.issue(&Identity::agent("intruder"), &[], &[], Duration::from_secs(3600))?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(async {
+        let no_cert = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(&ca_pem))
+            .domain_name(MASTER_SERVER_NAME);
+        if raft_status(&endpoint, no_cert).await.is_ok() {
+            bail!("the gRPC port accepted a client without a certificate");
+        }
+        let foreign_tls = berth_master::client_tls(&TlsFiles { ca_pem: ca_pem.clone(), cert: foreign.clone() });
+        if raft_status(&endpoint, foreign_tls).await.is_ok() {
+            bail!("the gRPC port accepted a certificate from another CA");
+        }
+        let admin_tls = berth_master::client_tls(&TlsFiles { ca_pem: ca_pem.clone(), cert: admin.clone() });
+        match raft_status(&endpoint, admin_tls).await {
+            Ok(()) => bail!("the Raft service accepted an admin certificate"),
+            Err(e) if e.contains("masters only") => {}
+            Err(e) => bail!("unexpected refusal of an admin certificate on the Raft service: {e}"),
+        }
+        match quic_hello(&endpoint, &ca_pem, None).await {
+            Ok(f) => bail!("QUIC accepted a session without a certificate: {f:?}"),
+            Err(e) => eprintln!("QUIC without a certificate refused: {e}"),
+        }
+        match quic_hello(&endpoint, &ca_pem, Some(rogue_agent)).await {
+            Ok(f) => bail!("QUIC accepted an agent certificate from another CA: {f:?}"),
+            Err(e) => eprintln!("QUIC with a foreign certificate refused: {e}"),
+        }
+        Ok(())
+    })
+}
