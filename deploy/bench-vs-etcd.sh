@@ -41,9 +41,12 @@ done
 
 # berth: 3 masters via berth dev.
 base=$(free_port)
-"$berth" dev --data-dir "$work/berth" --base-port "$base" > "$work/berth-dev.log" 2>&1 &
+"$berth" dev --data-dir "$work/berth" --base-port "$base" --agents 0 > "$work/berth-dev.log" 2>&1 &
 pids+=($!)
 for _ in $(seq 1 300); do [ -f "$work/berth/berth.toml" ] && break; sleep 0.2; done
+# berth speaks mutual TLS only; the credentials come from the berth.toml that `berth dev` wrote.
+# etcd runs in plain text here, so berth carries the TLS cost and etcd does not.
+export BERTH_CONFIG="$work/berth/berth.toml"
 berth_eps="127.0.0.1:$base,127.0.0.1:$((base+1)),127.0.0.1:$((base+2))"
 
 # The leader of each cluster, so that single-client latency is measured both on the leader and
