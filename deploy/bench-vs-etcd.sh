@@ -8,7 +8,10 @@ cd "$(dirname "$0")/.."
 target="${CARGO_TARGET_DIR:-target}"
 berth="${1:-$target/release/berth}"
 [ -x "$berth" ] || { echo "no berth binary at $berth: build it with 'cargo build --release -p berth-cli'" >&2; exit 1; }
-command -v etcd >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq etcd-server >/dev/null; }
+# etcd-server has the server; etcdctl (used to find the leader) is in etcd-client.
+if ! command -v etcd >/dev/null 2>&1 || ! command -v etcdctl >/dev/null 2>&1; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq etcd-server etcd-client >/dev/null
+fi
 
 work=$(mktemp -d /tmp/berth-vs-etcd.XXXXXX)
 pids=()

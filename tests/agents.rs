@@ -252,6 +252,11 @@ fn api_and_raft_refuse_foreign_certificates() -> Result<()> {
     let out = c.berth(&["kv", "put", "x", "1"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     berth_tests::tls_checks(&c.endpoints(), &c.pki_dir(), &other)?;
+    // Malformed and oversized frames close their connection; the master keeps serving.
+    berth_tests::bad_frames_close_the_session(&c.endpoints(), &c.pki_dir())?;
+    let t = token(&c, &[])?;
+    let _a = spawn_agent(&c, &c.dir.path().join("after-garbage"), "after-garbage", Some(&t), &[])?;
+    wait_status(&c, "after-garbage", "ready", Duration::from_secs(30))?;
     Ok(())
 }
 
@@ -269,5 +274,45 @@ fn thousand_simulated_agents_become_ready() -> Result<()> {
         (ready == 1000).then_some(())
     })?;
     eprintln!("1000 simulated agents ready after {:.1}s", started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+// Certificates renew before they expire: with a 1-minute lifetime, 1. the masters re-issue their
+// own certificates and the agent gets a new node certificate over its session, each at a random
+// 50-80% of the lifetime; 2. after the first lifetime has run out the cluster still serves
+// clients and Raft (a write commits) and the node is still ready on a session using the renewed
+// certificate.
+#[test]
+fn certificates_renew_before_expiry() -> Result<()> {
+    let c = Cluster::start(3, &["--cert-validity", "1m"])?;
+    let t = token(&c, &[])?;
+    let d = c.dir.path().join("renewing");
+    let _a = spawn_agent(&c, &d, "renewing", Some(&t), &[])?;
+    wait_status(&c, "renewing", "ready", Duration::from_secs(30))?;
+    let started = Instant::now();
+    let node_cert = std::fs::read(d.join("node.crt"))?;
+    let master_certs: Vec<Vec<u8>> =
+        c.masters.values().map(|m| std::fs::read(m.data_dir.join("pki/master.crt"))).collect::<Result<_, _>>()?;
+    wait_for(Duration::from_secs(70), "the agent's renewed certificate", || {
+        std::fs::read(d.join("node.crt")).ok().filter(|now| *now != node_cert).map(|_| ())
+    })?;
+    wait_for(Duration::from_secs(70), "every master's renewed certificate", || {
+        let renewed = c
+            .masters
+            .values()
+            .zip(&master_certs)
+            .all(|(m, old)| std::fs::read(m.data_dir.join("pki/master.crt")).is_ok_and(|now| now != *old));
+        renewed.then_some(())
+    })?;
+    let renewed_after = started.elapsed();
+    assert!(renewed_after >= Duration::from_secs(25), "renewed after only {renewed_after:?}");
+    wait_for(Duration::from_secs(60), "the first lifetime to run out", || {
+        (started.elapsed() > Duration::from_secs(65)).then_some(())
+    })?;
+    assert!(c.put("after/renewal", "ok"), "a write failed after the original certificates expired");
+    wait_for(Duration::from_secs(30), "the node ready on its renewed certificate", || {
+        let ns = nodes(&c).ok()?;
+        node(&ns, "renewing").filter(|n| n["status"] == "ready" && n["connected"] == true).cloned()
+    })?;
     Ok(())
 }

@@ -15,7 +15,7 @@ use serde_json::Value;
 
 #[path = "tls_checks.rs"]
 mod tls_checks;
-pub use tls_checks::tls_checks;
+pub use tls_checks::{bad_frames_close_the_session, tls_checks};
 
 /// The `berth` binary: `$BERTH_BIN`, or `target/<profile>/berth` next to this test binary.
 pub fn berth_bin() -> PathBuf {

@@ -60,6 +60,48 @@ async fn quic_hello(endpoint: &str, ca_pem: &str, client: Option<CertifiedKey>) 
     }
 }
 
+/// Sends raw bytes as the first frame of a join connection and returns how the master closed it.
+async fn raw_first_frame(endpoint: &str, ca_pem: &str, bytes: &[u8]) -> Result<String, String> {
+    let digest = berth_pki::CaDigest::of_cert_pem(ca_pem).map_err(|e| e.to_string())?;
+    let tls = berth_pki::tls::pinned_client_config(&digest, &[berth_channel::ALPN]).map_err(|e| e.to_string())?;
+    let cfg = berth_channel::client_config(tls).map_err(|e| e.to_string())?;
+    let ep = berth_channel::client_endpoint("127.0.0.1:0".parse().unwrap()).map_err(|e| e.to_string())?;
+    let addr = endpoint.parse().map_err(|e: std::net::AddrParseError| e.to_string())?;
+    let conn = ep
+        .connect_with(cfg, addr, MASTER_SERVER_NAME)
+        .map_err(|e| e.to_string())?
+        .await
+        .map_err(|e| format!("handshake: {e}"))?;
+    let (mut send, _recv) = conn.open_bi().await.map_err(|e| format!("open stream: {e}"))?;
+    send.write_all(bytes).await.map_err(|e| format!("write: {e}"))?;
+    match tokio::time::timeout(Duration::from_secs(5), conn.closed()).await {
+        Ok(quinn::ConnectionError::ApplicationClosed(c)) if c.error_code == berth_channel::close::MALFORMED_FRAME => {
+            Ok(String::from_utf8_lossy(&c.reason).into_owned())
+        }
+        Ok(e) => Err(format!("closed, but not as a malformed frame: {e}")),
+        Err(_) => Err("the master kept the connection open".into()),
+    }
+}
+
+/// A frame announcing 100 MiB, and a frame that is not protobuf: each closes that connection
+/// with MALFORMED_FRAME and nothing else.
+pub fn bad_frames_close_the_session(endpoints: &str, pki: &Path) -> Result<()> {
+    berth_pki::tls::install_crypto_provider();
+    let endpoint = endpoints.split(',').next().unwrap_or_default().to_string();
+    let ca_pem = read(&pki.join("ca.crt"))?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(async {
+        let oversized = (100u32 << 20).to_be_bytes();
+        let reason = raw_first_frame(&endpoint, &ca_pem, &oversized).await.map_err(anyhow::Error::msg)?;
+        eprintln!("oversized frame: closed with {reason:?}");
+        let mut garbage = 8u32.to_be_bytes().to_vec();
+        garbage.extend([0xff; 8]);
+        let reason = raw_first_frame(&endpoint, &ca_pem, &garbage).await.map_err(anyhow::Error::msg)?;
+        eprintln!("undecodable frame: closed with {reason:?}");
+        Ok(())
+    })
+}
+
 pub fn tls_checks(endpoints: &str, pki: &Path, other_pki: &Path) -> Result<()> {
     berth_pki::tls::install_crypto_provider();
     let endpoint = endpoints.split(',').next().unwrap_or_default().to_string();

@@ -102,14 +102,24 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
     type Network = PeerClient;
 
     async fn new_client(&mut self, target: u64, node: &openraft::BasicNode) -> PeerClient {
-        PeerClient { target, addr: node.addr.clone(), peers: self.peers.clone() }
+        PeerClient { target, addr: node.addr.clone(), peers: self.peers.clone(), append_stream: None }
     }
+}
+
+/// An open AppendStream: requests go in through `tx`, answers come back in order on `rx`.
+struct AppendStream {
+    tx: tokio::sync::mpsc::Sender<RaftRequest>,
+    rx: tonic::Streaming<berth_api::pb::raft::RaftResponse>,
 }
 
 pub(crate) struct PeerClient {
     target: u64,
     addr: String,
     peers: Arc<Peers>,
+    /// openraft calls `append_entries` on one client one at a time, so answers match requests in
+    /// order. Any error or timeout drops the stream (a late answer must never be taken for the
+    /// next request's); the next call opens a new one.
+    append_stream: Option<AppendStream>,
 }
 
 fn status_to_rpc_error(s: tonic::Status) -> RPCError<TypeConfig> {
@@ -125,7 +135,6 @@ fn status_to_rpc_error(s: tonic::Status) -> RPCError<TypeConfig> {
 enum Rpc {
     Vote,
     PreVote,
-    Append,
     TransferLeader,
 }
 
@@ -149,7 +158,6 @@ impl PeerClient {
             match rpc {
                 Rpc::Vote => client.vote(request).await,
                 Rpc::PreVote => client.pre_vote(request).await,
-                Rpc::Append => client.append(request).await,
                 Rpc::TransferLeader => client.transfer_leader(request).await,
             }
         };
@@ -168,6 +176,32 @@ impl PeerClient {
     }
 }
 
+impl PeerClient {
+    /// Sends one AppendEntries on this peer's stream (opening it if needed) and returns the
+    /// answer's payload.
+    async fn append_streamed(&mut self, request: RaftRequest) -> Result<Vec<u8>, RPCError<TypeConfig>> {
+        if self.append_stream.is_none() {
+            let mut client = self.client()?;
+            let (tx, rx) = tokio::sync::mpsc::channel(4);
+            let rx = client
+                .append_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await
+                .map_err(status_to_rpc_error)?
+                .into_inner();
+            self.append_stream = Some(AppendStream { tx, rx });
+        }
+        let s = self.append_stream.as_mut().expect("opened above");
+        s.tx.send(request)
+            .await
+            .map_err(|_| RPCError::Unreachable(Unreachable::from_string("the append stream closed")))?;
+        match s.rx.message().await {
+            Ok(Some(resp)) => Ok(resp.payload),
+            Ok(None) => Err(RPCError::Unreachable(Unreachable::from_string("the append stream ended"))),
+            Err(st) => Err(status_to_rpc_error(st)),
+        }
+    }
+}
+
 impl RaftNetworkV2<TypeConfig> for PeerClient {
     type SnapshotData = SnapshotFile;
 
@@ -178,7 +212,25 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
     ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
         // A large batch may take longer than a heartbeat to ship; give it room.
         let ttl = option.hard_ttl().max(Duration::from_secs(2));
-        self.call(Rpc::Append, &rpc, ttl).await
+        let request = RaftRequest { header: Some(self.peers.header(self.target)), payload: encode(&rpc) };
+        let res = tokio::time::timeout(ttl, self.append_streamed(request)).await;
+        let payload = match res {
+            Ok(Ok(p)) => p,
+            Ok(Err(e)) => {
+                self.append_stream = None;
+                return Err(e);
+            }
+            Err(_) => {
+                self.append_stream = None;
+                return Err(RPCError::Unreachable(Unreachable::from_string(format!(
+                    "master {} at {} did not answer within {ttl:?}",
+                    self.target, self.addr
+                ))));
+            }
+        };
+        let res: Result<AppendEntriesResponse<TypeConfig>, String> =
+            decode(&payload).map_err(|e| RPCError::Network(NetworkError::from_string(e)))?;
+        res.map_err(|e| RPCError::Network(NetworkError::from_string(e)))
     }
 
     async fn vote(

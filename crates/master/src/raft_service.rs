@@ -44,6 +44,9 @@ fn peer_master<T>(r: &Request<T>) -> Result<u64, Status> {
     }
 }
 
+/// A stream of Raft responses, for AppendStream.
+type AppendStreamOut = std::pin::Pin<Box<dyn futures::Stream<Item = Result<RaftResponse, Status>> + Send + 'static>>;
+
 impl RaftService {
     /// Refuses messages not meant for this master: a sender whose certificate is not the member
     /// the message claims to be from, wrong target id (a master replaced at the same address),
@@ -102,9 +105,25 @@ impl raft_server::Raft for RaftService {
         reply(&self.ctx.raft.pre_vote(req).await.map_err(|e| e.to_string()))
     }
 
-    async fn append(&self, r: Request<RaftRequest>) -> Result<Response<RaftResponse>, Status> {
-        let req: AppendEntriesRequest<TypeConfig> = self.decode_req(r)?;
-        reply(&self.ctx.raft.append_entries(req).await.map_err(|e| e.to_string()))
+    type AppendStreamStream = AppendStreamOut;
+
+    async fn append_stream(
+        &self,
+        r: Request<Streaming<RaftRequest>>,
+    ) -> Result<Response<Self::AppendStreamStream>, Status> {
+        let peer = peer_master(&r)?;
+        let mut inbound = r.into_inner();
+        let svc = RaftService { ctx: self.ctx.clone(), snap_dir: self.snap_dir.clone() };
+        // Answered one at a time, in order: the sender waits for each answer anyway.
+        let out = async_stream::try_stream! {
+            while let Some(req) = inbound.message().await? {
+                svc.check(req.header.as_ref(), peer)?;
+                let req: AppendEntriesRequest<TypeConfig> = decode(&req.payload).map_err(Status::invalid_argument)?;
+                let res = svc.ctx.raft.append_entries(req).await.map_err(|e| e.to_string());
+                yield RaftResponse { payload: encode(&res) };
+            }
+        };
+        Ok(Response::new(Box::pin(out)))
     }
 
     async fn transfer_leader(&self, r: Request<RaftRequest>) -> Result<Response<RaftResponse>, Status> {

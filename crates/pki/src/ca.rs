@@ -135,8 +135,15 @@ impl CertifiedKey {
     pub fn renew_at(&self) -> Result<SystemTime, PkiError> {
         let (not_before, not_after) = self.validity()?;
         let span = not_after.duration_since(not_before).unwrap_or_default();
+        // Certificates are back-dated by the clock-skew allowance: the lifetime that counts
+        // starts at issue time, or short lifetimes would be due for renewal at once.
+        let (issued, lifetime) = if span > CLOCK_SKEW_ALLOWANCE {
+            (not_before + CLOCK_SKEW_ALLOWANCE, span - CLOCK_SKEW_ALLOWANCE)
+        } else {
+            (not_before, span)
+        };
         let fraction = rand::rng().random_range(0.5..=0.8);
-        Ok(not_before + span.mul_f64(fraction))
+        Ok(issued + lifetime.mul_f64(fraction))
     }
 }
 
@@ -663,9 +670,11 @@ mod tests {
         assert!(na >= before + 24 * HOUR - Duration::from_secs(1));
         assert!(na <= SystemTime::now() + 24 * HOUR);
 
-        let span = na.duration_since(nb).unwrap();
-        let low = nb + span.mul_f64(0.5);
-        let high = nb + span.mul_f64(0.8);
+        // The lifetime that counts starts at issue time (the back-dating is only for skew).
+        let issued = nb + CLOCK_SKEW_ALLOWANCE;
+        let span = na.duration_since(issued).unwrap();
+        let low = issued + span.mul_f64(0.5);
+        let high = issued + span.mul_f64(0.8);
         let mut samples = Vec::new();
         for _ in 0..500 {
             let at = leaf.renew_at().unwrap();
@@ -676,6 +685,18 @@ mod tests {
         let max = samples.iter().max().unwrap();
         // Jitter: the samples spread over most of the window, not a single instant.
         assert!(max.duration_since(*min).unwrap() > span.mul_f64(0.2));
+    }
+
+    #[test]
+    fn short_lifetimes_are_not_due_at_once() {
+        let ca = CertificateAuthority::generate("test").unwrap();
+        let before = SystemTime::now();
+        let leaf = ca.issue(&Identity::agent("n1"), &[], &[], Duration::from_secs(60)).unwrap();
+        for _ in 0..100 {
+            let at = leaf.renew_at().unwrap();
+            assert!(at >= before + Duration::from_secs(29), "a 1-minute certificate due before 50% of it");
+            assert!(at <= SystemTime::now() + Duration::from_secs(49));
+        }
     }
 
     #[test]

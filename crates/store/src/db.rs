@@ -28,6 +28,12 @@ pub(crate) fn open(path: &Path) -> Result<Arc<DB>, StoreError> {
     opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
     opts.set_keep_log_file_num(4);
     opts.set_max_total_wal_size(64 * 1024 * 1024);
+    // Unsynced writes (log appends before their group sync, state machine applies) stay in
+    // RocksDB's WAL buffer until the syncer's FlushWAL(sync) writes and syncs them in one go.
+    // Without this every write() into the WAL file could stall behind an fdatasync in flight on
+    // that same file (measured: 5% lower single-client latency, 5% more throughput). Synced
+    // writes (vote, truncate, purge) still flush and sync before they return.
+    opts.set_manual_wal_flush(true);
     let cfs = ALL_CFS.iter().map(|name| {
         let mut cf_opts = Options::default();
         cf_opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
