@@ -680,8 +680,9 @@ async fn an_unauthenticated_close_ends_the_agent_with_a_clear_error() {
 #[tokio::test]
 async fn the_certificate_is_renewed_over_the_session() {
     let cl = cluster();
-    // A short certificate: its renewal point is already past once the session is up.
-    let mut master = TestMaster::start(&cl, Knobs { join_validity: Duration::from_secs(60), ..Knobs::default() }).await;
+    // A short certificate: its renewal point comes 2-3.2 s after it was issued, while the session
+    // is up (renewals are signed for an hour).
+    let mut master = TestMaster::start(&cl, Knobs { join_validity: Duration::from_secs(4), ..Knobs::default() }).await;
     let tmp = tempfile::tempdir().unwrap();
     let agent = spawn_agent(config(&master, Some(cl.token.encode()), tmp.path()));
     let node = master.hello().await.node_id;

@@ -129,10 +129,24 @@ pub async fn run(cmd: BenchCmd, g: &Global) -> Result<()> {
     if a.clients == 0 || a.ops == 0 {
         bail!("--clients and --ops must be at least 1");
     }
-    // etcd runs without TLS in the comparison script; berth always uses mTLS.
+    // berth always speaks mutual TLS. etcd does when --ca-cert/--cert/--key are given (the
+    // comparison script gives it the same kind of certificates), plain text otherwise.
     let berth = match a.target {
         Target::Berth => Some(crate::config::client(g)?),
         Target::Etcd => None,
+    };
+    let etcd_tls = match (&g.ca_cert, &g.cert, &g.key) {
+        (Some(ca), Some(cert), Some(key)) if a.target == Target::Etcd => {
+            let read = |p: &std::path::Path| {
+                std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))
+            };
+            Some(
+                etcd_client::TlsOptions::new()
+                    .ca_certificate(etcd_client::Certificate::from_pem(read(ca)?))
+                    .identity(etcd_client::Identity::from_pem(read(cert)?, read(key)?)),
+            )
+        }
+        _ => None,
     };
     let endpoints: Vec<String> = match &berth {
         Some(c) => c.endpoints().to_vec(),
@@ -148,7 +162,13 @@ pub async fn run(cmd: BenchCmd, g: &Global) -> Result<()> {
         conns.push(match a.target {
             Target::Berth => Conn::Berth(Client::kv(berth.as_ref().expect("berth client").channel(ep)?)),
             Target::Etcd => {
-                let c = etcd_client::Client::connect([format!("http://{ep}")], None)
+                let (url, opts) = match &etcd_tls {
+                    Some(tls) => {
+                        (format!("https://{ep}"), Some(etcd_client::ConnectOptions::new().with_tls(tls.clone())))
+                    }
+                    None => (format!("http://{ep}"), None),
+                };
+                let c = etcd_client::Client::connect([url], opts)
                     .await
                     .with_context(|| format!("cannot connect to etcd at {ep}"))?;
                 Conn::Etcd(Box::new(c.kv_client()))

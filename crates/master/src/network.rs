@@ -57,16 +57,130 @@ pub(crate) struct Peers {
     pub cluster_id: ClusterIdCell,
     pki: Arc<crate::tls::MasterPki>,
     channels: Mutex<HashMap<String, Channel>>,
+    forwarders: Mutex<HashMap<String, tokio::sync::mpsc::Sender<ForwardJob>>>,
+}
+
+/// Why a forwarded write has no answer.
+pub(crate) enum ForwardError {
+    /// The stream to the leader could not be opened: the write was never sent (safe to retry).
+    NotSent(tonic::Status),
+    /// The stream broke after the write was sent: its outcome is unknown.
+    Broken(String),
+}
+
+pub(crate) struct ForwardJob {
+    request: RaftRequest,
+    reply: tokio::sync::oneshot::Sender<Result<Vec<u8>, ForwardError>>,
+}
+
+/// Owns one ProposeStream to a leader: sends each job with a fresh id and routes the answers,
+/// which come back in completion order, to their callers. When the stream breaks, every write
+/// still waiting is answered "outcome unknown", and the next job opens a new stream.
+async fn run_forwarder(ch: Channel, mut jobs: tokio::sync::mpsc::Receiver<ForwardJob>) {
+    use futures::StreamExt;
+    let mut stream: Option<(
+        tokio::sync::mpsc::Sender<RaftRequest>,
+        tonic::Streaming<berth_api::pb::raft::RaftResponse>,
+    )> = None;
+    let mut pending: HashMap<u64, tokio::sync::oneshot::Sender<Result<Vec<u8>, ForwardError>>> = HashMap::new();
+    let mut next_id = 0u64;
+    loop {
+        let job = match &mut stream {
+            None => match jobs.recv().await {
+                Some(j) => j,
+                None => return,
+            },
+            Some((_, answers)) => tokio::select! {
+                j = jobs.recv() => match j { Some(j) => j, None => return },
+                a = answers.next() => {
+                    match a {
+                        Some(Ok(resp)) => {
+                            if let Some(tx) = pending.remove(&resp.id) {
+                                let _ = tx.send(Ok(resp.payload));
+                            }
+                        }
+                        other => {
+                            let why = match other {
+                                Some(Err(s)) => s.message().to_string(),
+                                _ => "the leader closed the stream".to_string(),
+                            };
+                            for (_, tx) in pending.drain() {
+                                let _ = tx.send(Err(ForwardError::Broken(why.clone())));
+                            }
+                            stream = None;
+                        }
+                    }
+                    continue;
+                }
+            },
+        };
+        if stream.is_none() {
+            let (tx, rx) = tokio::sync::mpsc::channel(1024);
+            let mut client =
+                RaftClient::new(ch.clone()).max_decoding_message_size(WIRE_LIMIT).max_encoding_message_size(WIRE_LIMIT);
+            match client.propose_stream(tokio_stream::wrappers::ReceiverStream::new(rx)).await {
+                Ok(r) => stream = Some((tx, r.into_inner())),
+                Err(s) => {
+                    let _ = job.reply.send(Err(ForwardError::NotSent(s)));
+                    continue;
+                }
+            }
+        }
+        next_id += 1;
+        let mut request = job.request;
+        request.id = next_id;
+        let (tx, _) = stream.as_ref().expect("opened above");
+        if tx.send(request).await.is_err() {
+            let _ = job.reply.send(Err(ForwardError::Broken("the stream to the leader closed".into())));
+            for (_, tx) in pending.drain() {
+                let _ = tx.send(Err(ForwardError::Broken("the stream to the leader closed".into())));
+            }
+            stream = None;
+            continue;
+        }
+        pending.insert(next_id, job.reply);
+    }
 }
 
 impl Peers {
     pub fn new(self_id: u64, cluster_id: ClusterIdCell, pki: Arc<crate::tls::MasterPki>) -> Arc<Self> {
-        Arc::new(Peers { self_id, cluster_id, pki, channels: Mutex::new(HashMap::new()) })
+        Arc::new(Peers {
+            self_id,
+            cluster_id,
+            pki,
+            channels: Mutex::new(HashMap::new()),
+            forwarders: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Forwards a write (a header and an encoded command) to the leader at `addr` over that
+    /// leader's ProposeStream and returns the encoded answer.
+    pub async fn forward(&self, addr: &str, request: RaftRequest) -> Result<Vec<u8>, ForwardError> {
+        let sender = {
+            let mut map = self.forwarders.lock().expect("forwarder map lock");
+            match map.get(addr).filter(|s| !s.is_closed()) {
+                Some(s) => s.clone(),
+                None => {
+                    let ch = self.channel(addr).map_err(|e| ForwardError::NotSent(tonic::Status::unavailable(e)))?;
+                    let (tx, rx) = tokio::sync::mpsc::channel(1024);
+                    tokio::spawn(run_forwarder(ch, rx));
+                    map.insert(addr.to_string(), tx.clone());
+                    tx
+                }
+            }
+        };
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        sender
+            .send(ForwardJob { request, reply })
+            .await
+            .map_err(|_| ForwardError::NotSent(tonic::Status::unavailable("the forwarder stopped")))?;
+        answer.await.map_err(|_| ForwardError::Broken("the forwarder stopped".into()))?
     }
 
     /// Drops every cached channel, so new connections present the renewed certificate.
     pub fn reset_channels(&self) {
         self.channels.lock().expect("channel map lock").clear();
+        self.forwarders.lock().expect("forwarder map lock").clear();
     }
 
     /// A lazily connecting channel to `addr`, reused across calls.
@@ -151,8 +265,11 @@ impl PeerClient {
         ttl: Duration,
     ) -> Result<Resp, RPCError<TypeConfig>> {
         let mut client = self.client()?;
-        let mut request =
-            tonic::Request::new(RaftRequest { header: Some(self.peers.header(self.target)), payload: encode(req) });
+        let mut request = tonic::Request::new(RaftRequest {
+            header: Some(self.peers.header(self.target)),
+            payload: encode(req),
+            id: 0,
+        });
         request.set_timeout(ttl);
         let fut = async {
             match rpc {
@@ -212,7 +329,7 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
     ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
         // A large batch may take longer than a heartbeat to ship; give it room.
         let ttl = option.hard_ttl().max(Duration::from_secs(2));
-        let request = RaftRequest { header: Some(self.peers.header(self.target)), payload: encode(&rpc) };
+        let request = RaftRequest { header: Some(self.peers.header(self.target)), payload: encode(&rpc), id: 0 };
         let res = tokio::time::timeout(ttl, self.append_streamed(request)).await;
         let payload = match res {
             Ok(Ok(p)) => p,

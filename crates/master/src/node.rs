@@ -18,14 +18,10 @@ use tracing::{info, warn};
 use crate::{
     MasterConfig, MasterError,
     identity::Identity,
-    network::{ClusterIdCell, NetworkFactory, Peers, decode, encode},
+    network::{ClusterIdCell, ForwardError, NetworkFactory, Peers, decode, encode},
     proposer::{CmdResult, ProposeError, Proposer},
     tls::MasterPki,
 };
-
-/// Largest client request accepted (values are limited to 1 MiB by validation; this leaves room
-/// for a clear validation error on somewhat larger ones instead of a transport error).
-const CLIENT_MESSAGE_LIMIT: usize = 16 * 1024 * 1024;
 
 /// How long a leader waits for a proposal to commit before telling the client it could not.
 pub(crate) const COMMIT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -181,21 +177,17 @@ impl Ctx {
     }
 
     async fn forward(&self, leader: u64, addr: &str, cmd: &Command) -> Result<Result<CmdResult, ProposeError>, Status> {
-        let ch = self.peers.channel(addr).map_err(Status::unavailable)?;
-        let mut client = pb::raft::raft_client::RaftClient::new(ch)
-            .max_decoding_message_size(CLIENT_MESSAGE_LIMIT)
-            .max_encoding_message_size(CLIENT_MESSAGE_LIMIT);
-        let req = pb::raft::RaftRequest { header: Some(self.peers.header(leader)), payload: encode(cmd) };
-        match client.propose(req).await {
-            Ok(resp) => decode(&resp.into_inner().payload).map_err(Status::internal),
-            // Not connected at all: the write was never sent, so asking again is safe.
-            Err(s) if s.code() == tonic::Code::Unavailable && s.message().contains("connect") => {
+        let req = pb::raft::RaftRequest { header: Some(self.peers.header(leader)), payload: encode(cmd), id: 0 };
+        match self.peers.forward(addr, req).await {
+            Ok(payload) => decode(&payload).map_err(Status::internal),
+            // Never sent: asking again (once the leader is known again) is safe.
+            Err(ForwardError::NotSent(s)) => {
+                tracing::debug!(leader, %addr, "forwarding: no stream to the leader: {}", s.message());
                 Ok(Err(ProposeError::NotLeader { leader: None }))
             }
-            Err(s) => Err(Status::unavailable(format!(
+            Err(ForwardError::Broken(why)) => Err(Status::unavailable(format!(
                 "forwarding the write to leader {leader} at {addr} failed, so its outcome is \
-                 unknown: {}; read it back before retrying",
-                s.message()
+                 unknown: {why}; read it back before retrying"
             ))),
         }
     }

@@ -29,7 +29,7 @@ pub(crate) struct RaftService {
 }
 
 fn reply<T: serde::Serialize>(v: &T) -> Result<Response<RaftResponse>, Status> {
-    Ok(Response::new(RaftResponse { payload: encode(v) }))
+    Ok(Response::new(RaftResponse { payload: encode(v), id: 0 }))
 }
 
 /// The master id in the peer's client certificate. The Raft service is for masters only.
@@ -44,7 +44,22 @@ fn peer_master<T>(r: &Request<T>) -> Result<u64, Status> {
     }
 }
 
-/// A stream of Raft responses, for AppendStream.
+/// A write forwarded by a follower: proposed here if this master leads, else refused with a hint.
+async fn propose_forwarded(ctx: &Ctx, cmd: Command) -> Result<crate::proposer::CmdResult, ProposeError> {
+    if !ctx.is_leader() {
+        return Err(ProposeError::NotLeader { leader: ctx.leader() });
+    }
+    match tokio::time::timeout(crate::node::COMMIT_TIMEOUT, ctx.proposer.propose(cmd)).await {
+        Ok(r) => r,
+        Err(_) => Err(ProposeError::OutcomeUnknown(format!(
+            "the write was not committed within {:?}: a majority of masters is probably \
+             unreachable; it may still be applied if they return, so read it back before retrying",
+            crate::node::COMMIT_TIMEOUT
+        ))),
+    }
+}
+
+/// A stream of Raft responses, for AppendStream and ProposeStream.
 type AppendStreamOut = std::pin::Pin<Box<dyn futures::Stream<Item = Result<RaftResponse, Status>> + Send + 'static>>;
 
 impl RaftService {
@@ -120,7 +135,7 @@ impl raft_server::Raft for RaftService {
                 svc.check(req.header.as_ref(), peer)?;
                 let req: AppendEntriesRequest<TypeConfig> = decode(&req.payload).map_err(Status::invalid_argument)?;
                 let res = svc.ctx.raft.append_entries(req).await.map_err(|e| e.to_string());
-                yield RaftResponse { payload: encode(&res) };
+                yield RaftResponse { payload: encode(&res), id: 0 };
             }
         };
         Ok(Response::new(Box::pin(out)))
@@ -186,20 +201,48 @@ impl raft_server::Raft for RaftService {
         Ok(Response::new(self.ctx.local_status()))
     }
 
-    async fn propose(&self, r: Request<RaftRequest>) -> Result<Response<RaftResponse>, Status> {
-        let cmd: Command = self.decode_req(r)?;
-        let res = if self.ctx.is_leader() {
-            match tokio::time::timeout(crate::node::COMMIT_TIMEOUT, self.ctx.proposer.propose(cmd)).await {
-                Ok(r) => r,
-                Err(_) => Err(ProposeError::OutcomeUnknown(format!(
-                    "the write was not committed within {:?}: a majority of masters is probably \
-                     unreachable; it may still be applied if they return, so read it back before retrying",
-                    crate::node::COMMIT_TIMEOUT
-                ))),
+    type ProposeStreamStream = AppendStreamOut;
+
+    async fn propose_stream(
+        &self,
+        r: Request<Streaming<RaftRequest>>,
+    ) -> Result<Response<Self::ProposeStreamStream>, Status> {
+        let peer = peer_master(&r)?;
+        let mut inbound = r.into_inner();
+        let svc = RaftService { ctx: self.ctx.clone(), snap_dir: self.snap_dir.clone() };
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<RaftResponse, Status>>(1024);
+        // Every forwarded write is proposed concurrently (the proposer batches them); answers go
+        // back by id as they complete.
+        tokio::spawn(async move {
+            loop {
+                let req = match inbound.message().await {
+                    Ok(Some(req)) => req,
+                    Ok(None) => return,
+                    Err(s) => {
+                        let _ = tx.send(Err(s)).await;
+                        return;
+                    }
+                };
+                if let Err(s) = svc.check(req.header.as_ref(), peer) {
+                    let _ = tx.send(Err(s)).await;
+                    return;
+                }
+                let id = req.id;
+                let cmd: Command = match decode(&req.payload) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        let _ = tx.send(Err(Status::invalid_argument(e))).await;
+                        return;
+                    }
+                };
+                let ctx = svc.ctx.clone();
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let res = propose_forwarded(&ctx, cmd).await;
+                    let _ = tx.send(Ok(RaftResponse { payload: encode(&res), id })).await;
+                });
             }
-        } else {
-            Err(ProposeError::NotLeader { leader: self.ctx.leader() })
-        };
-        reply(&res)
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
     }
 }
