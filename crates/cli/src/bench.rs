@@ -23,6 +23,17 @@ pub enum BenchCmd {
     /// Starts its own 3-master cluster and N simulated agents; reports the leader's CPU and
     /// memory while they heartbeat.
     Agents(AgentsBench),
+    /// The pure scheduler alone: a synthetic cluster (3 zones, mixed node sizes, constraints,
+    /// spread, anti-affinity) and N tasks placed in batches of 1,000.
+    Schedule(ScheduleBench),
+}
+
+#[derive(Args)]
+pub struct ScheduleBench {
+    #[arg(long, default_value_t = 10_000)]
+    nodes: usize,
+    #[arg(long, default_value_t = 100_000)]
+    tasks: usize,
 }
 
 #[derive(Args)]
@@ -118,6 +129,16 @@ pub async fn run(cmd: BenchCmd, g: &Global) -> Result<()> {
     let a = match cmd {
         BenchCmd::Kv(a) => a,
         BenchCmd::Failover(f) => return crate::bench_cluster::failover(f.kills, &f.master_args, g.output).await,
+        BenchCmd::Schedule(s) => {
+            let r = berth_scheduler::bench(s.nodes, s.tasks);
+            output::print(g.output, &r, |r| {
+                println!(
+                    "schedule: {} nodes, {} tasks: {} placed, {} unplaced in {:.3}s ({:.0} placements/s)",
+                    r.nodes, r.tasks, r.placed, r.unplaced, r.seconds, r.placements_per_sec
+                )
+            });
+            return Ok(());
+        }
         BenchCmd::Agents(a) => {
             return crate::bench_cluster::agents(a.count, a.duration, &a.master_args, g.output).await;
         }

@@ -6,6 +6,7 @@
 
 mod kv;
 mod limits;
+pub mod spec;
 
 pub use kv::{
     ClusterCa, Command, CommandError, CommandResult, Compare, CompareOp, CompareTarget, DeleteRange, DeleteResult,

@@ -1,0 +1,359 @@
+use std::time::Duration;
+
+use super::*;
+
+const WEB: &str = r#"kind: Service
+metadata: {name: web, namespace: default}
+spec:
+  mode: replicated
+  replicas: 3
+  task:
+    runtime: process
+    command: ["/usr/bin/python3", "-m", "http.server", "8080"]
+    resources: {cpu: 0.25, memory: 64Mi}
+    health: {http: {port: 8080, path: /}, interval: 2s}
+  placement:
+    spread: [node.labels.zone]
+    max_replicas_per_node: 1
+  restart: {condition: any, delay: 1s}
+"#;
+
+fn one(text: &str) -> Service {
+    let mut services = parse_documents(text).unwrap_or_else(|e| panic!("rejected: {e}\n{text}"));
+    assert_eq!(services.len(), 1);
+    services.remove(0)
+}
+
+/// Parses `text`, expects an error, and checks that its message names `field` and contains each of `words`.
+fn rejected(text: &str, field: &str, words: &[&str]) -> SpecError {
+    let err = match parse_documents(text) {
+        Ok(s) => panic!("accepted: {s:?}\n{text}"),
+        Err(e) => e,
+    };
+    let msg = err.to_string();
+    assert!(err.path().contains(field), "path {:?} does not name {field:?}: {msg}", err.path());
+    assert!(msg.contains(field), "message does not name {field:?}: {msg}");
+    for w in words {
+        assert!(msg.contains(w), "message lacks {w:?}: {msg}");
+    }
+    err
+}
+
+/// A minimal valid process service with `extra` appended under `spec:` (two-space indented).
+fn with_spec(extra: &str) -> String {
+    format!(
+        "kind: Service\nmetadata: {{name: api}}\nspec:\n  replicas: 2\n  task:\n    runtime: process\n    command: [/bin/api]\n{extra}"
+    )
+}
+
+#[test]
+fn example_document_parses_with_right_values() {
+    let s = one(WEB);
+    assert_eq!(s.kind, Kind::Service);
+    assert_eq!(s.key(), "default/web");
+    assert_eq!(s.spec.mode, ServiceMode::Replicated);
+    assert_eq!(s.spec.replicas, Some(3));
+    let task = &s.spec.task;
+    assert_eq!(task.runtime, Runtime::Process);
+    assert_eq!(task.command, ["/usr/bin/python3", "-m", "http.server", "8080"]);
+    assert_eq!(task.resources.cpu, Cpu(250));
+    assert_eq!(task.resources.cpu.millis(), 250);
+    assert_eq!(task.resources.memory.bytes(), 67_108_864);
+    let health = task.health.as_ref().unwrap();
+    assert_eq!(health.interval, Duration::from_secs(2));
+    assert_eq!(health.timeout, Duration::from_secs(2));
+    assert_eq!(health.retries, 3);
+    assert_eq!(health.start_period, Duration::ZERO);
+    assert_eq!(health.probe(), Some(Probe::Http(&HttpProbe { port: 8080, path: "/".into() })));
+    let placement = &s.spec.placement;
+    assert_eq!(placement.spread_labels().collect::<Vec<_>>(), ["zone"]);
+    assert_eq!(placement.spread[0].label(), "zone");
+    assert_eq!(placement.max_replicas_per_node, Some(1));
+    assert_eq!(s.spec.restart, RestartPolicy::default());
+    assert_eq!(s.spec.restart.delay, Duration::from_secs(1));
+    assert_eq!(s.spec.update.failure_action, FailureAction::Rollback);
+    assert_eq!(s.spec.rollback.failure_action, FailureAction::Pause);
+    assert_eq!(s.spec.update.monitor, Duration::from_secs(5));
+    assert_eq!(s.spec.disconnect, DisconnectPolicy::Replace);
+    assert_eq!(s.validate(), Ok(()));
+}
+
+#[test]
+fn multi_document_file() {
+    let text = format!(
+        "{WEB}---\nkind: Service\nmetadata: {{name: worker, namespace: jobs, labels: {{team: data}}}}\nspec:\n  mode: global\n  task: {{runtime: docker, image: \"busybox:1\", command: [sleep, \"3600\"]}}\n  disconnect: at-most-once\n---\n"
+    );
+    let services = parse_documents(&text).unwrap();
+    assert_eq!(services.len(), 2);
+    assert_eq!(services[0].key(), "default/web");
+    assert_eq!(services[1].key(), "jobs/worker");
+    assert_eq!(services[1].spec.mode, ServiceMode::Global);
+    assert_eq!(services[1].spec.replicas, None);
+    assert_eq!(services[1].spec.disconnect, DisconnectPolicy::AtMostOnce);
+    assert_eq!(services[1].metadata.labels["team"], "data");
+}
+
+#[test]
+fn errors_in_later_documents_name_document_and_file_line() {
+    let text = format!(
+        "{WEB}---\nkind: Service\nmetadata: {{name: b}}\nspec:\n  replicas: 1\n  task: {{runtime: process, command: [x], colour: red}}\n"
+    );
+    let err = rejected(&text, "spec.task.colour", &["document 2", "unknown field"]);
+    assert_eq!(err.document(), Some(2));
+    assert_eq!(err.line(), Some(20), "{err}");
+
+    let dup = format!("{WEB}---\n{WEB}");
+    let err = parse_documents(&dup).unwrap_err();
+    assert!(matches!(err, SpecError::Duplicate { document: 2, first: 1, .. }), "{err}");
+    assert!(err.to_string().contains("default/web"));
+}
+
+#[test]
+fn empty_input_is_an_error() {
+    assert_eq!(parse_documents(""), Err(SpecError::Empty));
+    assert_eq!(parse_documents("---\n"), Err(SpecError::Empty));
+}
+
+#[test]
+fn unknown_field_is_rejected_with_its_line() {
+    let err = rejected(&with_spec("    colour: red\n"), "spec.task.colour", &["unknown field `colour`", "line 8"]);
+    assert_eq!(err.line(), Some(8));
+    assert!(matches!(err, SpecError::Parse { column: Some(_), .. }));
+    rejected(&with_spec("  replcias: 3\n"), "spec.replcias", &["unknown field", "expected one of", "`replicas`"]);
+    rejected(&with_spec("    resources: {cpu: 1, limits: {gpu: 1}}\n"), "spec.task.resources.limits.gpu", &[]);
+    let top =
+        "kind: Service\nmetadata: {name: a}\nspec: {replicas: 1, task: {runtime: process, command: [x]}}\nextra: 1\n";
+    rejected(top, "extra", &["line 4"]);
+}
+
+#[test]
+fn bad_kind_lists_allowed_kinds() {
+    let text = WEB.replace("kind: Service", "kind: Deployment");
+    rejected(&text, "kind", &["`Deployment`", "`Service`"]);
+}
+
+#[test]
+fn bad_runtime_is_rejected() {
+    let text = with_spec("").replace("runtime: process", "runtime: podman");
+    rejected(&text, "spec.task.runtime", &["`podman`", "`process`", "`docker`", "line 6"]);
+}
+
+#[test]
+fn docker_needs_image_and_process_forbids_it() {
+    let text = with_spec("").replace("runtime: process", "runtime: docker");
+    rejected(&text, "spec.task.image", &["requires `image`"]);
+    rejected(&with_spec("    image: nginx\n"), "spec.task.image", &["not allowed"]);
+    let text = with_spec("").replace("command: [/bin/api]", "args: [x]");
+    rejected(&text, "spec.task.command", &["requires `command`"]);
+    let ok = with_spec("    image: nginx:1.27\n").replace("runtime: process", "runtime: docker");
+    assert_eq!(one(&ok).spec.task.image.as_deref(), Some("nginx:1.27"));
+}
+
+#[test]
+fn replicas_rules() {
+    let global = with_spec("  mode: global\n");
+    rejected(&global, "spec.replicas", &["not allowed with mode `global`"]);
+    let no_replicas = with_spec("").replace("  replicas: 2\n", "");
+    rejected(&no_replicas, "spec.replicas", &["requires `replicas`"]);
+    let err = rejected(&with_spec("").replace("replicas: 2", "replicas: -1"), "spec.replicas", &["0 to 10000"]);
+    assert_eq!(err.line(), Some(4));
+    rejected(&with_spec("").replace("replicas: 2", "replicas: 10001"), "spec.replicas", &["10001", "0 to 10000"]);
+    rejected(&with_spec("").replace("replicas: 2", "replicas: 99999999999"), "spec.replicas", &["0 to 10000"]);
+    assert_eq!(one(&with_spec("").replace("replicas: 2", "replicas: 10000")).spec.replicas, Some(10_000));
+    assert_eq!(one(&with_spec("").replace("replicas: 2", "replicas: 0")).spec.replicas, Some(0));
+}
+
+#[test]
+fn resources_rules() {
+    rejected(&with_spec("    resources: {memory: 64MB}\n"), "spec.task.resources.memory", &["`MB`", "Mi", "line 8"]);
+    rejected(&with_spec("    resources: {cpu: -1}\n"), "spec.task.resources.cpu", &["negative"]);
+    rejected(&with_spec("    resources: {cpu: 2cores}\n"), "spec.task.resources.cpu", &["250m"]);
+    rejected(
+        &with_spec("    resources: {cpu: 1, memory: 1Gi, limits: {memory: 512Mi}}\n"),
+        "spec.task.resources.limits.memory",
+        &["below the request"],
+    );
+    rejected(
+        &with_spec("    resources: {cpu: 500m, limits: {cpu: 0.1}}\n"),
+        "spec.task.resources.limits.cpu",
+        &["below the request"],
+    );
+    let s = one(&with_spec("    resources: {cpu: \"250m\", memory: 1G, limits: {cpu: 2, memory: 2Gi}}\n"));
+    let r = &s.spec.task.resources;
+    assert_eq!((r.cpu, r.memory), (Cpu(250), Memory(1_000_000_000)));
+    assert_eq!(r.limits, Some(ResourceLimits { cpu: Some(Cpu(2000)), memory: Some(Memory(2 << 30)) }));
+}
+
+#[test]
+fn placement_rules() {
+    let s = one(&with_spec(
+        "  placement:\n    constraints: [\"node.labels.zone == eu-1a\", \"node.name != h3\"]\n    anti_affinity: [db]\n",
+    ));
+    let c = s.spec.placement.constraints();
+    assert_eq!(
+        c[0],
+        Constraint { field: ConstraintField::Label("zone".into()), op: ConstraintOp::Eq, value: "eu-1a".into() }
+    );
+    assert_eq!((c[1].field.clone(), c[1].op), (ConstraintField::NodeName, ConstraintOp::Ne));
+
+    let bad_op = with_spec("  placement:\n    constraints: [\"node.labels.zone = eu-1a\"]\n");
+    rejected(&bad_op, "spec.placement.constraints[0]", &["`==` and `!=`", "line 9"]);
+    let bad_field = with_spec("  placement:\n    constraints: [\"node.ip == 1\"]\n");
+    rejected(&bad_field, "spec.placement.constraints[0]", &["node.labels.KEY"]);
+    let spread = with_spec("  placement:\n    spread: [node.labels.zone, node.name]\n");
+    rejected(&spread, "spec.placement.spread[1]", &["not a node label", "node.labels.KEY"]);
+    let zero = with_spec("  placement: {max_replicas_per_node: 0}\n");
+    rejected(&zero, "spec.placement.max_replicas_per_node", &["at least 1"]);
+    let conflict = with_spec("  placement:\n    constraints: [\"node.name == a\", \"node.name == b\"]\n");
+    rejected(&conflict, "spec.placement.constraints", &["node.name == a", "node.name == b", "no node"]);
+    let contradiction = with_spec("  placement:\n    constraints: [\"node.id == a\", \"node.id != a\"]\n");
+    rejected(&contradiction, "spec.placement.constraints", &["contradict"]);
+    let both = with_spec("  placement: {affinity: [db], anti_affinity: [db]}\n");
+    rejected(&both, "spec.placement.affinity", &["both"]);
+    let bad_name = with_spec("  placement: {anti_affinity: [Db]}\n");
+    rejected(&bad_name, "spec.placement.anti_affinity[0]", &["lowercase"]);
+}
+
+#[test]
+fn health_rules() {
+    let two = with_spec("    health: {http: {port: 80}, tcp: {port: 80}}\n");
+    rejected(&two, "spec.task.health", &["exactly one of `http`, `tcp` or `exec`"]);
+    let none = with_spec("    health: {interval: 1s}\n");
+    rejected(&none, "spec.task.health", &["exactly one"]);
+    let bad_duration = with_spec("    health: {tcp: {port: 80}, interval: 2 seconds}\n");
+    rejected(&bad_duration, "spec.task.health.interval", &["\"500ms\"", "line 8"]);
+    let unitless = with_spec("    health: {tcp: {port: 80}, timeout: 3}\n");
+    rejected(&unitless, "spec.task.health.timeout", &["no unit"]);
+    let s = one(&with_spec(
+        "    health: {exec: {command: [/bin/check]}, interval: 500ms, timeout: 1m, retries: 5, start_period: 1m30s}\n",
+    ));
+    let h = s.spec.task.health.unwrap();
+    assert_eq!(h.probe(), Some(Probe::Exec(&ExecProbe { command: vec!["/bin/check".into()] })));
+    assert_eq!(
+        (h.interval, h.timeout, h.retries, h.start_period),
+        (Duration::from_millis(500), Duration::from_secs(60), 5, Duration::from_secs(90))
+    );
+}
+
+#[test]
+fn metadata_rules() {
+    let text = with_spec("").replace("name: api", "name: Api_1");
+    rejected(&text, "metadata.name", &["lowercase", "line 2"]);
+    let text = with_spec("").replace("name: api", "name: 1api");
+    rejected(&text, "metadata.name", &["starting with a letter"]);
+    let long = "a".repeat(64);
+    rejected(&with_spec("").replace("name: api", &format!("name: {long}")), "metadata.name", &["1-63"]);
+}
+
+#[test]
+fn update_restart_and_enums() {
+    let s = one(&with_spec(
+        "  restart: {condition: on-failure, max_attempts: 3, window: 1m}\n  update: {parallelism: 2, order: start-first, max_failure_ratio: 0.2}\n  rollback: {failure_action: continue}\n",
+    ));
+    assert_eq!(s.spec.restart.condition, RestartCondition::OnFailure);
+    assert_eq!(s.spec.restart.max_attempts, Some(3));
+    assert_eq!(s.spec.restart.window, Duration::from_secs(60));
+    assert_eq!(s.spec.update.parallelism, 2);
+    assert_eq!(s.spec.update.order, UpdateOrder::StartFirst);
+    assert_eq!(s.spec.update.failure_action, FailureAction::Rollback);
+    assert_eq!(s.spec.rollback.failure_action, FailureAction::Continue);
+    assert_eq!(s.spec.rollback.monitor, Duration::from_secs(5));
+    rejected(&with_spec("  update: {max_failure_ratio: 1.5}\n"), "spec.update.max_failure_ratio", &["0.0 to 1.0"]);
+    rejected(&with_spec("  rollback: {parallelism: 0}\n"), "spec.rollback.parallelism", &["at least 1"]);
+    rejected(&with_spec("  update: {order: random}\n"), "spec.update.order", &["`stop-first`", "`start-first`"]);
+    rejected(&with_spec("  restart: {condition: always}\n"), "spec.restart.condition", &["`on-failure`"]);
+    rejected(&with_spec("  disconnect: maybe\n"), "spec.disconnect", &["`replace`", "`at-most-once`"]);
+}
+
+#[test]
+fn json_input_works() {
+    let json = r#"{"kind": "Service", "metadata": {"name": "web"},
+        "spec": {"replicas": 3, "task": {"runtime": "process", "command": ["/bin/web"],
+                 "resources": {"cpu": "250m", "memory": 67108864}, "health": {"tcp": {"port": 80}, "interval": "2s"}}}}"#;
+    let s = one(json);
+    assert_eq!(s.key(), "default/web");
+    assert_eq!(s.spec.task.resources.cpu, Cpu(250));
+    assert_eq!(s.spec.task.resources.memory, Memory(67_108_864));
+    let bad = json.replace("\"runtime\": \"process\"", "\"runtime\": \"process\", \"colour\": 1");
+    rejected(&bad, "spec.task.colour", &["line 2"]);
+}
+
+#[test]
+fn serialization_round_trips() {
+    let text = format!(
+        "{}  placement:\n    constraints: [\"node.labels.zone == eu-1a\"]\n    spread: [node.labels.zone]\n  update: {{delay: 1500ms}}\n",
+        with_spec(
+            "    ports: [{container: 8080, published: 30080}, {container: 53, protocol: udp}]\n    resources: {cpu: 1.5, memory: 1Gi, limits: {memory: 2Gi}}\n    health: {http: {port: 8080}}\n    env: {B: \"2\", A: \"1\"}\n    workdir: /srv\n"
+        )
+    );
+    let s = one(&text);
+    let json = serde_json::to_string(&s).unwrap();
+    let back: Service = serde_json::from_str(&json).unwrap();
+    assert_eq!(back, s);
+    let again = parse_documents(&json).unwrap();
+    assert_eq!(again, std::slice::from_ref(&s));
+    let yaml = serde_yaml::to_string(&s).unwrap();
+    assert_eq!(parse_documents(&yaml).unwrap(), std::slice::from_ref(&s));
+    assert_eq!(back.canonical_json(), s.canonical_json());
+    assert!(json.contains("\"cpu\":\"1500m\""), "{json}");
+    assert!(json.contains("\"delay\":\"1500ms\""), "{json}");
+}
+
+#[test]
+fn canonical_json_ignores_explicit_defaults() {
+    let explicit = r#"kind: Service
+metadata: {name: web, namespace: default, labels: {}}
+spec:
+  mode: replicated
+  replicas: 3
+  task:
+    runtime: process
+    command: ["/usr/bin/python3", "-m", "http.server", "8080"]
+    args: []
+    env: {}
+    resources: {cpu: 250m, memory: 67108864}
+    ports: []
+    health: {http: {port: 8080, path: /}, interval: 2000ms, timeout: 2s, retries: 3, start_period: 0s}
+  placement:
+    constraints: []
+    spread: [node.labels.zone]
+    max_replicas_per_node: 1
+    affinity: []
+    anti_affinity: []
+  restart: {condition: any, delay: 1s, window: 0s}
+  update: {parallelism: 1, delay: 0s, order: stop-first, failure_action: rollback, monitor: 5s, max_failure_ratio: 0.0}
+  rollback: {parallelism: 1, delay: 0s, order: stop-first, failure_action: pause, monitor: 5s, max_failure_ratio: 0.0}
+  disconnect: replace
+"#;
+    let minimal = r#"kind: Service
+metadata: {name: web}
+spec:
+  replicas: 3
+  task:
+    runtime: process
+    command: ["/usr/bin/python3", "-m", "http.server", "8080"]
+    resources: {cpu: 0.25, memory: 64Mi}
+    health: {http: {port: 8080}, interval: 2s}
+  placement: {spread: [node.labels.zone], max_replicas_per_node: 1}
+"#;
+    let (a, b, web) = (one(explicit), one(minimal), one(WEB));
+    assert_eq!(a, b);
+    assert_eq!(a.canonical_json(), b.canonical_json());
+    assert_eq!(a.canonical_json(), web.canonical_json());
+    let changed = one(&minimal.replace("replicas: 3", "replicas: 4"));
+    assert_ne!(changed.canonical_json(), b.canonical_json());
+    let rollback_changed = one(&format!("{minimal}  rollback: {{failure_action: rollback}}\n"));
+    assert_ne!(rollback_changed.canonical_json(), b.canonical_json());
+}
+
+#[test]
+fn validate_catches_programmatic_mistakes() {
+    let mut s = one(WEB);
+    s.spec.replicas = Some(MAX_REPLICAS + 1);
+    assert_eq!(s.validate().unwrap_err().path(), "spec.replicas");
+    let mut s = one(WEB);
+    s.metadata.name = "Bad".into();
+    let err = s.validate().unwrap_err();
+    assert_eq!(err.path(), "metadata.name");
+    assert_eq!(err.document(), None);
+}
