@@ -27,9 +27,13 @@ async fn raft_status(endpoint: &str, tls: tonic::transport::ClientTlsConfig) -> 
     RaftClient::new(ch).local_status(LocalStatusRequest {}).await.map(|_| ()).map_err(|s| s.to_string())
 }
 
-/// A QUIC session attempt presenting `client` (or no certificate); Ok when the master answered
-/// with any frame, Err with the reason otherwise.
-async fn quic_hello(endpoint: &str, ca_pem: &str, client: Option<CertifiedKey>) -> Result<MasterFrame, String> {
+/// A QUIC connection to a master presenting `client`, or no certificate (the CA pinned by its
+/// digest, as a joining agent does).
+async fn quic_connect(
+    endpoint: &str,
+    ca_pem: &str,
+    client: Option<CertifiedKey>,
+) -> Result<(quinn::Endpoint, quinn::Connection), String> {
     let tls = match client {
         Some(cert) => berth_pki::tls::client_config(&TlsFiles { ca_pem: ca_pem.into(), cert }, &[berth_channel::ALPN])
             .map_err(|e| e.to_string())?,
@@ -46,6 +50,14 @@ async fn quic_hello(endpoint: &str, ca_pem: &str, client: Option<CertifiedKey>) 
         .map_err(|e| e.to_string())?
         .await
         .map_err(|e| format!("handshake: {e}"))?;
+    // The endpoint is returned too: it must outlive the connection's use.
+    Ok((ep, conn))
+}
+
+/// A QUIC session attempt presenting `client` (or no certificate); Ok when the master answered
+/// with any frame, Err with the reason otherwise.
+async fn quic_hello(endpoint: &str, ca_pem: &str, client: Option<CertifiedKey>) -> Result<MasterFrame, String> {
+    let (_ep, conn) = quic_connect(endpoint, ca_pem, client).await?;
     let (send, recv) = conn.open_bi().await.map_err(|e| format!("open stream: {e}"))?;
     let mut w = berth_channel::FrameWriter::new(send);
     let mut r = berth_channel::FrameReader::new(recv);
@@ -62,16 +74,7 @@ async fn quic_hello(endpoint: &str, ca_pem: &str, client: Option<CertifiedKey>) 
 
 /// Sends raw bytes as the first frame of a join connection and returns how the master closed it.
 async fn raw_first_frame(endpoint: &str, ca_pem: &str, bytes: &[u8]) -> Result<String, String> {
-    let digest = berth_pki::CaDigest::of_cert_pem(ca_pem).map_err(|e| e.to_string())?;
-    let tls = berth_pki::tls::pinned_client_config(&digest, &[berth_channel::ALPN]).map_err(|e| e.to_string())?;
-    let cfg = berth_channel::client_config(tls).map_err(|e| e.to_string())?;
-    let ep = berth_channel::client_endpoint("127.0.0.1:0".parse().unwrap()).map_err(|e| e.to_string())?;
-    let addr = endpoint.parse().map_err(|e: std::net::AddrParseError| e.to_string())?;
-    let conn = ep
-        .connect_with(cfg, addr, MASTER_SERVER_NAME)
-        .map_err(|e| e.to_string())?
-        .await
-        .map_err(|e| format!("handshake: {e}"))?;
+    let (_ep, conn) = quic_connect(endpoint, ca_pem, None).await?;
     let (mut send, _recv) = conn.open_bi().await.map_err(|e| format!("open stream: {e}"))?;
     send.write_all(bytes).await.map_err(|e| format!("write: {e}"))?;
     match tokio::time::timeout(Duration::from_secs(5), conn.closed()).await {
