@@ -77,16 +77,18 @@ impl Liveness {
         });
     }
 
-    /// Registers a session, superseding an older one of the same node.
-    fn open_session(&self, node: &str, token: CancellationToken) -> u64 {
+    /// Registers a session, superseding an older one of the same node. None when this master
+    /// stopped leading in the meantime (checked under the same lock `step_down` takes).
+    fn open_session(&self, node: &str, token: CancellationToken) -> Option<u64> {
         self.with(|l| {
+            l.leader_since?;
             l.next_session += 1;
             let n = l.next_session;
             if let Some((_, old)) = l.sessions.insert(node.to_string(), (n, token)) {
                 old.cancel();
             }
             l.last_seen.insert(node.to_string(), Instant::now());
-            n
+            Some(n)
         })
     }
 
@@ -173,12 +175,17 @@ async fn handle_connection(ctx: Arc<Ctx>, conn: quinn::Connection, shutdown: Can
     };
     let mut writer = FrameWriter::new(send);
     let mut reader = FrameReader::new(recv);
-    let first = match reader.recv::<AgentFrame>().await {
-        Ok(Some(f)) => f,
-        Ok(None) => return,
-        Err(e) => {
+    let first = match tokio::time::timeout(Duration::from_secs(10), reader.recv::<AgentFrame>()).await {
+        Ok(Ok(Some(f))) => f,
+        Ok(Ok(None)) => return,
+        Ok(Err(e)) => {
             info!(%remote, "closing an agent connection: {e}");
             conn.close(close::MALFORMED_FRAME, e.to_string().as_bytes());
+            return;
+        }
+        Err(_) => {
+            info!(%remote, "closing an agent connection: no first frame within 10s");
+            conn.close(close::MALFORMED_FRAME, b"no first frame within 10s");
             return;
         }
     };
@@ -371,7 +378,11 @@ async fn session(
     }
     let term = ctx.metrics().current_term;
     let session_token = shutdown.child_token();
-    let n = ctx.liveness.open_session(&node_id, session_token.clone());
+    let Some(n) = ctx.liveness.open_session(&node_id, session_token.clone()) else {
+        let hint = ctx.leader().map(|(_, a)| a).unwrap_or_default();
+        conn.close(close::NOT_LEADER, hint.as_bytes());
+        return;
+    };
     info!(node = %node_id, term, "agent session opened");
     let accepted = Accepted { term, heartbeat_interval_ms: ctx.agent_heartbeat_interval.as_millis() as u64, masters };
     // The workloads issue fills assignments; until then every node's set is empty.
@@ -498,13 +509,19 @@ async fn monitor_once(ctx: &Ctx) -> Result<(), String> {
     let mut changes: Vec<(Versioned<Node>, NodeStatus, String)> = Vec::new();
     for n in nodes {
         let status = n.obj.status();
-        if ctx.liveness.connected(&n.obj.id) {
-            if status != NodeStatus::Ready {
-                changes.push((n, NodeStatus::Ready, "session opened".into()));
-            }
-            continue;
-        }
         let Some(silence) = ctx.liveness.silence(&n.obj.id) else { return Ok(()) };
+        if ctx.liveness.connected(&n.obj.id) {
+            if silence > ctx.node_down_grace {
+                // The connection lives (QUIC keep-alives) but the agent stopped heartbeating.
+                info!(node = %n.obj.id, "ending a session without heartbeats for {}s", silence.as_secs());
+                ctx.liveness.end_session(&n.obj.id);
+            } else {
+                if status != NodeStatus::Ready {
+                    changes.push((n, NodeStatus::Ready, "session opened".into()));
+                }
+                continue;
+            }
+        }
         if silence > ctx.node_down_grace && status != NodeStatus::Down {
             let msg = format!("no heartbeat for {}s", silence.as_secs());
             changes.push((n, NodeStatus::Down, msg));

@@ -91,7 +91,27 @@ async fn run_forwarder(ch: Channel, mut jobs: tokio::sync::mpsc::Receiver<Forwar
                 None => return,
             },
             Some((_, answers)) => tokio::select! {
-                j = jobs.recv() => match j { Some(j) => j, None => return },
+                j = jobs.recv() => match j {
+                    Some(j) => j,
+                    None => {
+                        // Retired (new certificates, or the master is stopping): answer what
+                        // is in flight before going.
+                        while !pending.is_empty() {
+                            match answers.next().await {
+                                Some(Ok(resp)) => {
+                                    if let Some(tx) = pending.remove(&resp.id) {
+                                        let _ = tx.send(Ok(resp.payload));
+                                    }
+                                }
+                                _ => break,
+                            }
+                        }
+                        for (_, tx) in pending.drain() {
+                            let _ = tx.send(Err(ForwardError::Broken("the stream to the leader closed".into())));
+                        }
+                        return;
+                    }
+                },
                 a = answers.next() => {
                     match a {
                         Some(Ok(resp)) => {
@@ -158,7 +178,7 @@ impl Peers {
     pub async fn forward(&self, addr: &str, request: RaftRequest) -> Result<Vec<u8>, ForwardError> {
         let sender = {
             let mut map = self.forwarders.lock().expect("forwarder map lock");
-            match map.get(addr).filter(|s| !s.is_closed()) {
+            match map.get(addr) {
                 Some(s) => s.clone(),
                 None => {
                     let ch = self.channel(addr).map_err(|e| ForwardError::NotSent(tonic::Status::unavailable(e)))?;

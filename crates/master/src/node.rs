@@ -44,6 +44,8 @@ pub(crate) struct Ctx {
     pub cert_validity: Duration,
     pub node_down_grace: Duration,
     pub agent_heartbeat_interval: Duration,
+    /// The agents' QUIC endpoint, so a renewed certificate reaches it too.
+    pub quic: std::sync::OnceLock<quinn::Endpoint>,
 }
 
 impl Ctx {
@@ -331,9 +333,11 @@ pub async fn run_master(cfg: MasterConfig, shutdown: CancellationToken) -> Resul
         cert_validity: cfg.cert_validity,
         node_down_grace: cfg.node_down_grace,
         agent_heartbeat_interval: cfg.agent_heartbeat_interval,
+        quic: std::sync::OnceLock::new(),
     });
     ctx.refresh_removed();
     let quic = crate::dispatcher::bind(&ctx, local_addr)?;
+    let _ = ctx.quic.set(quic.clone());
     let dispatcher = tokio::spawn(crate::dispatcher::run(ctx.clone(), quic, shutdown.clone()));
     let renewer = tokio::spawn(renew_certificates(ctx.clone(), shutdown.clone()));
 
@@ -405,7 +409,17 @@ async fn renew_certificates(ctx: Arc<Ctx>, shutdown: CancellationToken) {
             _ = shutdown.cancelled() => return,
         }
         match ctx.pki.renew_if_due() {
-            Ok(true) => ctx.peers.reset_channels(),
+            Ok(true) => {
+                ctx.peers.reset_channels();
+                if let Some(ep) = ctx.quic.get() {
+                    match ctx.pki.quic_server_config().and_then(|tls| {
+                        berth_channel::server_config(tls).map_err(|e| crate::MasterError::Pki(e.to_string()))
+                    }) {
+                        Ok(cfg) => ep.set_server_config(Some(cfg)),
+                        Err(e) => warn!("the agents' endpoint keeps its old certificate: {e}"),
+                    }
+                }
+            }
             Ok(false) => {}
             Err(e) => warn!("renewing this master's certificate failed: {e}"),
         }

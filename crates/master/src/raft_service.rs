@@ -156,7 +156,8 @@ impl raft_server::Raft for RaftService {
         tokio::fs::create_dir_all(&self.snap_dir).await?;
         let path = self.snap_dir.join(format!("recv-{}.incoming", uuid::Uuid::new_v4()));
         let received = async {
-            let mut f = tokio::fs::File::create(&path).await?;
+            // It carries the CA key: owner-only.
+            let mut f = tokio::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path).await?;
             let mut done = first.done;
             while !done {
                 let chunk = stream.message().await?.ok_or_else(|| {

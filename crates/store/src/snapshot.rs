@@ -107,7 +107,11 @@ pub(crate) fn write_snapshot(
     let tmp = dir.join(format!("{name}.tmp"));
     let final_path = dir.join(&name);
 
-    let file = File::create(&tmp)?;
+    // Replication snapshots carry the CA key: owner-only, like the rest of the data dir.
+    let file = {
+        use std::os::unix::fs::OpenOptionsExt;
+        fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?
+    };
     let mut w = HashingWriter { inner: BufWriter::with_capacity(1 << 20, file), hasher: Sha256::new() };
     w.write_all(MAGIC)?;
     write_record(&mut w, &encode(&header))?;
