@@ -78,9 +78,6 @@ pub fn client(g: &Global) -> Result<Client> {
         cert: pick(&g.cert, file.as_ref().and_then(|f| f.cert.as_ref())).ok_or_else(missing_creds)?,
         key: pick(&g.key, file.as_ref().and_then(|f| f.key.as_ref())).ok_or_else(missing_creds)?,
     };
-    if endpoints.is_empty() {
-        return Client::new(vec![], creds.tls()?);
-    }
     Client::new(endpoints, creds.tls()?)
 }
 

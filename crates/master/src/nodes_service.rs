@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use berth_api::pb::{self, JoinTokenRecord, Node, NodeAvailability, NodeStatus, nodes_server::Nodes};
 use berth_pki::token::JoinToken;
-use berth_types::{Command, CommandResult, Compare, CompareOp, CompareTarget, DeleteRange, RequestOp, Txn};
+use berth_types::{Command, CommandResult};
 use tonic::{Request, Response, Status};
 use tracing::info;
 
@@ -167,23 +167,9 @@ impl Nodes for NodesService {
                 n.obj.name
             )));
         }
-        let key = objects::node_key(&n.obj.id);
-        let txn = Txn {
-            compare: vec![Compare {
-                key: key.clone(),
-                op: CompareOp::Equal,
-                target: CompareTarget::ModRevision(n.mod_revision),
-            }],
-            success: vec![
-                RequestOp::DeleteRange(DeleteRange { key, range_end: vec![], prev_kv: false }),
-                RequestOp::DeleteRange(DeleteRange {
-                    key: objects::node_name_key(&n.obj.name),
-                    range_end: vec![],
-                    prev_kv: false,
-                }),
-            ],
-            failure: vec![],
-        };
+        // The node (if unchanged since read) and its name in the index, together.
+        let mut txn = objects::txn_of(vec![objects::cas_delete(objects::node_key(&n.obj.id), n.mod_revision)]);
+        txn.success.push(objects::delete(objects::node_name_key(&n.obj.name)));
         check_txn(self.ctx.write(Command::Txn(txn)).await?, "the node")?;
         crate::dispatcher::end_session(&self.ctx, &n.obj.id);
         info!(node = %n.obj.id, name = %n.obj.name, "node removed");

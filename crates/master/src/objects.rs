@@ -4,7 +4,9 @@
 
 use berth_api::pb::{JoinTokenRecord, Node};
 use berth_store::KvReader;
-use berth_types::{Compare, CompareOp, CompareTarget, Put, RangeQuery, RequestOp, Revision, Txn, prefix_end};
+use berth_types::{
+    Compare, CompareOp, CompareTarget, DeleteRange, Put, RangeQuery, RequestOp, Revision, Txn, prefix_end,
+};
 use prost::Message;
 use tonic::Status;
 
@@ -85,10 +87,21 @@ pub(crate) fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
-/// Finds a node by id or by name.
+/// Finds a node by id or by name (through the name index, not a scan).
 pub(crate) fn find_node(reader: &KvReader, name_or_id: &str) -> Result<Option<Versioned<Node>>, Status> {
     if let Some(n) = get::<Node>(reader, &node_key(name_or_id))? {
         return Ok(Some(n));
     }
-    Ok(list::<Node>(reader, NODES_PREFIX)?.into_iter().find(|n| n.obj.name == name_or_id))
+    let Some(id) = reader.get(&node_name_key(name_or_id)).map_err(store_err)? else { return Ok(None) };
+    get::<Node>(reader, &node_key(&String::from_utf8_lossy(&id.value)))
+}
+
+/// Deletes one key.
+pub(crate) fn delete(key: Vec<u8>) -> RequestOp {
+    RequestOp::DeleteRange(DeleteRange { key, range_end: vec![], prev_kv: false })
+}
+
+/// A delete of `key` that only happens if its mod_revision is still `expected`.
+pub(crate) fn cas_delete(key: Vec<u8>, expected: Revision) -> (Compare, RequestOp) {
+    (Compare { key: key.clone(), op: CompareOp::Equal, target: CompareTarget::ModRevision(expected) }, delete(key))
 }
