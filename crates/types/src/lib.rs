@@ -7,6 +7,7 @@
 mod kv;
 mod limits;
 pub mod spec;
+pub mod task;
 
 pub use kv::{
     ClusterCa, Command, CommandError, CommandResult, Compare, CompareOp, CompareTarget, DeleteRange, DeleteResult,

@@ -12,6 +12,12 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use berth_api::pb::agent::{Assignment, TaskState, TaskStatus};
 use tokio::sync::mpsc;
 
+pub mod docker;
+pub mod process;
+pub mod runtime;
+
+pub use runtime::{LogLine, LogLines, LogQuery, LogStream, Observed, Runtime, RuntimeError};
+
 /// The receiving end of a driver's status reports (owned by the agent).
 pub type StatusStream = mpsc::UnboundedReceiver<TaskStatus>;
 

@@ -1,0 +1,1 @@
+//! The docker runtime (being written).
