@@ -2,47 +2,14 @@
 //! simulated agents. Every test starts real `berth master` and `berth agent` processes.
 
 use std::{
-    path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    path::Path,
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
-use anyhow::{Result, bail};
-use berth_tests::{Cluster, admin_env, berth_bin, wait_for};
+use anyhow::Result;
+use berth_tests::{Cluster, admin_env, berth_bin, spawn_agent, token, wait_for};
 use serde_json::Value;
-
-/// A `berth agent` child process, killed when dropped.
-struct AgentProc {
-    child: Option<Child>,
-    dir: PathBuf,
-}
-
-impl AgentProc {
-    fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for AgentProc {
-    fn drop(&mut self) {
-        self.kill9();
-    }
-}
-
-fn spawn_agent(c: &Cluster, dir: &Path, name: &str, token: Option<&str>, extra: &[&str]) -> Result<AgentProc> {
-    std::fs::create_dir_all(dir)?;
-    let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.with_extension("log"))?;
-    let mut cmd = Command::new(berth_bin());
-    cmd.args(["agent", "--join", &c.endpoints(), "--data-dir"]).arg(dir).args(["--name", name]).args(extra);
-    if let Some(t) = token {
-        cmd.args(["--token", t]);
-    }
-    let child = cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log).spawn()?;
-    Ok(AgentProc { child: Some(child), dir: dir.to_path_buf() })
-}
 
 /// Runs `berth agent` to completion (a join that must fail), returning (success, stderr).
 fn agent_once(c: &Cluster, dir: &Path, token: &str) -> Result<(bool, String)> {
@@ -54,16 +21,6 @@ fn agent_once(c: &Cluster, dir: &Path, token: &str) -> Result<(bool, String)> {
         .stdin(Stdio::null())
         .output()?;
     Ok((out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned()))
-}
-
-fn token(c: &Cluster, args: &[&str]) -> Result<String> {
-    let mut a = vec!["token", "create"];
-    a.extend(args);
-    let out = c.berth(&a);
-    if !out.status.success() {
-        bail!("token create: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    Ok(String::from_utf8(out.stdout)?.trim().to_string())
 }
 
 fn nodes(c: &Cluster) -> Result<Vec<Value>> {

@@ -267,3 +267,88 @@ impl Drop for Cluster {
         }
     }
 }
+
+/// A `berth agent` child process, killed when dropped together with every task it started (the
+/// tasks' supervisors run in their own process groups, so that they outlive a real agent).
+pub struct AgentProc {
+    pub child: Option<Child>,
+    pub dir: PathBuf,
+}
+
+impl AgentProc {
+    /// kill -9 of the agent alone (its tasks keep running, as they would in production).
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Kills every task process this agent's process runtime started.
+    pub fn kill_tasks(&self) {
+        let Ok(dirs) = std::fs::read_dir(self.dir.join("tasks")) else { return };
+        for d in dirs.flatten() {
+            let Ok(text) = std::fs::read_to_string(d.path().join("state.json")) else { continue };
+            let Ok(v) = serde_json::from_str::<Value>(&text) else { continue };
+            for (who, group) in [("task", false), ("launcher", true), ("shim", true)] {
+                if let Some(pid) = v[who]["pid"].as_i64().filter(|p| *p > 1) {
+                    let target = if group { -pid } else { pid };
+                    signal(target, "KILL");
+                }
+            }
+        }
+    }
+}
+
+impl Drop for AgentProc {
+    fn drop(&mut self) {
+        self.kill9();
+        self.kill_tasks();
+    }
+}
+
+/// Starts `berth agent` joining `c` (with `token` on its first start), output in `<dir>.log`.
+pub fn spawn_agent(c: &Cluster, dir: &Path, name: &str, token: Option<&str>, extra: &[&str]) -> Result<AgentProc> {
+    std::fs::create_dir_all(dir)?;
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.with_extension("log"))?;
+    let mut cmd = Command::new(berth_bin());
+    cmd.args(["agent", "--join", &c.endpoints(), "--data-dir"]).arg(dir).args(["--name", name]).args(extra);
+    if let Some(t) = token {
+        cmd.args(["--token", t]);
+    }
+    let child = cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log).spawn()?;
+    Ok(AgentProc { child: Some(child), dir: dir.to_path_buf() })
+}
+
+/// `berth token create ARGS`, returning the token.
+pub fn token(c: &Cluster, args: &[&str]) -> Result<String> {
+    let mut a = vec!["token", "create"];
+    a.extend(args);
+    let out = c.berth(&a);
+    if !out.status.success() {
+        bail!("token create: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8(out.stdout)?.trim().to_string())
+}
+
+/// `kill -SIG -- target` (a negative target is a process group). Only for processes the tests
+/// started.
+pub fn signal(target: i64, sig: &str) -> bool {
+    Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg("--")
+        .arg(target.to_string())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Whether a process exists (and is not a zombie).
+pub fn alive(pid: i64) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|s| s.rsplit_once(')').is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z')))
+}

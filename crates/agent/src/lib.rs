@@ -11,10 +11,11 @@
 //! `berth-channel`, and never on `berth-store` or `berth-master`.
 
 mod certs;
-mod driver;
+pub mod driver;
 mod error;
 mod join;
 mod net;
+pub mod probe;
 mod resources;
 mod session;
 mod state;
@@ -35,7 +36,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, error, info, info_span};
 
 pub use driver::{
-    Driver, SimulatedDriver, StatusSink, StatusStream, UNSUPPORTED_MESSAGE, UnsupportedDriver, status_channel,
+    Driver, SimulatedDriver, StatusSink, StatusStream, TaskManager, UNSUPPORTED_MESSAGE, UnsupportedDriver,
+    status_channel,
 };
 pub use error::AgentError;
 pub use resources::{detect as detect_resources, hostname};
@@ -102,14 +104,24 @@ pub(crate) struct Shared {
 }
 
 /// Runs the agent (or `cfg.simulate` simulated agents) until `shutdown` is cancelled. Real agents
-/// use [`UnsupportedDriver`] for now; simulated ones [`SimulatedDriver`].
+/// run tasks through a [`TaskManager`] (process and docker runtimes); simulated ones through
+/// [`SimulatedDriver`].
 pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), AgentError> {
     berth_pki::tls::install_crypto_provider();
     match cfg.simulate {
         Some(n) => run_simulated(cfg, n, shutdown).await,
         None => {
             let (sink, statuses) = status_channel();
-            run_with_driver(cfg, UnsupportedDriver::new(sink), statuses, shutdown).await
+            let process = driver::process::ProcessRuntime::new(
+                cfg.data_dir.join("tasks"),
+                driver::process::ProcessRuntime::default_shim(),
+            );
+            let docker = driver::docker::DockerRuntime::connect().await.map_err(|e| e.to_string());
+            if let Err(e) = &docker {
+                info!("docker tasks cannot run on this node: {e}");
+            }
+            let manager = TaskManager::new(process, docker, sink, cfg.data_dir.clone());
+            run_with_driver(cfg, manager, statuses, shutdown).await
         }
     }
 }

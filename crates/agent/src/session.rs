@@ -7,8 +7,9 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use berth_api::pb::agent::{
-    Accepted, AgentFrame, Assignment, Assignments, AssignmentsKind, CertificateRenewed, Heartbeat, Hello, MasterFrame,
-    RenewCertificate, RequestComplete, Resources, StatusReport, TaskState, TaskStatus, agent_frame, master_frame,
+    Accepted, AgentFrame, Assignment, Assignments, AssignmentsKind, CertificateRenewed, Heartbeat, Hello, LogChunk,
+    MasterFrame, RenewCertificate, RequestComplete, Resources, StatusReport, TaskState, TaskStatus, agent_frame,
+    master_frame,
 };
 use berth_channel::{Backoff, FrameError, FrameReader, FrameWriter, close};
 use berth_pki::CertifiedKey;
@@ -477,12 +478,28 @@ impl<D: Driver> Agent<D> {
                         Err(e) => return SessionEnd::from_frame_error(e, conn),
                     };
                     last_heard = Instant::now();
+                    self.driver.leader_contact();
                     let renewed = matches!(frame.body, Some(master_frame::Body::Renewed(_)));
                     if let Err(end) = self.on_frame(frame, &mut writer, conn).await {
                         return end;
                     }
                     if renewed && self.renewing.is_none() {
                         renew.as_mut().reset(instant_of(self.renew_at));
+                    }
+                }
+                stream = conn.accept_bi() => {
+                    if let Ok((send, recv)) = stream {
+                        match self.driver.log_source() {
+                            Some(src) => { tokio::spawn(serve_logs(src, send, recv)); }
+                            None => {
+                                let mut w = FrameWriter::new(send);
+                                tokio::spawn(async move {
+                                    let chunk = LogChunk { lines: vec![], end: true, error: "this agent keeps no logs".into() };
+                                    let _ = w.send(&frame(agent_frame::Body::LogChunk(chunk))).await;
+                                    let _ = w.get_mut().finish();
+                                });
+                            }
+                        }
                     }
                 }
                 _ = &mut renew => {
@@ -656,7 +673,7 @@ impl<D: Driver> Agent<D> {
         // Durable before anything is acted on or reported.
         self.persist_or_end().await?;
         for id in &stopped {
-            self.driver.stop(id).await;
+            self.driver.forget(id).await;
         }
         for a in &changed {
             if a.desired_state == TaskState::Running as i32 {
@@ -739,5 +756,73 @@ impl<D: Driver> Agent<D> {
             error!("cannot persist the agent state: {e}");
             SessionEnd::lost(format!("cannot persist the agent state: {e}"))
         })
+    }
+}
+
+/// Answers one log stream the leader opened: a LogsQuery in, LogChunk frames out.
+async fn serve_logs(
+    src: std::sync::Arc<dyn crate::driver::LogSource>,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+) {
+    use futures::StreamExt;
+    let mut writer = FrameWriter::new(send);
+    let mut reader = FrameReader::new(recv);
+    let q = match tokio::time::timeout(Duration::from_secs(10), reader.recv::<MasterFrame>()).await {
+        Ok(Ok(Some(MasterFrame { body: Some(master_frame::Body::Logs(q)) }))) => q,
+        _ => return,
+    };
+    let query = crate::driver::LogQuery {
+        tail: (q.tail > 0).then_some(q.tail as usize),
+        since_ms: (q.since_ms > 0).then_some(q.since_ms),
+        follow: q.follow,
+    };
+    let mut lines = match src.logs(q.task_id.clone(), query).await {
+        Ok(l) => l,
+        Err(e) => {
+            let chunk = LogChunk { lines: vec![], end: true, error: e };
+            let _ = writer.send(&frame(agent_frame::Body::LogChunk(chunk))).await;
+            let _ = writer.get_mut().finish();
+            return;
+        }
+    };
+    let mut batch = Vec::new();
+    loop {
+        // Gather what is ready (up to 500 lines), then send it as one chunk.
+        let next = if batch.is_empty() {
+            lines.next().await
+        } else {
+            match tokio::time::timeout(Duration::from_millis(20), lines.next()).await {
+                Ok(n) => n,
+                Err(_) => {
+                    let chunk = LogChunk { lines: std::mem::take(&mut batch), end: false, error: String::new() };
+                    if writer.send(&frame(agent_frame::Body::LogChunk(chunk))).await.is_err() {
+                        return;
+                    }
+                    continue;
+                }
+            }
+        };
+        match next {
+            Some(l) => {
+                let stream = match l.stream {
+                    crate::driver::LogStream::Stdout => "stdout",
+                    crate::driver::LogStream::Stderr => "stderr",
+                };
+                batch.push(berth_api::pb::agent::LogLine { ts_ms: l.ts_ms, stream: stream.into(), line: l.line });
+                if batch.len() >= 500 {
+                    let chunk = LogChunk { lines: std::mem::take(&mut batch), end: false, error: String::new() };
+                    if writer.send(&frame(agent_frame::Body::LogChunk(chunk))).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            None => {
+                let chunk = LogChunk { lines: batch, end: true, error: String::new() };
+                let _ = writer.send(&frame(agent_frame::Body::LogChunk(chunk))).await;
+                let _ = writer.get_mut().finish();
+                return;
+            }
+        }
     }
 }

@@ -70,6 +70,10 @@ pub struct StoredStatus {
     pub timestamp_ms: i64,
     #[serde(default, skip_serializing_if = "is_zero")]
     pub exit_code: i32,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub health: i32,
+    #[serde(default)]
+    pub pid: u32,
 }
 
 fn is_zero(v: &i32) -> bool {
@@ -93,6 +97,8 @@ impl StoredStatus {
             message: s.message.clone(),
             timestamp_ms: s.timestamp_ms,
             exit_code: s.exit_code,
+            health: s.health,
+            pid: s.pid,
         }
     }
 
@@ -103,6 +109,8 @@ impl StoredStatus {
             message: self.message.clone(),
             timestamp_ms: self.timestamp_ms,
             exit_code: self.exit_code,
+            health: self.health,
+            pid: self.pid,
         }
     }
 
@@ -273,6 +281,8 @@ mod tests {
                 message: "up".into(),
                 timestamp_ms: 1_700_000_000_000,
                 exit_code: 0,
+                health: 0,
+                pid: 4242,
             },
         );
         s

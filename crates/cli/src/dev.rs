@@ -26,8 +26,9 @@ pub struct DevArgs {
     /// Port of master 1; master N listens on base-port + N - 1.
     #[arg(long, default_value_t = 7001)]
     base_port: u16,
-    /// Number of node agents (real `berth agent` processes, each in zone-<i>).
-    #[arg(long, default_value_t = 2)]
+    /// Number of node agents (real `berth agent` processes, alternately in zones zone-a and
+    /// zone-b).
+    #[arg(long, default_value_t = 3)]
     agents: usize,
     /// Extra flags for every master (e.g. --node-down-grace 3s).
     #[arg(long = "master-arg", allow_hyphen_values = true)]
@@ -208,7 +209,7 @@ pub async fn run(a: DevArgs, _g: &Global) -> Result<()> {
             "--name".into(),
             name.clone(),
             "--labels".into(),
-            format!("zone=zone-{}", i + 1),
+            format!("zone=zone-{}", if i % 2 == 0 { 'a' } else { 'b' }),
         ];
         if !adir.join("agent.json").exists()
             && let Some(t) = &token

@@ -8,6 +8,7 @@ mod cmd_cluster;
 mod cmd_kv;
 mod cmd_nodes;
 mod cmd_pki;
+mod cmd_services;
 mod config;
 mod dev;
 mod output;
@@ -70,9 +71,24 @@ enum Cmd {
     /// Bootstrap tokens for adding hosts.
     #[command(subcommand)]
     Token(cmd_nodes::TokenCmd),
-    /// List objects.
+    /// Create or update services from YAML/JSON files (`kind: Service` documents).
+    Apply(cmd_services::ApplyArgs),
+    /// List services, tasks or nodes.
     #[command(subcommand)]
-    Get(cmd_nodes::GetCmd),
+    Get(cmd_services::GetCmd),
+    /// Show one object in detail.
+    #[command(subcommand)]
+    Describe(cmd_services::DescribeCmd),
+    /// Set the number of replicas of services: `berth scale web=3 api=2`.
+    Scale(cmd_services::ScaleArgs),
+    /// Follow, pause, resume or undo a service's rollout.
+    #[command(subcommand)]
+    Rollout(cmd_services::RolloutCmd),
+    /// Delete objects.
+    #[command(subcommand)]
+    Delete(cmd_services::DeleteCmd),
+    /// Print the logs of a service's tasks or of one task.
+    Logs(cmd_services::LogsArgs),
     /// Change or remove a node.
     #[command(subcommand)]
     Node(cmd_nodes::NodeCmd),
@@ -231,6 +247,12 @@ async fn run_agent(a: AgentArgs) -> Result<()> {
 }
 
 fn main() {
+    // `berth task-shim DIR`: the process runtime's per-task supervisor, started by the agent with
+    // this executable. Handled before clap and before any tokio runtime exists (it forks).
+    let mut args = std::env::args_os();
+    if args.nth(1).is_some_and(|a| a == berth_agent::driver::process::SHIM_SUBCOMMAND) {
+        std::process::exit(berth_agent::driver::process::shim_main(args.collect()));
+    }
     let cli = Cli::parse();
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("building the tokio runtime");
     let res = rt.block_on(async move {
@@ -254,7 +276,13 @@ fn main() {
                 )
             }),
             Cmd::Token(c) => cmd_nodes::run_token(c, &cli.global).await,
-            Cmd::Get(c) => cmd_nodes::run_get(c, &cli.global).await,
+            Cmd::Apply(a) => cmd_services::run_apply(a, &cli.global).await,
+            Cmd::Get(c) => cmd_services::run_get(c, &cli.global).await,
+            Cmd::Describe(c) => cmd_services::run_describe(c, &cli.global).await,
+            Cmd::Scale(a) => cmd_services::run_scale(a, &cli.global).await,
+            Cmd::Rollout(c) => cmd_services::run_rollout(c, &cli.global).await,
+            Cmd::Delete(c) => cmd_services::run_delete(c, &cli.global).await,
+            Cmd::Logs(a) => cmd_services::run_logs(a, &cli.global).await,
             Cmd::Node(c) => cmd_nodes::run_node(c, &cli.global).await,
             Cmd::Kv(c) => cmd_kv::run(c, &cli.global).await,
             Cmd::Cluster(c) => cmd_cluster::run_cluster(c, &cli.global).await,

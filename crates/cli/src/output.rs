@@ -7,6 +7,8 @@ pub enum Format {
     Table,
     Json,
     Yaml,
+    /// A table with more columns (`get services`, `get tasks`); other commands print their table.
+    Wide,
 }
 
 /// Prints `value` as JSON or YAML, or calls `table` for the table form.
@@ -14,7 +16,7 @@ pub fn print<T: Serialize>(format: Format, value: &T, table: impl FnOnce(&T)) {
     match format {
         Format::Json => println!("{}", serde_json::to_string_pretty(value).expect("serializable output")),
         Format::Yaml => print!("{}", serde_yaml::to_string(value).expect("serializable output")),
-        Format::Table => table(value),
+        Format::Table | Format::Wide => table(value),
     }
 }
 
@@ -57,4 +59,43 @@ pub fn human_bytes(n: u64) -> String {
         u += 1;
     }
     if u == 0 { format!("{n} B") } else { format!("{v:.1} {}", UNITS[u]) }
+}
+
+/// The text of [`table`]: left-aligned columns two spaces apart, one line per row.
+pub fn render_table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            if i < widths.len() {
+                widths[i] = widths[i].max(c.chars().count());
+            }
+        }
+    }
+    let mut out = String::new();
+    let header: Vec<String> = headers.iter().map(|h| h.to_string()).collect();
+    for cells in std::iter::once(&header).chain(rows) {
+        let s: Vec<String> = cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<w$}", w = widths.get(i).copied().unwrap_or(0)))
+            .collect();
+        out.push_str(s.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// Like [`print`], but a closed pipe (`berth get tasks -o json | head`) ends the program quietly
+/// instead of panicking.
+pub fn emit<T: Serialize>(format: Format, value: &T, table: impl FnOnce(&T)) {
+    use std::io::Write;
+    let text = match format {
+        Format::Json => serde_json::to_string_pretty(value).expect("serializable output") + "\n",
+        Format::Yaml => serde_yaml::to_string(value).expect("serializable output"),
+        Format::Table | Format::Wide => return table(value),
+    };
+    let mut out = std::io::stdout().lock();
+    if out.write_all(text.as_bytes()).and_then(|()| out.flush()).is_err() {
+        std::process::exit(0);
+    }
 }

@@ -7,7 +7,7 @@
 //! and commits only transitions (ready, down), in batches, after re-checking that it still leads.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     net::SocketAddr,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
@@ -16,8 +16,8 @@ use std::{
 use berth_api::pb::{
     JoinTokenRecord, Node, NodeAvailability, NodeStatus,
     agent::{
-        Accepted, AgentFrame, Assignments, AssignmentsKind, CertificateRenewed, HeartbeatAck, JoinAccepted, JoinError,
-        JoinRejected, MasterFrame, Redirect, agent_frame, master_frame,
+        Accepted, AgentFrame, Assignment, Assignments, AssignmentsKind, CertificateRenewed, HeartbeatAck, JoinAccepted,
+        JoinError, JoinRejected, MasterFrame, Redirect, agent_frame, master_frame,
     },
 };
 use berth_channel::{FrameReader, FrameWriter, close};
@@ -211,7 +211,7 @@ async fn handle_connection(ctx: Arc<Ctx>, conn: quinn::Connection, shutdown: Can
                     return;
                 }
             };
-            session(ctx, conn, writer, reader, node_id, shutdown).await;
+            session(ctx, conn, writer, reader, node_id, hello.tasks, shutdown).await;
         }
         _ => {
             info!(%remote, "closing an agent connection: the first frame must be Join or Hello");
@@ -352,6 +352,7 @@ async fn session(
     mut writer: FrameWriter,
     mut reader: FrameReader,
     node_id: String,
+    hello_tasks: Vec<berth_api::pb::agent::TaskStatus>,
     shutdown: CancellationToken,
 ) {
     let masters = master_endpoints(&ctx);
@@ -385,27 +386,38 @@ async fn session(
     };
     info!(node = %node_id, term, "agent session opened");
     let accepted = Accepted { term, heartbeat_interval_ms: ctx.agent_heartbeat_interval.as_millis() as u64, masters };
-    // The workloads issue fills assignments; until then every node's set is empty.
-    let complete = Assignments {
-        term,
-        kind: AssignmentsKind::Complete as i32,
-        version: 1,
-        base_version: 0,
-        updated: vec![],
-        removed: vec![],
-    };
+    ctx.statuses.report(&node_id, hello_tasks);
+    ctx.assignments.set_conn(&node_id, conn.clone());
+    let mut changes = ctx.assignments.subscribe(&node_id);
+    changes.mark_unchanged();
+    let mut sent = Sent { version: 0, set: BTreeMap::new() };
+    let complete = sent.complete(term, ctx.assignments.current(&node_id));
     let opened = async {
         writer.send(&MasterFrame { body: Some(master_frame::Body::Accepted(accepted)) }).await?;
-        writer.send(&MasterFrame { body: Some(master_frame::Body::Assignments(complete.clone())) }).await
+        writer.send(&MasterFrame { body: Some(master_frame::Body::Assignments(complete)) }).await
     };
     if let Err(e) = opened.await {
         debug!(node = %node_id, "session ended while opening: {e}");
         ctx.liveness.close_session(&node_id, n);
+        ctx.assignments.drop_conn(&node_id, &conn);
         return;
     }
     let reason = loop {
         let frame = tokio::select! {
             f = reader.recv::<AgentFrame>() => f,
+            r = changes.changed() => {
+                if r.is_err() {
+                    continue;
+                }
+                let Some(inc) = sent.incremental(term, ctx.assignments.current(&node_id)) else { continue };
+                if let Err(e) = writer.send(&MasterFrame { body: Some(master_frame::Body::Assignments(inc)) }).await {
+                    debug!(node = %node_id, "session lost: {e}");
+                    ctx.liveness.close_session(&node_id, n);
+                    ctx.assignments.drop_conn(&node_id, &conn);
+                    return;
+                }
+                continue;
+            }
             _ = session_token.cancelled() => {
                 break if shutdown.is_cancelled() {
                     (close::SHUTDOWN, "master shutting down".to_string())
@@ -427,6 +439,7 @@ async fn session(
             Err(e) => {
                 debug!(node = %node_id, "session lost: {e}");
                 ctx.liveness.close_session(&node_id, n);
+                ctx.assignments.drop_conn(&node_id, &conn);
                 return;
             }
         };
@@ -436,10 +449,15 @@ async fn session(
                 Some(master_frame::Body::HeartbeatAck(HeartbeatAck { seq: hb.seq, term }))
             }
             agent_frame::Body::Status(report) => {
-                debug!(node = %node_id, tasks = report.tasks.len(), "status report");
+                ctx.statuses.report(&node_id, report.tasks);
                 None
             }
-            agent_frame::Body::RequestComplete(_) => Some(master_frame::Body::Assignments(complete.clone())),
+            agent_frame::Body::RequestComplete(_) => {
+                Some(master_frame::Body::Assignments(sent.complete(term, ctx.assignments.current(&node_id))))
+            }
+            agent_frame::Body::LogChunk(_) => {
+                break (close::MALFORMED_FRAME, "log chunks belong on a log stream".to_string());
+            }
             agent_frame::Body::Renew(req) => match ctx.pki.ca() {
                 Some(ca) => match ca.sign_csr(&req.csr_pem, &Identity::agent(&node_id), ctx.cert_validity) {
                     Ok(cert_pem) => {
@@ -465,12 +483,56 @@ async fn session(
         {
             debug!(node = %node_id, "session lost: {e}");
             ctx.liveness.close_session(&node_id, n);
+            ctx.assignments.drop_conn(&node_id, &conn);
             return;
         }
     };
     ctx.liveness.close_session(&node_id, n);
+    ctx.assignments.drop_conn(&node_id, &conn);
     info!(node = %node_id, reason = %reason.1, "agent session closed");
     conn.close(reason.0, reason.1.as_bytes());
+}
+
+/// What a session last sent its agent, to compute INCREMENTAL changes.
+struct Sent {
+    version: u64,
+    set: BTreeMap<String, Assignment>,
+}
+
+impl Sent {
+    fn complete(&mut self, term: u64, set: BTreeMap<String, Assignment>) -> Assignments {
+        self.version += 1;
+        self.set = set;
+        Assignments {
+            term,
+            kind: AssignmentsKind::Complete as i32,
+            version: self.version,
+            base_version: 0,
+            updated: self.set.values().cloned().collect(),
+            removed: vec![],
+        }
+    }
+
+    /// The changes from what was sent to `set`, or None when there are none.
+    fn incremental(&mut self, term: u64, set: BTreeMap<String, Assignment>) -> Option<Assignments> {
+        let updated: Vec<Assignment> =
+            set.iter().filter(|(id, a)| self.set.get(*id) != Some(*a)).map(|(_, a)| a.clone()).collect();
+        let removed: Vec<String> = self.set.keys().filter(|id| !set.contains_key(*id)).cloned().collect();
+        if updated.is_empty() && removed.is_empty() {
+            return None;
+        }
+        let base_version = self.version;
+        self.version += 1;
+        self.set = set;
+        Some(Assignments {
+            term,
+            kind: AssignmentsKind::Incremental as i32,
+            version: self.version,
+            base_version,
+            updated,
+            removed,
+        })
+    }
 }
 
 /// Ends the session of a node that was removed.

@@ -40,6 +40,12 @@ pub(crate) async fn serve(
         pb::nodes_server::NodesServer::new(crate::nodes_service::NodesService { ctx: ctx.clone() }),
         require_client,
     );
+    let control = InterceptedService::new(
+        pb::control_service_server::ControlServiceServer::new(crate::control_service::ControlSvc { ctx: ctx.clone() })
+            .max_decoding_message_size(CLIENT_MESSAGE_LIMIT)
+            .max_encoding_message_size(CLIENT_MESSAGE_LIMIT),
+        require_client,
+    );
     let pki = ctx.pki.clone();
     let raft = pb::raft::raft_server::RaftServer::new(RaftService { ctx, snap_dir })
         .max_decoding_message_size(RAFT_MESSAGE_LIMIT)
@@ -54,6 +60,7 @@ pub(crate) async fn serve(
         .add_service(kv)
         .add_service(cluster)
         .add_service(nodes)
+        .add_service(control)
         .add_service(raft)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

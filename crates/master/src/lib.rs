@@ -4,8 +4,11 @@
 //! The service library takes a plain [`MasterConfig`]; it knows nothing of clap or the CLI.
 //! It may depend on every lower crate (types, api, store); nothing depends on it but the CLI.
 
+mod assign;
 mod cluster_service;
 mod config;
+mod control_service;
+mod controller;
 mod dispatcher;
 mod error;
 mod identity;
@@ -16,6 +19,7 @@ mod nodes_service;
 mod objects;
 mod proposer;
 mod raft_service;
+mod tasks;
 mod tls;
 
 pub use config::{

@@ -41,6 +41,8 @@ pub(crate) struct Ctx {
     removed: Mutex<BTreeSet<u64>>,
     pub pki: Arc<MasterPki>,
     pub liveness: crate::dispatcher::Liveness,
+    pub assignments: crate::assign::Assignments,
+    pub statuses: crate::assign::Statuses,
     pub cert_validity: Duration,
     pub node_down_grace: Duration,
     pub agent_heartbeat_interval: Duration,
@@ -330,6 +332,8 @@ pub async fn run_master(cfg: MasterConfig, shutdown: CancellationToken) -> Resul
         removed: Mutex::new(BTreeSet::new()),
         pki,
         liveness: Default::default(),
+        assignments: Default::default(),
+        statuses: Default::default(),
         cert_validity: cfg.cert_validity,
         node_down_grace: cfg.node_down_grace,
         agent_heartbeat_interval: cfg.agent_heartbeat_interval,
@@ -495,6 +499,9 @@ async fn watch_state(ctx: Arc<Ctx>, shutdown: CancellationToken) {
             let token = shutdown.child_token();
             ctx.liveness.become_leader();
             tokio::spawn(crate::dispatcher::monitor(ctx.clone(), token.clone()));
+            tokio::spawn(crate::assign::index(ctx.clone(), token.clone()));
+            tokio::spawn(crate::assign::commit_statuses(ctx.clone(), token.clone()));
+            tokio::spawn(crate::controller::run(ctx.clone(), token.clone()));
             tokio::spawn(record_ca(ctx.clone()));
             leading = Some(token);
         } else if !is_leader && let Some(token) = leading.take() {

@@ -13,8 +13,11 @@ use berth_api::pb::agent::{Assignment, TaskState, TaskStatus};
 use tokio::sync::mpsc;
 
 pub mod docker;
+pub mod manager;
 pub mod process;
 pub mod runtime;
+
+pub use manager::{LogSource, TaskManager};
 
 pub use runtime::{LogLine, LogLines, LogQuery, LogStream, Observed, Runtime, RuntimeError};
 
@@ -57,6 +60,7 @@ impl StatusSink {
             message: message.into(),
             timestamp_ms: now_ms(),
             exit_code: 0,
+            ..Default::default()
         });
     }
 }
@@ -75,6 +79,19 @@ pub trait Driver: Send + Sync + 'static {
 
     /// Stop the task; report SHUTDOWN once it has stopped.
     fn stop(&self, task_id: &str) -> impl Future<Output = ()> + Send;
+
+    /// The task left this node's assignment set: stop it and remove what is left of it.
+    fn forget(&self, task_id: &str) -> impl Future<Output = ()> + Send {
+        self.stop(task_id)
+    }
+
+    /// The leader was just heard from (fencing of at-most-once tasks).
+    fn leader_contact(&self) {}
+
+    /// Where task logs can be read, if this driver keeps any.
+    fn log_source(&self) -> Option<std::sync::Arc<dyn LogSource>> {
+        None
+    }
 }
 
 /// A driver that runs nothing but says it does: ASSIGNED then RUNNING at once on start, SHUTDOWN on

@@ -357,3 +357,16 @@ fn validate_catches_programmatic_mistakes() {
     assert_eq!(err.path(), "metadata.name");
     assert_eq!(err.document(), None);
 }
+
+#[test]
+fn shipped_examples_are_valid() {
+    for (name, text) in [
+        ("web.yaml", include_str!("../../../../examples/web.yaml")),
+        ("global.yaml", include_str!("../../../../examples/global.yaml")),
+        ("stateful.yaml", include_str!("../../../../examples/stateful.yaml")),
+        ("docker-web.yaml", include_str!("../../../../examples/docker-web.yaml")),
+    ] {
+        let parsed = parse_documents(text);
+        assert!(parsed.is_ok(), "examples/{name}: {}", parsed.unwrap_err());
+    }
+}

@@ -1,0 +1,456 @@
+//! The task manager: the [`Driver`] of a real agent. It runs each task through the runtime its
+//! spec names (process or docker), watches it, probes its health and reports every change.
+//!
+//! - start: idempotent. A task the runtime already has (an agent restart) is adopted, never
+//!   started twice; its watcher resumes.
+//! - Each task has one watcher: it polls the runtime every 500 ms and runs the health check at
+//!   its interval. An unhealthy task (`retries` failures in a row after `start_period`) is stopped
+//!   and reported FAILED, so the orchestrator replaces it per the restart policy.
+//! - stop: SIGTERM, a grace, SIGKILL; SHUTDOWN is reported. forget: stop and remove the task's
+//!   files or container (the task left the node's assignment set).
+//! - at-most-once: the agent writes a lease file (`lease`, the Unix millisecond it last heard the
+//!   leader) on every leader frame; the manager stops at-most-once tasks whose fence timeout
+//!   passed without contact. The process runtime's supervisor checks the same lease itself, so the
+//!   fence holds even while the agent is frozen.
+
+use std::{
+    collections::HashMap,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use berth_api::pb::agent::{Assignment, TaskHealth, TaskState, TaskStatus};
+use berth_types::{
+    spec::{DisconnectPolicy, Runtime as RuntimeKind},
+    task::RunSpec,
+};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use super::{Driver, LogLines, LogQuery, Observed, Runtime, StatusSink, now_ms};
+use crate::probe::{Health, HealthTracker};
+
+/// How often a task's runtime state is polled.
+const POLL: Duration = Duration::from_millis(500);
+/// How long a stopped task gets between SIGTERM and SIGKILL.
+pub const STOP_GRACE: Duration = Duration::from_secs(10);
+/// The lease file in the agent's data dir.
+pub const LEASE_FILE: &str = "lease";
+
+/// Where logs come from, for the agent's log streams (object-safe, shareable).
+pub trait LogSource: Send + Sync {
+    fn logs(
+        &self,
+        task_id: String,
+        q: LogQuery,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<LogLines, String>> + Send + '_>>;
+}
+
+struct Watched {
+    cancel: CancellationToken,
+    spec: RunSpec,
+}
+
+struct Inner {
+    process: Box<dyn RuntimeCalls>,
+    docker: Result<Box<dyn RuntimeCalls>, String>,
+    sink: StatusSink,
+    tasks: Mutex<HashMap<String, Watched>>,
+    lease: PathBuf,
+    /// Host ports given to process tasks: `<data dir>/ports/<task id>.json`.
+    ports_dir: PathBuf,
+    /// Last contact with the leader (Unix ms), mirrored in the lease file.
+    contact_ms: Mutex<i64>,
+}
+
+/// Runs tasks with a process runtime `P` and a docker runtime `D` (which may be unavailable).
+pub struct TaskManager {
+    inner: Arc<Inner>,
+}
+
+impl Clone for TaskManager {
+    fn clone(&self) -> Self {
+        TaskManager { inner: self.inner.clone() }
+    }
+}
+
+impl TaskManager {
+    /// `docker` is the docker runtime, or why it is unavailable (tasks asking for it fail with
+    /// that message). `data_dir` holds the lease file.
+    pub fn new<P: Runtime, D: Runtime>(
+        process: P,
+        docker: Result<D, String>,
+        sink: StatusSink,
+        data_dir: PathBuf,
+    ) -> Self {
+        let m = TaskManager {
+            inner: Arc::new(Inner {
+                process: Box::new(Owned(process)),
+                docker: docker.map(|d| Box::new(Owned(d)) as Box<dyn RuntimeCalls>),
+                sink,
+                tasks: Mutex::new(HashMap::new()),
+                lease: data_dir.join(LEASE_FILE),
+                ports_dir: data_dir.join("ports"),
+                contact_ms: Mutex::new(now_ms()),
+            }),
+        };
+        let fence = m.clone();
+        tokio::spawn(async move { fence.fence_loop().await });
+        m
+    }
+
+    fn status(&self, id: &str, state: TaskState, message: impl Into<String>) -> TaskStatus {
+        TaskStatus {
+            task_id: id.to_string(),
+            state: state as i32,
+            message: message.into(),
+            timestamp_ms: now_ms(),
+            ..Default::default()
+        }
+    }
+
+    fn rt(&self, kind: RuntimeKind) -> Result<&dyn RuntimeCalls, String> {
+        match kind {
+            RuntimeKind::Process => Ok(self.inner.process.as_ref()),
+            RuntimeKind::Docker => self.inner.docker.as_ref().map(|d| d.as_ref()).map_err(Clone::clone),
+        }
+    }
+
+    async fn call<'a, T>(
+        &'a self,
+        kind: RuntimeKind,
+        f: impl FnOnce(&'a dyn RuntimeCalls) -> BoxFut<'a, T>,
+    ) -> Result<T, String> {
+        f(self.rt(kind)?).await
+    }
+
+    /// Stops at-most-once tasks once the leader has been silent for their fence timeout.
+    async fn fence_loop(self) {
+        loop {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            if Arc::strong_count(&self.inner) == 1 {
+                return;
+            }
+            let silent = now_ms() - *self.inner.contact_ms.lock().expect("contact lock");
+            let fenced: Vec<(String, RunSpec)> = self
+                .inner
+                .tasks
+                .lock()
+                .expect("tasks lock")
+                .iter()
+                .filter(|(_, w)| {
+                    w.spec.disconnect == DisconnectPolicy::AtMostOnce && silent > w.spec.fence_timeout_ms as i64
+                })
+                .map(|(id, w)| (id.clone(), w.spec.clone()))
+                .collect();
+            for (id, spec) in fenced {
+                warn!(task = %id, silent_ms = silent, "at-most-once task: no word from the leader; stopping it");
+                self.halt(&id, &spec, format!("stopped: no contact with the leader for {} ms (at-most-once)", silent))
+                    .await;
+            }
+        }
+    }
+
+    async fn halt(&self, id: &str, spec: &RunSpec, message: String) {
+        if let Some(w) = self.inner.tasks.lock().expect("tasks lock").remove(id) {
+            w.cancel.cancel();
+        }
+        let r = self.call(spec.task.runtime, |rt| rt.stop(id, STOP_GRACE)).await;
+        let mut s = self.status(id, TaskState::Failed, message);
+        if let Err(e) = r {
+            s.message = format!("{}; stopping failed: {e}", s.message);
+        }
+        self.inner.sink.report(s);
+    }
+
+    /// Process tasks share the host's network, so each container port gets a host port: the
+    /// published one when set, else a free one. The task reads it from `BERTH_PORT_<port>` (and
+    /// `PORT`, for the first); health checks on a container port probe its host port. The map is
+    /// kept in a file so an adopted task keeps its ports across agent restarts.
+    fn host_ports(&self, id: &str, spec: &RunSpec) -> Result<HashMap<u16, u16>, String> {
+        let file = self.inner.ports_dir.join(format!("{id}.json"));
+        if let Ok(text) = std::fs::read_to_string(&file)
+            && let Ok(map) = serde_json::from_str::<HashMap<u16, u16>>(&text)
+        {
+            return Ok(map);
+        }
+        let mut map = HashMap::new();
+        for p in &spec.task.ports {
+            let host = match p.published {
+                Some(h) => h,
+                None => std::net::TcpListener::bind(("0.0.0.0", 0))
+                    .and_then(|l| l.local_addr())
+                    .map(|a| a.port())
+                    .map_err(|e| format!("no free host port for container port {}: {e}", p.container))?,
+            };
+            map.insert(p.container, host);
+        }
+        std::fs::create_dir_all(&self.inner.ports_dir)
+            .and_then(|()| std::fs::write(&file, serde_json::to_vec(&map).unwrap_or_default()))
+            .map_err(|e| format!("recording the task's host ports in {} failed: {e}", file.display()))?;
+        Ok(map)
+    }
+
+    async fn watch(self, id: String, mut spec: RunSpec, cancel: CancellationToken) {
+        let kind = spec.task.runtime;
+        let mut ports = HashMap::new();
+        if kind == RuntimeKind::Process && !spec.task.ports.is_empty() {
+            match self.host_ports(&id, &spec) {
+                Ok(map) => {
+                    for (i, p) in spec.task.ports.iter().enumerate() {
+                        let host = map.get(&p.container).copied().unwrap_or(p.container);
+                        spec.task.env.insert(format!("BERTH_PORT_{}", p.container), host.to_string());
+                        if i == 0 {
+                            spec.task.env.entry("PORT".into()).or_insert_with(|| host.to_string());
+                        }
+                    }
+                    ports = map;
+                }
+                Err(e) => {
+                    self.inner.tasks.lock().expect("tasks lock").remove(&id);
+                    self.inner.sink.report(self.status(&id, TaskState::Failed, e));
+                    return;
+                }
+            }
+        }
+        let check = spec.task.health.clone().map(|mut h| {
+            if let Some(x) = h.http.as_mut() {
+                x.port = ports.get(&x.port).copied().unwrap_or(x.port);
+            }
+            if let Some(x) = h.tcp.as_mut() {
+                x.port = ports.get(&x.port).copied().unwrap_or(x.port);
+            }
+            h
+        });
+        self.inner.sink.report(self.status(&id, TaskState::Starting, "starting"));
+        if let Err(e) = self.call(kind, |rt| rt.start(&id, &spec)).await {
+            self.inner.tasks.lock().expect("tasks lock").remove(&id);
+            self.inner.sink.report(self.status(&id, TaskState::Failed, format!("could not start: {e}")));
+            return;
+        }
+        let started = Instant::now();
+        let mut tracker = check.as_ref().map(|h| HealthTracker::new(h, started));
+        let mut next_probe = started;
+        let mut last: Option<(u32, TaskHealth)> = None;
+        loop {
+            let observed = tokio::select! {
+                _ = cancel.cancelled() => return,
+                o = self.call(kind, |rt| rt.inspect(&id)) => o,
+            };
+            match observed {
+                Ok(Observed::Running { pid, .. }) => {
+                    let pid = pid.unwrap_or(0);
+                    if let (Some(t), Some(check)) = (tracker.as_mut(), check.as_ref())
+                        && Instant::now() >= next_probe
+                    {
+                        next_probe = Instant::now() + check.interval;
+                        let addr = self
+                            .call(kind, |rt| rt.probe_addr(&id))
+                            .await
+                            .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST));
+                        let me = self.clone();
+                        let tid = id.clone();
+                        let result = crate::probe::probe(check, addr, |argv: Vec<String>, timeout| async move {
+                            me.call(kind, |rt| rt.exec(&tid, &argv, timeout)).await
+                        })
+                        .await;
+                        if let Some(Health::Unhealthy) = t.record(Instant::now(), result) {
+                            let why = t.last_error().unwrap_or("probe failed").to_string();
+                            warn!(task = %id, "unhealthy: {why}");
+                            let mut s = self.status(&id, TaskState::Failed, format!("health check failed: {why}"));
+                            s.health = TaskHealth::Unhealthy as i32;
+                            s.pid = pid;
+                            self.inner.sink.report(s);
+                            let _ = self.call(kind, |rt| rt.stop(&id, STOP_GRACE)).await;
+                            self.inner.tasks.lock().expect("tasks lock").remove(&id);
+                            return;
+                        }
+                    }
+                    let health = match tracker.as_ref().map(HealthTracker::state) {
+                        None => TaskHealth::Unknown,
+                        Some(Health::Starting) => TaskHealth::Starting,
+                        Some(Health::Healthy) => TaskHealth::Healthy,
+                        Some(Health::Unhealthy) => TaskHealth::Unhealthy,
+                    };
+                    if last != Some((pid, health)) {
+                        last = Some((pid, health));
+                        let mut s = self.status(&id, TaskState::Running, "running");
+                        s.pid = pid;
+                        s.health = health as i32;
+                        self.inner.sink.report(s);
+                    }
+                }
+                Ok(Observed::Exited { code, message, .. }) => {
+                    let (state, msg) = if code == 0 {
+                        (TaskState::Complete, "exited with code 0".to_string())
+                    } else if message.is_empty() {
+                        (TaskState::Failed, format!("exited with code {code}"))
+                    } else {
+                        (TaskState::Failed, format!("exited with code {code}: {message}"))
+                    };
+                    let mut s = self.status(&id, state, msg);
+                    s.exit_code = code;
+                    self.inner.sink.report(s);
+                    self.inner.tasks.lock().expect("tasks lock").remove(&id);
+                    return;
+                }
+                Ok(Observed::Missing) => {
+                    self.inner.sink.report(self.status(&id, TaskState::Failed, "the task vanished from its runtime"));
+                    self.inner.tasks.lock().expect("tasks lock").remove(&id);
+                    return;
+                }
+                Err(e) => warn!(task = %id, "inspecting: {e}"),
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(POLL) => {}
+            }
+        }
+    }
+}
+
+/// The runtime calls the manager needs, object-safe.
+trait RuntimeCalls: Send + Sync {
+    fn start<'a>(&'a self, id: &'a str, spec: &'a RunSpec) -> BoxFut<'a, ()>;
+    fn inspect<'a>(&'a self, id: &'a str) -> BoxFut<'a, Observed>;
+    fn stop<'a>(&'a self, id: &'a str, grace: Duration) -> BoxFut<'a, ()>;
+    fn remove<'a>(&'a self, id: &'a str) -> BoxFut<'a, ()>;
+    fn probe_addr<'a>(&'a self, id: &'a str) -> BoxFut<'a, std::net::IpAddr>;
+    fn exec<'a>(&'a self, id: &'a str, argv: &'a [String], timeout: Duration) -> BoxFut<'a, i32>;
+    fn logs<'a>(&'a self, id: &'a str, q: LogQuery) -> BoxFut<'a, LogLines>;
+}
+
+type BoxFut<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = Result<T, String>> + Send + 'a>>;
+
+struct Owned<R>(R);
+
+impl<R: Runtime> RuntimeCalls for Owned<R> {
+    fn start<'a>(&'a self, id: &'a str, spec: &'a RunSpec) -> BoxFut<'a, ()> {
+        Box::pin(async move { self.0.start(id, spec).await.map_err(|e| e.to_string()) })
+    }
+    fn inspect<'a>(&'a self, id: &'a str) -> BoxFut<'a, Observed> {
+        Box::pin(async move { self.0.inspect(id).await.map_err(|e| e.to_string()) })
+    }
+    fn stop<'a>(&'a self, id: &'a str, grace: Duration) -> BoxFut<'a, ()> {
+        Box::pin(async move { self.0.stop(id, grace).await.map_err(|e| e.to_string()) })
+    }
+    fn remove<'a>(&'a self, id: &'a str) -> BoxFut<'a, ()> {
+        Box::pin(async move { self.0.remove(id).await.map_err(|e| e.to_string()) })
+    }
+    fn probe_addr<'a>(&'a self, id: &'a str) -> BoxFut<'a, std::net::IpAddr> {
+        Box::pin(async move { self.0.probe_addr(id).await.map_err(|e| e.to_string()) })
+    }
+    fn exec<'a>(&'a self, id: &'a str, argv: &'a [String], timeout: Duration) -> BoxFut<'a, i32> {
+        Box::pin(async move { self.0.exec(id, argv, timeout).await.map_err(|e| e.to_string()) })
+    }
+    fn logs<'a>(&'a self, id: &'a str, q: LogQuery) -> BoxFut<'a, LogLines> {
+        Box::pin(async move { self.0.logs(id, q).await.map_err(|e| e.to_string()) })
+    }
+}
+
+impl Driver for TaskManager {
+    async fn start(&self, a: &Assignment) {
+        let spec = match RunSpec::decode(&a.spec) {
+            Ok(s) => s,
+            Err(e) => {
+                self.inner.sink.report(self.status(&a.task_id, TaskState::Failed, e));
+                return;
+            }
+        };
+        let cancel = CancellationToken::new();
+        {
+            let mut tasks = self.inner.tasks.lock().expect("tasks lock");
+            if tasks.contains_key(&a.task_id) {
+                return; // already watched: tasks never change in place
+            }
+            tasks.insert(a.task_id.clone(), Watched { cancel: cancel.clone(), spec: spec.clone() });
+        }
+        // An ended task stays ended: after an agent restart its exit is reported, not rerun.
+        let me = self.clone();
+        tokio::spawn(me.watch(a.task_id.clone(), spec, cancel));
+    }
+
+    async fn stop(&self, task_id: &str) {
+        let watched = self.inner.tasks.lock().expect("tasks lock").remove(task_id);
+        let kinds: Vec<RuntimeKind> = match &watched {
+            Some(w) => {
+                w.cancel.cancel();
+                vec![w.spec.task.runtime]
+            }
+            None => vec![RuntimeKind::Process, RuntimeKind::Docker],
+        };
+        for kind in kinds {
+            let ended_before = match self.call(kind, |rt| rt.inspect(task_id)).await {
+                Ok(Observed::Missing) | Err(_) => continue,
+                Ok(o) => matches!(o, Observed::Exited { .. }),
+            };
+            match self.call(kind, |rt| rt.stop(task_id, STOP_GRACE)).await {
+                Ok(()) if !ended_before => {
+                    info!(task = %task_id, "stopped");
+                    self.inner.sink.report(self.status(task_id, TaskState::Shutdown, "stopped"));
+                }
+                Ok(()) => {}
+                Err(e) => {
+                    warn!(task = %task_id, "stopping failed: {e}");
+                    self.inner.sink.report(self.status(task_id, TaskState::Failed, format!("stopping failed: {e}")));
+                }
+            }
+        }
+    }
+
+    async fn forget(&self, task_id: &str) {
+        self.stop(task_id).await;
+        let _ = std::fs::remove_file(self.inner.ports_dir.join(format!("{task_id}.json")));
+        for kind in [RuntimeKind::Process, RuntimeKind::Docker] {
+            if let Err(e) = self.call(kind, |rt| rt.remove(task_id)).await {
+                tracing::debug!(task = %task_id, "removing: {e}");
+            }
+        }
+    }
+
+    fn leader_contact(&self) {
+        let now = now_ms();
+        *self.inner.contact_ms.lock().expect("contact lock") = now;
+        // Best effort, and small: the process supervisors read it to enforce at-most-once.
+        let tmp = self.inner.lease.with_extension("tmp");
+        if std::fs::write(&tmp, now.to_string()).is_ok() {
+            let _ = std::fs::rename(&tmp, &self.inner.lease);
+        }
+    }
+
+    fn log_source(&self) -> Option<Arc<dyn LogSource>> {
+        Some(Arc::new(self.clone()))
+    }
+}
+
+impl LogSource for TaskManager {
+    fn logs(
+        &self,
+        task_id: String,
+        q: LogQuery,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<LogLines, String>> + Send + '_>> {
+        Box::pin(async move {
+            let kind = self.inner.tasks.lock().expect("tasks lock").get(&task_id).map(|w| w.spec.task.runtime);
+            let kinds = match kind {
+                Some(k) => vec![k],
+                None => vec![RuntimeKind::Process, RuntimeKind::Docker],
+            };
+            let mut last = format!("no task {task_id} on this node");
+            for k in kinds {
+                let exists = matches!(
+                    self.call(k, |rt| rt.inspect(&task_id)).await,
+                    Ok(Observed::Running { .. } | Observed::Exited { .. })
+                );
+                if !exists {
+                    continue;
+                }
+                match self.call(k, |rt| rt.logs(&task_id, q.clone())).await {
+                    Ok(l) => return Ok(l),
+                    Err(e) => last = e,
+                }
+            }
+            Err(last)
+        })
+    }
+}

@@ -1,0 +1,377 @@
+//! The per-task supervisor ("shim"): a small process, detached from the agent, that starts the
+//! task in its namespaces, copies its output into the rotated log, waits for it and records how
+//! it ended. The agent can die and come back meanwhile; the shim does not need it.
+//!
+//! Sequence: read `config.json`; write `state.json` (own pid); join the task's cgroups (so
+//! everything started after inherits them); start `unshare --pid --fork --mount --uts --ipc
+//! --kill-child --mount-proc -- argv` in a process group of its own with piped stdout/stderr;
+//! find the task (the launcher's child, PID 1 of the new namespace) and record it in
+//! `state.json`; copy output until both pipes close; write `exit.json`; exit.
+
+use std::ffi::OsString;
+use std::io::{BufRead, BufReader, Read};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::{Duration, Instant};
+
+use super::files::{self, CONFIG, CONFIG_FORMAT, EXIT, ExitRecord, OUTPUT, STATE, ShimConfig, ShimState};
+use super::logfile::{MAX_LINE, RotatingLog};
+use super::{cgroup, procfs};
+use crate::driver::now_ms;
+use crate::driver::runtime::{LogLine, LogStream};
+
+/// The flags given to `unshare` before `--` and the task's argv.
+pub(crate) const UNSHARE_FLAGS: [&str; 7] =
+    ["--pid", "--fork", "--mount", "--uts", "--ipc", "--kill-child", "--mount-proc"];
+
+/// How long the shim looks for the task process after starting the launcher.
+const FIND_TASK_PATIENCE: Duration = Duration::from_secs(5);
+/// How long output may keep flowing after the task ended (the pipes close when the namespace
+/// is gone, so this only guards against the unexpected).
+const DRAIN_PATIENCE: Duration = Duration::from_secs(5);
+
+/// The shim's entry point: `args` are the arguments after the program (and subcommand) name,
+/// exactly one: the task directory. Returns the shim's exit code (0 when the task ran and its
+/// end was recorded, whatever the task's own code; 1 when the shim failed, also recorded in
+/// `exit.json` when possible; 2 on bad usage).
+pub fn shim_main(args: Vec<OsString>) -> i32 {
+    let [dir] = args.as_slice() else {
+        eprintln!("usage: task-shim <task dir> (started by the berth agent's process runtime, not by hand)");
+        return 2;
+    };
+    let dir = PathBuf::from(dir);
+    match run(&dir) {
+        Ok(()) => 0,
+        Err(message) => {
+            eprintln!("berth task-shim: {message}");
+            let exit = dir.join(EXIT);
+            if !exit.exists() {
+                let rec = ExitRecord { code: -1, finished_at_ms: now_ms(), message, started: false };
+                if let Err(e) = files::write_json(&exit, &rec) {
+                    eprintln!("berth task-shim: recording the failure in {} failed too: {e}", exit.display());
+                }
+            }
+            1
+        }
+    }
+}
+
+fn run(dir: &Path) -> Result<(), String> {
+    let config: ShimConfig = match files::read_json(&dir.join(CONFIG)) {
+        Ok(Some(c)) => c,
+        Ok(None) => {
+            return Err(format!("{} does not exist; the task directory is incomplete", dir.join(CONFIG).display()));
+        }
+        Err(e) => return Err(format!("reading the task's config failed: {e}")),
+    };
+    if config.format != CONFIG_FORMAT {
+        return Err(format!(
+            "{} has format {}, this shim reads format {CONFIG_FORMAT}; run the agent and shim of the same berth version",
+            dir.join(CONFIG).display(),
+            config.format
+        ));
+    }
+    let me = procfs::proc_ref(std::process::id()).ok_or("reading /proc/self/stat failed; is /proc mounted?")?;
+    let mut state = ShimState { shim: me, launcher: None, task: None, started_at_ms: 0 };
+    write_state(dir, &state)?;
+
+    if let Err(e) = cgroup::join(&config.cgroups, me.pid) {
+        if config.limits_required {
+            return Err(format!(
+                "cannot apply the task's resource limits: {e}; run the agent as root with the cpu and memory \
+                 cgroup controllers available, or remove spec.task.resources.limits"
+            ));
+        }
+        eprintln!("berth task-shim: running task {} without its cgroups: {e}", config.task_id);
+    }
+
+    let log = RotatingLog::open(&dir.join(OUTPUT), config.log_max_bytes, config.log_keep)
+        .map_err(|e| format!("opening the task's log {} failed: {e}", dir.join(OUTPUT).display()))?;
+    let log = Arc::new(Mutex::new(log));
+
+    let mut child = Command::new(&config.unshare)
+        .args(UNSHARE_FLAGS)
+        .arg("--")
+        .args(&config.argv)
+        .env_clear()
+        .envs(&config.env)
+        .current_dir(&config.workdir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .map_err(|e| {
+            format!(
+                "starting {} (in {}) failed: {e}; check util-linux is installed and the working directory exists",
+                config.unshare.display(),
+                config.workdir.display()
+            )
+        })?;
+    let started_at_ms = now_ms();
+
+    let last_stderr = Arc::new(Mutex::new(String::new()));
+    let (done_tx, done_rx) = mpsc::channel::<()>();
+    let mut pumps = 0;
+    if let Some(out) = child.stdout.take() {
+        spawn_pump(out, LogStream::Stdout, log.clone(), None, done_tx.clone());
+        pumps += 1;
+    }
+    if let Some(err) = child.stderr.take() {
+        spawn_pump(err, LogStream::Stderr, log.clone(), Some(last_stderr.clone()), done_tx.clone());
+        pumps += 1;
+    }
+    drop(done_tx);
+
+    state.launcher = procfs::proc_ref(child.id());
+    state.task = find_task(&mut child);
+    state.started_at_ms = started_at_ms;
+    write_state(dir, &state)?;
+    match state.task {
+        Some(t) => eprintln!("berth task-shim: task {} runs as host pid {}", config.task_id, t.pid),
+        None => eprintln!("berth task-shim: the launcher of task {} ended before its task was seen", config.task_id),
+    }
+
+    let status = loop {
+        match child.wait() {
+            Ok(status) => break status,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(format!("waiting for the task failed: {e}")),
+        }
+    };
+    let deadline = Instant::now() + DRAIN_PATIENCE;
+    for _ in 0..pumps {
+        if done_rx.recv_timeout(deadline.saturating_duration_since(Instant::now())).is_err() {
+            eprintln!("berth task-shim: output still open {DRAIN_PATIENCE:?} after the task ended; not waiting longer");
+            break;
+        }
+    }
+    let last = last_stderr.lock().map(|l| l.clone()).unwrap_or_default();
+    let rec = exit_record(status, state.task.is_some(), &last, &config.unshare);
+    eprintln!("berth task-shim: task {}: {}", config.task_id, rec.message);
+    files::write_json(&dir.join(EXIT), &rec).map_err(|e| format!("recording the task's exit in {EXIT} failed: {e}"))
+}
+
+fn write_state(dir: &Path, state: &ShimState) -> Result<(), String> {
+    files::write_json(&dir.join(STATE), state).map_err(|e| format!("writing {} failed: {e}", dir.join(STATE).display()))
+}
+
+/// The launcher's child: the task, PID 1 of its namespace, as seen from the host.
+fn find_task(child: &mut std::process::Child) -> Option<files::ProcRef> {
+    let deadline = Instant::now() + FIND_TASK_PATIENCE;
+    loop {
+        if let Some(task) = procfs::children(child.id()).into_iter().find_map(procfs::proc_ref) {
+            return Some(task);
+        }
+        if !matches!(child.try_wait(), Ok(None)) || Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// The exit code (128+N for signal N) and a message.
+pub(crate) fn exit_record(status: ExitStatus, task_seen: bool, last_stderr: &str, unshare: &Path) -> ExitRecord {
+    let (code, mut message) = match (status.code(), status.signal()) {
+        (Some(code), _) => (code, format!("exited with code {code}")),
+        (None, Some(sig)) => (128 + sig, format!("killed by signal {} ({sig})", signal_name(sig))),
+        (None, None) => (-1, format!("ended with an unknown status ({status})")),
+    };
+    // util-linux before 2.39 cannot re-raise SIGKILL on itself when its child was killed by
+    // it: it says so and exits 1 instead. Nothing else makes `signal()` fail with EINVAL.
+    if code == 1 && last_stderr.contains("sigprocmask unblock failed") && last_stderr.ends_with("Invalid argument") {
+        return ExitRecord {
+            code: 128 + 9,
+            finished_at_ms: now_ms(),
+            message: format!("killed by signal {} (9)", signal_name(9)),
+            started: true,
+        };
+    }
+    let launcher_said = last_stderr.starts_with("unshare:");
+    let started = task_seen || !launcher_said;
+    if !started {
+        message = format!(
+            "the namespace launcher {} failed ({message}): {last_stderr}; the task never ran",
+            unshare.display()
+        );
+    } else if launcher_said {
+        message = format!("{message}: {last_stderr}");
+    }
+    ExitRecord { code, finished_at_ms: now_ms(), message, started }
+}
+
+/// The usual name of a signal.
+pub(crate) fn signal_name(sig: i32) -> String {
+    let name = match sig {
+        1 => "SIGHUP",
+        2 => "SIGINT",
+        3 => "SIGQUIT",
+        4 => "SIGILL",
+        5 => "SIGTRAP",
+        6 => "SIGABRT",
+        7 => "SIGBUS",
+        8 => "SIGFPE",
+        9 => "SIGKILL",
+        10 => "SIGUSR1",
+        11 => "SIGSEGV",
+        12 => "SIGUSR2",
+        13 => "SIGPIPE",
+        14 => "SIGALRM",
+        15 => "SIGTERM",
+        24 => "SIGXCPU",
+        25 => "SIGXFSZ",
+        31 => "SIGSYS",
+        _ => return format!("signal {sig}"),
+    };
+    name.to_string()
+}
+
+fn spawn_pump(
+    reader: impl Read + Send + 'static,
+    stream: LogStream,
+    log: Arc<Mutex<RotatingLog>>,
+    last: Option<Arc<Mutex<String>>>,
+    done: mpsc::Sender<()>,
+) {
+    std::thread::spawn(move || {
+        let mut failed = false;
+        split_lines(reader, |text| {
+            if let Some(last) = &last
+                && !text.trim().is_empty()
+                && let Ok(mut last) = last.lock()
+            {
+                *last = text.to_string();
+            }
+            let line = LogLine { ts_ms: now_ms(), stream, line: text.to_string() };
+            let result =
+                log.lock().map_err(|_| std::io::Error::other("log lock poisoned")).and_then(|mut l| l.append(&line));
+            match result {
+                Ok(()) => failed = false,
+                Err(e) if !failed => {
+                    failed = true;
+                    eprintln!("berth task-shim: writing the task's output failed (dropping lines until it works): {e}");
+                }
+                Err(_) => {}
+            }
+        });
+        let _ = done.send(());
+    });
+}
+
+/// Calls `emit` with every line read (without its `\n` or `\r\n`), splitting lines longer than
+/// [`MAX_LINE`] bytes at a character boundary; invalid UTF-8 is replaced.
+pub(crate) fn split_lines(reader: impl Read, mut emit: impl FnMut(&str)) {
+    let mut reader = BufReader::with_capacity(64 * 1024, reader);
+    let mut line: Vec<u8> = Vec::new();
+    let mut out = |bytes: &[u8]| {
+        let bytes = bytes.strip_suffix(b"\r").unwrap_or(bytes);
+        emit(&String::from_utf8_lossy(bytes));
+    };
+    loop {
+        let buf = match reader.fill_buf() {
+            Ok(buf) => buf,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => &[][..],
+        };
+        if buf.is_empty() {
+            if !line.is_empty() {
+                out(&line);
+            }
+            return;
+        }
+        let (chunk, consumed, complete) = match buf.iter().position(|&b| b == b'\n') {
+            Some(i) => (&buf[..i], i + 1, true),
+            None => (buf, buf.len(), false),
+        };
+        line.extend_from_slice(chunk);
+        reader.consume(consumed);
+        while line.len() > MAX_LINE {
+            let mut cut = MAX_LINE;
+            // Back up to a character boundary (at most 3 continuation bytes).
+            while cut > MAX_LINE - 3 && line[cut] & 0xC0 == 0x80 {
+                cut -= 1;
+            }
+            out(&line[..cut]);
+            line.drain(..cut);
+        }
+        if complete {
+            out(&line);
+            line.clear();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lines_of(input: &[u8]) -> Vec<String> {
+        let mut v = Vec::new();
+        split_lines(input, |l| v.push(l.to_string()));
+        v
+    }
+
+    #[test]
+    fn splits_lines() {
+        assert_eq!(lines_of(b"a\nb\r\n\nlast"), ["a", "b", "", "last"]);
+        assert_eq!(lines_of(b""), Vec::<String>::new());
+        assert_eq!(lines_of(b"x\n"), ["x"]);
+        assert_eq!(lines_of(b"bad \xff byte\n"), ["bad \u{fffd} byte"]);
+    }
+
+    #[test]
+    fn long_lines_are_cut_at_character_boundaries() {
+        let mut input = vec![b'a'; MAX_LINE - 1];
+        input.extend_from_slice("é".as_bytes()); // two bytes straddling the limit
+        input.extend_from_slice(b"tail\n");
+        let lines = lines_of(&input);
+        assert_eq!(lines.len(), 2);
+        assert_eq!(lines[0].len(), MAX_LINE - 1);
+        assert_eq!(lines[1], "étail");
+        let huge = vec![b'z'; MAX_LINE * 3 + 5];
+        let lines = lines_of(&huge);
+        assert_eq!(lines.iter().map(String::len).collect::<Vec<_>>(), [MAX_LINE, MAX_LINE, MAX_LINE, 5]);
+    }
+
+    #[test]
+    fn exit_codes_and_messages() {
+        let unshare = Path::new("/usr/bin/unshare");
+        let code = |raw: i32, seen: bool, err: &str| exit_record(ExitStatus::from_raw(raw), seen, err, unshare);
+        let r = code(3 << 8, true, "");
+        assert_eq!((r.code, r.message.as_str(), r.started), (3, "exited with code 3", true));
+        let r = code(9, true, "");
+        assert_eq!((r.code, r.message.as_str()), (137, "killed by signal SIGKILL (9)"));
+        assert_eq!(code(15, true, "").code, 143);
+        let r = code(1 << 8, false, "unshare: unshare failed: Operation not permitted");
+        assert!(!r.started);
+        assert!(r.message.contains("namespace launcher /usr/bin/unshare failed"), "{}", r.message);
+        assert!(r.message.contains("Operation not permitted"), "{}", r.message);
+        let r = code(127 << 8, true, "unshare: failed to execute nope: No such file or directory");
+        assert!(r.started);
+        assert_eq!(r.message, "exited with code 127: unshare: failed to execute nope: No such file or directory");
+        let r = code(1 << 8, true, "unshare: sigprocmask unblock failed: Invalid argument");
+        assert_eq!((r.code, r.message.as_str()), (137, "killed by signal SIGKILL (9)"));
+        assert_eq!(code(1 << 8, true, "unshare: sigprocmask unblock failed: Other").code, 1);
+        // A task that exits before the shim saw it still counts as started.
+        assert!(code(1 << 8, false, "my own error").started);
+        assert_eq!(signal_name(64), "signal 64");
+    }
+
+    #[test]
+    fn bad_usage() {
+        assert_eq!(shim_main(vec![]), 2);
+        assert_eq!(shim_main(vec!["a".into(), "b".into()]), 2);
+    }
+
+    #[test]
+    fn missing_config_is_recorded() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(shim_main(vec![dir.path().into()]), 1);
+        let rec: ExitRecord = files::read_json(&dir.path().join(EXIT)).unwrap().unwrap();
+        assert_eq!(rec.code, -1);
+        assert!(!rec.started);
+        assert!(rec.message.contains("config.json does not exist"), "{}", rec.message);
+    }
+}

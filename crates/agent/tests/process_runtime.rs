@@ -1,0 +1,439 @@
+//! The process runtime: the shared conformance suite (`conformance/mod.rs`), then what only
+//! processes have (namespaces, cgroups, the shim, exec, rotation).
+//!
+//! Tasks run `/bin/sh -c ...` through the `berth-task-shim` binary of this crate. Every task is
+//! SIGKILLed and removed by a `Cleanup` guard when its test ends, passed or failed.
+
+mod conformance;
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use berth_agent::driver::process::{DEFAULT_PATH, ProcessRuntime};
+use berth_agent::driver::runtime::{LogLine, LogQuery, LogStream, Observed, Runtime, RuntimeError};
+use berth_types::spec::{Cpu, Memory, ResourceLimits, Resources, Runtime as RuntimeKind, TaskSpec};
+use berth_types::task::RunSpec;
+use conformance::{Cleanup, Fixture, eventually, exited, running_pid, wait_for_line};
+use futures::StreamExt;
+use tempfile::TempDir;
+
+fn shim() -> Vec<OsString> {
+    vec![env!("CARGO_BIN_EXE_berth-task-shim").into()]
+}
+
+/// A runtime over `root` whose cgroups go under `berth-test/`, not a real agent's `berth/`.
+fn runtime(root: &Path) -> ProcessRuntime {
+    ProcessRuntime::new(root.to_path_buf(), shim()).with_cgroup_parent("berth-test")
+}
+
+fn spec(argv: &[&str]) -> RunSpec {
+    RunSpec {
+        service: "conformance".into(),
+        namespace: "default".into(),
+        slot: 1,
+        spec_version: 1,
+        task: TaskSpec {
+            runtime: RuntimeKind::Process,
+            command: argv.iter().map(|s| s.to_string()).collect(),
+            args: vec![],
+            image: None,
+            env: BTreeMap::new(),
+            workdir: None,
+            resources: Resources::default(),
+            ports: vec![],
+            health: None,
+        },
+        disconnect: Default::default(),
+        fence_timeout_ms: 0,
+    }
+}
+
+struct ProcessFixture {
+    rt: ProcessRuntime,
+}
+
+impl Fixture for ProcessFixture {
+    fn shell(&self, script: &str) -> RunSpec {
+        spec(&["/bin/sh", "-c", script])
+    }
+
+    fn cleanup(&self, task_id: &str) {
+        self.rt.force_remove_blocking(task_id);
+    }
+}
+
+/// A temp root, a runtime over it and its fixture.
+fn setup() -> (TempDir, ProcessRuntime, ProcessFixture) {
+    let tmp = tempfile::Builder::new().prefix("berth-process-rt-").tempdir().expect("temp dir");
+    let rt = runtime(tmp.path());
+    let fx = ProcessFixture { rt: rt.clone() };
+    (tmp, rt, fx)
+}
+
+// ---- the conformance suite ----
+
+#[tokio::test]
+async fn conformance_lifecycle() {
+    let (_tmp, rt, fx) = setup();
+    conformance::lifecycle(&rt, &fx).await;
+}
+
+#[tokio::test]
+async fn conformance_exit_code_reported() {
+    let (_tmp, rt, fx) = setup();
+    conformance::exit_code_reported(&rt, &fx).await;
+}
+
+#[tokio::test]
+async fn conformance_start_is_idempotent() {
+    let (_tmp, rt, fx) = setup();
+    conformance::start_is_idempotent(&rt, &fx).await;
+}
+
+#[tokio::test]
+async fn conformance_stop_after_exit_is_ok() {
+    let (_tmp, rt, fx) = setup();
+    conformance::stop_after_exit_is_ok(&rt, &fx).await;
+}
+
+#[tokio::test]
+async fn conformance_remove_forgets() {
+    let (_tmp, rt, fx) = setup();
+    conformance::remove_forgets(&rt, &fx).await;
+}
+
+#[tokio::test]
+async fn conformance_follow_yields_new_lines() {
+    let (_tmp, rt, fx) = setup();
+    conformance::follow_yields_new_lines(&rt, &fx).await;
+}
+
+#[tokio::test]
+async fn conformance_sigterm_ignored_killed_after_grace() {
+    let (_tmp, rt, fx) = setup();
+    conformance::sigterm_ignored_killed_after_grace(&rt, &fx).await;
+}
+
+#[tokio::test]
+async fn conformance_adoption() {
+    let (tmp, rt, fx) = setup();
+    let fresh = runtime(tmp.path());
+    conformance::adoption(&rt, &fresh, &fx).await;
+}
+
+// ---- process-specific ----
+
+fn ns(pid: u32, kind: &str) -> String {
+    std::fs::read_link(format!("/proc/{pid}/ns/{kind}")).map(|l| l.display().to_string()).unwrap_or_default()
+}
+
+/// Processes in the PID namespace `ns_id`.
+fn processes_in(ns_id: &str) -> usize {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&p| ns(p, "pid") == ns_id)
+        .count()
+}
+
+fn sigkill(pid: u32) {
+    let pid = rustix::process::Pid::from_raw(pid as i32).expect("a pid");
+    let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+}
+
+async fn lines(rt: &ProcessRuntime, id: &str) -> Vec<String> {
+    conformance::logs(rt, id, LogQuery::default()).await.into_iter().map(|l| l.line).collect()
+}
+
+#[tokio::test]
+async fn task_has_its_own_namespaces() {
+    let (_tmp, rt, fx) = setup();
+    let mut guard = Cleanup::new(&fx);
+    let id = guard.id("ns");
+    rt.start(&id, &fx.shell("echo pid=$$; echo procs=$(ls /proc | grep -c '^[0-9]'); sleep 1000")).await.unwrap();
+    let pid = running_pid(&rt, &id).await;
+    assert_ne!(pid, 1);
+    wait_for_line(&rt, &id, LogStream::Stdout, "pid=1").await;
+    // Its /proc is its own: only itself, the sleep and the ls/grep pipeline at most.
+    let procs: usize = eventually("the procs line", || async {
+        lines(&rt, &id).await.iter().find_map(|l| l.strip_prefix("procs=").and_then(|n| n.parse().ok()))
+    })
+    .await;
+    assert!(procs <= 4, "the task sees {procs} processes in its /proc");
+    let me = std::process::id();
+    for kind in ["pid", "mnt", "uts", "ipc"] {
+        assert_ne!(ns(pid, kind), ns(me, kind), "the task shares the {kind} namespace");
+        assert!(!ns(pid, kind).is_empty());
+    }
+    rt.stop(&id, Duration::from_secs(5)).await.unwrap();
+    rt.remove(&id).await.unwrap();
+}
+
+#[tokio::test]
+async fn kill_9_reports_137() {
+    let (_tmp, rt, fx) = setup();
+    let mut guard = Cleanup::new(&fx);
+    let id = guard.id("kill9");
+    rt.start(&id, &fx.long_running()).await.unwrap();
+    let pid = running_pid(&rt, &id).await;
+    sigkill(pid);
+    let (code, message) = exited(&rt, &id).await;
+    assert_eq!(code, 137, "{message}");
+    assert!(message.contains("SIGKILL"), "{message}");
+    rt.remove(&id).await.unwrap();
+}
+
+#[tokio::test]
+async fn limits_are_applied_or_the_start_fails() {
+    let (tmp, rt, fx) = setup();
+    let mut guard = Cleanup::new(&fx);
+    let id = guard.id("limits");
+    let mut limited = fx.shell("echo up; sleep 1000");
+    limited.task.resources.limits = Some(ResourceLimits { cpu: Some(Cpu(500)), memory: Some(Memory(64 << 20)) });
+    match rt.start(&id, &limited).await {
+        Err(RuntimeError::Unavailable(message)) => {
+            // No writable cgroups here: the start must fail, saying why, and leave nothing.
+            assert!(message.contains("resource limits"), "{message}");
+            assert!(!tmp.path().join(&id).exists());
+            eprintln!("cgroups are not writable here; checked the refusal only: {message}");
+            return;
+        }
+        Err(e) => panic!("start with limits: {e}"),
+        Ok(()) => {}
+    }
+    let pid = running_pid(&rt, &id).await;
+    let dirs = rt.cgroup_dirs(&id).unwrap();
+    assert!(!dirs.is_empty());
+    let read = |d: &Path, f: &str| std::fs::read_to_string(d.join(f)).ok().map(|s| s.trim().to_string());
+    let (mut memory, mut cpu) = (false, false);
+    for d in &dirs {
+        if let Some(v) = read(d, "memory.limit_in_bytes").or_else(|| read(d, "memory.max")) {
+            assert_eq!(v, (64u64 << 20).to_string(), "{}", d.display());
+            memory = true;
+        }
+        if let Some(v) = read(d, "cpu.cfs_quota_us") {
+            assert_eq!(v, "50000");
+            assert_eq!(read(d, "cpu.cfs_period_us").as_deref(), Some("100000"));
+            cpu = true;
+        }
+        if let Some(v) = read(d, "cpu.max") {
+            assert_eq!(v, "50000 100000");
+            cpu = true;
+        }
+    }
+    assert!(memory && cpu, "memory and cpu limits in {dirs:?}");
+    let membership = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    assert!(membership.contains(&format!("/berth-test/{id}")), "the task is in its cgroups: {membership}");
+
+    rt.remove(&id).await.unwrap();
+    for d in &dirs {
+        assert!(!d.exists(), "{} was removed", d.display());
+    }
+}
+
+#[tokio::test]
+async fn a_dead_supervisor_is_reported() {
+    let (tmp, rt, fx) = setup();
+    let mut guard = Cleanup::new(&fx);
+    let id = guard.id("shimdeath");
+    rt.start(&id, &fx.shell("echo up; sleep 1000")).await.unwrap();
+    let pid = running_pid(&rt, &id).await;
+    wait_for_line(&rt, &id, LogStream::Stdout, "up").await;
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(tmp.path().join(&id).join("state.json")).unwrap()).unwrap();
+    let shim_pid = state["shim"]["pid"].as_u64().expect("shim pid") as u32;
+    sigkill(shim_pid);
+    eventually("the shim to be gone", || async {
+        let stat = std::fs::read_to_string(format!("/proc/{shim_pid}/stat")).unwrap_or_default();
+        (stat.is_empty() || stat.contains(") Z ")).then_some(())
+    })
+    .await;
+    // The task itself lives on, and can still be stopped.
+    assert_eq!(running_pid(&rt, &id).await, pid);
+    rt.stop(&id, Duration::from_secs(1)).await.unwrap();
+    let (code, message) = exited(&rt, &id).await;
+    assert_eq!(code, -1);
+    assert!(message.contains("supervisor"), "{message}");
+    // The verdict is kept.
+    assert_eq!(exited(&rt, &id).await, (code, message));
+    rt.remove(&id).await.unwrap();
+}
+
+#[tokio::test]
+async fn exec_runs_in_the_task_namespaces() {
+    let (tmp, rt, fx) = setup();
+    let mut guard = Cleanup::new(&fx);
+    let id = guard.id("exec");
+    let mut s = fx.shell("echo ready; exec sleep 1000");
+    s.task.env.insert("BERTH_TEST_VAR".into(), "hello".into());
+    rt.start(&id, &s).await.unwrap();
+    let pid = running_pid(&rt, &id).await;
+    wait_for_line(&rt, &id, LogStream::Stdout, "ready").await;
+    let sh = |script: &str| vec!["sh".to_string(), "-c".to_string(), script.to_string()];
+    let t = Duration::from_secs(10);
+
+    assert_eq!(rt.exec(&id, &sh("exit 7"), t).await.unwrap(), 7);
+    // PID 1 of the namespace is the task's `sleep`.
+    assert_eq!(rt.exec(&id, &sh("grep -qx sleep /proc/1/comm"), t).await.unwrap(), 0);
+    assert_eq!(rt.exec(&id, &sh("test \"$BERTH_TEST_VAR\" = hello"), t).await.unwrap(), 0);
+    let cwd = tmp.path().join(&id).canonicalize().unwrap();
+    assert_eq!(rt.exec(&id, &sh(&format!("test \"$(pwd -P)\" = '{}'", cwd.display())), t).await.unwrap(), 0);
+    assert_eq!(rt.exec(&id, &sh("kill -9 $$"), t).await.unwrap(), 137);
+
+    let began = Instant::now();
+    let err = rt.exec(&id, &["sleep".to_string(), "60".to_string()], Duration::from_millis(300)).await.unwrap_err();
+    assert!(err.to_string().contains("did not finish within"), "{err}");
+    assert!(began.elapsed() < Duration::from_secs(10));
+    let task_ns = ns(pid, "pid");
+    eventually("the timed-out command to be killed", || async { (processes_in(&task_ns) == 1).then_some(()) }).await;
+
+    let err = rt.exec("no-such-task", &sh("true"), t).await.unwrap_err();
+    assert!(err.to_string().contains("does not exist"), "{err}");
+    rt.stop(&id, Duration::from_secs(1)).await.unwrap();
+    let err = rt.exec(&id, &sh("true"), t).await.unwrap_err();
+    assert!(err.to_string().contains("has ended"), "{err}");
+    rt.remove(&id).await.unwrap();
+}
+
+#[tokio::test]
+async fn environment_and_working_directory() {
+    let (_tmp, rt, fx) = setup();
+    let mut guard = Cleanup::new(&fx);
+    let id = guard.id("env");
+    let mut s = fx.shell("echo foo=$FOO; echo cwd=$(pwd); echo path=$PATH; echo home=${HOME:-unset}");
+    s.task.env.insert("FOO".into(), "bar baz".into());
+    s.task.workdir = Some("/tmp".into());
+    rt.start(&id, &s).await.unwrap();
+    assert_eq!(exited(&rt, &id).await.0, 0);
+    let out = lines(&rt, &id).await;
+    for want in ["foo=bar baz", "cwd=/tmp", &format!("path={DEFAULT_PATH}"), "home=unset"] {
+        assert!(out.iter().any(|l| l == want), "{want:?} in {out:?}");
+    }
+    rt.remove(&id).await.unwrap();
+}
+
+#[tokio::test]
+async fn start_refuses_what_cannot_run_and_leaves_nothing() {
+    let (tmp, rt, fx) = setup();
+    let mut guard = Cleanup::new(&fx);
+    let id = guard.id("refused");
+    let invalid = |r: Result<(), RuntimeError>| match r {
+        Err(RuntimeError::Invalid(m)) => m,
+        other => panic!("expected Invalid, got {other:?}"),
+    };
+    let m = invalid(rt.start(&id, &spec(&[])).await);
+    assert!(m.contains("command is empty"), "{m}");
+    let m = invalid(rt.start(&id, &spec(&["no-such-program-berth-test"])).await);
+    assert!(m.contains("not found in PATH") && m.contains("spec.task.env"), "{m}");
+    let m = invalid(rt.start(&id, &spec(&["/no/such/program"])).await);
+    assert!(m.contains("does not exist"), "{m}");
+    let mut s = fx.shell("true");
+    s.task.workdir = Some("/no/such/dir".into());
+    let m = invalid(rt.start(&id, &s).await);
+    assert!(m.contains("spec.task.workdir"), "{m}");
+    let m = invalid(rt.start("../escape", &fx.shell("true")).await);
+    assert!(m.contains("cannot name a task directory"), "{m}");
+
+    let no_util_linux = runtime(tmp.path()).with_util_linux("/no/unshare".into(), "/no/nsenter".into());
+    match no_util_linux.start(&id, &fx.shell("true")).await {
+        Err(RuntimeError::Unavailable(m)) => assert!(m.contains("util-linux") && m.contains("/no/unshare"), "{m}"),
+        other => panic!("expected Unavailable, got {other:?}"),
+    }
+    let broken_shim =
+        ProcessRuntime::new(tmp.path().to_path_buf(), vec!["/bin/false".into()]).with_cgroup_parent("berth-test");
+    match broken_shim.start(&id, &fx.shell("true")).await {
+        Err(RuntimeError::Unavailable(m)) => assert!(m.contains("shim exited"), "{m}"),
+        other => panic!("expected Unavailable, got {other:?}"),
+    }
+
+    // Nothing was left, and list ignores what is not a task.
+    std::fs::create_dir_all(tmp.path().join(".partial-start")).unwrap();
+    std::fs::write(tmp.path().join("stray-file"), b"").unwrap();
+    assert_eq!(rt.list().await.unwrap(), Vec::<String>::new());
+    assert_eq!(rt.inspect(&id).await.unwrap(), Observed::Missing);
+    assert!(rt.logs(&id, LogQuery::default()).await.is_err());
+}
+
+#[tokio::test]
+async fn output_is_rotated_and_followed_across_rotations() {
+    let (tmp, _, _) = setup();
+    let rt = runtime(tmp.path()).with_log_rotation(4096, 50);
+    let fx = ProcessFixture { rt: rt.clone() };
+    let mut guard = Cleanup::new(&fx);
+    let script = "i=1; while [ $i -le 400 ]; do echo line-$i; i=$((i+1)); done";
+    let id = guard.id("rotate");
+    rt.start(&id, &fx.shell(script)).await.unwrap();
+    let followed: Vec<LogLine> = tokio::time::timeout(
+        conformance::PATIENCE,
+        rt.logs(&id, LogQuery { follow: true, ..Default::default() }).await.unwrap().collect(),
+    )
+    .await
+    .expect("the followed stream ends with the task");
+    let want: Vec<String> = (1..=400).map(|i| format!("line-{i}")).collect();
+    assert_eq!(followed.into_iter().map(|l| l.line).collect::<Vec<_>>(), want);
+    assert!(tmp.path().join(&id).join("output.log.3").exists(), "the output was rotated");
+    let tail = conformance::logs(&rt, &id, LogQuery { tail: Some(3), ..Default::default() }).await;
+    assert_eq!(tail.iter().map(|l| l.line.as_str()).collect::<Vec<_>>(), ["line-398", "line-399", "line-400"]);
+    rt.remove(&id).await.unwrap();
+
+    // Keeping two old files: the newest lines survive, in order, without gaps.
+    let small = runtime(tmp.path()).with_log_rotation(4096, 2);
+    let id = guard.id("rotate-small");
+    small.start(&id, &fx.shell(script)).await.unwrap();
+    assert_eq!(exited(&small, &id).await.0, 0);
+    let kept = lines(&small, &id).await;
+    let first: usize = kept[0].strip_prefix("line-").unwrap().parse().unwrap();
+    assert!(first > 1, "old lines were dropped");
+    let want: Vec<String> = (first..=400).map(|i| format!("line-{i}")).collect();
+    assert_eq!(kept, want);
+    assert!(!tmp.path().join(&id).join("output.log.3").exists());
+    small.remove(&id).await.unwrap();
+}
+
+/// Run in a child process by `a_task_outlives_the_process_that_started_it`: starts a task and
+/// exits, like an agent that dies.
+#[tokio::test]
+#[ignore = "a helper, run in a child process by a_task_outlives_the_process_that_started_it"]
+async fn helper_start_a_task_and_exit() {
+    let (Ok(root), Ok(id)) = (std::env::var("BERTH_TEST_ROOT"), std::env::var("BERTH_TEST_TASK")) else {
+        return;
+    };
+    let rt = runtime(Path::new(&root));
+    rt.start(&id, &spec(&["/bin/sh", "-c", conformance::LONG_RUNNING])).await.unwrap();
+    running_pid(&rt, &id).await;
+}
+
+#[tokio::test]
+async fn a_task_outlives_the_process_that_started_it() {
+    let (tmp, rt, fx) = setup();
+    let mut guard = Cleanup::new(&fx);
+    let id = guard.id("orphan");
+    let helper = tokio::process::Command::new(std::env::current_exe().unwrap())
+        .args(["helper_start_a_task_and_exit", "--exact", "--ignored", "--test-threads=1"])
+        .env("BERTH_TEST_ROOT", tmp.path())
+        .env("BERTH_TEST_TASK", &id)
+        .output()
+        .await
+        .unwrap();
+    let said = String::from_utf8_lossy(&helper.stdout);
+    assert!(helper.status.success(), "the helper process failed ({}): {said}", helper.status);
+    assert!(said.contains("1 passed"), "the helper ran: {said}");
+    let pid = running_pid(&rt, &id).await;
+    wait_for_line(&rt, &id, LogStream::Stdout, conformance::OUT_LINE).await;
+    // Still ticking after its starter is gone.
+    let ticks = |l: &Vec<String>| l.iter().filter(|l| *l == conformance::TICK_LINE).count();
+    let before = ticks(&lines(&rt, &id).await);
+    eventually("more ticks", || async { (ticks(&lines(&rt, &id).await) > before + 2).then_some(()) }).await;
+    rt.stop(&id, conformance::GRACE).await.unwrap();
+    let (code, message) = exited(&rt, &id).await;
+    assert_eq!(code, 0, "the task exits 0 on SIGTERM: {message}");
+    assert!(std::fs::metadata(format!("/proc/{pid}")).is_err() || !running(pid));
+    rt.remove(&id).await.unwrap();
+}
+
+/// Whether `pid` exists and is not a zombie.
+fn running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z "))
+}

@@ -1,0 +1,366 @@
+//! The leader's side of assignments and task status.
+//!
+//! - [`Assignments`] indexes tasks by node from the replicated state (a range read, then a watch
+//!   on `/berth/tasks/`), so each agent session learns of its node's changes without scanning.
+//!   A node's set holds every task placed on it until the task has ended with desired state
+//!   SHUTDOWN; a task leaving the set tells the agent to stop it and forget it.
+//! - [`Statuses`] collects the task states agents report and commits them in batches every
+//!   100 ms, one conditional write per task, proposed together (one Raft entry for many).
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use berth_api::pb::{
+    Task,
+    agent::{Assignment, TaskState, TaskStatus},
+};
+use berth_store::WatchEvents;
+use berth_types::{Command, CommandResult, EventKind, RangeQuery, prefix_end};
+use prost::Message;
+use tokio::sync::{Notify, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::{
+    node::Ctx,
+    objects,
+    tasks::{self, TASKS_PREFIX},
+};
+
+#[derive(Default)]
+pub(crate) struct Assignments {
+    inner: Mutex<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    by_node: HashMap<String, BTreeMap<String, Assignment>>,
+    node_of: HashMap<String, String>,
+    changed: HashMap<String, watch::Sender<u64>>,
+    /// Agents' connections, for log streams: node id -> connection.
+    conns: HashMap<String, quinn::Connection>,
+}
+
+fn assignment_of(t: &Task) -> Option<Assignment> {
+    if t.node_id.is_empty() {
+        return None;
+    }
+    let desired = tasks::desired_of(t);
+    if desired == TaskState::Shutdown && tasks::is_terminal(tasks::state_of(t)) {
+        return None;
+    }
+    Some(Assignment { task_id: t.id.clone(), spec: t.run_spec.clone(), desired_state: desired as i32 })
+}
+
+impl Assignments {
+    fn with<R>(&self, f: impl FnOnce(&mut Inner) -> R) -> R {
+        f(&mut self.inner.lock().expect("assignments lock"))
+    }
+
+    /// The node's current set.
+    pub fn current(&self, node: &str) -> BTreeMap<String, Assignment> {
+        self.with(|i| i.by_node.get(node).cloned().unwrap_or_default())
+    }
+
+    /// A receiver that changes whenever the node's set may have changed.
+    pub fn subscribe(&self, node: &str) -> watch::Receiver<u64> {
+        self.with(|i| i.changed.entry(node.to_string()).or_insert_with(|| watch::channel(0).0).subscribe())
+    }
+
+    fn bump(i: &mut Inner, node: &str) {
+        if let Some(tx) = i.changed.get(node) {
+            tx.send_modify(|v| *v += 1);
+        }
+    }
+
+    fn put(i: &mut Inner, t: &Task) {
+        let old_node = i.node_of.get(&t.id).cloned();
+        match assignment_of(t) {
+            Some(a) => {
+                if let Some(old) = &old_node
+                    && *old != t.node_id
+                {
+                    if let Some(m) = i.by_node.get_mut(old) {
+                        m.remove(&t.id);
+                    }
+                    Self::bump(i, old);
+                }
+                let set = i.by_node.entry(t.node_id.clone()).or_default();
+                if set.get(&t.id) != Some(&a) {
+                    set.insert(t.id.clone(), a);
+                    Self::bump(i, &t.node_id);
+                }
+                i.node_of.insert(t.id.clone(), t.node_id.clone());
+            }
+            None => Self::remove(i, &t.id),
+        }
+    }
+
+    fn remove(i: &mut Inner, id: &str) {
+        if let Some(node) = i.node_of.remove(id) {
+            if let Some(m) = i.by_node.get_mut(&node) {
+                m.remove(id);
+            }
+            Self::bump(i, &node);
+        }
+    }
+
+    fn clear(&self) {
+        self.with(|i| {
+            i.by_node.clear();
+            i.node_of.clear();
+            let nodes: Vec<String> = i.changed.keys().cloned().collect();
+            for n in nodes {
+                Self::bump(i, &n);
+            }
+        });
+    }
+
+    pub fn set_conn(&self, node: &str, conn: quinn::Connection) {
+        self.with(|i| {
+            i.conns.insert(node.to_string(), conn);
+        });
+    }
+
+    pub fn drop_conn(&self, node: &str, conn: &quinn::Connection) {
+        self.with(|i| {
+            if i.conns.get(node).is_some_and(|c| c.stable_id() == conn.stable_id()) {
+                i.conns.remove(node);
+            }
+        });
+    }
+
+    pub fn conn(&self, node: &str) -> Option<quinn::Connection> {
+        self.with(|i| i.conns.get(node).cloned())
+    }
+}
+
+/// Keeps [`Assignments`] in step with the replicated tasks while this master leads.
+pub(crate) async fn index(ctx: Arc<Ctx>, leading: CancellationToken) {
+    loop {
+        match index_once(&ctx, &leading).await {
+            Ok(()) => return,
+            Err(e) => {
+                warn!("assignment index restarts: {e}");
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                    _ = leading.cancelled() => return,
+                }
+            }
+        }
+    }
+}
+
+async fn index_once(ctx: &Ctx, leading: &CancellationToken) -> Result<(), String> {
+    let q = RangeQuery {
+        key: TASKS_PREFIX.as_bytes().to_vec(),
+        range_end: prefix_end(TASKS_PREFIX.as_bytes()),
+        ..Default::default()
+    };
+    let (res, counters) = ctx.reader.range(&q).map_err(|e| e.to_string())?;
+    let mut watcher =
+        ctx.reader.watch(q.key.clone(), q.range_end.clone(), counters.revision + 1).map_err(|e| e.to_string())?;
+    ctx.assignments.clear();
+    ctx.assignments.with(|i| {
+        for kv in &res.kvs {
+            if let Ok(t) = Task::decode(kv.value.as_slice()) {
+                Assignments::put(i, &t);
+            }
+        }
+    });
+    debug!(tasks = res.kvs.len(), "assignment index built");
+    loop {
+        let ev = tokio::select! {
+            e = watcher.next() => e.map_err(|e| e.to_string())?,
+            _ = leading.cancelled() => return Ok(()),
+        };
+        match ev {
+            WatchEvents::Events(events) => ctx.assignments.with(|i| {
+                for (_, e) in events {
+                    match e.kind {
+                        EventKind::Put => {
+                            if let Ok(t) = Task::decode(e.kv.value.as_slice()) {
+                                Assignments::put(i, &t);
+                            }
+                        }
+                        EventKind::Delete => {
+                            let key = String::from_utf8_lossy(&e.kv.key);
+                            if let Some(id) = key.strip_prefix(TASKS_PREFIX) {
+                                Assignments::remove(i, id);
+                            }
+                        }
+                    }
+                }
+            }),
+            WatchEvents::Compacted { .. } | WatchEvents::Reset { .. } => {
+                return Err("the task history moved on; rebuilding".into());
+            }
+        }
+    }
+}
+
+/// Task states reported by agents, waiting to be committed.
+#[derive(Default)]
+pub(crate) struct Statuses {
+    pending: Mutex<HashMap<String, (String, TaskStatus)>>,
+    notify: Notify,
+}
+
+impl Statuses {
+    /// Queues what `node` reported (a later report of the same task replaces an earlier one).
+    pub fn report(&self, node: &str, statuses: Vec<TaskStatus>) {
+        if statuses.is_empty() {
+            return;
+        }
+        let mut p = self.pending.lock().expect("statuses lock");
+        for s in statuses {
+            p.insert(s.task_id.clone(), (node.to_string(), s));
+        }
+        drop(p);
+        self.notify.notify_one();
+    }
+
+    fn take(&self) -> HashMap<String, (String, TaskStatus)> {
+        std::mem::take(&mut *self.pending.lock().expect("statuses lock"))
+    }
+
+    fn requeue(&self, id: String, v: (String, TaskStatus)) {
+        self.pending.lock().expect("statuses lock").entry(id).or_insert(v);
+    }
+}
+
+/// How often reported states are committed.
+const STATUS_FLUSH: Duration = Duration::from_millis(100);
+
+/// Commits reported task states in batches while this master leads.
+pub(crate) async fn commit_statuses(ctx: Arc<Ctx>, leading: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = ctx.statuses.notify.notified() => {}
+            _ = leading.cancelled() => return,
+        }
+        // Let a batch gather.
+        tokio::select! {
+            _ = tokio::time::sleep(STATUS_FLUSH) => {}
+            _ = leading.cancelled() => return,
+        }
+        let batch = ctx.statuses.take();
+        if batch.is_empty() {
+            continue;
+        }
+        let mut writes = Vec::new();
+        for (id, (node, s)) in batch {
+            let cur = match objects::get::<Task>(&ctx.reader, &tasks::task_key(&id)) {
+                Ok(Some(t)) => t,
+                Ok(None) => continue, // reaped or unknown: nothing to record
+                Err(e) => {
+                    warn!("reading task {id}: {}", e.message());
+                    ctx.statuses.requeue(id, (node, s));
+                    continue;
+                }
+            };
+            if cur.obj.node_id != node {
+                debug!(task = %id, %node, "ignoring a status for a task of another node");
+                continue;
+            }
+            let Some(updated) = apply_status(&cur.obj, &s) else { continue };
+            let txn = objects::txn_of(vec![objects::cas_put(
+                tasks::task_key(&id),
+                cur.mod_revision,
+                updated.encode_to_vec(),
+            )]);
+            let ctx = &ctx;
+            writes.push(async move { (id, node, s, ctx.write(Command::Txn(txn)).await) });
+        }
+        let n = writes.len();
+        for (id, node, s, r) in futures::future::join_all(writes).await {
+            match r {
+                Ok(CommandResult::Txn(r)) if r.succeeded => {}
+                // The task changed meanwhile (a controller wrote it): apply the status again.
+                Ok(_) => ctx.statuses.requeue(id, (node, s)),
+                Err(e) => {
+                    info!("committing task states failed: {}", e.message());
+                    ctx.statuses.requeue(id, (node, s));
+                }
+            }
+        }
+        if n > 0 {
+            debug!(tasks = n, "task states committed");
+            if !ctx.statuses.pending.lock().expect("statuses lock").is_empty() {
+                ctx.statuses.notify.notify_one();
+            }
+        }
+    }
+}
+
+/// The task with the reported state applied, or None when nothing changes.
+fn apply_status(t: &Task, s: &TaskStatus) -> Option<Task> {
+    let reported = TaskState::try_from(s.state).unwrap_or(TaskState::Unspecified);
+    if matches!(reported, TaskState::Unspecified | TaskState::New | TaskState::Pending) {
+        return None;
+    }
+    let current = tasks::state_of(t);
+    // An ended task stays ended (a stale report cannot bring it back).
+    if tasks::is_terminal(current) && !tasks::is_terminal(reported) {
+        return None;
+    }
+    if reported == TaskState::Assigned && current != TaskState::Assigned {
+        return None;
+    }
+    let same = t.state == s.state
+        && t.message == s.message
+        && t.exit_code == s.exit_code
+        && t.health == s.health
+        && (s.pid == 0 || t.pid == s.pid);
+    if same {
+        return None;
+    }
+    let mut u = t.clone();
+    u.state = s.state;
+    u.message = s.message.clone();
+    u.exit_code = s.exit_code;
+    u.health = s.health;
+    if s.pid != 0 {
+        u.pid = s.pid;
+    }
+    u.updated_at_ms = if s.timestamp_ms > 0 { s.timestamp_ms } else { objects::now_ms() };
+    Some(u)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn task(state: TaskState) -> Task {
+        Task { id: "t".into(), node_id: "n".into(), state: state as i32, ..Default::default() }
+    }
+
+    fn status(state: TaskState) -> TaskStatus {
+        TaskStatus { task_id: "t".into(), state: state as i32, ..Default::default() }
+    }
+
+    #[test]
+    fn statuses_move_forward_only() {
+        assert!(apply_status(&task(TaskState::Assigned), &status(TaskState::Running)).is_some());
+        assert!(apply_status(&task(TaskState::Running), &status(TaskState::Running)).is_none());
+        assert!(apply_status(&task(TaskState::Failed), &status(TaskState::Running)).is_none());
+        assert!(apply_status(&task(TaskState::Running), &status(TaskState::Assigned)).is_none());
+        assert!(apply_status(&task(TaskState::Running), &status(TaskState::Shutdown)).is_some());
+    }
+
+    #[test]
+    fn ended_tasks_leave_the_set_once_shut_down() {
+        let mut t = task(TaskState::Failed);
+        t.desired_state = TaskState::Running as i32;
+        assert!(assignment_of(&t).is_some());
+        t.desired_state = TaskState::Shutdown as i32;
+        assert!(assignment_of(&t).is_none());
+        t.state = TaskState::Running as i32;
+        assert!(assignment_of(&t).is_some());
+        t.node_id.clear();
+        assert!(assignment_of(&t).is_none());
+    }
+}

@@ -1,0 +1,511 @@
+//! ControlService: services and tasks for clients (`berth apply`, `get`, `describe`, `scale`,
+//! `rollout`, `delete`, `logs`). Writes are conditional transactions on the service record's
+//! mod_revision; the leader's controllers do the rest.
+
+use std::{collections::HashMap, pin::Pin, sync::Arc};
+
+use berth_api::pb::{
+    self, Rollout, RolloutAction, RolloutState, ServiceRecord, ServiceView, Task,
+    agent::{AgentFrame, LogsQuery, MasterFrame, TaskState, agent_frame, master_frame},
+    control_service_server::ControlService,
+};
+use berth_channel::{FrameReader, FrameWriter};
+use berth_types::{
+    Command, CommandResult,
+    spec::{self, Service, ServiceMode},
+};
+use futures::Stream;
+use prost::Message;
+use tokio::sync::mpsc;
+use tonic::{Request, Response, Status};
+use tracing::info;
+
+use crate::{
+    node::Ctx,
+    objects::{self, Versioned},
+    tasks::{self, SERVICES_PREFIX, Svc, TASKS_PREFIX},
+};
+
+pub(crate) struct ControlSvc {
+    pub ctx: Arc<Ctx>,
+}
+
+type Stream_<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+fn check_txn(r: CommandResult, what: &str) -> Result<i64, Status> {
+    match r {
+        CommandResult::Txn(t) if t.succeeded => Ok(t.revision),
+        CommandResult::Txn(_) => Err(Status::aborted(format!(
+            "{what} changed while this request was being applied; read it again and retry"
+        ))),
+        other => Err(Status::internal(format!("unexpected result {other:?}"))),
+    }
+}
+
+fn load_service(ctx: &Ctx, ns: &str, name: &str) -> Result<Versioned<ServiceRecord>, Status> {
+    let ns = if ns.is_empty() { spec::DEFAULT_NAMESPACE } else { ns };
+    objects::get::<ServiceRecord>(&ctx.reader, &tasks::service_key(ns, name))?
+        .ok_or_else(|| Status::not_found(format!("no service {ns}/{name}: list services with `berth get services`")))
+}
+
+fn parse(r: &Versioned<ServiceRecord>) -> Result<Svc, Status> {
+    Svc::parse(r.obj.clone(), r.mod_revision).map_err(Status::data_loss)
+}
+
+/// Top-level paths where two specs differ (for `apply` and `--dry-run`).
+fn changes(old: Option<&str>, new: &str) -> Vec<String> {
+    let Some(old) = old else { return vec!["(new service)".into()] };
+    let (Ok(a), Ok(b)) =
+        (serde_json::from_str::<serde_json::Value>(old), serde_json::from_str::<serde_json::Value>(new))
+    else {
+        return vec![];
+    };
+    let mut out = Vec::new();
+    diff("", &a, &b, &mut out);
+    out
+}
+
+fn diff(path: &str, a: &serde_json::Value, b: &serde_json::Value, out: &mut Vec<String>) {
+    use serde_json::Value::Object;
+    if out.len() >= 20 || a == b {
+        return;
+    }
+    match (a, b) {
+        (Object(x), Object(y)) => {
+            let keys: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();
+            for k in keys {
+                let p = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
+                let null = serde_json::Value::Null;
+                diff(&p, x.get(k).unwrap_or(&null), y.get(k).unwrap_or(&null), out);
+            }
+        }
+        _ => out.push(format!("{path}: {a} -> {b}")),
+    }
+}
+
+fn view(ctx: &Ctx, svc: &Svc, all_tasks: Option<&[Task]>) -> Result<ServiceView, Status> {
+    let owned;
+    let list = match all_tasks {
+        Some(l) => l,
+        None => {
+            owned = service_tasks(ctx, &svc.record.namespace, &svc.record.name)?;
+            &owned
+        }
+    };
+    let live = |t: &&Task| tasks::desired_of(t) == TaskState::Running;
+    let desired = if svc.record.deleting {
+        0
+    } else if svc.is_global() {
+        list.iter().filter(live).count() as u32
+    } else {
+        svc.replicas()
+    };
+    let running = list
+        .iter()
+        .filter(live)
+        .filter(|t| t.template_hash == svc.hash && tasks::is_ready(t, svc.has_health()))
+        .count() as u32;
+    let pending = list.iter().filter(live).filter(|t| t.node_id.is_empty()).count() as u32;
+    Ok(ServiceView { record: Some(svc.record.clone()), mod_revision: svc.mod_revision, desired, running, pending })
+}
+
+fn service_tasks(ctx: &Ctx, ns: &str, name: &str) -> Result<Vec<Task>, Status> {
+    Ok(objects::list::<Task>(&ctx.reader, &format!("{TASKS_PREFIX}{name}."))?
+        .into_iter()
+        .map(|t| t.obj)
+        .filter(|t| t.namespace == ns && t.service == name)
+        .collect())
+}
+
+fn new_rollout(now: i64, state: RolloutState, message: String) -> Option<Rollout> {
+    Some(Rollout { state: state as i32, message, started_at_ms: now, updated_at_ms: 0, failures: 0 })
+}
+
+impl ControlSvc {
+    async fn write_record(&self, r: &ServiceRecord, expected: i64) -> Result<i64, Status> {
+        let key = tasks::service_key(&r.namespace, &r.name);
+        let txn = objects::txn_of(vec![objects::cas_put(key, expected, r.encode_to_vec())]);
+        check_txn(self.ctx.write(Command::Txn(txn)).await?, &format!("service {}/{}", r.namespace, r.name))
+    }
+
+    async fn respond(&self, ns: &str, name: &str) -> Result<Response<pb::ServiceResponse>, Status> {
+        let rec = load_service(&self.ctx, ns, name)?;
+        let svc = parse(&rec)?;
+        Ok(Response::new(pb::ServiceResponse {
+            header: Some(self.ctx.header()),
+            service: Some(view(&self.ctx, &svc, None)?),
+        }))
+    }
+
+    /// A new version of `svc` with `new_spec`, rolling out.
+    async fn change_spec(&self, rec: &Versioned<ServiceRecord>, new_spec: &Service, why: &str) -> Result<(), Status> {
+        let now = objects::now_ms();
+        let mut r = rec.obj.clone();
+        r.previous_spec_json = std::mem::replace(&mut r.spec_json, new_spec.canonical_json());
+        r.previous_version = r.version;
+        r.version += 1;
+        r.updated_at_ms = now;
+        r.rollout = new_rollout(now, RolloutState::Updating, format!("{why} (version {})", r.version));
+        self.write_record(&r, rec.mod_revision).await.map(|_| ())
+    }
+}
+
+#[tonic::async_trait]
+impl ControlService for ControlSvc {
+    async fn apply(&self, r: Request<pb::ApplyRequest>) -> Result<Response<pb::ApplyResponse>, Status> {
+        let r = r.into_inner();
+        let services = spec::parse_documents(&r.documents).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if r.expected_revision != 0 && services.len() != 1 {
+            return Err(Status::invalid_argument("expected_revision needs exactly one document"));
+        }
+        self.ctx.read_barrier().await?;
+        let now = objects::now_ms();
+        let mut results = Vec::new();
+        let mut parts = Vec::new();
+        for s in &services {
+            let (ns, name) = (&s.metadata.namespace, &s.metadata.name);
+            let key = tasks::service_key(ns, name);
+            let existing = objects::get::<ServiceRecord>(&self.ctx.reader, &key)?;
+            let expected = existing.as_ref().map_or(0, |e| e.mod_revision);
+            if r.expected_revision != 0 && r.expected_revision != expected {
+                return Err(Status::failed_precondition(format!(
+                    "service {ns}/{name} is at revision {expected}, not {}: read it again and re-apply",
+                    r.expected_revision
+                )));
+            }
+            let json = s.canonical_json();
+            let old_json = existing.as_ref().filter(|e| !e.obj.deleting).map(|e| e.obj.spec_json.as_str());
+            let change = changes(old_json, &json);
+            let unchanged = old_json == Some(json.as_str());
+            let (action, version) = match &existing {
+                Some(_) if unchanged => ("unchanged", existing.as_ref().map_or(0, |e| e.obj.version)),
+                Some(e) if !e.obj.deleting => ("updated", e.obj.version + 1),
+                Some(e) => ("created", e.obj.version + 1),
+                None => ("created", 1),
+            };
+            if !unchanged && !r.dry_run {
+                let mut rec = existing.as_ref().map(|e| e.obj.clone()).unwrap_or(ServiceRecord {
+                    namespace: ns.clone(),
+                    name: name.clone(),
+                    created_at_ms: now,
+                    ..Default::default()
+                });
+                if rec.deleting {
+                    rec.deleting = false;
+                    rec.spec_json.clear();
+                }
+                rec.previous_spec_json = std::mem::replace(&mut rec.spec_json, json.clone());
+                rec.previous_version = rec.version;
+                rec.version = version;
+                rec.updated_at_ms = now;
+                rec.rollout = new_rollout(now, RolloutState::Updating, format!("rolling out version {version}"));
+                parts.push(objects::cas_put(key, expected, rec.encode_to_vec()));
+            }
+            let action = if r.dry_run { format!("would be {action}") } else { action.to_string() };
+            results.push(pb::ApplyResult {
+                namespace: ns.clone(),
+                name: name.clone(),
+                action,
+                version,
+                revision: 0,
+                changes: if unchanged { vec![] } else { change },
+            });
+        }
+        if !parts.is_empty() {
+            let rev = check_txn(self.ctx.write(Command::Txn(objects::txn_of(parts))).await?, "a service")?;
+            for res in &mut results {
+                res.revision = rev;
+                if res.action != "unchanged" {
+                    info!(service = %format!("{}/{}", res.namespace, res.name), version = res.version, "service {}", res.action);
+                }
+            }
+        }
+        Ok(Response::new(pb::ApplyResponse { header: Some(self.ctx.header()), results }))
+    }
+
+    async fn get_service(&self, r: Request<pb::ServiceRef>) -> Result<Response<pb::GetServiceResponse>, Status> {
+        let r = r.into_inner();
+        self.ctx.read_barrier().await?;
+        let rec = load_service(&self.ctx, &r.namespace, &r.name)?;
+        let svc = parse(&rec)?;
+        let mut list = service_tasks(&self.ctx, &svc.record.namespace, &svc.record.name)?;
+        list.sort_by(|a, b| (a.slot, &a.pinned_node, a.created_at_ms).cmp(&(b.slot, &b.pinned_node, b.created_at_ms)));
+        let v = view(&self.ctx, &svc, Some(&list))?;
+        Ok(Response::new(pb::GetServiceResponse { header: Some(self.ctx.header()), service: Some(v), tasks: list }))
+    }
+
+    async fn list_services(
+        &self,
+        r: Request<pb::ListServicesRequest>,
+    ) -> Result<Response<pb::ListServicesResponse>, Status> {
+        let r = r.into_inner();
+        self.ctx.read_barrier().await?;
+        let prefix = if r.namespace.is_empty() {
+            SERVICES_PREFIX.to_string()
+        } else {
+            format!("{SERVICES_PREFIX}{}/", r.namespace)
+        };
+        let all_tasks: Vec<Task> =
+            objects::list::<Task>(&self.ctx.reader, TASKS_PREFIX)?.into_iter().map(|t| t.obj).collect();
+        let mut by_service: HashMap<(String, String), Vec<Task>> = HashMap::new();
+        for t in all_tasks {
+            by_service.entry((t.namespace.clone(), t.service.clone())).or_default().push(t);
+        }
+        let mut services = Vec::new();
+        for rec in objects::list::<ServiceRecord>(&self.ctx.reader, &prefix)? {
+            let svc = parse(&rec)?;
+            let list = by_service.remove(&(svc.record.namespace.clone(), svc.record.name.clone())).unwrap_or_default();
+            services.push(view(&self.ctx, &svc, Some(&list))?);
+        }
+        Ok(Response::new(pb::ListServicesResponse { header: Some(self.ctx.header()), services }))
+    }
+
+    type WatchServicesStream = Stream_<pb::ServiceEvent>;
+
+    async fn watch_services(
+        &self,
+        r: Request<pb::WatchServicesRequest>,
+    ) -> Result<Response<Self::WatchServicesStream>, Status> {
+        let r = r.into_inner();
+        let ctx = self.ctx.clone();
+        ctx.read_barrier().await?;
+        let prefix = if r.namespace.is_empty() {
+            SERVICES_PREFIX.to_string()
+        } else {
+            format!("{SERVICES_PREFIX}{}/", r.namespace)
+        };
+        let key = prefix.as_bytes().to_vec();
+        // Services and their tasks both change what a service view shows.
+        let mut watcher = ctx
+            .reader
+            .watch(b"/berth/".to_vec(), berth_types::prefix_end(b"/berth/"), 0)
+            .map_err(|e| Status::internal(e.to_string()))?;
+        let out = async_stream::try_stream! {
+            let mut last: HashMap<String, ServiceView> = HashMap::new();
+            loop {
+                let mut now: HashMap<String, ServiceView> = HashMap::new();
+                for rec in objects::list::<ServiceRecord>(&ctx.reader, &prefix)? {
+                    let svc = parse(&rec)?;
+                    now.insert(svc.key(), view(&ctx, &svc, None)?);
+                }
+                for (k, v) in &now {
+                    if last.get(k) != Some(v) {
+                        yield pb::ServiceEvent { kind: "put".into(), service: Some(v.clone()) };
+                    }
+                }
+                for (k, v) in &last {
+                    if !now.contains_key(k) {
+                        yield pb::ServiceEvent { kind: "delete".into(), service: Some(v.clone()) };
+                    }
+                }
+                last = now;
+                loop {
+                    match watcher.next().await {
+                        Ok(berth_store::WatchEvents::Events(ev)) => {
+                            if ev.iter().any(|(_, e)| e.kv.key.starts_with(&key) || e.kv.key.starts_with(TASKS_PREFIX.as_bytes())) {
+                                break;
+                            }
+                        }
+                        Ok(_) => break,
+                        Err(e) => Err(Status::internal(e.to_string()))?,
+                    }
+                }
+            }
+        };
+        Ok(Response::new(Box::pin(out)))
+    }
+
+    async fn delete_service(&self, r: Request<pb::ServiceRef>) -> Result<Response<pb::ServiceResponse>, Status> {
+        let r = r.into_inner();
+        self.ctx.read_barrier().await?;
+        let rec = load_service(&self.ctx, &r.namespace, &r.name)?;
+        if !rec.obj.deleting {
+            let mut n = rec.obj.clone();
+            n.deleting = true;
+            n.updated_at_ms = objects::now_ms();
+            self.write_record(&n, rec.mod_revision).await?;
+            info!(service = %format!("{}/{}", n.namespace, n.name), "service deleting");
+        }
+        self.respond(&rec.obj.namespace, &rec.obj.name).await
+    }
+
+    async fn scale(&self, r: Request<pb::ScaleRequest>) -> Result<Response<pb::ServiceResponse>, Status> {
+        let r = r.into_inner();
+        let s = r.service.unwrap_or_default();
+        self.ctx.read_barrier().await?;
+        let rec = load_service(&self.ctx, &s.namespace, &s.name)?;
+        let svc = parse(&rec)?;
+        if svc.spec.spec.mode == ServiceMode::Global {
+            return Err(Status::failed_precondition(format!(
+                "service {} is global (one task per eligible node); only replicated services scale",
+                svc.key()
+            )));
+        }
+        if r.replicas > spec::MAX_REPLICAS {
+            return Err(Status::invalid_argument(format!(
+                "replicas {} is over the limit of {}",
+                r.replicas,
+                spec::MAX_REPLICAS
+            )));
+        }
+        if svc.spec.spec.replicas != Some(r.replicas) {
+            let mut n = svc.spec.clone();
+            n.spec.replicas = Some(r.replicas);
+            self.change_spec(&rec, &n, &format!("scaled to {}", r.replicas)).await?;
+        }
+        self.respond(&rec.obj.namespace, &rec.obj.name).await
+    }
+
+    async fn rollout(&self, r: Request<pb::RolloutRequest>) -> Result<Response<pb::ServiceResponse>, Status> {
+        let r = r.into_inner();
+        let s = r.service.unwrap_or_default();
+        self.ctx.read_barrier().await?;
+        let rec = load_service(&self.ctx, &s.namespace, &s.name)?;
+        let now = objects::now_ms();
+        let state = rec.obj.rollout.as_ref().map_or(RolloutState::Unspecified, |r| r.state());
+        match RolloutAction::try_from(r.action).unwrap_or(RolloutAction::Unspecified) {
+            RolloutAction::Status | RolloutAction::Unspecified => {}
+            RolloutAction::Pause => {
+                if !matches!(state, RolloutState::Updating | RolloutState::RollingBack) {
+                    return Err(Status::failed_precondition("no rollout is in progress to pause"));
+                }
+                let mut n = rec.obj.clone();
+                if let Some(ro) = n.rollout.as_mut() {
+                    ro.state = RolloutState::Paused as i32;
+                    ro.message = "paused by `berth rollout pause`".into();
+                    ro.updated_at_ms = now;
+                }
+                self.write_record(&n, rec.mod_revision).await?;
+            }
+            RolloutAction::Resume => {
+                if state != RolloutState::Paused {
+                    return Err(Status::failed_precondition("the rollout is not paused"));
+                }
+                let mut n = rec.obj.clone();
+                n.rollout =
+                    new_rollout(now, RolloutState::Updating, format!("resumed: rolling out version {}", n.version));
+                self.write_record(&n, rec.mod_revision).await?;
+            }
+            RolloutAction::Undo => {
+                if rec.obj.previous_spec_json.is_empty() {
+                    return Err(Status::failed_precondition("the service has no previous version to go back to"));
+                }
+                let mut n = rec.obj.clone();
+                std::mem::swap(&mut n.spec_json, &mut n.previous_spec_json);
+                n.previous_version = n.version;
+                n.version += 1;
+                n.updated_at_ms = now;
+                n.rollout = new_rollout(now, RolloutState::RollingBack, "undo: back to the previous spec".into());
+                self.write_record(&n, rec.mod_revision).await?;
+            }
+        }
+        self.respond(&rec.obj.namespace, &rec.obj.name).await
+    }
+
+    async fn list_tasks(&self, r: Request<pb::ListTasksRequest>) -> Result<Response<pb::ListTasksResponse>, Status> {
+        let r = r.into_inner();
+        self.ctx.read_barrier().await?;
+        let prefix =
+            if r.service.is_empty() { TASKS_PREFIX.to_string() } else { format!("{TASKS_PREFIX}{}.", r.service) };
+        let mut list: Vec<Task> = objects::list::<Task>(&self.ctx.reader, &prefix)?
+            .into_iter()
+            .map(|t| t.obj)
+            .filter(|t| r.namespace.is_empty() || t.namespace == r.namespace)
+            .filter(|t| r.service.is_empty() || t.service == r.service)
+            .filter(|t| r.all || tasks::desired_of(t) == TaskState::Running || !tasks::is_terminal(tasks::state_of(t)))
+            .collect();
+        list.sort_by(|a, b| {
+            (&a.namespace, &a.service, a.slot, &a.pinned_node, a.created_at_ms).cmp(&(
+                &b.namespace,
+                &b.service,
+                b.slot,
+                &b.pinned_node,
+                b.created_at_ms,
+            ))
+        });
+        Ok(Response::new(pb::ListTasksResponse { header: Some(self.ctx.header()), tasks: list }))
+    }
+
+    type LogsStream = Stream_<pb::LogEntry>;
+
+    async fn logs(&self, r: Request<pb::LogsRequest>) -> Result<Response<Self::LogsStream>, Status> {
+        let req = r.into_inner();
+        let ctx = self.ctx.clone();
+        if !ctx.is_leader() {
+            // Only the leader holds the agents' sessions: relay through it.
+            let (_, addr) = ctx.leader().ok_or_else(|| Status::unavailable("no leader is known yet; retry"))?;
+            let ch = ctx.peers.channel(&addr).map_err(Status::unavailable)?;
+            let mut client = pb::control_service_client::ControlServiceClient::new(ch);
+            let stream = client.logs(req).await?.into_inner();
+            return Ok(Response::new(Box::pin(stream)));
+        }
+        let ns = if req.namespace.is_empty() { spec::DEFAULT_NAMESPACE.to_string() } else { req.namespace.clone() };
+        let targets: Vec<Task> = match objects::get::<Task>(&ctx.reader, &tasks::task_key(&req.target))? {
+            Some(t) => vec![t.obj],
+            None => {
+                load_service(&ctx, &ns, &req.target)?;
+                let mut l = service_tasks(&ctx, &ns, &req.target)?;
+                l.retain(|t| !t.node_id.is_empty() && (tasks::desired_of(t) == TaskState::Running || !req.follow));
+                l
+            }
+        };
+        if targets.is_empty() {
+            return Err(Status::not_found(format!("{} has no placed tasks to read logs from", req.target)));
+        }
+        let (tx, rx) = mpsc::channel::<Result<pb::LogEntry, Status>>(256);
+        for t in targets {
+            let Some(conn) = ctx.assignments.conn(&t.node_id) else {
+                let _ = tx
+                    .send(Err(Status::unavailable(format!(
+                        "task {}'s node {} has no session with the leader; its logs are unreachable now",
+                        t.id, t.node_id
+                    ))))
+                    .await;
+                continue;
+            };
+            let tx = tx.clone();
+            let q = LogsQuery { task_id: t.id.clone(), follow: req.follow, tail: req.tail, since_ms: req.since_ms };
+            tokio::spawn(async move {
+                if let Err(e) = relay_logs(conn, q, &tx).await {
+                    let _ = tx.send(Err(Status::unavailable(format!("logs of task {}: {e}", t.id)))).await;
+                }
+            });
+        }
+        drop(tx);
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+}
+
+/// Opens a log stream on the agent's connection and relays its lines until the end.
+async fn relay_logs(
+    conn: quinn::Connection,
+    q: LogsQuery,
+    tx: &mpsc::Sender<Result<pb::LogEntry, Status>>,
+) -> Result<(), String> {
+    let task_id = q.task_id.clone();
+    let (send, recv) = conn.open_bi().await.map_err(|e| format!("opening a stream to the agent failed: {e}"))?;
+    let mut writer = FrameWriter::new(send);
+    let mut reader = FrameReader::new(recv);
+    writer.send(&MasterFrame { body: Some(master_frame::Body::Logs(q)) }).await.map_err(|e| e.to_string())?;
+    loop {
+        let frame = tokio::select! {
+            f = reader.recv::<AgentFrame>() => f.map_err(|e| e.to_string())?,
+            _ = tx.closed() => return Ok(()),
+        };
+        let Some(AgentFrame { body: Some(agent_frame::Body::LogChunk(chunk)) }) = frame else {
+            return Err("the agent ended the log stream".into());
+        };
+        for l in chunk.lines {
+            let e = pb::LogEntry { task_id: task_id.clone(), ts_ms: l.ts_ms, stream: l.stream, line: l.line };
+            if tx.send(Ok(e)).await.is_err() {
+                return Ok(());
+            }
+        }
+        if !chunk.error.is_empty() {
+            return Err(chunk.error);
+        }
+        if chunk.end {
+            return Ok(());
+        }
+    }
+}

@@ -1,0 +1,697 @@
+//! The leader's controllers: orchestrator, updater, scheduler loop and task reaper.
+//!
+//! They run as one loop on the leader, started when it becomes leader and stopped when it stops
+//! being leader. Each round reads the replicated state (services, tasks, slots, nodes), decides,
+//! and writes conditional transactions (compare mod_revision), one per slot change, proposed
+//! together so that the proposer packs them into few Raft entries. Nothing is kept between rounds
+//! but timers, so a new leader resumes exactly where the old one stopped. A round runs when
+//! anything under `/berth/` changes, and at least every second (restart delays, update delays).
+//!
+//! - **orchestrator**: one task per slot (replicas 1..N, or one per eligible node for `global`);
+//!   replaces tasks that ended, per the restart policy with exponential backoff; replaces tasks
+//!   whose node is down, removed or drained; shuts down tasks of removed slots.
+//! - **updater**: replaces tasks whose template differs from the service's, `parallelism` at a
+//!   time, stop-first or start-first, waiting for the new ones to be running (and healthy), with
+//!   `delay` between batches; counts failures and pauses, rolls back or continues.
+//! - **scheduler loop**: places pending tasks in one batch with `berth-scheduler`.
+//! - **reaper**: keeps the last few ended tasks per slot; removes deleted services once their
+//!   tasks have ended.
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    sync::Arc,
+    time::Duration,
+};
+
+use berth_api::pb::{Node, NodeAvailability, NodeStatus, Rollout, RolloutState, ServiceRecord, Task, agent::TaskState};
+use berth_scheduler::{Scheduler, Strategy};
+use berth_types::{
+    Command, CommandResult, Compare, RequestOp, Txn,
+    spec::{FailureAction, RestartCondition, UpdateOrder},
+};
+use prost::Message;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::{
+    node::Ctx,
+    objects::{self, NODES_PREFIX},
+    tasks::{self, SERVICES_PREFIX, SLOTS_PREFIX, Svc, TASKS_PREFIX},
+};
+
+/// Ended tasks kept per slot (for `describe` and logs).
+pub(crate) const KEEP_ENDED_PER_SLOT: usize = 3;
+/// The longest restart backoff.
+const MAX_BACKOFF: Duration = Duration::from_secs(60);
+/// Slot changes per transaction: each is its own, so one conflict fails only itself.
+const PARTS_PER_TXN: usize = 60;
+
+pub(crate) async fn run(ctx: Arc<Ctx>, leading: CancellationToken) {
+    let prefix = b"/berth/".to_vec();
+    let mut watcher = match ctx.reader.watch(prefix.clone(), berth_types::prefix_end(&prefix), 0) {
+        Ok(w) => w,
+        Err(e) => {
+            warn!("controllers not started: cannot watch the state: {e}");
+            return;
+        }
+    };
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    info!("controllers started");
+    loop {
+        tokio::select! {
+            _ = leading.cancelled() => break,
+            r = watcher.next() => {
+                if let Err(e) = r {
+                    warn!("controllers: watch failed: {e}");
+                }
+            }
+            _ = tick.tick() => {}
+        }
+        if leading.is_cancelled() || !ctx.is_leader() {
+            continue;
+        }
+        match round(&ctx).await {
+            Ok(0) => {}
+            Ok(n) => debug!(writes = n, "controller round"),
+            Err(e) => info!("controller round: {e}"),
+        }
+    }
+    info!("controllers stopped");
+}
+
+/// What one round read.
+struct World {
+    now: i64,
+    nodes: HashMap<String, Node>,
+    services: Vec<Svc>,
+    tasks: HashMap<String, objects::Versioned<Task>>,
+    /// slot key -> (task id, mod_revision)
+    slots: HashMap<Vec<u8>, (String, i64)>,
+}
+
+fn load(ctx: &Ctx) -> Result<World, String> {
+    let err = |e: tonic::Status| e.message().to_string();
+    let nodes = objects::list::<Node>(&ctx.reader, NODES_PREFIX).map_err(err)?;
+    let services = objects::list::<ServiceRecord>(&ctx.reader, SERVICES_PREFIX).map_err(err)?;
+    let tasks = objects::list::<Task>(&ctx.reader, TASKS_PREFIX).map_err(err)?;
+    let q = berth_types::RangeQuery {
+        key: SLOTS_PREFIX.as_bytes().to_vec(),
+        range_end: berth_types::prefix_end(SLOTS_PREFIX.as_bytes()),
+        ..Default::default()
+    };
+    let (slots, _) = ctx.reader.range(&q).map_err(|e| e.to_string())?;
+    let mut svcs = Vec::new();
+    for s in services {
+        match Svc::parse(s.obj, s.mod_revision) {
+            Ok(s) => svcs.push(s),
+            Err(e) => warn!("{e}"),
+        }
+    }
+    Ok(World {
+        now: objects::now_ms(),
+        nodes: nodes.into_iter().map(|n| (n.obj.id.clone(), n.obj)).collect(),
+        services: svcs,
+        tasks: tasks.into_iter().map(|t| (t.obj.id.clone(), t)).collect(),
+        slots: slots
+            .kvs
+            .into_iter()
+            .map(|kv| (kv.key, (String::from_utf8_lossy(&kv.value).into_owned(), kv.mod_revision)))
+            .collect(),
+    })
+}
+
+/// The writes of one round: independent transactions, and the tasks they touch.
+#[derive(Default)]
+struct Plan {
+    txns: Vec<Txn>,
+    touched: HashSet<String>,
+    /// Tasks created this round (so the scheduler can count them next round).
+    log: Vec<String>,
+}
+
+impl Plan {
+    fn push(&mut self, parts: Vec<(Compare, RequestOp)>, what: String) {
+        self.txns.push(objects::txn_of(parts));
+        self.log.push(what);
+    }
+
+    fn touch(&mut self, id: &str) -> bool {
+        self.touched.insert(id.to_string())
+    }
+}
+
+fn put_task(t: &Task, expected: i64) -> (Compare, RequestOp) {
+    objects::cas_put(tasks::task_key(&t.id), expected, t.encode_to_vec())
+}
+
+async fn round(ctx: &Ctx) -> Result<usize, String> {
+    let w = load(ctx)?;
+    let mut plan = Plan::default();
+    let fence_ms = fence_timeout(ctx).as_millis() as u64;
+    for svc in &w.services {
+        orchestrate(&w, svc, fence_ms, &mut plan);
+    }
+    for svc in &w.services {
+        update(&w, svc, fence_ms, &mut plan);
+    }
+    schedule(&w, &mut plan);
+    reap(&w, &mut plan);
+    if plan.txns.is_empty() {
+        return Ok(0);
+    }
+    if !ctx.is_leader() {
+        return Ok(0);
+    }
+    let n = plan.txns.len();
+    let writes = plan.txns.into_iter().map(|t| ctx.write(Command::Txn(t)));
+    let mut conflicts = 0;
+    for r in futures::future::join_all(writes).await {
+        match r {
+            Ok(CommandResult::Txn(r)) if r.succeeded => {}
+            Ok(_) => conflicts += 1,
+            Err(s) => return Err(format!("writing controller decisions failed: {}", s.message())),
+        }
+    }
+    if conflicts > 0 {
+        debug!(conflicts, "some controller writes lost a race; the next round retries them");
+    }
+    for l in plan.log.iter().take(20) {
+        debug!("{l}");
+    }
+    Ok(n)
+}
+
+/// How long an at-most-once task may run without hearing from the leader: well under the
+/// node-down grace, so its replacement never starts while it still runs.
+pub(crate) fn fence_timeout(ctx: &Ctx) -> Duration {
+    (ctx.node_down_grace / 2).max(Duration::from_secs(1))
+}
+
+/// The slots a service wants now: slot name -> (replica number, pinned node).
+fn desired_slots(w: &World, svc: &Svc) -> BTreeMap<String, (u32, String)> {
+    let mut out = BTreeMap::new();
+    if svc.record.deleting {
+        return out;
+    }
+    if svc.is_global() {
+        for n in w.nodes.values() {
+            let info = tasks::node_info(n);
+            if n.availability != NodeAvailability::Drain as i32 && tasks::node_matches(svc, &info) {
+                out.insert(format!("node-{}", n.id), (0, n.id.clone()));
+            }
+        }
+    } else {
+        for i in 1..=svc.replicas() {
+            out.insert(i.to_string(), (i, String::new()));
+        }
+    }
+    out
+}
+
+fn new_task(w: &World, svc: &Svc, slot: u32, pinned: &str, fence_ms: u64) -> Task {
+    let slot_name = if slot > 0 { slot.to_string() } else { format!("node-{pinned}") };
+    Task {
+        id: tasks::new_task_id(&svc.record.name, &slot_name),
+        namespace: svc.record.namespace.clone(),
+        service: svc.record.name.clone(),
+        slot,
+        spec_version: svc.record.version,
+        node_id: String::new(),
+        desired_state: TaskState::Running as i32,
+        state: TaskState::Pending as i32,
+        message: "waiting for a node".into(),
+        exit_code: 0,
+        run_spec: tasks::run_spec(svc, slot, fence_ms).encode(),
+        created_at_ms: w.now,
+        updated_at_ms: w.now,
+        pending_reason: String::new(),
+        not_before_ms: 0,
+        attempt: 1,
+        health: 0,
+        pid: 0,
+        window_start_ms: w.now,
+        template_hash: svc.hash.clone(),
+        pinned_node: pinned.to_string(),
+    }
+}
+
+fn shutdown(t: &Task, now: i64, why: &str) -> Task {
+    let mut t = t.clone();
+    t.desired_state = TaskState::Shutdown as i32;
+    t.updated_at_ms = now;
+    if !tasks::is_terminal(tasks::state_of(&t)) && t.node_id.is_empty() {
+        // Never placed: nothing runs, so it ends here.
+        t.state = TaskState::Shutdown as i32;
+    }
+    t.message = why.to_string();
+    t
+}
+
+/// Gives `slot` a new task (replacing `old`, if any, which is shut down unless `keep_old`).
+#[allow(clippy::too_many_arguments)]
+fn replace_in_slot(
+    w: &World,
+    svc: &Svc,
+    plan: &mut Plan,
+    slot_name: &str,
+    new: Task,
+    old: Option<&objects::Versioned<Task>>,
+    keep_old: bool,
+    why: &str,
+) {
+    let key = tasks::slot_key(&svc.record.namespace, &svc.record.name, slot_name);
+    let expected = w.slots.get(&key).map_or(0, |(_, rev)| *rev);
+    let mut parts = vec![objects::cas_put(key, expected, new.id.clone().into_bytes()), put_task(&new, 0)];
+    if let Some(old) = old {
+        if !plan.touch(&old.obj.id) {
+            return;
+        }
+        if !keep_old && tasks::desired_of(&old.obj) != TaskState::Shutdown {
+            parts.push(put_task(&shutdown(&old.obj, w.now, why), old.mod_revision));
+        }
+    }
+    plan.touch(&new.id);
+    plan.push(parts, format!("{}: slot {slot_name} gets task {} ({why})", svc.key(), new.id));
+}
+
+fn node_gone(w: &World, t: &Task) -> Option<&'static str> {
+    if t.node_id.is_empty() {
+        return None;
+    }
+    match w.nodes.get(&t.node_id) {
+        None => Some("its node was removed"),
+        Some(n) if n.status == NodeStatus::Down as i32 => Some("its node is down"),
+        Some(n) if n.availability == NodeAvailability::Drain as i32 => Some("its node is draining"),
+        _ => None,
+    }
+}
+
+fn orchestrate(w: &World, svc: &Svc, fence_ms: u64, plan: &mut Plan) {
+    let desired = desired_slots(w, svc);
+    let ns = &svc.record.namespace;
+    let name = &svc.record.name;
+    let restart = &svc.spec.spec.restart;
+    for (slot_name, (slot, pinned)) in &desired {
+        let key = tasks::slot_key(ns, name, slot_name);
+        let cur = w.slots.get(&key).and_then(|(id, _)| w.tasks.get(id));
+        let Some(cur) = cur else {
+            let t = new_task(w, svc, *slot, pinned, fence_ms);
+            replace_in_slot(w, svc, plan, slot_name, t, None, false, "new slot");
+            continue;
+        };
+        let t = &cur.obj;
+        if plan.touched.contains(&t.id) {
+            continue;
+        }
+        let state = tasks::state_of(t);
+        if tasks::desired_of(t) != TaskState::Running {
+            let nt = new_task(w, svc, *slot, pinned, fence_ms);
+            replace_in_slot(w, svc, plan, slot_name, nt, Some(cur), false, "slot's task was shut down");
+            continue;
+        }
+        if tasks::is_terminal(state) {
+            let failed = state == TaskState::Failed || (state != TaskState::Complete && t.exit_code != 0);
+            let restart_it = match restart.condition {
+                RestartCondition::Any => true,
+                RestartCondition::OnFailure => failed,
+                RestartCondition::None => false,
+            };
+            if !restart_it {
+                continue;
+            }
+            let window_ms = restart.window.as_millis() as i64;
+            let in_window = window_ms == 0 || w.now - t.window_start_ms < window_ms;
+            let attempt = if in_window { t.attempt + 1 } else { 1 };
+            if let Some(max) = restart.max_attempts
+                && attempt > max
+            {
+                continue;
+            }
+            let mut nt = new_task(w, svc, *slot, pinned, fence_ms);
+            nt.attempt = attempt;
+            nt.window_start_ms = if in_window { t.window_start_ms } else { w.now };
+            let backoff = restart
+                .delay
+                .saturating_mul(1 << (attempt.saturating_sub(2)).min(6))
+                .min(MAX_BACKOFF.max(restart.delay));
+            nt.not_before_ms = w.now + backoff.as_millis() as i64;
+            nt.message = format!("restart {attempt} of the slot after {}", describe_end(t));
+            // Keep the template the slot had: restarts are not updates.
+            if t.template_hash != svc.hash && !t.run_spec.is_empty() {
+                nt.run_spec = t.run_spec.clone();
+                nt.template_hash = t.template_hash.clone();
+                nt.spec_version = t.spec_version;
+            }
+            replace_in_slot(w, svc, plan, slot_name, nt, Some(cur), false, "restart policy");
+            continue;
+        }
+        if let Some(why) = node_gone(w, t) {
+            if svc.is_global() {
+                continue; // a global task lives and dies with its node
+            }
+            let mut nt = new_task(w, svc, *slot, pinned, fence_ms);
+            nt.message = format!("replaces {} ({why})", t.id);
+            if t.template_hash != svc.hash {
+                nt.run_spec = t.run_spec.clone();
+                nt.template_hash = t.template_hash.clone();
+                nt.spec_version = t.spec_version;
+            }
+            replace_in_slot(w, svc, plan, slot_name, nt, Some(cur), false, why);
+            continue;
+        }
+        if t.node_id.is_empty() && t.template_hash != svc.hash && plan.touch(&t.id) {
+            // Not placed yet: it simply takes the new template.
+            let mut u = t.clone();
+            u.run_spec = tasks::run_spec(svc, *slot, fence_ms).encode();
+            u.template_hash = svc.hash.clone();
+            u.spec_version = svc.record.version;
+            u.updated_at_ms = w.now;
+            plan.push(
+                vec![put_task(&u, cur.mod_revision)],
+                format!("{}: pending task {} takes the new spec", svc.key(), t.id),
+            );
+        }
+    }
+    // Slots no longer wanted, and running tasks that are not their slot's current task.
+    let prefix = format!("{SLOTS_PREFIX}{ns}/{name}/");
+    for (key, (id, rev)) in &w.slots {
+        let Some(slot_name) = key.strip_prefix(prefix.as_bytes()) else { continue };
+        let slot_name = String::from_utf8_lossy(slot_name).into_owned();
+        if desired.contains_key(&slot_name) {
+            continue;
+        }
+        let mut parts = vec![objects::cas_delete(key.clone(), *rev)];
+        if let Some(t) = w.tasks.get(id)
+            && tasks::desired_of(&t.obj) == TaskState::Running
+        {
+            if !plan.touch(id) {
+                continue;
+            }
+            let why =
+                if svc.record.deleting { "service deleted" } else { "slot removed (scaled down or node ineligible)" };
+            parts.push(put_task(&shutdown(&t.obj, w.now, why), t.mod_revision));
+        }
+        plan.push(parts, format!("{}: slot {slot_name} removed", svc.key()));
+    }
+    let current: HashSet<&str> =
+        w.slots.iter().filter(|(k, _)| k.starts_with(prefix.as_bytes())).map(|(_, (id, _))| id.as_str()).collect();
+    let start_first = svc.spec.spec.update.order == UpdateOrder::StartFirst;
+    for t in w.tasks.values() {
+        let o = &t.obj;
+        if o.namespace != *ns || o.service != *name || tasks::desired_of(o) != TaskState::Running {
+            continue;
+        }
+        if current.contains(o.id.as_str()) || plan.touched.contains(&o.id) {
+            continue;
+        }
+        if start_first && !tasks::is_terminal(tasks::state_of(o)) {
+            // Start-first update: the old copy runs until the slot's new task is ready.
+            let slot = tasks::slot_key(ns, name, &tasks::slot_name(o));
+            let successor_ready = w.slots.get(&slot).and_then(|(id, _)| w.tasks.get(id)).is_some_and(|n| {
+                tasks::is_ready(&n.obj, svc.has_health()) || tasks::is_terminal(tasks::state_of(&n.obj))
+            });
+            if !successor_ready && w.slots.contains_key(&slot) {
+                continue;
+            }
+        }
+        plan.touch(&o.id);
+        plan.push(
+            vec![put_task(&shutdown(o, w.now, "superseded in its slot"), t.mod_revision)],
+            format!("{}: task {} superseded", svc.key(), o.id),
+        );
+    }
+}
+
+fn describe_end(t: &Task) -> String {
+    match tasks::state_of(t) {
+        TaskState::Failed if !t.message.is_empty() => format!("{} failed: {}", t.id, t.message),
+        TaskState::Failed => format!("{} failed with exit code {}", t.id, t.exit_code),
+        s => format!("{} ended ({})", t.id, s.as_str_name().trim_start_matches("TASK_STATE_").to_lowercase()),
+    }
+}
+
+fn set_rollout(w: &World, svc: &Svc, plan: &mut Plan, state: RolloutState, message: String, failures: u32) {
+    let mut r = svc.record.clone();
+    let old = r.rollout.clone().unwrap_or_default();
+    if old.state == state as i32 && old.message == message && old.failures == failures {
+        return;
+    }
+    r.rollout = Some(Rollout {
+        state: state as i32,
+        message,
+        started_at_ms: old.started_at_ms,
+        updated_at_ms: w.now,
+        failures,
+    });
+    let key = tasks::service_key(&r.namespace, &r.name);
+    plan.push(
+        vec![objects::cas_put(key, svc.mod_revision, r.encode_to_vec())],
+        format!("{}: rollout {:?}", svc.key(), state),
+    );
+}
+
+fn update(w: &World, svc: &Svc, fence_ms: u64, plan: &mut Plan) {
+    let Some(rollout) = svc.record.rollout.clone() else { return };
+    let state = RolloutState::try_from(rollout.state).unwrap_or(RolloutState::Unspecified);
+    if svc.record.deleting || !matches!(state, RolloutState::Updating | RolloutState::RollingBack) {
+        return;
+    }
+    let cfg = if state == RolloutState::RollingBack { &svc.spec.spec.rollback } else { &svc.spec.spec.update };
+    let desired = desired_slots(w, svc);
+    let ns = &svc.record.namespace;
+    let name = &svc.record.name;
+    let mut stale = Vec::new();
+    let mut in_flight = 0usize;
+    for slot_name in desired.keys() {
+        let key = tasks::slot_key(ns, name, slot_name);
+        let Some(cur) = w.slots.get(&key).and_then(|(id, _)| w.tasks.get(id)) else {
+            in_flight += 1;
+            continue;
+        };
+        if cur.obj.template_hash != svc.hash {
+            stale.push((slot_name.clone(), cur));
+        } else if !tasks::is_ready(&cur.obj, svc.has_health()) {
+            in_flight += 1;
+        }
+    }
+    // Failures of the new template since the rollout started.
+    let failures = w
+        .tasks
+        .values()
+        .filter(|t| {
+            t.obj.namespace == *ns
+                && t.obj.service == *name
+                && t.obj.template_hash == svc.hash
+                && t.obj.created_at_ms >= rollout.started_at_ms
+                && (tasks::state_of(&t.obj) == TaskState::Failed
+                    || t.obj.health == berth_api::pb::agent::TaskHealth::Unhealthy as i32)
+        })
+        .count() as u32;
+    let total = desired.len().max(1) as f64;
+    if state == RolloutState::Updating && failures > 0 && f64::from(failures) / total > cfg.max_failure_ratio {
+        let why = format!("{failures} task(s) of the new spec failed (max_failure_ratio {})", cfg.max_failure_ratio);
+        match cfg.failure_action {
+            FailureAction::Pause => {
+                set_rollout(w, svc, plan, RolloutState::Paused, format!("paused: {why}"), failures);
+                return;
+            }
+            FailureAction::Rollback => {
+                rollback(w, svc, plan, &why);
+                return;
+            }
+            FailureAction::Continue => {}
+        }
+    }
+    if stale.is_empty() && in_flight == 0 {
+        let (done, msg) = if state == RolloutState::RollingBack {
+            (RolloutState::RolledBack, format!("rolled back to version {}", svc.record.version))
+        } else {
+            (RolloutState::Completed, format!("version {} is running on every slot", svc.record.version))
+        };
+        set_rollout(w, svc, plan, done, msg, failures);
+        return;
+    }
+    let parallelism = if cfg.parallelism == 0 { usize::MAX } else { cfg.parallelism as usize };
+    if in_flight >= parallelism || stale.is_empty() {
+        return;
+    }
+    // `delay` between batches: counted from the last time the rollout moved.
+    if in_flight == 0 && w.now - rollout.updated_at_ms < cfg.delay.as_millis() as i64 {
+        return;
+    }
+    let start_first = cfg.order == UpdateOrder::StartFirst;
+    stale.sort_by_key(|(s, _)| s.parse::<u64>().unwrap_or(u64::MAX));
+    for (slot_name, cur) in stale.into_iter().take(parallelism - in_flight) {
+        if plan.touched.contains(&cur.obj.id) {
+            continue;
+        }
+        let (slot, pinned) = desired[&slot_name].clone();
+        let mut nt = new_task(w, svc, slot, &pinned, fence_ms);
+        nt.message = format!("update to version {} (replaces {})", svc.record.version, cur.obj.id);
+        replace_in_slot(w, svc, plan, &slot_name, nt, Some(cur), start_first, "updated");
+    }
+    // Record progress so that `delay` counts from this batch.
+    let mut r = svc.record.clone();
+    if let Some(ro) = r.rollout.as_mut() {
+        ro.updated_at_ms = w.now;
+        ro.failures = failures;
+    }
+    let key = tasks::service_key(&r.namespace, &r.name);
+    plan.push(vec![objects::cas_put(key, svc.mod_revision, r.encode_to_vec())], format!("{}: update batch", svc.key()));
+}
+
+/// Puts the previous spec back as a new version and rolls the tasks back to it.
+fn rollback(w: &World, svc: &Svc, plan: &mut Plan, why: &str) {
+    let mut r = svc.record.clone();
+    if r.previous_spec_json.is_empty() {
+        set_rollout(
+            w,
+            svc,
+            plan,
+            RolloutState::Paused,
+            format!("paused: {why}; there is no previous spec to roll back to"),
+            0,
+        );
+        return;
+    }
+    std::mem::swap(&mut r.spec_json, &mut r.previous_spec_json);
+    r.previous_version = r.version;
+    r.version += 1;
+    r.updated_at_ms = w.now;
+    r.rollout = Some(Rollout {
+        state: RolloutState::RollingBack as i32,
+        message: format!("rolling back: {why}"),
+        started_at_ms: w.now,
+        updated_at_ms: 0,
+        failures: 0,
+    });
+    warn!(service = %svc.key(), "rolling back: {why}");
+    let key = tasks::service_key(&r.namespace, &r.name);
+    plan.push(vec![objects::cas_put(key, svc.mod_revision, r.encode_to_vec())], format!("{}: rollback", svc.key()));
+}
+
+fn schedule(w: &World, plan: &mut Plan) {
+    let svcs: HashMap<(String, String), &Svc> =
+        w.services.iter().map(|s| ((s.record.namespace.clone(), s.record.name.clone()), s)).collect();
+    let svc_of = |t: &Task| svcs.get(&(t.namespace.clone(), t.service.clone())).copied();
+    let mut pending: Vec<&objects::Versioned<Task>> = w
+        .tasks
+        .values()
+        .filter(|t| {
+            let o = &t.obj;
+            o.node_id.is_empty()
+                && tasks::desired_of(o) == TaskState::Running
+                && tasks::state_of(o) == TaskState::Pending
+                && o.not_before_ms <= w.now
+                && !plan.touched.contains(&o.id)
+                && svc_of(o).is_some()
+        })
+        .collect();
+    if pending.is_empty() {
+        return;
+    }
+    pending.sort_by(|a, b| (a.obj.created_at_ms, &a.obj.id).cmp(&(b.obj.created_at_ms, &b.obj.id)));
+    let nodes: Vec<_> = w.nodes.values().map(tasks::node_info).collect();
+    let placed: Vec<_> = w
+        .tasks
+        .values()
+        .filter(|t| !t.obj.node_id.is_empty() && !tasks::is_terminal(tasks::state_of(&t.obj)))
+        .map(|t| tasks::placed(&t.obj, svc_of(&t.obj)))
+        .collect();
+    let requests: Vec<_> =
+        pending.iter().map(|t| tasks::task_request(&t.obj, svc_of(&t.obj).expect("filtered"))).collect();
+    let mut scheduler = Scheduler::new(nodes, &placed, Strategy::Spread);
+    let (placements, unplaced) = scheduler.schedule(&requests);
+    let by_id: HashMap<&str, &objects::Versioned<Task>> = pending.iter().map(|t| (t.obj.id.as_str(), *t)).collect();
+    let mut parts = Vec::new();
+    for p in placements {
+        let Some(t) = by_id.get(p.task_id.as_str()) else { continue };
+        let mut u = t.obj.clone();
+        u.node_id = p.node_id;
+        u.state = TaskState::Assigned as i32;
+        u.pending_reason.clear();
+        u.message = "assigned".into();
+        u.updated_at_ms = w.now;
+        plan.touch(&u.id);
+        parts.push(put_task(&u, t.mod_revision));
+    }
+    for u in unplaced {
+        let Some(t) = by_id.get(u.task_id.as_str()) else { continue };
+        if t.obj.pending_reason == u.reason {
+            continue;
+        }
+        let mut n = t.obj.clone();
+        n.pending_reason = u.reason;
+        n.message = "no node can take it yet".into();
+        n.updated_at_ms = w.now;
+        plan.touch(&n.id);
+        parts.push(put_task(&n, t.mod_revision));
+    }
+    // Placements are independent: one compare each, packed many to a transaction would make one
+    // conflict fail the lot, so each is its own transaction (the proposer batches them anyway).
+    let count = parts.len();
+    for p in parts {
+        plan.push(vec![p], String::new());
+    }
+    if count > 0 {
+        plan.log.push(format!("scheduler: {count} placement decisions"));
+    }
+    let _ = PARTS_PER_TXN;
+}
+
+fn reap(w: &World, plan: &mut Plan) {
+    let svcs: HashMap<(&str, &str), &Svc> =
+        w.services.iter().map(|s| ((s.record.namespace.as_str(), s.record.name.as_str()), s)).collect();
+    // Ended tasks per slot, newest first.
+    let mut ended: HashMap<(String, String, String), Vec<&objects::Versioned<Task>>> = HashMap::new();
+    let mut live_per_service: HashMap<(&str, &str), usize> = HashMap::new();
+    for t in w.tasks.values() {
+        let o = &t.obj;
+        let gone = tasks::desired_of(o) == TaskState::Shutdown
+            && (tasks::is_terminal(tasks::state_of(o))
+                || matches!(node_gone(w, o), Some(r) if r != "its node is draining"));
+        let svc = svcs.get(&(o.namespace.as_str(), o.service.as_str()));
+        if gone {
+            if svc.is_none() {
+                if plan.touch(&o.id) {
+                    plan.push(vec![objects::cas_delete(tasks::task_key(&o.id), t.mod_revision)], String::new());
+                }
+                continue;
+            }
+            ended.entry((o.namespace.clone(), o.service.clone(), tasks::slot_name(o))).or_default().push(t);
+        } else {
+            *live_per_service.entry((o.namespace.as_str(), o.service.as_str())).or_default() += 1;
+        }
+    }
+    for (_, mut list) in ended {
+        if list.len() <= KEEP_ENDED_PER_SLOT {
+            continue;
+        }
+        list.sort_by_key(|t| std::cmp::Reverse(t.obj.created_at_ms));
+        for t in list.into_iter().skip(KEEP_ENDED_PER_SLOT) {
+            if plan.touch(&t.obj.id) {
+                plan.push(vec![objects::cas_delete(tasks::task_key(&t.obj.id), t.mod_revision)], String::new());
+            }
+        }
+    }
+    // A deleted service goes once none of its tasks may still run; its ended tasks go with it.
+    for svc in &w.services {
+        let key = (svc.record.namespace.as_str(), svc.record.name.as_str());
+        if !svc.record.deleting || live_per_service.get(&key).copied().unwrap_or(0) > 0 {
+            continue;
+        }
+        let prefix = format!("{SLOTS_PREFIX}{}/{}/", key.0, key.1);
+        if w.slots.keys().any(|k| k.starts_with(prefix.as_bytes())) {
+            continue; // the orchestrator removes the slots first
+        }
+        let mut parts = vec![objects::cas_delete(tasks::service_key(key.0, key.1), svc.mod_revision)];
+        for t in w.tasks.values() {
+            if (t.obj.namespace.as_str(), t.obj.service.as_str()) == key && parts.len() < 60 && plan.touch(&t.obj.id) {
+                parts.push(objects::cas_delete(tasks::task_key(&t.obj.id), t.mod_revision));
+            }
+        }
+        info!(service = %svc.key(), "service removed");
+        plan.push(parts, format!("{}: removed", svc.key()));
+    }
+}
