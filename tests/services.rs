@@ -236,7 +236,7 @@ spec:
     let svc = wait_for(LONG, "the update rolled back", || {
         let s = c.berth_json(&["get", "services"]).ok()?;
         let s = s.as_array()?.iter().find(|s| s["name"] == "site")?.clone();
-        (s["rollout"]["state"] == "rolled_back").then_some(s)
+        (s["rollout"]["state"] == "rolled-back").then_some(s)
     })?;
     assert_eq!(svc["version"], 3, "the rollback is version 3: {svc}");
     let back = wait_for(LONG, "a healthy task after the rollback", || {

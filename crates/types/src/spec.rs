@@ -52,12 +52,15 @@ pub enum SpecError {
         message: String,
     },
     /// The document parsed, but a value or a combination of values is not allowed.
-    #[error("{}field `{path}`: {message}", fmt_document(*.document))]
+    #[error("{}field `{path}`{}: {message}", fmt_document(*.document), fmt_location(*.line, None))]
     Invalid {
         /// 1-based position of the document in the file, when validated from a file.
         document: Option<usize>,
         /// Dotted field path such as `spec.replicas`.
         path: String,
+        /// 1-based line in the whole file of the field (or of its nearest written parent), when
+        /// validated from a file.
+        line: Option<usize>,
         /// What was wrong and what is allowed or what to do.
         message: String,
     },
@@ -90,7 +93,7 @@ fn fmt_document(document: Option<usize>) -> String {
 
 impl SpecError {
     fn invalid(path: impl Into<String>, message: impl Into<String>) -> SpecError {
-        SpecError::Invalid { document: None, path: path.into(), message: message.into() }
+        SpecError::Invalid { document: None, path: path.into(), line: None, message: message.into() }
     }
 
     /// The field path the error is about (empty when it concerns no single field).
@@ -113,14 +116,17 @@ impl SpecError {
     /// The 1-based line, when known.
     pub fn line(&self) -> Option<usize> {
         match self {
-            SpecError::Parse { line, .. } => *line,
+            SpecError::Parse { line, .. } | SpecError::Invalid { line, .. } => *line,
             _ => None,
         }
     }
 
-    fn in_document(self, n: usize) -> SpecError {
+    fn in_document(self, n: usize, text: &str) -> SpecError {
         match self {
-            SpecError::Invalid { path, message, .. } => SpecError::Invalid { document: Some(n), path, message },
+            SpecError::Invalid { path, message, .. } => {
+                let line = locate(text, n, &path);
+                SpecError::Invalid { document: Some(n), path, line, message }
+            }
             other => other,
         }
     }
@@ -153,6 +159,55 @@ impl SpecError {
             message,
         }
     }
+}
+
+/// The 1-based line (in the whole file) of field `path` of document `document`, or of its
+/// deepest parent written in the text: each path component is looked for as `name:` after the
+/// line of the previous one. A heuristic over the text, good for block and flow style alike.
+fn locate(text: &str, document: usize, path: &str) -> Option<usize> {
+    let lines: Vec<&str> = text.lines().collect();
+    // Where the document starts: after its (document - 1)th `---` separator, if there are any.
+    let mut start = 0;
+    let mut seen = 1;
+    let mut has_content = false;
+    for (i, l) in lines.iter().enumerate() {
+        if seen == document {
+            break;
+        }
+        if l.starts_with("---") {
+            if has_content {
+                seen += 1;
+                has_content = false;
+            }
+            start = i + 1;
+        } else if !l.trim().is_empty() && !l.trim_start().starts_with('#') {
+            has_content = true;
+        }
+    }
+    let mut at: Option<usize> = None;
+    let mut from = start;
+    for part in path.split('.') {
+        let name = part.split('[').next().unwrap_or(part);
+        if name.is_empty() {
+            continue;
+        }
+        let key = format!("{name}:");
+        let found = lines.iter().enumerate().skip(from).take_while(|(i, l)| *i == from || !l.starts_with("---")).find(
+            |(_, l)| {
+                l.match_indices(&key).any(|(pos, _)| {
+                    pos == 0 || matches!(l.as_bytes()[pos - 1], b' ' | b'{' | b',' | b'-' | b'"' | b'\'')
+                })
+            },
+        );
+        match found {
+            Some((i, _)) => {
+                at = Some(i + 1);
+                from = i;
+            }
+            None => break,
+        }
+    }
+    at
 }
 
 fn is_path_like(p: &str) -> bool {
@@ -744,7 +799,7 @@ pub fn parse_documents(text: &str) -> Result<Vec<Service>, SpecError> {
         let n = i + 1;
         let parsed = Option::<Service>::deserialize(document).map_err(|e| SpecError::from_yaml(n, &e))?;
         let Some(service) = parsed else { continue };
-        service.validate().map_err(|e| e.in_document(n))?;
+        service.validate().map_err(|e| e.in_document(n, text))?;
         if let Some(&first) = first_seen.get(&service.key()) {
             return Err(SpecError::Duplicate { document: n, first, key: service.key() });
         }

@@ -255,6 +255,10 @@ impl ProcessRuntime {
             log_max_bytes: self.inner.log_max_bytes,
             log_keep: self.inner.log_keep,
             created_at_ms: now_ms(),
+            fence: (spec.disconnect == berth_types::spec::DisconnectPolicy::AtMostOnce).then(|| files::Fence {
+                lease: self.inner.root.parent().unwrap_or(&self.inner.root).join(super::manager::LEASE_FILE),
+                timeout_ms: spec.fence_timeout_ms.max(1),
+            }),
         };
         Ok((config, limits))
     }

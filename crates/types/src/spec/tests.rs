@@ -370,3 +370,13 @@ fn shipped_examples_are_valid() {
         assert!(parsed.is_ok(), "examples/{name}: {}", parsed.unwrap_err());
     }
 }
+
+#[test]
+fn validation_errors_name_the_line_of_the_field_or_its_parent() {
+    let text = "kind: Service\nmetadata: {name: a}\nspec:\n  mode: replicated\n  replicas: 1\n  task: {runtime: process, command: [/bin/true]}\n---\n# second\nkind: Service\nmetadata: {name: b}\nspec:\n  mode: replicated\n  replicas: 1\n  task:\n    runtime: process\n";
+    let e = parse_documents(text).unwrap_err();
+    assert_eq!(e.document(), Some(2));
+    assert_eq!(e.path(), "spec.task.command");
+    assert_eq!(e.line(), Some(14), "{e}");
+    assert!(e.to_string().contains("(line 14)"), "{e}");
+}

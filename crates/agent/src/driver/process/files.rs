@@ -45,6 +45,17 @@ pub(crate) struct ShimConfig {
     pub log_max_bytes: u64,
     pub log_keep: usize,
     pub created_at_ms: i64,
+    /// At-most-once tasks: the shim kills the task once the agent's lease is older than this.
+    #[serde(default)]
+    pub fence: Option<Fence>,
+}
+
+/// The fence of an at-most-once task: the agent writes the Unix millisecond it last heard the
+/// leader into `lease`; once that is older than `timeout_ms` the task must not run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Fence {
+    pub lease: PathBuf,
+    pub timeout_ms: u64,
 }
 
 /// A process identified by pid and start time (clock ticks since boot), so a reused pid is

@@ -134,6 +134,12 @@ fn run(dir: &Path) -> Result<(), String> {
         None => eprintln!("berth task-shim: the launcher of task {} ended before its task was seen", config.task_id),
     }
 
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let fenced = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    if let (Some(fence), Some(launcher)) = (config.fence.clone(), state.launcher) {
+        let (done, fenced) = (done.clone(), fenced.clone());
+        std::thread::spawn(move || enforce_fence(&fence, launcher.pid, started_at_ms, &done, &fenced));
+    }
     let status = loop {
         match child.wait() {
             Ok(status) => break status,
@@ -148,10 +154,51 @@ fn run(dir: &Path) -> Result<(), String> {
             break;
         }
     }
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
     let last = last_stderr.lock().map(|l| l.clone()).unwrap_or_default();
-    let rec = exit_record(status, state.task.is_some(), &last, &config.unshare);
+    let mut rec = exit_record(status, state.task.is_some(), &last, &config.unshare);
+    if fenced.load(std::sync::atomic::Ordering::SeqCst) {
+        rec.message = format!(
+            "{}: stopped by its supervisor, as the agent had not heard from the leader within the fence timeout \
+             (at-most-once)",
+            rec.message
+        );
+    }
     eprintln!("berth task-shim: task {}: {}", config.task_id, rec.message);
     files::write_json(&dir.join(EXIT), &rec).map_err(|e| format!("recording the task's exit in {EXIT} failed: {e}"))
+}
+
+/// At-most-once: kills the task's process group once the agent's lease is older than the fence
+/// timeout. It runs in the shim, not the agent, so it holds while the agent is frozen or dead.
+fn enforce_fence(
+    fence: &files::Fence,
+    launcher: u32,
+    started_at_ms: i64,
+    done: &std::sync::atomic::AtomicBool,
+    fenced: &std::sync::atomic::AtomicBool,
+) {
+    use std::sync::atomic::Ordering::SeqCst;
+    loop {
+        std::thread::sleep(Duration::from_millis(100));
+        if done.load(SeqCst) {
+            return;
+        }
+        let lease = std::fs::read_to_string(&fence.lease)
+            .ok()
+            .and_then(|t| t.trim().parse::<i64>().ok())
+            .unwrap_or(started_at_ms)
+            .max(started_at_ms);
+        if now_ms() - lease > fence.timeout_ms as i64 {
+            eprintln!("berth task-shim: no leader contact for {} ms; stopping the at-most-once task", now_ms() - lease);
+            fenced.store(true, SeqCst);
+            if let Some(pid) = rustix::process::Pid::from_raw(launcher as i32)
+                && !done.load(SeqCst)
+            {
+                let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
+            }
+            return;
+        }
+    }
 }
 
 fn write_state(dir: &Path, state: &ShimState) -> Result<(), String> {
