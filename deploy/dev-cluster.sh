@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Quick start: a local HA cluster of 3 masters on 127.0.0.1:7001-7003 and 2 agents, data in
+# Quick start: a local HA cluster of 3 masters on 127.0.0.1:7001-7003 and 3 agents, data in
 # ./berth-dev (CA and admin credentials in ./berth-dev/pki, client config in ./berth-dev/berth.toml).
 # Installs missing build prerequisites, builds berth, then runs `berth dev` until Ctrl-C.
 # Extra arguments go to `berth dev` (e.g. --masters 5 --base-port 8001).

@@ -34,6 +34,12 @@ pub struct ScheduleBench {
     nodes: usize,
     #[arg(long, default_value_t = 100_000)]
     tasks: usize,
+    /// End to end instead: start 3 masters and --nodes simulated agents, apply services with
+    /// --tasks replicas in all, and time until every task is committed as running.
+    #[arg(long)]
+    e2e: bool,
+    #[arg(long = "master-arg", allow_hyphen_values = true)]
+    master_args: Vec<String>,
 }
 
 #[derive(Args)]
@@ -129,6 +135,9 @@ pub async fn run(cmd: BenchCmd, g: &Global) -> Result<()> {
     let a = match cmd {
         BenchCmd::Kv(a) => a,
         BenchCmd::Failover(f) => return crate::bench_cluster::failover(f.kills, &f.master_args, g.output).await,
+        BenchCmd::Schedule(s) if s.e2e => {
+            return crate::bench_cluster::schedule_e2e(s.nodes, s.tasks, &s.master_args, g.output).await;
+        }
         BenchCmd::Schedule(s) => {
             let r = berth_scheduler::bench(s.nodes, s.tasks);
             output::print(g.output, &r, |r| {

@@ -323,7 +323,9 @@ fn proc_usage(pid: u32) -> Result<(f64, u64)> {
 
 /// Starts its own 3-master cluster and `berth agent --simulate N`, waits for every node to be
 /// ready, then measures the leader's CPU and memory while the agents heartbeat.
-pub async fn agents(count: usize, duration: Duration, extra: &[String], format: Format) -> Result<()> {
+/// Starts a 3-master cluster and `berth agent --simulate count`, and waits until every node is
+/// ready. Returns the cluster, a client, the leader and how long the nodes took.
+async fn with_simulated_agents(count: usize, extra: &[String]) -> Result<(LocalCluster, Client, u64, Duration)> {
     let mut c = LocalCluster::start(3, extra)?;
     let leader = c.wait_converged().await?;
     let client = c.client()?;
@@ -371,6 +373,84 @@ pub async fn agents(count: usize, duration: Duration, extra: &[String], format: 
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     };
+    Ok((c, client, leader, ready))
+}
+
+/// End to end: a 3-master cluster with `nodes` simulated agents; services totalling `tasks`
+/// replicas are applied at once, and the clock runs until every task is committed as running
+/// (placed by the leader's scheduler, sent to its agent, acknowledged running, and that state
+/// committed through Raft).
+pub async fn schedule_e2e(nodes: usize, tasks: usize, extra: &[String], format: Format) -> Result<()> {
+    let (_c, client, _leader, ready) = with_simulated_agents(nodes, extra).await?;
+    eprintln!("{nodes} simulated nodes ready after {:.1}s; applying {tasks} replicas", ready.as_secs_f64());
+    let per = berth_types::spec::MAX_REPLICAS as usize;
+    let mut docs = Vec::new();
+    let mut left = tasks;
+    let mut i = 0;
+    while left > 0 {
+        let n = left.min(per);
+        docs.push(format!(
+            "kind: Service\nmetadata: {{name: bench-{i}}}\nspec:\n  mode: replicated\n  replicas: {n}\n  task:\n    runtime: process\n    command: [/bin/true]\n"
+        ));
+        left -= n;
+        i += 1;
+    }
+    let documents = docs.join("---\n");
+    let t0 = Instant::now();
+    client
+        .call(|ch| {
+            let req = pb::ApplyRequest { documents: documents.clone(), dry_run: false, expected_revision: 0 };
+            async move { Client::control(ch).apply(req).await.map(|r| r.into_inner()) }
+        })
+        .await?;
+    let mut first_all_placed = None;
+    let mut seen_pending = false;
+    let running = loop {
+        let r = client
+            .call(|ch| async move {
+                Client::control(ch).list_services(pb::ListServicesRequest::default()).await.map(|r| r.into_inner())
+            })
+            .await?;
+        let running: u64 = r.services.iter().map(|s| u64::from(s.running)).sum();
+        let pending: u64 = r.services.iter().map(|s| u64::from(s.pending)).sum();
+        seen_pending |= pending > 0;
+        if first_all_placed.is_none() && (seen_pending || running > 0) && pending == 0 {
+            first_all_placed = Some(t0.elapsed());
+        }
+        if running as usize >= tasks {
+            break t0.elapsed();
+        }
+        if t0.elapsed() > Duration::from_secs(1800) {
+            bail!("only {running} of {tasks} tasks were running after 30 minutes");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    #[derive(Serialize)]
+    struct Out {
+        nodes: usize,
+        tasks: usize,
+        seconds_to_all_placed: f64,
+        seconds_to_all_running: f64,
+        running_per_sec: f64,
+    }
+    let out = Out {
+        nodes,
+        tasks,
+        seconds_to_all_placed: first_all_placed.unwrap_or(running).as_secs_f64(),
+        seconds_to_all_running: running.as_secs_f64(),
+        running_per_sec: tasks as f64 / running.as_secs_f64(),
+    };
+    output::print(format, &out, |o| {
+        println!(
+            "schedule end to end: {} simulated nodes, {} tasks: all placed in {:.1}s, all running (committed) in {:.1}s: {:.0} tasks/s",
+            o.nodes, o.tasks, o.seconds_to_all_placed, o.seconds_to_all_running, o.running_per_sec
+        )
+    });
+    Ok(())
+}
+
+pub async fn agents(count: usize, duration: Duration, extra: &[String], format: Format) -> Result<()> {
+    let (c, client, leader, ready) = with_simulated_agents(count, extra).await?;
     eprintln!("{count} simulated nodes ready after {:.1}s; measuring the leader for {duration:?}", ready.as_secs_f64());
     let pid = c.children[&leader].id();
     let (cpu0, _) = proc_usage(pid)?;

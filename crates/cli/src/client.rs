@@ -70,6 +70,12 @@ impl Client {
         NodesClient::new(ch).max_decoding_message_size(64 << 20)
     }
 
+    pub fn control(ch: Channel) -> berth_api::pb::control_service_client::ControlServiceClient<Channel> {
+        berth_api::pb::control_service_client::ControlServiceClient::new(ch)
+            .max_decoding_message_size(256 << 20)
+            .max_encoding_message_size(MESSAGE_LIMIT)
+    }
+
     /// Runs `f` against the masters until one answers: a transport error moves on to the next
     /// endpoint, a not-leader answer moves to the hinted leader, and "no leader yet" waits with
     /// backoff for up to `patience`. Any other error is final.

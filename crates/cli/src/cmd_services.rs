@@ -552,7 +552,7 @@ fn describe_task_rows(tasks: &[TaskOut], now: i64) -> Vec<Vec<String>> {
 // Client helpers
 
 fn control(ch: Channel) -> ControlServiceClient<Channel> {
-    ControlServiceClient::new(ch).max_decoding_message_size(64 << 20).max_encoding_message_size(16 << 20)
+    Client::control(ch)
 }
 
 fn service_ref(ns: &str, name: &str) -> pb::ServiceRef {
