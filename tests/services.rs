@@ -99,6 +99,14 @@ fn spread_pending_restart_and_leader_failover() -> Result<()> {
     nodes.dedup();
     assert_eq!(nodes.len(), 3, "max_replicas_per_node 1: one task per node");
 
+    // Logs come from the agents through a master.
+    let logs = wait_for(LONG, "the tasks' output through `berth logs`", || {
+        let out = c.berth(&["logs", "spread", "--tail", "5"]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        (out.status.success() && text.matches("started").count() == 3).then_some(text)
+    })?;
+    assert!(logs.lines().all(|l| l.contains("spread.")), "lines carry their task id: {logs}");
+
     // Re-applying the same spec changes nothing.
     let again = apply(&c, &dir, "spread", SLEEPER)?;
     assert!(again.contains("unchanged"), "{again}");

@@ -299,15 +299,13 @@ pub(crate) async fn commit_statuses(ctx: Arc<Ctx>, leading: CancellationToken) {
 /// The task with the reported state applied, or None when nothing changes.
 fn apply_status(t: &Task, s: &TaskStatus) -> Option<Task> {
     let reported = TaskState::try_from(s.state).unwrap_or(TaskState::Unspecified);
-    if matches!(reported, TaskState::Unspecified | TaskState::New | TaskState::Pending) {
+    // New, pending and assigned are the masters' to set; an agent's "assigned" adds nothing.
+    if matches!(reported, TaskState::Unspecified | TaskState::New | TaskState::Pending | TaskState::Assigned) {
         return None;
     }
     let current = tasks::state_of(t);
     // An ended task stays ended (a stale report cannot bring it back).
     if tasks::is_terminal(current) && !tasks::is_terminal(reported) {
-        return None;
-    }
-    if reported == TaskState::Assigned && current != TaskState::Assigned {
         return None;
     }
     let same = t.state == s.state
