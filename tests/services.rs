@@ -124,6 +124,15 @@ fn spread_pending_restart_and_leader_failover() -> Result<()> {
     assert!(out.status.success(), "describe: {}", String::from_utf8_lossy(&out.stderr));
     assert!(text.contains(pending["pending_reason"].as_str().unwrap()), "describe shows the reason:\n{text}");
 
+    // binpack fills one node before the next.
+    let packed = SLEEPER
+        .replace("name: spread", "name: packed")
+        .replace("replicas: 3", "replicas: 2")
+        .replace("    spread: [node.labels.zone]\n    max_replicas_per_node: 1\n", "    strategy: binpack\n");
+    apply(&c, &dir, "packed", &packed)?;
+    let p = wait_running(&c, "packed", 2, LONG)?;
+    assert_eq!(p[0]["node"], p[1]["node"], "binpack puts both on one node: {p:?}");
+
     // kill -9 a task's process: its slot gets a new task that runs.
     let victim = r[0].clone();
     let (vid, vpid, vslot) = (victim["id"].as_str().unwrap(), victim["pid"].as_i64().unwrap(), victim["slot"].clone());

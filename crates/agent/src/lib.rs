@@ -217,6 +217,7 @@ async fn run_simulated(cfg: AgentConfig, n: usize, shutdown: CancellationToken) 
         return Ok(());
     }
     let base = cfg.name.clone().unwrap_or_else(hostname);
+    state::disable_sync_for_simulation();
     let resources = resources::detect(&cfg.data_dir);
     let gate = Arc::new(Semaphore::new(CONNECT_CONCURRENCY));
     let pools: Vec<Endpoints> = (0..n.div_ceil(AGENTS_PER_ENDPOINT)).map(|_| Endpoints::new()).collect();

@@ -191,6 +191,16 @@ impl AgentState {
     }
 }
 
+/// Whether state writes are fsynced. Always on for a real agent; `--simulate` turns it off, since
+/// thousands of simulated agents sharing one disk would measure that disk's fsync rate rather than
+/// the control plane (a real agent has its own host and disk).
+static SYNC_WRITES: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Turns fsync of state writes off (simulated agents only).
+pub(crate) fn disable_sync_for_simulation() {
+    SYNC_WRITES.store(false, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// Writes `dir/name` atomically: a temporary file in the same directory, fsync, rename over the
 /// target, fsync of the directory. The file gets `mode` (e.g. 0o600 for keys).
 pub fn write_atomic(dir: &Path, name: &str, bytes: &[u8], mode: u32) -> Result<(), AgentError> {
@@ -201,7 +211,9 @@ pub fn write_atomic(dir: &Path, name: &str, bytes: &[u8], mode: u32) -> Result<(
         // `mode` applies only when the file is created; a leftover temporary may have another.
         f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(mode))?;
         f.write_all(bytes)?;
-        f.sync_all()?;
+        if SYNC_WRITES.load(std::sync::atomic::Ordering::Relaxed) {
+            f.sync_all()?;
+        }
         Ok(())
     };
     if let Err(e) = write() {
@@ -209,6 +221,9 @@ pub fn write_atomic(dir: &Path, name: &str, bytes: &[u8], mode: u32) -> Result<(
         return Err(AgentError::io("cannot write", &tmp, e));
     }
     fs::rename(&tmp, &target).map_err(|e| AgentError::io("cannot rename into place", &target, e))?;
+    if !SYNC_WRITES.load(std::sync::atomic::Ordering::Relaxed) {
+        return Ok(());
+    }
     File::open(dir).and_then(|d| d.sync_all()).map_err(|e| AgentError::io("cannot sync directory", dir, e))?;
     Ok(())
 }

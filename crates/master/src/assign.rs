@@ -251,30 +251,41 @@ pub(crate) async fn commit_statuses(ctx: Arc<Ctx>, leading: CancellationToken) {
         if batch.is_empty() {
             continue;
         }
-        let mut writes = Vec::new();
-        for (id, (node, s)) in batch {
-            let cur = match objects::get::<Task>(&ctx.reader, &tasks::task_key(&id)) {
-                Ok(Some(t)) => t,
-                Ok(None) => continue, // reaped or unknown: nothing to record
-                Err(e) => {
-                    warn!("reading task {id}: {}", e.message());
-                    ctx.statuses.requeue(id, (node, s));
+        // Reading the tasks and building the writes is synchronous: off the async workers.
+        let c = ctx.clone();
+        let prepared = tokio::task::spawn_blocking(move || {
+            let mut out = Vec::new();
+            for (id, (node, s)) in batch {
+                let cur = match objects::get::<Task>(&c.reader, &tasks::task_key(&id)) {
+                    Ok(Some(t)) => t,
+                    Ok(None) => continue, // reaped or unknown: nothing to record
+                    Err(e) => {
+                        warn!("reading task {id}: {}", e.message());
+                        c.statuses.requeue(id, (node, s));
+                        continue;
+                    }
+                };
+                if cur.obj.node_id != node {
+                    debug!(task = %id, %node, "ignoring a status for a task of another node");
                     continue;
                 }
-            };
-            if cur.obj.node_id != node {
-                debug!(task = %id, %node, "ignoring a status for a task of another node");
-                continue;
+                let Some(updated) = apply_status(&cur.obj, &s) else { continue };
+                let txn = objects::txn_of(vec![objects::cas_put(
+                    tasks::task_key(&id),
+                    cur.mod_revision,
+                    updated.encode_to_vec(),
+                )]);
+                out.push((id, node, s, txn));
             }
-            let Some(updated) = apply_status(&cur.obj, &s) else { continue };
-            let txn = objects::txn_of(vec![objects::cas_put(
-                tasks::task_key(&id),
-                cur.mod_revision,
-                updated.encode_to_vec(),
-            )]);
+            out
+        })
+        .await
+        .unwrap_or_default();
+        let writes = prepared.into_iter().map(|(id, node, s, txn)| {
             let ctx = &ctx;
-            writes.push(async move { (id, node, s, ctx.write(Command::Txn(txn)).await) });
-        }
+            async move { (id, node, s, ctx.write(Command::Txn(txn)).await) }
+        });
+        let writes: Vec<_> = writes.collect();
         let n = writes.len();
         for (id, node, s, r) in futures::future::join_all(writes).await {
             match r {

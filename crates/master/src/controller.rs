@@ -27,7 +27,7 @@ use berth_api::pb::{Node, NodeAvailability, NodeStatus, Rollout, RolloutState, S
 use berth_scheduler::{Scheduler, Strategy};
 use berth_types::{
     Command, CommandResult, Compare, RequestOp, Txn,
-    spec::{FailureAction, RestartCondition, UpdateOrder},
+    spec::{FailureAction, PlacementStrategy, RestartCondition, UpdateOrder},
 };
 use prost::Message;
 use tokio_util::sync::CancellationToken;
@@ -43,10 +43,13 @@ use crate::{
 pub(crate) const KEEP_ENDED_PER_SLOT: usize = 3;
 /// The longest restart backoff.
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
+/// How long a round waits for further changes after the first one wakes it.
+const ROUND_SETTLE: Duration = Duration::from_millis(30);
 /// Slot changes per transaction: each is its own, so one conflict fails only itself.
 const PARTS_PER_TXN: usize = 60;
 
 pub(crate) async fn run(ctx: Arc<Ctx>, leading: CancellationToken) {
+    let ctx_for_rounds = ctx.clone();
     let prefix = b"/berth/".to_vec();
     let mut watcher = match ctx.reader.watch(prefix.clone(), berth_types::prefix_end(&prefix), 0) {
         Ok(w) => w,
@@ -71,7 +74,16 @@ pub(crate) async fn run(ctx: Arc<Ctx>, leading: CancellationToken) {
         if leading.is_cancelled() || !ctx.is_leader() {
             continue;
         }
-        match round(&ctx).await {
+        // Coalesce a burst of changes (a status batch, a wave of placements) into one round.
+        let settle = tokio::time::sleep(ROUND_SETTLE);
+        tokio::pin!(settle);
+        loop {
+            tokio::select! {
+                _ = &mut settle => break,
+                r = watcher.next() => if r.is_err() { break },
+            }
+        }
+        match round(&ctx_for_rounds).await {
             Ok(0) => {}
             Ok(n) => debug!(writes = n, "controller round"),
             Err(e) => info!("controller round: {e}"),
@@ -145,18 +157,26 @@ fn put_task(t: &Task, expected: i64) -> (Compare, RequestOp) {
     objects::cas_put(tasks::task_key(&t.id), expected, t.encode_to_vec())
 }
 
-async fn round(ctx: &Ctx) -> Result<usize, String> {
-    let w = load(ctx)?;
-    let mut plan = Plan::default();
-    let fence_ms = fence_timeout(ctx).as_millis() as u64;
-    for svc in &w.services {
-        orchestrate(&w, svc, fence_ms, &mut plan);
-    }
-    for svc in &w.services {
-        update(&w, svc, fence_ms, &mut plan);
-    }
-    schedule(&w, &mut plan);
-    reap(&w, &mut plan);
+async fn round(ctx: &Arc<Ctx>) -> Result<usize, String> {
+    // Reading and deciding is synchronous CPU work over every task: off the async workers, so
+    // that heartbeats and Raft traffic never wait behind it.
+    let c = ctx.clone();
+    let plan = tokio::task::spawn_blocking(move || -> Result<Plan, String> {
+        let w = load(&c)?;
+        let mut plan = Plan::default();
+        let fence_ms = fence_timeout(&c).as_millis() as u64;
+        for svc in &w.services {
+            orchestrate(&w, svc, fence_ms, &mut plan);
+        }
+        for svc in &w.services {
+            update(&w, svc, fence_ms, &mut plan);
+        }
+        schedule(&w, &mut plan);
+        reap(&w, &mut plan);
+        Ok(plan)
+    })
+    .await
+    .map_err(|e| format!("the controller round panicked: {e}"))??;
     if plan.txns.is_empty() {
         return Ok(0);
     }
@@ -599,10 +619,37 @@ fn schedule(w: &World, plan: &mut Plan) {
         .filter(|t| !t.obj.node_id.is_empty() && !tasks::is_terminal(tasks::state_of(&t.obj)))
         .map(|t| tasks::placed(&t.obj, svc_of(&t.obj)))
         .collect();
-    let requests: Vec<_> =
-        pending.iter().map(|t| tasks::task_request(&t.obj, svc_of(&t.obj).expect("filtered"))).collect();
-    let mut scheduler = Scheduler::new(nodes, &placed, Strategy::Spread);
-    let (placements, unplaced) = scheduler.schedule(&requests);
+    // Spread services first, then binpack ones over what the first pass used.
+    let strategy_of = |t: &Task| match svc_of(t).map(|s| s.spec.spec.placement.strategy) {
+        Some(PlacementStrategy::Binpack) => Strategy::Binpack,
+        _ => Strategy::Spread,
+    };
+    let mut placed = placed;
+    let mut placements = Vec::new();
+    let mut unplaced = Vec::new();
+    for strategy in [Strategy::Spread, Strategy::Binpack] {
+        let group: Vec<&objects::Versioned<Task>> =
+            pending.iter().copied().filter(|t| strategy_of(&t.obj) == strategy).collect();
+        if group.is_empty() {
+            continue;
+        }
+        let requests: Vec<_> =
+            group.iter().map(|t| tasks::task_request(&t.obj, svc_of(&t.obj).expect("filtered"))).collect();
+        let mut scheduler = Scheduler::new(nodes.clone(), &placed, strategy);
+        let (p, u) = scheduler.schedule(&requests);
+        if strategy == Strategy::Spread {
+            let ids: HashMap<&str, &Task> = group.iter().map(|t| (t.obj.id.as_str(), &t.obj)).collect();
+            for pl in &p {
+                if let Some(t) = ids.get(pl.task_id.as_str()) {
+                    let mut on = (*t).clone();
+                    on.node_id = pl.node_id.clone();
+                    placed.push(tasks::placed(&on, svc_of(&on)));
+                }
+            }
+        }
+        placements.extend(p);
+        unplaced.extend(u);
+    }
     let by_id: HashMap<&str, &objects::Versioned<Task>> = pending.iter().map(|t| (t.obj.id.as_str(), *t)).collect();
     let mut parts = Vec::new();
     for p in placements {

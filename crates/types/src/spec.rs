@@ -604,6 +604,21 @@ pub struct Placement {
     /// Prefer nodes running these services (same namespace).
     #[serde(default)]
     pub affinity: Vec<String>,
+    /// After spread labels: `spread` (fewest tasks of the service, most free resources; the
+    /// default) or `binpack` (fill the fullest node that fits first).
+    #[serde(default)]
+    pub strategy: PlacementStrategy,
+}
+
+/// `spec.placement.strategy`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PlacementStrategy {
+    /// Fewest tasks of the service on the node, then the most free resources.
+    #[default]
+    Spread,
+    /// The least free resources that still fit.
+    Binpack,
 }
 
 impl Placement {
