@@ -112,12 +112,8 @@ pub enum RolloutCmd {
     Status {
         #[command(flatten)]
         target: RolloutTarget,
-        /// Follow the rollout until it completes (or fails).
-        #[arg(long)]
-        wait: bool,
-        /// How long --wait waits before giving up.
-        #[arg(long, value_parser = humantime::parse_duration, default_value = "5m")]
-        timeout: Duration,
+        #[command(flatten)]
+        wait: WaitArgs,
     },
     /// Stop replacing tasks; running tasks stay as they are.
     Pause(RolloutTarget),
@@ -127,13 +123,20 @@ pub enum RolloutCmd {
     Undo {
         #[command(flatten)]
         target: RolloutTarget,
-        /// Follow the rollback until it is done.
-        #[arg(long)]
-        wait: bool,
-        /// How long --wait waits before giving up.
-        #[arg(long, value_parser = humantime::parse_duration, default_value = "5m")]
-        timeout: Duration,
+        #[command(flatten)]
+        wait: WaitArgs,
     },
+}
+
+/// `--wait [--timeout]` of the rollout commands.
+#[derive(Args)]
+pub struct WaitArgs {
+    /// Follow the rollout until it is done (or fails).
+    #[arg(long)]
+    wait: bool,
+    /// How long --wait waits before giving up.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "5m")]
+    timeout: Duration,
 }
 
 #[derive(Subcommand)]
@@ -1419,10 +1422,10 @@ pub async fn run_scale(a: ScaleArgs, g: &Global) -> Result<()> {
 
 pub async fn run_rollout(cmd: RolloutCmd, g: &Global) -> Result<()> {
     let (target, action, wait) = match cmd {
-        RolloutCmd::Status { target, wait, timeout } => (target, RolloutAction::Status, wait.then_some(timeout)),
+        RolloutCmd::Status { target, wait } => (target, RolloutAction::Status, wait.wait.then_some(wait.timeout)),
         RolloutCmd::Pause(t) => (t, RolloutAction::Pause, None),
         RolloutCmd::Resume(t) => (t, RolloutAction::Resume, None),
-        RolloutCmd::Undo { target, wait, timeout } => (target, RolloutAction::Undo, wait.then_some(timeout)),
+        RolloutCmd::Undo { target, wait } => (target, RolloutAction::Undo, wait.wait.then_some(wait.timeout)),
     };
     let client = crate::config::client(g)?;
     let req = pb::RolloutRequest { service: Some(service_ref(&target.namespace, &target.name)), action: action as i32 };
