@@ -275,6 +275,20 @@ spec:
     let mut nodes: Vec<&str> = r.iter().map(|t| t["node_name"].as_str().unwrap()).collect();
     nodes.sort();
     assert_eq!(nodes, ["g1", "g2", "g3"]);
+
+    // Draining a node moves its tasks off: the global task there stops, a replicated one moves.
+    let site_node = wait_running(&c, "site", 1, LONG)?[0]["node_name"].as_str().unwrap().to_string();
+    let out = c.berth(&["node", "update", &site_node, "--availability", "drain"]);
+    assert!(out.status.success(), "drain: {}", String::from_utf8_lossy(&out.stderr));
+    wait_for(LONG, "the drained node emptied", || {
+        let e = running(&c, "everywhere");
+        let s = running(&c, "site");
+        (e.len() == 2
+            && e.iter().all(|t| t["node_name"] != site_node.as_str())
+            && s.len() == 1
+            && s[0]["node_name"] != site_node.as_str())
+        .then_some(())
+    })?;
     Ok(())
 }
 

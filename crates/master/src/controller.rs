@@ -65,8 +65,22 @@ pub(crate) async fn run(ctx: Arc<Ctx>, leading: CancellationToken) {
         tokio::select! {
             _ = leading.cancelled() => break,
             r = watcher.next() => {
-                if let Err(e) = r {
-                    warn!("controllers: watch failed: {e}");
+                // The watch fell behind compaction, the state was replaced by a snapshot, or it
+                // broke: start a fresh one from now (a round reads everything anyway).
+                if !matches!(r, Ok(berth_store::WatchEvents::Events(_))) {
+                    if let Err(e) = &r {
+                        warn!("controllers: watch failed: {e}");
+                    }
+                    match ctx.reader.watch(prefix.clone(), berth_types::prefix_end(&prefix), 0) {
+                        Ok(w) => watcher = w,
+                        Err(e) => {
+                            warn!("controllers: cannot watch the state: {e}");
+                            tokio::select! {
+                                _ = leading.cancelled() => break,
+                                _ = tick.tick() => {}
+                            }
+                        }
+                    }
                 }
             }
             _ = tick.tick() => {}
@@ -80,7 +94,7 @@ pub(crate) async fn run(ctx: Arc<Ctx>, leading: CancellationToken) {
         loop {
             tokio::select! {
                 _ = &mut settle => break,
-                r = watcher.next() => if r.is_err() { break },
+                r = watcher.next() => if !matches!(r, Ok(berth_store::WatchEvents::Events(_))) { break },
             }
         }
         match round(&ctx_for_rounds).await {
