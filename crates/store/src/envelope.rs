@@ -42,6 +42,47 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T, StoreE
 mod tests {
     use super::*;
 
+    /// Byte fields are encoded with serde_bytes (one copy instead of a visit per byte); the
+    /// encoding must stay the one written before, a length then the bytes.
+    #[test]
+    fn byte_fields_keep_the_stored_encoding() {
+        #[derive(serde::Serialize, serde::Deserialize)]
+        struct OldKeyValue {
+            key: Vec<u8>,
+            value: Vec<u8>,
+            create_revision: i64,
+            mod_revision: i64,
+            version: i64,
+        }
+        let old = OldKeyValue {
+            key: b"/k".to_vec(),
+            value: (0..=255).collect(),
+            create_revision: 3,
+            mod_revision: 9,
+            version: 2,
+        };
+        let new = berth_types::KeyValue {
+            key: old.key.clone(),
+            value: old.value.clone(),
+            create_revision: 3,
+            mod_revision: 9,
+            version: 2,
+        };
+        let written_before = encode(&old);
+        assert_eq!(written_before, encode(&new));
+        let read: berth_types::KeyValue = decode(&written_before, "kv").unwrap();
+        assert_eq!(read, new);
+        #[derive(serde::Serialize)]
+        #[allow(dead_code)]
+        enum OldTarget {
+            Version(i64),
+            CreateRevision(i64),
+            ModRevision(i64),
+            Value(Vec<u8>),
+        }
+        assert_eq!(encode(&OldTarget::Value(vec![1, 2, 3])), encode(&berth_types::CompareTarget::Value(vec![1, 2, 3])));
+    }
+
     #[test]
     fn round_trip_and_newer_format_refused() {
         let bytes = encode(&(7u64, "x".to_string()));
