@@ -1,7 +1,7 @@
 //! The contract every runtime (process, docker) fulfils. The agent's task manager drives a
 //! runtime through it: start, watch (`inspect`), stop, remove, logs, and, after an agent restart,
 //! `list` to adopt what is still there. Every runtime passes the same conformance suite
-//! (`tests/drivers.rs` in the workspace).
+//! (`crates/agent/tests/conformance/mod.rs`, run by `process_runtime.rs` and `docker_runtime.rs`).
 //!
 //! Rules every implementation keeps:
 //! - `start` is idempotent: a task that already exists (running or exited) is left as it is and
