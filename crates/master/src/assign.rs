@@ -30,9 +30,17 @@ use crate::{
     tasks::{self, TASKS_PREFIX},
 };
 
-#[derive(Default)]
 pub(crate) struct Assignments {
     inner: Mutex<Inner>,
+    /// True once the index reflects the replicated tasks of this leadership term: sessions wait
+    /// for it, so an agent is never sent an empty or stale set (which would stop its tasks).
+    ready: watch::Sender<bool>,
+}
+
+impl Default for Assignments {
+    fn default() -> Self {
+        Assignments { inner: Mutex::new(Inner::default()), ready: watch::channel(false).0 }
+    }
 }
 
 #[derive(Default)]
@@ -108,15 +116,32 @@ impl Assignments {
         }
     }
 
-    fn clear(&self) {
+    /// Not ready: leadership began or ended, or the index is being rebuilt.
+    pub fn unready(&self) {
+        self.ready.send_replace(false);
+    }
+
+    /// Waits (bounded) until the index is built; false if it is not within `patience`.
+    pub async fn wait_ready(&self, patience: Duration) -> bool {
+        let mut rx = self.ready.subscribe();
+        matches!(tokio::time::timeout(patience, rx.wait_for(|r| *r)).await, Ok(Ok(_)))
+    }
+
+    /// Replaces the whole index in one step, then tells every session.
+    fn replace_all(&self, tasks: Vec<Task>) {
+        let mut fresh = Inner::default();
+        for t in &tasks {
+            Self::put(&mut fresh, t);
+        }
         self.with(|i| {
-            i.by_node.clear();
-            i.node_of.clear();
+            i.by_node = std::mem::take(&mut fresh.by_node);
+            i.node_of = std::mem::take(&mut fresh.node_of);
             let nodes: Vec<String> = i.changed.keys().cloned().collect();
             for n in nodes {
                 Self::bump(i, &n);
             }
         });
+        self.ready.send_replace(true);
     }
 
     pub fn set_conn(&self, node: &str, conn: quinn::Connection) {
@@ -142,8 +167,12 @@ impl Assignments {
 pub(crate) async fn index(ctx: Arc<Ctx>, leading: CancellationToken) {
     loop {
         match index_once(&ctx, &leading).await {
-            Ok(()) => return,
+            Ok(()) => {
+                ctx.assignments.unready();
+                return;
+            }
             Err(e) => {
+                ctx.assignments.unready();
                 warn!("assignment index restarts: {e}");
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_millis(200)) => {}
@@ -163,14 +192,7 @@ async fn index_once(ctx: &Ctx, leading: &CancellationToken) -> Result<(), String
     let (res, counters) = ctx.reader.range(&q).map_err(|e| e.to_string())?;
     let mut watcher =
         ctx.reader.watch(q.key.clone(), q.range_end.clone(), counters.revision + 1).map_err(|e| e.to_string())?;
-    ctx.assignments.clear();
-    ctx.assignments.with(|i| {
-        for kv in &res.kvs {
-            if let Ok(t) = Task::decode(kv.value.as_slice()) {
-                Assignments::put(i, &t);
-            }
-        }
-    });
+    ctx.assignments.replace_all(res.kvs.iter().filter_map(|kv| Task::decode(kv.value.as_slice()).ok()).collect());
     debug!(tasks = res.kvs.len(), "assignment index built");
     loop {
         let ev = tokio::select! {
@@ -196,6 +218,7 @@ async fn index_once(ctx: &Ctx, leading: &CancellationToken) -> Result<(), String
                 }
             }),
             WatchEvents::Compacted { .. } | WatchEvents::Reset { .. } => {
+                ctx.assignments.unready();
                 return Err("the task history moved on; rebuilding".into());
             }
         }
@@ -315,8 +338,9 @@ fn apply_status(t: &Task, s: &TaskStatus) -> Option<Task> {
         return None;
     }
     let current = tasks::state_of(t);
-    // An ended task stays ended (a stale report cannot bring it back).
-    if tasks::is_terminal(current) && !tasks::is_terminal(reported) {
+    // An ended task stays as it ended: a later report (a stale one, or SHUTDOWN after a stop)
+    // neither brings it back nor hides a failure.
+    if tasks::is_terminal(current) {
         return None;
     }
     let same = t.state == s.state
@@ -358,6 +382,7 @@ mod tests {
         assert!(apply_status(&task(TaskState::Failed), &status(TaskState::Running)).is_none());
         assert!(apply_status(&task(TaskState::Running), &status(TaskState::Assigned)).is_none());
         assert!(apply_status(&task(TaskState::Running), &status(TaskState::Shutdown)).is_some());
+        assert!(apply_status(&task(TaskState::Failed), &status(TaskState::Shutdown)).is_none());
     }
 
     #[test]

@@ -108,6 +108,7 @@ pub(crate) async fn run(ctx: Arc<Ctx>, leading: CancellationToken) {
 
 /// What one round read.
 struct World {
+    reader: berth_store::KvReader,
     now: i64,
     nodes: HashMap<String, Node>,
     services: Vec<Svc>,
@@ -135,6 +136,7 @@ fn load(ctx: &Ctx) -> Result<World, String> {
         }
     }
     Ok(World {
+        reader: ctx.reader.clone(),
         now: objects::now_ms(),
         nodes: nodes.into_iter().map(|n| (n.obj.id.clone(), n.obj)).collect(),
         services: svcs,
@@ -145,6 +147,13 @@ fn load(ctx: &Ctx) -> Result<World, String> {
             .map(|kv| (kv.key, (String::from_utf8_lossy(&kv.value).into_owned(), kv.mod_revision)))
             .collect(),
     })
+}
+
+impl World {
+    /// Whether task `id` exists now (read again, outside this round's snapshot).
+    fn fresh_task_exists(&self, id: &str) -> bool {
+        !matches!(self.reader.get(&tasks::task_key(id)), Ok(None))
+    }
 }
 
 /// The writes of one round: independent transactions, and the tasks they touch.
@@ -329,6 +338,12 @@ fn orchestrate(w: &World, svc: &Svc, fence_ms: u64, plan: &mut Plan) {
     for (slot_name, (slot, pinned)) in &desired {
         let key = tasks::slot_key(ns, name, slot_name);
         let cur = w.slots.get(&key).and_then(|(id, _)| w.tasks.get(id));
+        if cur.is_none()
+            && let Some((id, _)) = w.slots.get(&key)
+            && w.fresh_task_exists(id)
+        {
+            continue; // written after this round read the tasks: the next round sees it
+        }
         let Some(cur) = cur else {
             let t = new_task(w, svc, *slot, pinned, fence_ms);
             replace_in_slot(w, svc, plan, slot_name, t, None, false, "new slot");
@@ -505,7 +520,9 @@ fn update(w: &World, svc: &Svc, fence_ms: u64, plan: &mut Plan) {
         };
         if cur.obj.template_hash != svc.hash {
             stale.push((slot_name.clone(), cur));
-        } else if !tasks::is_ready(&cur.obj, svc.has_health()) {
+        } else if !tasks::is_ready(&cur.obj, svc.has_health()) && !tasks::is_terminal(tasks::state_of(&cur.obj)) {
+            // An ended task of the new spec is done with (the orchestrator restarts it or not,
+            // and failures are counted below): only live, not yet ready ones hold the rollout.
             in_flight += 1;
         }
     }

@@ -386,6 +386,13 @@ async fn session(
     };
     info!(node = %node_id, term, "agent session opened");
     let accepted = Accepted { term, heartbeat_interval_ms: ctx.agent_heartbeat_interval.as_millis() as u64, masters };
+    // Never send a set before the index holds this term's tasks: an empty or stale COMPLETE set
+    // would make the agent stop what it runs.
+    if !ctx.assignments.wait_ready(Duration::from_secs(10)).await {
+        ctx.liveness.close_session(&node_id, n);
+        conn.close(close::SHUTDOWN, b"the leader is still loading its tasks; retry");
+        return;
+    }
     ctx.statuses.report(&node_id, hello_tasks);
     ctx.assignments.set_conn(&node_id, conn.clone());
     let mut changes = ctx.assignments.subscribe(&node_id);

@@ -498,6 +498,7 @@ async fn watch_state(ctx: Arc<Ctx>, shutdown: CancellationToken) {
             // Leader-only controllers start here and stop when leadership ends.
             let token = shutdown.child_token();
             ctx.liveness.become_leader();
+            ctx.assignments.unready();
             tokio::spawn(crate::dispatcher::monitor(ctx.clone(), token.clone()));
             tokio::spawn(crate::assign::index(ctx.clone(), token.clone()));
             tokio::spawn(crate::assign::commit_statuses(ctx.clone(), token.clone()));
@@ -506,6 +507,7 @@ async fn watch_state(ctx: Arc<Ctx>, shutdown: CancellationToken) {
             leading = Some(token);
         } else if !is_leader && let Some(token) = leading.take() {
             token.cancel();
+            ctx.assignments.unready();
             ctx.liveness.step_down();
         }
         if Some(m.state) != last_state {

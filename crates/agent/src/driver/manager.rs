@@ -229,6 +229,12 @@ impl TaskManager {
             self.inner.sink.report(self.status(&id, TaskState::Failed, format!("could not start: {e}")));
             return;
         }
+        if cancel.is_cancelled() {
+            // Stopped while it was starting: `stop` found nothing to stop, so stop it here.
+            let _ = self.call(kind, |rt| rt.stop(&id, STOP_GRACE)).await;
+            self.inner.sink.report(self.status(&id, TaskState::Shutdown, "stopped while starting"));
+            return;
+        }
         let started = Instant::now();
         let mut tracker = check.as_ref().map(|h| HealthTracker::new(h, started));
         let mut next_probe = started;
@@ -380,11 +386,13 @@ impl Driver for TaskManager {
             }
             None => vec![RuntimeKind::Process, RuntimeKind::Docker],
         };
+        let mut found = false;
         for kind in kinds {
             let ended_before = match self.call(kind, |rt| rt.inspect(task_id)).await {
                 Ok(Observed::Missing) | Err(_) => continue,
                 Ok(o) => matches!(o, Observed::Exited { .. }),
             };
+            found = true;
             match self.call(kind, |rt| rt.stop(task_id, STOP_GRACE)).await {
                 Ok(()) if !ended_before => {
                     info!(task = %task_id, "stopped");
@@ -396,6 +404,10 @@ impl Driver for TaskManager {
                     self.inner.sink.report(self.status(task_id, TaskState::Failed, format!("stopping failed: {e}")));
                 }
             }
+        }
+        if !found && watched.is_none() {
+            // Shut down before it ever started here: say so, or the masters wait for it forever.
+            self.inner.sink.report(self.status(task_id, TaskState::Shutdown, "never started on this node"));
         }
     }
 
