@@ -367,7 +367,9 @@ impl ControlService for ControlSvc {
             RolloutAction::Status | RolloutAction::Unspecified => {}
             RolloutAction::Pause => {
                 if !matches!(state, RolloutState::Updating | RolloutState::RollingBack) {
-                    return Err(Status::failed_precondition("no rollout is in progress to pause"));
+                    return Err(Status::failed_precondition(
+                        "no rollout is in progress to pause: see `berth rollout status NAME`",
+                    ));
                 }
                 let mut n = rec.obj.clone();
                 if let Some(ro) = n.rollout.as_mut() {
@@ -379,7 +381,9 @@ impl ControlService for ControlSvc {
             }
             RolloutAction::Resume => {
                 if state != RolloutState::Paused {
-                    return Err(Status::failed_precondition("the rollout is not paused"));
+                    return Err(Status::failed_precondition(
+                        "the rollout is not paused, so there is nothing to resume: see `berth rollout status NAME`",
+                    ));
                 }
                 let mut n = rec.obj.clone();
                 n.rollout =

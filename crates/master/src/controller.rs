@@ -45,8 +45,6 @@ pub(crate) const KEEP_ENDED_PER_SLOT: usize = 3;
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
 /// How long a round waits for further changes after the first one wakes it.
 const ROUND_SETTLE: Duration = Duration::from_millis(30);
-/// Slot changes per transaction: each is its own, so one conflict fails only itself.
-const PARTS_PER_TXN: usize = 60;
 
 pub(crate) async fn run(ctx: Arc<Ctx>, leading: CancellationToken) {
     let ctx_for_rounds = ctx.clone();
@@ -318,6 +316,16 @@ fn replace_in_slot(
     plan.push(parts, format!("{}: slot {slot_name} gets task {} ({why})", svc.key(), new.id));
 }
 
+/// A replacement runs what the task it replaces ran (restarts and moves are not updates; the
+/// updater changes templates).
+fn keep_template(new: &mut Task, old: &Task) {
+    if new.template_hash != old.template_hash && !old.run_spec.is_empty() {
+        new.run_spec = old.run_spec.clone();
+        new.template_hash = old.template_hash.clone();
+        new.spec_version = old.spec_version;
+    }
+}
+
 fn node_gone(w: &World, t: &Task) -> Option<&'static str> {
     if t.node_id.is_empty() {
         return None;
@@ -387,11 +395,7 @@ fn orchestrate(w: &World, svc: &Svc, fence_ms: u64, plan: &mut Plan) {
             nt.not_before_ms = w.now + backoff.as_millis() as i64;
             nt.message = format!("restart {attempt} of the slot after {}", describe_end(t));
             // Keep the template the slot had: restarts are not updates.
-            if t.template_hash != svc.hash && !t.run_spec.is_empty() {
-                nt.run_spec = t.run_spec.clone();
-                nt.template_hash = t.template_hash.clone();
-                nt.spec_version = t.spec_version;
-            }
+            keep_template(&mut nt, t);
             replace_in_slot(w, svc, plan, slot_name, nt, Some(cur), false, "restart policy");
             continue;
         }
@@ -401,11 +405,7 @@ fn orchestrate(w: &World, svc: &Svc, fence_ms: u64, plan: &mut Plan) {
             }
             let mut nt = new_task(w, svc, *slot, pinned, fence_ms);
             nt.message = format!("replaces {} ({why})", t.id);
-            if t.template_hash != svc.hash {
-                nt.run_spec = t.run_spec.clone();
-                nt.template_hash = t.template_hash.clone();
-                nt.spec_version = t.spec_version;
-            }
+            keep_template(&mut nt, t);
             replace_in_slot(w, svc, plan, slot_name, nt, Some(cur), false, why);
             continue;
         }
@@ -715,7 +715,6 @@ fn schedule(w: &World, plan: &mut Plan) {
     if count > 0 {
         plan.log.push(format!("scheduler: {count} placement decisions"));
     }
-    let _ = PARTS_PER_TXN;
 }
 
 fn reap(w: &World, plan: &mut Plan) {
