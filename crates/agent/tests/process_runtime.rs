@@ -437,3 +437,43 @@ async fn a_task_outlives_the_process_that_started_it() {
 fn running(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z "))
 }
+
+/// Regression (found by the chaos suite): the agent's session awaited task stops inline, so a task
+/// that ignores SIGTERM froze the session, heartbeats included, for the whole 10 s grace, and the
+/// masters declared the node down and moved its tasks. A stop must return at once and finish in
+/// the background.
+#[tokio::test]
+async fn a_stop_returns_at_once_and_finishes_in_the_background() {
+    use berth_agent::driver::{Driver, TaskManager, status_channel};
+    use berth_api::pb::agent::{Assignment, TaskState};
+
+    let (_dir, rt, fx) = setup();
+    let mut cleanup = Cleanup::new(&fx);
+    let id = cleanup.id("stop-in-background");
+    let state_dir = tempfile::tempdir().unwrap();
+    let (sink, mut statuses) = status_channel();
+    let mgr = TaskManager::new(rt, Err::<ProcessRuntime, _>("no docker here".into()), sink, state_dir.path().into());
+    let spec = spec(&["/bin/sh", "-c", "trap '' TERM; while :; do sleep 0.1; done"]);
+    let a = Assignment { task_id: id.clone(), spec: spec.encode(), desired_state: TaskState::Running as i32 };
+    Driver::start(&mgr, &a).await;
+    wait_state(&id, TaskState::Running, &mut statuses).await;
+    let asked = Instant::now();
+    tokio::time::timeout(Duration::from_secs(2), Driver::stop(&mgr, &id))
+        .await
+        .expect("Driver::stop must not wait for the task's stop grace");
+    wait_state(&id, TaskState::Shutdown, &mut statuses).await;
+    assert!(asked.elapsed() >= Duration::from_secs(5), "the task ignores SIGTERM, so it ended only at the grace");
+}
+
+async fn wait_state(id: &str, want: berth_api::pb::agent::TaskState, statuses: &mut berth_agent::driver::StatusStream) {
+    let want = want as i32;
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(s) = statuses.recv().await {
+            if s.task_id == id && s.state == want {
+                return;
+            }
+        }
+    })
+    .await
+    .expect("the status never came")
+}

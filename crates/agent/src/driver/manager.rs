@@ -117,6 +117,41 @@ impl TaskManager {
         }
     }
 
+    /// Stops a task and waits for it: SIGTERM, SIGKILL after the grace. Reports the outcome.
+    pub async fn stop_now(&self, task_id: &str) {
+        let watched = self.inner.tasks.lock().expect("tasks lock").remove(task_id);
+        let kinds: Vec<RuntimeKind> = match &watched {
+            Some(w) => {
+                w.cancel.cancel();
+                vec![w.spec.task.runtime]
+            }
+            None => vec![RuntimeKind::Process, RuntimeKind::Docker],
+        };
+        let mut found = false;
+        for kind in kinds {
+            let ended_before = match self.call(kind, |rt| rt.inspect(task_id)).await {
+                Ok(Observed::Missing) | Err(_) => continue,
+                Ok(o) => matches!(o, Observed::Exited { .. }),
+            };
+            found = true;
+            match self.call(kind, |rt| rt.stop(task_id, STOP_GRACE)).await {
+                Ok(()) if !ended_before => {
+                    info!(task = %task_id, "stopped");
+                    self.inner.sink.report(self.status(task_id, TaskState::Shutdown, "stopped"));
+                }
+                Ok(()) => {}
+                Err(e) => {
+                    warn!(task = %task_id, "stopping failed: {e}");
+                    self.inner.sink.report(self.status(task_id, TaskState::Failed, format!("stopping failed: {e}")));
+                }
+            }
+        }
+        if !found && watched.is_none() {
+            // Shut down before it ever started here: say so, or the masters wait for it forever.
+            self.inner.sink.report(self.status(task_id, TaskState::Shutdown, "never started on this node"));
+        }
+    }
+
     async fn call<'a, T>(
         &'a self,
         kind: RuntimeKind,
@@ -194,6 +229,15 @@ impl TaskManager {
 
     async fn watch(self, id: String, mut spec: RunSpec, cancel: CancellationToken) {
         let kind = spec.task.runtime;
+        // What the task may want to know about itself, as Nomad's NOMAD_ALLOC_ID and friends.
+        for (k, v) in [
+            ("BERTH_TASK_ID", id.clone()),
+            ("BERTH_SERVICE", spec.service.clone()),
+            ("BERTH_NAMESPACE", spec.namespace.clone()),
+            ("BERTH_SLOT", spec.slot.to_string()),
+        ] {
+            spec.task.env.entry(k.into()).or_insert(v);
+        }
         let mut ports = HashMap::new();
         if kind == RuntimeKind::Process && !spec.task.ports.is_empty() {
             match self.host_ports(&id, &spec) {
@@ -377,48 +421,28 @@ impl Driver for TaskManager {
         tokio::spawn(me.watch(a.task_id.clone(), spec, cancel));
     }
 
+    /// Returns at once: the stop (up to the grace, then SIGKILL) runs in the background, so that
+    /// the session that asked for it keeps sending heartbeats. (Awaiting it here once froze a
+    /// session for the whole 10 s grace, and the masters declared the node down: found by the
+    /// chaos suite.) The stop's outcome is reported through the status sink.
     async fn stop(&self, task_id: &str) {
-        let watched = self.inner.tasks.lock().expect("tasks lock").remove(task_id);
-        let kinds: Vec<RuntimeKind> = match &watched {
-            Some(w) => {
-                w.cancel.cancel();
-                vec![w.spec.task.runtime]
-            }
-            None => vec![RuntimeKind::Process, RuntimeKind::Docker],
-        };
-        let mut found = false;
-        for kind in kinds {
-            let ended_before = match self.call(kind, |rt| rt.inspect(task_id)).await {
-                Ok(Observed::Missing) | Err(_) => continue,
-                Ok(o) => matches!(o, Observed::Exited { .. }),
-            };
-            found = true;
-            match self.call(kind, |rt| rt.stop(task_id, STOP_GRACE)).await {
-                Ok(()) if !ended_before => {
-                    info!(task = %task_id, "stopped");
-                    self.inner.sink.report(self.status(task_id, TaskState::Shutdown, "stopped"));
-                }
-                Ok(()) => {}
-                Err(e) => {
-                    warn!(task = %task_id, "stopping failed: {e}");
-                    self.inner.sink.report(self.status(task_id, TaskState::Failed, format!("stopping failed: {e}")));
-                }
-            }
-        }
-        if !found && watched.is_none() {
-            // Shut down before it ever started here: say so, or the masters wait for it forever.
-            self.inner.sink.report(self.status(task_id, TaskState::Shutdown, "never started on this node"));
-        }
+        let me = self.clone();
+        let id = task_id.to_string();
+        tokio::spawn(async move { me.stop_now(&id).await });
     }
 
     async fn forget(&self, task_id: &str) {
-        self.stop(task_id).await;
-        let _ = std::fs::remove_file(self.inner.ports_dir.join(format!("{task_id}.json")));
-        for kind in [RuntimeKind::Process, RuntimeKind::Docker] {
-            if let Err(e) = self.call(kind, |rt| rt.remove(task_id)).await {
-                tracing::debug!(task = %task_id, "removing: {e}");
+        let me = self.clone();
+        let id = task_id.to_string();
+        tokio::spawn(async move {
+            me.stop_now(&id).await;
+            let _ = std::fs::remove_file(me.inner.ports_dir.join(format!("{id}.json")));
+            for kind in [RuntimeKind::Process, RuntimeKind::Docker] {
+                if let Err(e) = me.call(kind, |rt| rt.remove(&id)).await {
+                    tracing::debug!(task = %id, "removing: {e}");
+                }
             }
-        }
+        });
     }
 
     fn leader_contact(&self) {
