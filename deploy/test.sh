@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
-# The whole test suite: formatting, lints, unit tests, openraft's storage suite on RocksDB, and
-# the integration tests in tests/ that start real `berth master` processes.
+# The whole test suite: formatting, lints, unit tests, openraft's storage suite on RocksDB, the
+# integration tests in tests/ that start real `berth master` processes, and the quick chaos suite
+# (berth-chaos suite --quick: real clusters under kill -9, pauses, partitions and agent cut-offs,
+# checked for linearizability, lost writes, watch gaps and double runs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source deploy/prereqs.sh
+source deploy/chaos-prereqs.sh
 cargo fmt --all --check
 cargo clippy --workspace --all-targets -- -D warnings
-# The integration tests drive the real binary.
-cargo build -p berth-cli --bin berth
+# The integration tests and the chaos suite drive the real binaries.
+cargo build -p berth-cli --bin berth -p berth-chaos --bin berth-chaos
 cargo test --workspace -- --test-threads 2
+target="${CARGO_TARGET_DIR:-target}"
+"$target/debug/berth-chaos" suite --quick --out "$target/chaos-ci"
