@@ -13,7 +13,7 @@ use berth_types::{Command, CommandError, CommandResult, Limits};
 use openraft::{BasicNode, Config, ServerState, SnapshotPolicy, async_runtime::WatchReceiver};
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::{
     MasterConfig, MasterError,
@@ -363,12 +363,29 @@ pub async fn run_master(cfg: MasterConfig, shutdown: CancellationToken) -> Resul
     } else if !initialized {
         info!("waiting to be added to a cluster with `berth member add --id {} --endpoint {}`", ident.id, ident.listen);
     }
-    let watcher = tokio::spawn(watch_state(ctx.clone(), shutdown.clone()));
+    let mut watcher = tokio::spawn(watch_state(ctx.clone(), shutdown.clone()));
     info!(id = ident.id, %local_addr, data_dir = %cfg.data_dir.display(), "master started");
 
-    shutdown.cancelled().await;
+    // Raft stops by itself only on a storage error (a failed write or fsync, a full disk). Such a
+    // master must not linger, answering every request with an error: it exits non-zero so that
+    // its supervisor restarts it, and the restart recovers from what is durable. (Found by the
+    // chaos suite's fsync-eio and disk-full faults, after which masters stayed up but dead.)
+    let mut fatal = None;
+    tokio::select! {
+        _ = shutdown.cancelled() => {}
+        _ = &mut watcher => {
+            if !shutdown.is_cancelled() {
+                let why = match raft.metrics().borrow_watched().clone().running_state {
+                    Err(e) => e.to_string(),
+                    Ok(()) => "raft stopped".to_string(),
+                };
+                error!("raft stopped on a fatal error, so this master exits: {why}");
+                fatal = Some(why);
+            }
+        }
+    }
     info!("shutting down");
-    if ctx.is_leader() {
+    if fatal.is_none() && ctx.is_leader() {
         hand_over_leadership(&ctx).await;
     }
     watcher.abort();
@@ -387,7 +404,13 @@ pub async fn run_master(cfg: MasterConfig, shutdown: CancellationToken) -> Resul
     }
     drop(ctx);
     info!("stopped");
-    Ok(())
+    match fatal {
+        Some(why) => Err(MasterError::Raft(format!(
+            "raft stopped on a fatal error: {why}; restart the master (it recovers from its data dir; if the \
+             disk is full, free space first)"
+        ))),
+        None => Ok(()),
+    }
 }
 
 /// As a new leader, records the cluster CA in the replicated state if it is not there yet, so
