@@ -67,6 +67,8 @@ pub struct Options {
     pub agents: usize,
     pub simulated: usize,
     pub node_down_grace: Duration,
+    /// Extra `berth master` flags (e.g. timeouts), for every master.
+    pub master_args: Vec<String>,
 }
 
 pub struct Cluster {
@@ -223,6 +225,7 @@ impl Cluster {
     pub fn start_master(&mut self, id: u64) -> Result<()> {
         let berth = self.berth.clone();
         let grace = humantime::format_duration(self.opts.node_down_grace).to_string();
+        let master_args = self.opts.master_args.clone();
         let m = self.masters.get_mut(&id).ok_or_else(|| anyhow!("no master {id}"))?;
         if m.child.is_some() {
             return Ok(());
@@ -252,6 +255,7 @@ impl Cluster {
         argv.push(m.data_dir.display().to_string());
         argv.extend(["--listen".into(), m.endpoint.clone()]);
         argv.extend(["--node-down-grace".into(), grace]);
+        argv.extend(master_args);
         if !m.started_once {
             argv.extend(m.first_args.iter().cloned());
         }

@@ -29,13 +29,13 @@ struct Summary<'a> {
     all_ms: Vec<f64>,
 }
 
-pub async fn run(etcd: bool, kills: usize, out: &Path) -> Result<bool> {
+pub async fn run(etcd: bool, kills: usize, out: &Path, master_args: Vec<String>) -> Result<bool> {
     std::fs::create_dir_all(out)?;
     let dir = tempfile::Builder::new().prefix("failover-").tempdir_in(out)?;
     let times: Vec<f64> = if etcd {
         crate::etcd::failover(kills, dir.path()).await?.into_iter().map(|f| f.ms).collect()
     } else {
-        berth(kills, dir.path()).await?
+        berth(kills, dir.path(), master_args).await?
     };
     let mut sorted = times.clone();
     sorted.sort_by(f64::total_cmp);
@@ -60,8 +60,8 @@ pub async fn run(etcd: bool, kills: usize, out: &Path) -> Result<bool> {
     Ok(true)
 }
 
-async fn berth(kills: usize, dir: &Path) -> Result<Vec<f64>> {
-    let opts = Options { masters: 3, agents: 0, simulated: 0, node_down_grace: Duration::from_secs(10) };
+async fn berth(kills: usize, dir: &Path, master_args: Vec<String>) -> Result<Vec<f64>> {
+    let opts = Options { masters: 3, agents: 0, simulated: 0, node_down_grace: Duration::from_secs(10), master_args };
     let mut c = Cluster::start(dir, opts, false, 0).await?;
     let mut times = Vec::with_capacity(kills);
     for round in 1..=kills {

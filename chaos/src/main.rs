@@ -62,6 +62,9 @@ enum Cmd {
         kills: usize,
         #[arg(long, default_value = "chaos-out")]
         out: PathBuf,
+        /// An extra `berth master` flag (repeatable), e.g. --master-arg=--election-timeout=200ms.
+        #[arg(long, allow_hyphen_values = true)]
+        master_arg: Vec<String>,
     },
 }
 
@@ -207,7 +210,9 @@ fn main() {
                 }
                 suite(full, out).await
             }
-            Cmd::Failover { target, kills, out } => failover::run(matches!(target, Target::Etcd), kills, &out).await,
+            Cmd::Failover { target, kills, out, master_arg } => {
+                failover::run(matches!(target, Target::Etcd), kills, &out, master_arg).await
+            }
         }
     });
     match ok {

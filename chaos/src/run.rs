@@ -180,8 +180,13 @@ pub async fn run(args: &RunArgs) -> Result<RunReport> {
     let mut rng = StdRng::seed_from_u64(args.seed);
     eprintln!("berth-chaos: {} seed {} for {:?}; output in {}", sc.name, args.seed, args.duration, dir.display());
 
-    let opts =
-        Options { masters: args.masters, agents: 3, simulated: SIMULATED, node_down_grace: Duration::from_secs(4) };
+    let opts = Options {
+        masters: args.masters,
+        agents: 3,
+        simulated: SIMULATED,
+        node_down_grace: Duration::from_secs(4),
+        master_args: Vec::new(),
+    };
     let mut cluster = Cluster::start(&dir.join("cluster"), opts, use_net, args.seed).await?;
     let result = drive(&mut cluster, sc, &faults, args, &mut rng, &dir).await;
     let mut report = match result {
@@ -287,7 +292,9 @@ async fn drive(
     // The final, authoritative state, read linearizably once everything healed.
     let chans: Vec<_> = c.endpoints().iter().map(|e| c.channel(e)).collect::<Result<_>>()?;
     let (set_now, _) = workload::read_prefix(&chans, workload::SET_PREFIX).await?;
-    let (_, final_rev) = workload::read_prefix(&chans, workload::PREFIX).await?;
+    // A last write under the watched prefix: its revision is where both watch streams must get to
+    // (the store's revision may belong to a key outside the prefix, which no watch would show).
+    let final_rev = workload::sentinel(&chans).await?;
     until.store(final_rev as u64, Ordering::Relaxed);
     stop_watch.store(true, Ordering::Relaxed);
     let live = tokio::time::timeout(Duration::from_secs(60), watch_task)

@@ -269,14 +269,26 @@ pub async fn watcher(
             }
         };
         let mut stream = stream;
+        let mut quiet = 0;
         loop {
             if done(next) {
                 break;
             }
             let msg = tokio::time::timeout(Duration::from_millis(500), stream.message()).await;
             let resp = match msg {
+                // Once the workload has stopped, a silent stream is resumed elsewhere.
+                Err(_) if stop.load(Ordering::Relaxed) => {
+                    quiet += 1;
+                    if quiet >= 10 {
+                        break;
+                    }
+                    continue;
+                }
                 Err(_) => continue,
-                Ok(Ok(Some(r))) => r,
+                Ok(Ok(Some(r))) => {
+                    quiet = 0;
+                    r
+                }
                 Ok(Ok(None)) | Ok(Err(_)) => break,
             };
             if resp.canceled {
@@ -380,4 +392,25 @@ pub async fn read_prefix(channels: &[Channel], prefix: &str) -> Result<(BTreeMap
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     anyhow::bail!("no master answered a linearizable read of {prefix}: {last:?}")
+}
+
+/// Puts `chaos/end` through any master and returns the revision it was committed at.
+pub async fn sentinel(channels: &[Channel]) -> Result<i64> {
+    let mut last = None;
+    for _ in 0..40 {
+        for ch in channels {
+            let mut req = tonic::Request::new(pb::PutRequest {
+                key: format!("{PREFIX}end").into_bytes(),
+                value: b"end".to_vec(),
+                prev_kv: false,
+            });
+            req.set_timeout(Duration::from_secs(5));
+            match kv(ch.clone()).put(req).await {
+                Ok(r) => return Ok(r.into_inner().header.map(|h| h.revision).unwrap_or(0)),
+                Err(e) => last = Some(e),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    anyhow::bail!("no master acknowledged the final write: {last:?}")
 }
