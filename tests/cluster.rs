@@ -300,3 +300,60 @@ fn write_without_quorum_fails_clearly_and_recovers() -> Result<()> {
     assert_eq!(got["q/after"], "2");
     Ok(())
 }
+
+// Regression (found by the chaos suite's fsync-eio fault): a master whose fsync fails must stop
+// for good and exit non-zero, not linger answering errors; restarted normally, it rejoins with
+// every acknowledged write.
+#[test]
+fn a_master_whose_fsync_fails_exits_and_recovers_on_restart() -> Result<()> {
+    if std::process::Command::new("strace").arg("-V").output().is_err() {
+        eprintln!("strace is not installed (deploy/chaos-prereqs.sh installs it): skipped");
+        return Ok(());
+    }
+    let mut c = Cluster::start(3, &[])?;
+    let leader = c.wait_leader(Duration::from_secs(30))?;
+    let victim = *c.masters.keys().find(|id| **id != leader).expect("a follower");
+    c.kill9(victim);
+    let m = &c.masters[&victim];
+    let log = std::fs::OpenOptions::new().append(true).open(m.data_dir.join("master.log"))?;
+    let child = std::process::Command::new("strace")
+        .args(["-f", "-qq", "-o", "/dev/null", "-e", "trace=fsync,fdatasync"])
+        .args(["-e", "inject=fsync,fdatasync:error=EIO:when=100+"])
+        .arg(berth_tests::berth_bin())
+        .arg("master")
+        .arg("--data-dir")
+        .arg(&m.data_dir)
+        .arg("--listen")
+        .arg(&m.endpoint)
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()?;
+    c.masters.get_mut(&victim).expect("victim").child = Some(child);
+    // Writes reach the victim's log; once it has started, its syncs fail.
+    let mut acked = Vec::new();
+    let status = wait_for(Duration::from_secs(60), "the master with failing fsync to exit", || {
+        let k = format!("eio/{:04}", acked.len());
+        if c.put(&k, "v") {
+            acked.push(k);
+        }
+        let child = c.masters.get_mut(&victim)?.child.as_mut()?;
+        child.try_wait().ok().flatten()
+    })?;
+    assert!(!status.success(), "a master whose fsync failed must exit non-zero, got {status}");
+    assert!(c.log_of(victim).contains("raft stopped on a fatal error"), "the log says why it exited");
+    c.masters.get_mut(&victim).expect("victim").child = None;
+    c.spawn(victim, &[])?;
+    for k in ["eio/after-1", "eio/after-2"] {
+        assert!(c.put(k, "v"));
+        acked.push(k.to_string());
+    }
+    let endpoint = c.masters[&victim].endpoint.clone();
+    wait_for(Duration::from_secs(30), "the restarted master to serve every acknowledged write", || {
+        let out = c.berth_at(&endpoint, &["kv", "get", "eio/", "--prefix", "--serializable", "-o", "json"]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        let n = v["kvs"].as_array()?.len();
+        (n == acked.len()).then_some(())
+    })?;
+    Ok(())
+}

@@ -180,7 +180,7 @@ impl Nemesis {
                 let id = leader.context("no leader to pause")?;
                 c.pause_master(id);
                 targets.push(id);
-                // Longer than the election timeout (300-600 ms), as a long GC pause would be.
+                // Longer than the election timeout (200-400 ms), as a long GC pause would be.
                 hold = self.hold(800, 3000);
                 Heal::Resume(id)
             }

@@ -164,7 +164,7 @@ struct MasterArgs {
     #[arg(long, value_parser = humantime::parse_duration, default_value = "50ms")]
     heartbeat_interval: Duration,
     /// Minimum election timeout (the maximum is twice this).
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "300ms")]
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "200ms")]
     election_timeout: Duration,
     /// Snapshot the state and purge the log after this many entries.
     #[arg(long, default_value_t = 10_000)]

@@ -43,14 +43,14 @@ pub const DEFAULT_AGENT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
 /// 90 days, renewed between day 45 and day 72.
 pub const DEFAULT_CERT_VALIDITY: Duration = Duration::from_secs(90 * 24 * 3600);
 
-/// Defaults chosen by measurement (BENCHMARKS.md, "Failover and stability"). openraft lets a
-/// follower campaign only after the leader lease (= the maximum election timeout) plus its own
-/// random election timeout, so failover takes about 3 x the minimum election timeout: with
-/// 50 ms heartbeats and a 300-600 ms election window, the first write commits about 1.0-1.2 s
-/// after kill -9 of the leader (1 s / 2 s gave 3.5-4 s), and sustained write load showed no leader
-/// change.
+/// Defaults chosen by measurement (BENCHMARKS.md, "Failover and stability", and CHAOS.md).
+/// openraft lets a follower campaign only after the leader lease (= the maximum election timeout)
+/// plus its own random election timeout, so failover takes about 3 x the minimum election
+/// timeout. With 50 ms heartbeats and a 200-400 ms election window the first write commits
+/// 0.6-0.85 s after kill -9 of the leader (300-600 ms gave 0.9-1.26 s; 1 s / 2 s gave 3.5-4 s),
+/// and the chaos suite's steady load and `berth bench stability` saw no leader change.
 pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_millis(50);
-pub const DEFAULT_ELECTION_TIMEOUT: Duration = Duration::from_millis(300);
+pub const DEFAULT_ELECTION_TIMEOUT: Duration = Duration::from_millis(200);
 
 impl MasterConfig {
     pub fn new(data_dir: PathBuf) -> Self {
