@@ -257,8 +257,9 @@ impl Nemesis {
                 net.cut(a.host.as_ref().context("agent host")?, &ips)?;
                 targets.push(i as u64 + 1);
                 note = format!("{} cut off from every master", a.name);
-                // Past the node-down grace (4 s) half of the time: then its tasks are replaced.
-                hold = self.hold(1500, 7000);
+                // Past the node-down grace (10 s) about half of the time: then its tasks are
+                // replaced, and the at-most-once task must have stopped before its replacement.
+                hold = self.hold(3000, 16000);
                 Heal::Network
             }
             Fault::DiskFull => {

@@ -184,7 +184,8 @@ pub async fn run(args: &RunArgs) -> Result<RunReport> {
         masters: args.masters,
         agents: 3,
         simulated: SIMULATED,
-        node_down_grace: Duration::from_secs(4),
+        // The masters' default: the checks hold berth to what it ships with.
+        node_down_grace: Duration::from_secs(10),
         master_args: Vec::new(),
     };
     let mut cluster = Cluster::start(&dir.join("cluster"), opts, use_net, args.seed).await?;
