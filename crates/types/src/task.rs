@@ -43,3 +43,13 @@ impl RunSpec {
         self.task.command.iter().chain(self.task.args.iter()).cloned().collect()
     }
 }
+
+/// How an agent's message starts when it stopped an at-most-once task because the leader fell
+/// silent (the fence). Such a stop is not the task's failure: the masters restart the slot without
+/// growing its crash-loop backoff.
+pub const FENCE_STOP_PREFIX: &str = "fenced:";
+
+/// Whether a task's final message says the fence stopped it.
+pub fn is_fence_stop(message: &str) -> bool {
+    message.starts_with(FENCE_STOP_PREFIX)
+}

@@ -181,8 +181,15 @@ impl TaskManager {
                 .collect();
             for (id, spec) in fenced {
                 warn!(task = %id, silent_ms = silent, "at-most-once task: no word from the leader; stopping it");
-                self.halt(&id, &spec, format!("stopped: no contact with the leader for {} ms (at-most-once)", silent))
-                    .await;
+                self.halt(
+                    &id,
+                    &spec,
+                    format!(
+                        "{} stopped: no contact with the leader for {silent} ms (at-most-once)",
+                        berth_types::task::FENCE_STOP_PREFIX
+                    ),
+                )
+                .await;
             }
         }
     }
