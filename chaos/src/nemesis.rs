@@ -396,10 +396,9 @@ fn fill(path: &std::path::Path) -> u64 {
         n += chunk.len() as u64;
     }
     // The last partial chunk: fill the remaining bytes too.
-    let mut small = vec![0u8; 4096];
+    let small = [0u8; 4096];
     while f.write_all(&small).is_ok() {
         n += small.len() as u64;
     }
-    small.clear();
     n
 }
