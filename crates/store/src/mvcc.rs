@@ -336,6 +336,11 @@ impl<'a> Apply<'a> {
         for op in ops {
             responses.push(match op {
                 RequestOp::Range(q) => {
+                    // A read in a transaction reads at the transaction's own revision (the API
+                    // refuses any other). Reading an older one could fail on one master and not on
+                    // another (history before a snapshot install is gone), and must never decide
+                    // how a replicated command applies; nor may a failure come after writes.
+                    let q = RangeQuery { revision: 0, ..q };
                     let view_counters = Counters { revision: if sub > 0 { rev } else { rev - 1 }, ..self.counters };
                     match range_at(self.db, &self.overlay, &self.events, view_counters, &q)? {
                         Ok(r) => OpResult::Range(r),
@@ -490,6 +495,32 @@ mod tests {
         }
         // A read-only failure branch does not bump the revision.
         assert_eq!(second.revision, first.revision);
+    }
+
+    #[test]
+    fn a_transaction_applies_the_same_whatever_history_this_replica_still_has() {
+        // A master that caught up by snapshot has no history before it; a read at an old revision
+        // inside a transaction once failed there (and skipped the writes after it) while it
+        // succeeded on the others, and the replicas' revisions drifted apart.
+        let dir = tempfile::tempdir().unwrap();
+        let db = crate::db::open(dir.path()).unwrap();
+        apply(&db, vec![put("a", "1"), put("a", "2"), put("a", "3")]);
+        apply(&db, vec![Command::Compact { revision: 3 }]);
+        let txn = Command::Txn(Txn {
+            success: vec![
+                RequestOp::Range(RangeQuery { key: b"a".to_vec(), revision: 1, ..Default::default() }),
+                RequestOp::Put(Put { key: b"b".to_vec(), value: b"x".to_vec(), prev_kv: false }),
+            ],
+            ..Default::default()
+        });
+        let r = apply(&db, vec![txn]);
+        let CommandResult::Txn(res) = r[0].clone().expect("the transaction applies") else { panic!() };
+        assert_eq!(res.revision, 4, "its write got the next revision");
+        match &res.responses[0] {
+            OpResult::Range(rr) => assert_eq!(rr.kvs[0].value, b"3", "the read sees the transaction's revision"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(get(&db, "b", 0).unwrap().unwrap().mod_revision, 4);
     }
 
     #[test]

@@ -31,6 +31,11 @@ pub enum ValidationError {
     TooManyOps { count: usize, limit: usize },
     #[error("compact revision must be positive, got {0}")]
     BadCompactRevision(i64),
+    #[error(
+        "a read inside a transaction asks for revision {0}: it always reads at the transaction's own \
+         revision, so send revision 0 (read an older revision with a plain range request)"
+    )]
+    RevisionInTxn(i64),
     #[error("range_end {range_end:?} is below key {key:?}: the range would be empty")]
     InvertedRange { key: String, range_end: String },
 }
@@ -67,7 +72,15 @@ impl Limits {
         }
         for op in txn.success.iter().chain(&txn.failure) {
             match op {
-                RequestOp::Range(r) => self.check_range(&r.key, &r.range_end)?,
+                RequestOp::Range(r) => {
+                    // Whether an old revision is still readable differs between masters (one that
+                    // caught up by snapshot has no history before it), so it must not decide how
+                    // a replicated transaction applies.
+                    if r.revision != 0 {
+                        return Err(ValidationError::RevisionInTxn(r.revision));
+                    }
+                    self.check_range(&r.key, &r.range_end)?
+                }
                 RequestOp::DeleteRange(d) => self.check_range(&d.key, &d.range_end)?,
                 RequestOp::Put(p) => {
                     self.check_key(&p.key)?;
@@ -108,6 +121,17 @@ mod tests {
         assert!(matches!(err, ValidationError::ValueTooLarge { size, .. } if size == limits.max_value_bytes + 1));
         assert!(err.to_string().contains("over the limit"));
         assert!(limits.check_txn(&Txn::put("k", vec![0u8; limits.max_value_bytes])).is_ok());
+    }
+
+    #[test]
+    fn a_read_at_an_old_revision_inside_a_transaction_is_refused() {
+        let read =
+            |revision| RequestOp::Range(crate::RangeQuery { key: b"k".to_vec(), revision, ..Default::default() });
+        let txn = Txn { success: vec![read(7)], ..Default::default() };
+        let err = Limits::default().check_txn(&txn).unwrap_err();
+        assert_eq!(err, ValidationError::RevisionInTxn(7));
+        assert!(err.to_string().contains("send revision 0"), "{err}");
+        assert!(Limits::default().check_txn(&Txn { success: vec![read(0)], ..Default::default() }).is_ok());
     }
 
     #[test]
