@@ -477,3 +477,23 @@ async fn wait_state(id: &str, want: berth_api::pb::agent::TaskState, statuses: &
     .await
     .expect("the status never came")
 }
+
+// An at-most-once task whose agent has gone quiet (no lease file is ever written here) is killed
+// by its own shim after the fence timeout, and its exit says so first, with the marker the
+// masters read to restart the slot without growing its crash-loop backoff.
+#[tokio::test]
+async fn the_shim_fences_an_at_most_once_task_and_marks_the_stop() {
+    let tmp = tempfile::Builder::new().prefix("berth-process-fence-").tempdir().expect("temp dir");
+    // The lease file is looked for beside the runtime's root: keep both inside the temp dir.
+    let rt = runtime(&tmp.path().join("tasks"));
+    let fx = ProcessFixture { rt: rt.clone() };
+    let mut cleanup = Cleanup::new(&fx);
+    let id = cleanup.id("fenced");
+    let mut s = spec(&["/bin/sh", "-c", "exec sleep 1000"]);
+    s.disconnect = berth_types::spec::DisconnectPolicy::AtMostOnce;
+    s.fence_timeout_ms = 300;
+    rt.start(&id, &s).await.expect("start");
+    let (code, message) = exited(&rt, &id).await;
+    assert_ne!(code, 0);
+    assert!(berth_types::task::is_fence_stop(&message), "{message}");
+}

@@ -341,6 +341,9 @@ impl TaskManager {
                 Ok(Observed::Exited { code, message, .. }) => {
                     let (state, msg) = if code == 0 {
                         (TaskState::Complete, "exited with code 0".to_string())
+                    } else if berth_types::task::is_fence_stop(&message) {
+                        // The shim's fence stopped it: keep the marker first (see FENCE_STOP_PREFIX).
+                        (TaskState::Failed, format!("{message} (exit code {code})"))
                     } else if message.is_empty() {
                         (TaskState::Failed, format!("exited with code {code}"))
                     } else {

@@ -158,9 +158,11 @@ fn run(dir: &Path) -> Result<(), String> {
     let last = last_stderr.lock().map(|l| l.clone()).unwrap_or_default();
     let mut rec = exit_record(status, state.task.is_some(), &last, &config.unshare);
     if fenced.load(std::sync::atomic::Ordering::SeqCst) {
+        // Marked as a fence stop, so that the masters restart the slot without counting a failure.
         rec.message = format!(
-            "{}: stopped by its supervisor, as the agent had not heard from the leader within the fence timeout \
-             (at-most-once)",
+            "{} stopped by its supervisor, as the agent had not heard from the leader within the fence timeout \
+             (at-most-once); {}",
+            berth_types::task::FENCE_STOP_PREFIX,
             rec.message
         );
     }
