@@ -5,7 +5,10 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::Serialize;
 
-use crate::{history::Kind, workload::WatchEvent};
+use crate::{
+    history::Kind,
+    workload::{KeyRecord, Keyspace, WatchEvent},
+};
 
 /// One check's outcome.
 #[derive(Clone, Debug, Serialize)]
@@ -112,6 +115,60 @@ pub fn watch(live: &[WatchEvent], truth: &[WatchEvent], resumes: u64, errors: &[
     )
 }
 
+/// Replica agreement: every master's own key space at revision `at` (read from its local state,
+/// not through the leader) must be identical, keys, values and MVCC revisions alike. A master
+/// that applied a command differently, or numbered revisions differently, shows up here even
+/// when every client-visible check passed.
+pub fn replicas_agree(at: i64, reads: &[(u64, Result<Keyspace, String>)]) -> Check {
+    let mut problems = Vec::new();
+    let mut reference: Option<(u64, &Keyspace)> = None;
+    for (id, read) in reads {
+        let ks = match read {
+            Ok(ks) => ks,
+            Err(e) => {
+                problems.push(format!("master {id}: {e}"));
+                continue;
+            }
+        };
+        let Some((ref_id, base)) = reference else {
+            reference = Some((*id, ks));
+            continue;
+        };
+        if base == ks {
+            continue;
+        }
+        let show = |kv: Option<&KeyRecord>| match kv {
+            Some((k, v, create, modr, ver)) => format!(
+                "{}={} (create {create}, mod {modr}, version {ver})",
+                String::from_utf8_lossy(k),
+                String::from_utf8_lossy(&v[..v.len().min(60)])
+            ),
+            None => "nothing".into(),
+        };
+        let i = base.iter().zip(ks).position(|(a, b)| a != b).unwrap_or(base.len().min(ks.len()));
+        problems.push(format!(
+            "master {id} differs from master {ref_id} at revision {at} ({} keys vs {}); first difference: {} vs {}",
+            ks.len(),
+            base.len(),
+            show(ks.get(i)),
+            show(base.get(i))
+        ));
+    }
+    Check::new(
+        "replicas-agree",
+        problems.is_empty() && reference.is_some(),
+        if problems.is_empty() {
+            format!(
+                "{} masters hold the same {} keys at revision {at}",
+                reads.len(),
+                reference.map_or(0, |(_, ks)| ks.len())
+            )
+        } else {
+            problems[..problems.len().min(5)].join("; ")
+        },
+    )
+}
+
 /// The q-quantile of sorted values (nearest rank).
 pub fn quantile(sorted: &[f64], q: f64) -> f64 {
     if sorted.is_empty() {
@@ -164,6 +221,23 @@ mod tests {
         assert!(acked_in_history(&[("a".into(), 1, 5)], &truth).passed);
         assert!(!acked_in_history(&[("a".into(), 1, 6)], &truth).passed);
         assert!(!acked_in_history(&[("c".into(), 4, 9)], &truth).passed);
+    }
+
+    #[test]
+    fn replicas_that_differ_are_caught() {
+        let kv = |k: &str, v: &str, rev: i64| (k.as_bytes().to_vec(), v.as_bytes().to_vec(), rev, rev, 1);
+        let a = vec![kv("a", "1", 5), kv("b", "2", 6)];
+        assert!(replicas_agree(6, &[(1, Ok(a.clone())), (2, Ok(a.clone())), (3, Ok(a.clone()))]).passed);
+        // Same contents, one revision apart: the divergence seen once under clock skew.
+        let shifted = vec![kv("a", "1", 5), kv("b", "2", 5)];
+        let c = replicas_agree(6, &[(1, Ok(a.clone())), (2, Ok(shifted))]);
+        assert!(!c.passed);
+        assert!(c.detail.contains("master 2 differs from master 1"), "{}", c.detail);
+        let missing = vec![kv("a", "1", 5)];
+        assert!(!replicas_agree(6, &[(1, Ok(a.clone())), (2, Ok(missing))]).passed);
+        let unreadable = replicas_agree(6, &[(1, Ok(a.clone())), (2, Err("no answer".into()))]);
+        assert!(!unreadable.passed, "a master that cannot be compared is not in agreement");
+        assert!(!replicas_agree(6, &[]).passed, "nothing compared is not a pass");
     }
 
     #[test]

@@ -43,12 +43,17 @@ enum Cmd {
         #[arg(long, default_value = "chaos-out")]
         out: PathBuf,
     },
-    /// A set of runs: --quick for CI (about 5 minutes), --full for every scenario (about 20 minutes).
+    /// A set of runs: --quick for CI (about 5 minutes), --full for every scenario with several
+    /// seeds (about 16 minutes a round on 2 cores; 5 rounds inject about 1,000 faults).
     Suite {
         #[arg(long, conflicts_with = "full")]
         quick: bool,
         #[arg(long)]
         full: bool,
+        /// With --full: how many rounds; round K runs every scenario with seed K, and the random
+        /// mix twice (seed 2K-1 on 3 masters, seed 2K on 5).
+        #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
+        rounds: u64,
         #[arg(long, default_value = "chaos-out")]
         out: PathBuf,
     },
@@ -79,6 +84,9 @@ enum Target {
 struct SuiteReport<'a> {
     runs: &'a [RunReport],
     faults_total: usize,
+    faults_by_kind: std::collections::BTreeMap<String, usize>,
+    /// Per check: (runs it passed in, runs it ran in).
+    checks: std::collections::BTreeMap<String, (usize, usize)>,
     operations_checked: usize,
     failover_count: usize,
     failover_p50_ms: f64,
@@ -89,7 +97,7 @@ struct SuiteReport<'a> {
     incomplete: &'a [String],
 }
 
-fn suite_runs(full: bool) -> Vec<(&'static str, u64, Duration, u64)> {
+fn suite_runs(full: bool, rounds: u64) -> Vec<(&'static str, u64, Duration, u64)> {
     let s = Duration::from_secs;
     if !full {
         return vec![
@@ -102,22 +110,25 @@ fn suite_runs(full: bool) -> Vec<(&'static str, u64, Duration, u64)> {
         ];
     }
     let mut runs = Vec::new();
-    for sc in run::SCENARIOS {
-        // Every scenario once; the random mix with 3 and with 5 masters.
-        let seeds = if sc.name == "mixed" { 1..=2 } else { 1..=1 };
-        for seed in seeds {
-            let d = if sc.name == "mixed" { s(90) } else { s(30) };
-            let masters = if sc.name == "partition-bridge" || (sc.name == "mixed" && seed == 2) { 5 } else { 3 };
-            runs.push((sc.name, seed, d, masters));
+    for round in 1..=rounds {
+        for sc in run::SCENARIOS {
+            // Every scenario once a round; the random mix with 3 and with 5 masters.
+            if sc.name == "mixed" {
+                runs.push((sc.name, 2 * round - 1, s(90), 3));
+                runs.push((sc.name, 2 * round, s(90), 5));
+            } else {
+                let masters = if sc.name == "partition-bridge" { 5 } else { 3 };
+                runs.push((sc.name, round, s(30), masters));
+            }
         }
     }
     runs
 }
 
-async fn suite(full: bool, out: PathBuf) -> Result<bool> {
+async fn suite(full: bool, rounds: u64, out: PathBuf) -> Result<bool> {
     let mut reports = Vec::new();
     let mut incomplete = Vec::new();
-    for (name, seed, duration, masters) in suite_runs(full) {
+    for (name, seed, duration, masters) in suite_runs(full, rounds) {
         let args = RunArgs { scenario: name.into(), seed, duration, masters, out: out.clone() };
         match run::run(&args).await {
             Ok(r) => {
@@ -135,6 +146,16 @@ async fn suite(full: bool, out: PathBuf) -> Result<bool> {
     let s = SuiteReport {
         runs: &reports,
         faults_total: reports.iter().map(|r| r.faults_total).sum(),
+        faults_by_kind: reports.iter().flat_map(|r| r.faults.iter()).fold(Default::default(), |mut m, (k, n)| {
+            *m.entry(k.clone()).or_default() += n;
+            m
+        }),
+        checks: reports.iter().flat_map(|r| r.checks.iter()).fold(Default::default(), |mut m, c| {
+            let e: &mut (usize, usize) = m.entry(c.name.clone()).or_default();
+            e.0 += usize::from(c.passed);
+            e.1 += 1;
+            m
+        }),
         operations_checked: reports
             .iter()
             .map(|r| {
@@ -163,6 +184,14 @@ async fn suite(full: bool, out: PathBuf) -> Result<bool> {
         s.failover_max_ms,
         s.failover_count,
         if s.passed { "every check passed" } else { "SOME CHECKS FAILED" }
+    );
+    println!(
+        "faults by kind: {}",
+        s.faults_by_kind.iter().map(|(k, n)| format!("{k} {n}")).collect::<Vec<_>>().join(", ")
+    );
+    println!(
+        "checks (runs passed/run): {}",
+        s.checks.iter().map(|(k, (p, n))| format!("{k} {p}/{n}")).collect::<Vec<_>>().join(", ")
     );
     println!("report: {}", file.display());
     let passed = reports.iter().filter(|r| r.passed).count();
@@ -206,11 +235,11 @@ fn main() {
                 println!("{}", serde_json::to_string(&r)?);
                 Ok(r.passed)
             }
-            Cmd::Suite { quick, full, out } => {
+            Cmd::Suite { quick, full, rounds, out } => {
                 if !quick && !full {
                     anyhow::bail!("say which suite: --quick (CI, about 5 minutes) or --full");
                 }
-                suite(full, out).await
+                suite(full, rounds, out).await
             }
             Cmd::Failover { target, kills, out, master_arg } => {
                 failover::run(matches!(target, Target::Etcd), kills, &out, master_arg).await

@@ -14,6 +14,7 @@ use std::{
 use anyhow::{Context, Result};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use serde::Serialize;
+use tonic::transport::Channel;
 
 use crate::{
     checks::{self, Check},
@@ -314,6 +315,8 @@ async fn drive(
     .await
     .context("reading the watch history back did not finish within 60 s")?;
 
+    let agree = compare_replicas(c, &chans, final_rev).await;
+
     let healed = Instant::now();
     let converged = converge(c, &svc, CONVERGENCE_BOUND).await;
     let convergence_ms = converged.as_ref().ok().map(|_| healed.elapsed().as_secs_f64() * 1000.0);
@@ -355,6 +358,7 @@ async fn drive(
     let acked = rec.acked.lock().expect("acked").clone();
     checks.push(checks::acked_in_history(&acked, &truth.events));
     checks.push(checks::watch(&live_events, &truth_events, live.resumes, &live.errors));
+    checks.push(agree);
 
     let runs = services::runs(&svc.hb);
     let doubles = services::double_runs(&runs, services::FENCED);
@@ -463,6 +467,41 @@ async fn drive(
         dir: dir.to_path_buf(),
         skipped_faults: Vec::new(),
     })
+}
+
+/// Compares every master's own key space at one revision (see `checks::replicas_agree`). A master
+/// that installed a snapshot past that revision can no longer read it: then a new sentinel write
+/// gives a later revision to compare at (three tries).
+async fn compare_replicas(c: &Cluster, chans: &[Channel], mut at: i64) -> Check {
+    for attempt in 0..3 {
+        let mut reads = Vec::new();
+        let mut compacted = false;
+        for (id, m) in &c.masters {
+            let read = match c.channel(&m.endpoint) {
+                Ok(ch) => workload::replica_keyspace(&ch, at, Duration::from_secs(30)).await,
+                Err(e) => Err(e),
+            };
+            reads.push((
+                *id,
+                match read {
+                    Ok(workload::ReplicaRead::Read(ks)) => Ok(ks),
+                    Ok(workload::ReplicaRead::Compacted) => {
+                        compacted = true;
+                        Err(format!("revision {at} is compacted there"))
+                    }
+                    Err(e) => Err(format!("{e:#}")),
+                },
+            ));
+        }
+        if !compacted || attempt == 2 {
+            return checks::replicas_agree(at, &reads);
+        }
+        match workload::sentinel(chans).await {
+            Ok(rev) => at = rev,
+            Err(e) => return Check::new("replicas-agree", false, format!("{e:#}")),
+        }
+    }
+    unreachable!("the last attempt returns")
 }
 
 /// Waits until every service runs as desired: berth reports the desired number of running tasks,

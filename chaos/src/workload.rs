@@ -414,3 +414,68 @@ pub async fn sentinel(channels: &[Channel]) -> Result<i64> {
     }
     anyhow::bail!("no master acknowledged the final write: {last:?}")
 }
+
+/// One key as a master holds it: (key, value, create revision, mod revision, version).
+pub type KeyRecord = (Vec<u8>, Vec<u8>, i64, i64, i64);
+/// One master's whole key space as it stood at a revision.
+pub type Keyspace = Vec<KeyRecord>;
+
+/// What one master answered to [`replica_keyspace`].
+pub enum ReplicaRead {
+    Read(Keyspace),
+    /// The revision is below this master's compaction point (it installed a snapshot since).
+    Compacted,
+}
+
+/// Reads every key of one master's own state (serializable, so no other master is asked) at
+/// revision `at`, once that master has applied it. Pages through the key space 500 keys at a time.
+pub async fn replica_keyspace(ch: &Channel, at: i64, wait: Duration) -> Result<ReplicaRead> {
+    let mut client = kv(ch.clone()).max_decoding_message_size(64 << 20);
+    let deadline = Instant::now() + wait;
+    // Wait until this master's own state has reached `at`.
+    loop {
+        let mut req = tonic::Request::new(pb::RangeRequest {
+            key: vec![0],
+            range_end: vec![0],
+            count_only: true,
+            serializable: true,
+            ..Default::default()
+        });
+        req.set_timeout(Duration::from_secs(2));
+        let reached = client.range(req).await.map(|r| r.into_inner().header.map_or(0, |h| h.revision));
+        match reached {
+            Ok(rev) if rev >= at => break,
+            other if Instant::now() > deadline => {
+                anyhow::bail!("it had not applied revision {at} after {wait:?} (last answer: {other:?})")
+            }
+            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    let mut out = Keyspace::new();
+    let mut from = vec![0u8];
+    loop {
+        let mut req = tonic::Request::new(pb::RangeRequest {
+            key: from.clone(),
+            range_end: vec![0],
+            limit: 500,
+            revision: at,
+            serializable: true,
+            ..Default::default()
+        });
+        req.set_timeout(Duration::from_secs(10));
+        let r = match client.range(req).await {
+            Ok(r) => r.into_inner(),
+            Err(s) if s.message().contains("compacted") => return Ok(ReplicaRead::Compacted),
+            Err(s) => anyhow::bail!("reading its key space at revision {at} failed: {s}"),
+        };
+        let more = r.more;
+        for kv in r.kvs {
+            from = kv.key.clone();
+            from.push(0);
+            out.push((kv.key, kv.value, kv.create_revision, kv.mod_revision, kv.version));
+        }
+        if !more {
+            return Ok(ReplicaRead::Read(out));
+        }
+    }
+}
