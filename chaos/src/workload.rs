@@ -465,7 +465,9 @@ pub async fn replica_keyspace(ch: &Channel, at: i64, wait: Duration) -> Result<R
         req.set_timeout(Duration::from_secs(10));
         let r = match client.range(req).await {
             Ok(r) => r.into_inner(),
-            Err(s) if s.message().contains("compacted") => return Ok(ReplicaRead::Compacted),
+            // The master has applied `at` (waited for above), so an out-of-range answer can only
+            // mean compacted (berth maps both revision errors to OUT_OF_RANGE).
+            Err(s) if s.code() == tonic::Code::OutOfRange => return Ok(ReplicaRead::Compacted),
             Err(s) => anyhow::bail!("reading its key space at revision {at} failed: {s}"),
         };
         let more = r.more;
