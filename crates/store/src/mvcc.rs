@@ -27,10 +27,16 @@ pub(crate) const SM_COUNTERS: &[u8] = b"counters";
 pub(crate) const SM_CLUSTER_ID: &[u8] = b"cluster_id";
 pub(crate) const SM_REMOVED: &[u8] = b"removed_members";
 pub(crate) const SM_CA: &[u8] = b"cluster_ca";
+/// This replica's own history floor (not replicated): after a snapshot install it holds no
+/// history before the snapshot's revision, whatever the cluster's compaction point is.
+pub(crate) const SM_HISTORY_FLOOR: &[u8] = b"history_floor";
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Counters {
     pub revision: Revision,
+    /// The cluster's compaction point: replicated, the same on every master at a given revision.
+    /// `Compact` commands and automatic compaction decide on it alone, so that every replica
+    /// applies them alike. Reads and watches also respect this replica's history floor.
     pub compact_revision: Revision,
 }
 
@@ -96,6 +102,14 @@ pub(crate) fn read_counters(v: &dyn View) -> Result<Counters, StoreError> {
     }
 }
 
+/// The revision below which this replica has no history: the cluster's compaction point or, after
+/// a snapshot install, the snapshot's revision, whichever is later.
+pub(crate) fn readable_from(v: &dyn View, counters: &Counters) -> Result<Revision, StoreError> {
+    let floor: Revision =
+        v.get(CF_SM, SM_HISTORY_FLOOR)?.map(|b| decode(&b, "history floor")).transpose()?.unwrap_or(0);
+    Ok(floor.max(counters.compact_revision))
+}
+
 pub(crate) fn read_removed(v: &dyn View) -> Result<std::collections::BTreeSet<u64>, StoreError> {
     Ok(v.get(CF_SM, SM_REMOVED)?.map(|b| decode(&b, "removed members")).transpose()?.unwrap_or_default())
 }
@@ -156,7 +170,8 @@ fn finish_range(q: &RangeQuery, kvs: impl Iterator<Item = KeyValue>) -> RangeRes
 /// A read outside the state machine's apply path, against a snapshot.
 pub(crate) fn range(v: &dyn View, q: &RangeQuery) -> Result<(RangeResult, Counters), StoreError> {
     let counters = read_counters(v)?;
-    let res = range_at(v, &BTreeMap::new(), &[], counters, q)?;
+    let local = Counters { compact_revision: readable_from(v, &counters)?, ..counters };
+    let res = range_at(v, &BTreeMap::new(), &[], local, q)?;
     Ok((res.map_err(StoreError::Command)?, counters))
 }
 
@@ -521,6 +536,41 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert_eq!(get(&db, "b", 0).unwrap().unwrap().mod_revision, 4);
+    }
+
+    #[test]
+    fn a_replica_that_caught_up_by_snapshot_compacts_like_the_others() {
+        // A master that installed a snapshot once took the snapshot's revision as the cluster's
+        // compaction point: a later `Compact` below it was refused there and applied elsewhere.
+        let dir = tempfile::tempdir().unwrap();
+        let db = crate::db::open(&dir.path().join("a")).unwrap();
+        apply(&db, (1..=5).map(|i| put("a", &i.to_string())).collect());
+        apply(&db, vec![Command::Compact { revision: 2 }]);
+        let (path, header) =
+            crate::snapshot::write_snapshot(&*db, &dir.path().join("snaps"), crate::snapshot::Purpose::Replication)
+                .unwrap();
+        assert_eq!(header.counters, Counters { revision: 5, compact_revision: 2 });
+        let caught_up = crate::db::open(&dir.path().join("b")).unwrap();
+        crate::snapshot::load_into_db(&caught_up, &path, None, Default::default(), None).unwrap();
+
+        // Both replicas apply the same commands with the same results.
+        for replica in [&db, &caught_up] {
+            let r = apply(replica, vec![Command::Compact { revision: 4 }, Command::Compact { revision: 3 }]);
+            assert!(matches!(r[0], Ok(CommandResult::Compacted { revision: 4 })), "{r:?}");
+            assert!(matches!(r[1], Err(CommandError::Compacted { requested: 3, compacted: 4 })), "{r:?}");
+            assert_eq!(read_counters(&**replica).unwrap(), Counters { revision: 5, compact_revision: 4 });
+        }
+        // Before the next compaction, the caught-up replica still refuses reads it has no history
+        // for, and says from where it can serve them.
+        let dir2 = tempfile::tempdir().unwrap();
+        let fresh = crate::db::open(dir2.path()).unwrap();
+        crate::snapshot::load_into_db(&fresh, &path, None, Default::default(), None).unwrap();
+        match get(&fresh, "a", 4) {
+            Err(StoreError::Command(CommandError::Compacted { requested: 4, compacted: 5 })) => {}
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(get(&fresh, "a", 5).unwrap().unwrap().value, b"5");
+        assert_eq!(get(&db, "a", 4).unwrap().unwrap().value, b"4", "the original keeps its history");
     }
 
     #[test]

@@ -22,8 +22,8 @@ use crate::{
     db::{CF_HIST, CF_KV, CF_SM, cf},
     envelope::{decode, encode},
     mvcc::{
-        Counters, SM_CA, SM_CLUSTER_ID, SM_COUNTERS, SM_REMOVED, View, read_ca, read_cluster_id, read_counters,
-        read_removed,
+        Counters, SM_CA, SM_CLUSTER_ID, SM_COUNTERS, SM_HISTORY_FLOOR, SM_REMOVED, View, read_ca, read_cluster_id,
+        read_counters, read_removed,
     },
 };
 
@@ -254,9 +254,11 @@ pub(crate) fn load_into_db(
         batch.put_cf(kv_cf, &kv.key, rec);
         Ok(())
     })?;
-    let counters = Counters { revision: header.counters.revision, compact_revision: header.counters.revision };
+    // The cluster's compaction point comes with the snapshot, so that later `Compact` commands
+    // apply here as on the other masters; the history before the snapshot is gone all the same.
     let sm = cf(db, CF_SM);
-    batch.put_cf(sm, SM_COUNTERS, encode(&counters));
+    batch.put_cf(sm, SM_COUNTERS, encode(&header.counters));
+    batch.put_cf(sm, SM_HISTORY_FLOOR, encode(&header.counters.revision));
     batch.put_cf(sm, SM_APPLIED, encode(&applied));
     batch.put_cf(sm, SM_MEMBERSHIP, encode(&membership));
     batch.put_cf(sm, SM_REMOVED, encode(&header.removed_members));

@@ -230,8 +230,9 @@ impl Watcher {
     fn catch_up(&mut self, from: Revision) -> Result<WatchEvents, StoreError> {
         let view = SnapView::new(&self.reader.shared.db);
         let counters = mvcc::read_counters(&view)?;
-        if from <= counters.compact_revision {
-            return Ok(WatchEvents::Compacted { compact_revision: counters.compact_revision });
+        let compacted = mvcc::readable_from(&view, &counters)?;
+        if from <= compacted {
+            return Ok(WatchEvents::Compacted { compact_revision: compacted });
         }
         let mut events = Vec::new();
         mvcc::history_from(&view, from, &mut |rev, e| {
