@@ -6,7 +6,7 @@ use std::{
     time::Duration,
 };
 
-use berth_api::pb::raft::{RaftHeader, RaftRequest, SnapshotChunk, raft_client::RaftClient};
+use berth_api::pb::raft::{RaftHeader, RaftRequest, RaftResponse, SnapshotChunk, raft_client::RaftClient};
 use berth_store::{SnapshotFile, TypeConfig};
 use openraft::{
     OptionalSend, RaftNetworkFactory, RaftNetworkV2,
@@ -240,10 +240,62 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
     }
 }
 
-/// An open AppendStream: requests go in through `tx`, answers come back in order on `rx`.
+type Answers = std::pin::Pin<Box<dyn futures::Stream<Item = Result<RaftResponse, tonic::Status>> + Send + Sync>>;
+
+/// An open AppendStream: requests go in through `tx`, answers come back in order on `rx`, one
+/// request at a time.
+///
+/// A caller may drop an exchange half-way: openraft's heartbeat worker wraps each call in a
+/// timeout of one heartbeat interval. The answer to that request still arrives later, and must
+/// never be taken for the next request's: a heartbeat that the follower answered before it
+/// voted for a new leader would then confirm a deposed leader's reads. So a stream with an
+/// abandoned exchange is never used again, and every answer must carry its request's id.
 struct AppendStream {
     tx: tokio::sync::mpsc::Sender<RaftRequest>,
-    rx: tonic::Streaming<berth_api::pb::raft::RaftResponse>,
+    rx: Answers,
+    last_id: u64,
+    /// Set from sending a request until its answer is read; still set if the exchange was dropped.
+    in_flight: bool,
+}
+
+impl AppendStream {
+    fn new(tx: tokio::sync::mpsc::Sender<RaftRequest>, rx: Answers) -> Self {
+        AppendStream { tx, rx, last_id: 0, in_flight: false }
+    }
+
+    /// Whether the next request's answer is certain to be the next message on the stream.
+    fn usable(&self) -> bool {
+        !self.in_flight
+    }
+
+    /// Sends one request and returns its answer's payload.
+    async fn exchange(&mut self, mut request: RaftRequest) -> Result<Vec<u8>, RPCError<TypeConfig>> {
+        use futures::StreamExt;
+        if self.in_flight {
+            return Err(RPCError::Unreachable(Unreachable::from_string(
+                "the append stream has an abandoned request outstanding",
+            )));
+        }
+        self.last_id += 1;
+        request.id = self.last_id;
+        self.in_flight = true;
+        self.tx
+            .send(request)
+            .await
+            .map_err(|_| RPCError::Unreachable(Unreachable::from_string("the append stream closed")))?;
+        match self.rx.next().await {
+            Some(Ok(resp)) if resp.id == self.last_id => {
+                self.in_flight = false;
+                Ok(resp.payload)
+            }
+            Some(Ok(resp)) => Err(RPCError::Network(NetworkError::from_string(format!(
+                "the append stream answered request {} where request {} was expected",
+                resp.id, self.last_id
+            )))),
+            Some(Err(st)) => Err(status_to_rpc_error(st)),
+            None => Err(RPCError::Unreachable(Unreachable::from_string("the append stream ended"))),
+        }
+    }
 }
 
 pub(crate) struct PeerClient {
@@ -317,6 +369,11 @@ impl PeerClient {
     /// Sends one AppendEntries on this peer's stream (opening it if needed) and returns the
     /// answer's payload.
     async fn append_streamed(&mut self, request: RaftRequest) -> Result<Vec<u8>, RPCError<TypeConfig>> {
+        if self.append_stream.as_ref().is_some_and(|s| !s.usable()) {
+            // The previous call was dropped before its answer came: that answer may still be on
+            // its way, so start afresh.
+            self.append_stream = None;
+        }
         if self.append_stream.is_none() {
             let mut client = self.client()?;
             let (tx, rx) = tokio::sync::mpsc::channel(4);
@@ -325,17 +382,9 @@ impl PeerClient {
                 .await
                 .map_err(status_to_rpc_error)?
                 .into_inner();
-            self.append_stream = Some(AppendStream { tx, rx });
+            self.append_stream = Some(AppendStream::new(tx, Box::pin(rx)));
         }
-        let s = self.append_stream.as_mut().expect("opened above");
-        s.tx.send(request)
-            .await
-            .map_err(|_| RPCError::Unreachable(Unreachable::from_string("the append stream closed")))?;
-        match s.rx.message().await {
-            Ok(Some(resp)) => Ok(resp.payload),
-            Ok(None) => Err(RPCError::Unreachable(Unreachable::from_string("the append stream ended"))),
-            Err(st) => Err(status_to_rpc_error(st)),
-        }
+        self.append_stream.as_mut().expect("opened above").exchange(request).await
     }
 }
 
@@ -449,5 +498,63 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
             r = work => r,
             closed = cancel => Err(StreamingError::Closed(closed)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::sync::mpsc;
+
+    use super::*;
+
+    fn request(tag: &str) -> RaftRequest {
+        RaftRequest { header: None, payload: tag.as_bytes().to_vec(), id: 0 }
+    }
+
+    /// An AppendStream whose far end is in the test's hands: it sees each request and decides
+    /// what to answer, and when.
+    fn stream() -> (AppendStream, mpsc::Receiver<RaftRequest>, mpsc::Sender<RaftResponse>) {
+        let (tx, server_rx) = mpsc::channel(4);
+        let (server_tx, rx) = mpsc::channel::<RaftResponse>(4);
+        let answers = futures::StreamExt::map(tokio_stream::wrappers::ReceiverStream::new(rx), Ok);
+        (AppendStream::new(tx, Box::pin(answers)), server_rx, server_tx)
+    }
+
+    #[tokio::test]
+    async fn an_abandoned_exchange_never_answers_the_next_request() {
+        // openraft's heartbeat worker drops a call that outlives its timeout. The follower's
+        // answer to it (given before it voted for a new leader) arrives later, and once was read
+        // as the answer to the next heartbeat: a deposed leader confirmed its leadership and
+        // served a stale read (pause-leader, found by the chaos suite).
+        let (mut s, mut server_rx, server_tx) = stream();
+        {
+            let call = s.exchange(request("first"));
+            tokio::pin!(call);
+            let seen = tokio::select! {
+                r = &mut call => panic!("answered before the far end had replied: {r:?}"),
+                seen = server_rx.recv() => seen.expect("the request reached the far end"),
+            };
+            assert_eq!(seen.payload, b"first");
+            // The caller gives up here, as a timeout would.
+        }
+        server_tx.send(RaftResponse { payload: b"answer to first".to_vec(), id: 1 }).await.unwrap();
+        assert!(!s.usable(), "a stream with an abandoned exchange must be replaced");
+        let err = s.exchange(request("second")).await.expect_err("the stale answer must not be returned");
+        assert!(err.to_string().contains("abandoned"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn an_answer_with_another_requests_id_is_refused() {
+        let (mut s, mut server_rx, server_tx) = stream();
+        let far_end = tokio::spawn(async move {
+            let first = server_rx.recv().await.unwrap();
+            server_tx.send(RaftResponse { payload: b"one".to_vec(), id: first.id }).await.unwrap();
+            let second = server_rx.recv().await.unwrap();
+            server_tx.send(RaftResponse { payload: b"stale".to_vec(), id: second.id - 1 }).await.unwrap();
+        });
+        assert_eq!(s.exchange(request("a")).await.unwrap(), b"one");
+        let err = s.exchange(request("b")).await.expect_err("an answer to request 1 is not one to request 2");
+        assert!(err.to_string().contains("answered request 1 where request 2 was expected"), "{err}");
+        far_end.await.unwrap();
     }
 }

@@ -133,9 +133,11 @@ impl raft_server::Raft for RaftService {
         let out = async_stream::try_stream! {
             while let Some(req) = inbound.message().await? {
                 svc.check(req.header.as_ref(), peer)?;
+                let id = req.id;
                 let req: AppendEntriesRequest<TypeConfig> = decode(&req.payload).map_err(Status::invalid_argument)?;
                 let res = svc.ctx.raft.append_entries(req).await.map_err(|e| e.to_string());
-                yield RaftResponse { payload: encode(&res), id: 0 };
+                // The id lets the sender tell this answer from a late one to a request it gave up on.
+                yield RaftResponse { payload: encode(&res), id };
             }
         };
         Ok(Response::new(Box::pin(out)))
