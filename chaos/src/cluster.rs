@@ -112,6 +112,39 @@ pub fn signal_group(child: &Child, sig: &str) -> bool {
         .is_ok_and(|s| s.success())
 }
 
+/// Waits (up to `timeout`) until no process holds RocksDB's lock on the database under
+/// `data_dir`. Reaping the child is not enough: under `strace` or `nsenter` the child is a wrapper,
+/// and the killed `berth` process may still be tearing down, holding its files, when the wrapper
+/// has already been reaped. RocksDB locks with `fcntl` record locks, which the kernel lists in
+/// /proc/locks by inode.
+fn wait_db_unlocked(data_dir: &Path, timeout: Duration) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = std::fs::metadata(data_dir.join("db").join("LOCK")) else {
+        return true; // no database yet
+    };
+    let deadline = Instant::now() + timeout;
+    loop {
+        let locks = std::fs::read_to_string("/proc/locks").unwrap_or_default();
+        if !lock_held(&locks, meta.ino()) {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Whether /proc/locks (`1: POSIX  ADVISORY  WRITE 2544 00:2f:1234 0 EOF`) lists a lock on `inode`.
+fn lock_held(proc_locks: &str, inode: u64) -> bool {
+    proc_locks.lines().any(|l| {
+        l.split_whitespace()
+            .find(|f| f.matches(':').count() == 2)
+            .and_then(|dev_ino| dev_ino.rsplit(':').next())
+            .is_some_and(|ino| ino.parse() == Ok(inode))
+    })
+}
+
 fn kill_child(child: &mut Child) {
     signal_group(child, "CONT");
     signal_group(child, "KILL");
@@ -229,6 +262,10 @@ impl Cluster {
         let m = self.masters.get_mut(&id).ok_or_else(|| anyhow!("no master {id}"))?;
         if m.child.is_some() {
             return Ok(());
+        }
+        // A master killed a moment ago may still hold its database; starting now would fail.
+        if !wait_db_unlocked(&m.data_dir, Duration::from_secs(15)) {
+            eprintln!("berth-chaos: master {id}'s database is still locked 15 s after its process was reaped");
         }
         let mut argv: Vec<String> = Vec::new();
         if let Some(h) = &m.host {
@@ -552,4 +589,45 @@ pub fn client_tls(pki: &Path) -> Result<ClientTlsConfig> {
         .ca_certificate(tonic::transport::Certificate::from_pem(read("ca.crt")?))
         .identity(tonic::transport::Identity::from_pem(read("admin.crt")?, read("admin.key")?))
         .domain_name(berth_pki::MASTER_SERVER_NAME))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proc_locks_lines_are_matched_by_inode() {
+        let locks = "1: POSIX  ADVISORY  WRITE 2544 00:2f:1234 0 EOF\n2: -> FLOCK  ADVISORY  WRITE 77 fd:01:99 0 EOF\n";
+        assert!(lock_held(locks, 1234));
+        assert!(lock_held(locks, 99));
+        assert!(!lock_held(locks, 123));
+        assert!(!lock_held("", 1234));
+    }
+
+    #[test]
+    fn a_database_is_reported_locked_until_its_holder_exits() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("db")).unwrap();
+        let lock = dir.path().join("db").join("LOCK");
+        std::fs::write(&lock, b"").unwrap();
+        assert!(wait_db_unlocked(dir.path(), Duration::ZERO), "nobody holds it yet");
+        // Another process holds the lock until its stdin closes.
+        let mut holder = Command::new("flock")
+            .arg(&lock)
+            .args(["-c", "read _"])
+            .stdin(Stdio::piped())
+            .spawn()
+            .expect("flock (util-linux) runs");
+        let ino = std::fs::metadata(&lock).unwrap().ino();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !lock_held(&std::fs::read_to_string("/proc/locks").unwrap(), ino) {
+            assert!(Instant::now() < deadline, "flock never took the lock");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(!wait_db_unlocked(dir.path(), Duration::from_millis(50)));
+        drop(holder.stdin.take());
+        holder.wait().unwrap();
+        assert!(wait_db_unlocked(dir.path(), Duration::from_secs(10)));
+    }
 }
