@@ -34,6 +34,8 @@ pub(crate) struct RotatingLog {
     keep: usize,
     file: File,
     size: u64,
+    /// The last timestamp handed out by [`RotatingLog::stamp`].
+    last_ts: i64,
 }
 
 fn open_append(path: &Path) -> io::Result<File> {
@@ -44,7 +46,15 @@ impl RotatingLog {
     pub fn open(path: &Path, max_bytes: u64, keep: usize) -> io::Result<RotatingLog> {
         let file = open_append(path)?;
         let size = file.metadata()?.len();
-        Ok(RotatingLog { path: path.to_path_buf(), max_bytes: max_bytes.max(1), keep, file, size })
+        Ok(RotatingLog { path: path.to_path_buf(), max_bytes: max_bytes.max(1), keep, file, size, last_ts: 0 })
+    }
+
+    /// The timestamp for the next line, given the wall clock's `now_ms`: never earlier than the
+    /// last one, so that lines from stdout and stderr (and a wall clock stepped back) still land
+    /// in the file in time order. Call it under the same lock as [`RotatingLog::append`].
+    pub fn stamp(&mut self, now_ms: i64) -> i64 {
+        self.last_ts = self.last_ts.max(now_ms);
+        self.last_ts
     }
 
     /// Appends one line (one `write`, so a reader never sees half a line except at the end of
@@ -294,6 +304,17 @@ mod tests {
             stream: if i.is_multiple_of(2) { LogStream::Stdout } else { LogStream::Stderr },
             line: format!("line {i:04}"),
         }
+    }
+
+    #[test]
+    fn stamps_never_go_back() {
+        // The two pumps each read the clock; a line stamped earlier once landed after a later one
+        // (the process runtime's conformance test saw lines out of order).
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = RotatingLog::open(&dir.path().join("out"), 1 << 20, 1).unwrap();
+        assert_eq!(log.stamp(100), 100);
+        assert_eq!(log.stamp(99), 100, "an earlier clock reading does not go back");
+        assert_eq!(log.stamp(101), 101);
     }
 
     fn numbers(lines: &[LogLine]) -> Vec<usize> {

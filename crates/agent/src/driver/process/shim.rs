@@ -293,9 +293,12 @@ fn spawn_pump(
             {
                 *last = text.to_string();
             }
-            let line = LogLine { ts_ms: now_ms(), stream, line: text.to_string() };
-            let result =
-                log.lock().map_err(|_| std::io::Error::other("log lock poisoned")).and_then(|mut l| l.append(&line));
+            // Stamped under the log's lock: a line stamped earlier than another must not be
+            // written after it (stdout and stderr have a pump each).
+            let result = log.lock().map_err(|_| std::io::Error::other("log lock poisoned")).and_then(|mut l| {
+                let line = LogLine { ts_ms: l.stamp(now_ms()), stream, line: text.to_string() };
+                l.append(&line)
+            });
             match result {
                 Ok(()) => failed = false,
                 Err(e) if !failed => {
