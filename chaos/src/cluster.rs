@@ -125,7 +125,7 @@ fn wait_db_unlocked(data_dir: &Path, timeout: Duration) -> bool {
     let deadline = Instant::now() + timeout;
     loop {
         let locks = std::fs::read_to_string("/proc/locks").unwrap_or_default();
-        if !lock_held(&locks, meta.ino()) {
+        if !lock_held(&locks, meta.dev(), meta.ino()) {
             return true;
         }
         if Instant::now() >= deadline {
@@ -135,13 +135,24 @@ fn wait_db_unlocked(data_dir: &Path, timeout: Duration) -> bool {
     }
 }
 
-/// Whether /proc/locks (`1: POSIX  ADVISORY  WRITE 2544 00:2f:1234 0 EOF`) lists a lock on `inode`.
-fn lock_held(proc_locks: &str, inode: u64) -> bool {
+/// Whether /proc/locks (`1: POSIX  ADVISORY  WRITE 2544 00:2f:1234 0 EOF`: the device's major and
+/// minor in hex, then the inode) lists a lock on the file `(dev, inode)`. Both count: every
+/// master's data dir is a tmpfs of its own, where the LOCK files all have the same inode.
+fn lock_held(proc_locks: &str, dev: u64, inode: u64) -> bool {
+    // Linux's dev_t encoding (glibc's gnu_dev_major / gnu_dev_minor).
+    let major = ((dev >> 8) & 0xfff) | ((dev >> 32) & !0xfff);
+    let minor = (dev & 0xff) | ((dev >> 12) & !0xff);
     proc_locks.lines().any(|l| {
-        l.split_whitespace()
-            .find(|f| f.matches(':').count() == 2)
-            .and_then(|dev_ino| dev_ino.rsplit(':').next())
-            .is_some_and(|ino| ino.parse() == Ok(inode))
+        l.split_whitespace().find_map(|f| {
+            let mut parts = f.split(':');
+            let (ma, mi, ino) = (parts.next()?, parts.next()?, parts.next()?);
+            (parts.next().is_none() && !ma.is_empty()).then_some(())?;
+            Some(
+                u64::from_str_radix(ma, 16) == Ok(major)
+                    && u64::from_str_radix(mi, 16) == Ok(minor)
+                    && ino.parse() == Ok(inode),
+            )
+        }) == Some(true)
     })
 }
 
@@ -596,12 +607,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn proc_locks_lines_are_matched_by_inode() {
-        let locks = "1: POSIX  ADVISORY  WRITE 2544 00:2f:1234 0 EOF\n2: -> FLOCK  ADVISORY  WRITE 77 fd:01:99 0 EOF\n";
-        assert!(lock_held(locks, 1234));
-        assert!(lock_held(locks, 99));
-        assert!(!lock_held(locks, 123));
-        assert!(!lock_held("", 1234));
+    fn proc_locks_lines_are_matched_by_device_and_inode() {
+        let locks = "1: POSIX  ADVISORY  WRITE 2544 00:27:10 0 EOF\n2: -> FLOCK  ADVISORY  WRITE 77 fe:01:99 0 EOF\n";
+        assert!(lock_held(locks, 39, 10), "tmpfs device 0:39 is 00:27");
+        assert!(!lock_held(locks, 40, 10), "the same inode on another master's tmpfs is another file");
+        assert!(lock_held(locks, (0xfe << 8) | 1, 99));
+        assert!(!lock_held(locks, 39, 11));
+        assert!(!lock_held("", 39, 10));
     }
 
     #[test]
@@ -619,9 +631,9 @@ mod tests {
             .stdin(Stdio::piped())
             .spawn()
             .expect("flock (util-linux) runs");
-        let ino = std::fs::metadata(&lock).unwrap().ino();
+        let meta = std::fs::metadata(&lock).unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !lock_held(&std::fs::read_to_string("/proc/locks").unwrap(), ino) {
+        while !lock_held(&std::fs::read_to_string("/proc/locks").unwrap(), meta.dev(), meta.ino()) {
             assert!(Instant::now() < deadline, "flock never took the lock");
             std::thread::sleep(Duration::from_millis(10));
         }
