@@ -218,34 +218,56 @@ fn print_run(r: &RunReport) {
     }
 }
 
+/// Resolves on the first SIGINT or SIGTERM, with its name.
+async fn interrupted() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = int.recv() => "interrupted (SIGINT)",
+        _ = term.recv() => "terminated (SIGTERM)",
+    }
+}
+
 fn main() {
     let cli = Cli::parse();
     let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
     let ok = rt.block_on(async {
-        match cli.cmd {
-            Cmd::List => {
-                for s in run::SCENARIOS {
-                    println!("{:<17} {}", s.name, s.about);
+        let work = async {
+            match cli.cmd {
+                Cmd::List => {
+                    for s in run::SCENARIOS {
+                        println!("{:<17} {}", s.name, s.about);
+                    }
+                    Ok(true)
                 }
-                Ok(true)
-            }
-            Cmd::Run { scenario, seed, duration, masters, out } => {
-                let r = run::run(&RunArgs { scenario, seed, duration, masters, out }).await?;
-                print_run(&r);
-                println!("{}", serde_json::to_string(&r)?);
-                Ok(r.passed)
-            }
-            Cmd::Suite { quick, full, rounds, out } => {
-                if !quick && !full {
-                    anyhow::bail!("say which suite: --quick (CI, about 5 minutes) or --full");
+                Cmd::Run { scenario, seed, duration, masters, out } => {
+                    let r = run::run(&RunArgs { scenario, seed, duration, masters, out }).await?;
+                    print_run(&r);
+                    println!("{}", serde_json::to_string(&r)?);
+                    Ok(r.passed)
                 }
-                suite(full, rounds, out).await
+                Cmd::Suite { quick, full, rounds, out } => {
+                    if !quick && !full {
+                        anyhow::bail!("say which suite: --quick (CI, about 5 minutes) or --full");
+                    }
+                    suite(full, rounds, out).await
+                }
+                Cmd::Failover { target, kills, out, master_arg } => {
+                    failover::run(matches!(target, Target::Etcd), kills, &out, master_arg).await
+                }
             }
-            Cmd::Failover { target, kills, out, master_arg } => {
-                failover::run(matches!(target, Target::Etcd), kills, &out, master_arg).await
-            }
+        };
+        // On SIGINT or SIGTERM the run is dropped: the clusters' destructors stop every process
+        // they started and remove their namespaces and mounts.
+        tokio::select! {
+            r = work => r,
+            sig = interrupted() => Err(anyhow::anyhow!("{sig}: stopped the clusters under test and cleaned up")),
         }
     });
+    // Tasks still running (workloads, nemesis) are dropped here, with what they own.
+    rt.shutdown_timeout(std::time::Duration::from_secs(30));
     match ok {
         Ok(true) => {}
         Ok(false) => std::process::exit(1),
