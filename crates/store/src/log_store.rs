@@ -24,9 +24,11 @@ const KEY_PURGED: &[u8] = b"purged";
 ///
 /// Appends are group-committed: `append` writes its WriteBatch to RocksDB (WAL included, so the
 /// entries are readable at once) and hands the flush callback to the syncer thread, which syncs the
-/// WAL once for every callback waiting and only then acknowledges them, so concurrent appends share
-/// one fsync. Until then the entries may be only in RocksDB's WAL buffer, lost if the process dies:
-/// the master replicates an entry only once its own log has synced it (see `raft_config`).
+/// WAL once for every callback waiting and only then acknowledges them. Replication to followers can
+/// thus start while the leader's own fsync is in flight, and concurrent appends share one fsync.
+/// Until then the entries may be only in RocksDB's WAL buffer, lost if the process dies; that is
+/// safe because a restarted leader must win a new term (`enable_leader_restore` off, see
+/// `raft_config`).
 #[derive(Clone)]
 pub struct LogStore {
     db: Arc<DB>,
