@@ -15,7 +15,7 @@ mod workload;
 
 use std::{path::PathBuf, time::Duration};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use serde::Serialize;
 
@@ -70,6 +70,15 @@ enum Cmd {
         /// An extra `berth master` flag (repeatable), e.g. --master-arg=--election-timeout=200ms.
         #[arg(long, allow_hyphen_values = true)]
         master_arg: Vec<String>,
+    },
+    /// Checks a kept KV history (a run folder's history.jsonl) for linearizability again, with a
+    /// bigger time budget: for a run whose `linearizable` check ran out of its budget (Unknown).
+    Check {
+        /// The history.jsonl of a run.
+        history: PathBuf,
+        /// Search budget per key.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "10m")]
+        budget: Duration,
     },
 }
 
@@ -199,6 +208,26 @@ async fn suite(full: bool, rounds: u64, out: PathBuf) -> Result<bool> {
     Ok(s.passed)
 }
 
+/// `berth-chaos check`: true when every key's history is linearizable.
+fn recheck(path: &std::path::Path, budget: Duration) -> Result<bool> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let events = text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| {
+            serde_json::from_str::<history::Event>(l)
+                .with_context(|| format!("{} line {}: not a history event", path.display(), i + 1))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let ops = history::pair(&events);
+    let reports = linearizable::check_all(&ops, budget);
+    for r in &reports {
+        println!("{:<12} {:>6} operations  {:>10.1?}  {:?}", r.key, r.ops, r.elapsed, r.verdict);
+    }
+    Ok(reports.iter().all(|r| matches!(r.verdict, linearizable::Verdict::Linearizable)))
+}
+
 fn print_run(r: &RunReport) {
     println!("{}", run::table(std::slice::from_ref(r)));
     for c in &r.checks {
@@ -257,6 +286,7 @@ fn main() {
                 Cmd::Failover { target, kills, out, master_arg } => {
                     failover::run(matches!(target, Target::Etcd), kills, &out, master_arg).await
                 }
+                Cmd::Check { history, budget } => recheck(&history, budget),
             }
         };
         // On SIGINT or SIGTERM the run is dropped: the clusters' destructors stop every process
