@@ -303,8 +303,8 @@ pub(crate) struct PeerClient {
     addr: String,
     peers: Arc<Peers>,
     /// openraft calls `append_entries` on one client one at a time, so answers match requests in
-    /// order. Any error or timeout drops the stream (a late answer must never be taken for the
-    /// next request's); the next call opens a new one.
+    /// order. Any error, timeout or abandoned call drops the stream (a late answer must never be
+    /// taken for the next request's); the next call opens a new one.
     append_stream: Option<AppendStream>,
 }
 
