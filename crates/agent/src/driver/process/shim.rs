@@ -25,6 +25,30 @@ use crate::driver::runtime::{LogLine, LogStream};
 /// The flags given to `unshare` before `--` and the task's argv.
 pub(crate) const UNSHARE_FLAGS: [&str; 7] =
     ["--pid", "--fork", "--mount", "--uts", "--ipc", "--kill-child", "--mount-proc"];
+/// Added before [`UNSHARE_FLAGS`] when the agent does not run as root: only root may create
+/// PID and mount namespaces in the host's user namespace, so a rootless agent gives each task a
+/// user namespace of its own with the agent's uid mapped to root inside (as rootless Podman
+/// does). The task's files on the host belong to the agent's user.
+pub(crate) const ROOTLESS_UNSHARE_FLAGS: [&str; 2] = ["--user", "--map-root-user"];
+
+/// Whether this process runs without root, and its tasks need a user namespace of their own.
+pub(crate) fn rootless() -> bool {
+    !rustix::process::geteuid().is_root()
+}
+
+/// The `nsenter` flags (after `--target PID`) that run a command in a task's namespaces. A
+/// rootless task's user namespace is entered first, keeping our credentials: its setgroups is
+/// denied, and our uid is already its root.
+pub(crate) fn nsenter_flags(rootless: bool) -> Vec<&'static str> {
+    let user: &[&'static str] = if rootless { &["--user", "--preserve-credentials"] } else { &[] };
+    user.iter().chain(["--pid", "--mount", "--uts", "--ipc", "--wd"].iter()).copied().collect()
+}
+
+/// The `unshare` flags for a task started by this process.
+pub(crate) fn unshare_flags(rootless: bool) -> Vec<&'static str> {
+    let extra: &[&'static str] = if rootless { &ROOTLESS_UNSHARE_FLAGS } else { &[] };
+    extra.iter().chain(UNSHARE_FLAGS.iter()).copied().collect()
+}
 
 /// How long the shim looks for the task process after starting the launcher.
 const FIND_TASK_PATIENCE: Duration = Duration::from_secs(5);
@@ -92,7 +116,7 @@ fn run(dir: &Path) -> Result<(), String> {
     let log = Arc::new(Mutex::new(log));
 
     let mut child = Command::new(&config.unshare)
-        .args(UNSHARE_FLAGS)
+        .args(unshare_flags(rootless()))
         .arg("--")
         .args(&config.argv)
         .env_clear()
@@ -363,6 +387,56 @@ mod tests {
         let mut v = Vec::new();
         split_lines(input, |l| v.push(l.to_string()));
         v
+    }
+
+    /// A task started with the rootless flags by an unprivileged user runs as PID 1 of its own
+    /// namespaces, and a command entered with the rootless `nsenter` flags sees them; without
+    /// the user namespace, the same start is refused. As root, the test drops to `nobody` with
+    /// util-linux's `setpriv` first.
+    #[test]
+    fn a_rootless_agent_starts_and_enters_its_tasks_namespaces() {
+        let drop_root: Vec<&str> = if rootless() {
+            Vec::new()
+        } else {
+            vec!["/usr/bin/setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"]
+        };
+        let run = |argv: Vec<&str>| {
+            let argv: Vec<&str> = drop_root.iter().copied().chain(argv).collect();
+            Command::new(argv[0]).args(&argv[1..]).stdin(Stdio::null()).output().unwrap()
+        };
+        let script = "echo pid=$$; exec sleep 30";
+        let mut start = vec!["/usr/bin/unshare"];
+        start.extend(unshare_flags(true));
+        start.extend(["--", "/bin/sh", "-c", script]);
+        // Started in the background: its pid is found through the launcher's child.
+        let argv: Vec<&str> = drop_root.iter().copied().chain(start.iter().copied()).collect();
+        let mut launcher = Command::new(argv[0])
+            .args(&argv[1..])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut first = String::new();
+        BufReader::new(launcher.stdout.take().unwrap()).read_line(&mut first).unwrap();
+        assert_eq!(first.trim(), "pid=1", "the task is PID 1 of its namespace");
+        // `setpriv` execs `unshare`, which forks the task.
+        let task = *procfs::children(launcher.id()).first().expect("the task process");
+        let target = task.to_string();
+        let mut enter = vec!["/usr/bin/nsenter", "--target", target.as_str()];
+        enter.extend(nsenter_flags(true));
+        enter.extend(["--", "/bin/sh", "-c", "echo pid=$$ uid=$(id -u)"]);
+        let entered = run(enter);
+        let _ = launcher.kill();
+        let _ = launcher.wait();
+        let out = String::from_utf8_lossy(&entered.stdout);
+        assert!(entered.status.success(), "nsenter failed: {}", String::from_utf8_lossy(&entered.stderr));
+        assert!(out.contains("uid=0") && !out.starts_with("pid=1 "), "entered the task's namespaces: {out}");
+
+        let mut refused = vec!["/usr/bin/unshare"];
+        refused.extend(unshare_flags(false));
+        refused.extend(["--", "/bin/true"]);
+        assert!(!run(refused).status.success(), "without a user namespace an unprivileged start is refused");
     }
 
     #[test]
