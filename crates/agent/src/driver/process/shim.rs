@@ -408,7 +408,7 @@ mod tests {
         let mut start = vec!["/usr/bin/unshare"];
         start.extend(unshare_flags(true));
         start.extend(["--", "/bin/sh", "-c", script]);
-        // Started in the background: its pid is found through the launcher's child.
+        // Kept running while a command enters its namespaces.
         let argv: Vec<&str> = drop_root.iter().copied().chain(start.iter().copied()).collect();
         let mut launcher = Command::new(argv[0])
             .args(&argv[1..])
@@ -418,17 +418,18 @@ mod tests {
             .spawn()
             .unwrap();
         let mut first = String::new();
-        BufReader::new(launcher.stdout.take().unwrap()).read_line(&mut first).unwrap();
-        assert_eq!(first.trim(), "pid=1", "the task is PID 1 of its namespace");
+        let read = BufReader::new(launcher.stdout.take().unwrap()).read_line(&mut first);
         // `setpriv` execs `unshare`, which forks the task.
-        let task = *procfs::children(launcher.id()).first().expect("the task process");
-        let target = task.to_string();
+        let target = procfs::children(launcher.id()).first().map(u32::to_string).unwrap_or_default();
         let mut enter = vec!["/usr/bin/nsenter", "--target", target.as_str()];
         enter.extend(nsenter_flags(true));
         enter.extend(["--", "/bin/sh", "-c", "echo pid=$$ uid=$(id -u)"]);
         let entered = run(enter);
+        // Ended before any assertion, so a failing test leaves no task behind.
         let _ = launcher.kill();
         let _ = launcher.wait();
+        read.unwrap();
+        assert_eq!(first.trim(), "pid=1", "the task is PID 1 of its namespace");
         let out = String::from_utf8_lossy(&entered.stdout);
         assert!(entered.status.success(), "nsenter failed: {}", String::from_utf8_lossy(&entered.stderr));
         assert!(out.contains("uid=0") && !out.starts_with("pid=1 "), "entered the task's namespaces: {out}");
