@@ -25,12 +25,6 @@ use crate::driver::runtime::{LogLine, LogStream};
 /// The flags given to `unshare` before `--` and the task's argv.
 pub(crate) const UNSHARE_FLAGS: [&str; 7] =
     ["--pid", "--fork", "--mount", "--uts", "--ipc", "--kill-child", "--mount-proc"];
-/// Added before [`UNSHARE_FLAGS`] when the agent does not run as root: only root may create
-/// PID and mount namespaces in the host's user namespace, so a rootless agent gives each task a
-/// user namespace of its own with the agent's uid mapped to root inside (as rootless Podman
-/// does). The task's files on the host belong to the agent's user.
-pub(crate) const ROOTLESS_UNSHARE_FLAGS: [&str; 2] = ["--user", "--map-root-user"];
-
 /// Whether this process runs without root, and its tasks need a user namespace of their own.
 pub(crate) fn rootless() -> bool {
     !rustix::process::geteuid().is_root()
@@ -44,9 +38,12 @@ pub(crate) fn nsenter_flags(rootless: bool) -> Vec<&'static str> {
     user.iter().chain(["--pid", "--mount", "--uts", "--ipc", "--wd"].iter()).copied().collect()
 }
 
-/// The `unshare` flags for a task started by this process.
+/// The `unshare` flags for a task. Only root may create PID and mount namespaces in the host's
+/// user namespace, so a rootless agent gives each task a user namespace of its own with the
+/// agent's uid mapped to root inside (as rootless Podman does); the task's files on the host
+/// belong to the agent's user.
 pub(crate) fn unshare_flags(rootless: bool) -> Vec<&'static str> {
-    let extra: &[&'static str] = if rootless { &ROOTLESS_UNSHARE_FLAGS } else { &[] };
+    let extra: &[&'static str] = if rootless { &["--user", "--map-root-user"] } else { &[] };
     extra.iter().chain(UNSHARE_FLAGS.iter()).copied().collect()
 }
 
@@ -265,8 +262,15 @@ pub(crate) fn exit_record(status: ExitStatus, task_seen: bool, last_stderr: &str
     let launcher_said = last_stderr.starts_with("unshare:");
     let started = task_seen || !launcher_said;
     if !started {
+        // unshare is refused namespaces: say what would allow them.
+        let hint = if last_stderr.ends_with("Operation not permitted") {
+            "; run the agent as root, or (rootless) allow unprivileged user namespaces: \
+             sysctl user.max_user_namespaces above 0, and on Ubuntu kernel.apparmor_restrict_unprivileged_userns=0"
+        } else {
+            ""
+        };
         message = format!(
-            "the namespace launcher {} failed ({message}): {last_stderr}; the task never ran",
+            "the namespace launcher {} failed ({message}): {last_stderr}; the task never ran{hint}",
             unshare.display()
         );
     } else if launcher_said {
