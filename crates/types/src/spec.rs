@@ -442,6 +442,58 @@ pub struct TaskSpec {
     /// Health check.
     #[serde(default)]
     pub health: Option<HealthCheck>,
+    /// The signal that asks the task to stop (default `SIGTERM`): a name such as `SIGINT` or
+    /// `QUIT`, or a number. Kept out of the serialized spec when it is the default, so specs
+    /// written before it existed keep their template hash.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_signal: Option<String>,
+    /// How long the task has, after its stop signal, before SIGKILL (default 10s).
+    #[serde(default = "default_stop_grace", with = "duration", skip_serializing_if = "is_default_stop_grace")]
+    pub stop_grace_period: Duration,
+}
+
+/// `spec.task.stop_grace_period` when unset (Docker's and Kubernetes' 10 s).
+pub const DEFAULT_STOP_GRACE: Duration = Duration::from_secs(10);
+/// The longest `stop_grace_period` allowed.
+pub const MAX_STOP_GRACE: Duration = Duration::from_secs(3600);
+
+fn default_stop_grace() -> Duration {
+    DEFAULT_STOP_GRACE
+}
+
+fn is_default_stop_grace(d: &Duration) -> bool {
+    *d == DEFAULT_STOP_GRACE
+}
+
+/// The signals `stop_signal` may name, with their Linux numbers.
+pub const STOP_SIGNALS: &[(&str, i32)] = &[
+    ("SIGHUP", 1),
+    ("SIGINT", 2),
+    ("SIGQUIT", 3),
+    ("SIGKILL", 9),
+    ("SIGUSR1", 10),
+    ("SIGUSR2", 12),
+    ("SIGTERM", 15),
+    ("SIGWINCH", 28),
+    ("SIGPWR", 30),
+];
+
+/// The Linux number of a `stop_signal` value: `SIGTERM`, `TERM` (any case) or `15`.
+pub fn signal_number(name: &str) -> Option<i32> {
+    let t = name.trim();
+    if let Ok(n) = t.parse::<i32>() {
+        return (1..=31).contains(&n).then_some(n);
+    }
+    let upper = t.to_ascii_uppercase();
+    let full = if upper.starts_with("SIG") { upper } else { format!("SIG{upper}") };
+    STOP_SIGNALS.iter().find(|(n, _)| *n == full).map(|&(_, v)| v)
+}
+
+impl TaskSpec {
+    /// The stop signal's number (SIGTERM unless the spec names another).
+    pub fn stop_signal_number(&self) -> i32 {
+        self.stop_signal.as_deref().and_then(signal_number).unwrap_or(15)
+    }
 }
 
 /// `spec.task.resources`: `cpu` and `memory` are requests (used for scheduling); `limits` caps usage.
@@ -984,6 +1036,28 @@ fn validate_task(task: &TaskSpec) -> Result<(), SpecError> {
     }
     if let Some(health) = &task.health {
         validate_health(health)?;
+    }
+    if let Some(sig) = &task.stop_signal
+        && signal_number(sig).is_none()
+    {
+        let names: Vec<&str> = STOP_SIGNALS.iter().map(|(n, _)| *n).collect();
+        return Err(SpecError::invalid(
+            "spec.task.stop_signal",
+            format!(
+                "unknown signal {sig:?}; allowed: {}, without the SIG prefix too, or a number 1 to 31",
+                names.join(", ")
+            ),
+        ));
+    }
+    if task.stop_grace_period > MAX_STOP_GRACE {
+        return Err(SpecError::invalid(
+            "spec.task.stop_grace_period",
+            format!(
+                "{} is too long; allowed: 0s to {}",
+                format_duration(task.stop_grace_period),
+                format_duration(MAX_STOP_GRACE)
+            ),
+        ));
     }
     Ok(())
 }

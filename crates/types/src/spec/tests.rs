@@ -380,3 +380,36 @@ fn validation_errors_name_the_line_of_the_field_or_its_parent() {
     assert_eq!(e.line(), Some(14), "{e}");
     assert!(e.to_string().contains("(line 14)"), "{e}");
 }
+
+#[test]
+fn stop_signal_and_grace_have_defaults_and_are_checked() {
+    let s = one(&with_spec(""));
+    assert_eq!(s.spec.task.stop_signal, None);
+    assert_eq!(s.spec.task.stop_signal_number(), 15);
+    assert_eq!(s.spec.task.stop_grace_period, DEFAULT_STOP_GRACE);
+
+    let s = one(&with_spec("    stop_signal: SIGINT\n    stop_grace_period: 30s\n"));
+    assert_eq!(s.spec.task.stop_signal_number(), 2);
+    assert_eq!(s.spec.task.stop_grace_period, Duration::from_secs(30));
+    for (name, number) in [("QUIT", 3), ("sigusr1", 10), ("9", 9), (" SIGTERM ", 15)] {
+        assert_eq!(signal_number(name), Some(number), "{name}");
+    }
+
+    rejected(&with_spec("    stop_signal: SIGBOGUS\n"), "spec.task.stop_signal", &["SIGBOGUS", "SIGTERM"]);
+    rejected(&with_spec("    stop_signal: \"99\"\n"), "spec.task.stop_signal", &["1 to 31"]);
+    rejected(&with_spec("    stop_grace_period: 2h\n"), "spec.task.stop_grace_period", &["too long", "1h"]);
+}
+
+#[test]
+fn default_stop_settings_leave_the_serialized_task_unchanged() {
+    // Specs stored before these fields existed must keep their template hash: the defaults are
+    // not serialized.
+    let s = one(&with_spec(""));
+    let json = serde_json::to_string(&s.spec.task).unwrap();
+    assert!(!json.contains("stop_signal") && !json.contains("stop_grace_period"), "{json}");
+    let s = one(&with_spec("    stop_grace_period: 3s\n"));
+    let json = serde_json::to_string(&s.spec.task).unwrap();
+    assert!(json.contains("stop_grace_period"), "{json}");
+    let back: TaskSpec = serde_json::from_str(&json).unwrap();
+    assert_eq!(back.stop_grace_period, Duration::from_secs(3));
+}
