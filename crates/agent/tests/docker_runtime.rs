@@ -104,6 +104,8 @@ fn spec(script: &str) -> RunSpec {
             resources: Resources::default(),
             ports: Vec::new(),
             health: None,
+            stop_signal: None,
+            stop_grace_period: berth_types::spec::DEFAULT_STOP_GRACE,
         },
         disconnect: DisconnectPolicy::Replace,
         fence_timeout_ms: 0,

@@ -44,6 +44,8 @@ fn spec(argv: &[&str]) -> RunSpec {
             resources: Resources::default(),
             ports: vec![],
             health: None,
+            stop_signal: None,
+            stop_grace_period: berth_types::spec::DEFAULT_STOP_GRACE,
         },
         disconnect: Default::default(),
         fence_timeout_ms: 0,
@@ -155,13 +157,14 @@ async fn task_has_its_own_namespaces() {
     rt.start(&id, &fx.shell("echo pid=$$; echo procs=$(ls /proc | grep -c '^[0-9]'); sleep 1000")).await.unwrap();
     let pid = running_pid(&rt, &id).await;
     assert_ne!(pid, 1);
-    wait_for_line(&rt, &id, LogStream::Stdout, "pid=1").await;
-    // Its /proc is its own: only itself, the sleep and the ls/grep pipeline at most.
+    // PID 1 is the task's init; the program is its first child.
+    wait_for_line(&rt, &id, LogStream::Stdout, "pid=2").await;
+    // Its /proc is its own: only the init, itself, the sleep and the ls/grep pipeline at most.
     let procs: usize = eventually("the procs line", || async {
         lines(&rt, &id).await.iter().find_map(|l| l.strip_prefix("procs=").and_then(|n| n.parse().ok()))
     })
     .await;
-    assert!(procs <= 4, "the task sees {procs} processes in its /proc");
+    assert!(procs <= 5, "the task sees {procs} processes in its /proc");
     let me = std::process::id();
     for kind in ["pid", "mnt", "uts", "ipc"] {
         assert_ne!(ns(pid, kind), ns(me, kind), "the task shares the {kind} namespace");
@@ -275,8 +278,8 @@ async fn exec_runs_in_the_task_namespaces() {
     let t = Duration::from_secs(10);
 
     assert_eq!(rt.exec(&id, &sh("exit 7"), t).await.unwrap(), 7);
-    // PID 1 of the namespace is the task's `sleep`.
-    assert_eq!(rt.exec(&id, &sh("grep -qx sleep /proc/1/comm"), t).await.unwrap(), 0);
+    // PID 1 of the namespace is the task's init; its program, the `sleep`, is PID 2.
+    assert_eq!(rt.exec(&id, &sh("grep -qx sleep /proc/2/comm"), t).await.unwrap(), 0);
     assert_eq!(rt.exec(&id, &sh("test \"$BERTH_TEST_VAR\" = hello"), t).await.unwrap(), 0);
     let cwd = tmp.path().join(&id).canonicalize().unwrap();
     assert_eq!(rt.exec(&id, &sh(&format!("test \"$(pwd -P)\" = '{}'", cwd.display())), t).await.unwrap(), 0);
@@ -287,7 +290,7 @@ async fn exec_runs_in_the_task_namespaces() {
     assert!(err.to_string().contains("did not finish within"), "{err}");
     assert!(began.elapsed() < Duration::from_secs(10));
     let task_ns = ns(pid, "pid");
-    eventually("the timed-out command to be killed", || async { (processes_in(&task_ns) == 1).then_some(()) }).await;
+    eventually("the timed-out command to be killed", || async { (processes_in(&task_ns) == 2).then_some(()) }).await;
 
     let err = rt.exec("no-such-task", &sh("true"), t).await.unwrap_err();
     assert!(err.to_string().contains("does not exist"), "{err}");
@@ -496,4 +499,144 @@ async fn the_shim_fences_an_at_most_once_task_and_marks_the_stop() {
     let (code, message) = exited(&rt, &id).await;
     assert_ne!(code, 0);
     assert!(berth_types::task::is_fence_stop(&message), "{message}");
+}
+
+/// Processes in the PID namespace `ns_id` that are zombies.
+fn zombies_in(ns_id: &str) -> usize {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&p| ns(p, "pid") == ns_id)
+        .filter(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/stat"))
+                .is_ok_and(|s| s.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')))
+        })
+        .count()
+}
+
+// A program with no SIGTERM handler of its own, which as PID 1 would ignore SIGTERM and wait out
+// the grace: under the task's init, SIGTERM reaches it as to any process, and the stop is prompt.
+#[tokio::test]
+async fn a_task_without_a_sigterm_handler_stops_at_once() {
+    let (_tmp, rt, fx) = setup();
+    let mut guard = Cleanup::new(&fx);
+    let id = guard.id("plain");
+    rt.start(&id, &fx.shell("echo up; sleep 1000")).await.unwrap();
+    let pid = running_pid(&rt, &id).await;
+    wait_for_line(&rt, &id, LogStream::Stdout, "up").await;
+    let ns_id = ns(pid, "pid");
+    let t = Instant::now();
+    rt.stop(&id, Duration::from_secs(10)).await.unwrap();
+    let took = t.elapsed();
+    assert!(took < Duration::from_secs(1), "stopping took {took:?}: the grace was waited out");
+    let (code, message) = exited(&rt, &id).await;
+    assert_eq!(code, 128 + 15, "{message}");
+    assert!(message.contains("SIGTERM"), "{message}");
+    assert_eq!(processes_in(&ns_id), 0, "the namespace ended with its init");
+    rt.remove(&id).await.unwrap();
+}
+
+// The spec's stop signal is what the program receives, and a program that handles it exits
+// cleanly from its handler.
+#[tokio::test]
+async fn the_stop_signal_reaches_the_program_and_its_handler_runs() {
+    let (_tmp, rt, _fx) = setup();
+    let fx = ProcessFixture { rt: rt.clone() };
+    let mut guard = Cleanup::new(&fx);
+    let id = guard.id("usr1");
+    let mut s = spec(&["/bin/sh", "-c", "trap 'echo handled USR1; exit 0' USR1; echo ready; sleep 1000 & wait"]);
+    s.task.stop_signal = Some("SIGUSR1".into());
+    rt.start(&id, &s).await.unwrap();
+    running_pid(&rt, &id).await;
+    wait_for_line(&rt, &id, LogStream::Stdout, "ready").await;
+    let t = Instant::now();
+    rt.stop(&id, Duration::from_secs(10)).await.unwrap();
+    assert!(t.elapsed() < Duration::from_secs(2), "the handler's exit took {:?}", t.elapsed());
+    wait_for_line(&rt, &id, LogStream::Stdout, "handled USR1").await;
+    let (code, message) = exited(&rt, &id).await;
+    assert_eq!(code, 0, "{message}");
+    rt.remove(&id).await.unwrap();
+}
+
+// Orphans are re-parented to the task's init, which reaps them: no zombies pile up.
+#[tokio::test]
+async fn the_init_reaps_orphans() {
+    let (_tmp, rt, fx) = setup();
+    let mut guard = Cleanup::new(&fx);
+    let id = guard.id("orphans");
+    // Each subshell starts a short sleep and exits at once: the sleeps end as orphans.
+    rt.start(&id, &fx.shell("for i in 1 2 3 4 5; do (sleep 0.1 &); done; echo spawned; sleep 1000")).await.unwrap();
+    let pid = running_pid(&rt, &id).await;
+    wait_for_line(&rt, &id, LogStream::Stdout, "spawned").await;
+    let ns_id = ns(pid, "pid");
+    eventually("the orphans to be reaped", || async {
+        // The init, the shell and its sleep remain, and nothing is a zombie.
+        (processes_in(&ns_id) == 3 && zombies_in(&ns_id) == 0).then_some(())
+    })
+    .await;
+    rt.stop(&id, Duration::from_secs(5)).await.unwrap();
+    rt.remove(&id).await.unwrap();
+}
+
+// Level-triggered reconciliation over the real process runtime: what runs is compared with what
+// should, whatever the manager saw happen. Before the leader confirms the set, nothing unknown is
+// touched; once it does, unknown tasks are stopped and removed; a desired SHUTDOWN is carried out
+// for a task this manager never watched (as after an agent restart), and a desired RUNNING task
+// that does not run is started.
+#[tokio::test]
+async fn reconcile_converges_on_the_desired_set() {
+    use std::collections::BTreeSet;
+
+    use berth_agent::driver::{Driver, TaskManager, status_channel};
+    use berth_api::pb::agent::{Assignment, TaskState};
+
+    let (_dir, rt, fx) = setup();
+    let mut cleanup = Cleanup::new(&fx);
+    let wanted = cleanup.id("wanted");
+    let stray = cleanup.id("stray");
+    let stopping = cleanup.id("stopping");
+    // Started behind the manager's back: a stray task, and one whose stop was cut short.
+    let long = spec(&["/bin/sh", "-c", "sleep 1000"]);
+    rt.start(&stray, &long).await.unwrap();
+    rt.start(&stopping, &long).await.unwrap();
+    let stray_pid = running_pid(&rt, &stray).await;
+    running_pid(&rt, &stopping).await;
+
+    let state_dir = tempfile::tempdir().unwrap();
+    let (sink, mut statuses) = status_channel();
+    let mgr =
+        TaskManager::new(rt.clone(), Err::<ProcessRuntime, _>("no docker here".into()), sink, state_dir.path().into());
+    let assign = |id: &str, desired: TaskState| Assignment {
+        task_id: id.to_string(),
+        spec: long.encode(),
+        desired_state: desired as i32,
+    };
+    let desired = vec![assign(&wanted, TaskState::Running), assign(&stopping, TaskState::Shutdown)];
+    let none = BTreeSet::new();
+
+    // Not confirmed (an agent start from its stored state): the stray one is left alone.
+    mgr.reconcile(&desired, &none, false).await;
+    wait_state(&wanted, TaskState::Running, &mut statuses).await;
+    wait_state(&stopping, TaskState::Shutdown, &mut statuses).await;
+    assert!(running(stray_pid), "an unconfirmed set must not remove anything");
+
+    // Confirmed by the leader: the stray task is stopped and its files removed.
+    mgr.reconcile(&desired, &none, true).await;
+    wait_state(&stray, TaskState::Shutdown, &mut statuses).await;
+    eventually("the stray task's directory to be removed", || async {
+        (!rt.task_dir(&stray).unwrap().exists()).then_some(())
+    })
+    .await;
+    assert!(!running(stray_pid));
+    // The wanted task runs once, however often the set is reconciled.
+    let pid = running_pid(&rt, &wanted).await;
+    mgr.reconcile(&desired, &none, true).await;
+    assert_eq!(running_pid(&rt, &wanted).await, pid);
+    assert_eq!(rt.list().await.unwrap().iter().filter(|t| **t == wanted).count(), 1);
+
+    // A task known to have ended is not started again.
+    let ended = BTreeSet::from([stopping.clone()]);
+    let again = vec![assign(&wanted, TaskState::Running), assign(&stopping, TaskState::Running)];
+    mgr.reconcile(&again, &ended, true).await;
+    assert!(matches!(rt.inspect(&stopping).await.unwrap(), Observed::Exited { .. }));
 }

@@ -24,6 +24,7 @@
 
 mod cgroup;
 mod files;
+mod init;
 mod logfile;
 mod procfs;
 mod shim;
@@ -259,6 +260,14 @@ impl ProcessRuntime {
                 lease: self.inner.root.parent().unwrap_or(&self.inner.root).join(super::manager::LEASE_FILE),
                 timeout_ms: spec.fence_timeout_ms.max(1),
             }),
+            init: self
+                .inner
+                .shim
+                .iter()
+                .map(|a| a.to_string_lossy().into_owned())
+                .chain([init::INIT_FLAG.to_string()])
+                .collect(),
+            stop_signal: spec.task.stop_signal_number(),
         };
         Ok((config, limits))
     }
@@ -433,15 +442,23 @@ impl ProcessRuntime {
                 Seen::Running(_) | Seen::Starting { .. } => tokio::time::sleep(POLL).await,
             }
         };
-        // SIGTERM to the task and everything in its PID namespace (its init ignores a SIGTERM it
-        // has no handler for; its children do not).
+        // The stop signal goes to the task's init, which forwards it to the program and exits
+        // with it, taking the rest of the namespace along. A task started before the init
+        // existed has its program as PID 1, which ignores a SIGTERM it has no handler for: it
+        // and everything else in its namespace get SIGTERM, as before.
         if let Some(task) = state.task.filter(procfs::alive) {
-            let mut targets = vec![task.pid];
-            if let Some(ns) = procfs::pid_namespace(task.pid) {
-                targets.extend(procfs::pids_in_namespace(&ns).into_iter().filter(|&p| p != task.pid));
-            }
-            for pid in targets {
-                signal(pid, Signal::TERM);
+            let config = read::<ShimConfig>(dir, CONFIG)?;
+            match config.filter(|c| !c.init.is_empty()) {
+                Some(c) => signal_number(task.pid, c.stop_signal),
+                None => {
+                    let mut targets = vec![task.pid];
+                    if let Some(ns) = procfs::pid_namespace(task.pid) {
+                        targets.extend(procfs::pids_in_namespace(&ns).into_iter().filter(|&p| p != task.pid));
+                    }
+                    for pid in targets {
+                        signal(pid, Signal::TERM);
+                    }
+                }
             }
         }
         if wait_until(grace, || task_ended(dir, &state)).await {
@@ -525,6 +542,15 @@ fn check_program(program: &str, path: &str, base: &Path) -> Result<(), String> {
 fn signal(pid: u32, sig: Signal) {
     if let Some(pid) = Pid::from_raw(pid as i32) {
         let _ = rustix::process::kill_process(pid, sig);
+    }
+}
+
+/// Sends signal number `sig` to `pid` (SIGTERM when the number is not a standard signal).
+fn signal_number(pid: u32, sig: i32) {
+    use nix::sys::signal::Signal as NixSignal;
+    if pid > 0 && pid <= i32::MAX as u32 {
+        let sig = NixSignal::try_from(sig).unwrap_or(NixSignal::SIGTERM);
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig);
     }
 }
 

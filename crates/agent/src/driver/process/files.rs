@@ -48,6 +48,18 @@ pub(crate) struct ShimConfig {
     /// At-most-once tasks: the shim kills the task once the agent's lease is older than this.
     #[serde(default)]
     pub fence: Option<Fence>,
+    /// The command that runs as the task's init (PID 1 of its namespace) with `-- argv` after
+    /// it: the shim itself with `--init`. Empty for tasks started before the init existed: their
+    /// program is PID 1.
+    #[serde(default)]
+    pub init: Vec<String>,
+    /// The signal that asks the task to stop (Linux number).
+    #[serde(default = "sigterm")]
+    pub stop_signal: i32,
+}
+
+fn sigterm() -> i32 {
+    15
 }
 
 /// The fence of an at-most-once task: the agent writes the Unix millisecond it last heard the

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use super::files::{self, CONFIG, CONFIG_FORMAT, EXIT, ExitRecord, OUTPUT, STATE, ShimConfig, ShimState};
 use super::logfile::{MAX_LINE, RotatingLog};
-use super::{cgroup, procfs};
+use super::{cgroup, init, procfs};
 use crate::driver::now_ms;
 use crate::driver::runtime::{LogLine, LogStream};
 
@@ -58,6 +58,24 @@ const DRAIN_PATIENCE: Duration = Duration::from_secs(5);
 /// end was recorded, whatever the task's own code; 1 when the shim failed, also recorded in
 /// `exit.json` when possible; 2 on bad usage).
 pub fn shim_main(args: Vec<OsString>) -> i32 {
+    if args.first().is_some_and(|a| a == init::EXEC_FLAG) {
+        return match args.get(1) {
+            Some(sep) if sep == "--" => init::exec_main(&args[2..]),
+            _ => {
+                eprintln!("usage: task-shim --exec -- PROGRAM [ARGS...] (started by the task's init, not by hand)");
+                2
+            }
+        };
+    }
+    if args.first().is_some_and(|a| a == init::INIT_FLAG) {
+        return match args.get(1) {
+            Some(sep) if sep == "--" => init::init_main(&args[2..]),
+            _ => {
+                eprintln!("usage: task-shim --init -- PROGRAM [ARGS...] (started by the shim, not by hand)");
+                2
+            }
+        };
+    }
     let [dir] = args.as_slice() else {
         eprintln!("usage: task-shim <task dir> (started by the berth agent's process runtime, not by hand)");
         return 2;
@@ -112,9 +130,12 @@ fn run(dir: &Path) -> Result<(), String> {
         .map_err(|e| format!("opening the task's log {} failed: {e}", dir.join(OUTPUT).display()))?;
     let log = Arc::new(Mutex::new(log));
 
-    let mut child = Command::new(&config.unshare)
-        .args(unshare_flags(rootless()))
-        .arg("--")
+    let mut launcher = Command::new(&config.unshare);
+    launcher.args(unshare_flags(rootless())).arg("--");
+    if !config.init.is_empty() {
+        launcher.args(&config.init).arg("--");
+    }
+    let mut child = launcher
         .args(&config.argv)
         .env_clear()
         .envs(&config.env)
@@ -178,6 +199,9 @@ fn run(dir: &Path) -> Result<(), String> {
     done.store(true, std::sync::atomic::Ordering::SeqCst);
     let last = last_stderr.lock().map(|l| l.clone()).unwrap_or_default();
     let mut rec = exit_record(status, state.task.is_some(), &last, &config.unshare);
+    if !config.init.is_empty() {
+        rec = init_exit(rec);
+    }
     if fenced.load(std::sync::atomic::Ordering::SeqCst) {
         // Marked as a fence stop, so that the masters restart the slot without counting a failure.
         rec.message = format!(
@@ -277,6 +301,16 @@ pub(crate) fn exit_record(status: ExitStatus, task_seen: bool, last_stderr: &str
         message = format!("{message}: {last_stderr}");
     }
     ExitRecord { code, finished_at_ms: now_ms(), message, started }
+}
+
+/// An exit through the task's init, which reports a program killed by signal N as code 128+N
+/// (as a shell does): said as the signal it was.
+fn init_exit(mut rec: ExitRecord) -> ExitRecord {
+    if rec.started && (129..=128 + 64).contains(&rec.code) && rec.message == format!("exited with code {}", rec.code) {
+        let sig = rec.code - 128;
+        rec.message = format!("killed by signal {} ({sig})", signal_name(sig));
+    }
+    rec
 }
 
 /// The usual name of a signal.
