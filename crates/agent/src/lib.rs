@@ -116,7 +116,11 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
                 cfg.data_dir.join("tasks"),
                 driver::process::ProcessRuntime::default_shim(),
             );
-            let docker = driver::docker::DockerRuntime::connect().await.map_err(|e| e.to_string());
+            let owner = std::path::absolute(&cfg.data_dir).unwrap_or_else(|_| cfg.data_dir.clone());
+            let docker = driver::docker::DockerRuntime::connect()
+                .await
+                .map(|d| d.with_owner(owner.display().to_string()))
+                .map_err(|e| e.to_string());
             if let Err(e) = &docker {
                 info!("docker tasks cannot run on this node: {e}");
             }
@@ -206,6 +210,8 @@ pub(crate) async fn run_agent<D: Driver>(
         pending: BTreeMap::new(),
         dirty: false,
         complete_requested: None,
+        confirmed: false,
+        dialled: None,
     };
     agent.recover().await;
     agent.run(shutdown).await

@@ -2,9 +2,10 @@
 //! local unix socket.
 //!
 //! - The container of task `T` is named `berth-T` and labelled `berth.task=T`, `berth.service`,
-//!   `berth.namespace`, `berth.slot` and `berth.managed=true`; [`Runtime::list`] finds berth's
-//!   containers by that last label, so a new [`DockerRuntime`] (after an agent restart) adopts
-//!   what the previous one started. Containers have no link to the agent process.
+//!   `berth.namespace`, `berth.slot`, `berth.managed=true` and `berth.owner` (the agent's data
+//!   directory); [`Runtime::list`] finds this agent's containers by the last two, so a new
+//!   [`DockerRuntime`] (after an agent restart) adopts what the previous one started, and agents
+//!   sharing a daemon never see each other's. Containers have no link to the agent process.
 //! - Restart policy `no` (the orchestrator restarts tasks) and `--init` (Docker's tini as PID 1),
 //!   so SIGTERM reaches the task's command even when that command is a shell, which as PID 1
 //!   would ignore it.
@@ -45,6 +46,9 @@ pub const LABEL_NAMESPACE: &str = "berth.namespace";
 pub const LABEL_SLOT: &str = "berth.slot";
 /// Label (`true`) marking a container as berth's.
 pub const LABEL_MANAGED: &str = "berth.managed";
+/// Label naming the agent that created the container (its data directory), so agents sharing
+/// one Docker daemon (a test host, `berth dev`) each list only their own containers.
+pub const LABEL_OWNER: &str = "berth.owner";
 /// Prefix of container names: `berth-<task id>`.
 pub const NAME_PREFIX: &str = "berth-";
 
@@ -57,6 +61,8 @@ const API_TIMEOUT: Duration = Duration::from_secs(120);
 #[derive(Debug, Clone)]
 pub struct DockerRuntime {
     docker: Docker,
+    /// [`LABEL_OWNER`] of the containers this runtime creates and lists (all berth's when None).
+    owner: Option<String>,
 }
 
 impl DockerRuntime {
@@ -81,7 +87,16 @@ impl DockerRuntime {
     /// Wraps a connected client, after negotiating the API version (`addr` is for messages).
     pub async fn with_client(docker: Docker, addr: &str) -> Result<Self, RuntimeError> {
         let docker = docker.negotiate_version().await.map_err(|e| unreachable(addr, &e))?;
-        Ok(DockerRuntime { docker })
+        Ok(DockerRuntime { docker, owner: None })
+    }
+
+    /// Labels the containers it creates as `owner`'s, and lists only those: an agent's
+    /// reconciliation then never takes another agent's containers on the same daemon for
+    /// unknown ones. Containers created before owners existed are listed by nobody (and
+    /// removed by nobody); they are still adopted by name.
+    pub fn with_owner(mut self, owner: impl Into<String>) -> Self {
+        self.owner = Some(owner.into());
+        self
     }
 
     /// The underlying client.
@@ -260,7 +275,11 @@ impl Runtime for DockerRuntime {
         }
         self.ensure_image(image).await?;
         let opts = CreateContainerOptionsBuilder::new().name(&name).build();
-        match self.docker.create_container(Some(opts), create_body(task_id, spec, image)).await {
+        let mut body = create_body(task_id, spec, image);
+        if let (Some(owner), Some(labels)) = (&self.owner, body.labels.as_mut()) {
+            labels.insert(LABEL_OWNER.to_string(), owner.clone());
+        }
+        match self.docker.create_container(Some(opts), body).await {
             Ok(_) => {}
             Err(e) if status(&e) == Some(409) => {
                 // Created concurrently by another start of the same task.
@@ -346,7 +365,11 @@ impl Runtime for DockerRuntime {
     }
 
     async fn list(&self) -> Result<Vec<String>, RuntimeError> {
-        let filters = HashMap::from([("label", vec![format!("{LABEL_MANAGED}=true")])]);
+        let mut labels = vec![format!("{LABEL_MANAGED}=true")];
+        if let Some(owner) = &self.owner {
+            labels.push(format!("{LABEL_OWNER}={owner}"));
+        }
+        let filters = HashMap::from([("label", labels)]);
         let opts = ListContainersOptionsBuilder::new().all(true).filters(&filters).build();
         let containers =
             self.docker.list_containers(Some(opts)).await.map_err(|e| api_error("listing berth's containers", e))?;
@@ -595,6 +618,8 @@ fn create_body(task_id: &str, spec: &RunSpec, image: &str) -> ContainerCreateBod
         env: (!env.is_empty()).then_some(env),
         working_dir: task.workdir.clone().filter(|w| !w.is_empty()),
         labels: Some(labels),
+        // `docker stop` sends this, then SIGKILL after the grace the agent passes.
+        stop_signal: task.stop_signal.as_ref().map(|_| task.stop_signal_number().to_string()),
         exposed_ports: (!exposed.is_empty()).then_some(exposed),
         host_config: Some(HostConfig {
             nano_cpus,

@@ -6,15 +6,22 @@
 //! - Each task has one watcher: it polls the runtime every 500 ms and runs the health check at
 //!   its interval. An unhealthy task (`retries` failures in a row after `start_period`) is stopped
 //!   and reported FAILED, so the orchestrator replaces it per the restart policy.
-//! - stop: SIGTERM, a grace, SIGKILL; SHUTDOWN is reported. forget: stop and remove the task's
-//!   files or container (the task left the node's assignment set).
+//! - stop: the task's stop signal (SIGTERM unless its spec says otherwise), its grace period
+//!   (`stop_grace_period`, default 10 s), then SIGKILL; SHUTDOWN is reported. forget: stop and
+//!   remove the task's files or container (the task left the node's assignment set). At most
+//!   one stop of a task runs at a time; a forget asked for during a stop removes the task once
+//!   the stop is done.
+//! - reconcile (level-triggered, at agent start and on every complete assignment set): compares
+//!   the desired tasks with what the runtimes actually hold, starts what should run and does not,
+//!   stops what should not run, and once the leader has confirmed the whole set removes what it
+//!   does not know. Nothing depends on having seen a change happen.
 //! - at-most-once: the agent writes a lease file (`lease`, the Unix millisecond it last heard the
 //!   leader) on every leader frame; the manager stops at-most-once tasks whose fence timeout
 //!   passed without contact. The process runtime's supervisor checks the same lease itself, so the
 //!   fence holds even while the agent is frozen.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeSet, HashMap, HashSet},
     path::PathBuf,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
@@ -33,8 +40,9 @@ use crate::probe::{Health, HealthTracker};
 
 /// How often a task's runtime state is polled.
 const POLL: Duration = Duration::from_millis(500);
-/// How long a stopped task gets between SIGTERM and SIGKILL.
-pub const STOP_GRACE: Duration = Duration::from_secs(10);
+/// How long a stopped task gets between its stop signal and SIGKILL when its spec is unknown
+/// here (the spec's `stop_grace_period` otherwise).
+pub const STOP_GRACE: Duration = berth_types::spec::DEFAULT_STOP_GRACE;
 /// The lease file in the agent's data dir.
 pub const LEASE_FILE: &str = "lease";
 
@@ -62,6 +70,8 @@ struct Inner {
     ports_dir: PathBuf,
     /// Last contact with the leader (Unix ms), mirrored in the lease file.
     contact_ms: Mutex<i64>,
+    /// Tasks being stopped, and whether to remove them once stopped.
+    stopping: Mutex<HashMap<String, bool>>,
 }
 
 /// Runs tasks with a process runtime `P` and a docker runtime `D` (which may be unavailable).
@@ -93,6 +103,7 @@ impl TaskManager {
                 lease: data_dir.join(LEASE_FILE),
                 ports_dir: data_dir.join("ports"),
                 contact_ms: Mutex::new(now_ms()),
+                stopping: Mutex::new(HashMap::new()),
             }),
         };
         let fence = m.clone();
@@ -117,29 +128,40 @@ impl TaskManager {
         }
     }
 
-    /// Stops a task and waits for it: SIGTERM, SIGKILL after the grace. Reports the outcome.
-    pub async fn stop_now(&self, task_id: &str) {
+    /// Stops a task and waits for it: its stop signal, SIGKILL after the grace (the watched
+    /// spec's, else `grace`, else [`STOP_GRACE`]). Reports the outcome.
+    pub async fn stop_now(&self, task_id: &str, grace: Option<Duration>) {
         let watched = self.inner.tasks.lock().expect("tasks lock").remove(task_id);
-        let kinds: Vec<RuntimeKind> = match &watched {
+        let (kinds, grace): (Vec<RuntimeKind>, Duration) = match &watched {
             Some(w) => {
                 w.cancel.cancel();
-                vec![w.spec.task.runtime]
+                (vec![w.spec.task.runtime], w.spec.task.stop_grace_period)
             }
-            None => vec![RuntimeKind::Process, RuntimeKind::Docker],
+            None => (vec![RuntimeKind::Process, RuntimeKind::Docker], grace.unwrap_or(STOP_GRACE)),
         };
         let mut found = false;
         for kind in kinds {
             let ended_before = match self.call(kind, |rt| rt.inspect(task_id)).await {
                 Ok(Observed::Missing) | Err(_) => continue,
-                Ok(o) => matches!(o, Observed::Exited { .. }),
+                Ok(Observed::Exited { code, .. }) => Some(code),
+                Ok(Observed::Running { .. }) => None,
             };
             found = true;
-            match self.call(kind, |rt| rt.stop(task_id, STOP_GRACE)).await {
-                Ok(()) if !ended_before => {
-                    info!(task = %task_id, "stopped");
-                    self.inner.sink.report(self.status(task_id, TaskState::Shutdown, "stopped"));
-                }
-                Ok(()) => {}
+            match self.call(kind, |rt| rt.stop(task_id, grace)).await {
+                Ok(()) => match ended_before {
+                    None => {
+                        info!(task = %task_id, "stopped");
+                        self.inner.sink.report(self.status(task_id, TaskState::Shutdown, "stopped"));
+                    }
+                    // Ended before it was asked to stop (perhaps while the agent was away): say
+                    // so, or the masters keep waiting for it to stop.
+                    Some(code) => {
+                        let mut s =
+                            self.status(task_id, TaskState::Shutdown, format!("had already ended (exit code {code})"));
+                        s.exit_code = code;
+                        self.inner.sink.report(s);
+                    }
+                },
                 Err(e) => {
                     warn!(task = %task_id, "stopping failed: {e}");
                     self.inner.sink.report(self.status(task_id, TaskState::Failed, format!("stopping failed: {e}")));
@@ -198,12 +220,64 @@ impl TaskManager {
         if let Some(w) = self.inner.tasks.lock().expect("tasks lock").remove(id) {
             w.cancel.cancel();
         }
-        let r = self.call(spec.task.runtime, |rt| rt.stop(id, STOP_GRACE)).await;
+        let r = self.call(spec.task.runtime, |rt| rt.stop(id, spec.task.stop_grace_period)).await;
         let mut s = self.status(id, TaskState::Failed, message);
         if let Err(e) = r {
             s.message = format!("{}; stopping failed: {e}", s.message);
         }
         self.inner.sink.report(s);
+    }
+
+    /// Stops a task in the background (so the caller, the session, keeps heartbeating), and
+    /// with `remove` removes its files or container afterwards. One stop per task at a time: a
+    /// stop asked for while one runs joins it, and a removal asked for meanwhile is done after.
+    fn spawn_stop(&self, task_id: &str, grace: Option<Duration>, remove: bool) {
+        {
+            let mut stopping = self.inner.stopping.lock().expect("stopping lock");
+            if let Some(r) = stopping.get_mut(task_id) {
+                *r |= remove;
+                return;
+            }
+            stopping.insert(task_id.to_string(), remove);
+        }
+        let me = self.clone();
+        let id = task_id.to_string();
+        tokio::spawn(async move {
+            me.stop_now(&id, grace).await;
+            loop {
+                let remove = me.inner.stopping.lock().expect("stopping lock").get(&id).copied().unwrap_or(false);
+                if remove {
+                    let _ = std::fs::remove_file(me.inner.ports_dir.join(format!("{id}.json")));
+                    for kind in [RuntimeKind::Process, RuntimeKind::Docker] {
+                        if let Err(e) = me.call(kind, |rt| rt.remove(&id)).await {
+                            tracing::debug!(task = %id, "removing: {e}");
+                        }
+                    }
+                }
+                let mut stopping = me.inner.stopping.lock().expect("stopping lock");
+                // A removal asked for while this one ran without it: go round once more.
+                if stopping.get(&id).copied().unwrap_or(false) == remove {
+                    stopping.remove(&id);
+                    return;
+                }
+            }
+        });
+    }
+
+    /// The tasks the runtimes hold (running or ended), by runtime. A runtime that cannot be
+    /// listed is left out, with a warning: nothing of it is then taken for unknown.
+    async fn present(&self) -> HashMap<String, RuntimeKind> {
+        let mut out = HashMap::new();
+        for kind in [RuntimeKind::Process, RuntimeKind::Docker] {
+            if kind == RuntimeKind::Docker && self.inner.docker.is_err() {
+                continue;
+            }
+            match self.call(kind, |rt| rt.list()).await {
+                Ok(ids) => out.extend(ids.into_iter().map(|id| (id, kind))),
+                Err(e) => warn!("reconcile: listing the {kind:?} runtime's tasks failed: {e}"),
+            }
+        }
+        out
     }
 
     /// Process tasks share the host's network, so each container port gets a host port: the
@@ -282,7 +356,7 @@ impl TaskManager {
         }
         if cancel.is_cancelled() {
             // Stopped while it was starting: `stop` found nothing to stop, so stop it here.
-            let _ = self.call(kind, |rt| rt.stop(&id, STOP_GRACE)).await;
+            let _ = self.call(kind, |rt| rt.stop(&id, spec.task.stop_grace_period)).await;
             self.inner.sink.report(self.status(&id, TaskState::Shutdown, "stopped while starting"));
             return;
         }
@@ -319,7 +393,7 @@ impl TaskManager {
                             s.health = TaskHealth::Unhealthy as i32;
                             s.pid = pid;
                             self.inner.sink.report(s);
-                            let _ = self.call(kind, |rt| rt.stop(&id, STOP_GRACE)).await;
+                            let _ = self.call(kind, |rt| rt.stop(&id, spec.task.stop_grace_period)).await;
                             self.inner.tasks.lock().expect("tasks lock").remove(&id);
                             return;
                         }
@@ -376,6 +450,7 @@ trait RuntimeCalls: Send + Sync {
     fn inspect<'a>(&'a self, id: &'a str) -> BoxFut<'a, Observed>;
     fn stop<'a>(&'a self, id: &'a str, grace: Duration) -> BoxFut<'a, ()>;
     fn remove<'a>(&'a self, id: &'a str) -> BoxFut<'a, ()>;
+    fn list(&self) -> BoxFut<'_, Vec<String>>;
     fn probe_addr<'a>(&'a self, id: &'a str) -> BoxFut<'a, std::net::IpAddr>;
     fn exec<'a>(&'a self, id: &'a str, argv: &'a [String], timeout: Duration) -> BoxFut<'a, i32>;
     fn logs<'a>(&'a self, id: &'a str, q: LogQuery) -> BoxFut<'a, LogLines>;
@@ -397,6 +472,9 @@ impl<R: Runtime> RuntimeCalls for Owned<R> {
     }
     fn remove<'a>(&'a self, id: &'a str) -> BoxFut<'a, ()> {
         Box::pin(async move { self.0.remove(id).await.map_err(|e| e.to_string()) })
+    }
+    fn list(&self) -> BoxFut<'_, Vec<String>> {
+        Box::pin(async move { self.0.list().await.map_err(|e| e.to_string()) })
     }
     fn probe_addr<'a>(&'a self, id: &'a str) -> BoxFut<'a, std::net::IpAddr> {
         Box::pin(async move { self.0.probe_addr(id).await.map_err(|e| e.to_string()) })
@@ -436,23 +514,47 @@ impl Driver for TaskManager {
     /// session for the whole 10 s grace, and the masters declared the node down: found by the
     /// chaos suite.) The stop's outcome is reported through the status sink.
     async fn stop(&self, task_id: &str) {
-        let me = self.clone();
-        let id = task_id.to_string();
-        tokio::spawn(async move { me.stop_now(&id).await });
+        self.spawn_stop(task_id, None, false);
     }
 
     async fn forget(&self, task_id: &str) {
-        let me = self.clone();
-        let id = task_id.to_string();
-        tokio::spawn(async move {
-            me.stop_now(&id).await;
-            let _ = std::fs::remove_file(me.inner.ports_dir.join(format!("{id}.json")));
-            for kind in [RuntimeKind::Process, RuntimeKind::Docker] {
-                if let Err(e) = me.call(kind, |rt| rt.remove(&id)).await {
-                    tracing::debug!(task = %id, "removing: {e}");
+        self.spawn_stop(task_id, None, true);
+    }
+
+    async fn reconcile(&self, desired: &[Assignment], ended: &BTreeSet<String>, complete: bool) {
+        let present = self.present().await;
+        let watched: HashSet<String> = self.inner.tasks.lock().expect("tasks lock").keys().cloned().collect();
+        let mut known = HashSet::new();
+        let (mut started, mut stopped, mut removed) = (0usize, 0usize, 0usize);
+        for a in desired {
+            known.insert(a.task_id.as_str());
+            if a.desired_state == TaskState::Running as i32 {
+                // Ended tasks stay ended: the orchestrator replaces them with new tasks.
+                if !ended.contains(&a.task_id) && !watched.contains(&a.task_id) {
+                    started += 1;
+                    self.start(a).await;
+                }
+            } else if !ended.contains(&a.task_id) || watched.contains(&a.task_id) {
+                // Desired SHUTDOWN and not known to have ended: make sure it is stopped (a stop
+                // cut short by an agent restart is finished here) and that its end is reported,
+                // also when it never started or ended while the agent was away.
+                stopped += 1;
+                let grace = RunSpec::decode(&a.spec).ok().map(|s| s.task.stop_grace_period);
+                self.spawn_stop(&a.task_id, grace, false);
+            }
+        }
+        if complete {
+            for id in present.keys().chain(watched.iter()) {
+                if !known.contains(id.as_str()) {
+                    removed += 1;
+                    info!(task = %id, "reconcile: not assigned to this node; stopping and removing it");
+                    self.spawn_stop(id, None, true);
                 }
             }
-        });
+        }
+        if started + stopped + removed > 0 {
+            info!(started, stopped, removed, complete, "reconciled the tasks with the desired state");
+        }
     }
 
     fn leader_contact(&self) {

@@ -4,7 +4,7 @@
 //! through the [`StatusSink`] it was built with. The agent batches those reports to the leader.
 //! Real runtimes (processes, containers) plug into the same trait.
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashSet};
 use std::future::Future;
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -85,6 +85,33 @@ pub trait Driver: Send + Sync + 'static {
         self.stop(task_id)
     }
 
+    /// Level-triggered reconciliation: bring what runs on this node in line with `desired`
+    /// (every task assigned to this node, with its desired state), whatever happened before.
+    /// Starts desired-RUNNING tasks that do not run (except those in `ended`: tasks known to
+    /// have ended stay ended), stops desired-SHUTDOWN tasks not known to have ended, and, when
+    /// `complete` (the leader confirmed `desired` as the whole set in this session), stops and
+    /// removes every task the runtimes hold that `desired` does not name. Called at start-up
+    /// (not complete: the set may be stale) and for every complete set.
+    fn reconcile(
+        &self,
+        desired: &[Assignment],
+        ended: &BTreeSet<String>,
+        complete: bool,
+    ) -> impl Future<Output = ()> + Send {
+        let _ = complete;
+        async move {
+            for a in desired {
+                if a.desired_state == TaskState::Running as i32 {
+                    if !ended.contains(&a.task_id) {
+                        self.start(a).await;
+                    }
+                } else if !ended.contains(&a.task_id) {
+                    self.stop(&a.task_id).await;
+                }
+            }
+        }
+    }
+
     /// The leader was just heard from (fencing of at-most-once tasks).
     fn leader_contact(&self) {}
 
@@ -125,6 +152,23 @@ impl Driver for SimulatedDriver {
     async fn stop(&self, task_id: &str) {
         self.running.lock().expect("simulated driver lock").remove(task_id);
         self.sink.state(task_id, TaskState::Shutdown, "simulated");
+    }
+
+    async fn reconcile(&self, desired: &[Assignment], ended: &BTreeSet<String>, complete: bool) {
+        let known: HashSet<&str> = desired.iter().map(|a| a.task_id.as_str()).collect();
+        if complete {
+            self.running.lock().expect("simulated driver lock").retain(|id| known.contains(id.as_str()));
+        }
+        for a in desired {
+            let running = self.running.lock().expect("simulated driver lock").contains(&a.task_id);
+            if a.desired_state == TaskState::Running as i32 {
+                if !running && !ended.contains(&a.task_id) {
+                    self.start(a).await;
+                }
+            } else if running || !ended.contains(&a.task_id) {
+                self.stop(&a.task_id).await;
+            }
+        }
     }
 }
 
