@@ -33,6 +33,10 @@ pub(crate) const STATUS_FLUSH: Duration = Duration::from_millis(100);
 const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(1);
 /// How long to wait for CertificateRenewed before asking again.
 const RENEW_RETRY: Duration = Duration::from_secs(60);
+/// How often an established session reconciles the (confirmed) desired set with what runs,
+/// besides every complete set: catches whatever changed under the agent (a task's files or
+/// container removed by hand, a stop that failed).
+const RECONCILE_INTERVAL: Duration = Duration::from_secs(30);
 
 /// The tokio instant of a wall-clock time (now if it is past).
 fn instant_of(t: SystemTime) -> Instant {
@@ -117,6 +121,41 @@ pub(crate) struct Agent<D> {
     pub dirty: bool,
     /// The version at which a COMPLETE set was requested in this session.
     pub complete_requested: Option<u64>,
+    /// The stored assignments are the leader's whole set, confirmed in this session (a COMPLETE
+    /// set, then increments without a gap).
+    pub confirmed: bool,
+    /// The master the last session dialled.
+    pub dialled: Option<String>,
+}
+
+/// Which masters a session dials.
+enum Dial {
+    One(String),
+    /// All at once; the first to connect is used.
+    Any(Vec<String>),
+}
+
+/// Connects as `dial` says: the address and connection, or every failure.
+async fn connect(
+    endpoints: &Endpoints,
+    tls: &quinn::ClientConfig,
+    dial: &Dial,
+) -> Result<(String, quinn::Connection), String> {
+    use futures::StreamExt;
+    let addrs = match dial {
+        Dial::One(a) => std::slice::from_ref(a),
+        Dial::Any(all) => all.as_slice(),
+    };
+    let mut attempts: futures::stream::FuturesUnordered<_> =
+        addrs.iter().map(|a| async move { (a, net::connect(endpoints, tls, a).await) }).collect();
+    let mut failures = Vec::new();
+    while let Some((addr, r)) = attempts.next().await {
+        match r {
+            Ok(c) => return Ok((addr.clone(), c)),
+            Err(f) => failures.push(format!("{addr}: {f}")),
+        }
+    }
+    Err(failures.join("; "))
 }
 
 type ReadResult = Result<Option<MasterFrame>, FrameError>;
@@ -134,43 +173,47 @@ fn frame(body: agent_frame::Body) -> AgentFrame {
 }
 
 impl<D: Driver> Agent<D> {
-    /// Hands every persisted RUNNING assignment to the driver (it adopts or restarts them).
+    /// At start-up: reconciles the persisted assignments with what the runtimes hold. Tasks
+    /// desired RUNNING are adopted (or started), tasks desired SHUTDOWN are stopped, also when
+    /// a stop was cut short by the agent's own restart. Nothing unknown is removed until the
+    /// leader confirms the whole set.
     pub async fn recover(&mut self) {
-        let running: Vec<Assignment> = self
-            .state
-            .assignments
-            .iter()
-            .filter(|(_, a)| a.desired == TaskState::Running as i32)
-            .map(|(id, a)| a.to_pb(id))
-            .collect();
-        if !running.is_empty() {
-            info!(tasks = running.len(), "handing the persisted assignments to the driver");
+        if !self.state.assignments.is_empty() {
+            info!(tasks = self.state.assignments.len(), "reconciling the persisted assignments");
         }
-        for a in &running {
-            self.driver.start(a).await;
-        }
+        self.reconcile(false).await;
+    }
+
+    /// Level-triggered: hands the driver the whole desired set (see [`Driver::reconcile`]).
+    /// `complete`: the set is the leader's, confirmed in this session.
+    async fn reconcile(&mut self, complete: bool) {
+        self.drain();
+        let desired: Vec<Assignment> = self.state.assignments.iter().map(|(id, a)| a.to_pb(id)).collect();
+        let ended: std::collections::BTreeSet<String> =
+            self.state.statuses.iter().filter(|(_, s)| s.is_terminal()).map(|(id, _)| id.clone()).collect();
+        self.driver.reconcile(&desired, &ended, complete).await;
     }
 
     /// Sessions until shutdown. Never stops tasks because a session ended.
     pub async fn run(mut self, shutdown: &CancellationToken) -> Result<(), AgentError> {
         let mut backoff = Backoff::default();
         let mut next = self.state.last_leader.clone();
-        let mut cursor = 0usize;
         let mut hops = 0usize;
+        // The `--join` addresses are dialled too only when none of the masters the cluster told
+        // us about answered: a removed master is forgotten with the list that no longer has it.
+        let mut with_fallback = false;
         while !shutdown.is_cancelled() {
-            let targets = self.targets();
+            let targets = self.targets(with_fallback);
             if targets.is_empty() {
                 return Err(AgentError::NoMasters);
             }
-            let addr = match next.take() {
-                Some(a) => a,
-                None => {
-                    let a = targets[cursor % targets.len()].clone();
-                    cursor = cursor.wrapping_add(1);
-                    a
-                }
+            // The hinted leader alone; otherwise every known master at once, the first to answer
+            // wins (a follower then points at the leader). One at a time, an agent once took 27 s
+            // to get past masters that were down or removed.
+            let (end, addr) = match next.take() {
+                Some(a) => (self.session(Dial::One(a.clone()), shutdown, &mut backoff).await, a),
+                None => self.session_any(&targets, shutdown, &mut backoff).await,
             };
-            let end = self.session(&addr, shutdown, &mut backoff).await;
             let pause = match end {
                 SessionEnd::Shutdown => break,
                 SessionEnd::Refused { reason } => {
@@ -204,14 +247,15 @@ impl<D: Driver> Agent<D> {
                 SessionEnd::Lost { accepted, reason } => {
                     if accepted {
                         hops = 0;
+                        with_fallback = false;
                         warn!(master = %addr, "session ended: {reason}");
+                        // Straight back to all the masters: a new leader is elected meanwhile.
+                        Some(Duration::from_millis(50))
                     } else {
                         info!(master = %addr, "cannot open a session: {reason}");
+                        with_fallback = !with_fallback || self.state.masters.is_empty();
+                        Some(backoff.next())
                     }
-                    if let Some(p) = targets.iter().position(|t| *t == addr) {
-                        cursor = p + 1;
-                    }
-                    Some(backoff.next())
                 }
             };
             if let Some(p) = pause
@@ -227,15 +271,34 @@ impl<D: Driver> Agent<D> {
         Ok(())
     }
 
-    /// The masters to walk: what the cluster said, then the `--join` addresses.
-    fn targets(&self) -> Vec<String> {
+    /// The masters to dial: what the cluster said, and with `fallback` (or when the cluster
+    /// said nothing yet) the `--join` addresses too.
+    fn targets(&self, fallback: bool) -> Vec<String> {
         let mut t = self.state.masters.clone();
-        for a in &self.fallback {
-            if !t.contains(a) {
-                t.push(a.clone());
+        if fallback || t.is_empty() {
+            for a in &self.fallback {
+                if !t.contains(a) {
+                    t.push(a.clone());
+                }
             }
         }
         t
+    }
+
+    /// A session with whichever of `targets` answers first; also returns its address (all of
+    /// them, joined, when none answered).
+    async fn session_any(
+        &mut self,
+        targets: &[String],
+        shutdown: &CancellationToken,
+        backoff: &mut Backoff,
+    ) -> (SessionEnd, String) {
+        if let [only] = targets {
+            return (self.session(Dial::One(only.clone()), shutdown, backoff).await, only.clone());
+        }
+        let end = self.session(Dial::Any(targets.to_vec()), shutdown, backoff).await;
+        let addr = self.dialled.take().unwrap_or_else(|| targets.join(","));
+        (end, addr)
     }
 
     /// Waits `d` (false on shutdown), absorbing driver reports meanwhile.
@@ -323,7 +386,8 @@ impl<D: Driver> Agent<D> {
         }
     }
 
-    async fn session(&mut self, addr: &str, shutdown: &CancellationToken, backoff: &mut Backoff) -> SessionEnd {
+    async fn session(&mut self, dial: Dial, shutdown: &CancellationToken, backoff: &mut Backoff) -> SessionEnd {
+        self.dialled = None;
         let gate = self.gate.clone();
         let permit = match &gate {
             Some(g) => tokio::select! {
@@ -332,13 +396,16 @@ impl<D: Driver> Agent<D> {
             },
             None => None,
         };
-        let conn = tokio::select! {
+        let connected = tokio::select! {
             _ = shutdown.cancelled() => return SessionEnd::Shutdown,
-            c = net::connect(&self.endpoints, &self.tls, addr) => match c {
-                Ok(c) => c,
-                Err(f) => return SessionEnd::lost(format!("{addr}: {f}")),
-            },
+            c = connect(&self.endpoints, &self.tls, &dial) => c,
         };
+        let (addr, conn) = match connected {
+            Ok(pair) => pair,
+            Err(e) => return SessionEnd::lost(e),
+        };
+        self.dialled = Some(addr.clone());
+        let addr = addr.as_str();
         let end = self.converse(&conn, addr, permit, shutdown, backoff).await;
         if conn.close_reason().is_none() {
             match &end {
@@ -426,6 +493,7 @@ impl<D: Driver> Agent<D> {
         }
         self.state.last_leader = Some(addr.to_string());
         self.complete_requested = None;
+        self.confirmed = false;
         // Hello carried every final state: those of unassigned tasks can go.
         let known: Vec<String> = self.state.statuses.keys().cloned().collect();
         self.prune(known);
@@ -458,6 +526,8 @@ impl<D: Driver> Agent<D> {
         heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut flush = tokio::time::interval(STATUS_FLUSH);
         flush.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut resync = tokio::time::interval_at(Instant::now() + RECONCILE_INTERVAL, RECONCILE_INTERVAL);
+        resync.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut seq = 0u64;
         let mut last_heard = Instant::now();
         let mut read = read_next(reader);
@@ -526,6 +596,11 @@ impl<D: Driver> Agent<D> {
                 _ = flush.tick() => {
                     if let Err(end) = self.flush(&mut writer, conn).await {
                         return end;
+                    }
+                }
+                _ = resync.tick() => {
+                    if self.confirmed && self.complete_requested.is_none() {
+                        self.reconcile(true).await;
                     }
                 }
             }
@@ -613,24 +688,22 @@ impl<D: Driver> Agent<D> {
                 for u in &a.updated {
                     set.insert(u.task_id.clone(), StoredAssignment::from_pb(u));
                 }
-                for id in self.state.assignments.keys() {
-                    if !set.contains_key(id) {
-                        stopped.push(id.clone());
-                    }
-                }
-                for (id, new) in &set {
-                    if self.state.assignments.get(id) != Some(new) {
-                        changed.push(new.to_pb(id));
-                    }
-                }
                 self.state.assignments = set;
                 self.state.assignments_version = a.version;
                 self.complete_requested = None;
+                self.confirmed = true;
                 debug!(version = a.version, tasks = self.state.assignments.len(), "complete assignment set");
+                self.dirty = true;
+                // Durable before anything is acted on or reported.
+                self.persist_or_end().await?;
+                // Not "what changed" but "what differs": the desired set against what runs.
+                self.reconcile(true).await;
+                return Ok(());
             }
             Ok(AssignmentsKind::Incremental) => {
                 let have = self.state.assignments_version;
                 if a.base_version != have {
+                    self.confirmed = false;
                     if self.complete_requested != Some(have) {
                         info!(
                             have,
