@@ -121,6 +121,11 @@ impl Assignments {
         self.ready.send_replace(false);
     }
 
+    /// Whether the index is built for this term (behind its read barrier) and not rebuilding.
+    pub fn is_ready(&self) -> bool {
+        *self.ready.borrow()
+    }
+
     /// Waits (bounded) until the index is built; false if it is not within `patience`.
     pub async fn wait_ready(&self, patience: Duration) -> bool {
         let mut rx = self.ready.subscribe();
@@ -184,6 +189,15 @@ pub(crate) async fn index(ctx: Arc<Ctx>, leading: CancellationToken) {
 }
 
 async fn index_once(ctx: &Ctx, leading: &CancellationToken) -> Result<(), String> {
+    // Read barrier first: a new leader's applied state may lag what an earlier leader committed,
+    // and a COMPLETE set built from it could lack tasks, which the agent would then stop and
+    // remove. Once this returns, everything committed before this term began is applied here.
+    tokio::select! {
+        r = ctx.raft.ensure_linearizable(openraft::ReadPolicy::ReadIndex) => {
+            r.map_err(|e| format!("the read barrier at the start of this term failed: {e}"))?;
+        }
+        _ = leading.cancelled() => return Ok(()),
+    }
     let q = RangeQuery {
         key: TASKS_PREFIX.as_bytes().to_vec(),
         range_end: prefix_end(TASKS_PREFIX.as_bytes()),
@@ -274,8 +288,11 @@ pub(crate) async fn commit_statuses(ctx: Arc<Ctx>, leading: CancellationToken) {
         if batch.is_empty() {
             continue;
         }
-        // Reading the tasks and building the writes is synchronous: off the async workers.
+        // Reading the tasks and building the writes is synchronous: off the async workers. If
+        // that fails as a whole (a panic, a runtime shutting down), the batch goes back in the
+        // queue: a status report is retried, never dropped.
         let c = ctx.clone();
+        let kept = batch.clone();
         let prepared = tokio::task::spawn_blocking(move || {
             let mut out = Vec::new();
             for (id, (node, s)) in batch {
@@ -302,8 +319,22 @@ pub(crate) async fn commit_statuses(ctx: Arc<Ctx>, leading: CancellationToken) {
             }
             out
         })
-        .await
-        .unwrap_or_default();
+        .await;
+        let prepared = match prepared {
+            Ok(p) => p,
+            Err(e) => {
+                warn!("preparing a batch of task states failed ({e}); requeueing {} reports", kept.len());
+                for (id, v) in kept {
+                    ctx.statuses.requeue(id, v);
+                }
+                ctx.statuses.notify.notify_one();
+                tokio::select! {
+                    _ = tokio::time::sleep(STATUS_FLUSH) => {}
+                    _ = leading.cancelled() => return,
+                }
+                continue;
+            }
+        };
         let writes = prepared.into_iter().map(|(id, node, s, txn)| {
             let ctx = &ctx;
             async move { (id, node, s, ctx.write(Command::Txn(txn)).await) }

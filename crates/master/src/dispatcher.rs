@@ -409,6 +409,9 @@ async fn session(
         ctx.assignments.drop_conn(&node_id, &conn);
         return;
     }
+    // A COMPLETE set the agent asked for while the index was rebuilding: sent once it is ready
+    // (the rebuild bumps every node), never from an index that may lack tasks.
+    let mut complete_wanted = false;
     let reason = loop {
         let frame = tokio::select! {
             f = reader.recv::<AgentFrame>() => f,
@@ -416,8 +419,15 @@ async fn session(
                 if r.is_err() {
                     continue;
                 }
-                let Some(inc) = sent.incremental(term, ctx.assignments.current(&node_id)) else { continue };
-                if let Err(e) = writer.send(&MasterFrame { body: Some(master_frame::Body::Assignments(inc)) }).await {
+                let set = ctx.assignments.current(&node_id);
+                let out = if complete_wanted && ctx.assignments.is_ready() {
+                    complete_wanted = false;
+                    sent.complete(term, set)
+                } else {
+                    let Some(inc) = sent.incremental(term, set) else { continue };
+                    inc
+                };
+                if let Err(e) = writer.send(&MasterFrame { body: Some(master_frame::Body::Assignments(out)) }).await {
                     debug!(node = %node_id, "session lost: {e}");
                     ctx.liveness.close_session(&node_id, n);
                     ctx.assignments.drop_conn(&node_id, &conn);
@@ -459,8 +469,12 @@ async fn session(
                 ctx.statuses.report(&node_id, report.tasks);
                 None
             }
-            agent_frame::Body::RequestComplete(_) => {
+            agent_frame::Body::RequestComplete(_) if ctx.assignments.is_ready() => {
                 Some(master_frame::Body::Assignments(sent.complete(term, ctx.assignments.current(&node_id))))
+            }
+            agent_frame::Body::RequestComplete(_) => {
+                complete_wanted = true;
+                None
             }
             agent_frame::Body::LogChunk(_) => {
                 break (close::MALFORMED_FRAME, "log chunks belong on a log stream".to_string());
