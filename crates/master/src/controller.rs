@@ -274,6 +274,9 @@ fn new_task(w: &World, svc: &Svc, slot: u32, pinned: &str, fence_ms: u64) -> Tas
         window_start_ms: w.now,
         template_hash: svc.hash.clone(),
         pinned_node: pinned.to_string(),
+        running_at_ms: 0,
+        healthy_at_ms: 0,
+        ended_at_ms: 0,
     }
 }
 
