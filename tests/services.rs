@@ -229,24 +229,25 @@ fn lost_agents_replace_and_at_most_once_fences() -> Result<()> {
 fn failed_update_rolls_back_and_global_follows_nodes() -> Result<()> {
     let (c, mut agents) = cluster_with_agents(&[("g1", "a"), ("g2", "b")], &[])?;
     let dir = c.dir.path().to_path_buf();
-    let port = berth_tests::free_port();
-    let healthy = format!(
-        r#"
+    // A host port per task: with one fixed port, a new task's probe could reach its
+    // predecessor's server (stop-first does not wait for the old task to exit), pass, and the new
+    // task then fail to bind: a failure inside `rollback.monitor`, which pauses the rollback.
+    let healthy = r#"
 kind: Service
-metadata: {{name: site}}
+metadata: {name: site}
 spec:
   mode: replicated
   replicas: 1
   task:
     runtime: process
-    command: ["/usr/bin/python3", "-m", "http.server", "{port}", "--bind", "127.0.0.1"]
+    command: ["/bin/sh", "-c", "exec /usr/bin/python3 -m http.server \"$BERTH_PORT_8080\" --bind 127.0.0.1"]
+    ports: [{container: 8080}]
     workdir: /tmp
-    health: {{http: {{port: {port}, path: /}}, interval: 500ms, timeout: 1s, retries: 2}}
-  update: {{parallelism: 1, failure_action: rollback}}
-  restart: {{condition: any, delay: 200ms}}
-"#
-    );
-    apply(&c, &dir, "site", &healthy)?;
+    health: {http: {port: 8080, path: /}, interval: 500ms, timeout: 1s, retries: 2}
+  update: {parallelism: 1, failure_action: rollback}
+  restart: {condition: any, delay: 200ms}
+"#;
+    apply(&c, &dir, "site", healthy)?;
     let v1 = wait_for(LONG, "site healthy", || running(&c, "site").into_iter().find(|t| t["health"] == "healthy"))?;
     // Version 2 probes a path that does not exist: 404, unhealthy.
     apply(&c, &dir, "site", &healthy.replace("path: /}", "path: /missing-page}"))?;

@@ -15,7 +15,7 @@ use std::{
 
 use berth_api::pb::{
     Task,
-    agent::{Assignment, TaskState, TaskStatus},
+    agent::{Assignment, TaskHealth, TaskState, TaskStatus},
 };
 use berth_store::WatchEvents;
 use berth_types::{Command, CommandResult, EventKind, RangeQuery, prefix_end};
@@ -391,7 +391,23 @@ fn apply_status(t: &Task, s: &TaskStatus) -> Option<Task> {
         u.pid = s.pid;
     }
     u.updated_at_ms = if s.timestamp_ms > 0 { s.timestamp_ms } else { objects::now_ms() };
+    stamp_transitions(&mut u, reported, s.health, objects::now_ms());
     Some(u)
+}
+
+/// Records when a task first ran, first passed its health check and ended, on the committing
+/// leader's clock (the one the controllers compare with; an agent's clock may be off), so the
+/// updater's `monitor` survives a change of leader.
+fn stamp_transitions(u: &mut Task, reported: TaskState, health: i32, now: i64) {
+    if reported == TaskState::Running && u.running_at_ms == 0 {
+        u.running_at_ms = now;
+    }
+    if reported == TaskState::Running && health == TaskHealth::Healthy as i32 && u.healthy_at_ms == 0 {
+        u.healthy_at_ms = now;
+    }
+    if tasks::is_terminal(reported) && u.ended_at_ms == 0 {
+        u.ended_at_ms = now;
+    }
 }
 
 #[cfg(test)]
@@ -414,6 +430,22 @@ mod tests {
         assert!(apply_status(&task(TaskState::Running), &status(TaskState::Assigned)).is_none());
         assert!(apply_status(&task(TaskState::Running), &status(TaskState::Shutdown)).is_some());
         assert!(apply_status(&task(TaskState::Failed), &status(TaskState::Shutdown)).is_none());
+    }
+
+    #[test]
+    fn transitions_are_stamped_once() {
+        let mut t = task(TaskState::Assigned);
+        stamp_transitions(&mut t, TaskState::Running, TaskHealth::Starting as i32, 10);
+        assert_eq!((t.running_at_ms, t.healthy_at_ms, t.ended_at_ms), (10, 0, 0));
+        stamp_transitions(&mut t, TaskState::Running, TaskHealth::Healthy as i32, 20);
+        stamp_transitions(&mut t, TaskState::Running, TaskHealth::Healthy as i32, 25);
+        assert_eq!((t.running_at_ms, t.healthy_at_ms, t.ended_at_ms), (10, 20, 0));
+        stamp_transitions(&mut t, TaskState::Failed, TaskHealth::Unhealthy as i32, 30);
+        assert_eq!((t.running_at_ms, t.healthy_at_ms, t.ended_at_ms), (10, 20, 30));
+        let mut healthy = status(TaskState::Running);
+        healthy.health = TaskHealth::Healthy as i32;
+        let u = apply_status(&task(TaskState::Assigned), &healthy).expect("changed");
+        assert!(u.running_at_ms > 0 && u.healthy_at_ms == u.running_at_ms && u.ended_at_ms == 0);
     }
 
     #[test]

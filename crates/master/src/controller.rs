@@ -12,7 +12,9 @@
 //!   whose node is down, removed or drained; shuts down tasks of removed slots.
 //! - **updater**: replaces tasks whose template differs from the service's, `parallelism` at a
 //!   time, stop-first or start-first, waiting for the new ones to be running (and healthy), with
-//!   `delay` between batches; counts failures and pauses, rolls back or continues.
+//!   `delay` between batches; counts the new tasks that fail before turning ready or within
+//!   `monitor` after, and pauses, rolls back or continues; completes once the last ones stayed up
+//!   for `monitor`. Its decisions are the pure functions of [`crate::updater`].
 //! - **scheduler loop**: places pending tasks in one batch with `berth-scheduler`.
 //! - **reaper**: keeps the last few ended tasks per slot; removes deleted services once their
 //!   tasks have ended.
@@ -27,7 +29,7 @@ use berth_api::pb::{Node, NodeAvailability, NodeStatus, Rollout, RolloutState, S
 use berth_scheduler::{Scheduler, Strategy};
 use berth_types::{
     Command, CommandResult, Compare, RequestOp, Txn,
-    spec::{FailureAction, PlacementStrategy, RestartCondition, UpdateOrder},
+    spec::{PlacementStrategy, RestartCondition, UpdateOrder},
 };
 use prost::Message;
 use tokio_util::sync::CancellationToken;
@@ -37,6 +39,7 @@ use crate::{
     node::Ctx,
     objects::{self, NODES_PREFIX},
     tasks::{self, SERVICES_PREFIX, SLOTS_PREFIX, Svc, TASKS_PREFIX},
+    updater::{self, Step},
 };
 
 /// Ended tasks kept per slot (for `describe` and logs).
@@ -274,6 +277,9 @@ fn new_task(w: &World, svc: &Svc, slot: u32, pinned: &str, fence_ms: u64) -> Tas
         window_start_ms: w.now,
         template_hash: svc.hash.clone(),
         pinned_node: pinned.to_string(),
+        running_at_ms: 0,
+        healthy_at_ms: 0,
+        ended_at_ms: 0,
     }
 }
 
@@ -517,90 +523,79 @@ fn update(w: &World, svc: &Svc, fence_ms: u64, plan: &mut Plan) {
     if svc.record.deleting || !matches!(state, RolloutState::Updating | RolloutState::RollingBack) {
         return;
     }
-    let cfg = if state == RolloutState::RollingBack { &svc.spec.spec.rollback } else { &svc.spec.spec.update };
+    let rolling_back = state == RolloutState::RollingBack;
     let desired = desired_slots(w, svc);
     let ns = &svc.record.namespace;
     let name = &svc.record.name;
-    let mut stale = Vec::new();
-    let mut in_flight = 0usize;
-    for slot_name in desired.keys() {
-        let key = tasks::slot_key(ns, name, slot_name);
-        let Some(cur) = w.slots.get(&key).and_then(|(id, _)| w.tasks.get(id)) else {
-            in_flight += 1;
-            continue;
-        };
-        if cur.obj.template_hash != svc.hash {
-            stale.push((slot_name.clone(), cur));
-        } else if !tasks::is_ready(&cur.obj, svc.has_health()) && !tasks::is_terminal(tasks::state_of(&cur.obj)) {
-            // An ended task of the new spec is done with (the orchestrator restarts it or not,
-            // and failures are counted below): only live, not yet ready ones hold the rollout.
-            in_flight += 1;
+    let current =
+        |slot_name: &str| w.slots.get(&tasks::slot_key(ns, name, slot_name)).and_then(|(id, _)| w.tasks.get(id));
+    let input = updater::RolloutInput {
+        rolling_back,
+        cfg: if rolling_back { &svc.spec.spec.rollback } else { &svc.spec.spec.update },
+        hash: &svc.hash,
+        has_health: svc.has_health(),
+        started_at_ms: rollout.started_at_ms,
+        last_batch_ms: rollout.updated_at_ms,
+        now: w.now,
+        slots: desired.keys().map(|s| (s.clone(), current(s).map(|t| &t.obj))).collect(),
+        tasks: w.tasks.values().map(|t| &t.obj).filter(|t| t.namespace == *ns && t.service == *name).collect(),
+    };
+    let decision = updater::decide(&input);
+    let failures = decision.failures;
+    match decision.step {
+        Step::Fail { rollback: true, why } => rollback(w, svc, plan, &why),
+        Step::Fail { rollback: false, why } => {
+            let what = if rolling_back { "rollback paused" } else { "paused" };
+            set_rollout(w, svc, plan, RolloutState::Paused, format!("{what}: {why}"), failures);
         }
-    }
-    // Failures of the new template since the rollout started.
-    let failures = w
-        .tasks
-        .values()
-        .filter(|t| {
-            t.obj.namespace == *ns
-                && t.obj.service == *name
-                && t.obj.template_hash == svc.hash
-                && t.obj.created_at_ms >= rollout.started_at_ms
-                && (tasks::state_of(&t.obj) == TaskState::Failed
-                    || t.obj.health == berth_api::pb::agent::TaskHealth::Unhealthy as i32)
-        })
-        .count() as u32;
-    let total = desired.len().max(1) as f64;
-    if state == RolloutState::Updating && failures > 0 && f64::from(failures) / total > cfg.max_failure_ratio {
-        let why = format!("{failures} task(s) of the new spec failed (max_failure_ratio {})", cfg.max_failure_ratio);
-        match cfg.failure_action {
-            FailureAction::Pause => {
-                set_rollout(w, svc, plan, RolloutState::Paused, format!("paused: {why}"), failures);
-                return;
+        Step::Done => {
+            let (done, msg) = if rolling_back {
+                (RolloutState::RolledBack, format!("rolled back to version {}", svc.record.version))
+            } else {
+                (RolloutState::Completed, format!("version {} is running on every slot", svc.record.version))
+            };
+            set_rollout(w, svc, plan, done, msg, failures);
+        }
+        Step::Wait => {
+            // Keep the count `describe` shows current (tolerated failures); `updated_at_ms`
+            // stays, as `delay` counts from the last batch.
+            if failures != rollout.failures {
+                let mut r = svc.record.clone();
+                if let Some(ro) = r.rollout.as_mut() {
+                    ro.failures = failures;
+                }
+                let key = tasks::service_key(ns, name);
+                plan.push(
+                    vec![objects::cas_put(key, svc.mod_revision, r.encode_to_vec())],
+                    format!("{}: {failures} failed task(s) in the rollout", svc.key()),
+                );
             }
-            FailureAction::Rollback => {
-                rollback(w, svc, plan, &why);
-                return;
+        }
+        Step::Batch(slots) => {
+            let start_first = input.cfg.order == UpdateOrder::StartFirst;
+            for slot_name in slots {
+                let Some(cur) = current(&slot_name) else { continue };
+                if plan.touched.contains(&cur.obj.id) {
+                    continue;
+                }
+                let (slot, pinned) = desired[&slot_name].clone();
+                let mut nt = new_task(w, svc, slot, &pinned, fence_ms);
+                nt.message = format!("update to version {} (replaces {})", svc.record.version, cur.obj.id);
+                replace_in_slot(w, svc, plan, &slot_name, nt, Some(cur), start_first, "updated");
             }
-            FailureAction::Continue => {}
+            // Record progress so that `delay` counts from this batch.
+            let mut r = svc.record.clone();
+            if let Some(ro) = r.rollout.as_mut() {
+                ro.updated_at_ms = w.now;
+                ro.failures = failures;
+            }
+            let key = tasks::service_key(ns, name);
+            plan.push(
+                vec![objects::cas_put(key, svc.mod_revision, r.encode_to_vec())],
+                format!("{}: update batch", svc.key()),
+            );
         }
     }
-    if stale.is_empty() && in_flight == 0 {
-        let (done, msg) = if state == RolloutState::RollingBack {
-            (RolloutState::RolledBack, format!("rolled back to version {}", svc.record.version))
-        } else {
-            (RolloutState::Completed, format!("version {} is running on every slot", svc.record.version))
-        };
-        set_rollout(w, svc, plan, done, msg, failures);
-        return;
-    }
-    let parallelism = if cfg.parallelism == 0 { usize::MAX } else { cfg.parallelism as usize };
-    if in_flight >= parallelism || stale.is_empty() {
-        return;
-    }
-    // `delay` between batches: counted from the last time the rollout moved.
-    if in_flight == 0 && w.now - rollout.updated_at_ms < cfg.delay.as_millis() as i64 {
-        return;
-    }
-    let start_first = cfg.order == UpdateOrder::StartFirst;
-    stale.sort_by_key(|(s, _)| s.parse::<u64>().unwrap_or(u64::MAX));
-    for (slot_name, cur) in stale.into_iter().take(parallelism - in_flight) {
-        if plan.touched.contains(&cur.obj.id) {
-            continue;
-        }
-        let (slot, pinned) = desired[&slot_name].clone();
-        let mut nt = new_task(w, svc, slot, &pinned, fence_ms);
-        nt.message = format!("update to version {} (replaces {})", svc.record.version, cur.obj.id);
-        replace_in_slot(w, svc, plan, &slot_name, nt, Some(cur), start_first, "updated");
-    }
-    // Record progress so that `delay` counts from this batch.
-    let mut r = svc.record.clone();
-    if let Some(ro) = r.rollout.as_mut() {
-        ro.updated_at_ms = w.now;
-        ro.failures = failures;
-    }
-    let key = tasks::service_key(&r.namespace, &r.name);
-    plan.push(vec![objects::cas_put(key, svc.mod_revision, r.encode_to_vec())], format!("{}: update batch", svc.key()));
 }
 
 /// Puts the previous spec back as a new version and rolls the tasks back to it.

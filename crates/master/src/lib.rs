@@ -21,6 +21,7 @@ mod proposer;
 mod raft_service;
 mod tasks;
 mod tls;
+mod updater;
 
 pub use config::{
     DEFAULT_AGENT_HEARTBEAT_INTERVAL, DEFAULT_CERT_VALIDITY, DEFAULT_NODE_DOWN_GRACE, MasterConfig,

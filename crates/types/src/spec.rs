@@ -763,10 +763,13 @@ pub struct UpdateConfig {
     /// `stop-first` (default) or `start-first`.
     #[serde(default)]
     pub order: UpdateOrder,
-    /// What to do when too many tasks fail: update default `rollback`, rollback default `pause`.
+    /// What to do when too many tasks fail: update default `rollback`, rollback default `pause`
+    /// (a rollback is never rolled back: there `rollback` pauses).
     #[serde(default = "default_update_action")]
     pub failure_action: FailureAction,
-    /// How long a new task is watched for failure (default 5s).
+    /// How long a new task is watched for failure after it turned ready (running, and healthy
+    /// with a health check); the rollout completes once the last tasks stayed up this long
+    /// (default 5s).
     #[serde(default = "secs::<5>", with = "duration")]
     pub monitor: Duration,
     /// Tolerated fraction of failed tasks, 0.0 to 1.0 (default 0.0).
