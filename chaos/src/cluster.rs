@@ -490,7 +490,9 @@ impl Cluster {
         Ok(())
     }
 
-    /// Kills every task process that the real agents' process runtime started.
+    /// Kills every task process that the real agents' process runtime started: those its task
+    /// directories name, then any other process of a task of these agents that /proc shows (a
+    /// task whose directory was removed while it still ran).
     fn kill_tasks(&self) {
         for a in &self.agents {
             let Ok(dirs) = std::fs::read_dir(a.dir.join("tasks")) else { continue };
@@ -510,6 +512,7 @@ impl Cluster {
                 }
             }
         }
+        crate::orphans::kill_all(&crate::orphans::Nodes::of(self));
     }
 
     /// Removes master `id` from the membership, stops it and forgets it.

@@ -9,6 +9,7 @@ mod history;
 mod linearizable;
 mod nemesis;
 mod net;
+mod orphans;
 mod run;
 mod services;
 mod workload;

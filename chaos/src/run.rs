@@ -22,7 +22,7 @@ use crate::{
     history::{self, Kind},
     linearizable,
     nemesis::{Fault, Nemesis},
-    net, services,
+    net, orphans, services,
     services::ServiceWorkload,
     workload::{self, KvShared, Recorder},
 };
@@ -321,6 +321,7 @@ async fn drive(
     let converged = converge(c, &svc, CONVERGENCE_BOUND).await;
     let convergence_ms = converged.as_ref().ok().map(|_| healed.elapsed().as_secs_f64() * 1000.0);
     let end_ns = services::unix_ns();
+    let no_orphans = orphans::check(c, healed + CONVERGENCE_BOUND).await;
 
     // Checks.
     let mut checks = Vec::new();
@@ -404,6 +405,7 @@ async fn drive(
             _ => String::new(),
         },
     ));
+    checks.push(no_orphans);
     let allowed = svc.allowed_final();
     let final_spec = services::churn_spec(c).await;
     checks.push(Check::new(
