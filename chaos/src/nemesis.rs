@@ -366,9 +366,9 @@ impl Nemesis {
     }
 
     /// kill -9 of real agent `i` (not its tasks: their shims lead process groups of their own,
-    /// as after a crash of the agent). It is restarted by [`Nemesis::restart_due_agents`] once a
-    /// drawn hold of 1.5-9 s has passed (below the 10 s node-down grace, mostly), or when
-    /// everything heals. Returns the hold.
+    /// as after a crash of the agent). It is restarted by the first [`Nemesis::restart_due_agents`]
+    /// after a drawn hold of 1.5-9 s (the caller's next step, so it may be down a little longer,
+    /// close to the 10 s node-down grace), or when everything heals. Returns the hold.
     pub fn kill_agent(&mut self, c: &mut Cluster, i: usize, note: String) -> Duration {
         let hold = self.hold(1500, 9000);
         c.kill_agent(i);
