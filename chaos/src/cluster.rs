@@ -490,7 +490,19 @@ impl Cluster {
         Ok(())
     }
 
-    /// Kills every task process that the real agents' process runtime started.
+    /// kill -9 of real agent `i`: its process group (`nsenter` and the agent). The task shims
+    /// lead process groups of their own, so the tasks keep running, as after a crash of the agent.
+    pub fn kill_agent(&mut self, i: usize) {
+        if let Some(a) = self.agents.get_mut(i)
+            && let Some(mut c) = a.child.take()
+        {
+            kill_child(&mut c);
+        }
+    }
+
+    /// Kills every task process that the real agents' process runtime started: those its task
+    /// directories name, then any other process of a task of these agents that /proc shows (a
+    /// task whose directory was removed while it still ran).
     fn kill_tasks(&self) {
         for a in &self.agents {
             let Ok(dirs) = std::fs::read_dir(a.dir.join("tasks")) else { continue };
@@ -510,6 +522,7 @@ impl Cluster {
                 }
             }
         }
+        crate::orphans::kill_all(&crate::orphans::Nodes::of(self));
     }
 
     /// Removes master `id` from the membership, stops it and forgets it.

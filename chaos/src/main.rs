@@ -2,6 +2,7 @@
 //! was lost. See chaos/README.md.
 
 mod checks;
+mod churn;
 mod cluster;
 mod etcd;
 mod failover;
@@ -9,6 +10,7 @@ mod history;
 mod linearizable;
 mod nemesis;
 mod net;
+mod orphans;
 mod run;
 mod services;
 mod workload;
@@ -115,6 +117,7 @@ fn suite_runs(full: bool, rounds: u64) -> Vec<(&'static str, u64, Duration, u64)
             ("pause-leader", 1, s(20), 3),
             ("partition-leader", 1, s(20), 3),
             ("agent-cutoff", 1, s(20), 3),
+            ("churn", 1, s(30), 3),
             ("mixed", 1, s(40), 3),
         ];
     }

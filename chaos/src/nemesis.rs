@@ -34,6 +34,10 @@ pub enum Fault {
     FsyncEio,
     ClockSkew,
     Membership,
+    /// kill -9 of a real agent, restarted after a while; injected by the churn scenario right
+    /// after it deleted or scaled down a service, while the agent is stopping the tasks. Not in
+    /// [`Fault::ALL`]: the random mix keeps the schedule its recorded seeds replay.
+    KillAgent,
 }
 
 impl Fault {
@@ -72,6 +76,7 @@ impl Fault {
             Fault::FsyncEio => "fsync-eio",
             Fault::ClockSkew => "clock-skew",
             Fault::Membership => "membership",
+            Fault::KillAgent => "kill-agent",
         }
     }
 
@@ -91,7 +96,7 @@ impl Fault {
 
     /// Whether it touches agents (then tasks may legitimately be replaced).
     pub fn touches_agents(self) -> bool {
-        matches!(self, Fault::AgentCutoff)
+        matches!(self, Fault::AgentCutoff | Fault::KillAgent)
     }
 
     /// Whether the time to the first committed write after it is a failover measurement.
@@ -120,6 +125,7 @@ enum Heal {
     Network,
     RemoveFiller(u64, std::path::PathBuf),
     Relaunch(u64),
+    StartAgent(usize),
 }
 
 pub struct Nemesis {
@@ -128,11 +134,20 @@ pub struct Nemesis {
     pub log: Vec<Injected>,
     probe_no: u64,
     file: Option<std::fs::File>,
+    /// Killed agents waiting for their restart: (agent index, killed at, hold, record so far).
+    down_agents: Vec<(usize, Instant, Duration, Injected)>,
 }
 
 impl Nemesis {
     pub fn new(rng: StdRng, start: Instant, file: &std::path::Path) -> Nemesis {
-        Nemesis { rng, start, log: Vec::new(), probe_no: 0, file: std::fs::File::create(file).ok() }
+        Nemesis {
+            rng,
+            start,
+            log: Vec::new(),
+            probe_no: 0,
+            file: std::fs::File::create(file).ok(),
+            down_agents: Vec::new(),
+        }
     }
 
     fn ms(&self) -> u64 {
@@ -308,6 +323,16 @@ impl Nemesis {
                 hold = Duration::ZERO;
                 Heal::Nothing
             }
+            Fault::KillAgent => {
+                // The plain form: a random agent, whatever it is doing (the churn scenario uses
+                // `kill_agent`, aimed at an agent that is stopping tasks).
+                let i = self.rng.random_range(0..c.agents.len().max(1));
+                c.agents.get(i).context("no agent")?;
+                c.kill_agent(i);
+                targets.push(i as u64 + 1);
+                hold = self.hold(1500, 9000);
+                Heal::StartAgent(i)
+            }
         };
         let failover_ms = if fault.is_failover() {
             let chans: Vec<_> = c
@@ -328,11 +353,53 @@ impl Nemesis {
         tokio::time::sleep(rest).await;
         self.heal(c, heal).await?;
         let rec = Injected { fault, at_ms, held_ms: t0.elapsed().as_millis() as u64, targets, failover_ms, note };
+        self.record(rec);
+        Ok(())
+    }
+
+    fn record(&mut self, rec: Injected) {
         if let Some(f) = self.file.as_mut() {
             let _ = serde_json::to_writer(&mut *f, &rec);
             let _ = f.write_all(b"\n");
         }
         self.log.push(rec);
+    }
+
+    /// kill -9 of real agent `i` (not its tasks: their shims lead process groups of their own,
+    /// as after a crash of the agent). It is restarted by the first [`Nemesis::restart_due_agents`]
+    /// after a drawn hold of 1.5-9 s (the caller's next step, so it may be down a little longer,
+    /// close to the 10 s node-down grace), or when everything heals. Returns the hold.
+    pub fn kill_agent(&mut self, c: &mut Cluster, i: usize, note: String) -> Duration {
+        let hold = self.hold(1500, 9000);
+        c.kill_agent(i);
+        let rec = Injected {
+            fault: Fault::KillAgent,
+            at_ms: self.ms(),
+            held_ms: 0,
+            targets: vec![i as u64 + 1],
+            failover_ms: None,
+            note,
+        };
+        self.down_agents.push((i, Instant::now(), hold, rec));
+        hold
+    }
+
+    /// Whether real agent `i` is down (killed, not restarted yet).
+    pub fn agent_down(&self, i: usize) -> bool {
+        self.down_agents.iter().any(|d| d.0 == i)
+    }
+
+    /// Restarts the killed agents whose hold has passed (all of them with `all`).
+    pub fn restart_due_agents(&mut self, c: &mut Cluster, all: bool) -> Result<()> {
+        let (due, wait): (Vec<_>, Vec<_>) = std::mem::take(&mut self.down_agents)
+            .into_iter()
+            .partition(|(_, t0, hold, _)| all || t0.elapsed() >= *hold);
+        self.down_agents = wait;
+        for (i, t0, _, mut rec) in due {
+            c.start_agent(i).with_context(|| format!("restarting agent {}", i + 1))?;
+            rec.held_ms = t0.elapsed().as_millis() as u64;
+            self.record(rec);
+        }
         Ok(())
     }
 
@@ -364,15 +431,17 @@ impl Nemesis {
                 }
                 c.start_master(id)?;
             }
+            Heal::StartAgent(i) => c.start_agent(i)?,
         }
         Ok(())
     }
 
-    /// Undoes everything still in force: network rules, pauses, stopped masters.
+    /// Undoes everything still in force: network rules, killed agents, pauses, stopped masters.
     pub async fn heal_everything(&mut self, c: &mut Cluster) -> Result<()> {
         if let Some(net) = &c.net {
             net.heal_all()?;
         }
+        self.restart_due_agents(c, true)?;
         let ids: Vec<u64> = c.masters.keys().copied().collect();
         for id in ids {
             c.resume_master(id);

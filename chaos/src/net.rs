@@ -24,7 +24,8 @@ pub struct Host {
 pub struct Net {
     /// Short and unique per run: namespace and link names derive from it.
     tag: String,
-    /// The third octet of this run's subnet 10.213.<subnet>.0/24.
+    /// The third octet of this run's subnet 198.18.<subnet>.0/24 (198.18.0.0/15 is set aside for
+    /// benchmarking, RFC 2544, so test traffic never meets a real network's addresses).
     subnet: u8,
     switch: String,
     hosts: Vec<Host>,
@@ -82,10 +83,10 @@ impl Net {
     }
 
     fn ip(&self, host: u8) -> Ipv4Addr {
-        Ipv4Addr::new(10, 213, self.subnet, host)
+        Ipv4Addr::new(198, 18, self.subnet, host)
     }
 
-    /// Adds host number `n` (1..=200) with address 10.213.<subnet>.<10+n>.
+    /// Adds host number `n` (1..=200) with address 198.18.<subnet>.<10+n>.
     pub fn add_host(&mut self, n: u8) -> Result<Host> {
         let host = Host { ns: format!("{}h{n}", self.tag), ip: self.ip(10 + n) };
         let port = format!("p{n}");

@@ -18,11 +18,12 @@ use tonic::transport::Channel;
 
 use crate::{
     checks::{self, Check},
+    churn::ServiceChurn,
     cluster::{Cluster, Options},
     history::{self, Kind},
     linearizable,
     nemesis::{Fault, Nemesis},
-    net, services,
+    net, orphans, services,
     services::ServiceWorkload,
     workload::{self, KvShared, Recorder},
 };
@@ -88,8 +89,21 @@ pub const SCENARIOS: &[Scenario] = &[
         about: "a follower removed and a new master added while the load runs",
         faults: &[Membership],
     },
-    Scenario { name: "mixed", about: "every fault above, drawn at random", faults: &Fault::ALL },
+    Scenario {
+        name: "churn",
+        about: "services created, scaled, updated and deleted under leader kills; agents killed while stopping tasks",
+        faults: &[KillLeader],
+    },
+    Scenario {
+        name: "mixed",
+        about: "every fault above, drawn at random (not churn's agent kills)",
+        faults: &Fault::ALL,
+    },
 ];
+
+/// The churn scenario: a leader is killed after this share of its workload's steps (the other
+/// scenarios inject a fault after every step).
+const CHURN_FAULT_CHANCE: f64 = 0.4;
 
 pub fn scenario(name: &str) -> Result<&'static Scenario> {
     SCENARIOS.iter().find(|s| s.name == name).with_context(|| {
@@ -263,6 +277,7 @@ async fn drive(
     let (_, term0) = c.wait_leader(Duration::from_secs(30)).await?;
 
     let mut nemesis = Nemesis::new(StdRng::seed_from_u64(rng.random()), start, &dir.join("faults.jsonl"));
+    let mut churn = (sc.name == "churn").then(|| ServiceChurn::new(dir, start));
     let mut step = 0u64;
     while start.elapsed() < args.duration {
         let gap = Duration::from_millis(nemesis.rng.random_range(300..1500));
@@ -270,6 +285,12 @@ async fn drive(
         if nemesis.rng.random_bool(0.3) {
             step += 1;
             svc.change(c, step).await?;
+        }
+        if let Some(ch) = churn.as_mut() {
+            ch.step(c, &mut nemesis).await?;
+            if !nemesis.rng.random_bool(CHURN_FAULT_CHANCE) {
+                continue;
+            }
         }
         if faults.is_empty() || start.elapsed() >= args.duration {
             continue;
@@ -321,6 +342,10 @@ async fn drive(
     let converged = converge(c, &svc, CONVERGENCE_BOUND).await;
     let convergence_ms = converged.as_ref().ok().map(|_| healed.elapsed().as_secs_f64() * 1000.0);
     let end_ns = services::unix_ns();
+    let mut no_orphans = orphans::check(c, healed + CONVERGENCE_BOUND).await;
+    if let Some(ch) = &churn {
+        no_orphans.detail = format!("{}\n{}", ch.summary(), no_orphans.detail);
+    }
 
     // Checks.
     let mut checks = Vec::new();
@@ -404,6 +429,7 @@ async fn drive(
             _ => String::new(),
         },
     ));
+    checks.push(no_orphans);
     let allowed = svc.allowed_final();
     let final_spec = services::churn_spec(c).await;
     checks.push(Check::new(
