@@ -2,7 +2,8 @@
 # The whole test suite: formatting, lints, unit tests, openraft's storage suite on RocksDB, the
 # integration tests in tests/ that start real `berth master` processes, and the quick chaos suite
 # (berth-chaos suite --quick: real clusters under kill -9, pauses, partitions and agent cut-offs,
-# checked for linearizability, lost writes, watch gaps and double runs).
+# and service churn with agents killed mid-stop, checked for linearizability, lost writes, watch
+# gaps, double runs and orphaned task processes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source deploy/prereqs.sh
