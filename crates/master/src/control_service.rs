@@ -437,7 +437,7 @@ impl ControlService for ControlSvc {
         let ctx = self.ctx.clone();
         if !ctx.is_leader() {
             // Only the leader holds the agents' sessions: relay through it.
-            let (_, addr) = ctx.leader().ok_or_else(|| Status::unavailable("no leader is known yet; retry"))?;
+            let (_, addr) = ctx.leader().ok_or_else(|| berth_api::not_applied("no leader is known yet; retry"))?;
             let ch = ctx.peers.channel(&addr).map_err(Status::unavailable)?;
             let mut client = pb::control_service_client::ControlServiceClient::new(ch);
             let stream = client.logs(req).await?.into_inner();

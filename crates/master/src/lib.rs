@@ -19,6 +19,7 @@ mod nodes_service;
 mod objects;
 mod proposer;
 mod raft_service;
+mod route;
 mod tasks;
 mod tls;
 
