@@ -365,6 +365,10 @@ impl ControlService for ControlSvc {
         let state = rec.obj.rollout.as_ref().map_or(RolloutState::Unspecified, |r| r.state());
         match RolloutAction::try_from(r.action).unwrap_or(RolloutAction::Unspecified) {
             RolloutAction::Status | RolloutAction::Unspecified => {}
+            // Pausing a paused rollout and resuming a running one change nothing, so that a
+            // client may send either again when it did not hear the first answer.
+            RolloutAction::Pause if state == RolloutState::Paused => {}
+            RolloutAction::Resume if matches!(state, RolloutState::Updating | RolloutState::RollingBack) => {}
             RolloutAction::Pause => {
                 if !matches!(state, RolloutState::Updating | RolloutState::RollingBack) {
                     return Err(Status::failed_precondition(
