@@ -21,7 +21,7 @@ use tonic::{Code, Status, transport::Channel};
 
 use crate::{
     Global,
-    client::Client,
+    client::{Call, Client},
     cmd_nodes,
     output::{self, Format},
 };
@@ -565,7 +565,7 @@ fn service_ref(ns: &str, name: &str) -> pb::ServiceRef {
 async fn get_service(client: &Client, ns: &str, name: &str) -> Result<pb::GetServiceResponse, Status> {
     let req = service_ref(ns, name);
     client
-        .call(|ch| {
+        .call(Call::Idempotent, |ch| {
             let req = req.clone();
             async move { control(ch).get_service(req).await.map(|r| r.into_inner()) }
         })
@@ -575,7 +575,7 @@ async fn get_service(client: &Client, ns: &str, name: &str) -> Result<pb::GetSer
 async fn list_services(client: &Client, ns: &str) -> Result<Vec<ServiceView>, Status> {
     let req = pb::ListServicesRequest { namespace: ns.to_string() };
     client
-        .call(|ch| {
+        .call(Call::Idempotent, |ch| {
             let req = req.clone();
             async move { control(ch).list_services(req).await.map(|r| r.into_inner().services) }
         })
@@ -585,7 +585,9 @@ async fn list_services(client: &Client, ns: &str) -> Result<Vec<ServiceView>, St
 /// Node id -> name, best effort (an empty map when the node list cannot be read).
 async fn node_names(client: &Client) -> HashMap<String, String> {
     let r = client
-        .call(|ch| async move { Client::nodes(ch).node_list(pb::NodeListRequest {}).await.map(|r| r.into_inner()) })
+        .call(Call::Idempotent, |ch| async move {
+            Client::nodes(ch).node_list(pb::NodeListRequest {}).await.map(|r| r.into_inner())
+        })
         .await;
     match r {
         Ok(r) => r.nodes.into_iter().filter_map(|i| i.node).map(|n| (n.id, n.name)).collect(),
@@ -688,7 +690,7 @@ pub async fn run_apply(a: ApplyArgs, g: &Global) -> Result<()> {
     for input in &inputs {
         let req = pb::ApplyRequest { documents: input.text.clone(), dry_run: a.dry_run, expected_revision: 0 };
         let r = client
-            .call(|ch| {
+            .call(Call::Idempotent, |ch| {
                 let req = req.clone();
                 async move { control(ch).apply(req).await.map(|r| r.into_inner()) }
             })
@@ -1116,7 +1118,7 @@ pub async fn run_get(cmd: GetCmd, g: &Global) -> Result<()> {
                 all,
             };
             let tasks = client
-                .call(|ch| {
+                .call(Call::Idempotent, |ch| {
                     let req = req.clone();
                     async move { control(ch).list_tasks(req).await.map(|r| r.into_inner().tasks) }
                 })
@@ -1375,7 +1377,7 @@ pub async fn run_scale(a: ScaleArgs, g: &Global) -> Result<()> {
     for (name, replicas) in &a.targets {
         let req = pb::ScaleRequest { service: Some(service_ref(&a.namespace, name)), replicas: *replicas };
         let r = client
-            .call(|ch| {
+            .call(Call::Idempotent, |ch| {
                 let req = req.clone();
                 async move { control(ch).scale(req).await.map(|r| r.into_inner()) }
             })
@@ -1429,13 +1431,25 @@ pub async fn run_rollout(cmd: RolloutCmd, g: &Global) -> Result<()> {
     };
     let client = crate::config::client(g)?;
     let req = pb::RolloutRequest { service: Some(service_ref(&target.namespace, &target.name)), action: action as i32 };
+    // Undo swaps the spec with the previous one: twice would go back again. Pause and resume
+    // set a state, so sending them again is harmless.
+    let kind = if action == RolloutAction::Undo { Call::Once } else { Call::Idempotent };
     let resp = client
-        .call(|ch| {
+        .call(kind, |ch| {
             let req = req.clone();
             async move { control(ch).rollout(req).await.map(|r| r.into_inner()) }
         })
         .await
-        .map_err(|s| anyhow!("{}: {}", key(&target.namespace, &target.name), status_text(&s)))?;
+        .map_err(|s| {
+            if berth_api::outcome(&s) == Some(berth_api::Outcome::Unknown) {
+                let next = format!(
+                    "see where the rollout stands with `berth rollout status {} -n {}` before undoing again",
+                    target.name, target.namespace
+                );
+                return crate::client::explain(s, &next);
+            }
+            anyhow!("{}: {}", key(&target.namespace, &target.name), status_text(&s))
+        })?;
     let view = resp.service.unwrap_or_default();
     let s = ServiceOut::from_view(&view);
     let k = key(&s.namespace, &s.name);
@@ -1483,7 +1497,7 @@ pub async fn run_delete(cmd: DeleteCmd, g: &Global) -> Result<()> {
     for name in &names {
         let req = service_ref(&namespace, name);
         let r = client
-            .call(|ch| {
+            .call(Call::Idempotent, |ch| {
                 let req = req.clone();
                 async move { control(ch).delete_service(req).await.map(|r| r.into_inner()) }
             })
@@ -1538,7 +1552,7 @@ fn print_log_entry(e: &pb::LogEntry, prefix_width: Option<usize>, timestamps: bo
 
 async fn open_logs(client: &Client, req: pb::LogsRequest) -> Result<tonic::Streaming<pb::LogEntry>, Status> {
     client
-        .call(|ch| {
+        .call(Call::Idempotent, |ch| {
             let req = req.clone();
             async move { control(ch).logs(req).await.map(|r| r.into_inner()) }
         })
