@@ -27,7 +27,7 @@ use crate::{
 };
 
 /// How often `--wait` looks at the rollouts.
-const POLL_INTERVAL: Duration = Duration::from_millis(500);
+pub(crate) const POLL_INTERVAL: Duration = Duration::from_millis(500);
 /// Longest message shown in a table cell (the full text is in `describe` and `-o json`).
 const MESSAGE_WIDTH: usize = 80;
 
@@ -96,6 +96,13 @@ pub struct ScaleArgs {
     pub targets: Vec<(String, u32)>,
     #[arg(short = 'n', long, default_value = spec::DEFAULT_NAMESPACE)]
     pub namespace: String,
+    /// Wait until REPLICAS tasks of the current version run (healthy, where the service has a
+    /// health check) and every other task has ended.
+    #[arg(long)]
+    pub wait: bool,
+    /// How long --wait waits before giving up.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "5m")]
+    pub timeout: Duration,
 }
 
 #[derive(Args, Debug)]
@@ -148,6 +155,12 @@ pub enum DeleteCmd {
         names: Vec<String>,
         #[arg(short = 'n', long, default_value = spec::DEFAULT_NAMESPACE)]
         namespace: String,
+        /// Wait until every task has ended (its process gone) and the service is removed.
+        #[arg(long)]
+        wait: bool,
+        /// How long --wait waits before giving up.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "5m")]
+        timeout: Duration,
     },
 }
 
@@ -282,7 +295,7 @@ pub fn truncate(s: &str, max: usize) -> String {
     format!("{}...", cut.trim_end())
 }
 
-fn key(ns: &str, name: &str) -> String {
+pub(crate) fn key(ns: &str, name: &str) -> String {
     format!("{ns}/{name}")
 }
 
@@ -562,7 +575,7 @@ fn service_ref(ns: &str, name: &str) -> pb::ServiceRef {
     pb::ServiceRef { namespace: ns.to_string(), name: name.to_string() }
 }
 
-async fn get_service(client: &Client, ns: &str, name: &str) -> Result<pb::GetServiceResponse, Status> {
+pub(crate) async fn get_service(client: &Client, ns: &str, name: &str) -> Result<pb::GetServiceResponse, Status> {
     let req = service_ref(ns, name);
     client
         .call(Call::Idempotent, |ch| {
@@ -583,7 +596,7 @@ async fn list_services(client: &Client, ns: &str) -> Result<Vec<ServiceView>, St
 }
 
 /// Node id -> name, best effort (an empty map when the node list cannot be read).
-async fn node_names(client: &Client) -> HashMap<String, String> {
+pub(crate) async fn node_names(client: &Client) -> HashMap<String, String> {
     let r = client
         .call(Call::Idempotent, |ch| async move {
             Client::nodes(ch).node_list(pb::NodeListRequest {}).await.map(|r| r.into_inner())
@@ -596,7 +609,7 @@ async fn node_names(client: &Client) -> HashMap<String, String> {
 }
 
 /// A status as the user should read it: its message, and the code unless the message says enough.
-fn status_text(s: &Status) -> String {
+pub(crate) fn status_text(s: &Status) -> String {
     match s.code() {
         Code::InvalidArgument | Code::NotFound | Code::FailedPrecondition | Code::AlreadyExists => {
             s.message().to_string()
@@ -610,7 +623,7 @@ fn is_table(f: Format) -> bool {
 }
 
 /// Prints a line to stdout; a closed pipe (`| head`) ends the program quietly.
-fn out_line(line: &str) {
+pub(crate) fn out_line(line: &str) {
     if writeln!(std::io::stdout().lock(), "{line}").is_err() {
         std::process::exit(0);
     }
@@ -1026,7 +1039,7 @@ pub async fn wait_rollouts(
 }
 
 /// Errors worth retrying while following a rollout (a leader change, a master restarting).
-fn is_transient(s: &Status) -> bool {
+pub(crate) fn is_transient(s: &Status) -> bool {
     matches!(
         s.code(),
         Code::Unavailable
@@ -1374,6 +1387,7 @@ pub async fn run_scale(a: ScaleArgs, g: &Global) -> Result<()> {
     let client = crate::config::client(g)?;
     let mut outs = Vec::new();
     let mut failed = Vec::new();
+    let mut scaled = Vec::new();
     for (name, replicas) in &a.targets {
         let req = pb::ScaleRequest { service: Some(service_ref(&a.namespace, name)), replicas: *replicas };
         let r = client
@@ -1395,6 +1409,11 @@ pub async fn run_scale(a: ScaleArgs, g: &Global) -> Result<()> {
                     ));
                 }
                 outs.push(s);
+                scaled.push(crate::wait::Target {
+                    namespace: a.namespace.clone(),
+                    name: name.clone(),
+                    goal: crate::wait::Goal::Scaled { replicas: *replicas },
+                });
             }
             Err(s)
                 if matches!(
@@ -1411,7 +1430,15 @@ pub async fn run_scale(a: ScaleArgs, g: &Global) -> Result<()> {
     if !is_table(g.output) {
         output::emit(g.output, &outs, |_| {});
     }
+    let waited = if a.wait && !scaled.is_empty() {
+        crate::wait::wait_for(&client, scaled, a.timeout, is_table(g.output)).await
+    } else {
+        Ok(())
+    };
     if !failed.is_empty() {
+        if let Err(e) = waited {
+            eprintln!("error: {}", output::describe(&e));
+        }
         bail!(
             "{} of {} services were not scaled ({}): see the errors above",
             failed.len(),
@@ -1419,7 +1446,7 @@ pub async fn run_scale(a: ScaleArgs, g: &Global) -> Result<()> {
             failed.join(", ")
         );
     }
-    Ok(())
+    waited
 }
 
 pub async fn run_rollout(cmd: RolloutCmd, g: &Global) -> Result<()> {
@@ -1491,9 +1518,10 @@ pub fn rollout_status_line(s: &ServiceOut) -> String {
 }
 
 pub async fn run_delete(cmd: DeleteCmd, g: &Global) -> Result<()> {
-    let DeleteCmd::Service { names, namespace } = cmd;
+    let DeleteCmd::Service { names, namespace, wait, timeout } = cmd;
     let client = crate::config::client(g)?;
     let mut failed = Vec::new();
+    let mut deleting = Vec::new();
     for name in &names {
         let req = service_ref(&namespace, name);
         let r = client
@@ -1503,7 +1531,14 @@ pub async fn run_delete(cmd: DeleteCmd, g: &Global) -> Result<()> {
             })
             .await;
         match r {
-            Ok(_) => out_line(&format!("service {} deleting", key(&namespace, name))),
+            Ok(_) => {
+                out_line(&format!("service {} deleting", key(&namespace, name)));
+                deleting.push(crate::wait::Target {
+                    namespace: namespace.clone(),
+                    name: name.clone(),
+                    goal: crate::wait::Goal::Deleted,
+                });
+            }
             Err(s) if matches!(s.code(), Code::NotFound | Code::FailedPrecondition | Code::Aborted) => {
                 eprintln!("error: {}", status_text(&s));
                 failed.push(name.clone());
@@ -1511,7 +1546,15 @@ pub async fn run_delete(cmd: DeleteCmd, g: &Global) -> Result<()> {
             Err(s) => return Err(anyhow!("deleting {}: {}", key(&namespace, name), status_text(&s))),
         }
     }
+    let waited = if wait && !deleting.is_empty() {
+        crate::wait::wait_for(&client, deleting, timeout, true).await
+    } else {
+        Ok(())
+    };
     if !failed.is_empty() {
+        if let Err(e) = waited {
+            eprintln!("error: {}", output::describe(&e));
+        }
         bail!(
             "{} of {} services were not deleted ({}): see the errors above",
             failed.len(),
@@ -1519,7 +1562,7 @@ pub async fn run_delete(cmd: DeleteCmd, g: &Global) -> Result<()> {
             failed.join(", ")
         );
     }
-    Ok(())
+    waited
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1701,6 +1744,8 @@ mod tests {
             &["describe", "service", "web", "-n", "prod"],
             &["describe", "svc", "web"],
             &["scale", "web=3", "api=0", "-n", "prod"],
+            &["scale", "web=3", "--wait", "--timeout", "2m"],
+            &["delete", "service", "web", "--wait", "--timeout", "30s"],
             &["rollout", "status", "web", "--wait", "--timeout", "30s"],
             &["rollout", "undo", "web", "-n", "prod", "--wait"],
             &["delete", "service", "web", "api"],
