@@ -9,6 +9,7 @@ mod cluster_service;
 mod config;
 mod control_service;
 mod controller;
+mod deadline;
 mod dispatcher;
 mod error;
 mod identity;

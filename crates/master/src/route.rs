@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use berth_api::{not_applied, outcome_unknown, pb};
 use berth_types::{Command, CommandResult};
+use openraft::{Instant as _, async_runtime::WatchReceiver};
 use tokio::{sync::watch, time::Instant};
 use tonic::Status;
 
@@ -69,6 +70,12 @@ impl LeaderContact {
     }
 }
 
+/// Whether a leader may take requests: it is the only voter, or a majority acknowledged one of
+/// its messages within `window` (`acked_ago`: how long ago, None if never).
+fn has_quorum_contact(sole_voter: bool, acked_ago: Option<Duration>, window: Duration) -> bool {
+    sole_voter || acked_ago.is_some_and(|ago| ago <= window)
+}
+
 /// Whether `leader` was heard from within `window` of `now`, given the last contact.
 fn is_live(last: Option<(u64, Instant)>, leader: u64, now: Instant, window: Duration) -> bool {
     last.is_some_and(|(id, at)| id == leader && now.saturating_duration_since(at) <= window)
@@ -88,14 +95,36 @@ impl Ctx {
         self.heartbeat_interval * CONTACT_HEARTBEATS
     }
 
+    /// This master leads and a majority acknowledged it within the leader lease (the maximum
+    /// election timeout; after that the others may have elected a new leader). A leader cut off
+    /// from the majority would otherwise hold every write until the commit timeout.
+    fn leads_with_quorum(&self) -> bool {
+        let rx = self.raft.metrics();
+        let m = rx.borrow_watched();
+        if !(m.state == openraft::ServerState::Leader && m.current_leader == Some(self.id)) {
+            return false;
+        }
+        let mut voters = m.membership_config.membership().voter_ids();
+        let sole_voter = voters.next() == Some(self.id) && voters.next().is_none();
+        let acked_ago = m.last_quorum_acked.as_ref().map(|t| t.elapsed());
+        has_quorum_contact(sole_voter, acked_ago, self.election_timeout * 2)
+    }
+
     fn route_wait(&self) -> Duration {
         self.election_timeout * ROUTE_WAIT_ELECTIONS
     }
 
-    /// The leader to send a request to: this master, or a leader heard from recently. Waits
-    /// (until `deadline`) while no leader is known or the known one is silent.
+    /// Until when a request may wait for a live leader: the route wait, or less if its client
+    /// gives up sooner.
+    fn route_deadline(&self) -> Instant {
+        crate::deadline::bounded(Instant::now() + self.route_wait())
+    }
+
+    /// The leader to send a request to: this master (if a majority hears it), or a leader heard
+    /// from recently. Waits (until `deadline`) while no leader is known, the known one is silent,
+    /// or this leader has no majority.
     pub(crate) async fn live_leader(&self, deadline: Instant) -> Result<Route, Status> {
-        if self.is_leader() {
+        if self.leads_with_quorum() {
             return Ok(Route::Local);
         }
         let mut contact = self.leader_contact.last.subscribe();
@@ -103,11 +132,13 @@ impl Ctx {
         let started = Instant::now();
         let mut logged = false;
         loop {
-            if self.is_leader() {
+            let leading = self.is_leader();
+            if leading && self.leads_with_quorum() {
                 return Ok(Route::Local);
             }
             let leader = self.leader();
-            if let Some((id, addr)) = &leader
+            if !leading
+                && let Some((id, addr)) = &leader
                 && is_live(self.leader_contact.last(), *id, Instant::now(), self.contact_window())
             {
                 return Ok(Route::Leader(*id, addr.clone()));
@@ -128,14 +159,20 @@ impl Ctx {
                         return Err(Status::unavailable("master is stopping"));
                     }
                 }
-                r = openraft::async_runtime::WatchReceiver::changed(&mut metrics) => {
+                r = metrics.changed() => {
                     if r.is_err() {
                         return Err(Status::unavailable("master is stopping: Raft has stopped"));
                     }
                 }
+                // Quorum acknowledgements arrive with metrics updates; this only bounds the wait
+                // should one be coalesced away.
+                _ = tokio::time::sleep(self.heartbeat_interval), if leading => {}
                 _ = tokio::time::sleep_until(deadline) => {
                     let waited = Instant::now().saturating_duration_since(started);
                     let why = match (leader, self.leader_contact.last()) {
+                        _ if leading => "this master leads but has not heard from a majority of masters (they may \
+                                         be down or cut off)"
+                            .to_string(),
                         (None, _) => "no leader is known: fewer than a majority of masters may be reachable".to_string(),
                         (Some((id, addr)), Some((from, at))) if from == id => format!(
                             "leader {id} at {addr} was last heard from {:?} ago (it may be frozen or cut off) and no \
@@ -157,20 +194,26 @@ impl Ctx {
     /// where the write certainly did not happen.
     pub async fn write(&self, cmd: Command) -> Result<CommandResult, Status> {
         self.limits.check_command(&cmd).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let deadline = Instant::now() + self.route_wait();
+        let deadline = self.route_deadline();
         let mut hint = None;
         loop {
             let res = match self.live_leader(deadline).await? {
-                Route::Local => match tokio::time::timeout(COMMIT_TIMEOUT, self.proposer.propose(cmd.clone())).await {
-                    Ok(r) => r,
-                    Err(_) => {
-                        return Err(outcome_unknown(format!(
-                            "the write was not committed within {COMMIT_TIMEOUT:?}: a majority of masters is \
-                             probably unreachable (see `berth cluster status`); it may still be applied if they \
-                             return, so read it back before retrying"
-                        )));
+                Route::Local => {
+                    // Answer before the client gives up, with what is known.
+                    let started = Instant::now();
+                    let commit_by = crate::deadline::bounded(started + COMMIT_TIMEOUT);
+                    match tokio::time::timeout_at(commit_by, self.proposer.propose(cmd.clone())).await {
+                        Ok(r) => r,
+                        Err(_) => {
+                            return Err(outcome_unknown(format!(
+                                "the write was not committed within {:?}: a majority of masters is \
+                                 probably unreachable (see `berth cluster status`); it may still be applied if \
+                                 they return, so read it back before retrying",
+                                started.elapsed()
+                            )));
+                        }
                     }
-                },
+                }
                 Route::Leader(lid, addr) => self.forward(lid, &addr, &cmd).await?,
             };
             match res {
@@ -198,7 +241,19 @@ impl Ctx {
 
     async fn forward(&self, leader: u64, addr: &str, cmd: &Command) -> Result<Result<CmdResult, ProposeError>, Status> {
         let req = pb::raft::RaftRequest { header: Some(self.peers.header(leader)), payload: encode(cmd), id: 0 };
-        match self.peers.forward(addr, req).await {
+        let answer = self.peers.forward(addr, req);
+        let answered = match crate::deadline::answer_by() {
+            Some(by) => tokio::time::timeout_at(by, answer).await,
+            None => Ok(answer.await),
+        };
+        let Ok(answered) = answered else {
+            // It may be queued or on its way: it could still be applied.
+            return Err(outcome_unknown(format!(
+                "the write was forwarded to leader {leader} at {addr}, which did not answer in time (frozen, \
+                 cut off from a majority, or slow); it may still be applied, so read it back before retrying"
+            )));
+        };
+        match answered {
             Ok(payload) => decode(&payload).map_err(Status::internal),
             // Never sent: asking again (once the leader is known again) is safe.
             Err(ForwardError::NotSent(s)) => {
@@ -216,7 +271,7 @@ impl Ctx {
     /// leader had committed when the read arrived (read-index). Nothing is written, so every
     /// failure is "not applied".
     pub async fn read_barrier(&self) -> Result<(), Status> {
-        let deadline = Instant::now() + self.route_wait();
+        let deadline = self.route_deadline();
         let mut last_error = String::new();
         while Instant::now() < deadline {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -234,7 +289,10 @@ impl Ctx {
                     Ok(idx) => {
                         return self
                             .raft
-                            .wait(Some(APPLY_WAIT))
+                            .wait(Some(
+                                crate::deadline::bounded(Instant::now() + APPLY_WAIT)
+                                    .saturating_duration_since(Instant::now()),
+                            ))
                             .applied_index_at_least(Some(idx), "read index")
                             .await
                             .map(|_| ())
@@ -292,6 +350,15 @@ mod tests {
         // Heard from another master (the old leader, or a leader this master does not know yet).
         assert!(!is_live(Some((2, now)), 1, now, w));
         assert!(!is_live(None, 1, now, w));
+    }
+
+    #[test]
+    fn a_leader_takes_requests_only_while_a_majority_hears_it() {
+        let w = Duration::from_millis(400);
+        assert!(has_quorum_contact(false, Some(Duration::from_millis(60)), w));
+        assert!(!has_quorum_contact(false, Some(Duration::from_millis(401)), w), "cut off from the majority");
+        assert!(!has_quorum_contact(false, None, w), "not acknowledged yet");
+        assert!(has_quorum_contact(true, None, w), "a single-master cluster is its own majority");
     }
 
     #[tokio::test]
