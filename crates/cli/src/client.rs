@@ -19,7 +19,8 @@ use anyhow::{Context, Result, anyhow};
 use berth_api::pb::{cluster_client::ClusterClient, kv_client::KvClient, nodes_client::NodesClient};
 use tokio::time::Instant;
 use tonic::{
-    Code, Status,
+    Code, Request, Status,
+    service::{Interceptor, interceptor::InterceptedService},
     transport::{Channel, ClientTlsConfig, Endpoint},
 };
 
@@ -31,6 +32,24 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 /// than a master holds a request while it waits for a live leader (10 election timeouts, 2 s by
 /// default), so that its "not applied" answer arrives before this client gives up.
 pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A connection to one master whose requests carry this attempt's deadline (`grpc-timeout`), so
+/// that a master waiting on the request's behalf (for a leader, a commit) answers before the
+/// client gives up, saying what it knows.
+pub type Conn = InterceptedService<Channel, Deadline>;
+
+/// Sets `grpc-timeout` on every request (nothing when None).
+#[derive(Clone, Copy, Debug)]
+pub struct Deadline(Option<Duration>);
+
+impl Interceptor for Deadline {
+    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(d) = self.0 {
+            req.set_timeout(d);
+        }
+        Ok(req)
+    }
+}
 
 /// Whether a call may be sent twice.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -232,20 +251,20 @@ impl Client {
     }
 
     /// A lazily connecting channel, for benchmarks that drive one master directly. Its
-    /// connection has no TLS deadline: commands go through [`Client::call`].
-    pub fn channel(&self, endpoint: &str) -> Result<Channel> {
-        Ok(self.endpoint(endpoint)?.connect_lazy())
+    /// connection and requests have no deadline: commands go through [`Client::call`].
+    pub fn channel(&self, endpoint: &str) -> Result<Conn> {
+        Ok(InterceptedService::new(self.endpoint(endpoint)?.connect_lazy(), Deadline(None)))
     }
 
     /// A connected channel, within the connect timeout. Nothing has been sent when this fails.
-    async fn connect(&self, endpoint: &str) -> Result<Channel, Failed> {
+    async fn connect(&self, endpoint: &str) -> Result<Conn, Failed> {
         let ep = self.endpoint(endpoint).map_err(|e| Failed {
             failure: Failure::Final,
             status: Status::invalid_argument(format!("{e:#}")),
             notable: false,
         })?;
         match tokio::time::timeout(self.connect_timeout, ep.connect()).await {
-            Ok(Ok(ch)) => Ok(ch),
+            Ok(Ok(ch)) => Ok(InterceptedService::new(ch, Deadline(Some(self.attempt_timeout)))),
             Ok(Err(e)) => Err(Failed {
                 failure: Failure::NotApplied,
                 status: Status::unavailable(format!("cannot connect: {}", chain(&e))),
@@ -264,7 +283,7 @@ impl Client {
 
     async fn attempt<T, F, Fut>(&self, endpoint: &str, f: &F) -> Result<T, Failed>
     where
-        F: Fn(Channel) -> Fut,
+        F: Fn(Conn) -> Fut,
         Fut: Future<Output = Result<T, Status>>,
     {
         let ch = self.connect(endpoint).await?;
@@ -282,19 +301,19 @@ impl Client {
         }
     }
 
-    pub fn kv(ch: Channel) -> KvClient<Channel> {
+    pub fn kv(ch: Conn) -> KvClient<Conn> {
         KvClient::new(ch).max_decoding_message_size(MESSAGE_LIMIT).max_encoding_message_size(MESSAGE_LIMIT)
     }
 
-    pub fn cluster(ch: Channel) -> ClusterClient<Channel> {
+    pub fn cluster(ch: Conn) -> ClusterClient<Conn> {
         ClusterClient::new(ch).max_decoding_message_size(MESSAGE_LIMIT).max_encoding_message_size(MESSAGE_LIMIT)
     }
 
-    pub fn nodes(ch: Channel) -> NodesClient<Channel> {
+    pub fn nodes(ch: Conn) -> NodesClient<Conn> {
         NodesClient::new(ch).max_decoding_message_size(64 << 20)
     }
 
-    pub fn control(ch: Channel) -> berth_api::pb::control_service_client::ControlServiceClient<Channel> {
+    pub fn control(ch: Conn) -> berth_api::pb::control_service_client::ControlServiceClient<Conn> {
         berth_api::pb::control_service_client::ControlServiceClient::new(ch)
             .max_decoding_message_size(256 << 20)
             .max_encoding_message_size(MESSAGE_LIMIT)
@@ -306,7 +325,7 @@ impl Client {
     /// returns a status marked outcome unknown (see [`explain`]).
     pub async fn call<T, F, Fut>(&self, call: Call, f: F) -> Result<T, Status>
     where
-        F: Fn(Channel) -> Fut,
+        F: Fn(Conn) -> Fut,
         Fut: Future<Output = Result<T, Status>>,
     {
         let deadline = Instant::now() + self.patience;

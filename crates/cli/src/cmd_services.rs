@@ -17,11 +17,11 @@ use berth_api::pb::{
 use berth_types::spec;
 use clap::{Args, Subcommand};
 use serde::Serialize;
-use tonic::{Code, Status, transport::Channel};
+use tonic::{Code, Status};
 
 use crate::{
     Global,
-    client::{Call, Client},
+    client::{Call, Client, Conn},
     cmd_nodes,
     output::{self, Format},
 };
@@ -567,7 +567,7 @@ fn describe_task_rows(tasks: &[TaskOut], now: i64) -> Vec<Vec<String>> {
 // ---------------------------------------------------------------------------------------------
 // Client helpers
 
-fn control(ch: Channel) -> ControlServiceClient<Channel> {
+fn control(ch: Conn) -> ControlServiceClient<Conn> {
     Client::control(ch)
 }
 
