@@ -27,4 +27,7 @@ pub mod pb {
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("berth_descriptor");
 
 pub use convert::{ConvertError, range_query_from_pb, range_result_to_pb, txn_from_pb, txn_result_to_pb};
-pub use status::{LEADER_HINT_KEY, NOT_LEADER_PREFIX, leader_hint, not_leader};
+pub use status::{
+    LEADER_HINT_KEY, NOT_APPLIED, NOT_LEADER_PREFIX, OUTCOME_KEY, OUTCOME_UNKNOWN, Outcome, leader_hint, not_applied,
+    not_leader, outcome, outcome_unknown, with_outcome,
+};

@@ -113,7 +113,7 @@ struct BenchOut {
 }
 
 enum Conn {
-    Berth(berth_api::pb::kv_client::KvClient<tonic::transport::Channel>),
+    Berth(berth_api::pb::kv_client::KvClient<crate::client::Conn>),
     Etcd(Box<etcd_client::KvClient>),
 }
 

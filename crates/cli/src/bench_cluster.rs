@@ -17,7 +17,7 @@ use berth_api::pb;
 use serde::Serialize;
 
 use crate::{
-    client::Client,
+    client::{Call, Client},
     dev::{spawn_master, stop_all},
     output::{self, Format},
 };
@@ -113,7 +113,9 @@ impl LocalCluster {
     async fn status(&self) -> Result<pb::StatusResponse> {
         Ok(self
             .client()?
-            .call(|ch| async move { Client::cluster(ch).status(pb::StatusRequest {}).await.map(|r| r.into_inner()) })
+            .call(Call::Idempotent, |ch| async move {
+                Client::cluster(ch).status(pb::StatusRequest {}).await.map(|r| r.into_inner())
+            })
             .await?)
     }
 
@@ -336,7 +338,7 @@ async fn with_simulated_agents(count: usize, extra: &[String]) -> Result<(LocalC
         description: "bench agents".into(),
     };
     let token = client
-        .call(|ch| {
+        .call(Call::Once, |ch| {
             let req = req.clone();
             async move { Client::nodes(ch).token_create(req).await.map(|r| r.into_inner().token) }
         })
@@ -361,7 +363,9 @@ async fn with_simulated_agents(count: usize, extra: &[String]) -> Result<(LocalC
     let started = Instant::now();
     let ready = loop {
         let r = client
-            .call(|ch| async move { Client::nodes(ch).node_list(pb::NodeListRequest {}).await.map(|r| r.into_inner()) })
+            .call(Call::Idempotent, |ch| async move {
+                Client::nodes(ch).node_list(pb::NodeListRequest {}).await.map(|r| r.into_inner())
+            })
             .await?;
         let ready =
             r.nodes.iter().filter(|n| n.node.as_ref().is_some_and(|n| n.status() == pb::NodeStatus::Ready)).count();
@@ -398,7 +402,7 @@ pub async fn schedule_e2e(nodes: usize, tasks: usize, extra: &[String], format: 
     let documents = docs.join("---\n");
     let t0 = Instant::now();
     client
-        .call(|ch| {
+        .call(Call::Idempotent, |ch| {
             let req = pb::ApplyRequest { documents: documents.clone(), dry_run: false, expected_revision: 0 };
             async move { Client::control(ch).apply(req).await.map(|r| r.into_inner()) }
         })
@@ -407,7 +411,7 @@ pub async fn schedule_e2e(nodes: usize, tasks: usize, extra: &[String], format: 
     let mut seen_pending = false;
     let running = loop {
         let r = client
-            .call(|ch| async move {
+            .call(Call::Idempotent, |ch| async move {
                 Client::control(ch).list_services(pb::ListServicesRequest::default()).await.map(|r| r.into_inner())
             })
             .await?;
@@ -464,7 +468,9 @@ pub async fn agents(count: usize, duration: Duration, extra: &[String], format: 
     let secs = t0.elapsed().as_secs_f64();
     // Every node still ready at the end: heartbeats kept up.
     let r = client
-        .call(|ch| async move { Client::nodes(ch).node_list(pb::NodeListRequest {}).await.map(|r| r.into_inner()) })
+        .call(Call::Idempotent, |ch| async move {
+            Client::nodes(ch).node_list(pb::NodeListRequest {}).await.map(|r| r.into_inner())
+        })
         .await?;
     let still_ready =
         r.nodes.iter().filter(|n| n.node.as_ref().is_some_and(|n| n.status() == pb::NodeStatus::Ready)).count();

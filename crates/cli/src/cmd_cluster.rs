@@ -10,7 +10,7 @@ use sha2::{Digest, Sha256};
 
 use crate::{
     Global,
-    client::Client,
+    client::{Call, Client, explain},
     output::{self, human_bytes},
 };
 
@@ -147,9 +147,9 @@ pub async fn run_cluster(cmd: ClusterCmd, g: &Global) -> Result<()> {
     match cmd {
         ClusterCmd::Status => {
             let r = client
-                .call(
-                    |ch| async move { Client::cluster(ch).status(pb::StatusRequest {}).await.map(|r| r.into_inner()) },
-                )
+                .call(Call::Idempotent, |ch| async move {
+                    Client::cluster(ch).status(pb::StatusRequest {}).await.map(|r| r.into_inner())
+                })
                 .await?;
             let out = StatusOut {
                 leader: r.leader,
@@ -179,13 +179,14 @@ pub async fn run_cluster(cmd: ClusterCmd, g: &Global) -> Result<()> {
         }
         ClusterCmd::TransferLeader { to } => {
             let r = client
-                .call(|ch| async move {
+                .call(Call::Once, |ch| async move {
                     Client::cluster(ch)
                         .transfer_leader(pb::TransferLeaderRequest { target: to.unwrap_or(0) })
                         .await
                         .map(|r| r.into_inner())
                 })
-                .await?;
+                .await
+                .map_err(|s| explain(s, "see who leads with `berth cluster status`"))?;
             println!("leader is now master {}", r.leader);
         }
     }
@@ -197,7 +198,7 @@ pub async fn run_member(cmd: MemberCmd, g: &Global) -> Result<()> {
     match cmd {
         MemberCmd::List => {
             let r = client
-                .call(|ch| async move {
+                .call(Call::Idempotent, |ch| async move {
                     Client::cluster(ch).member_list(pb::MemberListRequest {}).await.map(|r| r.into_inner())
                 })
                 .await?;
@@ -205,7 +206,7 @@ pub async fn run_member(cmd: MemberCmd, g: &Global) -> Result<()> {
         }
         MemberCmd::Certificate { id, endpoint, out } => {
             let r = client
-                .call(|ch| {
+                .call(Call::Idempotent, |ch| {
                     let endpoint = endpoint.clone();
                     async move {
                         Client::cluster(ch)
@@ -224,8 +225,9 @@ pub async fn run_member(cmd: MemberCmd, g: &Global) -> Result<()> {
         MemberCmd::Add { id, endpoint, promote } => {
             // Catching up may take a while on a big state.
             client.patience = std::time::Duration::from_secs(120);
+            client.attempt_timeout = client.patience;
             let r = client
-                .call(|ch| {
+                .call(Call::Once, |ch| {
                     let endpoint = endpoint.clone();
                     async move {
                         Client::cluster(ch)
@@ -234,25 +236,28 @@ pub async fn run_member(cmd: MemberCmd, g: &Global) -> Result<()> {
                             .map(|r| r.into_inner())
                     }
                 })
-                .await?;
+                .await
+                .map_err(|s| explain(s, "see the membership with `berth member list` before trying again"))?;
             eprintln!("added master {id}{}", if promote { " as a voter" } else { " as a learner" });
             print_members(g, r.header.as_ref().map_or(0, |h| h.member_id), r.members);
         }
         MemberCmd::Promote { id } => {
             let r = client
-                .call(|ch| async move {
+                .call(Call::Once, |ch| async move {
                     Client::cluster(ch).member_promote(pb::MemberPromoteRequest { id }).await.map(|r| r.into_inner())
                 })
-                .await?;
+                .await
+                .map_err(|s| explain(s, "see the membership with `berth member list` before trying again"))?;
             eprintln!("master {id} is now a voter");
             print_members(g, r.header.as_ref().map_or(0, |h| h.member_id), r.members);
         }
         MemberCmd::Remove { id } => {
             let r = client
-                .call(|ch| async move {
+                .call(Call::Once, |ch| async move {
                     Client::cluster(ch).member_remove(pb::MemberRemoveRequest { id }).await.map(|r| r.into_inner())
                 })
-                .await?;
+                .await
+                .map_err(|s| explain(s, "see the membership with `berth member list` before trying again"))?;
             eprintln!("removed master {id}; its id can never be used again");
             print_members(g, r.header.as_ref().map_or(0, |h| h.member_id), r.members);
         }
@@ -263,13 +268,14 @@ pub async fn run_member(cmd: MemberCmd, g: &Global) -> Result<()> {
 pub async fn run_snapshot(cmd: SnapshotCmd, g: &Global) -> Result<()> {
     match cmd {
         SnapshotCmd::Save { file } => {
-            let client = crate::config::client(g)?;
-            let mut stream =
-                client
-                    .call(|ch| async move {
-                        Client::cluster(ch).snapshot(pb::SnapshotRequest {}).await.map(|r| r.into_inner())
-                    })
-                    .await?;
+            let mut client = crate::config::client(g)?;
+            // The master builds the backup before its first chunk.
+            client.attempt_timeout = std::time::Duration::from_secs(300);
+            let mut stream = client
+                .call(Call::Idempotent, |ch| async move {
+                    Client::cluster(ch).snapshot(pb::SnapshotRequest {}).await.map(|r| r.into_inner())
+                })
+                .await?;
             let tmp = file.with_extension("part");
             let mut out = std::fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
             let mut hasher = Sha256::new();

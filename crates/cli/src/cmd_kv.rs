@@ -7,6 +7,7 @@ use serde::Serialize;
 
 use crate::{
     Global,
+    client::{Call, Client, explain},
     output::{self, Format},
 };
 
@@ -135,11 +136,12 @@ pub async fn run(cmd: KvCmd, g: &Global) -> Result<()> {
             let req =
                 pb::TxnRequest { compare: guard.into_iter().collect(), success: vec![put], failure: vec![get_current] };
             let resp = client
-                .call(|ch| {
+                .call(Call::Once, |ch| {
                     let req = req.clone();
-                    async move { crate::client::Client::kv(ch).txn(req).await.map(|r| r.into_inner()) }
+                    async move { Client::kv(ch).txn(req).await.map(|r| r.into_inner()) }
                 })
-                .await?;
+                .await
+                .map_err(|s| explain(s, &format!("check with `berth kv get {}` before writing again", a.key)))?;
             let revision = resp.header.as_ref().map_or(0, |h| h.revision);
             if !resp.succeeded {
                 let current = resp
@@ -175,9 +177,9 @@ pub async fn run(cmd: KvCmd, g: &Global) -> Result<()> {
                 ..Default::default()
             };
             let resp = client
-                .call(|ch| {
+                .call(Call::Idempotent, |ch| {
                     let req = req.clone();
-                    async move { crate::client::Client::kv(ch).range(req).await.map(|r| r.into_inner()) }
+                    async move { Client::kv(ch).range(req).await.map(|r| r.into_inner()) }
                 })
                 .await?;
             #[derive(Serialize)]
@@ -214,9 +216,9 @@ pub async fn run(cmd: KvCmd, g: &Global) -> Result<()> {
                 prev_kv: false,
             };
             let resp = client
-                .call(|ch| {
+                .call(Call::Idempotent, |ch| {
                     let req = req.clone();
-                    async move { crate::client::Client::kv(ch).delete_range(req).await.map(|r| r.into_inner()) }
+                    async move { Client::kv(ch).delete_range(req).await.map(|r| r.into_inner()) }
                 })
                 .await?;
             #[derive(Serialize)]
@@ -233,20 +235,18 @@ pub async fn run(cmd: KvCmd, g: &Global) -> Result<()> {
                 bail!("compact revision must be positive");
             }
             client
-                .call(|ch| async move {
-                    crate::client::Client::kv(ch)
-                        .compact(pb::CompactionRequest { revision: a.revision })
-                        .await
-                        .map(|r| r.into_inner())
+                .call(Call::Once, |ch| async move {
+                    Client::kv(ch).compact(pb::CompactionRequest { revision: a.revision }).await.map(|r| r.into_inner())
                 })
-                .await?;
+                .await
+                .map_err(|s| explain(s, "running the compaction again is refused harmlessly if it was applied"))?;
             println!("compacted up to revision {}", a.revision);
         }
     }
     Ok(())
 }
 
-async fn watch(client: &crate::client::Client, a: WatchArgs, format: Format) -> Result<()> {
+async fn watch(client: &Client, a: WatchArgs, format: Format) -> Result<()> {
     let mut from = a.from_revision;
     loop {
         let req = pb::WatchRequest {
@@ -256,9 +256,9 @@ async fn watch(client: &crate::client::Client, a: WatchArgs, format: Format) -> 
             prev_kv: false,
         };
         let mut stream = client
-            .call(|ch| {
+            .call(Call::Idempotent, |ch| {
                 let req = req.clone();
-                async move { crate::client::Client::kv(ch).watch(req).await.map(|r| r.into_inner()) }
+                async move { Client::kv(ch).watch(req).await.map(|r| r.into_inner()) }
             })
             .await?;
         // Resume after a master failure from the last revision seen, so nothing is missed or repeated.

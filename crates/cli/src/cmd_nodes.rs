@@ -7,7 +7,11 @@ use berth_api::pb::{self, NodeAvailability, NodeStatus};
 use clap::{Subcommand, ValueEnum};
 use serde::Serialize;
 
-use crate::{Global, client::Client, output};
+use crate::{
+    Global,
+    client::{Call, Client},
+    output,
+};
 
 #[derive(Subcommand)]
 pub enum TokenCmd {
@@ -114,17 +118,23 @@ pub async fn run_token(cmd: TokenCmd, g: &Global) -> Result<()> {
                 description,
             };
             let r = client
-                .call(|ch| {
+                .call(Call::Once, |ch| {
                     let req = req.clone();
                     async move { Client::nodes(ch).token_create(req).await.map(|r| r.into_inner()) }
                 })
-                .await?;
+                .await
+                .map_err(|s| {
+                    crate::client::explain(
+                        s,
+                        "a token may have been created: see `berth token list`, and revoke an unwanted one",
+                    )
+                })?;
             // Not `-o`-formatted on purpose: the one line is meant for `--token $(...)`.
             println!("{}", r.token);
         }
         TokenCmd::List => {
             let r = client
-                .call(|ch| async move { Client::nodes(ch).token_list(pb::TokenListRequest {}).await })
+                .call(Call::Idempotent, |ch| async move { Client::nodes(ch).token_list(pb::TokenListRequest {}).await })
                 .await?
                 .into_inner();
             let out: Vec<TokenOut> = r.tokens.into_iter().map(token_out).collect();
@@ -145,7 +155,7 @@ pub async fn run_token(cmd: TokenCmd, g: &Global) -> Result<()> {
         }
         TokenCmd::Revoke { id } => {
             client
-                .call(|ch| {
+                .call(Call::Idempotent, |ch| {
                     let id = id.clone();
                     async move { Client::nodes(ch).token_revoke(pb::TokenRevokeRequest { id }).await }
                 })
@@ -197,7 +207,7 @@ pub async fn run_get(cmd: GetCmd, g: &Global) -> Result<()> {
     match cmd {
         GetCmd::Nodes => {
             let r = client
-                .call(|ch| async move { Client::nodes(ch).node_list(pb::NodeListRequest {}).await })
+                .call(Call::Idempotent, |ch| async move { Client::nodes(ch).node_list(pb::NodeListRequest {}).await })
                 .await?
                 .into_inner();
             let out: Vec<NodeOut> = r
@@ -271,7 +281,7 @@ pub async fn run_node(cmd: NodeCmd, g: &Global) -> Result<()> {
                 }),
             };
             let r = client
-                .call(|ch| {
+                .call(Call::Idempotent, |ch| {
                     let req = req.clone();
                     async move { Client::nodes(ch).node_update(req).await.map(|r| r.into_inner()) }
                 })
@@ -282,7 +292,7 @@ pub async fn run_node(cmd: NodeCmd, g: &Global) -> Result<()> {
         }
         NodeCmd::Rm { node, force } => {
             client
-                .call(|ch| {
+                .call(Call::Idempotent, |ch| {
                     let node = node.clone();
                     async move { Client::nodes(ch).node_remove(pb::NodeRemoveRequest { node, force }).await }
                 })

@@ -17,17 +17,17 @@ use berth_api::pb::{
 use berth_types::spec;
 use clap::{Args, Subcommand};
 use serde::Serialize;
-use tonic::{Code, Status, transport::Channel};
+use tonic::{Code, Status};
 
 use crate::{
     Global,
-    client::Client,
+    client::{Call, Client, Conn},
     cmd_nodes,
     output::{self, Format},
 };
 
 /// How often `--wait` looks at the rollouts.
-const POLL_INTERVAL: Duration = Duration::from_millis(500);
+pub(crate) const POLL_INTERVAL: Duration = Duration::from_millis(500);
 /// Longest message shown in a table cell (the full text is in `describe` and `-o json`).
 const MESSAGE_WIDTH: usize = 80;
 
@@ -96,6 +96,13 @@ pub struct ScaleArgs {
     pub targets: Vec<(String, u32)>,
     #[arg(short = 'n', long, default_value = spec::DEFAULT_NAMESPACE)]
     pub namespace: String,
+    /// Wait until REPLICAS tasks of the current version run (healthy, where the service has a
+    /// health check) and every other task has ended.
+    #[arg(long)]
+    pub wait: bool,
+    /// How long --wait waits before giving up.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "5m")]
+    pub timeout: Duration,
 }
 
 #[derive(Args, Debug)]
@@ -148,6 +155,12 @@ pub enum DeleteCmd {
         names: Vec<String>,
         #[arg(short = 'n', long, default_value = spec::DEFAULT_NAMESPACE)]
         namespace: String,
+        /// Wait until every task has ended (its process gone) and the service is removed.
+        #[arg(long)]
+        wait: bool,
+        /// How long --wait waits before giving up.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "5m")]
+        timeout: Duration,
     },
 }
 
@@ -282,7 +295,7 @@ pub fn truncate(s: &str, max: usize) -> String {
     format!("{}...", cut.trim_end())
 }
 
-fn key(ns: &str, name: &str) -> String {
+pub(crate) fn key(ns: &str, name: &str) -> String {
     format!("{ns}/{name}")
 }
 
@@ -554,7 +567,7 @@ fn describe_task_rows(tasks: &[TaskOut], now: i64) -> Vec<Vec<String>> {
 // ---------------------------------------------------------------------------------------------
 // Client helpers
 
-fn control(ch: Channel) -> ControlServiceClient<Channel> {
+fn control(ch: Conn) -> ControlServiceClient<Conn> {
     Client::control(ch)
 }
 
@@ -562,10 +575,10 @@ fn service_ref(ns: &str, name: &str) -> pb::ServiceRef {
     pb::ServiceRef { namespace: ns.to_string(), name: name.to_string() }
 }
 
-async fn get_service(client: &Client, ns: &str, name: &str) -> Result<pb::GetServiceResponse, Status> {
+pub(crate) async fn get_service(client: &Client, ns: &str, name: &str) -> Result<pb::GetServiceResponse, Status> {
     let req = service_ref(ns, name);
     client
-        .call(|ch| {
+        .call(Call::Idempotent, |ch| {
             let req = req.clone();
             async move { control(ch).get_service(req).await.map(|r| r.into_inner()) }
         })
@@ -575,7 +588,7 @@ async fn get_service(client: &Client, ns: &str, name: &str) -> Result<pb::GetSer
 async fn list_services(client: &Client, ns: &str) -> Result<Vec<ServiceView>, Status> {
     let req = pb::ListServicesRequest { namespace: ns.to_string() };
     client
-        .call(|ch| {
+        .call(Call::Idempotent, |ch| {
             let req = req.clone();
             async move { control(ch).list_services(req).await.map(|r| r.into_inner().services) }
         })
@@ -583,9 +596,11 @@ async fn list_services(client: &Client, ns: &str) -> Result<Vec<ServiceView>, St
 }
 
 /// Node id -> name, best effort (an empty map when the node list cannot be read).
-async fn node_names(client: &Client) -> HashMap<String, String> {
+pub(crate) async fn node_names(client: &Client) -> HashMap<String, String> {
     let r = client
-        .call(|ch| async move { Client::nodes(ch).node_list(pb::NodeListRequest {}).await.map(|r| r.into_inner()) })
+        .call(Call::Idempotent, |ch| async move {
+            Client::nodes(ch).node_list(pb::NodeListRequest {}).await.map(|r| r.into_inner())
+        })
         .await;
     match r {
         Ok(r) => r.nodes.into_iter().filter_map(|i| i.node).map(|n| (n.id, n.name)).collect(),
@@ -594,7 +609,7 @@ async fn node_names(client: &Client) -> HashMap<String, String> {
 }
 
 /// A status as the user should read it: its message, and the code unless the message says enough.
-fn status_text(s: &Status) -> String {
+pub(crate) fn status_text(s: &Status) -> String {
     match s.code() {
         Code::InvalidArgument | Code::NotFound | Code::FailedPrecondition | Code::AlreadyExists => {
             s.message().to_string()
@@ -608,7 +623,7 @@ fn is_table(f: Format) -> bool {
 }
 
 /// Prints a line to stdout; a closed pipe (`| head`) ends the program quietly.
-fn out_line(line: &str) {
+pub(crate) fn out_line(line: &str) {
     if writeln!(std::io::stdout().lock(), "{line}").is_err() {
         std::process::exit(0);
     }
@@ -688,7 +703,7 @@ pub async fn run_apply(a: ApplyArgs, g: &Global) -> Result<()> {
     for input in &inputs {
         let req = pb::ApplyRequest { documents: input.text.clone(), dry_run: a.dry_run, expected_revision: 0 };
         let r = client
-            .call(|ch| {
+            .call(Call::Idempotent, |ch| {
                 let req = req.clone();
                 async move { control(ch).apply(req).await.map(|r| r.into_inner()) }
             })
@@ -1024,7 +1039,7 @@ pub async fn wait_rollouts(
 }
 
 /// Errors worth retrying while following a rollout (a leader change, a master restarting).
-fn is_transient(s: &Status) -> bool {
+pub(crate) fn is_transient(s: &Status) -> bool {
     matches!(
         s.code(),
         Code::Unavailable
@@ -1116,7 +1131,7 @@ pub async fn run_get(cmd: GetCmd, g: &Global) -> Result<()> {
                 all,
             };
             let tasks = client
-                .call(|ch| {
+                .call(Call::Idempotent, |ch| {
                     let req = req.clone();
                     async move { control(ch).list_tasks(req).await.map(|r| r.into_inner().tasks) }
                 })
@@ -1372,10 +1387,11 @@ pub async fn run_scale(a: ScaleArgs, g: &Global) -> Result<()> {
     let client = crate::config::client(g)?;
     let mut outs = Vec::new();
     let mut failed = Vec::new();
+    let mut scaled = Vec::new();
     for (name, replicas) in &a.targets {
         let req = pb::ScaleRequest { service: Some(service_ref(&a.namespace, name)), replicas: *replicas };
         let r = client
-            .call(|ch| {
+            .call(Call::Idempotent, |ch| {
                 let req = req.clone();
                 async move { control(ch).scale(req).await.map(|r| r.into_inner()) }
             })
@@ -1393,6 +1409,11 @@ pub async fn run_scale(a: ScaleArgs, g: &Global) -> Result<()> {
                     ));
                 }
                 outs.push(s);
+                scaled.push(crate::wait::Target {
+                    namespace: a.namespace.clone(),
+                    name: name.clone(),
+                    goal: crate::wait::Goal::Scaled { replicas: *replicas },
+                });
             }
             Err(s)
                 if matches!(
@@ -1409,7 +1430,15 @@ pub async fn run_scale(a: ScaleArgs, g: &Global) -> Result<()> {
     if !is_table(g.output) {
         output::emit(g.output, &outs, |_| {});
     }
+    let waited = if a.wait && !scaled.is_empty() {
+        crate::wait::wait_for(&client, scaled, a.timeout, is_table(g.output)).await
+    } else {
+        Ok(())
+    };
     if !failed.is_empty() {
+        if let Err(e) = waited {
+            eprintln!("error: {}", output::describe(&e));
+        }
         bail!(
             "{} of {} services were not scaled ({}): see the errors above",
             failed.len(),
@@ -1417,7 +1446,7 @@ pub async fn run_scale(a: ScaleArgs, g: &Global) -> Result<()> {
             failed.join(", ")
         );
     }
-    Ok(())
+    waited
 }
 
 pub async fn run_rollout(cmd: RolloutCmd, g: &Global) -> Result<()> {
@@ -1429,13 +1458,25 @@ pub async fn run_rollout(cmd: RolloutCmd, g: &Global) -> Result<()> {
     };
     let client = crate::config::client(g)?;
     let req = pb::RolloutRequest { service: Some(service_ref(&target.namespace, &target.name)), action: action as i32 };
+    // Undo swaps the spec with the previous one: twice would go back again. Pause and resume
+    // set a state, so sending them again is harmless.
+    let kind = if action == RolloutAction::Undo { Call::Once } else { Call::Idempotent };
     let resp = client
-        .call(|ch| {
+        .call(kind, |ch| {
             let req = req.clone();
             async move { control(ch).rollout(req).await.map(|r| r.into_inner()) }
         })
         .await
-        .map_err(|s| anyhow!("{}: {}", key(&target.namespace, &target.name), status_text(&s)))?;
+        .map_err(|s| {
+            if berth_api::outcome(&s) == Some(berth_api::Outcome::Unknown) {
+                let next = format!(
+                    "see where the rollout stands with `berth rollout status {} -n {}` before undoing again",
+                    target.name, target.namespace
+                );
+                return crate::client::explain(s, &next);
+            }
+            anyhow!("{}: {}", key(&target.namespace, &target.name), status_text(&s))
+        })?;
     let view = resp.service.unwrap_or_default();
     let s = ServiceOut::from_view(&view);
     let k = key(&s.namespace, &s.name);
@@ -1477,19 +1518,27 @@ pub fn rollout_status_line(s: &ServiceOut) -> String {
 }
 
 pub async fn run_delete(cmd: DeleteCmd, g: &Global) -> Result<()> {
-    let DeleteCmd::Service { names, namespace } = cmd;
+    let DeleteCmd::Service { names, namespace, wait, timeout } = cmd;
     let client = crate::config::client(g)?;
     let mut failed = Vec::new();
+    let mut deleting = Vec::new();
     for name in &names {
         let req = service_ref(&namespace, name);
         let r = client
-            .call(|ch| {
+            .call(Call::Idempotent, |ch| {
                 let req = req.clone();
                 async move { control(ch).delete_service(req).await.map(|r| r.into_inner()) }
             })
             .await;
         match r {
-            Ok(_) => out_line(&format!("service {} deleting", key(&namespace, name))),
+            Ok(_) => {
+                out_line(&format!("service {} deleting", key(&namespace, name)));
+                deleting.push(crate::wait::Target {
+                    namespace: namespace.clone(),
+                    name: name.clone(),
+                    goal: crate::wait::Goal::Deleted,
+                });
+            }
             Err(s) if matches!(s.code(), Code::NotFound | Code::FailedPrecondition | Code::Aborted) => {
                 eprintln!("error: {}", status_text(&s));
                 failed.push(name.clone());
@@ -1497,7 +1546,15 @@ pub async fn run_delete(cmd: DeleteCmd, g: &Global) -> Result<()> {
             Err(s) => return Err(anyhow!("deleting {}: {}", key(&namespace, name), status_text(&s))),
         }
     }
+    let waited = if wait && !deleting.is_empty() {
+        crate::wait::wait_for(&client, deleting, timeout, true).await
+    } else {
+        Ok(())
+    };
     if !failed.is_empty() {
+        if let Err(e) = waited {
+            eprintln!("error: {}", output::describe(&e));
+        }
         bail!(
             "{} of {} services were not deleted ({}): see the errors above",
             failed.len(),
@@ -1505,7 +1562,7 @@ pub async fn run_delete(cmd: DeleteCmd, g: &Global) -> Result<()> {
             failed.join(", ")
         );
     }
-    Ok(())
+    waited
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1538,7 +1595,7 @@ fn print_log_entry(e: &pb::LogEntry, prefix_width: Option<usize>, timestamps: bo
 
 async fn open_logs(client: &Client, req: pb::LogsRequest) -> Result<tonic::Streaming<pb::LogEntry>, Status> {
     client
-        .call(|ch| {
+        .call(Call::Idempotent, |ch| {
             let req = req.clone();
             async move { control(ch).logs(req).await.map(|r| r.into_inner()) }
         })
@@ -1687,6 +1744,8 @@ mod tests {
             &["describe", "service", "web", "-n", "prod"],
             &["describe", "svc", "web"],
             &["scale", "web=3", "api=0", "-n", "prod"],
+            &["scale", "web=3", "--wait", "--timeout", "2m"],
+            &["delete", "service", "web", "--wait", "--timeout", "30s"],
             &["rollout", "status", "web", "--wait", "--timeout", "30s"],
             &["rollout", "undo", "web", "-n", "prod", "--wait"],
             &["delete", "service", "web", "api"],

@@ -13,7 +13,11 @@ use berth_api::pb;
 use clap::Args;
 use serde::{Deserialize, Serialize};
 
-use crate::{Global, client::Client, config::ClientConfig};
+use crate::{
+    Global,
+    client::{Call, Client},
+    config::ClientConfig,
+};
 
 #[derive(Args)]
 pub struct DevArgs {
@@ -182,7 +186,7 @@ pub async fn run(a: DevArgs, _g: &Global) -> Result<()> {
             description: "berth dev agents".into(),
         };
         match client
-            .call(|ch| {
+            .call(Call::Once, |ch| {
                 let req = req.clone();
                 async move { Client::nodes(ch).token_create(req).await.map(|r| r.into_inner().token) }
             })
@@ -312,7 +316,7 @@ async fn wait_for_leader(client: &Client, children: &mut BTreeMap<u64, Child>) -
             }
         }
         let r = client
-            .call(|ch| async move {
+            .call(Call::Idempotent, |ch| async move {
                 Client::cluster(ch).member_list(pb::MemberListRequest {}).await.map(|r| r.into_inner())
             })
             .await;

@@ -12,6 +12,7 @@ mod cmd_services;
 mod config;
 mod dev;
 mod output;
+mod wait;
 
 use std::{path::PathBuf, time::Duration};
 
@@ -293,6 +294,8 @@ fn main() {
     });
     if let Err(e) = res {
         eprintln!("error: {}", output::describe(&e));
-        std::process::exit(1);
+        // A write that may or may not have been applied: neither success nor plain failure.
+        let unknown = e.downcast_ref::<client::OutcomeUnknown>().is_some();
+        std::process::exit(if unknown { 3 } else { 1 });
     }
 }

@@ -186,7 +186,7 @@ impl cluster_server::Cluster for ClusterService {
             )));
         }
         let Some(ca) = self.ctx.pki.ca() else {
-            return Err(Status::unavailable("this master does not hold the CA key yet; ask another master"));
+            return Err(berth_api::not_applied("this master does not hold the CA key yet; ask another master"));
         };
         let cert = crate::tls::issue_master(&ca, r.id, addr, self.ctx.cert_validity)
             .map_err(|e| Status::internal(e.to_string()))?;

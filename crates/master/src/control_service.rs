@@ -365,6 +365,10 @@ impl ControlService for ControlSvc {
         let state = rec.obj.rollout.as_ref().map_or(RolloutState::Unspecified, |r| r.state());
         match RolloutAction::try_from(r.action).unwrap_or(RolloutAction::Unspecified) {
             RolloutAction::Status | RolloutAction::Unspecified => {}
+            // Pausing a paused rollout and resuming a running one change nothing, so that a
+            // client may send either again when it did not hear the first answer.
+            RolloutAction::Pause if state == RolloutState::Paused => {}
+            RolloutAction::Resume if matches!(state, RolloutState::Updating | RolloutState::RollingBack) => {}
             RolloutAction::Pause => {
                 if !matches!(state, RolloutState::Updating | RolloutState::RollingBack) {
                     return Err(Status::failed_precondition(
@@ -437,7 +441,7 @@ impl ControlService for ControlSvc {
         let ctx = self.ctx.clone();
         if !ctx.is_leader() {
             // Only the leader holds the agents' sessions: relay through it.
-            let (_, addr) = ctx.leader().ok_or_else(|| Status::unavailable("no leader is known yet; retry"))?;
+            let (_, addr) = ctx.leader().ok_or_else(|| berth_api::not_applied("no leader is known yet; retry"))?;
             let ch = ctx.peers.channel(&addr).map_err(Status::unavailable)?;
             let mut client = pb::control_service_client::ControlServiceClient::new(ch);
             let stream = client.logs(req).await?.into_inner();

@@ -55,6 +55,7 @@ pub(crate) async fn serve(
     // on every accepted socket: Nagle plus delayed ACKs would stall small request/response pairs.
     let incoming = crate::tls::tls_incoming(listener, pki, token.clone());
     tonic::transport::Server::builder()
+        .layer(crate::deadline::DeadlineLayer)
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(5)))
         .add_service(kv)

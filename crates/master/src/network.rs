@@ -27,6 +27,9 @@ use tonic::transport::{Channel, Endpoint};
 const WIRE_LIMIT: usize = 512 * 1024 * 1024;
 /// Snapshot data is streamed in chunks of this size, never as one message.
 pub(crate) const SNAPSHOT_CHUNK: usize = 1024 * 1024;
+/// Bound on opening a ProposeStream to the leader (connecting included). The request is sent
+/// only once the stream is open, so a timeout here leaves the write unsent.
+const FORWARD_OPEN_TIMEOUT: Duration = Duration::from_secs(1);
 
 pub(crate) fn encode<T: Serialize>(v: &T) -> Vec<u8> {
     bincode::serde::encode_to_vec(v, bincode::config::standard()).expect("bincode encoding to a Vec")
@@ -138,10 +141,17 @@ async fn run_forwarder(ch: Channel, mut jobs: tokio::sync::mpsc::Receiver<Forwar
             let (tx, rx) = tokio::sync::mpsc::channel(1024);
             let mut client =
                 RaftClient::new(ch.clone()).max_decoding_message_size(WIRE_LIMIT).max_encoding_message_size(WIRE_LIMIT);
-            match client.propose_stream(tokio_stream::wrappers::ReceiverStream::new(rx)).await {
-                Ok(r) => stream = Some((tx, r.into_inner())),
-                Err(s) => {
+            // Opening may mean connecting, and TLS to a frozen leader never completes: bounded.
+            let open = client.propose_stream(tokio_stream::wrappers::ReceiverStream::new(rx));
+            match tokio::time::timeout(FORWARD_OPEN_TIMEOUT, open).await {
+                Ok(Ok(r)) => stream = Some((tx, r.into_inner())),
+                Ok(Err(s)) => {
                     let _ = job.reply.send(Err(ForwardError::NotSent(s)));
+                    continue;
+                }
+                Err(_) => {
+                    let why = format!("no stream to the leader within {FORWARD_OPEN_TIMEOUT:?}");
+                    let _ = job.reply.send(Err(ForwardError::NotSent(tonic::Status::unavailable(why))));
                     continue;
                 }
             }

@@ -18,8 +18,8 @@ use tracing::{error, info, warn};
 use crate::{
     MasterConfig, MasterError,
     identity::Identity,
-    network::{ClusterIdCell, ForwardError, NetworkFactory, Peers, decode, encode},
-    proposer::{CmdResult, ProposeError, Proposer},
+    network::{ClusterIdCell, NetworkFactory, Peers},
+    proposer::{CmdResult, Proposer},
     tls::MasterPki,
 };
 
@@ -35,6 +35,9 @@ pub(crate) struct Ctx {
     pub proposer: Proposer,
     pub limits: Limits,
     pub election_timeout: Duration,
+    pub heartbeat_interval: Duration,
+    /// When this master last heard from a leader (see `route`).
+    pub leader_contact: crate::route::LeaderContact,
     pub data_dir: std::path::PathBuf,
     /// Membership changes are serialized, one at a time.
     pub membership_lock: tokio::sync::Mutex<()>,
@@ -120,126 +123,6 @@ impl Ctx {
             db_size_bytes: self.reader.db_size(),
             cluster_id: self.cluster_id(),
         }
-    }
-
-    /// Waits (bounded) until some leader is known.
-    async fn wait_for_leader(&self) -> Result<(), Status> {
-        let deadline = self.election_timeout * 4;
-        self.raft.wait(Some(deadline)).metrics(|m| m.current_leader.is_some(), "a leader").await.map(|_| ()).map_err(
-            |_| {
-                Status::unavailable(format!(
-                    "no leader was elected within {deadline:?}: fewer than a majority of masters \
-                     are reachable; check `berth cluster status`"
-                ))
-            },
-        )
-    }
-
-    /// Proposes a command: locally when leader, else forwarded to the leader. Retries only where
-    /// the write certainly did not happen.
-    pub async fn write(&self, cmd: Command) -> Result<CommandResult, Status> {
-        self.limits.check_command(&cmd).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let mut last_err = None;
-        for _ in 0..5 {
-            let res = if self.is_leader() {
-                match tokio::time::timeout(COMMIT_TIMEOUT, self.proposer.propose(cmd.clone())).await {
-                    Ok(r) => r,
-                    Err(_) => {
-                        return Err(Status::unavailable(format!(
-                            "the write was not committed within {COMMIT_TIMEOUT:?}: a majority of masters is \
-                             probably unreachable (see `berth cluster status`); it may still be applied if \
-                             they return, so read it back before retrying"
-                        )));
-                    }
-                }
-            } else if let Some((lid, addr)) = self.leader() {
-                match self.forward(lid, &addr, &cmd).await {
-                    Ok(r) => r,
-                    Err(status) => return Err(status),
-                }
-            } else {
-                self.wait_for_leader().await?;
-                continue;
-            };
-            match res {
-                Ok(r) => return command_result(r),
-                Err(ProposeError::NotLeader { leader }) => {
-                    last_err = Some(leader);
-                    // Leadership is moving: wait for this master to learn of the new leader.
-                    let old = self.metrics().current_leader;
-                    let _ = self
-                        .raft
-                        .wait(Some(self.election_timeout * 2))
-                        .metrics(|m| m.current_leader.is_some() && m.current_leader != old, "leader change")
-                        .await;
-                }
-                Err(ProposeError::OutcomeUnknown(msg)) => return Err(Status::unavailable(msg)),
-                Err(ProposeError::Fatal(msg)) => return Err(Status::unavailable(format!("master is stopping: {msg}"))),
-            }
-        }
-        Err(berth_api::not_leader(last_err.flatten().as_ref().map(|(i, e)| (*i, e.as_str()))))
-    }
-
-    async fn forward(&self, leader: u64, addr: &str, cmd: &Command) -> Result<Result<CmdResult, ProposeError>, Status> {
-        let req = pb::raft::RaftRequest { header: Some(self.peers.header(leader)), payload: encode(cmd), id: 0 };
-        match self.peers.forward(addr, req).await {
-            Ok(payload) => decode(&payload).map_err(Status::internal),
-            // Never sent: asking again (once the leader is known again) is safe.
-            Err(ForwardError::NotSent(s)) => {
-                tracing::debug!(leader, %addr, "forwarding: no stream to the leader: {}", s.message());
-                Ok(Err(ProposeError::NotLeader { leader: None }))
-            }
-            Err(ForwardError::Broken(why)) => Err(Status::unavailable(format!(
-                "forwarding the write to leader {leader} at {addr} failed, so its outcome is \
-                 unknown: {why}; read it back before retrying"
-            ))),
-        }
-    }
-
-    /// Makes a following read linearizable: waits until this master has applied everything the
-    /// leader had committed when the read arrived (read-index).
-    pub async fn read_barrier(&self) -> Result<(), Status> {
-        for _ in 0..3 {
-            if self.is_leader() {
-                match self.raft.ensure_linearizable(openraft::ReadPolicy::ReadIndex).await {
-                    Ok(_) => return Ok(()),
-                    Err(e) if e.forward_to_leader().is_some() => continue,
-                    Err(e) => return Err(Status::unavailable(format!("linearizable read failed: {e}"))),
-                }
-            }
-            let Some((lid, addr)) = self.leader() else {
-                self.wait_for_leader().await?;
-                continue;
-            };
-            let ch = self.peers.channel(&addr).map_err(Status::unavailable)?;
-            let mut client = pb::raft::raft_client::RaftClient::new(ch);
-            let mut req = tonic::Request::new(pb::raft::ReadIndexRequest { header: Some(self.peers.header(lid)) });
-            req.set_timeout(self.election_timeout * 2);
-            match client.read_index(req).await {
-                Ok(r) => {
-                    let idx = r.into_inner().read_index;
-                    return self
-                        .raft
-                        .wait(Some(Duration::from_secs(5)))
-                        .applied_index_at_least(Some(idx), "read index")
-                        .await
-                        .map(|_| ())
-                        .map_err(|e| {
-                            Status::unavailable(format!("this master is not catching up with the leader: {e}"))
-                        });
-                }
-                Err(s) if s.code() == tonic::Code::Unavailable => {
-                    let old = Some(lid);
-                    let _ = self
-                        .raft
-                        .wait(Some(self.election_timeout * 2))
-                        .metrics(|m| m.current_leader != old, "leader change")
-                        .await;
-                }
-                Err(s) => return Err(s),
-            }
-        }
-        Err(Status::unavailable("no leader could confirm the read; retry shortly"))
     }
 }
 
@@ -334,6 +217,8 @@ pub async fn run_master(cfg: MasterConfig, shutdown: CancellationToken) -> Resul
         proposer: Proposer::start(raft.clone()),
         limits: Limits { max_value_bytes: cfg.max_value_bytes, ..Limits::default() },
         election_timeout: cfg.election_timeout,
+        heartbeat_interval: cfg.heartbeat_interval,
+        leader_contact: Default::default(),
         data_dir: cfg.data_dir.clone(),
         membership_lock: tokio::sync::Mutex::new(()),
         removed: Mutex::new(BTreeSet::new()),

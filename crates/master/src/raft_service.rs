@@ -11,7 +11,7 @@ use berth_types::Command;
 use openraft::{
     ReadPolicy,
     alias::{SnapshotMetaOf, VoteOf},
-    raft::{AppendEntriesRequest, TransferLeaderRequest, VoteRequest},
+    raft::{AppendEntriesRequest, AppendEntriesResponse, TransferLeaderRequest, VoteRequest},
     storage::Snapshot,
 };
 use tokio::io::AsyncWriteExt;
@@ -136,6 +136,11 @@ impl raft_server::Raft for RaftService {
                 let id = req.id;
                 let req: AppendEntriesRequest<TypeConfig> = decode(&req.payload).map_err(Status::invalid_argument)?;
                 let res = svc.ctx.raft.append_entries(req).await.map_err(|e| e.to_string());
+                // Accepted (not refused for a higher vote): the sender leads, and is alive now.
+                // Followers route client requests only to a leader heard from recently.
+                if matches!(&res, Ok(r) if !matches!(r, AppendEntriesResponse::HigherVote(_))) {
+                    svc.ctx.leader_contact.heard_from(peer);
+                }
                 // The id lets the sender tell this answer from a late one to a request it gave up on.
                 yield RaftResponse { payload: encode(&res), id };
             }
