@@ -352,3 +352,19 @@ pub fn alive(pid: i64) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .is_ok_and(|s| s.rsplit_once(')').is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z')))
 }
+
+/// `berth apply -f` of `yaml`, written first to `dir/<name>.yaml`; what apply printed.
+pub fn apply(c: &Cluster, dir: &Path, name: &str, yaml: &str) -> Result<String> {
+    let f = dir.join(format!("{name}.yaml"));
+    std::fs::write(&f, yaml)?;
+    let out = c.berth(&["apply", "-f", &f.to_string_lossy()]);
+    if !out.status.success() {
+        bail!("apply {name}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The tasks of `service` (`berth get tasks --service S -o json`; empty when the call fails).
+pub fn tasks(c: &Cluster, service: &str) -> Vec<Value> {
+    c.berth_json(&["get", "tasks", "--service", service]).ok().and_then(|v| v.as_array().cloned()).unwrap_or_default()
+}

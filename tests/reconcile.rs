@@ -9,24 +9,10 @@ use std::{
 };
 
 use anyhow::{Result, bail};
-use berth_tests::{AgentProc, Cluster, signal, spawn_agent, token, wait_for};
+use berth_tests::{AgentProc, Cluster, apply, signal, spawn_agent, tasks, token, wait_for};
 use serde_json::Value;
 
 const LONG: Duration = Duration::from_secs(60);
-
-fn apply(c: &Cluster, dir: &Path, name: &str, yaml: &str) -> Result<()> {
-    let f = dir.join(format!("{name}.yaml"));
-    std::fs::write(&f, yaml)?;
-    let out = c.berth(&["apply", "-f", f.to_str().unwrap()]);
-    if !out.status.success() {
-        bail!("apply {name}: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    Ok(())
-}
-
-fn tasks(c: &Cluster, service: &str) -> Vec<Value> {
-    c.berth_json(&["get", "tasks", "--service", service]).ok().and_then(|v| v.as_array().cloned()).unwrap_or_default()
-}
 
 fn wait_running(c: &Cluster, service: &str, n: usize) -> Result<Vec<Value>> {
     wait_for(LONG, &format!("{n} running tasks of {service}"), || {

@@ -1,27 +1,13 @@
 //! Services end to end: real masters, real agents, real processes. Specs go in through
 //! `berth apply`; what runs is read back through `berth get tasks -o json` and /proc.
 
-use std::{collections::BTreeMap, path::Path, time::Duration};
+use std::{collections::BTreeMap, time::Duration};
 
-use anyhow::{Result, bail};
-use berth_tests::{AgentProc, Cluster, alive, signal, spawn_agent, token, wait_for};
+use anyhow::Result;
+use berth_tests::{AgentProc, Cluster, alive, apply, signal, spawn_agent, tasks, token, wait_for};
 use serde_json::Value;
 
 const LONG: Duration = Duration::from_secs(60);
-
-fn apply(c: &Cluster, dir: &Path, name: &str, yaml: &str) -> Result<String> {
-    let f = dir.join(format!("{name}.yaml"));
-    std::fs::write(&f, yaml)?;
-    let out = c.berth(&["apply", "-f", f.to_str().unwrap()]);
-    if !out.status.success() {
-        bail!("apply {name}: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-fn tasks(c: &Cluster, service: &str) -> Vec<Value> {
-    c.berth_json(&["get", "tasks", "--service", service]).ok().and_then(|v| v.as_array().cloned()).unwrap_or_default()
-}
 
 fn running(c: &Cluster, service: &str) -> Vec<Value> {
     tasks(c, service).into_iter().filter(|t| t["state"] == "running" && t["desired_state"] == "running").collect()

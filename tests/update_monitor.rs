@@ -11,26 +11,13 @@
 //!    healthy: the new leader learns when the task turned healthy from the replicated task record,
 //!    counts its death as a failure and rolls back again (version 5).
 
-use std::{
-    path::Path,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
-use anyhow::{Result, bail};
-use berth_tests::{Cluster, spawn_agent, token, wait_for};
+use anyhow::Result;
+use berth_tests::{Cluster, apply, spawn_agent, token, wait_for};
 use serde_json::Value;
 
 const LONG: Duration = Duration::from_secs(90);
-
-fn apply(c: &Cluster, dir: &Path, name: &str, yaml: &str) -> Result<()> {
-    let f = dir.join(format!("{name}.yaml"));
-    std::fs::write(&f, yaml)?;
-    let out = c.berth(&["apply", "-f", f.to_str().unwrap()]);
-    if !out.status.success() {
-        bail!("apply {name}: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    Ok(())
-}
 
 fn service(c: &Cluster) -> Option<Value> {
     let s = c.berth_json(&["get", "services"]).ok()?;
