@@ -128,11 +128,16 @@ pub(crate) struct Agent<D> {
     pub dialled: Option<String>,
 }
 
-/// Which masters a session dials.
-enum Dial {
-    One(String),
-    /// All at once; the first to connect is used.
-    Any(Vec<String>),
+/// How long a preferred master (the last or hinted leader) has before the others are dialled
+/// too: a dead or frozen one then costs this, not the whole connect timeout.
+const PREFER_HEAD_START: Duration = Duration::from_millis(300);
+
+/// Which masters a session dials: `first` at once (the last or hinted leader), the others at
+/// once when there is no `first`, else once it has had [`PREFER_HEAD_START`]. The first to
+/// connect is used.
+struct Dial {
+    first: Option<String>,
+    others: Vec<String>,
 }
 
 /// Connects as `dial` says: the address and connection, or every failure.
@@ -142,12 +147,18 @@ async fn connect(
     dial: &Dial,
 ) -> Result<(String, quinn::Connection), String> {
     use futures::StreamExt;
-    let addrs = match dial {
-        Dial::One(a) => std::slice::from_ref(a),
-        Dial::Any(all) => all.as_slice(),
-    };
-    let mut attempts: futures::stream::FuturesUnordered<_> =
-        addrs.iter().map(|a| async move { (a, net::connect(endpoints, tls, a).await) }).collect();
+    let wait = if dial.first.is_some() { PREFER_HEAD_START } else { Duration::ZERO };
+    let delayed = dial.others.iter().filter(|a| dial.first.as_ref() != Some(*a)).map(|a| (a, wait));
+    let mut attempts: futures::stream::FuturesUnordered<_> = dial
+        .first
+        .iter()
+        .map(|a| (a, Duration::ZERO))
+        .chain(delayed)
+        .map(|(a, after)| async move {
+            tokio::time::sleep(after).await;
+            (a, net::connect(endpoints, tls, a).await)
+        })
+        .collect();
     let mut failures = Vec::new();
     while let Some((addr, r)) = attempts.next().await {
         match r {
@@ -207,13 +218,13 @@ impl<D: Driver> Agent<D> {
             if targets.is_empty() {
                 return Err(AgentError::NoMasters);
             }
-            // The hinted leader alone; otherwise every known master at once, the first to answer
-            // wins (a follower then points at the leader). One at a time, an agent once took 27 s
-            // to get past masters that were down or removed.
-            let (end, addr) = match next.take() {
-                Some(a) => (self.session(Dial::One(a.clone()), shutdown, &mut backoff).await, a),
-                None => self.session_any(&targets, shutdown, &mut backoff).await,
-            };
+            // The last or hinted leader first; every other known master too after a short head
+            // start (or at once when there is no such leader); the first to answer wins (a
+            // follower then points at the leader). One at a time, an agent once took 27 s to get
+            // past masters that were down or removed.
+            let dial = Dial { first: next.take(), others: targets.clone() };
+            let end = self.session(dial, shutdown, &mut backoff).await;
+            let addr = self.dialled.take().unwrap_or_else(|| targets.join(","));
             let pause = match end {
                 SessionEnd::Shutdown => break,
                 SessionEnd::Refused { reason } => {
@@ -283,22 +294,6 @@ impl<D: Driver> Agent<D> {
             }
         }
         t
-    }
-
-    /// A session with whichever of `targets` answers first; also returns its address (all of
-    /// them, joined, when none answered).
-    async fn session_any(
-        &mut self,
-        targets: &[String],
-        shutdown: &CancellationToken,
-        backoff: &mut Backoff,
-    ) -> (SessionEnd, String) {
-        if let [only] = targets {
-            return (self.session(Dial::One(only.clone()), shutdown, backoff).await, only.clone());
-        }
-        let end = self.session(Dial::Any(targets.to_vec()), shutdown, backoff).await;
-        let addr = self.dialled.take().unwrap_or_else(|| targets.join(","));
-        (end, addr)
     }
 
     /// Waits `d` (false on shutdown), absorbing driver reports meanwhile.

@@ -800,3 +800,34 @@ async fn many_simulated_agents() {
     tokio::time::timeout(Duration::from_secs(60), task).await.unwrap().unwrap().unwrap();
     eprintln!("stopped after {:?}", started.elapsed());
 }
+
+// An agent whose last leader and first known master are silent (a frozen or removed master:
+// packets go in, nothing comes back, so each connect would wait out its 5 s timeout) reaches a
+// live master at once: the last leader gets a short head start, then every master is dialled
+// together and the first to answer wins.
+#[tokio::test]
+async fn silent_masters_do_not_hold_up_the_reconnect() {
+    let cl = cluster();
+    let mut master = TestMaster::start(&cl, Knobs::default()).await;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("agent");
+    let agent = spawn_agent(config(&master, Some(cl.token.encode()), &dir));
+    master.hello().await;
+    agent.stop().await.unwrap();
+
+    // Two "masters" that swallow every packet.
+    let silent: Vec<std::net::UdpSocket> = (0..2).map(|_| std::net::UdpSocket::bind("127.0.0.1:0").unwrap()).collect();
+    let silent_addrs: Vec<String> = silent.iter().map(|s| s.local_addr().unwrap().to_string()).collect();
+    let mut state = AgentState::load(&dir).unwrap().unwrap();
+    state.masters = silent_addrs.iter().cloned().chain([master.addr.clone()]).collect();
+    state.last_leader = Some(silent_addrs[0].clone());
+    state.save(&dir).unwrap();
+
+    let began = std::time::Instant::now();
+    let agent = spawn_agent(config(&master, None, &dir));
+    master.hello().await;
+    let took = began.elapsed();
+    assert!(took < Duration::from_secs(3), "reaching the live master took {took:?}");
+    agent.stop().await.unwrap();
+    drop(silent);
+}
