@@ -628,23 +628,62 @@ fn rollback(w: &World, svc: &Svc, plan: &mut Plan, why: &str) {
     plan.push(vec![objects::cas_put(key, svc.mod_revision, r.encode_to_vec())], format!("{}: rollback", svc.key()));
 }
 
+/// The slot a task fills: namespace, service, slot number and, for a global service, its node.
+fn slot_of(t: &Task) -> (&str, &str, u32, &str) {
+    (&t.namespace, &t.service, t.slot, &t.pinned_node)
+}
+
+/// Slots whose previous task is still stopping on a node that is up, with that task's id: a
+/// replacement there waits until it has ended, so the two never run at once (a stop-first
+/// update's new task would otherwise race the old one for its published port and its data). A
+/// task on a node that is down or gone does not hold its slot: the node-down grace has passed.
+fn stopping_slots<'a>(
+    tasks: impl Iterator<Item = &'a Task>,
+    nodes: &HashMap<String, Node>,
+) -> HashMap<(&'a str, &'a str, u32, &'a str), &'a str> {
+    tasks
+        .filter(|o| {
+            tasks::desired_of(o) == TaskState::Shutdown
+                && !tasks::is_terminal(tasks::state_of(o))
+                && !o.node_id.is_empty()
+                && nodes.get(&o.node_id).is_some_and(|n| n.status == NodeStatus::Ready as i32)
+        })
+        .map(|o| (slot_of(o), o.id.as_str()))
+        .collect()
+}
+
 fn schedule(w: &World, plan: &mut Plan) {
     let svcs: HashMap<(String, String), &Svc> =
         w.services.iter().map(|s| ((s.record.namespace.clone(), s.record.name.clone()), s)).collect();
     let svc_of = |t: &Task| svcs.get(&(t.namespace.clone(), t.service.clone())).copied();
-    let mut pending: Vec<&objects::Versioned<Task>> = w
-        .tasks
-        .values()
-        .filter(|t| {
-            let o = &t.obj;
-            o.node_id.is_empty()
-                && tasks::desired_of(o) == TaskState::Running
-                && tasks::state_of(o) == TaskState::Pending
-                && o.not_before_ms <= w.now
-                && !plan.touched.contains(&o.id)
-                && svc_of(o).is_some()
-        })
-        .collect();
+    let stopping = stopping_slots(w.tasks.values().map(|t| &t.obj), &w.nodes);
+    let mut pending: Vec<&objects::Versioned<Task>> = Vec::new();
+    for t in w.tasks.values() {
+        let o = &t.obj;
+        let ready = o.node_id.is_empty()
+            && tasks::desired_of(o) == TaskState::Running
+            && tasks::state_of(o) == TaskState::Pending
+            && o.not_before_ms <= w.now
+            && !plan.touched.contains(&o.id)
+            && svc_of(o).is_some();
+        if !ready {
+            continue;
+        }
+        match stopping.get(&slot_of(o)) {
+            None => pending.push(t),
+            Some(old) => {
+                let reason = format!("waiting for the slot's previous task {old} to stop");
+                if o.pending_reason != reason {
+                    let mut n = o.clone();
+                    n.pending_reason = reason;
+                    n.message = "waiting for the previous task to stop".into();
+                    n.updated_at_ms = w.now;
+                    plan.touch(&n.id);
+                    plan.push(vec![put_task(&n, t.mod_revision)], String::new());
+                }
+            }
+        }
+    }
     if pending.is_empty() {
         return;
     }
@@ -782,6 +821,37 @@ fn reap(w: &World, plan: &mut Plan) {
 #[cfg(test)]
 mod restart_tests {
     use super::*;
+
+    // A stop-first replacement waits while the slot's previous task is still stopping on a node
+    // that is up; not once that task has ended, nor when its node is down, nor for another slot.
+    #[test]
+    fn a_replacement_waits_for_its_slots_previous_task_to_stop() {
+        let node = |id: &str, status: NodeStatus| {
+            (id.to_string(), Node { id: id.into(), status: status as i32, ..Default::default() })
+        };
+        let nodes = HashMap::from([node("up", NodeStatus::Ready), node("gone", NodeStatus::Down)]);
+        let task = |id: &str, slot: u32, node: &str, desired: TaskState, state: TaskState| Task {
+            id: id.into(),
+            namespace: "default".into(),
+            service: "web".into(),
+            slot,
+            node_id: node.into(),
+            desired_state: desired as i32,
+            state: state as i32,
+            ..Default::default()
+        };
+        use TaskState::*;
+        let all = [
+            task("old-1", 1, "up", Shutdown, Running),
+            task("new-1", 1, "", Running, Pending),
+            task("old-2", 2, "up", Shutdown, Shutdown),
+            task("old-3", 3, "gone", Shutdown, Running),
+            task("run-4", 4, "up", Running, Running),
+        ];
+        let held = stopping_slots(all.iter(), &nodes);
+        assert_eq!(held.get(&("default", "web", 1, "")), Some(&"old-1"));
+        assert_eq!(held.len(), 1, "{held:?}");
+    }
 
     #[test]
     fn fence_stops_do_not_grow_the_backoff_but_failures_do() {
