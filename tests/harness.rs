@@ -368,3 +368,21 @@ pub fn apply(c: &Cluster, dir: &Path, name: &str, yaml: &str) -> Result<String> 
 pub fn tasks(c: &Cluster, service: &str) -> Vec<Value> {
     c.berth_json(&["get", "tasks", "--service", service]).ok().and_then(|v| v.as_array().cloned()).unwrap_or_default()
 }
+
+/// Three masters, a token, and agents `(name, zone)`.
+pub fn cluster_with_agents(agents: &[(&str, &str)], master_args: &[&str]) -> Result<(Cluster, Vec<AgentProc>)> {
+    let c = Cluster::start(3, master_args)?;
+    c.wait_leader(Duration::from_secs(60))?;
+    let t = token(&c, &["--uses", "100"])?;
+    let mut procs = Vec::new();
+    for (name, zone) in agents {
+        let dir = c.dir.path().join(name);
+        procs.push(spawn_agent(&c, &dir, name, Some(&t), &["--labels", &format!("zone={zone}")])?);
+    }
+    wait_for(Duration::from_secs(60), "every agent ready", || {
+        let ns = c.berth_json(&["get", "nodes"]).ok()?;
+        let ready = ns.as_array()?.iter().filter(|n| n["status"] == "ready").count();
+        (ready == agents.len()).then_some(())
+    })?;
+    Ok((c, procs))
+}

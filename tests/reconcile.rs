@@ -9,7 +9,7 @@ use std::{
 };
 
 use anyhow::{Result, bail};
-use berth_tests::{AgentProc, Cluster, apply, signal, spawn_agent, tasks, token, wait_for};
+use berth_tests::{AgentProc, Cluster, apply, cluster_with_agents, signal, spawn_agent, tasks, wait_for};
 use serde_json::Value;
 
 const LONG: Duration = Duration::from_secs(60);
@@ -38,21 +38,6 @@ fn processes_of(service: &str) -> BTreeSet<u32> {
                 && berth_tests::alive(i64::from(*pid))
         })
         .collect()
-}
-
-fn cluster_with_agents(names: &[&str]) -> Result<(Cluster, Vec<AgentProc>, String)> {
-    let c = Cluster::start(3, &[])?;
-    c.wait_leader(LONG)?;
-    let t = token(&c, &["--uses", "100"])?;
-    let mut agents = Vec::new();
-    for name in names {
-        agents.push(spawn_agent(&c, &c.dir.path().join(name), name, Some(&t), &[])?);
-    }
-    wait_for(LONG, "every agent ready", || {
-        let ns = c.berth_json(&["get", "nodes"]).ok()?;
-        (ns.as_array()?.iter().filter(|n| n["status"] == "ready").count() == names.len()).then_some(())
-    })?;
-    Ok((c, agents, t))
 }
 
 /// SIGINT (what Ctrl-C on `berth dev` sends) and wait for the agent to exit.
@@ -93,7 +78,7 @@ spec:
 //    finish the stops they were interrupted in, from their stored state alone.
 #[test]
 fn a_stop_interrupted_by_an_agent_restart_is_finished() -> Result<()> {
-    let (c, mut agents, _) = cluster_with_agents(&["rc-a", "rc-b"])?;
+    let (c, mut agents) = cluster_with_agents(&[("rc-a", "a"), ("rc-b", "b")], &[])?;
     apply(&c, c.dir.path(), "stubborn", STUBBORN)?;
     wait_running(&c, "stubborn", 3)?;
     let before = processes_of("stubborn");
@@ -157,7 +142,7 @@ spec:
 // handler, and exits cleanly from it.
 #[test]
 fn stops_are_prompt_and_handlers_run() -> Result<()> {
-    let (c, _agents, _) = cluster_with_agents(&["quick-a"])?;
+    let (c, _agents) = cluster_with_agents(&[("quick-a", "a")], &[])?;
     let plain = QUICK.replace("NAME", "plain").replace("COMMAND", "sleep 1000; echo unreachable");
     apply(&c, c.dir.path(), "plain", &plain)?;
     // The handler leaves a mark outside the task: the task's own files go with it.

@@ -4,7 +4,7 @@
 use std::{collections::BTreeMap, time::Duration};
 
 use anyhow::Result;
-use berth_tests::{AgentProc, Cluster, alive, apply, signal, spawn_agent, tasks, token, wait_for};
+use berth_tests::{Cluster, alive, apply, cluster_with_agents, signal, spawn_agent, tasks, token, wait_for};
 use serde_json::Value;
 
 const LONG: Duration = Duration::from_secs(60);
@@ -18,24 +18,6 @@ fn wait_running(c: &Cluster, service: &str, n: usize, timeout: Duration) -> Resu
         let r = running(c, service);
         (r.len() == n && r.iter().all(|t| t["pid"].as_i64().unwrap_or(0) > 0)).then_some(r)
     })
-}
-
-/// Three masters, a token, and agents `(name, zone)`.
-fn cluster_with_agents(agents: &[(&str, &str)], master_args: &[&str]) -> Result<(Cluster, Vec<AgentProc>)> {
-    let c = Cluster::start(3, master_args)?;
-    c.wait_leader(LONG)?;
-    let t = token(&c, &["--uses", "100"])?;
-    let mut procs = Vec::new();
-    for (name, zone) in agents {
-        let dir = c.dir.path().join(name);
-        procs.push(spawn_agent(&c, &dir, name, Some(&t), &["--labels", &format!("zone={zone}")])?);
-    }
-    wait_for(LONG, "every agent ready", || {
-        let ns = c.berth_json(&["get", "nodes"]).ok()?;
-        let ready = ns.as_array()?.iter().filter(|n| n["status"] == "ready").count();
-        (ready == agents.len()).then_some(())
-    })?;
-    Ok((c, procs))
 }
 
 fn node_zones(c: &Cluster) -> Result<BTreeMap<String, String>> {
