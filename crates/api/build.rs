@@ -4,7 +4,10 @@
 use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let proto_root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../proto");
+    // Read at run time, not baked in with env!(): clones in different folders that share one
+    // target dir (CI keeps its own outside the clone) reuse this script's binary, and a baked-in
+    // path would point at the clone that compiled it, which may be gone.
+    let proto_root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?).join("../../proto");
     let protos = [
         "berth/v1/kv.proto",
         "berth/v1/cluster.proto",
