@@ -3,7 +3,7 @@
 
 use std::{
     collections::HashMap,
-    io::{IsTerminal, Read, Write},
+    io::{Read, Write},
     path::{Path, PathBuf},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
@@ -860,25 +860,13 @@ pub async fn wait_rollouts(
     let first_ns = targets.first().map(|t| t.namespace.clone()).unwrap_or_default();
     let one_ns = targets.iter().all(|t| t.namespace == first_ns);
     let list_ns = if one_ns { first_ns.clone() } else { String::new() };
-    let multi = std::io::stderr()
-        .is_terminal()
-        .then(|| indicatif::MultiProgress::with_draw_target(indicatif::ProgressDrawTarget::stderr()));
-    let style =
-        indicatif::ProgressStyle::with_template("{prefix:.bold} [{bar:30.cyan/blue}] {pos}/{len} running {msg}")
-            .expect("a valid progress template")
-            .progress_chars("=> ");
+    let bars = crate::progress::Bars::new("{prefix:.bold} [{bar:30.cyan/blue}] {pos}/{len} running {msg}");
     let width = targets.iter().map(|t| if one_ns { t.name.len() } else { t.namespace.len() + 1 + t.name.len() }).max();
     let mut follows: Vec<Follow> = targets
         .into_iter()
         .map(|t| {
             let label = if one_ns { t.name.clone() } else { key(&t.namespace, &t.name) };
-            let bar = multi.as_ref().map(|m| {
-                let b = m.add(indicatif::ProgressBar::new(0));
-                b.set_style(style.clone());
-                b.set_prefix(format!("{label:<w$}", w = width.unwrap_or(0)));
-                b.set_message("waiting");
-                b
-            });
+            let bar = bars.add(&label, width.unwrap_or(0));
             Follow {
                 target: t,
                 label,
@@ -943,21 +931,14 @@ pub async fn wait_rollouts(
                 }
             }
             Err(s) if !is_transient(&s) => {
-                if let Some(m) = &multi {
-                    let _ = m.clear();
-                }
+                bars.clear();
                 bail!("following the rollouts failed: {}", status_text(&s));
             }
             Err(s) => {
                 let text = status_text(&s);
                 if last_error.as_deref() != Some(text.as_str()) {
                     let msg = format!("reading the services failed, retrying: {text}");
-                    match &multi {
-                        Some(m) => {
-                            let _ = m.println(&msg);
-                        }
-                        None => eprintln!("{msg}"),
-                    }
+                    bars.println(&msg);
                 }
                 last_error = Some(text);
             }
@@ -966,10 +947,7 @@ pub async fn wait_rollouts(
         for f in follows.iter_mut() {
             let Some(outcome) = &f.outcome else { continue };
             if let Some(b) = f.bar.take() {
-                match outcome {
-                    Ok(()) => b.finish_with_message("rolled out"),
-                    Err(m) => b.abandon_with_message(format!("failed: {}", truncate(m, 60))),
-                }
+                crate::progress::settle(b, outcome, "rolled out");
             }
         }
         if follows.iter().all(|f| f.outcome.is_some()) || tokio::time::Instant::now() >= deadline {
@@ -977,14 +955,7 @@ pub async fn wait_rollouts(
         }
         tokio::time::sleep(POLL_INTERVAL.min(deadline.saturating_duration_since(tokio::time::Instant::now()))).await;
     }
-    for f in &follows {
-        if let Some(b) = &f.bar {
-            b.abandon();
-        }
-    }
-    if let Some(m) = &multi {
-        let _ = m.clear();
-    }
+    bars.close(follows.iter().map(|f| &f.bar));
     let mut failures = Vec::new();
     let mut unfinished = Vec::new();
     for f in &follows {

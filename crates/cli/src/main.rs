@@ -12,6 +12,7 @@ mod cmd_services;
 mod config;
 mod dev;
 mod output;
+mod progress;
 mod wait;
 
 use std::{path::PathBuf, time::Duration};

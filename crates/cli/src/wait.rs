@@ -8,7 +8,6 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    io::IsTerminal,
     time::Duration,
 };
 
@@ -20,8 +19,8 @@ use crate::{
     client::{Call, Client},
     cmd_services::{
         POLL_INTERVAL, TaskOut, get_service, is_transient, key, node_names, out_line, rollout_state_name, status_text,
-        truncate,
     },
+    progress::{self, Bars},
 };
 
 /// What a service's tasks must reach.
@@ -191,25 +190,14 @@ struct Follow {
 /// terminal's stderr, else a line per change (to stdout when `plain_to_stdout`).
 pub async fn wait_for(client: &Client, targets: Vec<Target>, timeout: Duration, plain_to_stdout: bool) -> Result<()> {
     let one_ns = targets.windows(2).all(|w| w[0].namespace == w[1].namespace);
-    let multi = std::io::stderr()
-        .is_terminal()
-        .then(|| indicatif::MultiProgress::with_draw_target(indicatif::ProgressDrawTarget::stderr()));
-    let style = indicatif::ProgressStyle::with_template("{prefix:.bold} [{bar:30.cyan/blue}] {msg}")
-        .expect("a valid progress template")
-        .progress_chars("=> ");
+    let bars = Bars::new("{prefix:.bold} [{bar:30.cyan/blue}] {msg}");
     let label_of = |t: &Target| if one_ns { t.name.clone() } else { key(&t.namespace, &t.name) };
     let width = targets.iter().map(|t| label_of(t).len()).max().unwrap_or(0);
     let mut follows: Vec<Follow> = targets
         .into_iter()
         .map(|t| {
             let label = label_of(&t);
-            let bar = multi.as_ref().map(|m| {
-                let b = m.add(indicatif::ProgressBar::new(0));
-                b.set_style(style.clone());
-                b.set_prefix(format!("{label:<width$}"));
-                b.set_message("waiting");
-                b
-            });
+            let bar = bars.add(&label, width);
             Follow { target: t, label, bar, last_line: String::new(), last: None, outcome: None }
         })
         .collect();
@@ -220,12 +208,7 @@ pub async fn wait_for(client: &Client, targets: Vec<Target>, timeout: Duration, 
             eprintln!("{line}");
         }
     };
-    let notice = |msg: &str| match &multi {
-        Some(m) => {
-            let _ = m.println(msg);
-        }
-        None => eprintln!("{msg}"),
-    };
+    let notice = |msg: &str| bars.println(msg);
     let deadline = tokio::time::Instant::now() + timeout;
     let mut last_error: Option<String> = None;
     loop {
@@ -241,9 +224,7 @@ pub async fn wait_for(client: &Client, targets: Vec<Target>, timeout: Duration, 
                     continue;
                 }
                 Err(s) => {
-                    if let Some(m) = &multi {
-                        let _ = m.clear();
-                    }
+                    bars.clear();
                     bail!("following service {} failed: {}", key(&f.target.namespace, &f.target.name), status_text(&s));
                 }
             };
@@ -270,13 +251,11 @@ pub async fn wait_for(client: &Client, targets: Vec<Target>, timeout: Duration, 
             if let Some(outcome) = &f.outcome
                 && let Some(b) = f.bar.take()
             {
-                match outcome {
-                    Ok(()) => b.finish_with_message(match f.target.goal {
-                        Goal::Deleted => "deleted".to_string(),
-                        Goal::Scaled { replicas } => format!("{replicas} running"),
-                    }),
-                    Err(m) => b.abandon_with_message(format!("failed: {}", truncate(m, 60))),
-                }
+                let done = match f.target.goal {
+                    Goal::Deleted => "deleted".to_string(),
+                    Goal::Scaled { replicas } => format!("{replicas} running"),
+                };
+                progress::settle(b, outcome, done);
             }
         }
         if follows.iter().all(|f| f.outcome.is_some()) || tokio::time::Instant::now() >= deadline {
@@ -284,14 +263,7 @@ pub async fn wait_for(client: &Client, targets: Vec<Target>, timeout: Duration, 
         }
         tokio::time::sleep(POLL_INTERVAL.min(deadline.saturating_duration_since(tokio::time::Instant::now()))).await;
     }
-    for f in &follows {
-        if let Some(b) = &f.bar {
-            b.abandon();
-        }
-    }
-    if let Some(m) = &multi {
-        let _ = m.clear();
-    }
+    bars.close(follows.iter().map(|f| &f.bar));
     let mut failures = Vec::new();
     let mut unfinished = Vec::new();
     for f in &follows {
