@@ -15,6 +15,7 @@ pub mod driver;
 mod error;
 mod join;
 mod net;
+pub mod overlay;
 pub mod probe;
 mod resources;
 mod session;

@@ -1,0 +1,1 @@
+//! Service discovery by DNS for the tasks on this node (see the module docs of `overlay`).

@@ -1,0 +1,1 @@
+//! The agent's nftables table (see the module docs of `overlay`).
