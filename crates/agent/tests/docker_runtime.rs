@@ -106,6 +106,7 @@ fn spec(script: &str) -> RunSpec {
             health: None,
             stop_signal: None,
             stop_grace_period: berth_types::spec::DEFAULT_STOP_GRACE,
+            networks: Vec::new(),
         },
         disconnect: DisconnectPolicy::Replace,
         fence_timeout_ms: 0,
@@ -295,8 +296,8 @@ async fn publishes_ports_reachable_from_the_host_and_probes_reach_the_container(
     s.task.command = vec!["/bin/busybox".into(), "httpd".into()];
     s.task.args = vec!["-f".into(), "-p".into(), "8080".into(), "-h".into(), "/www".into()];
     s.task.ports = vec![
-        PortSpec { container: 8080, published: Some(host_port), protocol: Protocol::Tcp },
-        PortSpec { container: 9999, published: None, protocol: Protocol::Udp },
+        PortSpec { name: None, container: 8080, published: Some(host_port), protocol: Protocol::Tcp },
+        PortSpec { name: None, container: 9999, published: None, protocol: Protocol::Udp },
     ];
     rt.start(&id, &s).await.unwrap();
     wait_running(&rt, &id).await;
@@ -588,8 +589,12 @@ async fn a_start_that_fails_leaves_no_container() {
     // The host port is taken: Docker creates the container but cannot start it.
     let taken = std::net::TcpListener::bind((Ipv4Addr::UNSPECIFIED, 0)).unwrap();
     let mut s = spec("exec /bin/busybox sleep 600");
-    s.task.ports =
-        vec![PortSpec { container: 80, published: Some(taken.local_addr().unwrap().port()), protocol: Protocol::Tcp }];
+    s.task.ports = vec![PortSpec {
+        name: None,
+        container: 80,
+        published: Some(taken.local_addr().unwrap().port()),
+        protocol: Protocol::Tcp,
+    }];
     let err = rt.start(&id, &s).await.unwrap_err();
     assert!(err.to_string().contains("starting container"), "{err}");
     assert_eq!(rt.inspect(&id).await.unwrap(), Observed::Missing);

@@ -46,6 +46,7 @@ fn spec(argv: &[&str]) -> RunSpec {
             health: None,
             stop_signal: None,
             stop_grace_period: berth_types::spec::DEFAULT_STOP_GRACE,
+            networks: Vec::new(),
         },
         disconnect: Default::default(),
         fence_timeout_ms: 0,

@@ -8,6 +8,7 @@
 //! Defaults are filled in while parsing, so two specs that differ only in omitted defaults are equal, and
 //! [`Service::canonical_json`] gives a stable string to detect an unchanged re-apply.
 
+pub mod network;
 mod placement;
 mod quantity;
 #[cfg(test)]
@@ -19,6 +20,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer, Serialize};
 
+pub use network::{DEFAULT_NETWORK, Network, NetworkSpec};
 pub use placement::{
     CONSTRAINT_ALLOWED, Constraint, ConstraintField, ConstraintOp, SPREAD_ALLOWED, SpreadLabel, is_label_key,
 };
@@ -27,7 +29,7 @@ pub use quantity::{
 };
 
 /// The kinds `apply` accepts.
-pub const KINDS: &[&str] = &["Service"];
+pub const KINDS: &[&str] = &["Service", "Network"];
 /// The largest `spec.replicas`.
 pub const MAX_REPLICAS: u32 = 10_000;
 /// The namespace used when `metadata.namespace` is omitted.
@@ -65,7 +67,7 @@ pub enum SpecError {
         message: String,
     },
     /// Two documents define the same service.
-    #[error("document {document}: service `{key}` is already defined by document {first}; define each service once")]
+    #[error("document {document}: `{key}` is already defined by document {first}; define each object once")]
     Duplicate {
         /// 1-based position of the second definition.
         document: usize,
@@ -75,7 +77,10 @@ pub enum SpecError {
         key: String,
     },
     /// The input holds no document.
-    #[error("the input contains no documents; expected one or more `kind: Service` documents separated by `---`")]
+    #[error(
+        "the input contains no documents; expected one or more `kind: Service` or `kind: Network` documents separated \
+         by `---`"
+    )]
     Empty,
 }
 
@@ -225,6 +230,18 @@ pub fn is_dns_label(s: &str) -> bool {
         && b[b.len() - 1] != b'-'
 }
 
+/// True for a port name usable in an SRV record (an IANA service name): 1-15 lowercase letters,
+/// digits and `-`, at least one letter, no leading, trailing or doubled `-`.
+pub fn is_port_name(s: &str) -> bool {
+    let b = s.as_bytes();
+    (1..=15).contains(&b.len())
+        && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && b.iter().any(|c| c.is_ascii_lowercase())
+        && b[0] != b'-'
+        && b[b.len() - 1] != b'-'
+        && !s.contains("--")
+}
+
 const DNS_LABEL_ALLOWED: &str =
     "1-63 characters: lowercase letters, digits and '-', starting with a letter and not ending with '-'";
 
@@ -324,11 +341,40 @@ fn de_replicas<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<u32>
 }
 
 /// A document's `kind`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum Kind {
     /// A long-running replicated or global service.
     #[default]
     Service,
+    /// An overlay network tasks join.
+    Network,
+}
+
+/// One document of an `apply`.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Document {
+    /// `kind: Service`.
+    Service(Box<Service>),
+    /// `kind: Network`.
+    Network(Network),
+}
+
+impl Document {
+    /// `Service` or `Network`.
+    pub fn kind(&self) -> Kind {
+        match self {
+            Document::Service(_) => Kind::Service,
+            Document::Network(_) => Kind::Network,
+        }
+    }
+
+    /// `namespace/name`.
+    pub fn key(&self) -> String {
+        match self {
+            Document::Service(s) => s.key(),
+            Document::Network(n) => n.key(),
+        }
+    }
 }
 
 /// One `kind: Service` document.
@@ -389,6 +435,27 @@ pub struct ServiceSpec {
     /// What happens to tasks on a node that loses contact.
     #[serde(default)]
     pub disconnect: DisconnectPolicy,
+    /// How other tasks reach this service by name: `vip` (default: one virtual IP, connections
+    /// spread over the healthy tasks) or `dnsrr` (the name resolves to the tasks' addresses).
+    #[serde(default, skip_serializing_if = "EndpointMode::is_vip")]
+    pub endpoint_mode: EndpointMode,
+}
+
+/// `spec.endpoint_mode`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum EndpointMode {
+    /// A virtual IP per service, load-balanced over its healthy tasks.
+    #[default]
+    Vip,
+    /// DNS round robin: the name answers with the healthy tasks' addresses.
+    Dnsrr,
+}
+
+impl EndpointMode {
+    fn is_vip(&self) -> bool {
+        *self == EndpointMode::Vip
+    }
 }
 
 /// `spec.mode`.
@@ -450,6 +517,10 @@ pub struct TaskSpec {
     /// How long the task has, after its stop signal, before SIGKILL (default 10s).
     #[serde(default = "default_stop_grace", with = "duration", skip_serializing_if = "is_default_stop_grace")]
     pub stop_grace_period: Duration,
+    /// The networks the task joins, by name in the service's namespace. Empty: the namespace's
+    /// `default` network, on a cluster with an address pool.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub networks: Vec<String>,
 }
 
 /// `spec.task.stop_grace_period` when unset (Docker's and Kubernetes' 10 s).
@@ -527,6 +598,9 @@ pub struct ResourceLimits {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PortSpec {
+    /// A name for SRV records (`_NAME._tcp.SERVICE...`): 1-15 lowercase letters, digits and `-`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
     /// Port inside the task.
     pub container: u16,
     /// Port published on the node, if any.
@@ -858,28 +932,66 @@ pub enum DisconnectPolicy {
     AtMostOnce,
 }
 
-/// Parses one or more `---`-separated YAML (or JSON) documents and validates each service.
+/// Parses one or more `---`-separated YAML (or JSON) documents and validates each one. A document
+/// is a Service unless its `kind` says `Network`.
 ///
-/// Empty documents are skipped; a file with no service, or two documents defining the same
-/// `namespace/name`, is an error.
-pub fn parse_documents(text: &str) -> Result<Vec<Service>, SpecError> {
-    let mut services: Vec<Service> = Vec::new();
-    let mut first_seen: BTreeMap<String, usize> = BTreeMap::new();
+/// Empty documents are skipped; a file with no document, or two documents defining the same
+/// kind and `namespace/name`, is an error.
+pub fn parse_all(text: &str) -> Result<Vec<Document>, SpecError> {
+    // First pass: each document's `kind`, so the second can deserialize it into its own type
+    // straight from the text (keeping serde_yaml's lines and columns in errors).
+    let kinds: Vec<Option<String>> = serde_yaml::Deserializer::from_str(text)
+        .map(|d| {
+            Option::<serde_yaml::Value>::deserialize(d)
+                .ok()
+                .flatten()
+                .and_then(|v| v.get("kind").and_then(|k| k.as_str()).map(str::to_string))
+        })
+        .collect();
+    let mut documents: Vec<Document> = Vec::new();
+    let mut first_seen: BTreeMap<(Kind, String), usize> = BTreeMap::new();
     for (i, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
         let n = i + 1;
-        let parsed = Option::<Service>::deserialize(document).map_err(|e| SpecError::from_yaml(n, &e))?;
-        let Some(service) = parsed else { continue };
-        service.validate().map_err(|e| e.in_document(n, text))?;
-        if let Some(&first) = first_seen.get(&service.key()) {
-            return Err(SpecError::Duplicate { document: n, first, key: service.key() });
+        let parsed = if kinds.get(i).and_then(|k| k.as_deref()) == Some("Network") {
+            let parsed = Option::<Network>::deserialize(document).map_err(|e| SpecError::from_yaml(n, &e))?;
+            let Some(network) = parsed else { continue };
+            network.validate().map_err(|e| e.in_document(n, text))?;
+            Document::Network(network)
+        } else {
+            let parsed = Option::<Service>::deserialize(document).map_err(|e| SpecError::from_yaml(n, &e))?;
+            let Some(service) = parsed else { continue };
+            if service.kind != Kind::Service {
+                return Err(SpecError::invalid("kind", "expected `Service` or `Network`").in_document(n, text));
+            }
+            service.validate().map_err(|e| e.in_document(n, text))?;
+            Document::Service(Box::new(service))
+        };
+        let id = (parsed.kind(), parsed.key());
+        if let Some(&first) = first_seen.get(&id) {
+            return Err(SpecError::Duplicate { document: n, first, key: parsed.key() });
         }
-        first_seen.insert(service.key(), n);
-        services.push(service);
+        first_seen.insert(id, n);
+        documents.push(parsed);
     }
-    if services.is_empty() {
+    if documents.is_empty() {
         return Err(SpecError::Empty);
     }
-    Ok(services)
+    Ok(documents)
+}
+
+/// [`parse_all`] for input that must hold only services: a `kind: Network` document is an error.
+pub fn parse_documents(text: &str) -> Result<Vec<Service>, SpecError> {
+    parse_all(text)?
+        .into_iter()
+        .enumerate()
+        .map(|(i, d)| match d {
+            Document::Service(s) => Ok(*s),
+            Document::Network(_) => {
+                Err(SpecError::invalid("kind", "only `kind: Service` documents are allowed here")
+                    .in_document(i + 1, text))
+            }
+        })
+        .collect()
 }
 
 impl Service {
@@ -1035,6 +1147,45 @@ fn validate_task(task: &TaskSpec) -> Result<(), SpecError> {
                     format!("published port {p} is used twice for the same protocol; each must be unique"),
                 ));
             }
+        }
+    }
+    let mut port_names = BTreeSet::new();
+    for (i, port) in task.ports.iter().enumerate() {
+        let Some(name) = &port.name else { continue };
+        if !is_port_name(name) {
+            return Err(SpecError::invalid(
+                format!("spec.task.ports[{i}].name"),
+                format!(
+                    "invalid port name {name:?}; allowed: 1-15 lowercase letters, digits and '-', with a letter, \
+                     not starting or ending with '-' (an IANA service name such as \"http\")"
+                ),
+            ));
+        }
+        if !port_names.insert(name) {
+            return Err(SpecError::invalid(
+                format!("spec.task.ports[{i}].name"),
+                format!("port name {name:?} is used twice; each must be unique"),
+            ));
+        }
+    }
+    if task.networks.len() > network::MAX_NETWORKS_PER_TASK {
+        return Err(SpecError::invalid(
+            "spec.task.networks",
+            format!(
+                "{} networks listed; a task may join at most {}",
+                task.networks.len(),
+                network::MAX_NETWORKS_PER_TASK
+            ),
+        ));
+    }
+    let mut networks = BTreeSet::new();
+    for (i, name) in task.networks.iter().enumerate() {
+        check_dns_label(&format!("spec.task.networks[{i}]"), "network name", name)?;
+        if !networks.insert(name) {
+            return Err(SpecError::invalid(
+                format!("spec.task.networks[{i}]"),
+                format!("network `{name}` is listed twice"),
+            ));
         }
     }
     if let Some(health) = &task.health {

@@ -413,3 +413,73 @@ fn default_stop_settings_leave_the_serialized_task_unchanged() {
     let back: TaskSpec = serde_json::from_str(&json).unwrap();
     assert_eq!(back.stop_grace_period, Duration::from_secs(3));
 }
+
+const NET: &str =
+    "kind: Network\nmetadata: {name: backend, namespace: shop}\nspec: {subnet: 10.20.0.0/16, internal: true}\n";
+
+#[test]
+fn network_documents_parse_beside_services() {
+    let docs = parse_all(&format!("{NET}---\n{WEB}")).unwrap();
+    assert_eq!(docs.len(), 2);
+    let Document::Network(n) = &docs[0] else { panic!("{docs:?}") };
+    assert_eq!(n.key(), "shop/backend");
+    assert_eq!(n.spec.subnet.unwrap().to_string(), "10.20.0.0/16");
+    assert!(n.spec.internal);
+    assert_eq!(docs[1].kind(), Kind::Service);
+    // A network without a spec gets its subnet from the pool.
+    let docs = parse_all("kind: Network\nmetadata: {name: plain}\n").unwrap();
+    let Document::Network(n) = &docs[0] else { panic!() };
+    assert_eq!((n.spec.subnet, n.spec.internal), (None, false));
+    assert_eq!(n.metadata.namespace, "default");
+    // A service and a network may share a name; two networks may not.
+    assert!(parse_all(&format!("{NET}---\n{}", NET.replace("backend", "web"))).is_ok());
+    let e = parse_all(&format!("{NET}---\n{NET}")).unwrap_err();
+    assert!(e.to_string().contains("already defined by document 1"), "{e}");
+    // Services only where only services are allowed.
+    assert!(parse_documents(NET).unwrap_err().to_string().contains("only `kind: Service`"));
+}
+
+#[test]
+fn bad_network_documents_say_what_is_wrong() {
+    for (text, words) in [
+        (
+            "kind: Network\nmetadata: {name: n}\nspec: {subnet: 10.20.1.0/16}\n",
+            &["spec.subnet", "did you mean 10.20.0.0/16", "line 3"][..],
+        ),
+        ("kind: Network\nmetadata: {name: n}\nspec: {subnet: 10.0.0.0/30}\n", &["spec.subnet", "/8 to /28"]),
+        ("kind: Network\nmetadata: {name: n}\nspec: {subnet: nope}\n", &["spec.subnet", "CIDR"]),
+        ("kind: Network\nmetadata: {name: n}\nspec: {mtu: 1400}\n", &["spec.mtu", "unknown field"]),
+        ("kind: Network\nmetadata: {name: Bad_Name}\n", &["metadata.name", "lowercase"]),
+        ("kind: Volume\nmetadata: {name: n}\n", &["kind", "Service", "Network"]),
+    ] {
+        let e = parse_all(text).unwrap_err().to_string();
+        for w in words {
+            assert!(e.contains(w), "{e:?} lacks {w:?} for\n{text}");
+        }
+    }
+}
+
+#[test]
+fn networks_endpoint_mode_and_port_names_are_checked() {
+    let s = one(&with_spec(
+        "    networks: [front, back]\n    ports: [{name: http, container: 80}]\n  endpoint_mode: dnsrr\n",
+    ));
+    assert_eq!(s.spec.task.networks, ["front", "back"]);
+    assert_eq!(s.spec.task.ports[0].name.as_deref(), Some("http"));
+    assert_eq!(s.spec.endpoint_mode, EndpointMode::Dnsrr);
+    rejected(&with_spec("    networks: [front, front]\n"), "spec.task.networks[1]", &["twice"]);
+    rejected(&with_spec("    networks: [Front]\n"), "spec.task.networks[0]", &["invalid network name"]);
+    rejected(&with_spec("    networks: [a, b, c, d, e, f, g, h, i]\n"), "spec.task.networks", &["at most 8"]);
+    rejected(&with_spec("    ports: [{name: -x, container: 80}]\n"), "spec.task.ports[0].name", &["IANA"]);
+    rejected(
+        &with_spec("    ports: [{name: web, container: 80}, {name: web, container: 81}]\n"),
+        "spec.task.ports[1].name",
+        &["twice"],
+    );
+    rejected(&with_spec("  endpoint_mode: round-robin\n"), "spec.endpoint_mode", &["unknown variant", "dnsrr"]);
+    // The new fields stay out of the canonical JSON at their defaults, so the specs stored before
+    // them keep their template hash.
+    let plain = one(&with_spec(""));
+    let json = plain.canonical_json();
+    assert!(!json.contains("networks") && !json.contains("endpoint_mode") && !json.contains("\"name\":null"), "{json}");
+}
