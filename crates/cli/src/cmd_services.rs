@@ -76,6 +76,13 @@ pub enum GetCmd {
     /// Every node: status, availability, labels, resources, agent version, last heartbeat.
     #[command(visible_alias = "node")]
     Nodes,
+    /// Networks: subnet, VNI, internal, services and tasks attached.
+    #[command(visible_aliases = ["network", "net"])]
+    Networks {
+        /// Only this namespace (default: every namespace).
+        #[arg(short = 'n', long)]
+        namespace: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -83,6 +90,13 @@ pub enum DescribeCmd {
     /// A service: its spec, rollout and tasks (ended ones included), with why pending tasks wait.
     #[command(visible_aliases = ["svc", "services"])]
     Service {
+        name: String,
+        #[arg(short = 'n', long, default_value = spec::DEFAULT_NAMESPACE)]
+        namespace: String,
+    },
+    /// A network: subnet, VNI, node blocks, services, attached tasks and their addresses.
+    #[command(visible_aliases = ["networks", "net"])]
+    Network {
         name: String,
         #[arg(short = 'n', long, default_value = spec::DEFAULT_NAMESPACE)]
         namespace: String,
@@ -161,6 +175,14 @@ pub enum DeleteCmd {
         /// How long --wait waits before giving up.
         #[arg(long, value_parser = humantime::parse_duration, default_value = "5m")]
         timeout: Duration,
+    },
+    /// Delete networks: refused while services use them.
+    #[command(visible_aliases = ["networks", "net"])]
+    Network {
+        #[arg(required = true)]
+        names: Vec<String>,
+        #[arg(short = 'n', long, default_value = spec::DEFAULT_NAMESPACE)]
+        namespace: String,
     },
 }
 
@@ -327,6 +349,8 @@ pub struct ServiceOut {
     pub created_at_ms: i64,
     pub updated_at_ms: i64,
     pub mod_revision: i64,
+    /// The service's virtual IP (empty: none, with `endpoint_mode: dnsrr` or no networks).
+    pub vip: String,
     /// The stored spec document (kind, metadata, spec) with every default filled in.
     pub spec: serde_json::Value,
 }
@@ -357,6 +381,7 @@ impl ServiceOut {
             created_at_ms: r.created_at_ms,
             updated_at_ms: r.updated_at_ms,
             mod_revision: v.mod_revision,
+            vip: r.vip,
             spec,
         }
     }
@@ -470,6 +495,8 @@ impl TaskOut {
 #[derive(Serialize, Debug, Clone)]
 pub struct ApplyOut {
     pub file: String,
+    /// `Service` or `Network`.
+    pub kind: String,
     pub namespace: String,
     pub name: String,
     pub action: String,
@@ -688,7 +715,11 @@ pub fn read_inputs(args: &[String], stdin: &mut dyn Read) -> Result<Vec<Input>> 
 
 /// The lines `apply` prints for one result.
 pub fn apply_lines(r: &ApplyOut) -> Vec<String> {
-    let mut lines = vec![format!("service {} {} (version {})", key(&r.namespace, &r.name), r.action, r.version)];
+    let mut lines = if r.kind == "Network" {
+        vec![format!("network {} {}", key(&r.namespace, &r.name), r.action)]
+    } else {
+        vec![format!("service {} {} (version {})", key(&r.namespace, &r.name), r.action, r.version)]
+    };
     if r.action != "unchanged" {
         lines.extend(r.changes.iter().filter(|c| *c != "(new service)").map(|c| format!("    {c}")));
     }
@@ -713,6 +744,7 @@ pub async fn run_apply(a: ApplyArgs, g: &Global) -> Result<()> {
                 for r in resp.results {
                     let o = ApplyOut {
                         file: input.name.clone(),
+                        kind: if r.kind.is_empty() { "Service".into() } else { r.kind },
                         namespace: r.namespace,
                         name: r.name,
                         action: r.action,
@@ -749,7 +781,7 @@ pub async fn run_apply(a: ApplyArgs, g: &Global) -> Result<()> {
     } else if a.wait {
         let targets: Vec<WaitTarget> = results
             .iter()
-            .filter(|r| r.action == "created" || r.action == "updated")
+            .filter(|r| r.kind == "Service" && (r.action == "created" || r.action == "updated"))
             .map(|r| WaitTarget {
                 namespace: r.namespace.clone(),
                 name: r.name.clone(),
@@ -1078,6 +1110,7 @@ async fn timeout_report(client: &Client, f: &Follow, timeout: Duration, names: &
 pub async fn run_get(cmd: GetCmd, g: &Global) -> Result<()> {
     match cmd {
         GetCmd::Nodes => cmd_nodes::run_get(cmd_nodes::GetCmd::Nodes, g).await,
+        GetCmd::Networks { namespace } => crate::cmd_networks::run_get(namespace.as_deref(), g).await,
         GetCmd::Services { namespace } => {
             let client = crate::config::client(g)?;
             let views = list_services(&client, namespace.as_deref().unwrap_or("")).await?;
@@ -1135,7 +1168,12 @@ fn in_ns(ns: Option<&str>) -> String {
 // describe
 
 pub async fn run_describe(cmd: DescribeCmd, g: &Global) -> Result<()> {
-    let DescribeCmd::Service { name, namespace } = cmd;
+    let (name, namespace) = match cmd {
+        DescribeCmd::Service { name, namespace } => (name, namespace),
+        DescribeCmd::Network { name, namespace } => {
+            return crate::cmd_networks::run_describe(&namespace, &name, g).await;
+        }
+    };
     let client = crate::config::client(g)?;
     let resp = get_service(&client, &namespace, &name).await?;
     let names = node_names(&client).await;
@@ -1214,6 +1252,9 @@ pub fn describe_lines(s: &ServiceOut, now: i64) -> Vec<String> {
             ),
         ),
     ];
+    if !s.vip.is_empty() {
+        l.push(("Virtual IP".into(), s.vip.clone()));
+    }
     let rollout = if s.rollout.message.is_empty() {
         s.rollout.state.to_string()
     } else {
@@ -1489,7 +1530,10 @@ pub fn rollout_status_line(s: &ServiceOut) -> String {
 }
 
 pub async fn run_delete(cmd: DeleteCmd, g: &Global) -> Result<()> {
-    let DeleteCmd::Service { names, namespace, wait, timeout } = cmd;
+    let (names, namespace, wait, timeout) = match cmd {
+        DeleteCmd::Service { names, namespace, wait, timeout } => (names, namespace, wait, timeout),
+        DeleteCmd::Network { names, namespace } => return crate::cmd_networks::run_delete(&namespace, &names, g).await,
+    };
     let client = crate::config::client(g)?;
     let mut failed = Vec::new();
     let mut deleting = Vec::new();
@@ -1954,6 +1998,7 @@ mod tests {
     fn apply_output() {
         let r = ApplyOut {
             file: "web.yaml".into(),
+            kind: "Service".into(),
             namespace: "default".into(),
             name: "web".into(),
             action: "would be updated".into(),
@@ -1967,6 +2012,17 @@ mod tests {
         );
         let created = ApplyOut { action: "created".into(), version: 1, changes: vec!["(new service)".into()], ..r };
         assert_eq!(apply_lines(&created), vec!["service default/web created (version 1)"]);
+        let net = ApplyOut {
+            kind: "Network".into(),
+            name: "backend".into(),
+            action: "created".into(),
+            changes: vec!["(new network: subnet 198.18.0.0/20, VNI 4096)".into()],
+            ..created
+        };
+        assert_eq!(
+            apply_lines(&net),
+            vec!["network default/backend created", "    (new network: subnet 198.18.0.0/20, VNI 4096)"]
+        );
     }
 
     #[test]

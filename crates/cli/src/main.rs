@@ -6,6 +6,7 @@ mod bench_cluster;
 mod client;
 mod cmd_cluster;
 mod cmd_kv;
+mod cmd_networks;
 mod cmd_nodes;
 mod cmd_pki;
 mod cmd_services;
@@ -187,6 +188,18 @@ struct MasterArgs {
     /// How often agents send heartbeats.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "1s")]
     agent_heartbeat_interval: Duration,
+    /// Where network subnets come from, such as 10.128.0.0/9: turns networks on for a cluster
+    /// that has no pools yet (a cluster keeps the pools it recorded first). Without it (and
+    /// without recorded pools) tasks use their host's network.
+    #[arg(long, requires = "vip_pool")]
+    address_pool: Option<ipnet::Ipv4Net>,
+    /// The prefix of each network carved from --address-pool (default: /16, or pool + 4 bits for a
+    /// pool smaller than /12).
+    #[arg(long, requires = "address_pool", value_parser = clap::value_parser!(u8).range(8..=28))]
+    network_size: Option<u8>,
+    /// Where service virtual IPs come from, such as 10.96.0.0/12; must not overlap --address-pool.
+    #[arg(long, requires = "address_pool")]
+    vip_pool: Option<ipnet::Ipv4Net>,
 }
 
 fn init_tracing() {
@@ -230,6 +243,12 @@ async fn run_master(a: MasterArgs) -> Result<()> {
     cfg.cert_validity = a.cert_validity;
     cfg.node_down_grace = a.node_down_grace;
     cfg.agent_heartbeat_interval = a.agent_heartbeat_interval;
+    if let (Some(address), Some(vip)) = (a.address_pool, a.vip_pool) {
+        cfg.pools = Some(
+            berth_master::Pools::new(address, a.network_size, vip)
+                .map_err(|e| anyhow::anyhow!("--address-pool/--network-size/--vip-pool: {e}"))?,
+        );
+    }
     berth_master::run_master(cfg, shutdown_on_signals()).await?;
     Ok(())
 }

@@ -33,6 +33,9 @@ pub struct MasterConfig {
     pub node_down_grace: Duration,
     /// How often agents send heartbeats (the leader tells them).
     pub agent_heartbeat_interval: Duration,
+    /// The address pools a new cluster records (`--address-pool`, `--vip-pool`); `None`: no
+    /// networks unless the cluster already has pools.
+    pub pools: Option<crate::ipam::Pools>,
 }
 
 /// SwarmKit declares a node down after ~15 s of silence (5 s heartbeats x 3); with 1 s
@@ -68,6 +71,7 @@ impl MasterConfig {
             cert_validity: DEFAULT_CERT_VALIDITY,
             node_down_grace: DEFAULT_NODE_DOWN_GRACE,
             agent_heartbeat_interval: DEFAULT_AGENT_HEARTBEAT_INTERVAL,
+            pools: None,
         }
     }
 

@@ -12,7 +12,7 @@ use berth_api::pb::{
 use berth_channel::{FrameReader, FrameWriter};
 use berth_types::{
     Command, CommandResult,
-    spec::{self, Service, ServiceMode},
+    spec::{self, Document, Service, ServiceMode},
 };
 use futures::Stream;
 use prost::Message;
@@ -21,6 +21,7 @@ use tonic::{Request, Response, Status};
 use tracing::info;
 
 use crate::{
+    networks,
     node::Ctx,
     objects::{self, Versioned},
     tasks::{self, SERVICES_PREFIX, Svc, TASKS_PREFIX},
@@ -152,17 +153,64 @@ impl ControlSvc {
 
 #[tonic::async_trait]
 impl ControlService for ControlSvc {
+    async fn list_networks(
+        &self,
+        r: Request<pb::ListNetworksRequest>,
+    ) -> Result<Response<pb::ListNetworksResponse>, Status> {
+        let r = r.into_inner();
+        self.ctx.read_barrier().await?;
+        let networks = networks::list(&self.ctx.reader, &r.namespace)?;
+        Ok(Response::new(pb::ListNetworksResponse { header: Some(self.ctx.header()), networks }))
+    }
+
+    async fn get_network(&self, r: Request<pb::NetworkRef>) -> Result<Response<pb::NetworkResponse>, Status> {
+        let r = r.into_inner();
+        let ns = if r.namespace.is_empty() { spec::DEFAULT_NAMESPACE } else { &r.namespace };
+        self.ctx.read_barrier().await?;
+        let rec = networks::load(&self.ctx.reader, ns, &r.name)?;
+        let network = networks::view(&self.ctx.reader, rec)?;
+        Ok(Response::new(pb::NetworkResponse { header: Some(self.ctx.header()), network: Some(network) }))
+    }
+
+    async fn delete_network(&self, r: Request<pb::NetworkRef>) -> Result<Response<pb::NetworkResponse>, Status> {
+        let r = r.into_inner();
+        let ns = if r.namespace.is_empty() { spec::DEFAULT_NAMESPACE } else { &r.namespace };
+        let network = networks::delete(&self.ctx, ns, &r.name).await?;
+        Ok(Response::new(pb::NetworkResponse { header: Some(self.ctx.header()), network: Some(network) }))
+    }
+
     async fn apply(&self, r: Request<pb::ApplyRequest>) -> Result<Response<pb::ApplyResponse>, Status> {
         let r = r.into_inner();
-        let services = spec::parse_documents(&r.documents).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        if r.expected_revision != 0 && services.len() != 1 {
+        let documents = spec::parse_all(&r.documents).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if r.expected_revision != 0 && documents.len() != 1 {
             return Err(Status::invalid_argument("expected_revision needs exactly one document"));
         }
         self.ctx.read_barrier().await?;
         let now = objects::now_ms();
         let mut results = Vec::new();
         let mut parts = Vec::new();
-        for s in &services {
+        // Networks first, so that services of the same apply may join them.
+        let mut plan = networks::Plan::new(&self.ctx.reader)?;
+        for doc in &documents {
+            let Document::Network(n) = doc else { continue };
+            if r.expected_revision != 0 {
+                return Err(Status::invalid_argument("expected_revision applies to a Service document only"));
+            }
+            let (action, change) = plan.network(n, now)?;
+            let action = if r.dry_run { format!("would be {action}") } else { action.to_string() };
+            results.push(pb::ApplyResult {
+                namespace: n.metadata.namespace.clone(),
+                name: n.metadata.name.clone(),
+                action,
+                version: 0,
+                revision: 0,
+                changes: change,
+                kind: "Network".into(),
+            });
+        }
+        for doc in &documents {
+            let Document::Service(s) = doc else { continue };
+            plan.service(s, now)?;
             let (ns, name) = (&s.metadata.namespace, &s.metadata.name);
             let key = tasks::service_key(ns, name);
             let existing = objects::get::<ServiceRecord>(&self.ctx.reader, &key)?;
@@ -176,7 +224,9 @@ impl ControlService for ControlSvc {
             let json = s.canonical_json();
             let old_json = existing.as_ref().filter(|e| !e.obj.deleting).map(|e| e.obj.spec_json.as_str());
             let change = changes(old_json, &json);
-            let unchanged = old_json == Some(json.as_str());
+            let current_vip = existing.as_ref().filter(|e| !e.obj.deleting).map_or("", |e| e.obj.vip.as_str());
+            let vip = plan.vip(&self.ctx.reader, s, current_vip)?;
+            let unchanged = old_json == Some(json.as_str()) && vip == current_vip;
             let (action, version) = match &existing {
                 Some(_) if unchanged => ("unchanged", existing.as_ref().map_or(0, |e| e.obj.version)),
                 Some(e) if !e.obj.deleting => ("updated", e.obj.version + 1),
@@ -198,6 +248,7 @@ impl ControlService for ControlSvc {
                 rec.previous_version = rec.version;
                 rec.version = version;
                 rec.updated_at_ms = now;
+                rec.vip = vip;
                 rec.rollout = new_rollout(now, RolloutState::Updating, format!("rolling out version {version}"));
                 parts.push(objects::cas_put(key, expected, rec.encode_to_vec()));
             }
@@ -209,14 +260,19 @@ impl ControlService for ControlSvc {
                 version,
                 revision: 0,
                 changes: if unchanged { vec![] } else { change },
+                kind: "Service".into(),
             });
         }
-        if !parts.is_empty() {
-            let rev = check_txn(self.ctx.write(Command::Txn(objects::txn_of(parts))).await?, "a service")?;
+        if !r.dry_run {
+            parts.extend(plan.into_parts());
+        }
+        let writes = parts.iter().any(|(_, op)| !matches!(op, berth_types::RequestOp::Range(_)));
+        if writes {
+            let rev = check_txn(self.ctx.write(Command::Txn(objects::txn_of(parts))).await?, "a service or network")?;
             for res in &mut results {
                 res.revision = rev;
-                if res.action != "unchanged" {
-                    info!(service = %format!("{}/{}", res.namespace, res.name), version = res.version, "service {}", res.action);
+                if !res.action.starts_with("unchanged") {
+                    info!(kind = %res.kind, name = %format!("{}/{}", res.namespace, res.name), version = res.version, "{}", res.action);
                 }
             }
         }

@@ -25,11 +25,13 @@ use std::{
     time::Duration,
 };
 
-use berth_api::pb::{Node, NodeAvailability, NodeStatus, Rollout, RolloutState, ServiceRecord, Task, agent::TaskState};
-use berth_scheduler::{Scheduler, Strategy};
+use berth_api::pb::{
+    NetworkRecord, Node, NodeAvailability, NodeStatus, Rollout, RolloutState, ServiceRecord, Task, agent::TaskState,
+};
+use berth_scheduler::{NetworkRoom, Scheduler, Strategy};
 use berth_types::{
     Command, CommandResult, Compare, RequestOp, Txn,
-    spec::{PlacementStrategy, RestartCondition, UpdateOrder},
+    spec::{PlacementStrategy, RestartCondition, UpdateOrder, network::block_count},
 };
 use prost::Message;
 use tokio_util::sync::CancellationToken;
@@ -116,6 +118,10 @@ struct World {
     tasks: HashMap<String, objects::Versioned<Task>>,
     /// slot key -> (task id, mod_revision)
     slots: HashMap<Vec<u8>, (String, i64)>,
+    /// `namespace/name` -> network; empty on a cluster without pools.
+    networks: HashMap<String, objects::Versioned<NetworkRecord>>,
+    /// The cluster has address pools: services' tasks join networks.
+    has_pools: bool,
 }
 
 fn load(ctx: &Ctx) -> Result<World, String> {
@@ -129,6 +135,16 @@ fn load(ctx: &Ctx) -> Result<World, String> {
         ..Default::default()
     };
     let (slots, _) = ctx.reader.range(&q).map_err(|e| e.to_string())?;
+    let has_pools = crate::networks::load_pools(&ctx.reader).map_err(err)?.is_some();
+    let networks = if has_pools {
+        objects::list::<NetworkRecord>(&ctx.reader, crate::networks::NETWORKS_PREFIX)
+            .map_err(err)?
+            .into_iter()
+            .map(|n| (format!("{}/{}", n.obj.namespace, n.obj.name), n))
+            .collect()
+    } else {
+        HashMap::new()
+    };
     let mut svcs = Vec::new();
     for s in services {
         match Svc::parse(s.obj, s.mod_revision) {
@@ -147,6 +163,8 @@ fn load(ctx: &Ctx) -> Result<World, String> {
             .into_iter()
             .map(|kv| (kv.key, (String::from_utf8_lossy(&kv.value).into_owned(), kv.mod_revision)))
             .collect(),
+        networks,
+        has_pools,
     })
 }
 
@@ -280,6 +298,7 @@ fn new_task(w: &World, svc: &Svc, slot: u32, pinned: &str, fence_ms: u64) -> Tas
         running_at_ms: 0,
         healthy_at_ms: 0,
         ended_at_ms: 0,
+        addresses: Default::default(),
     }
 }
 
@@ -701,6 +720,7 @@ fn schedule(w: &World, plan: &mut Plan) {
         _ => Strategy::Spread,
     };
     let mut placed = placed;
+    let mut rooms = network_rooms(w);
     let mut placements = Vec::new();
     let mut unplaced = Vec::new();
     for strategy in [Strategy::Spread, Strategy::Binpack] {
@@ -710,8 +730,8 @@ fn schedule(w: &World, plan: &mut Plan) {
             continue;
         }
         let requests: Vec<_> =
-            group.iter().map(|t| tasks::task_request(&t.obj, svc_of(&t.obj).expect("filtered"))).collect();
-        let mut scheduler = Scheduler::new(nodes.clone(), &placed, strategy);
+            group.iter().map(|t| tasks::task_request(&t.obj, svc_of(&t.obj).expect("filtered"), w.has_pools)).collect();
+        let mut scheduler = Scheduler::new(nodes.clone(), &placed, strategy).with_networks(&rooms);
         let (p, u) = scheduler.schedule(&requests);
         if strategy == Strategy::Spread {
             let ids: HashMap<&str, &Task> = group.iter().map(|t| (t.obj.id.as_str(), &t.obj)).collect();
@@ -723,11 +743,28 @@ fn schedule(w: &World, plan: &mut Plan) {
                 }
             }
         }
+        // The binpack pass sees the blocks the spread pass took.
+        let ids: HashMap<&str, &Task> = group.iter().map(|t| (t.obj.id.as_str(), &t.obj)).collect();
+        for pl in &p {
+            let Some(t) = ids.get(pl.task_id.as_str()) else { continue };
+            for net in svc_of(t).map(|s| task_networks(w, s)).unwrap_or_default() {
+                if let Some(room) = rooms.iter_mut().find(|r| r.network == net)
+                    && !room.nodes_with_block.contains(&pl.node_id)
+                {
+                    room.nodes_with_block.push(pl.node_id.clone());
+                    room.free_blocks = room.free_blocks.saturating_sub(1);
+                }
+            }
+        }
         placements.extend(p);
         unplaced.extend(u);
     }
     let by_id: HashMap<&str, &objects::Versioned<Task>> = pending.iter().map(|t| (t.obj.id.as_str(), *t)).collect();
     let mut parts = Vec::new();
+    // Placements that give a node its first block of a network share one transaction with the
+    // network records they extend: a block and the tasks that need it commit together or not at all.
+    let mut with_blocks = Vec::new();
+    let mut grown: BTreeMap<String, NetworkRecord> = BTreeMap::new();
     for p in placements {
         let Some(t) = by_id.get(p.task_id.as_str()) else { continue };
         let mut u = t.obj.clone();
@@ -736,8 +773,41 @@ fn schedule(w: &World, plan: &mut Plan) {
         u.pending_reason.clear();
         u.message = "assigned".into();
         u.updated_at_ms = w.now;
+        let mut needs_block = false;
+        for net in svc_of(&u).map(|s| task_networks(w, s)).unwrap_or_default() {
+            let Some(current) = w.networks.get(&net) else { continue };
+            let rec = grown.entry(net.clone()).or_insert_with(|| current.obj.clone());
+            if rec.blocks.contains_key(&u.node_id) {
+                needs_block |= !current.obj.blocks.contains_key(&u.node_id);
+                continue;
+            }
+            let Ok(subnet) = crate::networks::record_subnet(rec) else { continue };
+            let taken: std::collections::BTreeSet<u32> = rec.blocks.values().copied().collect();
+            match crate::ipam::allocate_block(&net, subnet, &taken) {
+                Ok(b) => {
+                    rec.blocks.insert(u.node_id.clone(), b);
+                    rec.updated_at_ms = w.now;
+                    needs_block = true;
+                }
+                Err(e) => warn!("{e}"),
+            }
+        }
         plan.touch(&u.id);
-        parts.push(put_task(&u, t.mod_revision));
+        if needs_block {
+            with_blocks.push(put_task(&u, t.mod_revision));
+        } else {
+            parts.push(put_task(&u, t.mod_revision));
+        }
+    }
+    if !with_blocks.is_empty() {
+        for (net, rec) in &grown {
+            let current = &w.networks[net];
+            if rec.blocks != current.obj.blocks {
+                let key = crate::networks::network_key(&rec.namespace, &rec.name);
+                with_blocks.push(objects::cas_put(key, current.mod_revision, rec.encode_to_vec()));
+            }
+        }
+        plan.push(with_blocks, "scheduler: placements with new address blocks".into());
     }
     for u in unplaced {
         let Some(t) = by_id.get(u.task_id.as_str()) else { continue };
@@ -760,6 +830,30 @@ fn schedule(w: &World, plan: &mut Plan) {
     if count > 0 {
         plan.log.push(format!("scheduler: {count} placement decisions"));
     }
+}
+
+/// The networks (`namespace/name`) a service's tasks join: none on a cluster without pools.
+fn task_networks(w: &World, svc: &Svc) -> Vec<String> {
+    if !w.has_pools {
+        return Vec::new();
+    }
+    crate::networks::service_networks(&svc.spec).into_iter().map(|n| format!("{}/{n}", svc.record.namespace)).collect()
+}
+
+/// Every network's blocks, for the scheduler.
+fn network_rooms(w: &World) -> Vec<NetworkRoom> {
+    w.networks
+        .iter()
+        .filter(|(_, n)| !n.obj.deleting)
+        .map(|(key, n)| {
+            let total = crate::networks::record_subnet(&n.obj).map_or(0, block_count);
+            NetworkRoom {
+                network: key.clone(),
+                nodes_with_block: n.obj.blocks.keys().cloned().collect(),
+                free_blocks: total.saturating_sub(n.obj.blocks.len() as u32),
+            }
+        })
+        .collect()
 }
 
 fn reap(w: &World, plan: &mut Plan) {

@@ -310,6 +310,7 @@ async fn handle_join(ctx: &Ctx, req: berth_api::pb::agent::JoinRequest) -> Optio
         status_changed_at_ms: now,
         status_message: "joined; waiting for its first session".into(),
         joined_with_token: token.id.clone(),
+        networks: false,
     };
     let mut token_rec = rec.obj.clone();
     if token_rec.uses_left > 0 {

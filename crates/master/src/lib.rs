@@ -13,8 +13,10 @@ mod deadline;
 mod dispatcher;
 mod error;
 mod identity;
+mod ipam;
 mod kv_service;
 mod network;
+mod networks;
 mod node;
 mod nodes_service;
 mod objects;
@@ -31,5 +33,6 @@ pub use config::{
 };
 pub use error::MasterError;
 pub use identity::{IDENTITY_FILE, Identity};
+pub use ipam::Pools;
 pub use node::run_master;
 pub use tls::{MasterPki, client_tls, issue_master};

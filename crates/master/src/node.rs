@@ -51,6 +51,9 @@ pub(crate) struct Ctx {
     pub agent_heartbeat_interval: Duration,
     /// The agents' QUIC endpoint, so a renewed certificate reaches it too.
     pub quic: std::sync::OnceLock<quinn::Endpoint>,
+    /// The pools from this master's flags, recorded by its first term as leader if the cluster
+    /// has none yet (`networks::record_pools`).
+    pub pools: Option<crate::ipam::Pools>,
 }
 
 impl Ctx {
@@ -230,6 +233,7 @@ pub async fn run_master(cfg: MasterConfig, shutdown: CancellationToken) -> Resul
         node_down_grace: cfg.node_down_grace,
         agent_heartbeat_interval: cfg.agent_heartbeat_interval,
         quic: std::sync::OnceLock::new(),
+        pools: cfg.pools,
     });
     ctx.refresh_removed();
     let quic = crate::dispatcher::bind(&ctx, local_addr)?;
@@ -419,6 +423,7 @@ async fn watch_state(ctx: Arc<Ctx>, shutdown: CancellationToken) {
             tokio::spawn(crate::assign::commit_statuses(ctx.clone(), token.clone()));
             tokio::spawn(crate::controller::run(ctx.clone(), token.clone()));
             tokio::spawn(record_ca(ctx.clone()));
+            tokio::spawn(crate::networks::record_pools(ctx.clone()));
             leading = Some(token);
         } else if !is_leader && let Some(token) = leading.take() {
             token.cancel();

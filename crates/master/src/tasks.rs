@@ -132,6 +132,7 @@ pub(crate) fn node_info(n: &Node) -> NodeInfo {
         },
         cpu_millis: r.cpu_millis,
         memory_bytes: r.memory_bytes,
+        networks: n.networks,
     }
 }
 
@@ -165,7 +166,8 @@ fn host_ports(svc: &Svc) -> Vec<u16> {
     svc.spec.spec.task.ports.iter().filter_map(|p| p.published).collect()
 }
 
-pub(crate) fn task_request(t: &Task, svc: &Svc) -> TaskRequest {
+/// What the scheduler needs of a pending task; `with_networks` on a cluster with pools.
+pub(crate) fn task_request(t: &Task, svc: &Svc, with_networks: bool) -> TaskRequest {
     let p = &svc.spec.spec.placement;
     let mut constraints = constraints(svc);
     if t.slot == 0 {
@@ -184,6 +186,14 @@ pub(crate) fn task_request(t: &Task, svc: &Svc) -> TaskRequest {
         max_replicas_per_node: p.max_replicas_per_node,
         anti_affinity: p.anti_affinity.iter().map(|s| qualify(s, &svc.record.namespace)).collect(),
         affinity: p.affinity.iter().map(|s| qualify(s, &svc.record.namespace)).collect(),
+        networks: if with_networks {
+            crate::networks::service_networks(&svc.spec)
+                .into_iter()
+                .map(|n| format!("{}/{n}", svc.record.namespace))
+                .collect()
+        } else {
+            Vec::new()
+        },
     }
 }
 

@@ -73,6 +73,7 @@ fn synthetic_nodes(count: usize) -> Vec<NodeInfo> {
                 availability: Availability::Active,
                 cpu_millis: 4_000 << size,
                 memory_bytes: (8 * GIB) << size,
+                networks: true,
             }
         })
         .collect()

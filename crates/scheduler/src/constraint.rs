@@ -162,6 +162,7 @@ mod tests {
             availability: crate::Availability::Active,
             cpu_millis: 1000,
             memory_bytes: 1 << 30,
+            networks: false,
         };
         let m = |s: &str| s.parse::<Constraint>().unwrap().matches(&node);
         assert!(m("node.labels.zone == eu-1a"));

@@ -9,7 +9,8 @@
 //! A node is eligible for a task only if every filter passes: ready, availability `Active`, free CPU
 //! and memory fit, every constraint holds, fewer than `max_replicas_per_node` tasks of the service on
 //! the node, no task of an anti-affinity service on the node, host ports free, and (if any) at least
-//! one task of each affinity service on the node. Among eligible nodes the lowest score tuple wins:
+//! one task of each affinity service on the node, and for a task that joins networks, a node whose
+//! agent attaches networks and that holds or can still get an address block of each. Among eligible nodes the lowest score tuple wins:
 //! first the spread label groups (fewest tasks of the service in the node's group for each key), then
 //! the strategy ([`Strategy::Spread`]: fewest tasks of the service, then most free resources;
 //! [`Strategy::Binpack`]: least free resources), then the node id. Output is deterministic for equal
@@ -26,7 +27,7 @@ mod scheduler;
 
 pub use bench::{BenchResult, bench};
 pub use constraint::{Constraint, ConstraintError, Field, Op};
-pub use model::{Availability, NodeInfo, Placed, Placement, Strategy, TaskRequest, Unplaced};
+pub use model::{Availability, NetworkRoom, NodeInfo, Placed, Placement, Strategy, TaskRequest, Unplaced};
 pub use scheduler::Scheduler;
 
 #[cfg(test)]

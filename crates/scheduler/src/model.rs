@@ -32,6 +32,20 @@ pub struct NodeInfo {
     pub cpu_millis: u64,
     /// Schedulable memory in bytes.
     pub memory_bytes: u64,
+    /// The node's agent can attach tasks to networks (it runs as root with the overlay data
+    /// plane).
+    #[serde(default)]
+    pub networks: bool,
+}
+
+/// The address blocks of one network: which nodes hold one, and how many are still free. A
+/// task joins a network on a node only if the node holds a block or one is free.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct NetworkRoom {
+    /// `namespace/name`.
+    pub network: String,
+    pub nodes_with_block: Vec<String>,
+    pub free_blocks: u32,
 }
 
 /// A pending task waiting for a node.
@@ -52,6 +66,10 @@ pub struct TaskRequest {
     pub anti_affinity: Vec<String>,
     /// Services of which a node must already run at least one task each.
     pub affinity: Vec<String>,
+    /// Networks (`namespace/name`) the task joins: only nodes that can attach networks, and that
+    /// hold or can get an address block of each, are eligible.
+    #[serde(default)]
+    pub networks: Vec<String>,
 }
 
 /// A task already bound to a node; it uses that node's resources and ports.

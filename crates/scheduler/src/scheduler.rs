@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::fmt::Write as _;
 
 use crate::constraint::Constraint;
-use crate::model::{Availability, NodeInfo, Placed, Placement, Strategy, TaskRequest, Unplaced};
+use crate::model::{Availability, NetworkRoom, NodeInfo, Placed, Placement, Strategy, TaskRequest, Unplaced};
 
 /// Node index into the id-sorted node list.
 type NodeIx = u32;
@@ -37,7 +37,15 @@ pub struct Scheduler {
     /// Per distinct constraint list in the current batch: whether each node satisfies it. Labels do
     /// not change during a batch, so each list is evaluated once per node, not once per task.
     constraint_masks: HashMap<Vec<Constraint>, Vec<bool>>,
+    /// Per network: which nodes hold an address block, and how many blocks are free.
+    rooms: HashMap<String, Room>,
     scratch: Scratch,
+}
+
+#[derive(Debug)]
+struct Room {
+    has_block: Vec<bool>,
+    free: u32,
 }
 
 /// Label values of one key as groups, with per-service task counts per group.
@@ -116,6 +124,8 @@ enum Reject {
     Ports,
     Cpu,
     Memory,
+    NoNetworks,
+    NetworkFull,
 }
 
 /// A task's request, resolved against the scheduler's counters.
@@ -177,6 +187,7 @@ impl Scheduler {
             on_node: Vec::new(),
             spread: HashMap::new(),
             constraint_masks: HashMap::new(),
+            rooms: HashMap::new(),
             scratch: Scratch { same: vec![0; n], blocked: vec![0; n], affine: vec![0; n] },
             nodes,
         };
@@ -190,6 +201,21 @@ impl Scheduler {
             }
         }
         s
+    }
+
+    /// The address blocks of the networks tasks join. A network a task names that is not given
+    /// here has no room anywhere.
+    pub fn with_networks(mut self, rooms: &[NetworkRoom]) -> Self {
+        for r in rooms {
+            let mut has_block = vec![false; self.nodes.len()];
+            for id in &r.nodes_with_block {
+                if let Some(&i) = self.by_id.get(id) {
+                    has_block[i as usize] = true;
+                }
+            }
+            self.rooms.insert(r.network.clone(), Room { has_block, free: r.free_blocks });
+        }
+        self
     }
 
     /// Places a batch in order; each placement updates the usage seen by the next task. Returns the
@@ -253,6 +279,14 @@ impl Scheduler {
         self.scratch = scratch;
         if let Ok(node) = result {
             self.commit(node, svc, task.cpu_millis, task.memory_bytes, &task.host_ports);
+            for net in &task.networks {
+                if let Some(room) = self.rooms.get_mut(net)
+                    && !room.has_block[node as usize]
+                {
+                    room.has_block[node as usize] = true;
+                    room.free = room.free.saturating_sub(1);
+                }
+            }
         }
         result
     }
@@ -411,6 +445,15 @@ impl Scheduler {
         if self.free_mem[i] < task.memory_bytes {
             return Some(Reject::Memory);
         }
+        if !task.networks.is_empty() {
+            if !self.nodes[i].networks {
+                return Some(Reject::NoNetworks);
+            }
+            let full = |net: &String| self.rooms.get(net).is_none_or(|r| !r.has_block[i] && r.free == 0);
+            if task.networks.iter().any(full) {
+                return Some(Reject::NetworkFull);
+            }
+        }
         None
     }
 
@@ -434,7 +477,7 @@ impl Scheduler {
             return "0/0 nodes eligible: the cluster has no nodes".to_string();
         }
         let task = ctx.task;
-        let mut fixed = [0usize; 9];
+        let mut fixed = [0usize; 11];
         let mut per_constraint = vec![0usize; task.constraints.len()];
         for node in 0..n as NodeIx {
             match self.reject(ctx, node) {
@@ -478,6 +521,20 @@ impl Scheduler {
         push(fixed[slot(Reject::Ports)], format!("have host ports in use ({})", ports.join(", ")));
         push(fixed[slot(Reject::Cpu)], format!("lack CPU (need {}m)", task.cpu_millis));
         push(fixed[slot(Reject::Memory)], format!("lack memory (need {})", human_bytes(task.memory_bytes)));
+        push(
+            fixed[slot(Reject::NoNetworks)],
+            "cannot attach networks (their agents do not run as root with the overlay data plane)".into(),
+        );
+        let full: Vec<&str> = task
+            .networks
+            .iter()
+            .filter(|n| self.rooms.get(*n).is_none_or(|r| r.free == 0))
+            .map(String::as_str)
+            .collect();
+        push(
+            fixed[slot(Reject::NetworkFull)],
+            format!("have no address block of network {} and none is free (give it a larger subnet)", full.join(", ")),
+        );
         format!("0/{n} nodes eligible: {}", parts.join(", "))
     }
 
@@ -558,6 +615,8 @@ fn slot(r: Reject) -> usize {
         Reject::Ports => 6,
         Reject::Cpu => 7,
         Reject::Memory => 8,
+        Reject::NoNetworks => 9,
+        Reject::NetworkFull => 10,
     }
 }
 

@@ -16,6 +16,7 @@ fn node(id: &str, labels: &[(&str, &str)]) -> NodeInfo {
         availability: Availability::Active,
         cpu_millis: 4_000,
         memory_bytes: 4 * GIB,
+        networks: false,
     }
 }
 
@@ -320,4 +321,43 @@ fn same_input_same_output() {
     let second = Scheduler::new(forward, &[], Strategy::Spread).schedule(&batch);
     assert_eq!(first, second);
     assert!(first.0.len() > 200, "{}", first.0.len());
+}
+
+#[test]
+fn network_tasks_need_capable_nodes_with_room_for_a_block() {
+    let mut ns = nodes(&["a", "b", "c"]);
+    ns[1].networks = true;
+    ns[2].networks = true;
+    let task = |id: &str| TaskRequest {
+        task_id: id.into(),
+        service: "default/web".into(),
+        networks: vec!["default/default".into()],
+        ..Default::default()
+    };
+    // One free block, and node c holds one already: c, then b (taking the last free block).
+    let rooms =
+        [crate::NetworkRoom { network: "default/default".into(), nodes_with_block: vec!["c".into()], free_blocks: 1 }];
+    let mut s = Scheduler::new(ns.clone(), &[], Strategy::Spread).with_networks(&rooms);
+    let (placed, unplaced) = s.schedule(&[task("t1"), task("t2"), task("t3")]);
+    let on: Vec<&str> = placed.iter().map(|p| p.node_id.as_str()).collect();
+    assert_eq!(on, ["b", "c", "b"], "{unplaced:?}");
+    // No block left for a: with b and c full of tasks' resources, the reason names both filters.
+    let mut s = Scheduler::new(ns.clone(), &[], Strategy::Spread).with_networks(&[crate::NetworkRoom {
+        network: "default/default".into(),
+        nodes_with_block: vec![],
+        free_blocks: 0,
+    }]);
+    let (placed, unplaced) = s.schedule(&[task("t1")]);
+    assert!(placed.is_empty());
+    let reason = &unplaced[0].reason;
+    assert!(reason.contains("1 cannot attach networks"), "{reason}");
+    assert!(reason.contains("2 have no address block of network default/default"), "{reason}");
+    // A network the scheduler was not told about has no room; tasks without networks are unaffected.
+    let mut s = Scheduler::new(ns, &[], Strategy::Spread);
+    let (placed, _) = s.schedule(&[
+        task("t1"),
+        TaskRequest { task_id: "plain".into(), service: "default/x".into(), ..Default::default() },
+    ]);
+    assert_eq!(placed.len(), 1);
+    assert_eq!(placed[0].task_id, "plain");
 }
