@@ -1582,3 +1582,786 @@ impl Nft {
         run_nft(&self.program, &["-j", "-f", "-"], Some(&batch.payload()), what).map(|_| ())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! Unit tests of the model and the diff, then tests against the kernel, each in network
+    //! namespaces it makes itself (`berth-nfttest-*`) with addresses from 198.18.0.0/15 only:
+    //! nothing here touches the root namespace's rules or any table but the tests' own.
+
+    use super::*;
+    use std::fs::File;
+    use std::io::{BufRead, BufReader};
+    use std::net::{SocketAddr, TcpListener, TcpStream};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::thread::JoinHandle;
+    use std::time::{Duration, Instant};
+
+    const TABLE: &str = "berth";
+
+    fn ip4(s: &str) -> Ipv4Addr {
+        s.parse().unwrap()
+    }
+
+    fn tcp(port: u16, target_port: u16) -> ServicePort {
+        ServicePort { proto: Proto::Tcp, port, target_port }
+    }
+
+    fn service(vip: &str, ports: Vec<ServicePort>, endpoints: &[&str]) -> ServiceLb {
+        ServiceLb { vip: ip4(vip), ports, endpoints: endpoints.iter().map(|e| ip4(e)).collect() }
+    }
+
+    fn network(bridge: &str, vxlan: Option<&str>, subnet: &str, internal: bool) -> NetworkRules {
+        NetworkRules {
+            bridge: bridge.to_string(),
+            vxlan: vxlan.map(str::to_string),
+            subnet: subnet.parse().unwrap(),
+            internal,
+        }
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Without the kernel
+    // -----------------------------------------------------------------------------------------
+
+    #[test]
+    fn a_missing_nft_says_to_install_nftables() {
+        let err = Nft::open_with(TABLE, Options { nft: PathBuf::from("/nonexistent/berth-test/nft") }).unwrap_err();
+        assert!(matches!(err, NftError::NftMissing { .. }), "{err:?}");
+        assert!(err.to_string().contains("install nftables"), "{err}");
+    }
+
+    #[test]
+    fn desired_states_are_checked() {
+        let mut d = Desired::default();
+        d.services.insert("a".into(), service("198.19.0.1", vec![tcp(80, 8080)], &["198.18.1.2"]));
+        d.services.insert("b".into(), service("198.19.0.1", vec![tcp(80, 9090)], &["198.18.1.3"]));
+        let err = Model::from_desired(&d).unwrap_err().to_string();
+        assert!(err.contains("\"a\" and \"b\" both use 198.19.0.1:80/tcp"), "{err}");
+
+        let mut d = Desired::default();
+        d.networks.insert("n1".into(), network("bn-1", None, "198.18.0.0/16", false));
+        d.networks.insert("n2".into(), network("bn-2", None, "198.18.4.0/24", false));
+        let err = Model::from_desired(&d).unwrap_err().to_string();
+        assert!(err.contains("overlapping"), "{err}");
+
+        let mut d = Desired::default();
+        d.networks.insert("n1".into(), network("bn-1", Some("vx-1"), "198.18.1.0/24", false));
+        d.networks.insert("n2".into(), network("bn-2", Some("vx-1"), "198.18.2.0/24", false));
+        let err = Model::from_desired(&d).unwrap_err().to_string();
+        assert!(err.contains("both use interface \"vx-1\""), "{err}");
+
+        let mut d = Desired::default();
+        d.networks.insert("n1".into(), network("a-very-long-bridge-name", None, "198.18.1.0/24", false));
+        assert!(Model::from_desired(&d).unwrap_err().to_string().contains("not a valid interface name"));
+
+        let err = "198.18.1.5/24".parse::<Subnet>().unwrap_err().to_string();
+        assert!(err.contains("did you mean 198.18.1.0/24"), "{err}");
+        assert!("198.18.1.0/33".parse::<Subnet>().is_err());
+        assert_eq!("198.18.0.0/15".parse::<Subnet>().unwrap().to_string(), "198.18.0.0/15");
+    }
+
+    #[test]
+    fn the_model_of_a_desired_state() {
+        let mut d = Desired::default();
+        d.services.insert("web".into(), service("198.19.0.10", vec![tcp(80, 8080)], &["198.18.1.12", "198.18.1.11"]));
+        d.services.insert("dns".into(), service("198.19.0.53", vec![tcp(53, 53)], &[]));
+        d.networks.insert("n1".into(), network("bn-1", Some("vx-1"), "198.18.1.0/24", false));
+        d.networks.insert("n2".into(), network("bn-2", None, "198.18.2.0/24", true));
+        d.host_ports.insert((Proto::Tcp, 30080), (ip4("198.18.1.11"), 8080));
+        let m = Model::from_desired(&d).unwrap();
+        let key = (ip4("198.19.0.10"), Proto::Tcp, 80);
+        assert_eq!(m.services[&key], "svc-198.19.0.10-tcp-80");
+        assert_eq!(
+            m.chains["svc-198.19.0.10-tcp-80"],
+            Body::Balance {
+                comment: Some("web".into()),
+                targets: vec![
+                    "ep-198.19.0.10-tcp-80-198.18.1.11-8080".into(),
+                    "ep-198.19.0.10-tcp-80-198.18.1.12-8080".into()
+                ],
+            }
+        );
+        assert_eq!(
+            m.chains["ep-198.19.0.10-tcp-80-198.18.1.12-8080"],
+            Body::Dnat { proto: Proto::Tcp, addr: ip4("198.18.1.12"), port: 8080 }
+        );
+        assert!(m.no_endpoints.contains(&(ip4("198.19.0.53"), Proto::Tcp, 53)));
+        assert_eq!(m.chains.len(), 4, "{:?}", m.chains.keys());
+        assert_eq!(m.allowed.len(), 5, "bn-1/vx-1 in any order, and bn-2 . bn-2");
+        assert!(m.allowed.contains(&("vx-1".into(), "bn-1".into())));
+        assert_eq!(m.internal_ifaces, BTreeSet::from(["bn-2".to_string()]));
+        assert_eq!(m.egress, BTreeSet::from(["198.18.1.0/24".parse().unwrap()]));
+        assert_eq!(m.subnets.len(), 2);
+
+        // Nothing to do from a model to itself; from nothing, chains come before elements.
+        let mut b = Batch::new(TABLE);
+        assert!(diff(&mut b, &m, &m).is_empty());
+        assert!(b.is_empty());
+        let mut b = Batch::new(TABLE);
+        let ch = diff(&mut b, &Model::default(), &m);
+        assert_eq!(ch.chains_added, 4);
+        let first_element = b.cmds.iter().position(|c| c["add"].get("element").is_some()).unwrap();
+        let last_chain = b.cmds.iter().rposition(|c| c["add"].get("chain").is_some()).unwrap();
+        assert!(last_chain < first_element);
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // The lab: network namespaces, veths, bridges, TCP servers
+    // -----------------------------------------------------------------------------------------
+
+    /// Why the kernel tests cannot run here, if they cannot.
+    fn skip_reason() -> Option<String> {
+        if !rustix::process::geteuid().is_root() {
+            return Some("not running as root".into());
+        }
+        for (program, arg) in [("nft", "--version"), ("ip", "-V")] {
+            match Command::new(program).arg(arg).output() {
+                Ok(o) if o.status.success() => {}
+                _ => return Some(format!("`{program}` is missing (apt-get install nftables iproute2)")),
+            }
+        }
+        None
+    }
+
+    macro_rules! require_lab {
+        () => {
+            if let Some(why) = skip_reason() {
+                eprintln!("SKIPPED {}: {why}; this test needs root, nft and ip", module_path!());
+                return;
+            }
+        };
+    }
+
+    fn sh(program: &str, args: &[&str]) {
+        let out = Command::new(program).args(args).output().unwrap_or_else(|e| panic!("{program}: {e}"));
+        assert!(out.status.success(), "{program} {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    }
+
+    /// A network namespace made for one test, deleted on drop (even when the test fails).
+    struct Netns {
+        name: String,
+    }
+
+    impl Netns {
+        fn new(tag: &str) -> Netns {
+            let name = format!("berth-nfttest-{tag}-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+            sh("ip", &["netns", "add", &name]);
+            let ns = Netns { name };
+            ns.ip(&["link", "set", "lo", "up"]);
+            ns
+        }
+
+        /// Runs `f` on a thread that entered this namespace: sockets it opens and processes it
+        /// starts live there.
+        fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+            let path = format!("/run/netns/{}", self.name);
+            std::thread::scope(|scope| {
+                scope
+                    .spawn(move || {
+                        let file = File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+                        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+                        f()
+                    })
+                    .join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+            })
+        }
+
+        fn ip(&self, args: &[&str]) {
+            let mut all = vec!["-n", self.name.as_str()];
+            all.extend_from_slice(args);
+            sh("ip", &all);
+        }
+
+        fn sysctl(&self, key: &str, value: &str) {
+            let path = format!("/proc/sys/{}", key.replace('.', "/"));
+            self.run(|| std::fs::write(&path, value)).unwrap_or_else(|e| panic!("{path}: {e}"));
+            let read = self.run(|| std::fs::read_to_string(&path)).unwrap();
+            assert_eq!(read.trim(), value, "{key} in {}", self.name);
+        }
+
+        /// `nft -j list table ip berth` in this namespace.
+        fn listing(&self) -> Value {
+            let out = self.run(|| Command::new("nft").args(["-j", "list", "table", "ip", TABLE]).output()).unwrap();
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            serde_json::from_slice(&out.stdout).unwrap()
+        }
+
+        fn nft(&self, args: &[&str]) {
+            let out = self.run(|| Command::new("nft").args(args).output()).unwrap();
+            assert!(out.status.success(), "nft {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+        }
+    }
+
+    impl Drop for Netns {
+        fn drop(&mut self) {
+            let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
+        }
+    }
+
+    /// The node: a namespace that forwards, with berth's table in it.
+    fn host() -> Netns {
+        let h = Netns::new("h");
+        h.sysctl("net.ipv4.ip_forward", "1");
+        h
+    }
+
+    fn bridge(h: &Netns, name: &str, cidr: &str) {
+        h.ip(&["link", "add", name, "type", "bridge"]);
+        h.ip(&["addr", "add", cidr, "dev", name]);
+        h.ip(&["link", "set", name, "up"]);
+    }
+
+    /// A namespace linked to `h` by a veth pair: its end is `eth0` with `cidr`, the host's end is
+    /// put on `bridge` (or given `host_cidr`).
+    fn attach(
+        h: &Netns,
+        tag: &str,
+        cidr: &str,
+        bridge: Option<&str>,
+        host_cidr: Option<&str>,
+        gw: Option<&str>,
+    ) -> Netns {
+        let t = Netns::new(tag);
+        let host_end = format!("v{}", &t.name[t.name.len() - 8..]);
+        h.ip(&["link", "add", &host_end, "type", "veth", "peer", "name", "eth0", "netns", &t.name]);
+        if let Some(bridge) = bridge {
+            h.ip(&["link", "set", &host_end, "master", bridge]);
+            // What the link module does for task ports: with br_netfilter active, a task reaching
+            // itself through a VIP is bridged back out of its own port (see the module docs).
+            h.ip(&["link", "set", &host_end, "type", "bridge_slave", "hairpin", "on"]);
+        }
+        if let Some(host_cidr) = host_cidr {
+            h.ip(&["addr", "add", host_cidr, "dev", &host_end]);
+        }
+        h.ip(&["link", "set", &host_end, "up"]);
+        t.ip(&["addr", "add", cidr, "dev", "eth0"]);
+        t.ip(&["link", "set", "eth0", "up"]);
+        if let Some(gw) = gw {
+            t.ip(&["route", "add", "default", "via", gw]);
+        }
+        t
+    }
+
+    /// A task on `bridge`, its default route through the host's address there.
+    fn task(h: &Netns, bridge: &str, tag: &str, cidr: &str, gw: &str) -> Netns {
+        attach(h, tag, cidr, Some(bridge), None, Some(gw))
+    }
+
+    /// A TCP server in a namespace: answers each connection with `NAME PEER-ADDRESS\n`, then
+    /// echoes lines. Stopped on drop.
+    struct Server {
+        stop: Arc<AtomicBool>,
+        thread: Option<JoinHandle<()>>,
+    }
+
+    impl Server {
+        fn start(ns: &Netns, addr: &str, name: &str) -> Server {
+            let addr: SocketAddr = addr.parse().unwrap();
+            let listener = ns.run(|| TcpListener::bind(addr)).unwrap_or_else(|e| panic!("bind {addr}: {e}"));
+            listener.set_nonblocking(true).unwrap();
+            let stop = Arc::new(AtomicBool::new(false));
+            let name = name.to_string();
+            let thread = std::thread::spawn({
+                let stop = stop.clone();
+                move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        match listener.accept() {
+                            Ok((conn, peer)) => {
+                                let name = name.clone();
+                                std::thread::spawn(move || serve(conn, &name, peer));
+                            }
+                            // Nothing to accept: look at `stop` again shortly.
+                            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                                std::thread::sleep(Duration::from_millis(2))
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                }
+            });
+            Server { stop, thread: Some(thread) }
+        }
+    }
+
+    impl Drop for Server {
+        fn drop(&mut self) {
+            self.stop.store(true, Ordering::Relaxed);
+            if let Some(t) = self.thread.take() {
+                let _ = t.join();
+            }
+        }
+    }
+
+    fn serve(conn: TcpStream, name: &str, peer: SocketAddr) {
+        let _ = conn.set_nonblocking(false);
+        let _ = conn.set_read_timeout(Some(Duration::from_secs(30)));
+        let Ok(mut out) = conn.try_clone() else { return };
+        if writeln!(out, "{name} {}", peer.ip()).is_err() {
+            return;
+        }
+        for line in BufReader::new(conn).lines() {
+            let Ok(line) = line else { break };
+            if writeln!(out, "{line}").is_err() {
+                break;
+            }
+        }
+    }
+
+    /// A client connection: which server answered and the address it saw us from.
+    struct Conn {
+        reader: BufReader<TcpStream>,
+        writer: TcpStream,
+        server: String,
+        peer: String,
+    }
+
+    impl Conn {
+        fn echo(&mut self, msg: &str) -> std::io::Result<String> {
+            writeln!(self.writer, "{msg}")?;
+            let mut line = String::new();
+            self.reader.read_line(&mut line)?;
+            Ok(line.trim().to_string())
+        }
+    }
+
+    fn connect_within(ns: &Netns, addr: &str, timeout: Duration) -> std::io::Result<Conn> {
+        let addr: SocketAddr = addr.parse().unwrap();
+        let stream = ns.run(|| TcpStream::connect_timeout(&addr, timeout))?;
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let writer = stream.try_clone()?;
+        let mut reader = BufReader::new(stream);
+        let mut line = String::new();
+        reader.read_line(&mut line)?;
+        let mut words = line.split_whitespace();
+        let server = words.next().unwrap_or_default().to_string();
+        let peer = words.next().unwrap_or_default().to_string();
+        if server.is_empty() {
+            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "no greeting"));
+        }
+        Ok(Conn { reader, writer, server, peer })
+    }
+
+    fn connect(ns: &Netns, addr: &str) -> std::io::Result<Conn> {
+        connect_within(ns, addr, Duration::from_secs(3))
+    }
+
+    /// Polls `f` until it returns Some, for at most 10 s.
+    fn eventually<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(v) = f() {
+                return v;
+            }
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Which servers answer `n` connections to `addr` from `ns`.
+    fn servers_hit(ns: &Netns, addr: &str, n: usize) -> BTreeMap<String, usize> {
+        let mut hits = BTreeMap::new();
+        for _ in 0..n {
+            let c = connect(ns, addr).unwrap_or_else(|e| panic!("connect to {addr} from {}: {e}", ns.name));
+            *hits.entry(c.server).or_insert(0) += 1;
+        }
+        hits
+    }
+
+    /// Chain name -> (chain handle, rule handles), from a listing.
+    fn handles(listing: &Value) -> BTreeMap<String, (u64, Vec<u64>)> {
+        let mut out: BTreeMap<String, (u64, Vec<u64>)> = BTreeMap::new();
+        for o in listing["nftables"].as_array().unwrap() {
+            if let Some(c) = o.get("chain") {
+                out.insert(c["name"].as_str().unwrap().to_string(), (c["handle"].as_u64().unwrap(), Vec::new()));
+            }
+            if let Some(r) = o.get("rule") {
+                out.get_mut(r["chain"].as_str().unwrap()).unwrap().1.push(r["handle"].as_u64().unwrap());
+            }
+        }
+        out
+    }
+
+    fn set_elements(listing: &Value, name: &str) -> Vec<Value> {
+        listing["nftables"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|o| o.get("set").or_else(|| o.get("map")))
+            .find(|s| s["name"] == name)
+            .map(|s| s.get("elem").and_then(Value::as_array).cloned().unwrap_or_default())
+            .unwrap_or_default()
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Against the kernel
+    // -----------------------------------------------------------------------------------------
+
+    /// Two endpoints behind a VIP, reached from the host (output hook), from a task on the same
+    /// bridge (prerouting) and from an endpoint itself (hairpin); then one endpoint is removed
+    /// while a connection to the other stays up.
+    #[test]
+    fn vip_balances_real_traffic_and_updates_keep_connections() {
+        require_lab!();
+        let h = host();
+        bridge(&h, "bn1", "198.18.1.1/24");
+        h.ip(&["route", "add", "198.19.0.0/16", "dev", "bn1"]);
+        let t1 = task(&h, "bn1", "t1", "198.18.1.11/24", "198.18.1.1");
+        let t2 = task(&h, "bn1", "t2", "198.18.1.12/24", "198.18.1.1");
+        let t3 = task(&h, "bn1", "t3", "198.18.1.13/24", "198.18.1.1");
+        let _s1 = Server::start(&t1, "198.18.1.11:8080", "t1");
+        let _s2 = Server::start(&t2, "198.18.1.12:8080", "t2");
+        eventually("the servers to answer directly", || {
+            (connect(&t3, "198.18.1.11:8080").is_ok() && connect(&t3, "198.18.1.12:8080").is_ok()).then_some(())
+        });
+
+        let mut nft = h.run(|| Nft::open(TABLE)).unwrap();
+        assert_eq!(nft.opened(), Opened::Created);
+        let mut d = Desired::default();
+        d.networks.insert("n1".into(), network("bn1", None, "198.18.1.0/24", false));
+        d.services.insert("web".into(), service("198.19.0.10", vec![tcp(80, 8080)], &["198.18.1.11", "198.18.1.12"]));
+        d.services.insert("empty".into(), service("198.19.0.11", vec![tcp(80, 8080)], &[]));
+        let ch = h.run(|| nft.apply(&d)).unwrap();
+        assert_eq!(ch.chains_added, 3, "{ch:?}");
+
+        let vip = "198.19.0.10:80";
+        let from_host = servers_hit(&h, vip, 40);
+        assert_eq!(from_host.keys().collect::<Vec<_>>(), ["t1", "t2"], "from the host: {from_host:?}");
+        // With br_netfilter active in the host (its default when the module is loaded), then
+        // without: same-bridge service traffic is bridged in one case and routed in the other.
+        let br_netfilter = std::path::Path::new("/proc/sys/net/bridge/bridge-nf-call-iptables");
+        let br_netfilter_loaded = h.run(|| br_netfilter.exists());
+        for round in ["as the host is", "without br_netfilter"] {
+            if round == "without br_netfilter" {
+                if !br_netfilter_loaded {
+                    continue;
+                }
+                h.sysctl("net.bridge.bridge-nf-call-iptables", "0");
+            }
+            let from_task = servers_hit(&t3, vip, 40);
+            assert_eq!(from_task.keys().collect::<Vec<_>>(), ["t1", "t2"], "from a task, {round}: {from_task:?}");
+            // Same-network clients are masqueraded to the host's bridge address, or replies would
+            // bypass the host.
+            assert_eq!(connect(&t3, vip).unwrap().peer, "198.18.1.1", "{round}");
+            // Hairpin: an endpoint reaching the VIP, sometimes itself.
+            let hairpin = servers_hit(&t1, vip, 40);
+            assert_eq!(hairpin.keys().collect::<Vec<_>>(), ["t1", "t2"], "hairpin, {round}: {hairpin:?}");
+        }
+
+        // No endpoints: refused at once, not blackholed.
+        for ns in [&h, &t3] {
+            let err = connect(ns, "198.19.0.11:80").err().expect("a VIP without endpoints must refuse");
+            assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "from {}: {err}", ns.name);
+        }
+
+        // An established connection to t2, then t1 is removed.
+        let mut kept = eventually("a connection to t2", || connect(&t3, vip).ok().filter(|c| c.server == "t2"));
+        assert_eq!(kept.echo("before").unwrap(), "before");
+        d.services.get_mut("web").unwrap().endpoints = vec![ip4("198.18.1.12")];
+        let ch = h.run(|| nft.apply(&d)).unwrap();
+        assert_eq!(ch, Changes { chains_rewritten: 1, chains_deleted: 1, ..Changes::default() });
+        assert_eq!(kept.echo("after").unwrap(), "after", "the established connection must survive the update");
+        for ns in [&h, &t3] {
+            let hits = servers_hit(ns, vip, 30);
+            assert_eq!(hits.keys().collect::<Vec<_>>(), ["t2"], "after removing t1, from {}: {hits:?}", ns.name);
+        }
+        assert_eq!(kept.echo("still").unwrap(), "still");
+
+        // Endpoints back to none: refused.
+        d.services.get_mut("web").unwrap().endpoints.clear();
+        h.run(|| nft.apply(&d)).unwrap();
+        let err = connect(&t3, vip).err().expect("refused");
+        assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
+    }
+
+    #[test]
+    fn updates_change_only_what_differs() {
+        require_lab!();
+        let h = host();
+        let mut nft = h.run(|| Nft::open(TABLE)).unwrap();
+        let mut d = Desired::default();
+        d.services.insert("a".into(), service("198.19.0.1", vec![tcp(80, 8080)], &["198.18.1.2", "198.18.1.3"]));
+        d.services.insert("b".into(), service("198.19.0.2", vec![tcp(443, 8443)], &["198.18.1.4"]));
+        d.networks.insert("n1".into(), network("bn-1", Some("vx-1"), "198.18.1.0/24", false));
+        d.host_ports.insert((Proto::Tcp, 30080), (ip4("198.18.1.2"), 8080));
+
+        let ch = h.run(|| nft.apply(&d)).unwrap();
+        // a: 1 service chain + 2 endpoint chains, b: 1 + 1, 1 host port chain.
+        assert_eq!(ch.chains_added, 6, "{ch:?}");
+        // services 2, host_ports 1, ifaces 2, allowed 4, subnets 1, egress 1.
+        assert_eq!(ch.elements_added, 11, "{ch:?}");
+        assert_eq!(h.run(|| nft.apply(&d)).unwrap(), Changes::default(), "the same state twice changes nothing");
+        let before = handles(&h.listing());
+
+        // A new service: only its chains and elements.
+        let mut d2 = d.clone();
+        d2.services.insert(
+            "c".into(),
+            service(
+                "198.19.0.3",
+                vec![tcp(80, 8080), ServicePort { proto: Proto::Udp, port: 53, target_port: 5353 }],
+                &["198.18.1.5"],
+            ),
+        );
+        let ch = h.run(|| nft.apply(&d2)).unwrap();
+        assert_eq!(ch, Changes { chains_added: 4, elements_added: 2, ..Changes::default() });
+        let after = handles(&h.listing());
+        for (chain, hs) in &before {
+            assert_eq!(after.get(chain), Some(hs), "chain {chain} was recreated or rewritten");
+        }
+        assert_eq!(after.len(), before.len() + 4);
+
+        // One endpoint fewer for a: a's service chain is rewritten in place, the endpoint's chain
+        // deleted, nothing else touched.
+        let mut d3 = d2.clone();
+        d3.services.get_mut("a").unwrap().endpoints = vec![ip4("198.18.1.2")];
+        let ch = h.run(|| nft.apply(&d3)).unwrap();
+        assert_eq!(ch, Changes { chains_rewritten: 1, chains_deleted: 1, ..Changes::default() });
+        let after3 = handles(&h.listing());
+        let svc_a = "svc-198.19.0.1-tcp-80";
+        assert_eq!(after3[svc_a].0, after[svc_a].0, "the service chain itself stays");
+        assert_ne!(after3[svc_a].1, after[svc_a].1, "its rule was rewritten");
+        assert!(!after3.contains_key("ep-198.19.0.1-tcp-80-198.18.1.3-8080"));
+        for (chain, hs) in &after3 {
+            if chain != svc_a {
+                assert_eq!(after.get(chain), Some(hs), "chain {chain} was touched");
+            }
+        }
+
+        // c loses its endpoints: its chains go, its ports move to no_endpoints.
+        let mut d4 = d3.clone();
+        d4.services.get_mut("c").unwrap().endpoints.clear();
+        let ch = h.run(|| nft.apply(&d4)).unwrap();
+        assert_eq!(ch, Changes { chains_deleted: 4, elements_deleted: 2, elements_added: 2, ..Changes::default() });
+        assert_eq!(set_elements(&h.listing(), "no_endpoints").len(), 2);
+
+        // The host port moves to another task: its chain is rewritten, the element stays.
+        let mut d5 = d4.clone();
+        d5.host_ports.insert((Proto::Tcp, 30080), (ip4("198.18.1.9"), 8080));
+        let ch = h.run(|| nft.apply(&d5)).unwrap();
+        assert_eq!(ch, Changes { chains_rewritten: 1, ..Changes::default() });
+
+        // Everything gone: only the skeleton is left.
+        let ch = h.run(|| nft.apply(&Desired::default())).unwrap();
+        assert_eq!(ch.chains_added + ch.chains_rewritten + ch.elements_added, 0, "{ch:?}");
+        let listing = h.listing();
+        let left = handles(&listing);
+        let bases: BTreeSet<&str> = base_chains().iter().map(|c| c.name).collect();
+        assert_eq!(left.keys().map(String::as_str).collect::<BTreeSet<_>>(), bases);
+        for def in SETS {
+            assert!(set_elements(&listing, def.name).is_empty(), "{} is not empty", def.name);
+        }
+        // And the table goes.
+        h.run(|| nft.remove()).unwrap();
+        let out = h.run(|| Command::new("nft").args(["list", "table", "ip", TABLE]).output()).unwrap();
+        assert!(!out.status.success(), "the table is still there");
+    }
+
+    #[test]
+    fn a_second_open_adopts_the_table() {
+        require_lab!();
+        let h = host();
+        let mut d = Desired::default();
+        d.services.insert("a".into(), service("198.19.0.1", vec![tcp(80, 8080)], &["198.18.1.2", "198.18.1.3"]));
+        d.services.insert("none".into(), service("198.19.0.2", vec![tcp(80, 8080)], &[]));
+        d.networks.insert("n1".into(), network("bn-1", Some("vx-1"), "198.18.1.0/24", false));
+        d.networks.insert("n2".into(), network("bn-2", None, "198.18.2.0/24", true));
+        d.host_ports.insert((Proto::Udp, 30053), (ip4("198.18.1.2"), 53));
+        {
+            let mut nft = h.run(|| Nft::open(TABLE)).unwrap();
+            h.run(|| nft.apply(&d)).unwrap();
+            // Dropped without remove(): the agent stopped.
+        }
+        let before = handles(&h.listing());
+
+        let mut nft = h.run(|| Nft::open(TABLE)).unwrap();
+        assert_eq!(nft.opened(), Opened::Adopted);
+        assert_eq!(nft.programmed, Model::from_desired(&d).unwrap(), "the mirror read back");
+        assert_eq!(h.run(|| nft.apply(&d)).unwrap(), Changes::default());
+        assert_eq!(handles(&h.listing()), before, "adoption changed the table");
+
+        // A fixed rule deleted by hand and an endpoint chain emptied: the first is repaired on
+        // open, the second rewritten by the next apply.
+        let forward_rule = before["filter-forward"].1[2].to_string();
+        h.nft(&["delete", "rule", "ip", TABLE, "filter-forward", "handle", &forward_rule]);
+        h.nft(&["flush", "chain", "ip", TABLE, "ep-198.19.0.1-tcp-80-198.18.1.2-8080"]);
+        let mut nft = h.run(|| Nft::open(TABLE)).unwrap();
+        assert_eq!(nft.opened(), Opened::Repaired);
+        assert_eq!(h.run(|| nft.apply(&d)).unwrap(), Changes { chains_rewritten: 1, ..Changes::default() });
+        let repaired = handles(&h.listing());
+        assert_eq!(repaired["filter-forward"].1.len(), before["filter-forward"].1.len());
+        assert_eq!(repaired["nat-prerouting"], before["nat-prerouting"], "untouched fixed chains stay");
+        assert_eq!(h.run(|| nft.apply(&d)).unwrap(), Changes::default());
+
+        // resync() after an outside change, e.g. an element deleted by hand.
+        h.nft(&["delete", "element", "ip", TABLE, "services", "{ 198.19.0.1 . tcp . 80 }"]);
+        assert_eq!(h.run(|| nft.resync()).unwrap(), Opened::Adopted);
+        assert_eq!(h.run(|| nft.apply(&d)).unwrap(), Changes { elements_added: 1, ..Changes::default() });
+
+        // A table of another shape is rebuilt.
+        h.nft(&["delete", "table", "ip", TABLE]);
+        h.nft(&["add", "table", "ip", TABLE]);
+        h.nft(&["add", "set", "ip", TABLE, "services", "{ type ipv4_addr; }"]);
+        let mut nft = h.run(|| Nft::open(TABLE)).unwrap();
+        assert_eq!(nft.opened(), Opened::Rebuilt);
+        let ch = h.run(|| nft.apply(&d)).unwrap();
+        assert_eq!(ch.chains_added, 4, "{ch:?}");
+        assert_eq!(h.run(|| nft.apply(&d)).unwrap(), Changes::default());
+    }
+
+    /// Two networks on one host: their tasks cannot reach each other; the non-internal one
+    /// reaches outside, masqueraded; the internal one neither reaches outside nor is reached.
+    #[test]
+    fn networks_are_isolated_and_internal_ones_have_no_egress() {
+        require_lab!();
+        let h = host();
+        bridge(&h, "bn-a", "198.18.10.1/24");
+        bridge(&h, "bn-b", "198.18.11.1/24");
+        let ta = task(&h, "bn-a", "ta", "198.18.10.2/24", "198.18.10.1");
+        let tb = task(&h, "bn-b", "tb", "198.18.11.2/24", "198.18.11.1");
+        // "Outside": a namespace on a plain (non-berth) link, with a route back so that
+        // unmasqueraded traffic could be answered too.
+        let out = attach(&h, "out", "198.18.200.2/24", None, Some("198.18.200.1/24"), None);
+        out.ip(&["route", "add", "198.18.0.0/16", "via", "198.18.200.1"]);
+        let _sa = Server::start(&ta, "0.0.0.0:7000", "ta");
+        let _sb = Server::start(&tb, "0.0.0.0:7000", "tb");
+        let _so = Server::start(&out, "0.0.0.0:7000", "out");
+
+        // Without berth's rules for them, everything is reachable (the control).
+        let mut nft = h.run(|| Nft::open(TABLE)).unwrap();
+        let c = eventually("tb to reach outside", || connect(&tb, "198.18.200.2:7000").ok());
+        assert_eq!(c.peer, "198.18.11.2", "no masquerade yet");
+        eventually("ta to reach tb", || connect(&ta, "198.18.11.2:7000").ok());
+
+        let mut d = Desired::default();
+        d.networks.insert("a".into(), network("bn-a", Some("vx-a"), "198.18.10.0/24", false));
+        d.networks.insert("b".into(), network("bn-b", Some("vx-b"), "198.18.11.0/24", true));
+        h.run(|| nft.apply(&d)).unwrap();
+
+        let short = Duration::from_millis(700);
+        assert!(connect_within(&ta, "198.18.11.2:7000", short).is_err(), "a reached b");
+        assert!(connect_within(&tb, "198.18.10.2:7000", short).is_err(), "b reached a");
+        // Egress from a: masqueraded to the host's outside address.
+        assert_eq!(connect(&ta, "198.18.200.2:7000").unwrap().peer, "198.18.200.1");
+        // b is internal: no way out, no way in, no masquerade.
+        assert!(connect_within(&tb, "198.18.200.2:7000", short).is_err(), "internal b reached outside");
+        assert!(connect_within(&out, "198.18.11.2:7000", short).is_err(), "outside reached internal b");
+        let listing = h.listing();
+        let egress = set_elements(&listing, "egress");
+        assert_eq!(egress, vec![json!({"prefix": {"addr": "198.18.10.0", "len": 24}})], "{egress:?}");
+        // Outside reaches a (routed, not masqueraded); the host reaches both.
+        assert_eq!(connect(&out, "198.18.10.2:7000").unwrap().peer, "198.18.200.2");
+        assert_eq!(connect(&h, "198.18.11.2:7000").unwrap().server, "tb");
+        assert_eq!(connect(&h, "198.18.10.2:7000").unwrap().server, "ta");
+
+        // b stops being internal: it gets out, masqueraded; still no way to a.
+        d.networks.get_mut("b").unwrap().internal = false;
+        let ch = h.run(|| nft.apply(&d)).unwrap();
+        // internal_ifaces -2, egress +1.
+        assert_eq!(ch, Changes { elements_deleted: 2, elements_added: 1, ..Changes::default() });
+        assert_eq!(connect(&tb, "198.18.200.2:7000").unwrap().peer, "198.18.200.1");
+        assert!(connect_within(&tb, "198.18.10.2:7000", short).is_err(), "b reached a");
+    }
+
+    #[test]
+    fn host_ports_dnat_from_another_namespace_and_the_host() {
+        require_lab!();
+        let h = host();
+        bridge(&h, "bn1", "198.18.1.1/24");
+        let t1 = task(&h, "bn1", "t1", "198.18.1.11/24", "198.18.1.1");
+        let out = attach(&h, "out", "198.18.200.2/24", None, Some("198.18.200.1/24"), Some("198.18.200.1"));
+        let _s1 = Server::start(&t1, "198.18.1.11:8080", "t1");
+        eventually("t1's server", || connect(&h, "198.18.1.11:8080").ok());
+
+        let mut nft = h.run(|| Nft::open(TABLE)).unwrap();
+        let mut d = Desired::default();
+        d.networks.insert("n1".into(), network("bn1", None, "198.18.1.0/24", false));
+        d.host_ports.insert((Proto::Tcp, 30080), (ip4("198.18.1.11"), 8080));
+        h.run(|| nft.apply(&d)).unwrap();
+
+        let c = connect(&out, "198.18.200.1:30080").unwrap();
+        assert_eq!((c.server.as_str(), c.peer.as_str()), ("t1", "198.18.200.2"), "the client's address is kept");
+        // Any of the host's addresses.
+        assert_eq!(connect(&out, "198.18.1.1:30080").unwrap().server, "t1");
+        // From the host itself (output hook).
+        assert_eq!(connect(&h, "198.18.200.1:30080").unwrap().server, "t1");
+        // Unpublished port: the host has nothing there.
+        let err = connect(&out, "198.18.200.1:30081").err().expect("refused");
+        assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused);
+
+        d.host_ports.clear();
+        let ch = h.run(|| nft.apply(&d)).unwrap();
+        assert_eq!(ch, Changes { chains_deleted: 1, elements_deleted: 1, ..Changes::default() });
+        let err = connect(&out, "198.18.200.1:30080").err().expect("refused once unpublished");
+        assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused);
+    }
+
+    /// 10,000 services with 2 endpoints each (30,000 chains): one apply, then a lookup, then one
+    /// more service, then an adoption. Prints the times (`--nocapture`).
+    #[test]
+    fn ten_thousand_services() {
+        require_lab!();
+        const N: u32 = 10_000;
+        let h = host();
+        bridge(&h, "bn1", "198.18.1.1/24");
+        h.ip(&["route", "add", "198.19.0.0/16", "dev", "bn1"]);
+        let t1 = task(&h, "bn1", "t1", "198.18.1.11/24", "198.18.1.1");
+        let t2 = task(&h, "bn1", "t2", "198.18.1.12/24", "198.18.1.1");
+        let _s1 = Server::start(&t1, "198.18.1.11:8080", "t1");
+        let _s2 = Server::start(&t2, "198.18.1.12:8080", "t2");
+        let vip = |i: u32| Ipv4Addr::from(u32::from(ip4("198.19.0.0")) + i);
+
+        let mut d = Desired::default();
+        d.networks.insert("n1".into(), network("bn1", None, "198.18.1.0/24", false));
+        for i in 0..N {
+            d.services.insert(
+                format!("svc-{i}"),
+                ServiceLb {
+                    vip: vip(i),
+                    ports: vec![tcp(80, 8080)],
+                    endpoints: vec![ip4("198.18.1.11"), ip4("198.18.1.12")],
+                },
+            );
+        }
+        let mut nft = h.run(|| Nft::open(TABLE)).unwrap();
+        let started = Instant::now();
+        let ch = h.run(|| nft.apply(&d)).unwrap();
+        let full = started.elapsed();
+        assert_eq!(ch.chains_added, 3 * N as usize);
+        println!("nft scale: apply of {N} services x 2 endpoints ({ch}) took {full:?}");
+
+        for i in [0, N / 2, N - 1] {
+            let addr = format!("{}:80", vip(i));
+            let hits = servers_hit(&h, &addr, 6);
+            assert!(hits.keys().all(|s| s == "t1" || s == "t2"), "{hits:?}");
+        }
+
+        let started = Instant::now();
+        d.services.insert(
+            "one-more".into(),
+            ServiceLb { vip: vip(N), ports: vec![tcp(80, 8080)], endpoints: vec![ip4("198.18.1.11")] },
+        );
+        let ch = h.run(|| nft.apply(&d)).unwrap();
+        println!("nft scale: adding 1 service to {N} ({ch}) took {:?}", started.elapsed());
+        assert_eq!(ch, Changes { chains_added: 2, elements_added: 1, ..Changes::default() });
+        assert_eq!(connect(&h, &format!("{}:80", vip(N))).unwrap().server, "t1");
+
+        let started = Instant::now();
+        d.services.get_mut("svc-7").unwrap().endpoints.pop();
+        let ch = h.run(|| nft.apply(&d)).unwrap();
+        println!("nft scale: removing 1 endpoint of 1 service of {N} ({ch}) took {:?}", started.elapsed());
+        assert_eq!(ch, Changes { chains_rewritten: 1, chains_deleted: 1, ..Changes::default() });
+
+        let started = Instant::now();
+        let mut adopted = h.run(|| Nft::open(TABLE)).unwrap();
+        let ch = h.run(|| adopted.apply(&d)).unwrap();
+        println!(
+            "nft scale: adopting the table of {N} services and applying the same state took {:?}",
+            started.elapsed()
+        );
+        assert_eq!(adopted.opened(), Opened::Adopted);
+        assert!(ch.is_empty(), "{ch:?}");
+    }
+}
