@@ -218,8 +218,9 @@ pub struct DnsConfig {
     pub forward_timeout: Duration,
     /// A TCP connection idle this long is closed.
     pub tcp_idle_timeout: Duration,
-    /// Forwarded queries in flight at once, over all listen addresses. A UDP query that needs
-    /// forwarding beyond that is dropped (the client retries), like dnsmasq's `dns-forward-max`.
+    /// UDP queries being forwarded at once, over all listen addresses; one more is dropped (the
+    /// client retries), like dnsmasq's `dns-forward-max`. (A TCP connection forwards its queries
+    /// one at a time.)
     pub max_forwards: usize,
 }
 
