@@ -378,6 +378,9 @@ impl<D: Driver> Agent<D> {
             tasks: tasks.into_values().collect(),
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
             resources: Some(self.resources),
+            // Set once the overlay data plane is wired into the task runtimes.
+            networks: false,
+            underlay: String::new(),
         }
     }
 
@@ -706,7 +709,10 @@ impl<D: Driver> Agent<D> {
                             version = a.version,
                             "assignment gap: asking for a complete set"
                         );
-                        let request = frame(agent_frame::Body::RequestComplete(RequestComplete { have_version: have }));
+                        let request = frame(agent_frame::Body::RequestComplete(RequestComplete {
+                            have_version: have,
+                            networks: false,
+                        }));
                         if let Err(e) = writer.send(&request).await {
                             return Err(SessionEnd::from_frame_error(e, conn));
                         }

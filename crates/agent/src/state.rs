@@ -74,6 +74,9 @@ pub struct StoredStatus {
     pub health: i32,
     #[serde(default)]
     pub pid: u32,
+    /// The task's address on each network it joined.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub addresses: BTreeMap<String, String>,
 }
 
 fn is_zero(v: &i32) -> bool {
@@ -99,6 +102,7 @@ impl StoredStatus {
             exit_code: s.exit_code,
             health: s.health,
             pid: s.pid,
+            addresses: s.addresses.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
         }
     }
 
@@ -111,6 +115,7 @@ impl StoredStatus {
             exit_code: self.exit_code,
             health: self.health,
             pid: self.pid,
+            addresses: self.addresses.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
         }
     }
 
@@ -298,6 +303,7 @@ mod tests {
                 exit_code: 0,
                 health: 0,
                 pid: 4242,
+                addresses: [("backend".to_string(), "198.18.1.2".to_string())].into(),
             },
         );
         s

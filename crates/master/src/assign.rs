@@ -378,7 +378,8 @@ fn apply_status(t: &Task, s: &TaskStatus) -> Option<Task> {
         && t.message == s.message
         && t.exit_code == s.exit_code
         && t.health == s.health
-        && (s.pid == 0 || t.pid == s.pid);
+        && (s.pid == 0 || t.pid == s.pid)
+        && (s.addresses.is_empty() || t.addresses == s.addresses);
     if same {
         return None;
     }
@@ -389,6 +390,11 @@ fn apply_status(t: &Task, s: &TaskStatus) -> Option<Task> {
     u.health = s.health;
     if s.pid != 0 {
         u.pid = s.pid;
+    }
+    // Addresses come with the first report after the task's interfaces are up and never
+    // change while it lives; an empty map means "not said", not "none".
+    if !s.addresses.is_empty() {
+        u.addresses = s.addresses.clone();
     }
     u.updated_at_ms = if s.timestamp_ms > 0 { s.timestamp_ms } else { objects::now_ms() };
     stamp_transitions(&mut u, reported, s.health, objects::now_ms());
@@ -413,6 +419,23 @@ fn stamp_transitions(u: &mut Task, reported: TaskState, health: i32, now: i64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reported_addresses_are_kept_and_never_cleared() {
+        let t = task(TaskState::Starting);
+        let mut s = TaskStatus { task_id: "t".into(), state: TaskState::Running as i32, ..Default::default() };
+        s.addresses.insert("backend".into(), "198.18.1.2".into());
+        let u = apply_status(&t, &s).expect("a change");
+        assert_eq!(u.addresses.get("backend").map(String::as_str), Some("198.18.1.2"));
+        // A later report without addresses (e.g. from before they were known) keeps them.
+        let mut later = s.clone();
+        later.addresses.clear();
+        later.health = TaskHealth::Healthy as i32;
+        let v = apply_status(&u, &later).expect("a change");
+        assert_eq!(v.addresses, u.addresses);
+        // The same report twice is no change.
+        assert!(apply_status(&u, &s).is_none());
+    }
 
     fn task(state: TaskState) -> Task {
         Task { id: "t".into(), node_id: "n".into(), state: state as i32, ..Default::default() }
