@@ -9,3 +9,4 @@
 pub mod dns;
 pub mod link;
 pub mod nft;
+pub mod node;
