@@ -102,6 +102,8 @@ pub(crate) struct Shared {
     pub endpoints: Endpoints,
     pub resources: Resources,
     pub gate: Option<Arc<Semaphore>>,
+    /// The node's overlay, when this agent attaches tasks to networks.
+    pub overlay: Option<driver::manager::SharedOverlay>,
 }
 
 /// Runs the agent (or `cfg.simulate` simulated agents) until `shutdown` is cancelled. Real agents
@@ -126,7 +128,11 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
                 info!("docker tasks cannot run on this node: {e}");
             }
             let manager = TaskManager::new(process, docker, sink, cfg.data_dir.clone());
-            run_with_driver(cfg, manager, statuses, shutdown).await
+            let overlay = start_overlay(&cfg).await;
+            if let Some(o) = &overlay {
+                manager.set_overlay(o.clone());
+            }
+            run_agent_with(cfg, manager, statuses, shutdown, overlay).await
         }
     }
 }
@@ -139,8 +145,53 @@ pub async fn run_with_driver<D: Driver>(
     statuses: StatusStream,
     shutdown: CancellationToken,
 ) -> Result<(), AgentError> {
+    run_agent_with(cfg, driver, statuses, shutdown, None).await
+}
+
+/// The node's overlay, when this agent can attach tasks to networks: root, and an IPv4
+/// `--advertise-addr` held by one of this host's interfaces (the underlay). Otherwise `None`,
+/// with the reason logged: the node then says it attaches no networks, and the scheduler tells
+/// users why network tasks do not land here.
+async fn start_overlay(cfg: &AgentConfig) -> Option<driver::manager::SharedOverlay> {
+    if !rustix::process::geteuid().is_root() {
+        info!("this agent attaches no tasks to networks: it does not run as root");
+        return None;
+    }
+    let Some(IpAddr::V4(underlay)) = cfg.advertise_addr else {
+        info!(
+            "this agent attaches no tasks to networks: give it --advertise-addr, this host's IPv4 address between hosts"
+        );
+        return None;
+    };
+    let config = overlay::node::OverlayConfig {
+        dir: cfg.data_dir.join("overlay"),
+        underlay,
+        domain: "berth.internal".into(),
+        dns_port: 53,
+        nft_table: "berth".into(),
+    };
+    match overlay::node::Overlay::start(config).await {
+        Ok(o) => {
+            info!(%underlay, "the overlay is up: tasks on networks can run here");
+            Some(Arc::new(tokio::sync::Mutex::new(o)))
+        }
+        Err(e) => {
+            error!("this agent attaches no tasks to networks: starting the overlay failed: {e}");
+            None
+        }
+    }
+}
+
+async fn run_agent_with<D: Driver>(
+    cfg: AgentConfig,
+    driver: D,
+    statuses: StatusStream,
+    shutdown: CancellationToken,
+    overlay: Option<driver::manager::SharedOverlay>,
+) -> Result<(), AgentError> {
     berth_pki::tls::install_crypto_provider();
-    let shared = Shared { endpoints: Endpoints::new(), resources: resources::detect(&cfg.data_dir), gate: None };
+    let shared =
+        Shared { endpoints: Endpoints::new(), resources: resources::detect(&cfg.data_dir), gate: None, overlay };
     let spec = Spec {
         dir: cfg.data_dir.clone(),
         name: cfg.name.clone().unwrap_or_else(hostname),
@@ -213,6 +264,8 @@ pub(crate) async fn run_agent<D: Driver>(
         complete_requested: None,
         confirmed: false,
         dialled: None,
+        overlay: shared.overlay.clone(),
+        underlay: spec.advertise_addr,
     };
     agent.recover().await;
     agent.run(shutdown).await
@@ -239,7 +292,12 @@ async fn run_simulated(cfg: AgentConfig, n: usize, shutdown: CancellationToken) 
             join: cfg.join.clone(),
             token: cfg.token.clone(),
         };
-        let shared = Shared { endpoints: pools[i / AGENTS_PER_ENDPOINT].clone(), resources, gate: Some(gate.clone()) };
+        let shared = Shared {
+            endpoints: pools[i / AGENTS_PER_ENDPOINT].clone(),
+            resources,
+            gate: Some(gate.clone()),
+            overlay: None,
+        };
         let shutdown = shutdown.clone();
         let span = info_span!("agent", sim = i, name = %spec.name, node = tracing::field::Empty);
         set.spawn(

@@ -126,6 +126,10 @@ pub(crate) struct Agent<D> {
     pub confirmed: bool,
     /// The master the last session dialled.
     pub dialled: Option<String>,
+    /// The node's overlay, when this agent attaches tasks to networks.
+    pub overlay: Option<crate::driver::manager::SharedOverlay>,
+    /// This host's address between hosts (`--advertise-addr`).
+    pub underlay: Option<std::net::IpAddr>,
 }
 
 /// How long a preferred master (the last or hinted leader) has before the others are dialled
@@ -378,9 +382,8 @@ impl<D: Driver> Agent<D> {
             tasks: tasks.into_values().collect(),
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
             resources: Some(self.resources),
-            // Set once the overlay data plane is wired into the task runtimes.
-            networks: false,
-            underlay: String::new(),
+            networks: self.overlay.is_some(),
+            underlay: self.underlay.map(|a| a.to_string()).unwrap_or_default(),
         }
     }
 
@@ -644,6 +647,10 @@ impl<D: Driver> Agent<D> {
                 Ok(())
             }
             Some(master_frame::Body::Assignments(a)) => self.on_assignments(a, writer, conn).await,
+            Some(master_frame::Body::NetworkUpdate(u)) => {
+                self.on_network_update(u, writer).await;
+                Ok(())
+            }
             Some(master_frame::Body::Renewed(r)) => {
                 self.on_renewed(r).await;
                 Ok(())
@@ -656,6 +663,34 @@ impl<D: Driver> Agent<D> {
                 debug!("ignoring a frame of a kind this agent does not know");
                 Ok(())
             }
+        }
+    }
+
+    /// Applies the leader's network view; a gap in versions asks for a COMPLETE one. The data
+    /// plane keeps what it has when an update cannot be applied.
+    async fn on_network_update(&mut self, u: berth_api::pb::agent::NetworkUpdate, writer: &mut FrameWriter) {
+        if u.term < self.state.highest_term {
+            debug!(term = u.term, "ignoring a network update from an older term");
+            return;
+        }
+        let Some(overlay) = &self.overlay else {
+            debug!("ignoring a network update: this agent attaches no networks");
+            return;
+        };
+        let applied = overlay.lock().await.update(&u).await;
+        match applied {
+            Ok(Ok(())) => {}
+            Ok(Err(gap)) => {
+                debug!(have = gap.have, base = gap.base, "network update gap: asking for a complete one");
+                let request = frame(agent_frame::Body::RequestComplete(RequestComplete {
+                    have_version: gap.have,
+                    networks: true,
+                }));
+                if let Err(e) = writer.send(&request).await {
+                    warn!("asking for the complete network view failed: {e}");
+                }
+            }
+            Err(e) => warn!("applying the network update failed (the data plane keeps what it had): {e}"),
         }
     }
 

@@ -110,6 +110,8 @@ fn spec(script: &str) -> RunSpec {
         },
         disconnect: DisconnectPolicy::Replace,
         fence_timeout_ms: 0,
+        networks: Vec::new(),
+        attachment: None,
     }
 }
 

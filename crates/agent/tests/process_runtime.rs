@@ -50,6 +50,8 @@ fn spec(argv: &[&str]) -> RunSpec {
         },
         disconnect: Default::default(),
         fence_timeout_ms: 0,
+        networks: Vec::new(),
+        attachment: None,
     }
 }
 
@@ -640,4 +642,35 @@ async fn reconcile_converges_on_the_desired_set() {
     let again = vec![assign(&wanted, TaskState::Running), assign(&stopping, TaskState::Running)];
     mgr.reconcile(&again, &ended, true).await;
     assert!(matches!(rt.inspect(&stopping).await.unwrap(), Observed::Exited { .. }));
+}
+
+#[tokio::test]
+async fn a_task_on_networks_runs_in_its_namespace_with_its_resolv_conf() {
+    if !rustix::process::geteuid().is_root() {
+        eprintln!("skipped: network namespaces need root");
+        return;
+    }
+    let (tmp, rt, fx) = setup();
+    let mut guard = Cleanup::new(&fx);
+    let id = guard.id("netns");
+    let netns = tmp.path().join("netns-of-task");
+    berth_agent::overlay::link::create_netns(&netns).unwrap();
+    let mut spec = fx.shell("cat /etc/resolv.conf; echo links=$(tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' ' | tr '\\n' ,); sleep 1000");
+    spec.attachment = Some(berth_types::task::Attachment {
+        netns: netns.to_string_lossy().into_owned(),
+        resolv_conf: "nameserver 198.18.9.1\nsearch default.svc.berth.internal\n".into(),
+        addresses: BTreeMap::new(),
+    });
+    rt.start(&id, &spec).await.unwrap();
+    let pid = running_pid(&rt, &id).await;
+    wait_for_line(&rt, &id, LogStream::Stdout, "nameserver 198.18.9.1").await;
+    // Its network namespace is the one it was given (only `lo` in it), not the host's.
+    wait_for_line(&rt, &id, LogStream::Stdout, "links=lo,").await;
+    let given = std::fs::metadata(&netns).map(|m| std::os::unix::fs::MetadataExt::ino(&m)).unwrap();
+    assert_eq!(ns(pid, "net"), format!("net:[{given}]"));
+    // The host's resolv.conf is untouched.
+    assert!(!std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default().contains("198.18.9.1"));
+    rt.stop(&id, Duration::from_secs(5)).await.unwrap();
+    rt.remove(&id).await.unwrap();
+    berth_agent::overlay::link::delete_netns(&netns).unwrap();
 }

@@ -284,7 +284,7 @@ fn new_task(w: &World, svc: &Svc, slot: u32, pinned: &str, fence_ms: u64) -> Tas
         state: TaskState::Pending as i32,
         message: "waiting for a node".into(),
         exit_code: 0,
-        run_spec: tasks::run_spec(svc, slot, fence_ms).encode(),
+        run_spec: tasks::run_spec(svc, slot, fence_ms, w.has_pools).encode(),
         created_at_ms: w.now,
         updated_at_ms: w.now,
         pending_reason: String::new(),
@@ -426,7 +426,7 @@ fn orchestrate(w: &World, svc: &Svc, fence_ms: u64, plan: &mut Plan) {
         if t.node_id.is_empty() && t.template_hash != svc.hash && plan.touch(&t.id) {
             // Not placed yet: it simply takes the new template.
             let mut u = t.clone();
-            u.run_spec = tasks::run_spec(svc, *slot, fence_ms).encode();
+            u.run_spec = tasks::run_spec(svc, *slot, fence_ms, w.has_pools).encode();
             u.template_hash = svc.hash.clone();
             u.spec_version = svc.record.version;
             u.updated_at_ms = w.now;

@@ -105,7 +105,9 @@ pub(crate) fn template_hash(s: &Service) -> String {
     hex::encode(&Sha256::digest(json.as_bytes())[..8])
 }
 
-pub(crate) fn run_spec(svc: &Svc, slot: u32, fence_timeout_ms: u64) -> RunSpec {
+/// What a task of `svc` runs; `with_networks` on a cluster with pools (then it joins the
+/// service's networks, or its namespace's default).
+pub(crate) fn run_spec(svc: &Svc, slot: u32, fence_timeout_ms: u64, with_networks: bool) -> RunSpec {
     RunSpec {
         service: svc.record.name.clone(),
         namespace: svc.record.namespace.clone(),
@@ -114,6 +116,8 @@ pub(crate) fn run_spec(svc: &Svc, slot: u32, fence_timeout_ms: u64) -> RunSpec {
         task: svc.spec.spec.task.clone(),
         disconnect: svc.spec.spec.disconnect,
         fence_timeout_ms,
+        networks: if with_networks { crate::networks::service_networks(&svc.spec) } else { Vec::new() },
+        attachment: None,
     }
 }
 

@@ -2,6 +2,8 @@
 //! `spec` bytes of an assignment. The master builds it from the service spec; the agent's drivers
 //! read it. Plain data, no I/O.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 use crate::spec::{DisconnectPolicy, TaskSpec};
@@ -25,6 +27,25 @@ pub struct RunSpec {
     /// For `at-most-once`: how long the agent may run the task without hearing from the leader.
     /// Always shorter than the masters' node-down grace.
     pub fence_timeout_ms: u64,
+    /// The networks the task joins, by name in its namespace, as the masters resolved them
+    /// (the service's list, or `default`); empty: the host's network (a cluster without pools).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub networks: Vec<String>,
+    /// Filled in by the agent, never by the masters: the task's network namespace and what
+    /// its runtime needs to put the task in it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attachment: Option<Attachment>,
+}
+
+/// A task's place on its networks, made by its node's agent before the task starts.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attachment {
+    /// The network namespace file the task runs in.
+    pub netns: String,
+    /// The text of the task's `/etc/resolv.conf` (the node's DNS on the network's gateway).
+    pub resolv_conf: String,
+    /// Network name -> the task's address.
+    pub addresses: BTreeMap<String, String>,
 }
 
 impl RunSpec {

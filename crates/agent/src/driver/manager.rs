@@ -30,7 +30,7 @@ use std::{
 use berth_api::pb::agent::{Assignment, TaskHealth, TaskState, TaskStatus};
 use berth_types::{
     spec::{DisconnectPolicy, Runtime as RuntimeKind},
-    task::RunSpec,
+    task::{Attachment, RunSpec},
 };
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -72,7 +72,12 @@ struct Inner {
     contact_ms: Mutex<i64>,
     /// Tasks being stopped, and whether to remove them once stopped.
     stopping: Mutex<HashMap<String, bool>>,
+    /// The node's overlay, when the agent attaches tasks to networks.
+    overlay: std::sync::OnceLock<SharedOverlay>,
 }
+
+/// The node's overlay, shared by the task manager and the session.
+pub type SharedOverlay = Arc<tokio::sync::Mutex<crate::overlay::node::Overlay>>;
 
 /// Runs tasks with a process runtime `P` and a docker runtime `D` (which may be unavailable).
 pub struct TaskManager {
@@ -104,11 +109,41 @@ impl TaskManager {
                 ports_dir: data_dir.join("ports"),
                 contact_ms: Mutex::new(now_ms()),
                 stopping: Mutex::new(HashMap::new()),
+                overlay: std::sync::OnceLock::new(),
             }),
         };
         let fence = m.clone();
         tokio::spawn(async move { fence.fence_loop().await });
         m
+    }
+
+    /// Lets tasks join networks through `overlay` (set once, before tasks start).
+    pub fn set_overlay(&self, overlay: SharedOverlay) {
+        let _ = self.inner.overlay.set(overlay);
+    }
+
+    /// Puts a task on its networks: its namespace, addresses and resolv.conf, recorded in the
+    /// spec for the runtime.
+    async fn attach(&self, id: &str, spec: &mut RunSpec) -> Result<(), String> {
+        if spec.networks.is_empty() {
+            return Ok(());
+        }
+        let Some(overlay) = self.inner.overlay.get() else {
+            return Err(format!(
+                "the task joins networks ({}) but this agent cannot attach tasks to networks: run it as root with                  --advertise-addr set to this host's IPv4 address on the network between the hosts",
+                spec.networks.join(", ")
+            ));
+        };
+        if spec.task.runtime == RuntimeKind::Docker {
+            return Err("docker tasks cannot join networks yet; use runtime `process` for tasks on networks".into());
+        }
+        let a = overlay.lock().await.attach(id, &spec.namespace, &spec.networks).await.map_err(|e| e.to_string())?;
+        spec.attachment = Some(Attachment {
+            netns: a.netns.to_string_lossy().into_owned(),
+            resolv_conf: a.resolv_conf,
+            addresses: a.addresses.iter().map(|(k, v)| (k.clone(), v.to_string())).collect(),
+        });
+        Ok(())
     }
 
     fn status(&self, id: &str, state: TaskState, message: impl Into<String>) -> TaskStatus {
@@ -253,6 +288,12 @@ impl TaskManager {
                             tracing::debug!(task = %id, "removing: {e}");
                         }
                     }
+                    // Its namespace and addresses go once nothing of it runs.
+                    if let Some(o) = me.inner.overlay.get()
+                        && let Err(e) = o.lock().await.detach(&id).await
+                    {
+                        warn!(task = %id, "releasing its network namespace: {e}");
+                    }
                 }
                 let mut stopping = me.inner.stopping.lock().expect("stopping lock");
                 // A removal asked for while this one ran without it: go round once more.
@@ -319,8 +360,17 @@ impl TaskManager {
         ] {
             spec.task.env.entry(k.into()).or_insert(v);
         }
+        if let Err(e) = self.attach(&id, &mut spec).await {
+            self.inner.tasks.lock().expect("tasks lock").remove(&id);
+            self.inner.sink.report(self.status(&id, TaskState::Failed, e));
+            return;
+        }
+        let addresses: HashMap<String, String> =
+            spec.attachment.as_ref().map(|a| a.addresses.clone().into_iter().collect()).unwrap_or_default();
         let mut ports = HashMap::new();
-        if kind == RuntimeKind::Process && !spec.task.ports.is_empty() {
+        // A task on networks listens in its own namespace on its container ports; a host-network
+        // process task gets free host ports instead.
+        if kind == RuntimeKind::Process && !spec.task.ports.is_empty() && spec.attachment.is_none() {
             match self.host_ports(&id, &spec) {
                 Ok(map) => {
                     for (i, p) in spec.task.ports.iter().enumerate() {
@@ -376,10 +426,19 @@ impl TaskManager {
                         && Instant::now() >= next_probe
                     {
                         next_probe = Instant::now() + check.interval;
-                        let addr = self
-                            .call(kind, |rt| rt.probe_addr(&id))
-                            .await
-                            .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST));
+                        // A task on networks is probed on its first address, from the host.
+                        let on_network = spec
+                            .attachment
+                            .as_ref()
+                            .and_then(|a| a.addresses.values().next())
+                            .and_then(|a| a.parse::<std::net::IpAddr>().ok());
+                        let addr = match on_network {
+                            Some(a) => a,
+                            None => self
+                                .call(kind, |rt| rt.probe_addr(&id))
+                                .await
+                                .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)),
+                        };
                         let me = self.clone();
                         let tid = id.clone();
                         let result = crate::probe::probe(check, addr, |argv: Vec<String>, timeout| async move {
@@ -409,6 +468,7 @@ impl TaskManager {
                         let mut s = self.status(&id, TaskState::Running, "running");
                         s.pid = pid;
                         s.health = health as i32;
+                        s.addresses = addresses.clone();
                         self.inner.sink.report(s);
                     }
                 }

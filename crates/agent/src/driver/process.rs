@@ -268,6 +268,8 @@ impl ProcessRuntime {
                 .chain([init::INIT_FLAG.to_string()])
                 .collect(),
             stop_signal: spec.task.stop_signal_number(),
+            netns: spec.attachment.as_ref().map(|a| PathBuf::from(&a.netns)),
+            resolv_conf: spec.attachment.as_ref().map(|a| a.resolv_conf.clone()),
         };
         Ok((config, limits))
     }

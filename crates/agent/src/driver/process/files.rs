@@ -56,6 +56,12 @@ pub(crate) struct ShimConfig {
     /// The signal that asks the task to stop (Linux number).
     #[serde(default = "sigterm")]
     pub stop_signal: i32,
+    /// The network namespace the task runs in (a task on networks); none: the host's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns: Option<PathBuf>,
+    /// The task's /etc/resolv.conf (a task on networks: the node's DNS on its gateway).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resolv_conf: Option<String>,
 }
 
 fn sigterm() -> i32 {

@@ -30,15 +30,28 @@ pub(crate) const INIT_FLAG: &str = "--init";
 /// the program, since a child inherits the mask of the thread that spawns it.
 pub(crate) const EXEC_FLAG: &str = "--exec";
 
+/// `--resolv-conf FILE` after `--init`: the init bind-mounts FILE over /etc/resolv.conf in the
+/// task's mount namespace before starting the program.
+pub(crate) const RESOLV_FLAG: &str = "--resolv-conf";
+
 /// Exit code when the program cannot be executed (as a shell reports it).
 const EXEC_FAILED: i32 = 127;
 
 /// Runs `argv` as the namespace's init would; returns the exit code to exit with.
-pub(crate) fn init_main(argv: &[OsString]) -> i32 {
+pub(crate) fn init_main(argv: &[OsString], resolv_conf: Option<&std::path::Path>) -> i32 {
     let Some((program, args)) = argv.split_first() else {
         eprintln!("usage: task-shim --init -- PROGRAM [ARGS...] (started by the shim, not by hand)");
         return 2;
     };
+    // The mount namespace is the task's own (unshare --mount makes its mounts private), so this
+    // changes nothing outside it.
+    if let Some(file) = resolv_conf
+        && let Err(e) =
+            nix::mount::mount(Some(file), "/etc/resolv.conf", None::<&str>, nix::mount::MsFlags::MS_BIND, None::<&str>)
+    {
+        eprintln!("berth init: giving the task its resolv.conf ({}) failed: {e}", file.display());
+        return EXEC_FAILED;
+    }
     // Every standard signal is blocked before the program exists, so none is lost: they wait
     // pending until `sigwait` takes them. Real-time signals stay unblocked; with no handler, the
     // kernel drops them for an init.

@@ -68,10 +68,16 @@ pub fn shim_main(args: Vec<OsString>) -> i32 {
         };
     }
     if args.first().is_some_and(|a| a == init::INIT_FLAG) {
-        return match args.get(1) {
-            Some(sep) if sep == "--" => init::init_main(&args[2..]),
+        let (resolv, rest) = match args.get(1) {
+            Some(flag) if flag == init::RESOLV_FLAG => (args.get(2).map(PathBuf::from), args.get(3..).unwrap_or(&[])),
+            _ => (None, &args[1..]),
+        };
+        return match rest.first() {
+            Some(sep) if sep == "--" => init::init_main(&rest[1..], resolv.as_deref()),
             _ => {
-                eprintln!("usage: task-shim --init -- PROGRAM [ARGS...] (started by the shim, not by hand)");
+                eprintln!(
+                    "usage: task-shim --init [--resolv-conf FILE] -- PROGRAM [ARGS...] (started by the shim, not by hand)"
+                );
                 2
             }
         };
@@ -130,10 +136,27 @@ fn run(dir: &Path) -> Result<(), String> {
         .map_err(|e| format!("opening the task's log {} failed: {e}", dir.join(OUTPUT).display()))?;
     let log = Arc::new(Mutex::new(log));
 
+    // A task on networks runs in the namespace its agent made: the shim enters it, and the
+    // launcher and the task inherit it.
+    if let Some(netns) = &config.netns {
+        let file = std::fs::File::open(netns)
+            .map_err(|e| format!("opening the task's network namespace {} failed: {e}", netns.display()))?;
+        nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET)
+            .map_err(|e| format!("entering the task's network namespace {} failed: {e}", netns.display()))?;
+    }
+    let mut init_args = config.init.clone();
+    if let Some(text) = &config.resolv_conf
+        && !init_args.is_empty()
+    {
+        let path = dir.join("resolv.conf");
+        std::fs::write(&path, text).map_err(|e| format!("writing {} failed: {e}", path.display()))?;
+        init_args.push(init::RESOLV_FLAG.to_string());
+        init_args.push(path.to_string_lossy().into_owned());
+    }
     let mut launcher = Command::new(&config.unshare);
     launcher.args(unshare_flags(rootless())).arg("--");
-    if !config.init.is_empty() {
-        launcher.args(&config.init).arg("--");
+    if !init_args.is_empty() {
+        launcher.args(&init_args).arg("--");
     }
     let mut child = launcher
         .args(&config.argv)
