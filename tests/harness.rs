@@ -386,3 +386,123 @@ pub fn cluster_with_agents(agents: &[(&str, &str)], master_args: &[&str]) -> Res
     })?;
     Ok((c, procs))
 }
+
+/// Hosts for network tests: network namespaces joined by veth pairs to a bridge in the root
+/// namespace, each with its own underlay address in 198.19.<k>.0/24 (198.18.0.0/15 is set aside
+/// for benchmarking); the root namespace is 198.19.<k>.1, host i 198.19.<k>.(10 + i). Torn down
+/// when dropped. Root only.
+pub struct Hosts {
+    pub k: u8,
+    pub count: usize,
+    bridge: String,
+}
+
+fn ip(args: &[&str]) -> Result<()> {
+    let out = Command::new("ip").args(args).output().context("running ip (install iproute2)")?;
+    if !out.status.success() {
+        bail!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
+impl Hosts {
+    pub fn new(count: usize) -> Result<Hosts> {
+        // A /24 no interface here uses yet: the test's own, whatever else runs.
+        let used = String::from_utf8_lossy(&Command::new("ip").args(["-4", "addr"]).output()?.stdout).into_owned();
+        let start = std::process::id() as u16;
+        let k = (0..123u16)
+            .map(|off| 128 + ((start.wrapping_add(off)) % 123) as u8)
+            .find(|k| !used.contains(&format!("198.19.{k}.")) && !Path::new(&format!("/run/netns/bh{k}-0")).exists())
+            .ok_or_else(|| anyhow!("no free 198.19.x.0/24 for test hosts"))?;
+        let hosts = Hosts { k, count, bridge: format!("bhbr{k}") };
+        ip(&["link", "add", &hosts.bridge, "type", "bridge"])?;
+        ip(&["addr", "add", &format!("198.19.{k}.1/24"), "dev", &hosts.bridge])?;
+        ip(&["link", "set", &hosts.bridge, "up"])?;
+        for i in 0..count {
+            let ns = hosts.ns(i);
+            let (outside, inside) = (format!("bh{k}o{i}"), format!("bh{k}i{i}"));
+            ip(&["netns", "add", &ns])?;
+            ip(&["link", "add", &outside, "type", "veth", "peer", "name", &inside])?;
+            ip(&["link", "set", &outside, "master", &hosts.bridge, "up"])?;
+            ip(&["link", "set", &inside, "netns", &ns])?;
+            ip(&["-n", &ns, "link", "set", &inside, "name", "eth0"])?;
+            ip(&["-n", &ns, "addr", "add", &format!("{}/24", hosts.addr(i)), "dev", "eth0"])?;
+            ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
+            ip(&["-n", &ns, "link", "set", "lo", "up"])?;
+        }
+        Ok(hosts)
+    }
+
+    /// Host i's namespace name (`ip netns`).
+    pub fn ns(&self, i: usize) -> String {
+        format!("bh{}-{i}", self.k)
+    }
+
+    /// Host i's underlay address.
+    pub fn addr(&self, i: usize) -> String {
+        format!("198.19.{}.{}", self.k, 10 + i)
+    }
+
+    /// The root namespace's address on the hosts' bridge (where the masters listen).
+    pub fn root_addr(&self) -> String {
+        format!("198.19.{}.1", self.k)
+    }
+}
+
+impl Drop for Hosts {
+    fn drop(&mut self) {
+        for i in 0..self.count {
+            let _ = ip(&["netns", "del", &self.ns(i)]);
+        }
+        let _ = ip(&["link", "del", &self.bridge]);
+    }
+}
+
+impl Cluster {
+    /// Like [`Cluster::start`], with the masters listening on `addr` instead of loopback (the
+    /// root namespace's address on test hosts' bridge).
+    pub fn start_on(n: u64, addr: &str, extra_args: &[&str]) -> Result<Self> {
+        let dir = tempfile::Builder::new().prefix("berth-test-").tempdir()?;
+        pki_init(&dir.path().join("pki"))?;
+        let mut c =
+            Cluster { dir, masters: BTreeMap::new(), extra_args: extra_args.iter().map(|s| s.to_string()).collect() };
+        for id in 1..=n {
+            let endpoint = format!("{addr}:{}", free_port());
+            let data_dir = c.dir.path().join(format!("master-{id}"));
+            c.masters.insert(id, MasterProc { id, endpoint, data_dir, child: None });
+        }
+        let initial = c.initial_cluster();
+        let pki = c.pki_dir().display().to_string();
+        for id in 1..=n {
+            c.spawn(id, &["--id", &id.to_string(), "--initial-cluster", &initial, "--pki-dir", &pki])?;
+        }
+        c.wait_leader(Duration::from_secs(30))?;
+        Ok(c)
+    }
+}
+
+/// Starts `berth agent` inside host `i` of `hosts`, advertising the host's underlay address.
+pub fn spawn_agent_on(hosts: &Hosts, i: usize, c: &Cluster, dir: &Path, name: &str, token: &str) -> Result<AgentProc> {
+    std::fs::create_dir_all(dir)?;
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.with_extension("log"))?;
+    let child = Command::new("ip")
+        .args(["netns", "exec", &hosts.ns(i)])
+        .arg(berth_bin())
+        .args(["agent", "--join", &c.endpoints(), "--data-dir"])
+        .arg(dir)
+        .args(["--name", name, "--advertise-addr", &hosts.addr(i), "--token", token])
+        .env("BERTH_LOG", "info,hickory_server=warn")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()?;
+    Ok(AgentProc { child: Some(child), dir: dir.to_path_buf() })
+}
+
+/// Whether this process runs as root (its effective uid, from /proc).
+pub fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(2) == Some("0")))
+        .unwrap_or(false)
+}

@@ -184,6 +184,10 @@ struct NodeOut {
     /// Unix milliseconds of the last status transition.
     status_changed_at_ms: i64,
     advertise_addr: String,
+    /// The node's underlay address (what other nodes and `berth dev`'s host reach it on).
+    address: String,
+    /// Its agent attaches tasks to networks.
+    networks: bool,
 }
 
 pub(crate) fn status_name(s: NodeStatus) -> &'static str {
@@ -230,7 +234,9 @@ pub async fn run_get(cmd: GetCmd, g: &Global) -> Result<()> {
                         connected: i.connected,
                         status_message: n.status_message,
                         status_changed_at_ms: n.status_changed_at_ms,
+                        address: n.advertise_addr.clone(),
                         advertise_addr: n.advertise_addr,
+                        networks: n.networks,
                     })
                 })
                 .collect();
