@@ -16,8 +16,8 @@ use std::{
 use berth_api::pb::{
     JoinTokenRecord, Node, NodeAvailability, NodeStatus,
     agent::{
-        Accepted, AgentFrame, Assignment, Assignments, AssignmentsKind, CertificateRenewed, HeartbeatAck, JoinAccepted,
-        JoinError, JoinRejected, MasterFrame, Redirect, agent_frame, master_frame,
+        Accepted, AgentFrame, Assignment, Assignments, AssignmentsKind, CertificateRenewed, HeartbeatAck, Hello,
+        JoinAccepted, JoinError, JoinRejected, MasterFrame, Redirect, agent_frame, master_frame,
     },
 };
 use berth_channel::{FrameReader, FrameWriter, close};
@@ -211,7 +211,7 @@ async fn handle_connection(ctx: Arc<Ctx>, conn: quinn::Connection, shutdown: Can
                     return;
                 }
             };
-            session(ctx, conn, writer, reader, node_id, hello.tasks, shutdown).await;
+            session(ctx, conn, writer, reader, node_id, hello, shutdown).await;
         }
         _ => {
             info!(%remote, "closing an agent connection: the first frame must be Join or Hello");
@@ -353,7 +353,7 @@ async fn session(
     mut writer: FrameWriter,
     mut reader: FrameReader,
     node_id: String,
-    hello_tasks: Vec<berth_api::pb::agent::TaskStatus>,
+    hello: Hello,
     shutdown: CancellationToken,
 ) {
     let masters = master_endpoints(&ctx);
@@ -365,8 +365,8 @@ async fn session(
         let _ = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
         return;
     }
-    match objects::get::<Node>(&ctx.reader, &objects::node_key(&node_id)) {
-        Ok(Some(_)) => {}
+    let node = match objects::get::<Node>(&ctx.reader, &objects::node_key(&node_id)) {
+        Ok(Some(n)) => n,
         Ok(None) => {
             info!(node = %node_id, "refused a session: the node was removed");
             conn.close(close::UNAUTHENTICATED, b"this node was removed from the cluster: join again with a token");
@@ -377,7 +377,7 @@ async fn session(
             conn.close(close::SHUTDOWN, b"the leader could not read its state; retry");
             return;
         }
-    }
+    };
     let term = ctx.metrics().current_term;
     let session_token = shutdown.child_token();
     let Some(n) = ctx.liveness.open_session(&node_id, session_token.clone()) else {
@@ -386,6 +386,9 @@ async fn session(
         return;
     };
     info!(node = %node_id, term, "agent session opened");
+    if hello_changes(&node.obj, hello.networks, &hello.underlay).is_some() {
+        tokio::spawn(record_hello(ctx.clone(), node_id.clone(), hello.networks, hello.underlay.clone()));
+    }
     let accepted = Accepted { term, heartbeat_interval_ms: ctx.agent_heartbeat_interval.as_millis() as u64, masters };
     // Never send a set before the index holds this term's tasks: an empty or stale COMPLETE set
     // would make the agent stop what it runs.
@@ -394,7 +397,7 @@ async fn session(
         conn.close(close::SHUTDOWN, b"the leader is still loading its tasks; retry");
         return;
     }
-    ctx.statuses.report(&node_id, hello_tasks);
+    ctx.statuses.report(&node_id, hello.tasks);
     ctx.assignments.set_conn(&node_id, conn.clone());
     let mut changes = ctx.assignments.subscribe(&node_id);
     changes.mark_unchanged();
@@ -513,6 +516,56 @@ async fn session(
     ctx.assignments.drop_conn(&node_id, &conn);
     info!(node = %node_id, reason = %reason.1, "agent session closed");
     conn.close(reason.0, reason.1.as_bytes());
+}
+
+/// The node record as the agent's Hello says it should be, or None when it already is: whether
+/// the agent attaches tasks to networks (the scheduler places network tasks only on such
+/// nodes), and its underlay address (VXLAN peers reach it there), kept in `advertise_addr`
+/// when the agent names one.
+fn hello_changes(node: &Node, networks: bool, underlay: &str) -> Option<Node> {
+    let mut n = node.clone();
+    n.networks = networks;
+    if !underlay.is_empty() {
+        if underlay.parse::<std::net::Ipv4Addr>().is_ok() {
+            n.advertise_addr = underlay.to_string();
+        } else {
+            debug!(node = %node.id, underlay, "ignoring an underlay address that is not IPv4");
+        }
+    }
+    (n != *node).then_some(n)
+}
+
+/// Records what the Hello said about the node: a compare-and-put on the node's mod_revision,
+/// read again and retried when another write (the node monitor's "ready") got there first.
+async fn record_hello(ctx: Arc<Ctx>, node_id: String, networks: bool, underlay: String) {
+    for _ in 0..10 {
+        let cur = match objects::get::<Node>(&ctx.reader, &objects::node_key(&node_id)) {
+            Ok(Some(c)) => c,
+            Ok(None) => return,
+            Err(e) => {
+                warn!(node = %node_id, "not recording the node's Hello: {}", e.message());
+                return;
+            }
+        };
+        let Some(updated) = hello_changes(&cur.obj, networks, &underlay) else { return };
+        let txn = objects::txn_of(vec![objects::cas_put(
+            objects::node_key(&node_id),
+            cur.mod_revision,
+            objects::encode_node(&updated),
+        )]);
+        match ctx.write(Command::Txn(txn)).await {
+            Ok(CommandResult::Txn(r)) if r.succeeded => {
+                info!(node = %node_id, networks, underlay = %updated.advertise_addr, "recorded the node's capabilities");
+                return;
+            }
+            Ok(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            Err(e) => {
+                info!(node = %node_id, "not recording the node's Hello: {}", e.message());
+                return;
+            }
+        }
+    }
+    warn!(node = %node_id, "the node's Hello was not recorded: its record kept changing; the next session retries");
 }
 
 /// What a session last sent its agent, to compute INCREMENTAL changes.
@@ -661,4 +714,30 @@ pub(crate) fn bind(ctx: &Ctx, addr: SocketAddr) -> Result<quinn::Endpoint, crate
     let cfg = ctx.pki.quic_server_config()?;
     berth_channel::server_endpoint(addr, cfg)
         .map_err(|e| crate::MasterError::Listen { addr: format!("udp/{addr}"), source: std::io::Error::other(e) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_hello_updates_the_node_only_when_it_says_something_new() {
+        let node = Node { id: "n1".into(), advertise_addr: "192.0.2.1".into(), ..Default::default() };
+        // Nothing new: no write.
+        assert!(hello_changes(&node, false, "").is_none());
+        assert!(hello_changes(&node, false, "192.0.2.1").is_none());
+        // The capability.
+        let n = hello_changes(&node, true, "").expect("a change");
+        assert!(n.networks);
+        assert_eq!(n.advertise_addr, "192.0.2.1", "an empty underlay keeps the address");
+        // The underlay address.
+        let n = hello_changes(&node, false, "198.51.100.7").expect("a change");
+        assert_eq!((n.networks, n.advertise_addr.as_str()), (false, "198.51.100.7"));
+        // An agent that lost the capability (restarted without root) says so too.
+        let capable = Node { networks: true, ..node.clone() };
+        assert!(!hello_changes(&capable, false, "").expect("a change").networks);
+        // Something that is not an IPv4 address is not an underlay.
+        assert!(hello_changes(&node, false, "not-an-address").is_none());
+        assert!(hello_changes(&node, false, "2001:db8::1").is_none());
+    }
 }
