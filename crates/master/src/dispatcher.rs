@@ -27,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::{
+    endpoints,
     node::Ctx,
     objects::{self, NODES_PREFIX, Versioned},
 };
@@ -403,9 +404,22 @@ async fn session(
     changes.mark_unchanged();
     let mut sent = Sent { version: 0, set: BTreeMap::new() };
     let complete = sent.complete(term, ctx.assignments.current(&node_id));
+    // Networks: a COMPLETE update after the assignments (once the endpoints index is ready, and
+    // only on a cluster with pools or for a node with a view), INCREMENTAL ones after that, at
+    // most one every SEND_INTERVAL.
+    let mut net_rx = ctx.endpoints.subscribe();
+    let mut feed = endpoints::Feed::default();
+    let snap = net_rx.borrow_and_update().clone();
+    let net_complete = feed.next(term, &snap, &node_id);
+    let mut net_sent_at = net_complete.as_ref().map(|_| tokio::time::Instant::now());
+    let mut net_due: Option<tokio::time::Instant> = None;
     let opened = async {
         writer.send(&MasterFrame { body: Some(master_frame::Body::Accepted(accepted)) }).await?;
-        writer.send(&MasterFrame { body: Some(master_frame::Body::Assignments(complete)) }).await
+        writer.send(&MasterFrame { body: Some(master_frame::Body::Assignments(complete)) }).await?;
+        if let Some(u) = net_complete {
+            writer.send(&MasterFrame { body: Some(master_frame::Body::NetworkUpdate(u)) }).await?;
+        }
+        Ok::<(), berth_channel::FrameError>(())
     };
     if let Err(e) = opened.await {
         debug!(node = %node_id, "session ended while opening: {e}");
@@ -432,6 +446,27 @@ async fn session(
                     inc
                 };
                 if let Err(e) = writer.send(&MasterFrame { body: Some(master_frame::Body::Assignments(out)) }).await {
+                    debug!(node = %node_id, "session lost: {e}");
+                    ctx.liveness.close_session(&node_id, n);
+                    ctx.assignments.drop_conn(&node_id, &conn);
+                    return;
+                }
+                continue;
+            }
+            r = net_rx.changed() => {
+                if r.is_ok() && net_due.is_none() {
+                    let now = tokio::time::Instant::now();
+                    let earliest = net_sent_at.map_or(now, |t| t + endpoints::SEND_INTERVAL);
+                    net_due = Some(earliest.max(now));
+                }
+                continue;
+            }
+            _ = tokio::time::sleep_until(net_due.unwrap_or_else(far_future)), if net_due.is_some() => {
+                net_due = None;
+                let snap = net_rx.borrow_and_update().clone();
+                let Some(u) = feed.next(term, &snap, &node_id) else { continue };
+                net_sent_at = Some(tokio::time::Instant::now());
+                if let Err(e) = writer.send(&MasterFrame { body: Some(master_frame::Body::NetworkUpdate(u)) }).await {
                     debug!(node = %node_id, "session lost: {e}");
                     ctx.liveness.close_session(&node_id, n);
                     ctx.assignments.drop_conn(&node_id, &conn);
@@ -472,6 +507,16 @@ async fn session(
             agent_frame::Body::Status(report) => {
                 ctx.statuses.report(&node_id, report.tasks);
                 None
+            }
+            // Networks: answered now if the endpoints index is ready, else once it is.
+            agent_frame::Body::RequestComplete(rc) if rc.networks => {
+                feed.request_complete();
+                let snap = net_rx.borrow().clone();
+                let out = feed.next(term, &snap, &node_id);
+                if out.is_some() {
+                    net_sent_at = Some(tokio::time::Instant::now());
+                }
+                out.map(master_frame::Body::NetworkUpdate)
             }
             agent_frame::Body::RequestComplete(_) if ctx.assignments.is_ready() => {
                 Some(master_frame::Body::Assignments(sent.complete(term, ctx.assignments.current(&node_id))))
@@ -516,6 +561,11 @@ async fn session(
     ctx.assignments.drop_conn(&node_id, &conn);
     info!(node = %node_id, reason = %reason.1, "agent session closed");
     conn.close(reason.0, reason.1.as_bytes());
+}
+
+/// A deadline that never comes (for a disabled `select!` branch).
+fn far_future() -> tokio::time::Instant {
+    tokio::time::Instant::now() + Duration::from_secs(86_400)
 }
 
 /// The node record as the agent's Hello says it should be, or None when it already is: whether
