@@ -16,8 +16,8 @@ use std::{
 use berth_api::pb::{
     JoinTokenRecord, Node, NodeAvailability, NodeStatus,
     agent::{
-        Accepted, AgentFrame, Assignment, Assignments, AssignmentsKind, CertificateRenewed, HeartbeatAck, JoinAccepted,
-        JoinError, JoinRejected, MasterFrame, Redirect, agent_frame, master_frame,
+        Accepted, AgentFrame, Assignment, Assignments, AssignmentsKind, CertificateRenewed, HeartbeatAck, Hello,
+        JoinAccepted, JoinError, JoinRejected, MasterFrame, Redirect, agent_frame, master_frame,
     },
 };
 use berth_channel::{FrameReader, FrameWriter, close};
@@ -27,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::{
+    endpoints,
     node::Ctx,
     objects::{self, NODES_PREFIX, Versioned},
 };
@@ -211,7 +212,7 @@ async fn handle_connection(ctx: Arc<Ctx>, conn: quinn::Connection, shutdown: Can
                     return;
                 }
             };
-            session(ctx, conn, writer, reader, node_id, hello.tasks, shutdown).await;
+            session(ctx, conn, writer, reader, node_id, hello, shutdown).await;
         }
         _ => {
             info!(%remote, "closing an agent connection: the first frame must be Join or Hello");
@@ -353,7 +354,7 @@ async fn session(
     mut writer: FrameWriter,
     mut reader: FrameReader,
     node_id: String,
-    hello_tasks: Vec<berth_api::pb::agent::TaskStatus>,
+    hello: Hello,
     shutdown: CancellationToken,
 ) {
     let masters = master_endpoints(&ctx);
@@ -365,8 +366,8 @@ async fn session(
         let _ = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
         return;
     }
-    match objects::get::<Node>(&ctx.reader, &objects::node_key(&node_id)) {
-        Ok(Some(_)) => {}
+    let node = match objects::get::<Node>(&ctx.reader, &objects::node_key(&node_id)) {
+        Ok(Some(n)) => n,
         Ok(None) => {
             info!(node = %node_id, "refused a session: the node was removed");
             conn.close(close::UNAUTHENTICATED, b"this node was removed from the cluster: join again with a token");
@@ -377,7 +378,7 @@ async fn session(
             conn.close(close::SHUTDOWN, b"the leader could not read its state; retry");
             return;
         }
-    }
+    };
     let term = ctx.metrics().current_term;
     let session_token = shutdown.child_token();
     let Some(n) = ctx.liveness.open_session(&node_id, session_token.clone()) else {
@@ -386,6 +387,9 @@ async fn session(
         return;
     };
     info!(node = %node_id, term, "agent session opened");
+    if hello_changes(&node.obj, hello.networks, &hello.underlay).is_some() {
+        tokio::spawn(record_hello(ctx.clone(), node_id.clone(), hello.networks, hello.underlay.clone()));
+    }
     let accepted = Accepted { term, heartbeat_interval_ms: ctx.agent_heartbeat_interval.as_millis() as u64, masters };
     // Never send a set before the index holds this term's tasks: an empty or stale COMPLETE set
     // would make the agent stop what it runs.
@@ -394,15 +398,28 @@ async fn session(
         conn.close(close::SHUTDOWN, b"the leader is still loading its tasks; retry");
         return;
     }
-    ctx.statuses.report(&node_id, hello_tasks);
+    ctx.statuses.report(&node_id, hello.tasks);
     ctx.assignments.set_conn(&node_id, conn.clone());
     let mut changes = ctx.assignments.subscribe(&node_id);
     changes.mark_unchanged();
     let mut sent = Sent { version: 0, set: BTreeMap::new() };
     let complete = sent.complete(term, ctx.assignments.current(&node_id));
+    // Networks: a COMPLETE update after the assignments (once the endpoints index is ready, and
+    // only on a cluster with pools or for a node with a view), INCREMENTAL ones after that, at
+    // most one every SEND_INTERVAL.
+    let mut net_rx = ctx.endpoints.subscribe();
+    let mut feed = endpoints::Feed::default();
+    let snap = net_rx.borrow_and_update().clone();
+    let net_complete = feed.next(term, &snap, &node_id);
+    let mut net_sent_at = net_complete.as_ref().map(|_| tokio::time::Instant::now());
+    let mut net_due: Option<tokio::time::Instant> = None;
     let opened = async {
         writer.send(&MasterFrame { body: Some(master_frame::Body::Accepted(accepted)) }).await?;
-        writer.send(&MasterFrame { body: Some(master_frame::Body::Assignments(complete)) }).await
+        writer.send(&MasterFrame { body: Some(master_frame::Body::Assignments(complete)) }).await?;
+        if let Some(u) = net_complete {
+            writer.send(&MasterFrame { body: Some(master_frame::Body::NetworkUpdate(u)) }).await?;
+        }
+        Ok::<(), berth_channel::FrameError>(())
     };
     if let Err(e) = opened.await {
         debug!(node = %node_id, "session ended while opening: {e}");
@@ -429,6 +446,27 @@ async fn session(
                     inc
                 };
                 if let Err(e) = writer.send(&MasterFrame { body: Some(master_frame::Body::Assignments(out)) }).await {
+                    debug!(node = %node_id, "session lost: {e}");
+                    ctx.liveness.close_session(&node_id, n);
+                    ctx.assignments.drop_conn(&node_id, &conn);
+                    return;
+                }
+                continue;
+            }
+            r = net_rx.changed() => {
+                if r.is_ok() && net_due.is_none() {
+                    let now = tokio::time::Instant::now();
+                    let earliest = net_sent_at.map_or(now, |t| t + endpoints::SEND_INTERVAL);
+                    net_due = Some(earliest.max(now));
+                }
+                continue;
+            }
+            _ = tokio::time::sleep_until(net_due.unwrap_or_else(far_future)), if net_due.is_some() => {
+                net_due = None;
+                let snap = net_rx.borrow_and_update().clone();
+                let Some(u) = feed.next(term, &snap, &node_id) else { continue };
+                net_sent_at = Some(tokio::time::Instant::now());
+                if let Err(e) = writer.send(&MasterFrame { body: Some(master_frame::Body::NetworkUpdate(u)) }).await {
                     debug!(node = %node_id, "session lost: {e}");
                     ctx.liveness.close_session(&node_id, n);
                     ctx.assignments.drop_conn(&node_id, &conn);
@@ -469,6 +507,16 @@ async fn session(
             agent_frame::Body::Status(report) => {
                 ctx.statuses.report(&node_id, report.tasks);
                 None
+            }
+            // Networks: answered now if the endpoints index is ready, else once it is.
+            agent_frame::Body::RequestComplete(rc) if rc.networks => {
+                feed.request_complete();
+                let snap = net_rx.borrow().clone();
+                let out = feed.next(term, &snap, &node_id);
+                if out.is_some() {
+                    net_sent_at = Some(tokio::time::Instant::now());
+                }
+                out.map(master_frame::Body::NetworkUpdate)
             }
             agent_frame::Body::RequestComplete(_) if ctx.assignments.is_ready() => {
                 Some(master_frame::Body::Assignments(sent.complete(term, ctx.assignments.current(&node_id))))
@@ -513,6 +561,61 @@ async fn session(
     ctx.assignments.drop_conn(&node_id, &conn);
     info!(node = %node_id, reason = %reason.1, "agent session closed");
     conn.close(reason.0, reason.1.as_bytes());
+}
+
+/// A deadline that never comes (for a disabled `select!` branch).
+fn far_future() -> tokio::time::Instant {
+    tokio::time::Instant::now() + Duration::from_secs(86_400)
+}
+
+/// The node record as the agent's Hello says it should be, or None when it already is: whether
+/// the agent attaches tasks to networks (the scheduler places network tasks only on such
+/// nodes), and its underlay address (VXLAN peers reach it there), kept in `advertise_addr`
+/// when the agent names one.
+fn hello_changes(node: &Node, networks: bool, underlay: &str) -> Option<Node> {
+    let mut n = node.clone();
+    n.networks = networks;
+    if !underlay.is_empty() {
+        if underlay.parse::<std::net::Ipv4Addr>().is_ok() {
+            n.advertise_addr = underlay.to_string();
+        } else {
+            debug!(node = %node.id, underlay, "ignoring an underlay address that is not IPv4");
+        }
+    }
+    (n != *node).then_some(n)
+}
+
+/// Records what the Hello said about the node: a compare-and-put on the node's mod_revision,
+/// read again and retried when another write (the node monitor's "ready") got there first.
+async fn record_hello(ctx: Arc<Ctx>, node_id: String, networks: bool, underlay: String) {
+    for _ in 0..10 {
+        let cur = match objects::get::<Node>(&ctx.reader, &objects::node_key(&node_id)) {
+            Ok(Some(c)) => c,
+            Ok(None) => return,
+            Err(e) => {
+                warn!(node = %node_id, "not recording the node's Hello: {}", e.message());
+                return;
+            }
+        };
+        let Some(updated) = hello_changes(&cur.obj, networks, &underlay) else { return };
+        let txn = objects::txn_of(vec![objects::cas_put(
+            objects::node_key(&node_id),
+            cur.mod_revision,
+            objects::encode_node(&updated),
+        )]);
+        match ctx.write(Command::Txn(txn)).await {
+            Ok(CommandResult::Txn(r)) if r.succeeded => {
+                info!(node = %node_id, networks, underlay = %updated.advertise_addr, "recorded the node's capabilities");
+                return;
+            }
+            Ok(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            Err(e) => {
+                info!(node = %node_id, "not recording the node's Hello: {}", e.message());
+                return;
+            }
+        }
+    }
+    warn!(node = %node_id, "the node's Hello was not recorded: its record kept changing; the next session retries");
 }
 
 /// What a session last sent its agent, to compute INCREMENTAL changes.
@@ -661,4 +764,30 @@ pub(crate) fn bind(ctx: &Ctx, addr: SocketAddr) -> Result<quinn::Endpoint, crate
     let cfg = ctx.pki.quic_server_config()?;
     berth_channel::server_endpoint(addr, cfg)
         .map_err(|e| crate::MasterError::Listen { addr: format!("udp/{addr}"), source: std::io::Error::other(e) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_hello_updates_the_node_only_when_it_says_something_new() {
+        let node = Node { id: "n1".into(), advertise_addr: "192.0.2.1".into(), ..Default::default() };
+        // Nothing new: no write.
+        assert!(hello_changes(&node, false, "").is_none());
+        assert!(hello_changes(&node, false, "192.0.2.1").is_none());
+        // The capability.
+        let n = hello_changes(&node, true, "").expect("a change");
+        assert!(n.networks);
+        assert_eq!(n.advertise_addr, "192.0.2.1", "an empty underlay keeps the address");
+        // The underlay address.
+        let n = hello_changes(&node, false, "198.51.100.7").expect("a change");
+        assert_eq!((n.networks, n.advertise_addr.as_str()), (false, "198.51.100.7"));
+        // An agent that lost the capability (restarted without root) says so too.
+        let capable = Node { networks: true, ..node.clone() };
+        assert!(!hello_changes(&capable, false, "").expect("a change").networks);
+        // Something that is not an IPv4 address is not an underlay.
+        assert!(hello_changes(&node, false, "not-an-address").is_none());
+        assert!(hello_changes(&node, false, "2001:db8::1").is_none());
+    }
 }

@@ -11,6 +11,7 @@ mod control_service;
 mod controller;
 mod deadline;
 mod dispatcher;
+mod endpoints;
 mod error;
 mod identity;
 mod ipam;

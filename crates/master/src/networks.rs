@@ -34,7 +34,7 @@ use crate::{
 };
 
 pub(crate) const NETWORKS_PREFIX: &str = "/berth/networks/";
-const IPAM_CONFIG_KEY: &str = "/berth/ipam/config";
+pub(crate) const IPAM_CONFIG_KEY: &str = "/berth/ipam/config";
 const NETWORKS_GUARD: &str = "/berth/ipam/networks";
 const VIPS_GUARD: &str = "/berth/ipam/vips";
 

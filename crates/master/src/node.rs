@@ -46,6 +46,8 @@ pub(crate) struct Ctx {
     pub liveness: crate::dispatcher::Liveness,
     pub assignments: crate::assign::Assignments,
     pub statuses: crate::assign::Statuses,
+    /// Every node's networks and the endpoints of the services on them (leader only).
+    pub endpoints: crate::endpoints::Endpoints,
     pub cert_validity: Duration,
     pub node_down_grace: Duration,
     pub agent_heartbeat_interval: Duration,
@@ -229,6 +231,7 @@ pub async fn run_master(cfg: MasterConfig, shutdown: CancellationToken) -> Resul
         liveness: Default::default(),
         assignments: Default::default(),
         statuses: Default::default(),
+        endpoints: Default::default(),
         cert_validity: cfg.cert_validity,
         node_down_grace: cfg.node_down_grace,
         agent_heartbeat_interval: cfg.agent_heartbeat_interval,
@@ -418,8 +421,10 @@ async fn watch_state(ctx: Arc<Ctx>, shutdown: CancellationToken) {
             let token = shutdown.child_token();
             ctx.liveness.become_leader();
             ctx.assignments.unready();
+            ctx.endpoints.unready();
             tokio::spawn(crate::dispatcher::monitor(ctx.clone(), token.clone()));
             tokio::spawn(crate::assign::index(ctx.clone(), token.clone()));
+            tokio::spawn(crate::endpoints::index(ctx.clone(), token.clone()));
             tokio::spawn(crate::assign::commit_statuses(ctx.clone(), token.clone()));
             tokio::spawn(crate::controller::run(ctx.clone(), token.clone()));
             tokio::spawn(record_ca(ctx.clone()));
@@ -428,6 +433,7 @@ async fn watch_state(ctx: Arc<Ctx>, shutdown: CancellationToken) {
         } else if !is_leader && let Some(token) = leading.take() {
             token.cancel();
             ctx.assignments.unready();
+            ctx.endpoints.unready();
             ctx.liveness.step_down();
         }
         if Some(m.state) != last_state {
