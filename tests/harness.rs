@@ -387,14 +387,15 @@ pub fn cluster_with_agents(agents: &[(&str, &str)], master_args: &[&str]) -> Res
     Ok((c, procs))
 }
 
-/// Hosts for network tests: network namespaces joined by veth pairs to a bridge in the root
-/// namespace, each with its own underlay address in 198.19.<k>.0/24 (198.18.0.0/15 is set aside
-/// for benchmarking); the root namespace is 198.19.<k>.1, host i 198.19.<k>.(10 + i). Torn down
-/// when dropped. Root only.
+/// Hosts for network tests: network namespaces joined by veth pairs to a bridge in a "switch"
+/// namespace of their own (as the chaos suite's hosts are: a bridge in the root namespace would
+/// send the hosts' traffic through the root namespace's firewall, Docker's included), each with
+/// its own underlay address in 198.19.<k>.0/24 (198.18.0.0/15 is set aside for benchmarking). The
+/// root namespace joins the switch too, as 198.19.<k>.1; host i is 198.19.<k>.(10 + i). Torn
+/// down when dropped. Root only.
 pub struct Hosts {
     pub k: u8,
     pub count: usize,
-    bridge: String,
 }
 
 fn ip(args: &[&str]) -> Result<()> {
@@ -412,25 +413,35 @@ impl Hosts {
         let start = std::process::id() as u16;
         let k = (0..123u16)
             .map(|off| 128 + ((start.wrapping_add(off)) % 123) as u8)
-            .find(|k| !used.contains(&format!("198.19.{k}.")) && !Path::new(&format!("/run/netns/bh{k}-0")).exists())
+            .find(|k| !used.contains(&format!("198.19.{k}.")) && !Path::new(&format!("/run/netns/bh{k}-sw")).exists())
             .ok_or_else(|| anyhow!("no free 198.19.x.0/24 for test hosts"))?;
-        let hosts = Hosts { k, count, bridge: format!("bhbr{k}") };
-        ip(&["link", "add", &hosts.bridge, "type", "bridge"])?;
-        ip(&["addr", "add", &format!("198.19.{k}.1/24"), "dev", &hosts.bridge])?;
-        ip(&["link", "set", &hosts.bridge, "up"])?;
+        let hosts = Hosts { k, count };
+        let sw = hosts.switch();
+        ip(&["netns", "add", &sw])?;
+        ip(&["-n", &sw, "link", "add", "br0", "type", "bridge"])?;
+        ip(&["-n", &sw, "link", "set", "br0", "up"])?;
+        // The root namespace's port on the switch.
+        let root_if = format!("bh{k}r");
+        ip(&["link", "add", &root_if, "type", "veth", "peer", "name", "rootport"])?;
+        ip(&["link", "set", "rootport", "netns", &sw])?;
+        ip(&["-n", &sw, "link", "set", "rootport", "master", "br0", "up"])?;
+        ip(&["addr", "add", &format!("{}/24", hosts.root_addr()), "dev", &root_if])?;
+        ip(&["link", "set", &root_if, "up"])?;
         for i in 0..count {
             let ns = hosts.ns(i);
-            let (outside, inside) = (format!("bh{k}o{i}"), format!("bh{k}i{i}"));
+            let port = format!("h{i}");
             ip(&["netns", "add", &ns])?;
-            ip(&["link", "add", &outside, "type", "veth", "peer", "name", &inside])?;
-            ip(&["link", "set", &outside, "master", &hosts.bridge, "up"])?;
-            ip(&["link", "set", &inside, "netns", &ns])?;
-            ip(&["-n", &ns, "link", "set", &inside, "name", "eth0"])?;
+            ip(&["-n", &sw, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &ns])?;
+            ip(&["-n", &sw, "link", "set", &port, "master", "br0", "up"])?;
             ip(&["-n", &ns, "addr", "add", &format!("{}/24", hosts.addr(i)), "dev", "eth0"])?;
             ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
             ip(&["-n", &ns, "link", "set", "lo", "up"])?;
         }
         Ok(hosts)
+    }
+
+    fn switch(&self) -> String {
+        format!("bh{}-sw", self.k)
     }
 
     /// Host i's namespace name (`ip netns`).
@@ -443,7 +454,7 @@ impl Hosts {
         format!("198.19.{}.{}", self.k, 10 + i)
     }
 
-    /// The root namespace's address on the hosts' bridge (where the masters listen).
+    /// The root namespace's address on the hosts' switch (where the masters listen).
     pub fn root_addr(&self) -> String {
         format!("198.19.{}.1", self.k)
     }
@@ -454,7 +465,8 @@ impl Drop for Hosts {
         for i in 0..self.count {
             let _ = ip(&["netns", "del", &self.ns(i)]);
         }
-        let _ = ip(&["link", "del", &self.bridge]);
+        // Deleting the switch removes its bridge and the root namespace's port with it.
+        let _ = ip(&["netns", "del", &self.switch()]);
     }
 }
 

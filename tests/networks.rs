@@ -161,3 +161,132 @@ fn networks_subnets_vips_and_their_errors() -> Result<()> {
     assert_eq!(network(&c, "again")?["subnet"], "198.18.0.0/20");
     Ok(())
 }
+
+/// What a task sees from inside its namespaces: `python3` run in the network and mount
+/// namespaces of process `pid`, so names resolve through the task's own resolv.conf (glibc's
+/// resolver, search list and all), as the task's program would.
+fn from_task(pid: i64, script: &str) -> Option<Value> {
+    let out = std::process::Command::new("nsenter")
+        .args(["--target", &pid.to_string(), "--net", "--mount", "python3", "-c", script])
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    serde_json::from_slice(&out.stdout).ok()
+}
+
+const LOOKUP: &str = r#"
+import json, socket, urllib.request
+def names(n):
+    try: return sorted(socket.gethostbyname_ex(n)[2])
+    except Exception as e: return str(e)
+def get(url):
+    try: return urllib.request.urlopen(url, timeout=2).status
+    except Exception as e: return str(e)
+print(json.dumps({"web": names("web"), "long": names("web.default.svc.berth.internal"),
+                  "tasks": names("tasks.web"), "http": get("http://web:8080/")}))
+"#;
+
+const WEB_ON_NETWORK: &str = r#"
+kind: Service
+metadata: {name: web}
+spec:
+  replicas: 2
+  task:
+    runtime: process
+    command: [/usr/bin/python3, -m, http.server, "8080"]
+    ports: [{name: http, container: 8080}]
+    health: {http: {port: 8080, path: /}, interval: 1s}
+  placement:
+    constraints: ["node.name != host-a"]
+    max_replicas_per_node: 1
+---
+kind: Service
+metadata: {name: client}
+spec:
+  replicas: 1
+  task:
+    runtime: process
+    command: [/bin/sleep, "3600"]
+  placement:
+    constraints: ["node.name == host-a"]
+"#;
+
+#[test]
+fn tasks_find_each_other_by_name_across_hosts() -> Result<()> {
+    if !berth_tests::is_root() {
+        eprintln!("skipped: test hosts are network namespaces, which need root");
+        return Ok(());
+    }
+    let hosts = berth_tests::Hosts::new(3)?;
+    let c = Cluster::start_on(3, &hosts.root_addr(), POOLS)?;
+    let t = berth_tests::token(&c, &["--uses", "10"])?;
+    let mut agents = Vec::new();
+    for (i, name) in ["host-a", "host-b", "host-c"].iter().enumerate() {
+        agents.push(berth_tests::spawn_agent_on(&hosts, i, &c, &c.dir.path().join(name), name, &t)?);
+    }
+    // Every node ready, attaching networks, with its underlay address.
+    wait_for(Duration::from_secs(60), "three ready nodes that attach networks", || {
+        let ns = c.berth_json(&["get", "nodes"]).ok()?;
+        let ok = ns.as_array()?.iter().filter(|n| n["status"] == "ready" && n["networks"] == true).count();
+        (ok == 3).then_some(())
+    })?;
+    let nodes = c.berth_json(&["get", "nodes"])?;
+    for n in nodes.as_array().unwrap() {
+        assert!(n["address"].as_str().is_some_and(|a| a.starts_with(&format!("198.19.{}.", hosts.k))), "{n}");
+    }
+    apply(&c, c.dir.path(), "web", WEB_ON_NETWORK)?;
+    let dump = |c: &Cluster| {
+        eprintln!("tasks: {:#}", c.berth_json(&["get", "tasks", "-a"]).unwrap_or_default());
+        for name in ["host-a", "host-b", "host-c"] {
+            let log = std::fs::read_to_string(c.dir.path().join(format!("{name}.log"))).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(15).collect();
+            eprintln!("--- {name}.log (last lines, newest first)\n{}", tail.join("\n"));
+        }
+    };
+    let web_addrs = wait_for(Duration::from_secs(90), "two healthy web tasks with addresses", || {
+        let ts = berth_tests::tasks(&c, "web");
+        let addrs: Vec<String> = ts
+            .iter()
+            .filter(|t| t["state"] == "running" && t["health"] == "healthy")
+            .filter_map(|t| t["addresses"]["default"].as_str().map(str::to_string))
+            .collect();
+        (addrs.len() == 2).then_some(addrs)
+    })
+    .inspect_err(|_| dump(&c))?;
+    let client = wait_for(Duration::from_secs(60), "the client task running", || {
+        berth_tests::tasks(&c, "client").into_iter().find(|t| t["state"] == "running" && t["pid"].as_i64() > Some(0))
+    })?;
+    let pid = client["pid"].as_i64().unwrap();
+    let vip = service(&c, "web")?["vip"].as_str().unwrap().to_string();
+    let mut want_tasks = web_addrs.clone();
+    want_tasks.sort();
+    // Once the endpoints reached host A: the name is the VIP, tasks.web both tasks, and HTTP to
+    // the name reaches a web task on another host.
+    let last = std::cell::RefCell::new(None);
+    let seen = wait_for(Duration::from_secs(30), "web resolving and answering from the client task", || {
+        let v = from_task(pid, LOOKUP);
+        *last.borrow_mut() = v.clone();
+        let v = v?;
+        (v["web"] == serde_json::json!([vip]) && v["tasks"] == serde_json::json!(want_tasks) && v["http"] == 200)
+            .then_some(v)
+    })
+    .inspect_err(|_| {
+        eprintln!("last lookup from the client: {:?} (vip {vip}, tasks {want_tasks:?})", last.borrow());
+        dump(&c)
+    })?;
+    assert_eq!(seen["long"], serde_json::json!([vip]));
+    // Each task answers on its own address too.
+    for a in &web_addrs {
+        let v = from_task(
+            pid,
+            &format!(
+                "import json, urllib.request\nprint(json.dumps(urllib.request.urlopen('http://{a}:8080/', timeout=2).status))"
+            ),
+        );
+        assert_eq!(v, Some(serde_json::json!(200)), "task address {a}");
+    }
+    drop(agents);
+    Ok(())
+}

@@ -76,6 +76,9 @@ struct Inner {
     overlay: std::sync::OnceLock<SharedOverlay>,
 }
 
+/// How long a task on networks waits at start for the leader's view of them.
+const NETWORK_VIEW_PATIENCE: Duration = Duration::from_secs(30);
+
 /// The node's overlay, shared by the task manager and the session.
 pub type SharedOverlay = Arc<tokio::sync::Mutex<crate::overlay::node::Overlay>>;
 
@@ -136,6 +139,28 @@ impl TaskManager {
         };
         if spec.task.runtime == RuntimeKind::Docker {
             return Err("docker tasks cannot join networks yet; use runtime `process` for tasks on networks".into());
+        }
+        // The assignment and the network view that comes with it travel separately: wait a
+        // while for the view (the leader sends a node the networks of the tasks it assigns).
+        let keys: Vec<String> = spec.networks.iter().map(|n| format!("{}/{n}", spec.namespace)).collect();
+        let deadline = Instant::now() + NETWORK_VIEW_PATIENCE;
+        loop {
+            let missing: Vec<&String> = {
+                let o = overlay.lock().await;
+                keys.iter().filter(|k| !o.has_network(k)).collect()
+            };
+            if missing.is_empty() {
+                break;
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "the leader has not sent network {} with an address block for this node within {:?}; is a \
+                     leader reachable?",
+                    missing.iter().map(|k| k.as_str()).collect::<Vec<_>>().join(", "),
+                    NETWORK_VIEW_PATIENCE
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
         let a = overlay.lock().await.attach(id, &spec.namespace, &spec.networks).await.map_err(|e| e.to_string())?;
         spec.attachment = Some(Attachment {

@@ -399,6 +399,11 @@ impl Overlay {
         Ok(())
     }
 
+    /// Whether the leader has sent network `key` (`namespace/name`) with a block for this node.
+    pub fn has_network(&self, key: &str) -> bool {
+        self.stored.view.networks.get(key).is_some_and(|n| n.block.is_some())
+    }
+
     /// Gives a task its namespace, an address on each of its networks and a resolv.conf.
     /// Idempotent: a task that has them keeps them. `networks` are names in `namespace`.
     pub async fn attach(&mut self, task: &str, namespace: &str, networks: &[String]) -> Result<Attached> {
