@@ -195,7 +195,7 @@ spec:
   replicas: 2
   task:
     runtime: process
-    command: [/usr/bin/python3, -m, http.server, "8080"]
+    command: [/bin/sh, -c, "echo $BERTH_TASK_ID > id.txt && exec /usr/bin/python3 -m http.server 8080"]
     ports: [{name: http, container: 8080}]
     health: {http: {port: 8080, path: /}, interval: 1s}
   placement:
@@ -287,6 +287,72 @@ fn tasks_find_each_other_by_name_across_hosts() -> Result<()> {
         );
         assert_eq!(v, Some(serde_json::json!(200)), "task address {a}");
     }
+
+    // kill -9 of one web task while the client asks in a loop: once its death has reached host
+    // A, no request goes to it and DNS no longer returns it.
+    let victim = berth_tests::tasks(&c, "web")
+        .into_iter()
+        .find(|t| t["state"] == "running" && t["node_name"] == "host-b")
+        .expect("a web task on host-b");
+    let (victim_id, victim_pid) = (victim["id"].as_str().unwrap().to_string(), victim["pid"].as_i64().unwrap());
+    let victim_addr = victim["addresses"]["default"].as_str().unwrap().to_string();
+    let mut looper = std::process::Command::new("nsenter")
+        .args(["--target", &pid.to_string(), "--net", "--mount", "python3", "-u", "-c", LOOP])
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(looper.stdout.take().unwrap()));
+    let mut answers: Vec<(f64, String)> = Vec::new();
+    let mut killed_at = None;
+    for line in lines.by_ref() {
+        let line = line?;
+        let Some((t, who)) = line.split_once(' ') else { continue };
+        answers.push((t.parse()?, who.to_string()));
+        if killed_at.is_none() && answers.iter().filter(|(_, w)| *w == victim_id).count() >= 3 {
+            killed_at = Some(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs_f64());
+            assert!(berth_tests::signal(victim_pid, "KILL"), "kill -9 {victim_pid}");
+        }
+    }
+    looper.wait()?;
+    let killed_at = killed_at.expect("the victim answered the client before the kill");
+    let after: Vec<&(f64, String)> = answers.iter().filter(|(t, _)| *t > killed_at).collect();
+    let failed = after.iter().filter(|(_, w)| w.starts_with("error")).count();
+    let last_bad = after
+        .iter()
+        .filter(|(_, w)| w.starts_with("error") || *w == victim_id)
+        .map(|(t, _)| t - killed_at)
+        .fold(0.0, f64::max);
+    eprintln!(
+        "kill -9 of {victim_id}: {failed} of {} requests after it failed; the last failed or reached it {:.0} ms after the kill",
+        after.len(),
+        last_bad * 1000.0
+    );
+    assert!(after.iter().any(|(t, w)| *t > killed_at + 2.0 && !w.starts_with("error")), "no answers after the kill");
+    assert!(last_bad < 2.0, "requests still failed or reached the dead task {last_bad:.2} s after the kill");
+    // DNS answers exactly the running and healthy tasks (the slot's replacement may reuse the
+    // victim's address: it was freed with its namespace).
+    wait_for(Duration::from_secs(30), "tasks.web to match the healthy web tasks", || {
+        let mut healthy: Vec<String> = berth_tests::tasks(&c, "web")
+            .iter()
+            .filter(|t| t["state"] == "running" && t["health"] == "healthy" && t["id"] != victim_id.as_str())
+            .filter_map(|t| t["addresses"]["default"].as_str().map(str::to_string))
+            .collect();
+        healthy.sort();
+        let v = from_task(pid, LOOKUP)?;
+        (v["tasks"] == serde_json::json!(healthy)).then_some(())
+    })?;
+    eprintln!("the victim's address {victim_addr}; tasks.web matches the healthy tasks again");
     drop(agents);
     Ok(())
 }
+
+/// Asks http://web:8080/id.txt every 50 ms for 6 s, printing "<unix time> <task id or error>".
+const LOOP: &str = r#"
+import time, urllib.request
+end = time.time() + 6
+while time.time() < end:
+    t = time.time()
+    try: who = urllib.request.urlopen("http://web:8080/id.txt", timeout=0.5).read().decode().strip()
+    except Exception as e: who = "error:" + type(e).__name__
+    print(t, who, flush=True)
+    time.sleep(0.05)
+"#;
