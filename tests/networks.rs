@@ -356,3 +356,117 @@ while time.time() < end:
     print(t, who, flush=True)
     time.sleep(0.05)
 "#;
+
+const TWO_NETWORKS: &str = r#"
+kind: Network
+metadata: {name: front}
+---
+kind: Network
+metadata: {name: back}
+spec: {internal: true}
+---
+kind: Service
+metadata: {name: sa}
+spec:
+  replicas: 1
+  task:
+    runtime: process
+    networks: [front]
+    command: [/usr/bin/python3, -m, http.server, "8080"]
+    ports: [{container: 8080}]
+  placement: {constraints: ["node.name == host-a"]}
+---
+kind: Service
+metadata: {name: sb}
+spec:
+  replicas: 1
+  task:
+    runtime: process
+    networks: [back]
+    command: [/usr/bin/python3, -m, http.server, "8080"]
+    ports: [{container: 8080}]
+  placement: {constraints: ["node.name == host-a"]}
+---
+kind: Service
+metadata: {name: ca}
+spec:
+  replicas: 1
+  task: {runtime: process, networks: [front], command: [/bin/sleep, "3600"]}
+  placement: {constraints: ["node.name == host-b"]}
+---
+kind: Service
+metadata: {name: cb}
+spec:
+  replicas: 1
+  task: {runtime: process, networks: [back], command: [/bin/sleep, "3600"]}
+  placement: {constraints: ["node.name == host-b"]}
+"#;
+
+/// GETs `url` from inside the task with `pid`: the status, or the error's kind.
+fn get_from(pid: i64, url: &str) -> String {
+    let script = format!(
+        "import json, urllib.request\ntry: r = urllib.request.urlopen('{url}', timeout=1).status\nexcept Exception as e: r = \
+         type(e).__name__ + ': ' + str(e)\nprint(json.dumps(str(r)))"
+    );
+    from_task(pid, &script).and_then(|v| v.as_str().map(str::to_string)).unwrap_or_else(|| "no answer".into())
+}
+
+fn running(c: &Cluster, service: &str) -> Result<Value> {
+    wait_for(Duration::from_secs(90), &format!("{service} running"), || {
+        berth_tests::tasks(c, service).into_iter().find(|t| t["state"] == "running" && t["pid"].as_i64() > Some(0))
+    })
+}
+
+#[test]
+fn networks_are_isolated_and_an_internal_one_has_no_egress() -> Result<()> {
+    if !berth_tests::is_root() {
+        eprintln!("skipped: test hosts are network namespaces, which need root");
+        return Ok(());
+    }
+    let hosts = berth_tests::Hosts::new(2)?;
+    let c = Cluster::start_on(3, &hosts.root_addr(), POOLS)?;
+    let t = berth_tests::token(&c, &["--uses", "10"])?;
+    let _agents = ["host-a", "host-b"]
+        .iter()
+        .enumerate()
+        .map(|(i, name)| berth_tests::spawn_agent_on(&hosts, i, &c, &c.dir.path().join(name), name, &t))
+        .collect::<Result<Vec<_>>>()?;
+    apply(&c, c.dir.path(), "two", TWO_NETWORKS)?;
+    let (sa, sb) = (running(&c, "sa")?, running(&c, "sb")?);
+    let (ca, cb) = (running(&c, "ca")?["pid"].as_i64().unwrap(), running(&c, "cb")?["pid"].as_i64().unwrap());
+    let sa_addr = sa["addresses"]["front"].as_str().unwrap().to_string();
+    let sb_addr = sb["addresses"]["back"].as_str().unwrap().to_string();
+    // Same network, across hosts: by name and by address.
+    wait_for(Duration::from_secs(30), "ca reaching sa by name", || {
+        (get_from(ca, "http://sa:8080/") == "200").then_some(())
+    })?;
+    assert_eq!(get_from(ca, &format!("http://{sa_addr}:8080/")), "200");
+    wait_for(Duration::from_secs(30), "cb reaching sb by name", || {
+        (get_from(cb, "http://sb:8080/") == "200").then_some(())
+    })?;
+    // Across networks: no name, and the address is unreachable (the host does not route
+    // between networks).
+    let by_name = get_from(ca, "http://sb:8080/");
+    assert!(by_name.contains("URLError"), "ca resolved sb: {by_name}");
+    let by_addr = get_from(ca, &format!("http://{sb_addr}:8080/"));
+    assert_ne!(by_addr, "200", "ca reached sb's address {sb_addr} on another network");
+    let back = get_from(cb, &format!("http://{sa_addr}:8080/"));
+    assert_ne!(back, "200", "cb reached sa's address {sa_addr} on another network");
+    // Egress: a listener outside the overlay (the root namespace's address on the hosts'
+    // switch) answers the non-internal network's task, never the internal one's.
+    let outside = std::net::TcpListener::bind(format!("{}:0", hosts.root_addr()))?;
+    let port = outside.local_addr()?.port();
+    std::thread::spawn(move || {
+        for mut s in outside.incoming().flatten() {
+            let _ = std::io::Write::write_all(&mut s, b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n");
+        }
+    });
+    let url = format!("http://{}:{port}/", hosts.root_addr());
+    assert_eq!(get_from(ca, &url), "200", "front (not internal) has egress");
+    let internal = get_from(cb, &url);
+    assert_ne!(internal, "200", "the internal network reached outside the overlay");
+    eprintln!(
+        "isolation: ca -> sb by name: {by_name}; by address: {by_addr}; cb -> sa: {back}; cb -> outside: {internal}"
+    );
+    Ok(())
+}

@@ -411,7 +411,12 @@ impl Overlay {
         link::create_netns(&netns).map_err(|e| OverlayError::Other(format!("creating {}: {e}", netns.display())))?;
         let mut addresses = BTreeMap::new();
         let mut nameserver = None;
-        let mut default_taken = false;
+        // The default route goes through the first network with egress, else the first one
+        // (an internal network's VIPs are outside its subnet too; nftables keeps its traffic
+        // inside the overlay).
+        let internal =
+            |name: &String| self.stored.view.networks.get(&format!("{namespace}/{name}")).is_some_and(|n| n.internal);
+        let default_net = networks.iter().position(|n| !internal(n)).unwrap_or(0);
         for (i, name) in networks.iter().enumerate() {
             let key = format!("{namespace}/{name}");
             let Some(n) = self.stored.view.networks.get(&key).cloned() else {
@@ -428,8 +433,7 @@ impl Overlay {
             self.save()?;
             let nl = self.network_links(&n).ok_or_else(|| OverlayError::Other(format!("network {key}: no block")))?;
             self.links.ensure_network(&nl).await?;
-            let default_route = !n.internal && !default_taken;
-            default_taken |= default_route;
+            let default_route = i == default_net;
             let iface = TaskInterface {
                 host_name: link::link_name("vt", &format!("{task}/{key}")),
                 inside_name: format!("eth{i}"),
