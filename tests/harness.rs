@@ -497,8 +497,10 @@ impl Cluster {
 pub fn spawn_agent_on(hosts: &Hosts, i: usize, c: &Cluster, dir: &Path, name: &str, token: &str) -> Result<AgentProc> {
     std::fs::create_dir_all(dir)?;
     let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.with_extension("log"))?;
-    let child = Command::new("ip")
-        .args(["netns", "exec", &hosts.ns(i)])
+    // nsenter, not `ip netns exec`: the latter gives the agent a mount namespace of its own, so
+    // the task namespaces it bind-mounts would vanish from view when it restarts.
+    let child = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", hosts.ns(i)))
         .arg(berth_bin())
         .args(["agent", "--join", &c.endpoints(), "--data-dir"])
         .arg(dir)

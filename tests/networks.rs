@@ -470,3 +470,124 @@ fn networks_are_isolated_and_an_internal_one_has_no_egress() -> Result<()> {
     );
     Ok(())
 }
+
+const ECHO: &str = r#"
+kind: Service
+metadata: {name: echo}
+spec:
+  replicas: 1
+  task:
+    runtime: process
+    command:
+      - /usr/bin/python3
+      - -c
+      - |
+        import socket, threading
+        s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("0.0.0.0", 7000)); s.listen(16)
+        def serve(c):
+            while True:
+                b = c.recv(64)
+                if not b: return
+                c.sendall(b)
+        while True:
+            c, _ = s.accept(); threading.Thread(target=serve, args=(c,), daemon=True).start()
+    ports: [{name: echo, container: 7000}]
+  placement: {constraints: ["node.name == host-b"]}
+---
+kind: Service
+metadata: {name: client}
+spec:
+  replicas: 1
+  task: {runtime: process, command: [/bin/sleep, "3600"]}
+  placement: {constraints: ["node.name == host-a"]}
+"#;
+
+/// Holds one TCP connection to echo:7000 (through the VIP) and round-trips a byte every 100 ms
+/// until `stop` exists, printing "ok N" per round trip, or "broken: ..." and exiting.
+fn hold_connection(stop: &Path) -> String {
+    format!(
+        r#"
+import os, socket, time
+c = socket.create_connection(("echo", 7000), timeout=2)
+n = 0
+while not os.path.exists("{stop}"):
+    try:
+        c.sendall(b"x")
+        if c.recv(1) != b"x": raise Exception("wrong echo")
+    except Exception as e:
+        print("broken:", e, flush=True); raise SystemExit(1)
+    n += 1
+    print("ok", n, flush=True)
+    time.sleep(0.1)
+"#,
+        stop = stop.display()
+    )
+}
+
+#[test]
+fn connections_and_dns_survive_a_leader_kill_and_losing_every_master() -> Result<()> {
+    if !berth_tests::is_root() {
+        eprintln!("skipped: test hosts are network namespaces, which need root");
+        return Ok(());
+    }
+    let hosts = berth_tests::Hosts::new(2)?;
+    let mut c = Cluster::start_on(3, &hosts.root_addr(), POOLS)?;
+    let t = berth_tests::token(&c, &["--uses", "10"])?;
+    let dirs: Vec<_> = ["host-a", "host-b"].iter().map(|n| c.dir.path().join(n)).collect();
+    let _agents = [
+        berth_tests::spawn_agent_on(&hosts, 0, &c, &dirs[0], "host-a", &t)?,
+        berth_tests::spawn_agent_on(&hosts, 1, &c, &dirs[1], "host-b", &t)?,
+    ];
+    apply(&c, c.dir.path(), "echo", ECHO)?;
+    running(&c, "echo")?;
+    let client = running(&c, "client")?["pid"].as_i64().unwrap();
+    let vip = service(&c, "echo")?["vip"].as_str().unwrap().to_string();
+    let names = |c: &Cluster| -> Option<Value> {
+        let _ = c;
+        from_task(client, "import json, socket\nprint(json.dumps(socket.gethostbyname_ex('echo')[2]))")
+    };
+    wait_for(Duration::from_secs(30), "echo resolving from the client", || {
+        (names(&c)? == serde_json::json!([vip])).then_some(())
+    })?;
+    let stop = c.dir.path().join("stop-echo");
+    let mut holder = std::process::Command::new("nsenter")
+        .args(["--target", &client.to_string(), "--net", "--mount", "python3", "-u", "-c", &hold_connection(&stop)])
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let out = holder.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(std::io::BufReader::new(out)).map_while(|l| l.ok()) {
+            let _ = tx.send(line);
+        }
+    });
+    // Waits for `n` more round trips on the held connection; any break fails the test.
+    let round_trips = |n: usize, what: &str| -> Result<()> {
+        for _ in 0..n {
+            let line =
+                rx.recv_timeout(Duration::from_secs(10)).map_err(|_| anyhow::anyhow!("{what}: no round trip"))?;
+            anyhow::ensure!(line.starts_with("ok"), "{what}: the connection broke: {line}");
+        }
+        Ok(())
+    };
+    round_trips(5, "before the faults")?;
+
+    // kill -9 of the leader: a new one is elected; the data plane does not notice.
+    let leader = c.wait_leader(Duration::from_secs(30))?;
+    c.kill9(leader);
+    c.wait_leader(Duration::from_secs(30))?;
+    round_trips(10, "after kill -9 of the leader")?;
+
+    // Every master gone: the agents keep serving DNS and the VIP from what they know.
+    let ids: Vec<u64> = c.masters.keys().copied().collect();
+    for id in ids {
+        c.kill9(id);
+    }
+    round_trips(10, "with every master gone")?;
+    assert_eq!(names(&c), Some(serde_json::json!([vip])), "DNS with every master gone");
+    std::fs::write(&stop, "")?;
+    let status = holder.wait()?;
+    assert!(status.success(), "the held connection ended badly: {status}");
+    Ok(())
+}

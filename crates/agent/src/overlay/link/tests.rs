@@ -142,7 +142,15 @@ async fn tasks_on_two_hosts_talk_over_the_overlay() -> Result<()> {
         s.write_all(&buf)?;
         Ok(from)
     });
-    let mut c = connect_from(&task_a, "198.18.2.2:7000".parse().unwrap()).await?.map_err(ctx("connecting a -> b"))?;
+    // The first packets wait for the underlay's ARP: retry until a deadline, not once.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut c = loop {
+        match connect_from(&task_a, "198.18.2.2:7000".parse().unwrap()).await? {
+            Ok(c) => break c,
+            Err(e) if std::time::Instant::now() > deadline => return Err(ctx("connecting a -> b")(e)),
+            Err(_) => {}
+        }
+    };
     c.write_all(b"hello").map_err(ctx("write"))?;
     let mut back = [0u8; 5];
     c.read_exact(&mut back).map_err(ctx("read"))?;
