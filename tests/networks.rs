@@ -3,7 +3,10 @@
 //! errors for bad, overlapping and exhausted subnets. Real masters and a real agent; every
 //! address comes from 198.18.0.0/15.
 
-use std::{path::Path, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use anyhow::{Result, bail};
 use berth_tests::{Cluster, apply, cluster_with_agents, wait_for};
@@ -526,7 +529,7 @@ while not os.path.exists("{stop}"):
 }
 
 #[test]
-fn connections_and_dns_survive_a_leader_kill_and_losing_every_master() -> Result<()> {
+fn connections_and_dns_survive_a_leader_kill_an_agent_restart_and_losing_every_master() -> Result<()> {
     if !berth_tests::is_root() {
         eprintln!("skipped: test hosts are network namespaces, which need root");
         return Ok(());
@@ -535,7 +538,7 @@ fn connections_and_dns_survive_a_leader_kill_and_losing_every_master() -> Result
     let mut c = Cluster::start_on(3, &hosts.root_addr(), POOLS)?;
     let t = berth_tests::token(&c, &["--uses", "10"])?;
     let dirs: Vec<_> = ["host-a", "host-b"].iter().map(|n| c.dir.path().join(n)).collect();
-    let _agents = [
+    let mut agents = [
         berth_tests::spawn_agent_on(&hosts, 0, &c, &dirs[0], "host-a", &t)?,
         berth_tests::spawn_agent_on(&hosts, 1, &c, &dirs[1], "host-b", &t)?,
     ];
@@ -578,6 +581,27 @@ fn connections_and_dns_survive_a_leader_kill_and_losing_every_master() -> Result
     c.kill9(leader);
     c.wait_leader(Duration::from_secs(30))?;
     round_trips(10, "after kill -9 of the leader")?;
+
+    // Restart both agents (kill -9, then start again): they adopt their links, nftables table
+    // and task namespaces, so the connection through the VIP stays up and DNS answers.
+    for (i, name) in ["host-a", "host-b"].iter().enumerate() {
+        agents[i].kill9();
+        // The dropped handle would kill the agent's tasks too (a test's cleanup): not these.
+        agents[i].dir = PathBuf::new();
+        round_trips(3, &format!("with agent {name} down"))?;
+        agents[i] = berth_tests::spawn_agent_on(&hosts, i, &c, &dirs[i], name, &t)?;
+        wait_for(Duration::from_secs(30), &format!("agent {name} back"), || {
+            let ns = c.berth_json(&["get", "nodes"]).ok()?;
+            let back =
+                ns.as_array()?.iter().any(|n| n["name"] == *name && n["status"] == "ready" && n["connected"] == true);
+            back.then_some(())
+        })?;
+        round_trips(5, &format!("after agent {name} restarted"))?;
+        wait_for(Duration::from_secs(10), "DNS after the agent restart", || {
+            (names(&c)? == serde_json::json!([vip])).then_some(())
+        })?;
+    }
+    assert_eq!(berth_tests::tasks(&c, "client").len(), 1, "the client task was replaced");
 
     // Every master gone: the agents keep serving DNS and the VIP from what they know.
     let ids: Vec<u64> = c.masters.keys().copied().collect();
