@@ -199,7 +199,7 @@ spec:
   task:
     runtime: process
     command: [/bin/sh, -c, "echo $BERTH_TASK_ID > id.txt && exec /usr/bin/python3 -m http.server 8080"]
-    ports: [{name: http, container: 8080}]
+    ports: [{name: http, container: 8080, published: 18080}]
     health: {http: {port: 8080, path: /}, interval: 1s}
   placement:
     constraints: ["node.name != host-a"]
@@ -289,6 +289,19 @@ fn tasks_find_each_other_by_name_across_hosts() -> Result<()> {
             ),
         );
         assert_eq!(v, Some(serde_json::json!(200)), "task address {a}");
+    }
+    // The published port: each web node forwards it into its task's namespace, from outside
+    // the overlay (here, the root namespace).
+    for i in [1, 2] {
+        let addr = format!("{}:18080", hosts.addr(i));
+        let body = wait_for(Duration::from_secs(10), &format!("GET {addr}/id.txt from outside"), || {
+            let mut s = std::net::TcpStream::connect_timeout(&addr.parse().ok()?, Duration::from_secs(1)).ok()?;
+            std::io::Write::write_all(&mut s, b"GET /id.txt HTTP/1.0\r\n\r\n").ok()?;
+            let mut body = String::new();
+            std::io::Read::read_to_string(&mut s, &mut body).ok()?;
+            body.contains(" 200 ").then_some(body)
+        })?;
+        assert!(body.contains("web."), "{body}");
     }
 
     // kill -9 of one web task while the client asks in a loop: once its death has reached host

@@ -162,7 +162,27 @@ impl TaskManager {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        let a = overlay.lock().await.attach(id, &spec.namespace, &spec.networks).await.map_err(|e| e.to_string())?;
+        let host_ports: Vec<crate::overlay::node::HostPort> = spec
+            .task
+            .ports
+            .iter()
+            .filter_map(|p| {
+                Some(crate::overlay::node::HostPort {
+                    protocol: match p.protocol {
+                        berth_types::spec::Protocol::Tcp => "tcp".into(),
+                        berth_types::spec::Protocol::Udp => "udp".into(),
+                    },
+                    published: p.published?,
+                    container: p.container,
+                })
+            })
+            .collect();
+        let a = overlay
+            .lock()
+            .await
+            .attach(id, &spec.namespace, &spec.networks, &host_ports)
+            .await
+            .map_err(|e| e.to_string())?;
         spec.attachment = Some(Attachment {
             netns: a.netns.to_string_lossy().into_owned(),
             resolv_conf: a.resolv_conf,

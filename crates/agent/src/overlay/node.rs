@@ -169,6 +169,19 @@ pub struct OverlayConfig {
 struct Stored {
     view: View,
     leases: Leases,
+    /// Published host ports of the tasks on networks here: task id -> ports.
+    #[serde(default)]
+    host_ports: BTreeMap<String, Vec<HostPort>>,
+}
+
+/// A host port published by a task on networks: connections to it on this node's addresses
+/// are forwarded into the task's namespace.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostPort {
+    /// `tcp` or `udp`.
+    pub protocol: String,
+    pub published: u16,
+    pub container: u16,
 }
 
 /// What a task gets from [`Overlay::attach`].
@@ -333,6 +346,17 @@ impl Overlay {
                 .collect();
             desired.services.insert(key.clone(), ServiceLb { vip, ports, endpoints });
         }
+        // Published host ports of local tasks, to the task's address on its first network.
+        for (task, ports) in &self.stored.host_ports {
+            let Some(addr) = self.stored.leases.by_network.values().find_map(|held| held.get(task)).copied() else {
+                continue;
+            };
+            for p in ports {
+                if let Ok(proto) = p.protocol.parse::<Proto>() {
+                    desired.host_ports.insert((proto, p.published), (addr, p.container));
+                }
+            }
+        }
         if let Some(mut nft) = self.nft.take() {
             let (nft, changed) = tokio::task::spawn_blocking(move || {
                 let r = nft.apply(&desired);
@@ -406,7 +430,13 @@ impl Overlay {
 
     /// Gives a task its namespace, an address on each of its networks and a resolv.conf.
     /// Idempotent: a task that has them keeps them. `networks` are names in `namespace`.
-    pub async fn attach(&mut self, task: &str, namespace: &str, networks: &[String]) -> Result<Attached> {
+    pub async fn attach(
+        &mut self,
+        task: &str,
+        namespace: &str,
+        networks: &[String],
+        host_ports: &[HostPort],
+    ) -> Result<Attached> {
         let netns = link::netns_dir(&self.cfg.dir).join(task);
         link::create_netns(&netns).map_err(|e| OverlayError::Other(format!("creating {}: {e}", netns.display())))?;
         let mut addresses = BTreeMap::new();
@@ -450,6 +480,11 @@ impl Overlay {
         }
         let resolv_conf = dns::resolv_conf(nameserver.unwrap_or(Ipv4Addr::LOCALHOST), namespace, &self.cfg.domain);
         info!(task, ?addresses, "task attached to its networks");
+        if !host_ports.is_empty() && self.stored.host_ports.get(task).map(Vec::as_slice) != Some(host_ports) {
+            self.stored.host_ports.insert(task.to_string(), host_ports.to_vec());
+            self.save()?;
+            self.reconcile().await?;
+        }
         Ok(Attached { netns, addresses, resolv_conf })
     }
 
@@ -457,8 +492,13 @@ impl Overlay {
     pub async fn detach(&mut self, task: &str) -> Result<()> {
         let netns = link::netns_dir(&self.cfg.dir).join(task);
         link::delete_netns(&netns).map_err(|e| OverlayError::Other(format!("removing {}: {e}", netns.display())))?;
+        let had_ports = self.stored.host_ports.remove(task).is_some();
         self.stored.leases.release(task);
-        self.save()
+        self.save()?;
+        if had_ports {
+            self.reconcile().await?;
+        }
+        Ok(())
     }
 
     /// The namespace file of a task attached here.
