@@ -471,6 +471,23 @@ async fn a_stop_returns_at_once_and_finishes_in_the_background() {
     assert!(asked.elapsed() >= Duration::from_secs(5), "the task ignores SIGTERM, so it ended only at the grace");
 }
 
+async fn wait_states(
+    want: &[(&str, berth_api::pb::agent::TaskState)],
+    statuses: &mut berth_agent::driver::StatusStream,
+) {
+    let mut left: Vec<(String, i32)> = want.iter().map(|(id, s)| (id.to_string(), *s as i32)).collect();
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(s) = statuses.recv().await {
+            left.retain(|(id, state)| !(s.task_id == *id && s.state == *state));
+            if left.is_empty() {
+                return;
+            }
+        }
+    })
+    .await
+    .expect("the statuses never came")
+}
+
 async fn wait_state(id: &str, want: berth_api::pb::agent::TaskState, statuses: &mut berth_agent::driver::StatusStream) {
     let want = want as i32;
     tokio::time::timeout(Duration::from_secs(30), async {
@@ -619,8 +636,9 @@ async fn reconcile_converges_on_the_desired_set() {
 
     // Not confirmed (an agent start from its stored state): the stray one is left alone.
     mgr.reconcile(&desired, &none, false).await;
-    wait_state(&wanted, TaskState::Running, &mut statuses).await;
-    wait_state(&stopping, TaskState::Shutdown, &mut statuses).await;
+    // Both, in whichever order they come (one wait after the other would drop the second's
+    // status if it came first).
+    wait_states(&[(&wanted, TaskState::Running), (&stopping, TaskState::Shutdown)], &mut statuses).await;
     assert!(running(stray_pid), "an unconfirmed set must not remove anything");
 
     // Confirmed by the leader: the stray task is stopped and its files removed.
