@@ -92,24 +92,9 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    /// Starts `n` masters (ids 1..=n) as a new cluster and waits for a leader.
+    /// Starts `n` masters (ids 1..=n) as a new cluster on loopback and waits for a leader.
     pub fn start(n: u64, extra_args: &[&str]) -> Result<Self> {
-        let dir = tempfile::Builder::new().prefix("berth-test-").tempdir()?;
-        pki_init(&dir.path().join("pki"))?;
-        let mut c =
-            Cluster { dir, masters: BTreeMap::new(), extra_args: extra_args.iter().map(|s| s.to_string()).collect() };
-        for id in 1..=n {
-            let endpoint = format!("127.0.0.1:{}", free_port());
-            let data_dir = c.dir.path().join(format!("master-{id}"));
-            c.masters.insert(id, MasterProc { id, endpoint, data_dir, child: None });
-        }
-        let initial = c.initial_cluster();
-        let pki = c.pki_dir().display().to_string();
-        for id in 1..=n {
-            c.spawn(id, &["--id", &id.to_string(), "--initial-cluster", &initial, "--pki-dir", &pki])?;
-        }
-        c.wait_leader(Duration::from_secs(30))?;
-        Ok(c)
+        Cluster::start_on(n, "127.0.0.1", extra_args)
     }
 
     /// The output of `berth pki init` for this cluster: CA and admin credentials.
@@ -471,8 +456,8 @@ impl Drop for Hosts {
 }
 
 impl Cluster {
-    /// Like [`Cluster::start`], with the masters listening on `addr` instead of loopback (the
-    /// root namespace's address on test hosts' bridge).
+    /// Starts `n` masters (ids 1..=n) listening on `addr` (loopback, or the root namespace's
+    /// address on test hosts' switch) as a new cluster and waits for a leader.
     pub fn start_on(n: u64, addr: &str, extra_args: &[&str]) -> Result<Self> {
         let dir = tempfile::Builder::new().prefix("berth-test-").tempdir()?;
         pki_init(&dir.path().join("pki"))?;
