@@ -188,15 +188,24 @@ pub(crate) async fn index(ctx: Arc<Ctx>, leading: CancellationToken) {
     }
 }
 
+/// The read barrier at the start of a term, shared by the leader's indexes: `Ok(false)` when
+/// leadership ended first.
+pub(crate) async fn term_barrier(ctx: &Ctx, leading: &CancellationToken) -> Result<bool, String> {
+    tokio::select! {
+        r = ctx.raft.ensure_linearizable(openraft::ReadPolicy::ReadIndex) => {
+            r.map_err(|e| format!("the read barrier at the start of this term failed: {e}"))?;
+            Ok(true)
+        }
+        _ = leading.cancelled() => Ok(false),
+    }
+}
+
 async fn index_once(ctx: &Ctx, leading: &CancellationToken) -> Result<(), String> {
     // Read barrier first: a new leader's applied state may lag what an earlier leader committed,
     // and a COMPLETE set built from it could lack tasks, which the agent would then stop and
     // remove. Once this returns, everything committed before this term began is applied here.
-    tokio::select! {
-        r = ctx.raft.ensure_linearizable(openraft::ReadPolicy::ReadIndex) => {
-            r.map_err(|e| format!("the read barrier at the start of this term failed: {e}"))?;
-        }
-        _ = leading.cancelled() => return Ok(()),
+    if !term_barrier(ctx, leading).await? {
+        return Ok(());
     }
     let q = RangeQuery {
         key: TASKS_PREFIX.as_bytes().to_vec(),

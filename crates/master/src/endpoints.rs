@@ -820,11 +820,8 @@ pub(crate) async fn index(ctx: Arc<Ctx>, leading: CancellationToken) {
 async fn index_once(ctx: &Ctx, leading: &CancellationToken) -> Result<(), String> {
     // Read barrier first, as for the assignment index: a COMPLETE view from a state that lags
     // what an earlier leader committed could lack networks or endpoints.
-    tokio::select! {
-        r = ctx.raft.ensure_linearizable(openraft::ReadPolicy::ReadIndex) => {
-            r.map_err(|e| format!("the read barrier at the start of this term failed: {e}"))?;
-        }
-        _ = leading.cancelled() => return Ok(()),
+    if !crate::assign::term_barrier(ctx, leading).await? {
+        return Ok(());
     }
     let prefix = b"/berth/".to_vec();
     let q = RangeQuery { key: prefix.clone(), range_end: prefix_end(&prefix), ..Default::default() };
