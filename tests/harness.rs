@@ -275,6 +275,7 @@ impl AgentProc {
 
     /// Kills every task process this agent's process runtime started.
     pub fn kill_tasks(&self) {
+        self.remove_containers();
         let Ok(dirs) = std::fs::read_dir(self.dir.join("tasks")) else { return };
         for d in dirs.flatten() {
             let Ok(text) = std::fs::read_to_string(d.path().join("state.json")) else { continue };
@@ -285,6 +286,23 @@ impl AgentProc {
                     signal(target, "KILL");
                 }
             }
+        }
+    }
+
+    /// Removes the docker containers this agent made (labelled with its data directory as
+    /// owner), when there are any and docker is installed.
+    pub fn remove_containers(&self) {
+        let Ok(owner) = std::path::absolute(&self.dir) else { return };
+        let Ok(out) = Command::new("docker")
+            .args(["ps", "-aq", "--filter", &format!("label=berth.owner={}", owner.display())])
+            .stderr(Stdio::null())
+            .output()
+        else {
+            return;
+        };
+        let ids: Vec<String> = String::from_utf8_lossy(&out.stdout).split_whitespace().map(str::to_string).collect();
+        if !ids.is_empty() {
+            let _ = Command::new("docker").args(["rm", "-f"]).args(&ids).stdout(Stdio::null()).status();
         }
     }
 }
@@ -504,4 +522,23 @@ pub fn is_root() -> bool {
         .ok()
         .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(2) == Some("0")))
         .unwrap_or(false)
+}
+
+/// Builds the docker runtime's test image (`berth-test/busybox:1`, see `deploy/test-image.sh`)
+/// once per test process.
+pub fn docker_test_image() -> Result<&'static str> {
+    static BUILT: std::sync::OnceLock<std::result::Result<(), String>> = std::sync::OnceLock::new();
+    let built = BUILT.get_or_init(|| {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/test-image.sh");
+        let out = Command::new("bash").arg(&script).output().map_err(|e| format!("{}: {e}", script.display()))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!("{} failed ({}): {}", script.display(), out.status, String::from_utf8_lossy(&out.stderr)))
+        }
+    });
+    match built {
+        Ok(()) => Ok("berth-test/busybox:1"),
+        Err(e) => bail!("the test image could not be built: {e}"),
+    }
 }

@@ -628,3 +628,111 @@ fn connections_and_dns_survive_a_leader_kill_an_agent_restart_and_losing_every_m
     assert!(status.success(), "the held connection ended badly: {status}");
     Ok(())
 }
+
+const CONTAINER_AND_PROCESS: &str = r#"
+kind: Service
+metadata: {name: dweb}
+spec:
+  replicas: 1
+  task:
+    runtime: docker
+    image: berth-test/busybox:1
+    command: [/bin/busybox, httpd, -f, -p, "8080", -h, /www]
+    ports: [{name: http, container: 8080, published: 18081}]
+    health: {tcp: {port: 8080}, interval: 1s}
+  placement: {constraints: ["node.name == host-b"]}
+---
+kind: Service
+metadata: {name: pweb}
+spec:
+  replicas: 1
+  task:
+    runtime: process
+    command: [/bin/sh, -c, "echo process task > index.html && exec /usr/bin/python3 -m http.server 8080"]
+    ports: [{name: http, container: 8080}]
+  placement: {constraints: ["node.name == host-a"]}
+"#;
+
+#[test]
+fn a_container_and_a_process_task_reach_each_other_by_name() -> Result<()> {
+    if !berth_tests::is_root() {
+        eprintln!("skipped: test hosts are network namespaces, which need root");
+        return Ok(());
+    }
+    berth_tests::docker_test_image()?;
+    let hosts = berth_tests::Hosts::new(2)?;
+    let c = Cluster::start_on(3, &hosts.root_addr(), POOLS)?;
+    let t = berth_tests::token(&c, &["--uses", "10"])?;
+    let _agents = ["host-a", "host-b"]
+        .iter()
+        .enumerate()
+        .map(|(i, name)| berth_tests::spawn_agent_on(&hosts, i, &c, &c.dir.path().join(name), name, &t))
+        .collect::<Result<Vec<_>>>()?;
+    apply(&c, c.dir.path(), "mixed", CONTAINER_AND_PROCESS)?;
+    let dweb = wait_for(Duration::from_secs(90), "the container running, healthy, with an address", || {
+        berth_tests::tasks(&c, "dweb").into_iter().find(|t| {
+            t["state"] == "running" && t["health"] == "healthy" && t["addresses"]["default"].as_str().is_some()
+        })
+    })
+    .inspect_err(|_| {
+        eprintln!("tasks: {:#}", c.berth_json(&["get", "tasks", "-a"]).unwrap_or_default());
+    })?;
+    let pweb = running(&c, "pweb")?;
+    let pid = pweb["pid"].as_i64().unwrap();
+    // The process task (host A) reaches the container (host B) by name, through its VIP, and
+    // by its task address.
+    let body = wait_for(Duration::from_secs(30), "pweb reaching dweb by name", || {
+        let script = "import json, urllib.request\nprint(json.dumps(urllib.request.urlopen('http://dweb:8080/', \
+                      timeout=2).read().decode()))";
+        from_task(pid, script).and_then(|v| v.as_str().map(str::to_string))
+    })?;
+    assert!(body.contains("berth test image"), "{body}");
+    let daddr = dweb["addresses"]["default"].as_str().unwrap();
+    assert_eq!(get_from(pid, &format!("http://{daddr}:8080/")), "200");
+    // The container reaches the process task by name (Docker wrote its resolv.conf from the
+    // node's DNS), with busybox's resolver and nc (its static wget crashes in this image).
+    let container = format!("berth-{}", dweb["id"].as_str().unwrap());
+    let last = std::cell::RefCell::new(String::new());
+    let from_container = wait_for(Duration::from_secs(30), "dweb reaching pweb by name", || {
+        let out = std::process::Command::new("docker")
+            .args([
+                "exec",
+                &container,
+                "/bin/busybox",
+                "sh",
+                "-c",
+                "printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 2 pweb 8080",
+            ])
+            .output()
+            .ok()?;
+        *last.borrow_mut() = String::from_utf8_lossy(&out.stderr).into_owned();
+        out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    })
+    .inspect_err(|_| {
+        let sh = |cmd: &str| {
+            std::process::Command::new("docker")
+                .args(["exec", &container, "/bin/busybox", "sh", "-c", cmd])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr))
+                .unwrap_or_default()
+        };
+        eprintln!(
+            "last nc: {}\nresolv.conf: {}\naddresses: {}\nlookup: {}",
+            last.borrow(),
+            sh("cat /etc/resolv.conf"),
+            sh("ip addr; ip route"),
+            sh("nslookup pweb")
+        );
+    })?;
+    assert!(from_container.contains("process task"), "{from_container}");
+    // Its published port is forwarded into its namespace by the agent, from outside the overlay.
+    let addr = format!("{}:18081", hosts.addr(1));
+    wait_for(Duration::from_secs(10), &format!("GET {addr} from outside"), || {
+        let mut s = std::net::TcpStream::connect_timeout(&addr.parse().ok()?, Duration::from_secs(1)).ok()?;
+        std::io::Write::write_all(&mut s, b"GET / HTTP/1.0\r\n\r\n").ok()?;
+        let mut body = String::new();
+        std::io::Read::read_to_string(&mut s, &mut body).ok()?;
+        body.contains("berth test image").then_some(())
+    })?;
+    Ok(())
+}

@@ -607,6 +607,14 @@ fn create_body(task_id: &str, spec: &RunSpec, image: &str) -> ContainerCreateBod
                 .push(PortBinding { host_ip: None, host_port: Some(host.to_string()) });
         }
     }
+    // A task on networks starts in a namespace of its own with only loopback; the agent plugs it
+    // into its networks once it runs, and forwards its published ports itself. Docker writes
+    // its resolv.conf from these options (the node's DNS).
+    let network_mode = spec.attachment.as_ref().map(|_| "none".to_string());
+    let dns = spec.attachment.as_ref().map(|a| resolver_options(&a.resolv_conf));
+    if network_mode.is_some() {
+        bindings.clear();
+    }
     let limits = task.resources.limits.as_ref();
     let nano_cpus =
         limits.and_then(|l| l.cpu).map(|c| i64::try_from(c.millis().saturating_mul(1_000_000)).unwrap_or(i64::MAX));
@@ -629,10 +637,36 @@ fn create_body(task_id: &str, spec: &RunSpec, image: &str) -> ContainerCreateBod
             port_bindings: (!bindings.is_empty()).then_some(bindings),
             restart_policy: Some(RestartPolicy { name: Some(RestartPolicyNameEnum::NO), maximum_retry_count: None }),
             init: Some(true),
+            network_mode,
+            dns: dns.as_ref().map(|d| d.nameservers.clone()),
+            dns_search: dns.as_ref().map(|d| d.search.clone()),
+            dns_options: dns.as_ref().map(|d| d.options.clone()),
             ..Default::default()
         }),
         ..Default::default()
     }
+}
+
+/// A resolv.conf's settings, as Docker's `--dns`, `--dns-search` and `--dns-option`.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct ResolverOptions {
+    nameservers: Vec<String>,
+    search: Vec<String>,
+    options: Vec<String>,
+}
+
+fn resolver_options(resolv_conf: &str) -> ResolverOptions {
+    let mut out = ResolverOptions::default();
+    for line in resolv_conf.lines() {
+        let mut words = line.split_whitespace();
+        match words.next() {
+            Some("nameserver") => out.nameservers.extend(words.map(str::to_string)),
+            Some("search") => out.search.extend(words.map(str::to_string)),
+            Some("options") => out.options.extend(words.map(str::to_string)),
+            _ => {}
+        }
+    }
+    out
 }
 
 fn force_remove() -> bollard::query_parameters::RemoveContainerOptions {
@@ -792,6 +826,16 @@ fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn resolver_options_from_the_generated_resolv_conf() {
+        let text = crate::overlay::dns::resolv_conf(Ipv4Addr::new(198, 18, 0, 1), "shop", "berth.internal");
+        let o = resolver_options(&text);
+        assert_eq!(o.nameservers, ["198.18.0.1"]);
+        assert_eq!(o.search, ["shop.svc.berth.internal", "svc.berth.internal", "berth.internal"]);
+        assert_eq!(o.options.len(), 1);
+        assert!(o.options[0].starts_with("ndots:"), "{:?}", o.options);
+    }
 
     #[test]
     fn rfc3339_timestamps() {

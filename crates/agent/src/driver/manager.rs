@@ -127,19 +127,21 @@ impl TaskManager {
 
     /// Puts a task on its networks: its namespace, addresses and resolv.conf, recorded in the
     /// spec for the runtime.
+    ///
+    /// A container's namespace is Docker's, made when the container starts: here it only gets its
+    /// resolv.conf (Docker writes it from the DNS options) and [`Self::plug`] plugs the namespace
+    /// once the container runs, as a CNI plugin would.
     async fn attach(&self, id: &str, spec: &mut RunSpec) -> Result<(), String> {
         if spec.networks.is_empty() {
             return Ok(());
         }
         let Some(overlay) = self.inner.overlay.get() else {
             return Err(format!(
-                "the task joins networks ({}) but this agent cannot attach tasks to networks: run it as root with                  --advertise-addr set to this host's IPv4 address on the network between the hosts",
+                "the task joins networks ({}) but this agent cannot attach tasks to networks: run it as root with \
+                 --advertise-addr set to this host's IPv4 address on the network between the hosts",
                 spec.networks.join(", ")
             ));
         };
-        if spec.task.runtime == RuntimeKind::Docker {
-            return Err("docker tasks cannot join networks yet; use runtime `process` for tasks on networks".into());
-        }
         // The assignment and the network view that comes with it travel separately: wait a
         // while for the view (the leader sends a node the networks of the tasks it assigns).
         let keys: Vec<String> = spec.networks.iter().map(|n| format!("{}/{n}", spec.namespace)).collect();
@@ -162,25 +164,19 @@ impl TaskManager {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        let host_ports: Vec<crate::overlay::node::HostPort> = spec
-            .task
-            .ports
-            .iter()
-            .filter_map(|p| {
-                Some(crate::overlay::node::HostPort {
-                    protocol: match p.protocol {
-                        berth_types::spec::Protocol::Tcp => "tcp".into(),
-                        berth_types::spec::Protocol::Udp => "udp".into(),
-                    },
-                    published: p.published?,
-                    container: p.container,
-                })
-            })
-            .collect();
+        if spec.task.runtime == RuntimeKind::Docker {
+            let resolv_conf = overlay
+                .lock()
+                .await
+                .resolv_conf_for(&spec.namespace, &spec.networks)
+                .ok_or_else(|| format!("network {} has no address block on this node", keys[0]))?;
+            spec.attachment = Some(Attachment { netns: String::new(), resolv_conf, addresses: Default::default() });
+            return Ok(());
+        }
         let a = overlay
             .lock()
             .await
-            .attach(id, &spec.namespace, &spec.networks, &host_ports)
+            .attach(id, &spec.namespace, &spec.networks, &host_ports_of(spec), None)
             .await
             .map_err(|e| e.to_string())?;
         spec.attachment = Some(Attachment {
@@ -188,6 +184,23 @@ impl TaskManager {
             resolv_conf: a.resolv_conf,
             addresses: a.addresses.iter().map(|(k, v)| (k.clone(), v.to_string())).collect(),
         });
+        Ok(())
+    }
+
+    /// Plugs a started container's namespace (that of its process `pid`) into its networks.
+    async fn plug(&self, id: &str, spec: &mut RunSpec, pid: u32) -> Result<(), String> {
+        let overlay = self.inner.overlay.get().ok_or("this agent has no overlay")?;
+        let source = PathBuf::from(format!("/proc/{pid}/ns/net"));
+        let a = overlay
+            .lock()
+            .await
+            .attach(id, &spec.namespace, &spec.networks, &host_ports_of(spec), Some(&source))
+            .await
+            .map_err(|e| format!("plugging the container into its networks: {e}"))?;
+        if let Some(at) = spec.attachment.as_mut() {
+            at.netns = a.netns.to_string_lossy().into_owned();
+            at.addresses = a.addresses.iter().map(|(k, v)| (k.clone(), v.to_string())).collect();
+        }
         Ok(())
     }
 
@@ -410,7 +423,7 @@ impl TaskManager {
             self.inner.sink.report(self.status(&id, TaskState::Failed, e));
             return;
         }
-        let addresses: HashMap<String, String> =
+        let mut addresses: HashMap<String, String> =
             spec.attachment.as_ref().map(|a| a.addresses.clone().into_iter().collect()).unwrap_or_default();
         let mut ports = HashMap::new();
         // A task on networks listens in its own namespace on its container ports; a host-network
@@ -448,6 +461,19 @@ impl TaskManager {
             self.inner.tasks.lock().expect("tasks lock").remove(&id);
             self.inner.sink.report(self.status(&id, TaskState::Failed, format!("could not start: {e}")));
             return;
+        }
+        if kind == RuntimeKind::Docker && spec.attachment.is_some() {
+            // A container that has already ended has nothing to plug: the loop below reports it.
+            if let Ok(Observed::Running { pid: Some(pid), .. }) = self.call(kind, |rt| rt.inspect(&id)).await {
+                if let Err(e) = self.plug(&id, &mut spec, pid).await {
+                    let _ = self.call(kind, |rt| rt.stop(&id, spec.task.stop_grace_period)).await;
+                    self.inner.tasks.lock().expect("tasks lock").remove(&id);
+                    self.inner.sink.report(self.status(&id, TaskState::Failed, e));
+                    return;
+                }
+                addresses =
+                    spec.attachment.as_ref().map(|a| a.addresses.clone().into_iter().collect()).unwrap_or_default();
+            }
         }
         if cancel.is_cancelled() {
             // Stopped while it was starting: `stop` found nothing to stop, so stop it here.
@@ -706,4 +732,22 @@ impl LogSource for TaskManager {
             Err(last)
         })
     }
+}
+
+/// The published ports of a task on networks, which the overlay forwards into its namespace.
+fn host_ports_of(spec: &RunSpec) -> Vec<crate::overlay::node::HostPort> {
+    spec.task
+        .ports
+        .iter()
+        .filter_map(|p| {
+            Some(crate::overlay::node::HostPort {
+                protocol: match p.protocol {
+                    berth_types::spec::Protocol::Tcp => "tcp".into(),
+                    berth_types::spec::Protocol::Udp => "udp".into(),
+                },
+                published: p.published?,
+                container: p.container,
+            })
+        })
+        .collect()
 }

@@ -543,6 +543,31 @@ pub fn create_netns(path: &Path) -> std::io::Result<()> {
         })
 }
 
+/// Keeps the network namespace at `source` (another process's, as `/proc/PID/ns/net`) at `path`
+/// too, by a bind mount, as CNI plugins are handed a container's namespace: the agent then plugs
+/// it like one of its own. A `path` already holding that namespace is kept; one holding another
+/// (a previous container's) is replaced.
+pub fn adopt_netns(path: &Path, source: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let wanted = std::fs::metadata(source)?;
+    if is_netns(path) {
+        let held = std::fs::metadata(path)?;
+        if (held.dev(), held.ino()) == (wanted.dev(), wanted.ino()) {
+            return Ok(());
+        }
+        nix::mount::umount2(path, nix::mount::MntFlags::MNT_DETACH).map_err(std::io::Error::from)?;
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::File::create(path)?;
+    nix::mount::mount(Some(source), path, None::<&str>, nix::mount::MsFlags::MS_BIND, None::<&str>)
+        .map_err(std::io::Error::from)
+        .inspect_err(|_| {
+            let _ = std::fs::remove_file(path);
+        })
+}
+
 /// Whether `path` is a mounted network namespace file.
 pub fn is_netns(path: &Path) -> bool {
     // A bind-mounted nsfs file lives on the nsfs filesystem (magic 0x6e736673).

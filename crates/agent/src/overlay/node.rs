@@ -428,17 +428,35 @@ impl Overlay {
         self.stored.view.networks.get(key).is_some_and(|n| n.block.is_some())
     }
 
+    /// The resolv.conf of a task on `networks` (names in `namespace`): this node's DNS on the
+    /// gateway of the first of them. `None` while the leader has not sent that network with a
+    /// block for this node.
+    pub fn resolv_conf_for(&self, namespace: &str, networks: &[String]) -> Option<String> {
+        let first = self.stored.view.networks.get(&format!("{namespace}/{}", networks.first()?))?;
+        let gateway = self.network_links(first)?.gateway();
+        Some(dns::resolv_conf(gateway, namespace, &self.cfg.domain))
+    }
+
     /// Gives a task its namespace, an address on each of its networks and a resolv.conf.
     /// Idempotent: a task that has them keeps them. `networks` are names in `namespace`.
+    ///
+    /// The namespace is a new one of the agent's (process tasks, which start inside it), or,
+    /// with `source`, the one at that path (a container's `/proc/PID/ns/net`: the agent plugs
+    /// the namespace the container runtime made, as CNI does).
     pub async fn attach(
         &mut self,
         task: &str,
         namespace: &str,
         networks: &[String],
         host_ports: &[HostPort],
+        source: Option<&Path>,
     ) -> Result<Attached> {
         let netns = link::netns_dir(&self.cfg.dir).join(task);
-        link::create_netns(&netns).map_err(|e| OverlayError::Other(format!("creating {}: {e}", netns.display())))?;
+        match source {
+            None => link::create_netns(&netns),
+            Some(source) => link::adopt_netns(&netns, source),
+        }
+        .map_err(|e| OverlayError::Other(format!("creating {}: {e}", netns.display())))?;
         let mut addresses = BTreeMap::new();
         let mut nameserver = None;
         // The default route goes through the first network with egress, else the first one

@@ -205,7 +205,7 @@ fn two_hosts_resolve_and_reach_a_service_through_its_vip() {
         rt.block_on(async move {
             let mut o = Overlay::start(cfg_b).await.unwrap();
             o.update(&up_b).await.unwrap().unwrap();
-            let at = o.attach("web.1.a", "default", &["backend".to_string()], &[]).await.unwrap();
+            let at = o.attach("web.1.a", "default", &["backend".to_string()], &[], None).await.unwrap();
             assert_eq!(at.addresses["backend"], "198.18.2.2".parse::<Ipv4Addr>().unwrap());
             ready_b_tx.send(at.netns.clone()).unwrap();
             tokio::task::spawn_blocking(move || stop_b_rx.recv()).await.unwrap().ok();
@@ -233,7 +233,7 @@ fn two_hosts_resolve_and_reach_a_service_through_its_vip() {
         rt.block_on(async move {
             let mut o = Overlay::start(cfg_a).await.unwrap();
             o.update(&up_a).await.unwrap().unwrap();
-            let at = o.attach("client.1.a", "default", &["backend".to_string()], &[]).await.unwrap();
+            let at = o.attach("client.1.a", "default", &["backend".to_string()], &[], None).await.unwrap();
             assert!(at.resolv_conf.contains("nameserver 198.18.1.1"), "{}", at.resolv_conf);
             ready_a_tx.send(at.netns.clone()).unwrap();
             tokio::task::spawn_blocking(move || stop_a_rx.recv()).await.unwrap().ok();
