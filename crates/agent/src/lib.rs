@@ -69,6 +69,9 @@ pub struct AgentConfig {
     pub advertise_addr: Option<IpAddr>,
     /// Run this many simulated agents (each its own node) in this process.
     pub simulate: Option<usize>,
+    /// The DNS domain under which tasks find services (`web.NS.svc.<domain>`); default
+    /// `berth.internal`.
+    pub cluster_domain: Option<String>,
 }
 
 impl std::fmt::Debug for AgentConfig {
@@ -81,6 +84,7 @@ impl std::fmt::Debug for AgentConfig {
             .field("labels", &self.labels)
             .field("advertise_addr", &self.advertise_addr)
             .field("simulate", &self.simulate)
+            .field("cluster_domain", &self.cluster_domain)
             .finish()
     }
 }
@@ -166,7 +170,7 @@ async fn start_overlay(cfg: &AgentConfig) -> Option<driver::manager::SharedOverl
     let config = overlay::node::OverlayConfig {
         dir: cfg.data_dir.join("overlay"),
         underlay,
-        domain: "berth.internal".into(),
+        domain: cfg.cluster_domain.clone().unwrap_or_else(|| overlay::dns::DEFAULT_DOMAIN.into()),
         dns_port: 53,
         nft_table: "berth".into(),
     };

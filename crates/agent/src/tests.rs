@@ -318,6 +318,7 @@ fn config(master: &TestMaster, token: Option<String>, dir: &Path) -> AgentConfig
         labels: BTreeMap::from([("zone".to_string(), "a".to_string())]),
         advertise_addr: Some("127.0.0.1".parse().unwrap()),
         simulate: None,
+        cluster_domain: None,
     }
 }
 

@@ -12,6 +12,7 @@ mod cmd_pki;
 mod cmd_services;
 mod config;
 mod dev;
+mod dev_hosts;
 mod output;
 mod progress;
 mod wait;
@@ -143,6 +144,14 @@ struct AgentArgs {
     /// connection and heartbeats, with a driver that only pretends to run tasks.
     #[arg(long)]
     simulate: Option<usize>,
+    /// The DNS domain under which tasks find services: `NAME.NAMESPACE.svc.<domain>`.
+    #[arg(long, default_value = "berth.internal", value_parser = parse_cluster_domain)]
+    cluster_domain: String,
+}
+
+fn parse_cluster_domain(s: &str) -> std::result::Result<String, String> {
+    berth_agent::overlay::dns::normalize_domain(s)
+        .map_err(|_| format!("{s:?} is not a DNS domain: give dot-separated labels of letters, digits and `-`"))
 }
 
 #[derive(Args, Debug)]
@@ -265,6 +274,7 @@ async fn run_agent(a: AgentArgs) -> Result<()> {
         labels: a.labels.into_iter().collect(),
         advertise_addr: a.advertise_addr,
         simulate: a.simulate,
+        cluster_domain: Some(a.cluster_domain),
     };
     berth_agent::run(cfg, shutdown_on_signals()).await?;
     Ok(())

@@ -314,7 +314,7 @@ fn dns_label(name: &str) -> Option<String> {
 
 /// The cluster domain, normalized (lower case, no trailing dot), or an error if it is not a
 /// sequence of DNS labels.
-fn normalize_domain(domain: &str) -> io::Result<String> {
+pub fn normalize_domain(domain: &str) -> io::Result<String> {
     let domain = domain.trim().trim_end_matches('.').to_ascii_lowercase();
     let valid = !domain.is_empty() && domain.split('.').all(|label| dns_label(label).is_some());
     if valid && Name::from_ascii(format!("{domain}.")).is_ok() {
