@@ -39,7 +39,9 @@ EOF
 }
 trap cleanup EXIT
 
-"$bin" dev --data-dir "$dir" --base-port "$base" --agents 2 >"$dir/dev.log" 2>&1 &
+# Host-network agents (as root, newer builds would otherwise give each agent a host of its own).
+nohosts=$("$bin" dev --help 2>/dev/null | grep -q -- --no-hosts && echo --no-hosts || true)
+"$bin" dev --data-dir "$dir" --base-port "$base" --agents 2 $nohosts >"$dir/dev.log" 2>&1 &
 dev_pid=$!
 berth() { "$bin" --config "$dir/berth.toml" "$@"; }
 for _ in $(seq 1 600); do

@@ -68,7 +68,8 @@ done
 
 # berth: 3 masters via berth dev.
 base=$(free_port)
-"$berth" dev --data-dir "$work/berth" --base-port "$base" --agents 0 > "$work/berth-dev.log" 2>&1 &
+nohosts=$("$berth" dev --help 2>/dev/null | grep -q -- --no-hosts && echo --no-hosts || true)
+"$berth" dev --data-dir "$work/berth" --base-port "$base" --agents 0 $nohosts > "$work/berth-dev.log" 2>&1 &
 pids+=($!)
 for _ in $(seq 1 300); do [ -f "$work/berth/berth.toml" ] && break; sleep 0.2; done
 # berth's credentials come from the berth.toml that `berth dev` wrote.

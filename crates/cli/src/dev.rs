@@ -37,6 +37,15 @@ pub struct DevArgs {
     /// Extra flags for every master (e.g. --node-down-grace 3s).
     #[arg(long = "master-arg", allow_hyphen_values = true)]
     master_args: Vec<String>,
+    /// Run every agent on the machine's own network, without networks, even as root. (As root,
+    /// a new cluster's agents otherwise each get a host of their own: a network namespace with
+    /// an underlay address, and the masters get address pools, so tasks get networks.)
+    #[arg(long)]
+    no_hosts: bool,
+    /// Delete the hosts (network namespaces) that `berth dev` made for its agents, and exit.
+    /// Stop the cluster first; tasks still running on those hosts lose their network.
+    #[arg(long)]
+    remove_hosts: bool,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -45,6 +54,9 @@ pub struct ClusterFile {
     pub masters: Vec<MasterEntry>,
     #[serde(default)]
     pub agents: Vec<AgentEntry>,
+    /// Whether each agent runs in a host (network namespace) of its own.
+    #[serde(default)]
+    pub hosts: bool,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -52,6 +64,9 @@ pub struct AgentEntry {
     pub name: String,
     pub pid: u32,
     pub data_dir: PathBuf,
+    /// Its host's underlay address, when it runs in a host of its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -81,6 +96,11 @@ pub(crate) fn spawn_master(exe: &Path, args: &[String], log: &Path) -> Result<Ch
 }
 
 pub async fn run(a: DevArgs, _g: &Global) -> Result<()> {
+    if a.remove_hosts {
+        let n = crate::dev_hosts::remove()?;
+        println!("berth dev: removed {n} hosts and their switch");
+        return Ok(());
+    }
     if a.masters == 0 || a.masters.is_multiple_of(2) {
         bail!("--masters must be odd (1, 3, 5, ...) so that a majority is well defined; got {}", a.masters);
     }
@@ -94,6 +114,27 @@ pub async fn run(a: DevArgs, _g: &Global) -> Result<()> {
         Ok(t) => Some(serde_json::from_str(&t).with_context(|| format!("{} is not valid", cluster_json.display()))?),
         Err(_) => None,
     };
+    // Hosts for the agents: as root, for a new cluster (unless --no-hosts); a resumed cluster
+    // keeps what it was made with.
+    let hosts = match &previous {
+        Some(p) => p.hosts,
+        None if a.no_hosts => false,
+        None => match crate::dev_hosts::available() {
+            Ok(()) => true,
+            Err(why) => {
+                eprintln!(
+                    "berth dev: {why}, so the agents share this machine's network and the cluster has no networks \
+                     (tasks use their host's network); run it as root for agents on hosts of their own with networks"
+                );
+                false
+            }
+        },
+    };
+    let agent_count = previous.as_ref().filter(|p| !p.agents.is_empty()).map_or(a.agents, |p| p.agents.len());
+    if hosts {
+        crate::dev_hosts::ensure(agent_count).context("building the agents' hosts (network namespaces)")?;
+    }
+    let master_addr = if hosts { crate::dev_hosts::root_addr() } else { "127.0.0.1".to_string() };
     let plan: BTreeMap<u64, (String, PathBuf)> = match &previous {
         Some(p) => {
             if a.masters != p.masters.len() as u64 {
@@ -115,7 +156,7 @@ pub async fn run(a: DevArgs, _g: &Global) -> Result<()> {
                         a.masters
                     ));
                 }
-                Ok((id, (format!("127.0.0.1:{port}"), dir.join(format!("master-{id}")))))
+                Ok((id, (format!("{master_addr}:{port}"), dir.join(format!("master-{id}")))))
             })
             .collect::<Result<_>>()?,
     };
@@ -157,6 +198,15 @@ pub async fn run(a: DevArgs, _g: &Global) -> Result<()> {
                 "--pki-dir".into(),
                 pki.display().to_string(),
             ]);
+            // Networks: the pools, recorded by the first leader, unless the caller gave its own.
+            if hosts && !a.master_args.iter().any(|m| m.starts_with("--address-pool")) {
+                args.extend([
+                    "--address-pool".into(),
+                    crate::dev_hosts::ADDRESS_POOL.into(),
+                    "--vip-pool".into(),
+                    crate::dev_hosts::VIP_POOL.into(),
+                ]);
+            }
         }
         args.extend(a.master_args.iter().cloned());
         let child = spawn_master(&exe, &args, &mdir.join("master.log"))?;
@@ -201,7 +251,7 @@ pub async fn run(a: DevArgs, _g: &Global) -> Result<()> {
     } else {
         None
     };
-    let mut agent_children: Vec<(String, PathBuf, Child)> = Vec::new();
+    let mut agent_children: Vec<(String, PathBuf, Child, Option<String>)> = Vec::new();
     for (i, (name, adir)) in agent_plan.iter().enumerate() {
         fs::create_dir_all(adir)?;
         let mut args = vec![
@@ -220,8 +270,19 @@ pub async fn run(a: DevArgs, _g: &Global) -> Result<()> {
         {
             args.extend(["--token".into(), t.clone()]);
         }
-        let child = spawn_master(&exe, &args, &adir.join("agent.log"))?;
-        agent_children.push((name.clone(), adir.clone(), child));
+        let child = if hosts {
+            // In host i+1's network namespace (nsenter, not `ip netns exec`, which would give the
+            // agent a mount namespace of its own, where the task namespaces it bind-mounts would
+            // vanish when it restarts).
+            let address = crate::dev_hosts::addr(i + 1);
+            args.extend(["--advertise-addr".into(), address.clone()]);
+            let mut all = vec![format!("--net=/run/netns/{}", crate::dev_hosts::ns(i + 1)), exe.display().to_string()];
+            all.extend(args);
+            (spawn_master(Path::new("nsenter"), &all, &adir.join("agent.log"))?, Some(address))
+        } else {
+            (spawn_master(&exe, &args, &adir.join("agent.log"))?, None)
+        };
+        agent_children.push((name.clone(), adir.clone(), child.0, child.1));
     }
     let file = ClusterFile {
         endpoints: endpoints.clone(),
@@ -236,8 +297,14 @@ pub async fn run(a: DevArgs, _g: &Global) -> Result<()> {
             .collect(),
         agents: agent_children
             .iter()
-            .map(|(name, d, c)| AgentEntry { name: name.clone(), pid: c.id(), data_dir: d.clone() })
+            .map(|(name, d, c, address)| AgentEntry {
+                name: name.clone(),
+                pid: c.id(),
+                data_dir: d.clone(),
+                address: address.clone(),
+            })
             .collect(),
+        hosts,
     };
     write_atomic(&cluster_json, &serde_json::to_string_pretty(&file)?)?;
     let toml_path = dir.join("berth.toml");
@@ -257,7 +324,15 @@ pub async fn run(a: DevArgs, _g: &Global) -> Result<()> {
     println!("Use it from another shell:");
     println!("  export BERTH_CONFIG={}", toml_path.display());
     for g in &file.agents {
-        println!("  agent {}  pid {}  log {}", g.name, g.pid, g.data_dir.join("agent.log").display());
+        let on = g.address.as_ref().map(|a| format!("  host {a}")).unwrap_or_default();
+        println!("  agent {}{on}  pid {}  log {}", g.name, g.pid, g.data_dir.join("agent.log").display());
+    }
+    if hosts {
+        println!(
+            "  networks: on (agents on hosts of their own, 198.19.254.0/24; overlay pool {}, VIPs {})",
+            crate::dev_hosts::ADDRESS_POOL,
+            crate::dev_hosts::VIP_POOL
+        );
     }
     println!("  berth cluster status");
     println!("  berth get nodes");
@@ -285,7 +360,7 @@ pub async fn run(a: DevArgs, _g: &Global) -> Result<()> {
                 reported.insert(*id);
             }
         }
-        for (name, adir, child) in agent_children.iter_mut() {
+        for (name, adir, child, _) in agent_children.iter_mut() {
             let key = u64::MAX - child.id() as u64;
             if !reported.contains(&key)
                 && let Ok(Some(status)) = child.try_wait()
@@ -301,7 +376,7 @@ pub async fn run(a: DevArgs, _g: &Global) -> Result<()> {
     }
     eprintln!("berth dev: stopping the agents and the masters");
     let mut agents: BTreeMap<u64, Child> =
-        agent_children.into_iter().enumerate().map(|(i, (_, _, c))| (i as u64, c)).collect();
+        agent_children.into_iter().enumerate().map(|(i, (_, _, c, _))| (i as u64, c)).collect();
     stop_all(&mut agents);
     stop_all(&mut children);
     Ok(())
