@@ -11,6 +11,7 @@ mod linearizable;
 mod nemesis;
 mod net;
 mod orphans;
+mod overlay;
 mod run;
 mod services;
 mod workload;
@@ -118,6 +119,7 @@ fn suite_runs(full: bool, rounds: u64) -> Vec<(&'static str, u64, Duration, u64)
             ("partition-leader", 1, s(20), 3),
             ("agent-cutoff", 1, s(20), 3),
             ("churn", 1, s(30), 3),
+            ("networks", 1, s(30), 3),
             ("mixed", 1, s(40), 3),
         ];
     }
@@ -141,6 +143,12 @@ async fn suite(full: bool, rounds: u64, out: PathBuf) -> Result<bool> {
     let mut reports = Vec::new();
     let mut incomplete = Vec::new();
     for (name, seed, duration, masters) in suite_runs(full, rounds) {
+        if name == "networks"
+            && let Err(why) = net::available()
+        {
+            println!("berth-chaos: {name} seed {seed} skipped: {why} (its agents attach tasks to networks)");
+            continue;
+        }
         let args = RunArgs { scenario: name.into(), seed, duration, masters, out: out.clone() };
         match run::run(&args).await {
             Ok(r) => {

@@ -38,6 +38,9 @@ pub enum Fault {
     /// after it deleted or scaled down a service, while the agent is stopping the tasks. Not in
     /// [`Fault::ALL`]: the random mix keeps the schedule its recorded seeds replay.
     KillAgent,
+    /// kill -9 of a task of the networks scenario's web service (its process, not berth's); done
+    /// by that scenario's workload. Not in [`Fault::ALL`] either.
+    KillTask,
 }
 
 impl Fault {
@@ -77,6 +80,7 @@ impl Fault {
             Fault::ClockSkew => "clock-skew",
             Fault::Membership => "membership",
             Fault::KillAgent => "kill-agent",
+            Fault::KillTask => "kill-task",
         }
     }
 
@@ -91,6 +95,7 @@ impl Fault {
                 | Fault::PacketDrop
                 | Fault::AgentCutoff
                 | Fault::DiskFull
+                | Fault::KillTask
         )
     }
 
@@ -333,6 +338,9 @@ impl Nemesis {
                 hold = self.hold(1500, 9000);
                 Heal::StartAgent(i)
             }
+            Fault::KillTask => {
+                anyhow::bail!("kill-task is injected by the networks scenario's workload, which knows the tasks")
+            }
         };
         let failover_ms = if fault.is_failover() {
             let chans: Vec<_> = c
@@ -355,6 +363,12 @@ impl Nemesis {
         let rec = Injected { fault, at_ms, held_ms: t0.elapsed().as_millis() as u64, targets, failover_ms, note };
         self.record(rec);
         Ok(())
+    }
+
+    /// Records a fault that a workload injected itself and that needs no healing (a task kill).
+    pub fn record_now(&mut self, fault: Fault, note: String) {
+        let rec = Injected { fault, at_ms: self.ms(), held_ms: 0, targets: Vec::new(), failover_ms: None, note };
+        self.record(rec);
     }
 
     fn record(&mut self, rec: Injected) {

@@ -23,7 +23,7 @@ use crate::{
     history::{self, Kind},
     linearizable,
     nemesis::{Fault, Nemesis},
-    net, orphans, services,
+    net, orphans, overlay, services,
     services::ServiceWorkload,
     workload::{self, KvShared, Recorder},
 };
@@ -95,11 +95,19 @@ pub const SCENARIOS: &[Scenario] = &[
         faults: &[KillLeader],
     },
     Scenario {
+        name: "networks",
+        about: "a VIP client on every agent while web tasks are killed, agents cut off and leaders killed (root)",
+        faults: &[KillTask, AgentCutoff, KillLeader],
+    },
+    Scenario {
         name: "mixed",
         about: "every fault above, drawn at random (not churn's agent kills)",
         faults: &Fault::ALL,
     },
 ];
+
+/// The scenario whose services run on an overlay network.
+const NETWORKS: &str = "networks";
 
 /// The churn scenario: a leader is killed after this share of its workload's steps (the other
 /// scenarios inject a fault after every step).
@@ -189,6 +197,11 @@ pub async fn run(args: &RunArgs) -> Result<RunReport> {
             false
         }
     };
+    if sc.name == NETWORKS && !use_net {
+        anyhow::bail!(
+            "the networks scenario needs root (agents in network namespaces attach tasks to the overlay); run it as root"
+        );
+    }
     let faults: Vec<Fault> = sc.faults.iter().copied().filter(|f| use_net || !f.needs_net()).collect();
     let skipped: Vec<String> =
         sc.faults.iter().filter(|f| !use_net && f.needs_net()).map(|f| f.name().to_string()).collect();
@@ -201,7 +214,9 @@ pub async fn run(args: &RunArgs) -> Result<RunReport> {
         simulated: SIMULATED,
         // The masters' default: the checks hold berth to what it ships with.
         node_down_grace: Duration::from_secs(10),
-        master_args: Vec::new(),
+        // Networks only in their own scenario: the others keep the host-network tasks whose
+        // recorded seeds they replay.
+        master_args: if sc.name == NETWORKS { overlay::POOLS.map(String::from).to_vec() } else { Vec::new() },
     };
     let mut cluster = Cluster::start(&dir.join("cluster"), opts, use_net, args.seed).await?;
     let result = drive(&mut cluster, sc, &faults, args, &mut rng, &dir).await;
@@ -245,9 +260,19 @@ async fn drive(
     dir: &Path,
 ) -> Result<RunReport> {
     // Services first, and wait until they run: that is the steady state the checks start from.
-    let mut svc = ServiceWorkload::new(dir, FLEET_TASKS);
+    // With networks every service joins the default network, which the simulated agents do not
+    // attach: no fleet on them then.
+    let networks = sc.name == NETWORKS;
+    let mut svc = ServiceWorkload::new(dir, if networks { 0 } else { FLEET_TASKS });
     svc.setup(c).await?;
+    let mut vip = networks.then(|| overlay::VipWorkload::new(dir));
+    if let Some(v) = &vip {
+        v.setup(c).await?;
+    }
     converge(c, &svc, Duration::from_secs(90)).await.context("the services never started")?;
+    if let Some(v) = &vip {
+        v.ready(c, Duration::from_secs(60)).await?;
+    }
     let ready_ns = services::unix_ns();
 
     let start = Instant::now();
@@ -296,6 +321,12 @@ async fn drive(
             continue;
         }
         let fault = faults[nemesis.rng.random_range(0..faults.len())];
+        if let (Fault::KillTask, Some(v)) = (fault, vip.as_mut()) {
+            if let Some(what) = v.kill_web_task(c, &mut nemesis.rng).await? {
+                nemesis.record_now(fault, what);
+            }
+            continue;
+        }
         nemesis.inject(c, fault).await.with_context(|| format!("injecting {}", fault.name()))?;
         // The next fault waits for a leader, as an operator's next action would.
         c.wait_leader(Duration::from_secs(30)).await.context("no leader after healing a fault")?;
@@ -346,6 +377,10 @@ async fn drive(
     if let Some(ch) = &churn {
         no_orphans.detail = format!("{}\n{}", ch.summary(), no_orphans.detail);
     }
+    let vip_checks = match &vip {
+        Some(v) => overlay::checks(c, v).await,
+        None => Vec::new(),
+    };
 
     // Checks.
     let mut checks = Vec::new();
@@ -430,6 +465,7 @@ async fn drive(
         },
     ));
     checks.push(no_orphans);
+    checks.extend(vip_checks);
     let allowed = svc.allowed_final();
     let final_spec = services::churn_spec(c).await;
     checks.push(Check::new(
