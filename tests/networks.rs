@@ -223,7 +223,10 @@ fn tasks_find_each_other_by_name_across_hosts() -> Result<()> {
         return Ok(());
     }
     let hosts = berth_tests::Hosts::new(3)?;
-    let c = Cluster::start_on(3, &hosts.root_addr(), POOLS)?;
+    // Every network update in parts of a few hundred bytes, so that the parts (of a large
+    // update) are exercised end to end.
+    let args: Vec<&str> = POOLS.iter().copied().chain(["--network-update-part-bytes", "300"]).collect();
+    let c = Cluster::start_on(3, &hosts.root_addr(), &args)?;
     let t = berth_tests::token(&c, &["--uses", "10"])?;
     let mut agents = Vec::new();
     for (i, name) in ["host-a", "host-b", "host-c"].iter().enumerate() {

@@ -266,6 +266,7 @@ pub(crate) async fn run_agent<D: Driver>(
         pending: BTreeMap::new(),
         dirty: false,
         complete_requested: None,
+        net_parts: None,
         confirmed: false,
         dialled: None,
         overlay: shared.overlay.clone(),

@@ -128,6 +128,8 @@ pub(crate) struct Agent<D> {
     pub dialled: Option<String>,
     /// The node's overlay, when this agent attaches tasks to networks.
     pub overlay: Option<crate::driver::manager::SharedOverlay>,
+    /// The parts received so far of a network update sent in parts (`more`), in this session.
+    pub net_parts: Option<berth_api::pb::agent::NetworkUpdate>,
     /// This host's address between hosts (`--advertise-addr`).
     pub underlay: Option<std::net::IpAddr>,
 }
@@ -181,6 +183,36 @@ fn read_next(mut reader: FrameReader) -> ReadFuture {
         let r = reader.recv::<MasterFrame>().await;
         (reader, r)
     })
+}
+
+/// Collects the parts of a network update sent in parts: `None` while more are to come, the
+/// whole update once the last arrives. A part of another update than the one being collected
+/// (a new COMPLETE, say) drops the unfinished one: its sender has moved on.
+fn merge_parts(
+    parts: &mut Option<berth_api::pb::agent::NetworkUpdate>,
+    u: berth_api::pb::agent::NetworkUpdate,
+) -> Option<berth_api::pb::agent::NetworkUpdate> {
+    let merged = match parts.take() {
+        Some(mut p) if (p.term, p.kind, p.version, p.base_version) == (u.term, u.kind, u.version, u.base_version) => {
+            p.networks.extend(u.networks);
+            p.removed_networks.extend(u.removed_networks);
+            p.services.extend(u.services);
+            p.removed_services.extend(u.removed_services);
+            p.more = u.more;
+            p
+        }
+        Some(p) => {
+            warn!(version = p.version, "a network update ended unfinished; taking the next one");
+            u
+        }
+        None => u,
+    };
+    if merged.more {
+        *parts = Some(merged);
+        None
+    } else {
+        Some(merged)
+    }
 }
 
 fn frame(body: agent_frame::Body) -> AgentFrame {
@@ -495,6 +527,7 @@ impl<D: Driver> Agent<D> {
         self.state.last_leader = Some(addr.to_string());
         self.complete_requested = None;
         self.confirmed = false;
+        self.net_parts = None;
         // Hello carried every final state: those of unassigned tasks can go.
         let known: Vec<String> = self.state.statuses.keys().cloned().collect();
         self.prune(known);
@@ -677,6 +710,7 @@ impl<D: Driver> Agent<D> {
             debug!("ignoring a network update: this agent attaches no networks");
             return;
         };
+        let Some(u) = merge_parts(&mut self.net_parts, u) else { return };
         let applied = overlay.lock().await.update(&u).await;
         match applied {
             Ok(Ok(())) => {}
@@ -933,5 +967,44 @@ async fn serve_logs(
                 return;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use berth_api::pb::agent::{AssignmentsKind, NetworkUpdate, ServiceEndpoints};
+
+    use super::merge_parts;
+
+    fn part(version: u64, services: &[&str], more: bool) -> NetworkUpdate {
+        NetworkUpdate {
+            term: 2,
+            kind: AssignmentsKind::Complete as i32,
+            version,
+            services: services.iter().map(|k| ServiceEndpoints { key: k.to_string(), ..Default::default() }).collect(),
+            more,
+            ..Default::default()
+        }
+    }
+
+    fn keys(u: &NetworkUpdate) -> Vec<&str> {
+        u.services.iter().map(|s| s.key.as_str()).collect()
+    }
+
+    #[test]
+    fn parts_are_applied_as_one_update_once_the_last_arrives() {
+        let mut parts = None;
+        // A whole update passes straight through.
+        assert_eq!(merge_parts(&mut parts, part(1, &["a"], false)).map(|u| keys(&u).len()), Some(1));
+        assert!(merge_parts(&mut parts, part(2, &["a", "b"], true)).is_none());
+        assert!(merge_parts(&mut parts, part(2, &["c"], true)).is_none());
+        let whole = merge_parts(&mut parts, part(2, &["d"], false)).expect("the last part completes it");
+        assert_eq!(keys(&whole), ["a", "b", "c", "d"]);
+        assert!(!whole.more);
+        assert!(parts.is_none());
+        // An unfinished update is dropped for the next one.
+        assert!(merge_parts(&mut parts, part(3, &["x"], true)).is_none());
+        let next = merge_parts(&mut parts, part(4, &["y"], false)).expect("a whole update");
+        assert_eq!((next.version, keys(&next)), (4, vec!["y"]));
     }
 }

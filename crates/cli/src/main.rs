@@ -209,6 +209,10 @@ struct MasterArgs {
     /// Where service virtual IPs come from, such as 10.96.0.0/12; must not overlap --address-pool.
     #[arg(long, requires = "address_pool")]
     vip_pool: Option<ipnet::Ipv4Net>,
+    /// Network updates to agents are sent in parts of about this many bytes (tests lower it to
+    /// exercise the parts on small updates).
+    #[arg(long, hide = true, default_value_t = berth_master::NETWORK_UPDATE_PART_BYTES)]
+    network_update_part_bytes: usize,
 }
 
 fn init_tracing() {
@@ -255,6 +259,7 @@ async fn run_master(a: MasterArgs) -> Result<()> {
     cfg.cert_validity = a.cert_validity;
     cfg.node_down_grace = a.node_down_grace;
     cfg.agent_heartbeat_interval = a.agent_heartbeat_interval;
+    cfg.network_update_part_bytes = a.network_update_part_bytes;
     if let (Some(address), Some(vip)) = (a.address_pool, a.vip_pool) {
         cfg.pools = Some(
             berth_master::Pools::new(address, a.network_size, vip)

@@ -36,6 +36,10 @@ pub struct MasterConfig {
     /// The address pools a new cluster records (`--address-pool`, `--vip-pool`); `None`: no
     /// networks unless the cluster already has pools.
     pub pools: Option<crate::ipam::Pools>,
+    /// The size network updates to agents are split at (parts of at most about this many bytes);
+    /// the default keeps each part a quarter of the frame limit. Lowered by tests to send every
+    /// update in parts.
+    pub network_update_part_bytes: usize,
 }
 
 /// SwarmKit declares a node down after ~15 s of silence (5 s heartbeats x 3); with 1 s
@@ -72,6 +76,7 @@ impl MasterConfig {
             node_down_grace: DEFAULT_NODE_DOWN_GRACE,
             agent_heartbeat_interval: DEFAULT_AGENT_HEARTBEAT_INTERVAL,
             pools: None,
+            network_update_part_bytes: crate::endpoints::PART_BYTES,
         }
     }
 

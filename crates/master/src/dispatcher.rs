@@ -417,7 +417,7 @@ async fn session(
         writer.send(&MasterFrame { body: Some(master_frame::Body::Accepted(accepted)) }).await?;
         writer.send(&MasterFrame { body: Some(master_frame::Body::Assignments(complete)) }).await?;
         if let Some(u) = net_complete {
-            writer.send(&MasterFrame { body: Some(master_frame::Body::NetworkUpdate(u)) }).await?;
+            send_network_update(&mut writer, u, ctx.network_update_part_bytes).await?;
         }
         Ok::<(), berth_channel::FrameError>(())
     };
@@ -466,7 +466,7 @@ async fn session(
                 let snap = net_rx.borrow_and_update().clone();
                 let Some(u) = feed.next(term, &snap, &node_id) else { continue };
                 net_sent_at = Some(tokio::time::Instant::now());
-                if let Err(e) = writer.send(&MasterFrame { body: Some(master_frame::Body::NetworkUpdate(u)) }).await {
+                if let Err(e) = send_network_update(&mut writer, u, ctx.network_update_part_bytes).await {
                     debug!(node = %node_id, "session lost: {e}");
                     ctx.liveness.close_session(&node_id, n);
                     ctx.assignments.drop_conn(&node_id, &conn);
@@ -512,11 +512,16 @@ async fn session(
             agent_frame::Body::RequestComplete(rc) if rc.networks => {
                 feed.request_complete();
                 let snap = net_rx.borrow().clone();
-                let out = feed.next(term, &snap, &node_id);
-                if out.is_some() {
+                if let Some(u) = feed.next(term, &snap, &node_id) {
                     net_sent_at = Some(tokio::time::Instant::now());
+                    if let Err(e) = send_network_update(&mut writer, u, ctx.network_update_part_bytes).await {
+                        debug!(node = %node_id, "session lost: {e}");
+                        ctx.liveness.close_session(&node_id, n);
+                        ctx.assignments.drop_conn(&node_id, &conn);
+                        return;
+                    }
                 }
-                out.map(master_frame::Body::NetworkUpdate)
+                None
             }
             agent_frame::Body::RequestComplete(_) if ctx.assignments.is_ready() => {
                 Some(master_frame::Body::Assignments(sent.complete(term, ctx.assignments.current(&node_id))))
@@ -764,6 +769,19 @@ pub(crate) fn bind(ctx: &Ctx, addr: SocketAddr) -> Result<quinn::Endpoint, crate
     let cfg = ctx.pki.quic_server_config()?;
     berth_channel::server_endpoint(addr, cfg)
         .map_err(|e| crate::MasterError::Listen { addr: format!("udp/{addr}"), source: std::io::Error::other(e) })
+}
+
+/// Sends a network update, in parts of about `part_bytes` when it is larger (see
+/// [`endpoints::split`]).
+async fn send_network_update(
+    writer: &mut FrameWriter,
+    u: berth_api::pb::agent::NetworkUpdate,
+    part_bytes: usize,
+) -> Result<(), berth_channel::FrameError> {
+    for part in endpoints::split(u, part_bytes) {
+        writer.send(&MasterFrame { body: Some(master_frame::Body::NetworkUpdate(part)) }).await?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

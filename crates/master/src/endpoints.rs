@@ -198,6 +198,7 @@ impl Sent {
             removed_networks: vec![],
             services: sorted_services(services.values()),
             removed_services: vec![],
+            more: false,
         };
         self.networks = networks;
         self.services = services;
@@ -269,8 +270,51 @@ impl Sent {
             removed_networks,
             services: sorted_services(changed.iter()),
             removed_services: removed,
+            more: false,
         })
     }
+}
+
+/// The size a part of a network update aims to stay under on the wire: a quarter of the channel's
+/// frame limit, leaving room for the frame around it and for a service larger than the rest.
+pub const PART_BYTES: usize = berth_channel::MAX_FRAME / 4;
+
+/// Splits an update into parts of about `max` encoded bytes each (services are never split), all
+/// but the last marked `more`. The first part carries the networks and the removals; the agent
+/// applies the parts as one update once the last arrives. An update that fits is one part.
+pub(crate) fn split(update: NetworkUpdate, max: usize) -> Vec<NetworkUpdate> {
+    if update.encoded_len() <= max {
+        return vec![update];
+    }
+    let mut services = update.services.into_iter().peekable();
+    let mut first = NetworkUpdate { services: Vec::new(), more: true, ..update };
+    let empty = NetworkUpdate {
+        networks: Vec::new(),
+        removed_networks: Vec::new(),
+        removed_services: Vec::new(),
+        services: Vec::new(),
+        ..first.clone()
+    };
+    let mut parts = Vec::new();
+    let mut size = first.encoded_len();
+    while let Some(s) = services.next() {
+        // The length prefix and tag of a repeated field: at most 6 bytes for any frame we send.
+        let cost = s.encoded_len() + 6;
+        if size + cost > max && !first.services.is_empty() {
+            parts.push(std::mem::replace(&mut first, empty.clone()));
+            size = empty.encoded_len();
+        }
+        size += cost;
+        first.services.push(s);
+        if services.peek().is_none() {
+            break;
+        }
+    }
+    parts.push(first);
+    if let Some(last) = parts.last_mut() {
+        last.more = false;
+    }
+    parts
 }
 
 /// A session's network feed: what it sent, and whether its agent asked for a COMPLETE update.

@@ -32,6 +32,7 @@ pub use config::{
     DEFAULT_AGENT_HEARTBEAT_INTERVAL, DEFAULT_CERT_VALIDITY, DEFAULT_NODE_DOWN_GRACE, MasterConfig,
     parse_initial_cluster,
 };
+pub use endpoints::PART_BYTES as NETWORK_UPDATE_PART_BYTES;
 pub use error::MasterError;
 pub use identity::{IDENTITY_FILE, Identity};
 pub use ipam::Pools;

@@ -56,6 +56,8 @@ pub(crate) struct Ctx {
     /// The pools from this master's flags, recorded by its first term as leader if the cluster
     /// has none yet (`networks::record_pools`).
     pub pools: Option<crate::ipam::Pools>,
+    /// Network updates to agents are sent in parts of about this many bytes.
+    pub network_update_part_bytes: usize,
 }
 
 impl Ctx {
@@ -237,6 +239,7 @@ pub async fn run_master(cfg: MasterConfig, shutdown: CancellationToken) -> Resul
         agent_heartbeat_interval: cfg.agent_heartbeat_interval,
         quic: std::sync::OnceLock::new(),
         pools: cfg.pools,
+        network_update_part_bytes: cfg.network_update_part_bytes.max(1),
     });
     ctx.refresh_removed();
     let quic = crate::dispatcher::bind(&ctx, local_addr)?;

@@ -516,6 +516,49 @@ fn increments_applied_in_order_always_equal_the_complete_view() {
 }
 
 #[test]
+fn a_large_update_is_split_into_parts_that_add_up_to_it() {
+    let service = |i: usize| ServiceEndpoints {
+        key: format!("default/s{i:04}"),
+        vip: format!("198.19.{}.{}", i / 250, 1 + i % 250),
+        endpoints: (0..10)
+            .map(|e| Endpoint {
+                task_id: format!("s{i:04}.{e}.abcdef0123"),
+                addresses: [("default/default".to_string(), format!("198.18.{}.{}", e, 2 + i % 250))].into(),
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    };
+    let whole = NetworkUpdate {
+        term: TERM,
+        kind: AssignmentsKind::Complete as i32,
+        version: 3,
+        networks: vec![NetworkState { key: "default/default".into(), ..Default::default() }],
+        services: (0..500).map(service).collect(),
+        removed_services: vec!["default/gone".into()],
+        ..Default::default()
+    };
+    // Fits: one part, as it was.
+    assert_eq!(split(whole.clone(), usize::MAX), vec![whole.clone()]);
+    let max = 16 * 1024;
+    let parts = split(whole.clone(), max);
+    assert!(parts.len() > 5, "{} parts", parts.len());
+    for (i, p) in parts.iter().enumerate() {
+        assert_eq!(p.more, i + 1 < parts.len(), "part {i}");
+        assert!(p.encoded_len() <= max, "part {i} is {} bytes", p.encoded_len());
+        assert_eq!((p.term, p.kind, p.version, p.base_version), (whole.term, whole.kind, 3, 0));
+        assert_eq!(p.networks.is_empty(), i > 0, "networks ride in the first part");
+    }
+    let services: Vec<ServiceEndpoints> = parts.iter().flat_map(|p| p.services.clone()).collect();
+    assert_eq!(services, whole.services);
+    assert_eq!(parts[0].removed_services, whole.removed_services);
+    // A service larger than a part still goes, alone.
+    let parts = split(whole.clone(), 100);
+    assert_eq!(parts.len(), 500);
+    assert!(parts.iter().all(|p| p.services.len() == 1));
+}
+
+#[test]
 #[ignore = "a measurement: cargo test -p berth-master --lib endpoints::tests::scale -- --ignored --nocapture"]
 fn scale() {
     // 1,000 nodes, 10 namespaces with a `default` network each, 100 services per namespace with
