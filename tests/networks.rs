@@ -445,7 +445,7 @@ fn networks_are_isolated_and_an_internal_one_has_no_egress() -> Result<()> {
     let hosts = berth_tests::Hosts::new(2)?;
     let c = Cluster::start_on(3, &hosts.root_addr(), POOLS)?;
     let t = berth_tests::token(&c, &["--uses", "10"])?;
-    let _agents = ["host-a", "host-b"]
+    let mut agents = ["host-a", "host-b"]
         .iter()
         .enumerate()
         .map(|(i, name)| berth_tests::spawn_agent_on(&hosts, i, &c, &c.dir.path().join(name), name, &t))
@@ -487,6 +487,21 @@ fn networks_are_isolated_and_an_internal_one_has_no_egress() -> Result<()> {
     eprintln!(
         "isolation: ca -> sb by name: {by_name}; by address: {by_addr}; cb -> sa: {back}; cb -> outside: {internal}"
     );
+
+    // A removed node gives its address blocks back.
+    let holds_block = |c: &Cluster, node: &str| -> Result<bool> {
+        Ok(networks(c)?.iter().any(|n| n["blocks"].as_object().is_some_and(|b| b.contains_key(node))))
+    };
+    assert!(holds_block(&c, "host-b")?, "host-b has a block: {:#}", Value::Array(networks(&c)?));
+    // (Once the node is gone, a block still held would show under its id.)
+    let nodes = c.berth_json(&["get", "nodes"])?;
+    let id = nodes.as_array().and_then(|ns| ns.iter().find(|n| n["name"] == "host-b")).map(|n| n["id"].clone());
+    let id = id.and_then(|i| i.as_str().map(str::to_string)).expect("host-b's id");
+    agents[1].kill9();
+    let out = c.berth(&["node", "rm", "host-b", "--force"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!holds_block(&c, &id)? && !holds_block(&c, "host-b")?, "kept: {:#}", Value::Array(networks(&c)?));
+    assert!(holds_block(&c, "host-a")?);
     Ok(())
 }
 

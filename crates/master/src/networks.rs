@@ -394,6 +394,21 @@ pub(crate) fn list(reader: &KvReader, ns: &str) -> Result<Vec<NetworkView>, Stat
     objects::list::<NetworkRecord>(reader, &prefix)?.into_iter().map(|r| view(reader, r)).collect()
 }
 
+/// The writes that give back `node`'s address blocks (a removed node's), each conditional on the
+/// network record being unchanged since read. Like Kubernetes' node CIDRs, a block stays with its
+/// node while the node exists, whether or not its tasks use the network now.
+pub(crate) fn release_blocks(reader: &KvReader, node: &str) -> Result<Vec<(Compare, RequestOp)>, Status> {
+    let mut out = Vec::new();
+    for rec in objects::list::<NetworkRecord>(reader, NETWORKS_PREFIX)? {
+        if rec.obj.blocks.contains_key(node) {
+            let mut n = rec.obj.clone();
+            n.blocks.remove(node);
+            out.push(objects::cas_put(network_key(&n.namespace, &n.name), rec.mod_revision, n.encode_to_vec()));
+        }
+    }
+    Ok(out)
+}
+
 pub(crate) fn load(reader: &KvReader, ns: &str, name: &str) -> Result<Versioned<NetworkRecord>, Status> {
     objects::get::<NetworkRecord>(reader, &network_key(ns, name))?
         .ok_or_else(|| Status::not_found(format!("no network {ns}/{name}: list networks with `berth get networks`")))

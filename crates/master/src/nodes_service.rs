@@ -167,8 +167,10 @@ impl Nodes for NodesService {
                 n.obj.name
             )));
         }
-        // The node (if unchanged since read) and its name in the index, together.
-        let mut txn = objects::txn_of(vec![objects::cas_delete(objects::node_key(&n.obj.id), n.mod_revision)]);
+        // The node (if unchanged since read), its name in the index and its address blocks, together.
+        let mut parts = vec![objects::cas_delete(objects::node_key(&n.obj.id), n.mod_revision)];
+        parts.extend(crate::networks::release_blocks(&self.ctx.reader, &n.obj.id)?);
+        let mut txn = objects::txn_of(parts);
         txn.success.push(objects::delete(objects::node_name_key(&n.obj.name)));
         check_txn(self.ctx.write(Command::Txn(txn)).await?, "the node")?;
         crate::dispatcher::end_session(&self.ctx, &n.obj.id);
