@@ -126,6 +126,11 @@ fn networks_subnets_vips_and_their_errors() -> Result<()> {
     assert!(e.contains("overlaps the VIP pool"), "{e}");
     let e = refused(&c, &dir, "moved", &net_doc("front", "subnet: 198.18.240.0/20"))?;
     assert!(e.contains("subnet cannot change"), "{e}");
+    // Block sizes: chosen at creation, within the subnet, never changed.
+    let e = refused(&c, &dir, "big", &net_doc("bigblocks", "block_prefix: 16"))?;
+    assert!(e.contains("larger than the subnet 198.18.32.0/20") && e.contains("use 20 or more"), "{e}");
+    let e = refused(&c, &dir, "reblock", &net_doc("front", "block_prefix: 26"))?;
+    assert!(e.contains("has blocks of /24") && e.contains("cannot change"), "{e}");
     let out = c.berth(&["delete", "network", "front"]);
     let e = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && e.contains("used by 1 service: web"), "{e}");

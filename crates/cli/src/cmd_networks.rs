@@ -50,7 +50,10 @@ impl NetworkOut {
             .iter()
             .map(|(id, b)| {
                 let block = subnet
-                    .and_then(|s| berth_types::spec::network::node_block(s, *b))
+                    .and_then(|s| {
+                        let prefix = berth_types::spec::network::recorded_block_prefix(s, r.block_prefix);
+                        berth_types::spec::network::node_block(s, prefix, *b)
+                    })
                     .map_or_else(|| format!("block {b}"), |n| n.to_string());
                 (node(id), block)
             })

@@ -781,9 +781,9 @@ fn schedule(w: &World, plan: &mut Plan) {
                 needs_block |= !current.obj.blocks.contains_key(&u.node_id);
                 continue;
             }
-            let Ok(subnet) = crate::networks::record_subnet(rec) else { continue };
+            let Ok((subnet, prefix)) = crate::networks::record_blocks(rec) else { continue };
             let taken: std::collections::BTreeSet<u32> = rec.blocks.values().copied().collect();
-            match crate::ipam::allocate_block(&net, subnet, &taken) {
+            match crate::ipam::allocate_block(&net, subnet, prefix, &taken) {
                 Ok(b) => {
                     rec.blocks.insert(u.node_id.clone(), b);
                     rec.updated_at_ms = w.now;
@@ -846,7 +846,7 @@ fn network_rooms(w: &World) -> Vec<NetworkRoom> {
         .iter()
         .filter(|(_, n)| !n.obj.deleting)
         .map(|(key, n)| {
-            let total = crate::networks::record_subnet(&n.obj).map_or(0, block_count);
+            let total = crate::networks::record_blocks(&n.obj).map_or(0, |(s, p)| block_count(s, p));
             NetworkRoom {
                 network: key.clone(),
                 nodes_with_block: n.obj.blocks.keys().cloned().collect(),

@@ -41,7 +41,10 @@ use berth_api::pb::{
 use berth_store::WatchEvents;
 use berth_types::{
     EventKind, RangeQuery, prefix_end,
-    spec::{DEFAULT_NETWORK, EndpointMode, Protocol, Service, network::node_block},
+    spec::{
+        DEFAULT_NETWORK, EndpointMode, Protocol, Service,
+        network::{node_block, recorded_block_prefix},
+    },
 };
 use ipnet::Ipv4Net;
 use prost::Message;
@@ -681,8 +684,12 @@ impl Index {
                 return None;
             }
         };
-        let blocks: BTreeMap<String, String> =
-            r.blocks.iter().filter_map(|(n, i)| node_block(subnet, *i).map(|b| (n.clone(), b.to_string()))).collect();
+        let prefix = recorded_block_prefix(subnet, r.block_prefix);
+        let blocks: BTreeMap<String, String> = r
+            .blocks
+            .iter()
+            .filter_map(|(n, i)| node_block(subnet, prefix, *i).map(|b| (n.clone(), b.to_string())))
+            .collect();
         let peers = blocks
             .iter()
             .filter_map(|(n, b)| {

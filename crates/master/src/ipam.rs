@@ -93,7 +93,7 @@ impl fmt::Display for IpamError {
             IpamError::BlocksExhausted { network, subnet } => write!(
                 f,
                 "network {network} ({subnet}) has no free node block: every block is held by another node; give the \
-                 network a larger subnet"
+                 network a larger subnet, or smaller blocks with a longer `block_prefix` (set when it is created)"
             ),
         }
     }
@@ -142,8 +142,13 @@ pub(crate) fn allocate_vni(taken: &BTreeSet<u32>) -> Result<u32, IpamError> {
 }
 
 /// The lowest free block index of `subnet`.
-pub(crate) fn allocate_block(network: &str, subnet: Ipv4Net, taken: &BTreeSet<u32>) -> Result<u32, IpamError> {
-    (0..block_count(subnet))
+pub(crate) fn allocate_block(
+    network: &str,
+    subnet: Ipv4Net,
+    prefix: u8,
+    taken: &BTreeSet<u32>,
+) -> Result<u32, IpamError> {
+    (0..block_count(subnet, prefix))
         .find(|b| !taken.contains(b))
         .ok_or_else(|| IpamError::BlocksExhausted { network: network.to_string(), subnet })
 }
@@ -222,9 +227,9 @@ mod tests {
 
         let s = net("198.18.0.0/24");
         let mut blocks: BTreeSet<u32> = (0..15).collect();
-        assert_eq!(allocate_block("default/a", s, &blocks).unwrap(), 15);
+        assert_eq!(allocate_block("default/a", s, 28, &blocks).unwrap(), 15);
         blocks.insert(15);
-        let e = allocate_block("default/a", s, &blocks).unwrap_err();
+        let e = allocate_block("default/a", s, 28, &blocks).unwrap_err();
         assert!(e.to_string().contains("larger subnet"), "{e}");
 
         let pool = net("198.19.0.0/30");

@@ -98,6 +98,12 @@ pub(crate) fn service_networks(spec: &Service) -> Vec<String> {
     if spec.spec.task.networks.is_empty() { vec![DEFAULT_NETWORK.to_string()] } else { spec.spec.task.networks.clone() }
 }
 
+/// The subnet a record holds and the prefix of its node blocks.
+pub(crate) fn record_blocks(r: &NetworkRecord) -> Result<(Ipv4Net, u8), Status> {
+    let subnet = record_subnet(r)?;
+    Ok((subnet, berth_types::spec::network::recorded_block_prefix(subnet, r.block_prefix)))
+}
+
 /// The subnet a record holds.
 pub(crate) fn record_subnet(r: &NetworkRecord) -> Result<Ipv4Net, Status> {
     r.subnet.parse().map_err(|e| {
@@ -179,6 +185,14 @@ impl Plan {
             ipam::IpamError::Overlap { .. } => Status::invalid_argument(format!("network {ns}/{name}: {e}")),
             _ => Status::resource_exhausted(format!("network {ns}/{name}: {e}")),
         })?;
+        let block_prefix = match spec.block_prefix {
+            Some(p) => {
+                berth_types::spec::network::check_block_prefix(subnet, p)
+                    .map_err(|e| Status::invalid_argument(format!("network {ns}/{name}: {e}")))?;
+                p
+            }
+            None => berth_types::spec::network::block_prefix(subnet.prefix_len()),
+        };
         let vni = ipam::allocate_vni(&vnis).map_err(|e| Status::resource_exhausted(e.to_string()))?;
         self.allocated_network = true;
         Ok(NetworkRecord {
@@ -187,6 +201,7 @@ impl Plan {
             subnet: subnet.to_string(),
             vni,
             internal: spec.internal,
+            block_prefix: u32::from(block_prefix),
             created_at_ms: now,
             updated_at_ms: now,
             ..Default::default()
@@ -220,6 +235,16 @@ impl Plan {
                  addresses in it): omit `subnet` to keep it, or delete the network and apply it again",
                 old.subnet
             )));
+        }
+        if let Some(p) = doc.spec.block_prefix {
+            let (subnet, held) = record_blocks(old)?;
+            if p != held {
+                return Err(Status::invalid_argument(format!(
+                    "network {ns}/{name} ({subnet}) has blocks of /{held}; block_prefix cannot change while the \
+                     network exists (nodes hold blocks): omit it to keep /{held}, or delete the network and apply \
+                     it again"
+                )));
+            }
         }
         if old.spec_json == json && !old.implicit {
             return Ok(("unchanged", vec![]));

@@ -41,6 +41,12 @@ pub struct NetworkSpec {
     /// No traffic leaves the overlay: no masquerade, no default route out of the task.
     #[serde(default)]
     pub internal: bool,
+    /// The prefix of each node's address block, /16 to /28 and no shorter than the subnet's (as
+    /// Kubernetes' --node-cidr-mask-size). Omitted: a /24 where the subnet holds 16 of them, else
+    /// 16 blocks (see [`block_prefix`]). A /16 network with /26 blocks serves 1,024 nodes of 61
+    /// tasks each. It cannot change while the network exists.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub block_prefix: Option<u8>,
 }
 
 const SUBNET_ALLOWED: &str = "an IPv4 network in CIDR form with a prefix from /8 to /28, such as \"10.20.0.0/16\"";
@@ -92,8 +98,33 @@ impl Network {
         if let Some(net) = self.spec.subnet {
             parse_subnet(&net.to_string()).map_err(|m| SpecError::invalid("spec.subnet", m))?;
         }
+        if let Some(p) = self.spec.block_prefix {
+            if !(MIN_BLOCK_PREFIX..=MAX_SUBNET_PREFIX).contains(&p) {
+                return Err(SpecError::invalid(
+                    "spec.block_prefix",
+                    format!("block_prefix {p} is out of range; allowed: {MIN_BLOCK_PREFIX} to {MAX_SUBNET_PREFIX}"),
+                ));
+            }
+            if let Some(net) = self.spec.subnet {
+                check_block_prefix(net, p).map_err(|m| SpecError::invalid("spec.block_prefix", m))?;
+            }
+        }
         Ok(())
     }
+}
+
+/// The smallest `block_prefix` (the largest block) a network may ask for.
+pub const MIN_BLOCK_PREFIX: u8 = 16;
+
+/// Whether `subnet` can be cut into blocks of `/prefix`.
+pub fn check_block_prefix(subnet: Ipv4Net, prefix: u8) -> Result<(), String> {
+    if prefix < subnet.prefix_len() {
+        return Err(format!(
+            "block_prefix {prefix} asks for blocks larger than the subnet {subnet}; use {} or more",
+            subnet.prefix_len()
+        ));
+    }
+    Ok(())
 }
 
 /// The prefix of one node's address block in a network with prefix `subnet_prefix`: a /24
@@ -103,9 +134,18 @@ pub fn block_prefix(subnet_prefix: u8) -> u8 {
     (subnet_prefix + 4).clamp(24, MAX_SUBNET_PREFIX).max(subnet_prefix)
 }
 
-/// Block `index` of `subnet` (blocks of [`block_prefix`]), or `None` past the last one.
-pub fn node_block(subnet: Ipv4Net, index: u32) -> Option<Ipv4Net> {
-    let prefix = block_prefix(subnet.prefix_len());
+/// The block prefix a network record holds (`recorded`), or the subnet's default where it holds
+/// none (0: records made before networks could choose).
+pub fn recorded_block_prefix(subnet: Ipv4Net, recorded: u32) -> u8 {
+    match u8::try_from(recorded) {
+        Ok(p) if p > 0 => p.clamp(subnet.prefix_len(), MAX_SUBNET_PREFIX),
+        _ => block_prefix(subnet.prefix_len()),
+    }
+}
+
+/// Block `index` of `subnet` cut into blocks of `/prefix`, or `None` past the last one.
+pub fn node_block(subnet: Ipv4Net, prefix: u8, index: u32) -> Option<Ipv4Net> {
+    let prefix = prefix.clamp(subnet.prefix_len(), MAX_SUBNET_PREFIX);
     let count = 1u64 << (prefix - subnet.prefix_len());
     if u64::from(index) >= count {
         return None;
@@ -114,9 +154,10 @@ pub fn node_block(subnet: Ipv4Net, index: u32) -> Option<Ipv4Net> {
     Ipv4Net::new(Ipv4Addr::from(base), prefix).ok()
 }
 
-/// How many node blocks `subnet` holds.
-pub fn block_count(subnet: Ipv4Net) -> u32 {
-    1u32 << (block_prefix(subnet.prefix_len()) - subnet.prefix_len())
+/// How many blocks of `/prefix` `subnet` holds.
+pub fn block_count(subnet: Ipv4Net, prefix: u8) -> u32 {
+    let prefix = prefix.clamp(subnet.prefix_len(), MAX_SUBNET_PREFIX);
+    1u32 << (prefix - subnet.prefix_len())
 }
 
 /// The node's gateway in its block: the block's first host address (the bridge's address).
@@ -148,25 +189,33 @@ mod tests {
 
     #[test]
     fn blocks_tile_the_subnet() {
+        // The default block size, by subnet.
+        let d = |s: Ipv4Net| block_prefix(s.prefix_len());
         let s16: Ipv4Net = "10.20.0.0/16".parse().unwrap();
-        assert_eq!(block_prefix(16), 24);
-        assert_eq!(block_count(s16), 256);
-        assert_eq!(node_block(s16, 0).unwrap().to_string(), "10.20.0.0/24");
-        assert_eq!(node_block(s16, 255).unwrap().to_string(), "10.20.255.0/24");
-        assert_eq!(node_block(s16, 256), None);
+        assert_eq!(d(s16), 24);
+        assert_eq!(block_count(s16, 24), 256);
+        assert_eq!(node_block(s16, 24, 0).unwrap().to_string(), "10.20.0.0/24");
+        assert_eq!(node_block(s16, 24, 255).unwrap().to_string(), "10.20.255.0/24");
+        assert_eq!(node_block(s16, 24, 256), None);
+        // A chosen one: /26 blocks give a /16 1,024 nodes.
+        assert_eq!(block_count(s16, 26), 1024);
+        assert_eq!(node_block(s16, 26, 1023).unwrap().to_string(), "10.20.255.192/26");
+        assert_eq!(node_block(s16, 26, 1024), None);
         let s24: Ipv4Net = "10.20.5.0/24".parse().unwrap();
-        assert_eq!(block_prefix(24), 28);
-        assert_eq!(block_count(s24), 16);
-        assert_eq!(node_block(s24, 3).unwrap().to_string(), "10.20.5.48/28");
+        assert_eq!(d(s24), 28);
+        assert_eq!(block_count(s24, 28), 16);
+        assert_eq!(node_block(s24, 28, 3).unwrap().to_string(), "10.20.5.48/28");
         let s20: Ipv4Net = "10.20.16.0/20".parse().unwrap();
-        assert_eq!((block_prefix(20), block_count(s20)), (24, 16));
-        assert_eq!(node_block(s20, 1).unwrap().to_string(), "10.20.17.0/24");
+        assert_eq!((d(s20), block_count(s20, 24)), (24, 16));
+        assert_eq!(node_block(s20, 24, 1).unwrap().to_string(), "10.20.17.0/24");
         let s28: Ipv4Net = "10.20.5.16/28".parse().unwrap();
-        assert_eq!(block_count(s28), 1);
+        assert_eq!(block_count(s28, d(s28)), 1);
         let s8: Ipv4Net = "10.0.0.0/8".parse().unwrap();
-        assert_eq!(block_prefix(8), 24);
-        assert_eq!(block_count(s8), 65536);
-        let b = node_block(s24, 3).unwrap();
+        assert_eq!(d(s8), 24);
+        assert_eq!(block_count(s8, 24), 65536);
+        assert!(check_block_prefix(s16, 15).unwrap_err().contains("larger than the subnet"));
+        assert!(check_block_prefix(s16, 16).is_ok());
+        let b = node_block(s24, 28, 3).unwrap();
         assert_eq!(block_gateway(b).to_string(), "10.20.5.49");
         let hosts: Vec<_> = block_hosts(b).collect();
         assert_eq!(hosts.first().unwrap().to_string(), "10.20.5.50");

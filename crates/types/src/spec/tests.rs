@@ -449,6 +449,11 @@ fn bad_network_documents_say_what_is_wrong() {
         ("kind: Network\nmetadata: {name: n}\nspec: {subnet: 10.0.0.0/30}\n", &["spec.subnet", "/8 to /28"]),
         ("kind: Network\nmetadata: {name: n}\nspec: {subnet: nope}\n", &["spec.subnet", "CIDR"]),
         ("kind: Network\nmetadata: {name: n}\nspec: {mtu: 1400}\n", &["spec.mtu", "unknown field"]),
+        ("kind: Network\nmetadata: {name: n}\nspec: {block_prefix: 30}\n", &["spec.block_prefix", "16 to 28"]),
+        (
+            "kind: Network\nmetadata: {name: n}\nspec: {subnet: 10.20.0.0/20, block_prefix: 18}\n",
+            &["spec.block_prefix", "larger than the subnet 10.20.0.0/20"],
+        ),
         ("kind: Network\nmetadata: {name: Bad_Name}\n", &["metadata.name", "lowercase"]),
         ("kind: Volume\nmetadata: {name: n}\n", &["kind", "Service", "Network"]),
     ] {
