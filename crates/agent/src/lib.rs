@@ -72,6 +72,10 @@ pub struct AgentConfig {
     /// The DNS domain under which tasks find services (`web.NS.svc.<domain>`); default
     /// `berth.internal`.
     pub cluster_domain: Option<String>,
+    /// Simulated agents only: say they attach networks, keep the leader's network view in
+    /// memory (no kernel state) and append each change of their endpoints to
+    /// `<data dir>/endpoints.jsonl`, for measuring endpoint propagation to many nodes.
+    pub simulate_networks: bool,
 }
 
 impl std::fmt::Debug for AgentConfig {
@@ -85,6 +89,7 @@ impl std::fmt::Debug for AgentConfig {
             .field("advertise_addr", &self.advertise_addr)
             .field("simulate", &self.simulate)
             .field("cluster_domain", &self.cluster_domain)
+            .field("simulate_networks", &self.simulate_networks)
             .finish()
     }
 }
@@ -108,6 +113,8 @@ pub(crate) struct Shared {
     pub gate: Option<Arc<Semaphore>>,
     /// The node's overlay, when this agent attaches tasks to networks.
     pub overlay: Option<driver::manager::SharedOverlay>,
+    /// Where simulated agents that take part in networks log their endpoints.
+    pub sim_net_log: Option<Arc<session::SimNetLog>>,
 }
 
 /// Runs the agent (or `cfg.simulate` simulated agents) until `shutdown` is cancelled. Real agents
@@ -194,8 +201,13 @@ async fn run_agent_with<D: Driver>(
     overlay: Option<driver::manager::SharedOverlay>,
 ) -> Result<(), AgentError> {
     berth_pki::tls::install_crypto_provider();
-    let shared =
-        Shared { endpoints: Endpoints::new(), resources: resources::detect(&cfg.data_dir), gate: None, overlay };
+    let shared = Shared {
+        endpoints: Endpoints::new(),
+        resources: resources::detect(&cfg.data_dir),
+        gate: None,
+        overlay,
+        sim_net_log: None,
+    };
     let spec = Spec {
         dir: cfg.data_dir.clone(),
         name: cfg.name.clone().unwrap_or_else(hostname),
@@ -270,6 +282,7 @@ pub(crate) async fn run_agent<D: Driver>(
         confirmed: false,
         dialled: None,
         overlay: shared.overlay.clone(),
+        sim_net: shared.sim_net_log.clone().map(|log| session::SimNet { log, view: Default::default() }),
         underlay: spec.advertise_addr,
     };
     agent.recover().await;
@@ -286,6 +299,13 @@ async fn run_simulated(cfg: AgentConfig, n: usize, shutdown: CancellationToken) 
     let resources = resources::detect(&cfg.data_dir);
     let gate = Arc::new(Semaphore::new(CONNECT_CONCURRENCY));
     let pools: Vec<Endpoints> = (0..n.div_ceil(AGENTS_PER_ENDPOINT)).map(|_| Endpoints::new()).collect();
+    let sim_net_log = if cfg.simulate_networks {
+        std::fs::create_dir_all(&cfg.data_dir).map_err(|e| AgentError::io("creating", &cfg.data_dir, e))?;
+        let path = cfg.data_dir.join("endpoints.jsonl");
+        Some(Arc::new(session::SimNetLog::create(&path).map_err(|e| AgentError::io("opening", &path, e))?))
+    } else {
+        None
+    };
     info!(agents = n, endpoints = pools.len(), "starting simulated agents");
     let mut set = JoinSet::new();
     for i in 0..n {
@@ -302,6 +322,7 @@ async fn run_simulated(cfg: AgentConfig, n: usize, shutdown: CancellationToken) 
             resources,
             gate: Some(gate.clone()),
             overlay: None,
+            sim_net_log: sim_net_log.clone(),
         };
         let shutdown = shutdown.clone();
         let span = info_span!("agent", sim = i, name = %spec.name, node = tracing::field::Empty);

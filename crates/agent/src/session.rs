@@ -130,6 +130,8 @@ pub(crate) struct Agent<D> {
     pub overlay: Option<crate::driver::manager::SharedOverlay>,
     /// The parts received so far of a network update sent in parts (`more`), in this session.
     pub net_parts: Option<berth_api::pb::agent::NetworkUpdate>,
+    /// A simulated agent's network view (`--simulate-networks`), kept in memory only.
+    pub sim_net: Option<SimNet>,
     /// This host's address between hosts (`--advertise-addr`).
     pub underlay: Option<std::net::IpAddr>,
 }
@@ -183,6 +185,54 @@ fn read_next(mut reader: FrameReader) -> ReadFuture {
         let r = reader.recv::<MasterFrame>().await;
         (reader, r)
     })
+}
+
+/// Where the simulated agents of one process log their endpoints: one JSON line per change,
+/// `{"node", "ts_ns", "version", "endpoints": {service: [task ids]}}`.
+pub(crate) struct SimNetLog {
+    file: std::sync::Mutex<std::io::BufWriter<std::fs::File>>,
+}
+
+impl SimNetLog {
+    pub fn create(path: &std::path::Path) -> std::io::Result<SimNetLog> {
+        let file = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+        Ok(SimNetLog { file: std::sync::Mutex::new(std::io::BufWriter::new(file)) })
+    }
+
+    fn write(&self, line: &serde_json::Value) {
+        use std::io::Write;
+        let mut f = self.file.lock().expect("sim net log lock");
+        // A benchmark's evidence: a failed write shows as a missing line, which the reader
+        // reports; the agent itself carries on.
+        let _ = writeln!(f, "{line}").and_then(|()| f.flush());
+    }
+}
+
+/// A simulated agent's network view: the leader's updates applied in memory, with no kernel
+/// state, and each change of its endpoints logged.
+pub(crate) struct SimNet {
+    pub log: Arc<SimNetLog>,
+    pub view: crate::overlay::node::View,
+}
+
+impl SimNet {
+    fn endpoints(&self) -> BTreeMap<String, Vec<String>> {
+        self.view.services.iter().map(|(k, s)| (k.clone(), s.endpoints.keys().cloned().collect())).collect()
+    }
+
+    /// Applies an update; logs the endpoints when they changed.
+    fn apply(&mut self, node: &str, u: &berth_api::pb::agent::NetworkUpdate) -> Result<(), crate::overlay::node::Gap> {
+        let before = self.endpoints();
+        self.view.apply(u)?;
+        let after = self.endpoints();
+        if after != before {
+            let ts_ns = SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+            self.log.write(&serde_json::json!({
+                "node": node, "ts_ns": ts_ns as u64, "version": u.version, "endpoints": after,
+            }));
+        }
+        Ok(())
+    }
 }
 
 /// Collects the parts of a network update sent in parts: `None` while more are to come, the
@@ -414,7 +464,7 @@ impl<D: Driver> Agent<D> {
             tasks: tasks.into_values().collect(),
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
             resources: Some(self.resources),
-            networks: self.overlay.is_some(),
+            networks: self.overlay.is_some() || self.sim_net.is_some(),
             underlay: self.underlay.map(|a| a.to_string()).unwrap_or_default(),
         }
     }
@@ -706,12 +756,16 @@ impl<D: Driver> Agent<D> {
             debug!(term = u.term, "ignoring a network update from an older term");
             return;
         }
-        let Some(overlay) = &self.overlay else {
+        if self.overlay.is_none() && self.sim_net.is_none() {
             debug!("ignoring a network update: this agent attaches no networks");
             return;
-        };
+        }
         let Some(u) = merge_parts(&mut self.net_parts, u) else { return };
-        let applied = overlay.lock().await.update(&u).await;
+        let applied = match (&self.overlay, self.sim_net.as_mut()) {
+            (Some(overlay), _) => overlay.lock().await.update(&u).await,
+            (None, Some(sim)) => Ok(sim.apply(&self.state.name, &u)),
+            (None, None) => return,
+        };
         match applied {
             Ok(Ok(())) => {}
             Ok(Err(gap)) => {

@@ -319,6 +319,7 @@ fn config(master: &TestMaster, token: Option<String>, dir: &Path) -> AgentConfig
         advertise_addr: Some("127.0.0.1".parse().unwrap()),
         simulate: None,
         cluster_domain: None,
+        simulate_networks: false,
     }
 }
 

@@ -144,6 +144,10 @@ struct AgentArgs {
     /// connection and heartbeats, with a driver that only pretends to run tasks.
     #[arg(long)]
     simulate: Option<usize>,
+    /// With --simulate: the simulated agents take part in networks (in memory, no kernel state)
+    /// and log each change of their endpoints to DATA_DIR/endpoints.jsonl (benchmarks).
+    #[arg(long, requires = "simulate")]
+    simulate_networks: bool,
     /// The DNS domain under which tasks find services: `NAME.NAMESPACE.svc.<domain>`.
     #[arg(long, default_value = "berth.internal", value_parser = parse_cluster_domain)]
     cluster_domain: String,
@@ -280,6 +284,7 @@ async fn run_agent(a: AgentArgs) -> Result<()> {
         advertise_addr: a.advertise_addr,
         simulate: a.simulate,
         cluster_domain: Some(a.cluster_domain),
+        simulate_networks: a.simulate_networks,
     };
     berth_agent::run(cfg, shutdown_on_signals()).await?;
     Ok(())
