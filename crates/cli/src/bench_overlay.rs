@@ -358,9 +358,11 @@ fn print_human(o: &Out) {
 // ---------------------------------------------------------------------------------------------
 // Namespaces and processes of the bench
 
-/// What the signal handler must remove: the bench's namespaces and child processes.
+/// What the signal handler must remove: the bench's namespaces, child processes and scratch
+/// directories.
 static LIVE_NAMESPACES: Mutex<Vec<String>> = Mutex::new(Vec::new());
 static LIVE_CHILDREN: Mutex<Vec<u32>> = Mutex::new(Vec::new());
+static LIVE_DIRS: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -376,15 +378,35 @@ fn abandon() {
     for name in lock(&LIVE_NAMESPACES).drain(..).rev() {
         let _ = Command::new("ip").args(["netns", "del", &name]).output();
     }
+    for dir in lock(&LIVE_DIRS).drain(..) {
+        let _ = std::fs::remove_dir_all(dir);
+    }
 }
 
-/// Deletes the namespaces left by bench runs whose process is gone (killed with SIGKILL).
+/// The pid in a name this bench gave (`berth-bench-<pid>-...`), if that process is gone.
+fn dead_owner(name: &str) -> Option<&str> {
+    let pid = name.strip_prefix(NS_PREFIX)?.split('-').next()?;
+    (pid.parse::<u32>().is_ok() && !Path::new("/proc").join(pid).exists()).then_some(pid)
+}
+
+/// Deletes the namespaces (and what still runs in them) and scratch directories left by bench
+/// runs whose process is gone (killed with SIGKILL).
 fn remove_stale_namespaces() {
+    for entry in std::fs::read_dir(std::env::temp_dir()).into_iter().flatten().flatten() {
+        if dead_owner(&entry.file_name().to_string_lossy()).is_some() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
     let Ok(dir) = std::fs::read_dir("/run/netns") else { return };
     for entry in dir.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(pid) = name.strip_prefix(NS_PREFIX).and_then(|rest| rest.split('-').next()) else { continue };
-        if pid.parse::<u32>().is_ok() && !Path::new("/proc").join(pid).exists() {
+        if let Some(pid) = dead_owner(&name) {
+            // What still runs inside is that run's (dnsmasq outlives a bench killed with SIGKILL).
+            let left = Command::new("ip").args(["netns", "pids", &name]).output();
+            let pids = left.map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
+            for p in pids.split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), nix::sys::signal::Signal::SIGKILL);
+            }
             eprintln!("removing namespace {name}, left by an earlier run (process {pid} is gone)");
             let _ = Command::new("ip").args(["netns", "del", &name]).output();
         }
@@ -407,7 +429,11 @@ struct Lab {
 
 impl Lab {
     fn new() -> Result<Lab> {
-        let dir = tempfile::Builder::new().prefix("berth-bench-overlay-").tempdir().context("a scratch directory")?;
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("{NS_PREFIX}{}-", std::process::id()))
+            .tempdir()
+            .context("a scratch directory")?;
+        lock(&LIVE_DIRS).push(dir.path().to_path_buf());
         Ok(Lab { namespaces: Vec::new(), dir })
     }
 
@@ -433,6 +459,8 @@ impl Drop for Lab {
             let _ = Command::new("ip").args(["netns", "del", name]).output();
             lock(&LIVE_NAMESPACES).retain(|n| n != name);
         }
+        // The directory itself goes with the TempDir, right after.
+        lock(&LIVE_DIRS).retain(|d| d != self.dir.path());
     }
 }
 
