@@ -201,6 +201,10 @@ struct DnsOut {
     clients: usize,
     outstanding: usize,
     paced_qps: u32,
+    /// As dnsperf prints it (`Version 2.10.0`).
+    dnsperf_version: String,
+    /// Where the latency figures come from.
+    latency_note: &'static str,
     berth: DnsRun,
     dnsmasq: DnsRun,
     /// berth's full-rate qps over dnsmasq's (the aim: at least 1).
@@ -352,6 +356,7 @@ fn print_human(o: &Out) {
             );
         }
         println!("  ratio qps berth/dnsmasq: {:.2} (aim: at least 1)", d.ratio_qps);
+        println!("  latency: {} ({})", d.latency_note, d.dnsperf_version);
     }
 }
 
@@ -985,10 +990,12 @@ fn dns_bench(b: &OverlayBench) -> Result<DnsOut> {
         "-v".into(),
     ];
     let mut runs = Vec::new();
+    let mut version = String::new();
     for (name, server) in [("berth", BERTH_DNS), ("dnsmasq", DNSMASQ)] {
         eprintln!("dns: {name}: dnsperf for {:?} at full rate, then 3 s paced", b.dns_duration);
-        let s =
-            parse_dnsperf(&dnsperf(&client, server, &queries, &full)?).with_context(|| format!("{name} full rate"))?;
+        let text = dnsperf(&client, server, &queries, &full)?;
+        version = text.lines().find(|l| l.starts_with("Version ")).unwrap_or("unknown").to_string();
+        let s = parse_dnsperf(&text).with_context(|| format!("{name} full rate"))?;
         let (lat, not_noerror) = parse_dnsperf_verbose(&dnsperf(&client, server, &queries, &paced)?);
         if lat.is_empty() {
             bail!("the paced dnsperf run against {name} reported no query");
@@ -1017,6 +1024,9 @@ fn dns_bench(b: &OverlayBench) -> Result<DnsOut> {
         clients: b.dns_clients,
         outstanding: b.dns_outstanding,
         paced_qps: b.dns_paced_qps,
+        dnsperf_version: version,
+        latency_note: "full rate: dnsperf's own average, maximum and standard deviation (no latency histogram \
+                       in this dnsperf); paced: p50/p99 of the per-query latencies dnsperf -v prints",
         ratio_qps: berth_run.qps / dnsmasq_run.qps,
         berth: berth_run,
         dnsmasq: dnsmasq_run,
