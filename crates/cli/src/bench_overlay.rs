@@ -31,7 +31,7 @@
 //! Every address is from 198.18.0.0/15, which is set aside for benchmarking: tasks in
 //! 198.18.0.0/16, VIPs from 198.19.0.10 up, underlays in 198.19.250.0/24. No packet leaves the
 //! namespaces the bench made: they have no link to the machine's own namespace. They are named
-//! `berth-bench-<pid>-<role>` and deleted on every way out (a guard on return and panic, the
+//! `berth-overlay-bench-<pid>-<role>` and deleted on every way out (a guard on return and panic, the
 //! signal handler on SIGINT/SIGTERM); a run killed with SIGKILL leaves them to the next run,
 //! which deletes those of processes that no longer exist.
 
@@ -63,8 +63,10 @@ use serde::Serialize;
 
 use crate::output::{self, Format};
 
-/// Namespaces of this bench are `berth-bench-<pid>-<role>`.
-const NS_PREFIX: &str = "berth-bench-";
+/// Namespaces of this bench are `berth-overlay-bench-<pid>-<role>`, its scratch directories
+/// `berth-overlay-bench-<pid>-<random>` (other benches' directories are `berth-bench-<random>`,
+/// which must never look like ours).
+const NS_PREFIX: &str = "berth-overlay-bench-";
 /// The agent's table name, as the agent uses it.
 const TABLE: &str = "berth";
 /// The one network of every measurement, its namespace and its bridge.
@@ -388,7 +390,7 @@ fn abandon() {
     }
 }
 
-/// The pid in a name this bench gave (`berth-bench-<pid>-...`), if that process is gone.
+/// The pid in a name this bench gave (`berth-overlay-bench-<pid>-...`), if that process is gone.
 fn dead_owner(name: &str) -> Option<&str> {
     let pid = name.strip_prefix(NS_PREFIX)?.split('-').next()?;
     (pid.parse::<u32>().is_ok() && !Path::new("/proc").join(pid).exists()).then_some(pid)
