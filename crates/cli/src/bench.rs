@@ -1,4 +1,5 @@
-//! `berth bench kv`: the same write workload against berth or etcd, from the same harness.
+//! `berth bench kv`: the same write workload against berth or etcd, from the same harness; the
+//! dispatch of the other benchmarks (`bench_cluster`, `bench_overlay`, the scheduler's).
 
 use std::{sync::Arc, time::Instant};
 
@@ -26,6 +27,10 @@ pub enum BenchCmd {
     /// The pure scheduler alone: a synthetic cluster (3 zones, mixed node sizes, constraints,
     /// spread, anti-affinity) and N tasks placed in batches of 1,000.
     Schedule(ScheduleBench),
+    /// The agent's data plane in network namespaces of its own (root): a VIP's first-packet
+    /// cost with 10 and with 10,000 services, the DNS server against dnsmasq, the overlay's
+    /// memory with 1,000 services and 10,000 endpoints.
+    Overlay(crate::bench_overlay::OverlayBench),
 }
 
 #[derive(Args)]
@@ -148,6 +153,7 @@ pub async fn run(cmd: BenchCmd, g: &Global) -> Result<()> {
             });
             return Ok(());
         }
+        BenchCmd::Overlay(o) => return crate::bench_overlay::run(o, g.output).await,
         BenchCmd::Agents(a) => {
             return crate::bench_cluster::agents(a.count, a.duration, &a.master_args, g.output).await;
         }

@@ -3,6 +3,7 @@
 
 mod bench;
 mod bench_cluster;
+mod bench_overlay;
 mod client;
 mod cmd_cluster;
 mod cmd_kv;
