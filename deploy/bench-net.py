@@ -189,7 +189,7 @@ def services():
         return f"  placement: {{constraints: [\"node.name == {node}\"]}}\n"
     echo = json.dumps(ECHO_SERVER)
     return (
-        "kind: Network\nmetadata: {name: wide}\nspec: {block_prefix: 26}\n---\n"
+        "kind: Network\nmetadata: {name: wide}\nspec: {subnet: 198.18.0.0/16, block_prefix: 26}\n---\n"
         "kind: Service\nmetadata: {name: nb-iperf}\nspec:\n  replicas: 1\n  task:\n    runtime: process\n    networks: [wide]\n"
         "    command: [/usr/bin/iperf3, -s, -p, \"5201\"]\n" + on("agent-2") + "---\n"
         "kind: Service\nmetadata: {name: nb-echo}\nspec:\n  replicas: 1\n  task:\n    runtime: process\n    networks: [wide]\n"
@@ -275,6 +275,12 @@ def main():
     b = Bench(berth, tmp)
     result = {"machine": os.uname().release, "berth": berth}
     ok = False
+
+    def interrupted(signum, _frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+    # (SIGINT too: a shell starts background jobs with SIGINT ignored.)
+    signal.signal(signal.SIGTERM, interrupted)
+    signal.signal(signal.SIGINT, interrupted)
     try:
         b.start()
         path = os.path.join(tmp, "services.yaml")
@@ -422,6 +428,9 @@ def main():
         print(json.dumps(result))
         ok = True
     finally:
+        # Cleaning up is not interrupted by a second signal.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         b.stop()
         # The agents' task namespaces are bind mounts under their data dirs.
         for root, _, files in os.walk(tmp):

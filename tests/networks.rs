@@ -759,3 +759,54 @@ fn a_container_and_a_process_task_reach_each_other_by_name() -> Result<()> {
     })?;
     Ok(())
 }
+
+/// Many nodes joining one network at once: the placements that give them blocks commit in
+/// bounded transactions, over several controller rounds, and every node gets the network's view
+/// (simulated agents, which keep it in memory and log their endpoints; no root needed).
+#[test]
+fn two_hundred_nodes_join_a_network_at_once() -> Result<()> {
+    const NODES: usize = 200;
+    let (c, _agents) = cluster_with_agents(&[], POOLS)?;
+    let t = berth_tests::token(&c, &["--uses", "1000"])?;
+    let dir = c.dir.path().join("sims");
+    let _sims = berth_tests::spawn_agent(
+        &c,
+        &dir,
+        "sim",
+        Some(&t),
+        &["--simulate", &NODES.to_string(), "--simulate-networks", "--labels", "sim=true"],
+    )?;
+    wait_for(Duration::from_secs(120), "every simulated node ready", || {
+        let ns = c.berth_json(&["get", "nodes"]).ok()?;
+        (ns.as_array()?.iter().filter(|n| n["status"] == "ready" && n["networks"] == true).count() == NODES)
+            .then_some(())
+    })?;
+    let yaml = "kind: Network\nmetadata: {name: wide}\nspec: {subnet: 198.18.0.0/16, block_prefix: 26}\n---\n\
+                kind: Service\nmetadata: {name: everywhere}\nspec:\n  mode: global\n  task:\n    runtime: process\n    \
+                networks: [wide]\n    command: [/bin/true]\n    ports: [{name: http, container: 80}]\n";
+    apply(&c, c.dir.path(), "wide", yaml)?;
+    wait_for(Duration::from_secs(120), "a task running on every simulated node", || {
+        let running = berth_tests::tasks(&c, "everywhere").iter().filter(|t| t["state"] == "running").count();
+        (running == NODES).then_some(())
+    })
+    .inspect_err(|_| eprintln!("tasks: {:#}", c.berth_json(&["get", "tasks"]).unwrap_or_default()))?;
+    let wide = network(&c, "wide")?;
+    let blocks = wide["blocks"].as_object().map(|b| b.len()).unwrap_or(0);
+    assert_eq!(blocks, NODES, "{wide}");
+    assert!(wide["blocks"].as_object().unwrap().values().all(|b| b.as_str().is_some_and(|b| b.ends_with("/26"))));
+    // Every simulated node got the network's view: the service, with no endpoints (a simulated
+    // task holds no address).
+    let log = dir.join("endpoints.jsonl");
+    let seen = wait_for(Duration::from_secs(60), "every simulated node's view", || {
+        let text = std::fs::read_to_string(&log).ok()?;
+        let nodes: std::collections::BTreeSet<String> = text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|v| v["endpoints"].get("default/everywhere").is_some())
+            .filter_map(|v| v["node"].as_str().map(str::to_string))
+            .collect();
+        (nodes.len() == NODES).then_some(nodes.len())
+    })?;
+    assert_eq!(seen, NODES);
+    Ok(())
+}

@@ -765,8 +765,24 @@ fn schedule(w: &World, plan: &mut Plan) {
     // network records they extend: a block and the tasks that need it commit together or not at all.
     let mut with_blocks = Vec::new();
     let mut grown: BTreeMap<String, NetworkRecord> = BTreeMap::new();
+    let mut deferred = 0usize;
     for p in placements {
         let Some(t) = by_id.get(p.task_id.as_str()) else { continue };
+        // That one transaction is bounded: placements past what it holds wait for the next round
+        // (a thousand nodes joining a network at once take about twenty rounds, not one
+        // transaction too large to ever commit).
+        let nets = svc_of(&t.obj).map(|s| task_networks(w, s)).unwrap_or_default();
+        let new_nets: std::collections::BTreeSet<&String> = nets
+            .iter()
+            .filter(|n| w.networks.get(*n).is_some_and(|c| !c.obj.blocks.contains_key(&p.node_id)))
+            .collect();
+        if !new_nets.is_empty() {
+            let records = grown.keys().filter(|k| !new_nets.contains(k)).count() + new_nets.len();
+            if with_blocks.len() + 1 + records > max_block_txn_parts() {
+                deferred += 1;
+                continue;
+            }
+        }
         let mut u = t.obj.clone();
         u.node_id = p.node_id;
         u.state = TaskState::Assigned as i32;
@@ -809,6 +825,9 @@ fn schedule(w: &World, plan: &mut Plan) {
         }
         plan.push(with_blocks, "scheduler: placements with new address blocks".into());
     }
+    if deferred > 0 {
+        debug!(deferred, "placements that need new address blocks wait for the next round");
+    }
     for u in unplaced {
         let Some(t) = by_id.get(u.task_id.as_str()) else { continue };
         if t.obj.pending_reason == u.reason {
@@ -838,6 +857,12 @@ fn task_networks(w: &World, svc: &Svc) -> Vec<String> {
         return Vec::new();
     }
     crate::networks::service_networks(&svc.spec).into_iter().map(|n| format!("{}/{n}", svc.record.namespace)).collect()
+}
+
+/// The most parts (a compare and an operation each) of the transaction that commits placements
+/// with the address blocks they need: half the store's operation limit, less some room.
+fn max_block_txn_parts() -> usize {
+    (berth_types::Limits::default().max_txn_ops / 2).saturating_sub(4).max(2)
 }
 
 /// Every network's blocks, for the scheduler.
