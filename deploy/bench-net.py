@@ -241,7 +241,9 @@ class SimLog:
             if len(ok) >= n:
                 return ok
             time.sleep(0.02)
-        raise SystemExit(f"bench-net: only {len(ok)} of {n} simulated agents got there within {timeout} s")
+        seen = sorted({tuple(sorted(ids)) for _, ids in self.latest.values()})[:3]
+        raise SystemExit(f"bench-net: only {len(ok)} of {n} simulated agents got there within {timeout} s; "
+                         f"their web endpoints: {seen}")
 
 
 def iperf(prefix, host, port, seconds):
@@ -290,7 +292,10 @@ def main():
         def running(svc, n=1):
             ts = [t for t in b.tasks(svc) if t["state"] == "running" and t["pid"] > 0 and t["addresses"]]
             if svc == "web":
+                # Exactly the replicas: a task berth still lists as healthy while its death is on
+                # its way is not one the agents must agree on.
                 ts = [t for t in ts if t["health"] == "healthy"]
+                return ts if len(ts) == n else None
             return ts if len(ts) >= n else None
         srv = b.wait("iperf3 task", lambda: running("nb-iperf"))[0]["addresses"]["wide"]
         echo = b.wait("echo task", lambda: running("nb-echo"))[0]["addresses"]["wide"]
