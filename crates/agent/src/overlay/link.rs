@@ -70,6 +70,13 @@ pub fn vtep_mac(block: Ipv4Net) -> [u8; 6] {
     [0x0a, 0x58, o[0], o[1], o[2], o[3]]
 }
 
+/// The MAC of a node's bridge (its tasks' gateway) in the network whose block on that node is
+/// `block`: locally administered, unicast, and distinct from [`vtep_mac`].
+pub fn bridge_mac(block: Ipv4Net) -> [u8; 6] {
+    let o = block.network().octets();
+    [0x0a, 0x59, o[0], o[1], o[2], o[3]]
+}
+
 /// A peer node in one network: where its VXLAN packets go, and which block lives behind it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Peer {
@@ -190,9 +197,12 @@ impl Links {
         let bridge = self.index(&n.bridge).await?.ok_or_else(|| missing(&n.bridge))?;
         let gw = Ipv4Net::new(n.gateway(), n.block.prefix_len()).map_err(ctx("the gateway address"))?;
         self.ensure_address(bridge, gw).await?;
+        // A MAC of its own, set, not inherited: a bridge without one takes its lowest port's,
+        // and changes it when that port (a task's veth) goes, leaving every task's ARP entry
+        // for the gateway (its DNS, its VIPs, its egress) pointing at a MAC that is gone.
         self.handle
             .link()
-            .set(LinkUnspec::new_with_index(bridge).up().build())
+            .set(LinkUnspec::new_with_index(bridge).address(bridge_mac(n.block).to_vec()).up().build())
             .execute()
             .await
             .map_err(ctx(format!("bringing up bridge {}", n.bridge)))?;

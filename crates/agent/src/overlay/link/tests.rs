@@ -132,6 +132,22 @@ async fn tasks_on_two_hosts_talk_over_the_overlay() -> Result<()> {
         .await?;
     }
 
+    // The bridge's MAC is its own, not its first port's: it must not change when a task goes.
+    let mac = |ns: &std::path::Path| {
+        let out = std::process::Command::new("nsenter")
+            .arg(format!("--net={}", ns.display()))
+            .args(["ip", "-o", "link", "show", "bn-4096"])
+            .output()
+            .expect("nsenter ip");
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .skip_while(|w| *w != "link/ether")
+            .nth(1)
+            .map(str::to_string)
+    };
+    let want = bridge_mac(links(1, "198.19.255.1").block).map(|b| format!("{b:02x}")).join(":");
+    assert_eq!(mac(&host_a).as_deref(), Some(want.as_str()));
+
     // A server in task b, a client in task a: the bytes cross the VXLAN tunnel.
     let listener =
         in_netns(&task_b, |_| async { TcpListener::bind("198.18.2.2:7000").map_err(ctx("binding in task b")) }).await?;
