@@ -427,6 +427,13 @@ async fn session(
         ctx.assignments.drop_conn(&node_id, &conn);
         return;
     }
+    // The session's end when the connection fails: the node's liveness and assignment feed
+    // let go of it (the agent will open a new one).
+    let lost = |e: &dyn std::fmt::Display| {
+        debug!(node = %node_id, "session lost: {e}");
+        ctx.liveness.close_session(&node_id, n);
+        ctx.assignments.drop_conn(&node_id, &conn);
+    };
     // A COMPLETE set the agent asked for while the index was rebuilding: sent once it is ready
     // (the rebuild bumps every node), never from an index that may lack tasks.
     let mut complete_wanted = false;
@@ -446,9 +453,7 @@ async fn session(
                     inc
                 };
                 if let Err(e) = writer.send(&MasterFrame { body: Some(master_frame::Body::Assignments(out)) }).await {
-                    debug!(node = %node_id, "session lost: {e}");
-                    ctx.liveness.close_session(&node_id, n);
-                    ctx.assignments.drop_conn(&node_id, &conn);
+                    lost(&e);
                     return;
                 }
                 continue;
@@ -467,9 +472,7 @@ async fn session(
                 let Some(u) = feed.next(term, &snap, &node_id) else { continue };
                 net_sent_at = Some(tokio::time::Instant::now());
                 if let Err(e) = send_network_update(&mut writer, u, ctx.network_update_part_bytes).await {
-                    debug!(node = %node_id, "session lost: {e}");
-                    ctx.liveness.close_session(&node_id, n);
-                    ctx.assignments.drop_conn(&node_id, &conn);
+                    lost(&e);
                     return;
                 }
                 continue;
@@ -493,9 +496,7 @@ async fn session(
                 break (close::MALFORMED_FRAME, e.to_string());
             }
             Err(e) => {
-                debug!(node = %node_id, "session lost: {e}");
-                ctx.liveness.close_session(&node_id, n);
-                ctx.assignments.drop_conn(&node_id, &conn);
+                lost(&e);
                 return;
             }
         };
@@ -515,9 +516,7 @@ async fn session(
                 if let Some(u) = feed.next(term, &snap, &node_id) {
                     net_sent_at = Some(tokio::time::Instant::now());
                     if let Err(e) = send_network_update(&mut writer, u, ctx.network_update_part_bytes).await {
-                        debug!(node = %node_id, "session lost: {e}");
-                        ctx.liveness.close_session(&node_id, n);
-                        ctx.assignments.drop_conn(&node_id, &conn);
+                        lost(&e);
                         return;
                     }
                 }
@@ -556,9 +555,7 @@ async fn session(
         if let Some(body) = reply
             && let Err(e) = writer.send(&MasterFrame { body: Some(body) }).await
         {
-            debug!(node = %node_id, "session lost: {e}");
-            ctx.liveness.close_session(&node_id, n);
-            ctx.assignments.drop_conn(&node_id, &conn);
+            lost(&e);
             return;
         }
     };
