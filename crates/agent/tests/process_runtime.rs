@@ -459,10 +459,18 @@ async fn a_stop_returns_at_once_and_finishes_in_the_background() {
     let state_dir = tempfile::tempdir().unwrap();
     let (sink, mut statuses) = status_channel();
     let mgr = TaskManager::new(rt, Err::<ProcessRuntime, _>("no docker here".into()), sink, state_dir.path().into());
-    let spec = spec(&["/bin/sh", "-c", "trap '' TERM; while :; do sleep 0.1; done"]);
+    // The task says when its trap is in place: a SIGTERM before that would end it at once.
+    let marker = state_dir.path().join("trapped");
+    let script = format!("trap '' TERM; : > {}; while :; do sleep 0.1; done", marker.display());
+    let spec = spec(&["/bin/sh", "-c", &script]);
     let a = Assignment { task_id: id.clone(), spec: spec.encode(), desired_state: TaskState::Running as i32 };
     Driver::start(&mgr, &a).await;
     wait_state(&id, TaskState::Running, &mut statuses).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !marker.exists() {
+        assert!(Instant::now() < deadline, "the task never installed its SIGTERM trap");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let asked = Instant::now();
     tokio::time::timeout(Duration::from_secs(2), Driver::stop(&mgr, &id))
         .await
