@@ -135,8 +135,9 @@ impl VipWorkload {
     pub async fn ready(&self, c: &Cluster, bound: Duration) -> Result<()> {
         let deadline = Instant::now() + bound;
         loop {
-            let healthy = tasks(c).await?.values().filter(|t| t.service == WEB && t.running && t.healthy).count();
-            let clients = clean_clients(&self.log, &tasks(c).await?, 3, 0);
+            let ts = tasks(c).await?;
+            let healthy = ts.values().filter(|t| t.service == WEB && t.running && t.healthy).count();
+            let clients = clean_clients(&self.log, &ts, 3, 0);
             if healthy == 3 && clients.as_ref().is_ok_and(|n| *n == c.agents.len()) {
                 return Ok(());
             }

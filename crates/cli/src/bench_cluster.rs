@@ -18,7 +18,7 @@ use serde::Serialize;
 
 use crate::{
     client::{Call, Client},
-    dev::{spawn_master, stop_all},
+    dev::{spawn_logged, stop_all},
     output::{self, Format},
 };
 
@@ -86,7 +86,7 @@ impl LocalCluster {
         let dd = &self.data_dirs[&id];
         std::fs::create_dir_all(dd)?;
         args.extend(["--data-dir".into(), dd.display().to_string(), "--listen".into(), self.endpoints[&id].clone()]);
-        let child = spawn_master(&self.exe, &args, &dd.join("master.log"))?;
+        let child = spawn_logged(&self.exe, &args, &dd.join("master.log"))?;
         self.children.insert(id, child);
         Ok(())
     }
@@ -358,7 +358,7 @@ async fn with_simulated_agents(count: usize, extra: &[String]) -> Result<(LocalC
         "--simulate".into(),
         count.to_string(),
     ];
-    let agent = spawn_master(&c.exe, &args, &dir.join("agent.log"))?;
+    let agent = spawn_logged(&c.exe, &args, &dir.join("agent.log"))?;
     c.children.insert(u64::MAX, agent);
     let started = Instant::now();
     let ready = loop {

@@ -84,7 +84,8 @@ fn write_atomic(path: &Path, text: &str) -> Result<()> {
     Ok(())
 }
 
-pub(crate) fn spawn_master(exe: &Path, args: &[String], log: &Path) -> Result<Child> {
+/// Starts a berth process (a master, an agent, or `nsenter` running one) with its output appended to `log`.
+pub(crate) fn spawn_logged(exe: &Path, args: &[String], log: &Path) -> Result<Child> {
     let out = fs::OpenOptions::new().create(true).append(true).open(log)?;
     Command::new(exe)
         .args(args)
@@ -209,7 +210,7 @@ pub async fn run(a: DevArgs, _g: &Global) -> Result<()> {
             }
         }
         args.extend(a.master_args.iter().cloned());
-        let child = spawn_master(&exe, &args, &mdir.join("master.log"))?;
+        let child = spawn_logged(&exe, &args, &mdir.join("master.log"))?;
         children.insert(*id, child);
     }
 
@@ -278,9 +279,9 @@ pub async fn run(a: DevArgs, _g: &Global) -> Result<()> {
             args.extend(["--advertise-addr".into(), address.clone()]);
             let mut all = vec![format!("--net=/run/netns/{}", crate::dev_hosts::ns(i + 1)), exe.display().to_string()];
             all.extend(args);
-            (spawn_master(Path::new("nsenter"), &all, &adir.join("agent.log"))?, Some(address))
+            (spawn_logged(Path::new("nsenter"), &all, &adir.join("agent.log"))?, Some(address))
         } else {
-            (spawn_master(&exe, &args, &adir.join("agent.log"))?, None)
+            (spawn_logged(&exe, &args, &adir.join("agent.log"))?, None)
         };
         agent_children.push((name.clone(), adir.clone(), child.0, child.1));
     }
