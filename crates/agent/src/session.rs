@@ -466,6 +466,7 @@ impl<D: Driver> Agent<D> {
             resources: Some(self.resources),
             networks: self.overlay.is_some() || self.sim_net.is_some(),
             underlay: self.underlay.map(|a| a.to_string()).unwrap_or_default(),
+            host_paths: Vec::new(),
         }
     }
 
@@ -706,7 +707,7 @@ impl<D: Driver> Agent<D> {
         let tasks: Vec<TaskStatus> = std::mem::take(&mut self.pending).into_values().collect();
         let ids: Vec<String> = tasks.iter().map(|t| t.task_id.clone()).collect();
         debug!(tasks = tasks.len(), "reporting task statuses");
-        if let Err(e) = writer.send(&frame(agent_frame::Body::Status(StatusReport { tasks }))).await {
+        if let Err(e) = writer.send(&frame(agent_frame::Body::Status(StatusReport { tasks, volumes: Vec::new() }))).await {
             return Err(SessionEnd::from_frame_error(e, conn));
         }
         self.prune(ids);

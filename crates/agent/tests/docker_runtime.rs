@@ -107,11 +107,16 @@ fn spec(script: &str) -> RunSpec {
             stop_signal: None,
             stop_grace_period: berth_types::spec::DEFAULT_STOP_GRACE,
             networks: Vec::new(),
+            volumes: Vec::new(),
+            secrets: Vec::new(),
+            configs: Vec::new(),
         },
         disconnect: DisconnectPolicy::Replace,
         fence_timeout_ms: 0,
         networks: Vec::new(),
         attachment: None,
+        mounts: Vec::new(),
+        files: Vec::new(),
     }
 }
 

@@ -11,6 +11,7 @@
 pub mod network;
 mod placement;
 mod quantity;
+pub mod volume;
 #[cfg(test)]
 mod tests;
 
@@ -24,12 +25,13 @@ pub use network::{DEFAULT_NETWORK, Network, NetworkSpec};
 pub use placement::{
     CONSTRAINT_ALLOWED, Constraint, ConstraintField, ConstraintOp, SPREAD_ALLOWED, SpreadLabel, is_label_key,
 };
+pub use volume::{AccessMode, FileKind, FileMount, Volume, VolumeDriver, VolumeMount, VolumeSpec};
 pub use quantity::{
     CPU_ALLOWED, Cpu, DURATION_ALLOWED, MEMORY_ALLOWED, Memory, duration, format_duration, parse_duration,
 };
 
 /// The kinds `apply` accepts.
-pub const KINDS: &[&str] = &["Service", "Network"];
+pub const KINDS: &[&str] = &["Service", "Network", "Volume"];
 /// The largest `spec.replicas`.
 pub const MAX_REPLICAS: u32 = 10_000;
 /// The namespace used when `metadata.namespace` is omitted.
@@ -78,7 +80,7 @@ pub enum SpecError {
     },
     /// The input holds no document.
     #[error(
-        "the input contains no documents; expected one or more `kind: Service` or `kind: Network` documents separated \
+        "the input contains no documents; expected one or more `kind: Service`, `kind: Network` or `kind: Volume` documents separated \
          by `---`"
     )]
     Empty,
@@ -348,6 +350,8 @@ pub enum Kind {
     Service,
     /// An overlay network tasks join.
     Network,
+    /// Storage that outlives its tasks.
+    Volume,
 }
 
 /// One document of an `apply`.
@@ -357,6 +361,8 @@ pub enum Document {
     Service(Box<Service>),
     /// `kind: Network`.
     Network(Network),
+    /// `kind: Volume`.
+    Volume(Volume),
 }
 
 impl Document {
@@ -365,6 +371,7 @@ impl Document {
         match self {
             Document::Service(_) => Kind::Service,
             Document::Network(_) => Kind::Network,
+            Document::Volume(_) => Kind::Volume,
         }
     }
 
@@ -373,6 +380,7 @@ impl Document {
         match self {
             Document::Service(s) => s.key(),
             Document::Network(n) => n.key(),
+            Document::Volume(v) => v.key(),
         }
     }
 }
@@ -521,6 +529,15 @@ pub struct TaskSpec {
     /// `default` network, on a cluster with an address pool.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub networks: Vec<String>,
+    /// Volumes mounted into the task.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<VolumeMount>,
+    /// Secrets mounted as files (default `/run/secrets/NAME`, mode 0400).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secrets: Vec<FileMount>,
+    /// Configs mounted as files at their targets (mode 0444 unless set).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub configs: Vec<FileMount>,
 }
 
 /// `spec.task.stop_grace_period` when unset (Docker's and Kubernetes' 10 s).
@@ -933,7 +950,7 @@ pub enum DisconnectPolicy {
 }
 
 /// Parses one or more `---`-separated YAML (or JSON) documents and validates each one. A document
-/// is a Service unless its `kind` says `Network`.
+/// is a Service unless its `kind` says `Network` or `Volume`.
 ///
 /// Empty documents are skipped; a file with no document, or two documents defining the same
 /// kind and `namespace/name`, is an error.
@@ -952,16 +969,24 @@ pub fn parse_all(text: &str) -> Result<Vec<Document>, SpecError> {
     let mut first_seen: BTreeMap<(Kind, String), usize> = BTreeMap::new();
     for (i, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
         let n = i + 1;
-        let parsed = if kinds.get(i).and_then(|k| k.as_deref()) == Some("Network") {
+        let kind = kinds.get(i).and_then(|k| k.as_deref());
+        let parsed = if kind == Some("Network") {
             let parsed = Option::<Network>::deserialize(document).map_err(|e| SpecError::from_yaml(n, &e))?;
             let Some(network) = parsed else { continue };
             network.validate().map_err(|e| e.in_document(n, text))?;
             Document::Network(network)
+        } else if kind == Some("Volume") {
+            let parsed = Option::<Volume>::deserialize(document).map_err(|e| SpecError::from_yaml(n, &e))?;
+            let Some(volume) = parsed else { continue };
+            volume.validate().map_err(|e| e.in_document(n, text))?;
+            Document::Volume(volume)
         } else {
             let parsed = Option::<Service>::deserialize(document).map_err(|e| SpecError::from_yaml(n, &e))?;
             let Some(service) = parsed else { continue };
             if service.kind != Kind::Service {
-                return Err(SpecError::invalid("kind", "expected `Service` or `Network`").in_document(n, text));
+                return Err(
+                    SpecError::invalid("kind", "expected `Service`, `Network` or `Volume`").in_document(n, text)
+                );
             }
             service.validate().map_err(|e| e.in_document(n, text))?;
             Document::Service(Box::new(service))
@@ -986,7 +1011,7 @@ pub fn parse_documents(text: &str) -> Result<Vec<Service>, SpecError> {
         .enumerate()
         .map(|(i, d)| match d {
             Document::Service(s) => Ok(*s),
-            Document::Network(_) => {
+            Document::Network(_) | Document::Volume(_) => {
                 Err(SpecError::invalid("kind", "only `kind: Service` documents are allowed here")
                     .in_document(i + 1, text))
             }
@@ -1045,6 +1070,8 @@ impl Service {
             _ => {}
         }
         validate_task(&spec.task)?;
+        let t = &spec.task;
+        volume::validate_mounts(&t.volumes, &t.secrets, &t.configs, spec.mode == ServiceMode::Global)?;
         validate_placement(&spec.placement, &meta.name)?;
         validate_update("spec.update", &spec.update)?;
         validate_update("spec.rollback", &spec.rollback)?;

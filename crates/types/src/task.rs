@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::spec::{DisconnectPolicy, TaskSpec};
+use crate::spec::{DisconnectPolicy, FileKind, TaskSpec};
 
 /// One task as its agent sees it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -35,6 +35,75 @@ pub struct RunSpec {
     /// its runtime needs to put the task in it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attachment: Option<Attachment>,
+    /// The task's volumes, as the masters resolved them (`spec.task.volumes`, with `{slot}`
+    /// replaced).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mounts: Vec<Mount>,
+    /// The secrets and configs the task mounts, each at the version the task was made with. Their
+    /// contents are never here: they travel beside the assignment and stay in the agent's memory
+    /// and on a tmpfs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub files: Vec<TaskFile>,
+}
+
+/// One volume mounted into a task.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Mount {
+    /// The volume's name in the task's namespace.
+    pub volume: String,
+    /// Absolute path in the task.
+    pub target: String,
+    /// Mounted read-only.
+    #[serde(default)]
+    pub read_only: bool,
+    /// Where the data is.
+    pub source: MountSource,
+}
+
+/// Where a volume's data is, per driver.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "driver", rename_all = "kebab-case")]
+pub enum MountSource {
+    /// Under the agent's data dir; `size`: a filesystem image of that many bytes.
+    Local {
+        /// Enforced size in bytes; none: a plain directory.
+        #[serde(default)]
+        size: Option<u64>,
+    },
+    /// A path on the node.
+    Host {
+        /// Absolute path.
+        path: String,
+    },
+    /// A GlusterFS volume, mounted through FUSE.
+    Glusterfs {
+        /// Volume file servers.
+        servers: Vec<String>,
+        /// The GlusterFS volume's name.
+        volume: String,
+    },
+}
+
+/// A secret or config a task mounts as a file.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskFile {
+    /// Secret or config.
+    pub kind: FileKind,
+    /// Its name in the task's namespace.
+    pub name: String,
+    /// The version the task uses.
+    pub version: u64,
+    /// Absolute path of the file in the task.
+    pub target: String,
+    /// Permission bits.
+    pub mode: u32,
+}
+
+impl TaskFile {
+    /// `kind/name@version`: how the assignment's contents name it.
+    pub fn id(&self) -> String {
+        format!("{}/{}@{}", self.kind, self.name, self.version)
+    }
 }
 
 /// A task's place on its networks, made by its node's agent before the task starts.
