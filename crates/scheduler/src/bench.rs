@@ -74,6 +74,7 @@ fn synthetic_nodes(count: usize) -> Vec<NodeInfo> {
                 cpu_millis: 4_000 << size,
                 memory_bytes: (8 * GIB) << size,
                 networks: true,
+                host_paths: Vec::new(),
             }
         })
         .collect()

@@ -163,6 +163,7 @@ mod tests {
             cpu_millis: 1000,
             memory_bytes: 1 << 30,
             networks: false,
+            host_paths: Vec::new(),
         };
         let m = |s: &str| s.parse::<Constraint>().unwrap().matches(&node);
         assert!(m("node.labels.zone == eu-1a"));

@@ -36,6 +36,9 @@ pub struct NodeInfo {
     /// plane).
     #[serde(default)]
     pub networks: bool,
+    /// The host-path prefixes the node's agent lets `host` volumes use.
+    #[serde(default)]
+    pub host_paths: Vec<String>,
 }
 
 /// The address blocks of one network: which nodes hold one, and how many are still free. A
@@ -70,6 +73,31 @@ pub struct TaskRequest {
     /// hold or can get an address block of each, are eligible.
     #[serde(default)]
     pub networks: Vec<String>,
+    /// Volumes the task mounts that restrict its node.
+    #[serde(default)]
+    pub volumes: Vec<VolumeNeed>,
+}
+
+/// What a task's volume asks of its node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct VolumeNeed {
+    /// `namespace/name`.
+    pub volume: String,
+    /// A local volume: the node that holds its data, or `None` for one not created yet (the
+    /// first task placed creates it, and later tasks of the batch follow it there).
+    pub local: bool,
+    pub node: Option<String>,
+    /// A host volume: the path, which the node's agent must allow.
+    pub host_path: Option<String>,
+}
+
+/// Whether `path` lies under one of `prefixes`, compared by whole path components (`/srv/a` is
+/// under `/srv` and `/srv/a`, not under `/srv/ab`). Both are absolute and normalised.
+pub fn host_path_allowed(prefixes: &[String], path: &str) -> bool {
+    prefixes.iter().any(|prefix| {
+        let prefix = prefix.trim_end_matches('/');
+        prefix.is_empty() || path == prefix || path.strip_prefix(prefix).is_some_and(|rest| rest.starts_with('/'))
+    })
 }
 
 /// A task already bound to a node; it uses that node's resources and ports.

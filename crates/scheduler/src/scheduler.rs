@@ -5,7 +5,9 @@ use std::collections::HashMap;
 use std::fmt::Write as _;
 
 use crate::constraint::Constraint;
-use crate::model::{Availability, NetworkRoom, NodeInfo, Placed, Placement, Strategy, TaskRequest, Unplaced};
+use crate::model::{
+    Availability, NetworkRoom, NodeInfo, Placed, Placement, Strategy, TaskRequest, Unplaced, host_path_allowed,
+};
 
 /// Node index into the id-sorted node list.
 type NodeIx = u32;
@@ -39,6 +41,9 @@ pub struct Scheduler {
     constraint_masks: HashMap<Vec<Constraint>, Vec<bool>>,
     /// Per network: which nodes hold an address block, and how many blocks are free.
     rooms: HashMap<String, Room>,
+    /// Local volumes not created yet that a task of this batch was placed with: the node that
+    /// will hold each, so later tasks mounting it follow.
+    pins: HashMap<String, NodeIx>,
     scratch: Scratch,
 }
 
@@ -126,6 +131,8 @@ enum Reject {
     Memory,
     NoNetworks,
     NetworkFull,
+    VolumeNode,
+    HostPath,
 }
 
 /// A task's request, resolved against the scheduler's counters.
@@ -188,6 +195,7 @@ impl Scheduler {
             spread: HashMap::new(),
             constraint_masks: HashMap::new(),
             rooms: HashMap::new(),
+            pins: HashMap::new(),
             scratch: Scratch { same: vec![0; n], blocked: vec![0; n], affine: vec![0; n] },
             nodes,
         };
@@ -222,6 +230,7 @@ impl Scheduler {
     /// placements and, for tasks no node can take, the reason.
     pub fn schedule(&mut self, tasks: &[TaskRequest]) -> (Vec<Placement>, Vec<Unplaced>) {
         self.constraint_masks.clear();
+        self.pins.clear();
         let mut placements = Vec::with_capacity(tasks.len());
         let mut unplaced = Vec::new();
         for task in tasks {
@@ -286,6 +295,9 @@ impl Scheduler {
                     room.has_block[node as usize] = true;
                     room.free = room.free.saturating_sub(1);
                 }
+            }
+            for v in task.volumes.iter().filter(|v| v.local && v.node.is_none()) {
+                self.pins.entry(v.volume.clone()).or_insert(node);
             }
         }
         result
@@ -454,7 +466,28 @@ impl Scheduler {
                 return Some(Reject::NetworkFull);
             }
         }
+        if !task.volumes.is_empty() {
+            for v in &task.volumes {
+                if v.local && self.volume_node(v).is_some_and(|n| n != node) {
+                    return Some(Reject::VolumeNode);
+                }
+                if let Some(path) = &v.host_path
+                    && !host_path_allowed(&self.nodes[i].host_paths, path)
+                {
+                    return Some(Reject::HostPath);
+                }
+            }
+        }
         None
+    }
+
+    /// The node a local volume's data is on (or will be, placed earlier in this batch).
+    fn volume_node(&self, v: &crate::model::VolumeNeed) -> Option<NodeIx> {
+        match &v.node {
+            // A volume on a node that is gone: no node can take the task.
+            Some(id) => Some(self.by_id.get(id).copied().unwrap_or(NodeIx::MAX)),
+            None => self.pins.get(&v.volume).copied(),
+        }
     }
 
     fn reject(&self, ctx: &Ctx<'_>, node: NodeIx) -> Option<Reject> {
@@ -477,7 +510,7 @@ impl Scheduler {
             return "0/0 nodes eligible: the cluster has no nodes".to_string();
         }
         let task = ctx.task;
-        let mut fixed = [0usize; 11];
+        let mut fixed = [0usize; 13];
         let mut per_constraint = vec![0usize; task.constraints.len()];
         for node in 0..n as NodeIx {
             match self.reject(ctx, node) {
@@ -534,6 +567,22 @@ impl Scheduler {
         push(
             fixed[slot(Reject::NetworkFull)],
             format!("have no address block of network {} and none is free (give it a larger subnet)", full.join(", ")),
+        );
+        let pinned: Vec<String> = task
+            .volumes
+            .iter()
+            .filter(|v| v.local)
+            .filter_map(|v| {
+                let node = self.volume_node(v)?;
+                let on = self.nodes.get(node as usize).map_or("a node that is gone", |n| n.name.as_str());
+                Some(format!("{} (its data is on {on})", v.volume))
+            })
+            .collect();
+        push(fixed[slot(Reject::VolumeNode)], format!("do not hold local volume {}", pinned.join(", ")));
+        let paths: Vec<&str> = task.volumes.iter().filter_map(|v| v.host_path.as_deref()).collect();
+        push(
+            fixed[slot(Reject::HostPath)],
+            format!("do not allow host path {} (start their agents with --allow-host-path)", paths.join(", ")),
         );
         format!("0/{n} nodes eligible: {}", parts.join(", "))
     }
@@ -617,6 +666,8 @@ fn slot(r: Reject) -> usize {
         Reject::Memory => 8,
         Reject::NoNetworks => 9,
         Reject::NetworkFull => 10,
+        Reject::VolumeNode => 11,
+        Reject::HostPath => 12,
     }
 }
 

@@ -2,7 +2,10 @@
 
 use std::collections::BTreeMap;
 
-use crate::{Availability, Constraint, NodeInfo, Placed, Placement, Scheduler, Strategy, TaskRequest, Unplaced};
+use crate::{
+    Availability, Constraint, NodeInfo, Placed, Placement, Scheduler, Strategy, TaskRequest, Unplaced, VolumeNeed,
+    host_path_allowed,
+};
 
 const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
@@ -17,6 +20,7 @@ fn node(id: &str, labels: &[(&str, &str)]) -> NodeInfo {
         cpu_millis: 4_000,
         memory_bytes: 4 * GIB,
         networks: false,
+        host_paths: Vec::new(),
     }
 }
 
@@ -360,4 +364,66 @@ fn network_tasks_need_capable_nodes_with_room_for_a_block() {
     ]);
     assert_eq!(placed.len(), 1);
     assert_eq!(placed[0].task_id, "plain");
+}
+
+fn local(volume: &str, node: Option<&str>) -> VolumeNeed {
+    VolumeNeed { volume: volume.into(), local: true, node: node.map(str::to_string), host_path: None }
+}
+
+#[test]
+fn a_task_goes_to_the_node_that_holds_its_local_volume() {
+    let mut s = Scheduler::new(nodes(&["a", "b", "c"]), &[], Strategy::Spread);
+    let t = TaskRequest { volumes: vec![local("default/db", Some("c"))], ..task("db", 1) };
+    let (placed, unplaced) = s.schedule(&[t]);
+    assert!(unplaced.is_empty(), "{unplaced:?}");
+    assert_eq!(placed[0].node_id, "c");
+}
+
+#[test]
+fn a_task_whose_volume_node_cannot_take_it_stays_pending_with_the_reason() {
+    let mut all = nodes(&["a", "b"]);
+    all[1].availability = Availability::Drain;
+    let mut s = Scheduler::new(all, &[], Strategy::Spread);
+    let t = TaskRequest { volumes: vec![local("default/db", Some("b"))], ..task("db", 1) };
+    let (placed, unplaced) = s.schedule(&[t.clone()]);
+    assert!(placed.is_empty());
+    let reason = &unplaced[0].reason;
+    assert!(reason.contains("1 drained") && reason.contains("1 do not hold local volume default/db"), "{reason}");
+    assert!(reason.contains("its data is on h-b"), "{reason}");
+    let gone = TaskRequest { volumes: vec![local("default/db", Some("zz"))], ..task("db", 1) };
+    let (_, unplaced) = s.schedule(&[gone]);
+    assert!(unplaced[0].reason.contains("a node that is gone"), "{}", unplaced[0].reason);
+}
+
+#[test]
+fn tasks_of_one_batch_follow_a_new_local_volume_to_the_node_chosen_first() {
+    let mut s = Scheduler::new(nodes(&["a", "b", "c"]), &[], Strategy::Spread);
+    let batch: Vec<TaskRequest> =
+        (1..=3).map(|i| TaskRequest { volumes: vec![local("default/shared", None)], ..task("web", i) }).collect();
+    let (placed, unplaced) = s.schedule(&batch);
+    assert!(unplaced.is_empty(), "{unplaced:?}");
+    assert!(placed.iter().all(|p| p.node_id == placed[0].node_id), "{placed:?}");
+}
+
+#[test]
+fn a_host_volume_needs_a_node_that_allows_its_path() {
+    let mut all = nodes(&["a", "b"]);
+    all[1].host_paths = vec!["/srv".into()];
+    let mut s = Scheduler::new(all, &[], Strategy::Spread);
+    let need = |p: &str| VolumeNeed { volume: "default/h".into(), host_path: Some(p.into()), ..Default::default() };
+    let (placed, _) = s.schedule(&[TaskRequest { volumes: vec![need("/srv/data")], ..task("h", 1) }]);
+    assert_eq!(placed[0].node_id, "b");
+    let (_, unplaced) = s.schedule(&[TaskRequest { volumes: vec![need("/srvx")], ..task("h", 2) }]);
+    assert!(unplaced[0].reason.contains("2 do not allow host path /srvx"), "{}", unplaced[0].reason);
+}
+
+#[test]
+fn host_paths_are_compared_by_whole_components() {
+    let allowed = vec!["/srv/data".to_string()];
+    assert!(host_path_allowed(&allowed, "/srv/data"));
+    assert!(host_path_allowed(&allowed, "/srv/data/x"));
+    assert!(!host_path_allowed(&allowed, "/srv/data2"));
+    assert!(!host_path_allowed(&allowed, "/srv"));
+    assert!(!host_path_allowed(&[], "/srv"));
+    assert!(host_path_allowed(&["/".to_string()], "/anything"));
 }
