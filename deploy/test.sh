@@ -8,6 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source deploy/prereqs.sh
 source deploy/chaos-prereqs.sh
+source deploy/storage-prereqs.sh
 cargo fmt --all --check
 cargo clippy --workspace --all-targets -- -D warnings
 # The integration tests and the chaos suite drive the real binaries.

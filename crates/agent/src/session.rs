@@ -707,7 +707,9 @@ impl<D: Driver> Agent<D> {
         let tasks: Vec<TaskStatus> = std::mem::take(&mut self.pending).into_values().collect();
         let ids: Vec<String> = tasks.iter().map(|t| t.task_id.clone()).collect();
         debug!(tasks = tasks.len(), "reporting task statuses");
-        if let Err(e) = writer.send(&frame(agent_frame::Body::Status(StatusReport { tasks, volumes: Vec::new() }))).await {
+        if let Err(e) =
+            writer.send(&frame(agent_frame::Body::Status(StatusReport { tasks, volumes: Vec::new() }))).await
+        {
             return Err(SessionEnd::from_frame_error(e, conn));
         }
         self.prune(ids);

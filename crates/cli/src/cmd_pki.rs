@@ -13,7 +13,7 @@ use clap::Args;
 
 #[derive(Args)]
 pub struct PkiInitArgs {
-    /// Directory to write ca.crt, ca.key, admin.crt and admin.key into (created; must not hold a CA).
+    /// Directory to write ca.crt, ca.key, admin.crt, admin.key and secrets.key into (created; must not hold a CA).
     #[arg(long)]
     pub out: PathBuf,
     /// Name in the admin certificate.
@@ -51,6 +51,9 @@ pub fn init(a: &PkiInitArgs) -> Result<()> {
     }
     let ca = CertificateAuthority::generate("berth")?;
     let admin = ca.issue(&Identity::admin(&a.admin_name), &[], &[], a.admin_validity)?;
+    // The masters' key-encryption key for secrets at rest: never in the replicated state, so a
+    // backup alone opens no secret.
+    let secrets_key = hex::encode(rand::random::<[u8; 32]>()) + "\n";
     write_files(
         &a.out,
         &[
@@ -58,6 +61,7 @@ pub fn init(a: &PkiInitArgs) -> Result<()> {
             ("ca.key", ca.key_pem(), true),
             ("admin.crt", &admin.cert_pem, false),
             ("admin.key", &admin.key_pem, true),
+            ("secrets.key", &secrets_key, true),
         ],
     )
 }

@@ -83,6 +83,13 @@ pub enum GetCmd {
         #[arg(short = 'n', long)]
         namespace: Option<String>,
     },
+    /// Volumes: driver, access mode, node, size, usage and the tasks using them.
+    #[command(visible_aliases = ["volume", "vol"])]
+    Volumes {
+        /// Only this namespace (default: every namespace).
+        #[arg(short = 'n', long)]
+        namespace: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -97,6 +104,13 @@ pub enum DescribeCmd {
     /// A network: subnet, VNI, node blocks, services, attached tasks and their addresses.
     #[command(visible_aliases = ["networks", "net"])]
     Network {
+        name: String,
+        #[arg(short = 'n', long, default_value = spec::DEFAULT_NAMESPACE)]
+        namespace: String,
+    },
+    /// A volume: driver, access mode, node, size, usage, and the tasks using it.
+    #[command(visible_aliases = ["volumes", "vol"])]
+    Volume {
         name: String,
         #[arg(short = 'n', long, default_value = spec::DEFAULT_NAMESPACE)]
         namespace: String,
@@ -179,6 +193,14 @@ pub enum DeleteCmd {
     /// Delete networks: refused while services use them.
     #[command(visible_aliases = ["networks", "net"])]
     Network {
+        #[arg(required = true)]
+        names: Vec<String>,
+        #[arg(short = 'n', long, default_value = spec::DEFAULT_NAMESPACE)]
+        namespace: String,
+    },
+    /// Delete volumes: refused while tasks or services use them.
+    #[command(visible_aliases = ["volumes", "vol"])]
+    Volume {
         #[arg(required = true)]
         names: Vec<String>,
         #[arg(short = 'n', long, default_value = spec::DEFAULT_NAMESPACE)]
@@ -498,7 +520,7 @@ impl TaskOut {
 #[derive(Serialize, Debug, Clone)]
 pub struct ApplyOut {
     pub file: String,
-    /// `Service` or `Network`.
+    /// `Service`, `Network` or `Volume`.
     pub kind: String,
     pub namespace: String,
     pub name: String,
@@ -718,8 +740,8 @@ pub fn read_inputs(args: &[String], stdin: &mut dyn Read) -> Result<Vec<Input>> 
 
 /// The lines `apply` prints for one result.
 pub fn apply_lines(r: &ApplyOut) -> Vec<String> {
-    let mut lines = if r.kind == "Network" {
-        vec![format!("network {} {}", key(&r.namespace, &r.name), r.action)]
+    let mut lines = if r.kind == "Network" || r.kind == "Volume" {
+        vec![format!("{} {} {}", r.kind.to_lowercase(), key(&r.namespace, &r.name), r.action)]
     } else {
         vec![format!("service {} {} (version {})", key(&r.namespace, &r.name), r.action, r.version)]
     };
@@ -1114,6 +1136,7 @@ pub async fn run_get(cmd: GetCmd, g: &Global) -> Result<()> {
     match cmd {
         GetCmd::Nodes => cmd_nodes::run_get(cmd_nodes::GetCmd::Nodes, g).await,
         GetCmd::Networks { namespace } => crate::cmd_networks::run_get(namespace.as_deref(), g).await,
+        GetCmd::Volumes { namespace } => crate::cmd_storage::run_get_volumes(namespace.as_deref(), g).await,
         GetCmd::Services { namespace } => {
             let client = crate::config::client(g)?;
             let views = list_services(&client, namespace.as_deref().unwrap_or("")).await?;
@@ -1173,6 +1196,9 @@ fn in_ns(ns: Option<&str>) -> String {
 pub async fn run_describe(cmd: DescribeCmd, g: &Global) -> Result<()> {
     let (name, namespace) = match cmd {
         DescribeCmd::Service { name, namespace } => (name, namespace),
+        DescribeCmd::Volume { name, namespace } => {
+            return crate::cmd_storage::run_describe_volume(&namespace, &name, g).await;
+        }
         DescribeCmd::Network { name, namespace } => {
             return crate::cmd_networks::run_describe(&namespace, &name, g).await;
         }
@@ -1536,6 +1562,9 @@ pub async fn run_delete(cmd: DeleteCmd, g: &Global) -> Result<()> {
     let (names, namespace, wait, timeout) = match cmd {
         DeleteCmd::Service { names, namespace, wait, timeout } => (names, namespace, wait, timeout),
         DeleteCmd::Network { names, namespace } => return crate::cmd_networks::run_delete(&namespace, &names, g).await,
+        DeleteCmd::Volume { names, namespace } => {
+            return crate::cmd_storage::run_delete_volumes(&namespace, &names, g).await;
+        }
     };
     let client = crate::config::client(g)?;
     let mut failed = Vec::new();

@@ -11,6 +11,7 @@ mod cmd_networks;
 mod cmd_nodes;
 mod cmd_pki;
 mod cmd_services;
+mod cmd_storage;
 mod config;
 mod dev;
 mod dev_hosts;
@@ -76,7 +77,13 @@ enum Cmd {
     /// Bootstrap tokens for adding hosts.
     #[command(subcommand)]
     Token(cmd_nodes::TokenCmd),
-    /// Create or update services from YAML/JSON files (`kind: Service` documents).
+    /// Secrets tasks mount as files: stored encrypted, never printed.
+    #[command(subcommand)]
+    Secret(cmd_storage::FileCmd),
+    /// Configs tasks mount as files.
+    #[command(subcommand)]
+    Config(cmd_storage::FileCmd),
+    /// Create or update services, networks and volumes from YAML/JSON files.
     Apply(cmd_services::ApplyArgs),
     /// List services, tasks or nodes.
     #[command(subcommand)]
@@ -193,6 +200,10 @@ struct MasterArgs {
     /// `berth member certificate` wrote (a master added later).
     #[arg(long)]
     pki_dir: Option<PathBuf>,
+    /// The key that seals the cluster's secrets at rest (64 hex digits; every master needs the
+    /// same). Default: DATA_DIR/pki/secrets.key, copied there from --pki-dir on the first start.
+    #[arg(long)]
+    secrets_key_file: Option<PathBuf>,
     /// Lifetime of the certificates this master issues; each is renewed at a random 50-80% of it.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "90days")]
     cert_validity: Duration,
@@ -261,6 +272,7 @@ async fn run_master(a: MasterArgs) -> Result<()> {
     cfg.snapshot_logs = a.snapshot_logs;
     cfg.max_value_bytes = a.max_value_bytes;
     cfg.pki_dir = a.pki_dir;
+    cfg.secrets_key_file = a.secrets_key_file;
     cfg.cert_validity = a.cert_validity;
     cfg.node_down_grace = a.node_down_grace;
     cfg.agent_heartbeat_interval = a.agent_heartbeat_interval;
@@ -313,14 +325,17 @@ fn main() {
             Cmd::Dev(a) => dev::run(a, &cli.global).await,
             Cmd::Pki(PkiCmd::Init(a)) => cmd_pki::init(&a).map(|()| {
                 println!(
-                    "wrote ca.crt, ca.key, admin.crt and admin.key into {}. Start each founding master once \
-                     with --pki-dir {} (copy the directory to master hosts only: ca.key signs every \
-                     certificate), and use ca.crt, admin.crt and admin.key as the client credentials.",
+                    "wrote ca.crt, ca.key, admin.crt, admin.key and secrets.key into {}. Start each founding \
+                     master once with --pki-dir {} (copy the directory to master hosts only: ca.key signs every \
+                     certificate and secrets.key seals every secret), and use ca.crt, admin.crt and admin.key as \
+                     the client credentials.",
                     a.out.display(),
                     a.out.display()
                 )
             }),
             Cmd::Token(c) => cmd_nodes::run_token(c, &cli.global).await,
+            Cmd::Secret(c) => cmd_storage::run_file(berth_api::pb::FileKind::Secret, c, &cli.global).await,
+            Cmd::Config(c) => cmd_storage::run_file(berth_api::pb::FileKind::Config, c, &cli.global).await,
             Cmd::Apply(a) => cmd_services::run_apply(a, &cli.global).await,
             Cmd::Get(c) => cmd_services::run_get(c, &cli.global).await,
             Cmd::Describe(c) => cmd_services::run_describe(c, &cli.global).await,

@@ -26,6 +26,8 @@ pub struct MasterConfig {
     /// master, or `berth member add --pki-out`'s (CA certificate, master certificate and key) for
     /// a master added later.
     pub pki_dir: Option<PathBuf>,
+    /// The key-encryption key for secrets (64 hex digits); default `DATA_DIR/pki/secrets.key`.
+    pub secrets_key_file: Option<PathBuf>,
     /// Lifetime of the certificates this master issues (its own and agents'); renewed at a random
     /// point between 50% and 80% of it.
     pub cert_validity: Duration,
@@ -72,6 +74,7 @@ impl MasterConfig {
             snapshot_logs: 10_000,
             max_value_bytes: berth_types::Limits::default().max_value_bytes,
             pki_dir: None,
+            secrets_key_file: None,
             cert_validity: DEFAULT_CERT_VALIDITY,
             node_down_grace: DEFAULT_NODE_DOWN_GRACE,
             agent_heartbeat_interval: DEFAULT_AGENT_HEARTBEAT_INTERVAL,

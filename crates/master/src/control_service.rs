@@ -2,7 +2,11 @@
 //! `rollout`, `delete`, `logs`). Writes are conditional transactions on the service record's
 //! mod_revision; the leader's controllers do the rest.
 
-use std::{collections::HashMap, pin::Pin, sync::Arc};
+use std::{
+    collections::{BTreeMap, HashMap},
+    pin::Pin,
+    sync::Arc,
+};
 
 use berth_api::pb::{
     self, Rollout, RolloutAction, RolloutState, ServiceRecord, ServiceView, Task,
@@ -143,6 +147,7 @@ impl ControlSvc {
         let now = objects::now_ms();
         let mut r = rec.obj.clone();
         r.previous_spec_json = std::mem::replace(&mut r.spec_json, new_spec.canonical_json());
+        r.previous_file_versions = r.file_versions.clone();
         r.previous_version = r.version;
         r.version += 1;
         r.updated_at_ms = now;
@@ -170,6 +175,49 @@ impl ControlService for ControlSvc {
         let rec = networks::load(&self.ctx.reader, ns, &r.name)?;
         let network = networks::view(&self.ctx.reader, rec)?;
         Ok(Response::new(pb::NetworkResponse { header: Some(self.ctx.header()), network: Some(network) }))
+    }
+
+    async fn list_volumes(
+        &self,
+        r: Request<pb::ListVolumesRequest>,
+    ) -> Result<Response<pb::ListVolumesResponse>, Status> {
+        let r = r.into_inner();
+        self.ctx.read_barrier().await?;
+        let volumes = crate::volumes::list(&self.ctx.reader, &r.namespace)?;
+        Ok(Response::new(pb::ListVolumesResponse { header: Some(self.ctx.header()), volumes }))
+    }
+
+    async fn get_volume(&self, r: Request<pb::VolumeRef>) -> Result<Response<pb::VolumeResponse>, Status> {
+        let r = r.into_inner();
+        self.ctx.read_barrier().await?;
+        let volume = crate::volumes::get(&self.ctx.reader, &r.namespace, &r.name)?;
+        Ok(Response::new(pb::VolumeResponse { header: Some(self.ctx.header()), volume: Some(volume) }))
+    }
+
+    async fn delete_volume(&self, r: Request<pb::VolumeRef>) -> Result<Response<pb::VolumeResponse>, Status> {
+        let r = r.into_inner();
+        let volume = crate::volumes::delete(&self.ctx, &r.namespace, &r.name).await?;
+        Ok(Response::new(pb::VolumeResponse { header: Some(self.ctx.header()), volume: Some(volume) }))
+    }
+
+    async fn put_file(&self, r: Request<pb::PutFileRequest>) -> Result<Response<pb::FileResponse>, Status> {
+        let file = crate::secrets::put(&self.ctx, r.into_inner()).await?;
+        Ok(Response::new(pb::FileResponse { header: Some(self.ctx.header()), file: Some(file) }))
+    }
+
+    async fn list_files(&self, r: Request<pb::ListFilesRequest>) -> Result<Response<pb::ListFilesResponse>, Status> {
+        let r = r.into_inner();
+        let kind = crate::secrets::kind_of(r.kind)?;
+        self.ctx.read_barrier().await?;
+        let files = crate::secrets::list(&self.ctx.reader, kind, &r.namespace)?;
+        Ok(Response::new(pb::ListFilesResponse { header: Some(self.ctx.header()), files }))
+    }
+
+    async fn delete_file(&self, r: Request<pb::FileRef>) -> Result<Response<pb::FileResponse>, Status> {
+        let r = r.into_inner();
+        let kind = crate::secrets::kind_of(r.kind)?;
+        let file = crate::secrets::delete(&self.ctx, kind, &r.namespace, &r.name).await?;
+        Ok(Response::new(pb::FileResponse { header: Some(self.ctx.header()), file: Some(file) }))
     }
 
     async fn delete_network(&self, r: Request<pb::NetworkRef>) -> Result<Response<pb::NetworkResponse>, Status> {
@@ -208,9 +256,35 @@ impl ControlService for ControlSvc {
                 kind: "Network".into(),
             });
         }
+        // Volumes next, so that services of the same apply may mount them.
+        let applied: Vec<&spec::Volume> =
+            documents.iter().filter_map(|d| if let Document::Volume(v) = d { Some(v) } else { None }).collect();
+        for v in &applied {
+            if r.expected_revision != 0 {
+                return Err(Status::invalid_argument("expected_revision applies to a Service document only"));
+            }
+            let (action, change, part) = crate::volumes::plan(&self.ctx.reader, v, now)?;
+            if let Some(part) = part
+                && !r.dry_run
+            {
+                parts.push(part);
+            }
+            let action = if r.dry_run { format!("would be {action}") } else { action.to_string() };
+            results.push(pb::ApplyResult {
+                namespace: v.metadata.namespace.clone(),
+                name: v.metadata.name.clone(),
+                action,
+                version: 0,
+                revision: 0,
+                changes: change,
+                kind: "Volume".into(),
+            });
+        }
         for doc in &documents {
             let Document::Service(s) = doc else { continue };
             plan.service(s, now)?;
+            crate::volumes::check_service(&self.ctx.reader, s, &applied)?;
+            let file_versions = crate::secrets::resolve_versions(&self.ctx.reader, s)?;
             let (ns, name) = (&s.metadata.namespace, &s.metadata.name);
             let key = tasks::service_key(ns, name);
             let existing = objects::get::<ServiceRecord>(&self.ctx.reader, &key)?;
@@ -226,7 +300,12 @@ impl ControlService for ControlSvc {
             let change = changes(old_json, &json);
             let current_vip = existing.as_ref().filter(|e| !e.obj.deleting).map_or("", |e| e.obj.vip.as_str());
             let vip = plan.vip(&self.ctx.reader, s, current_vip)?;
-            let unchanged = old_json == Some(json.as_str()) && vip == current_vip;
+            let current_files: BTreeMap<String, u64> = existing
+                .as_ref()
+                .filter(|e| !e.obj.deleting)
+                .map(|e| e.obj.file_versions.iter().map(|(k, v)| (k.clone(), *v)).collect())
+                .unwrap_or_default();
+            let unchanged = old_json == Some(json.as_str()) && vip == current_vip && file_versions == current_files;
             let (action, version) = match &existing {
                 Some(_) if unchanged => ("unchanged", existing.as_ref().map_or(0, |e| e.obj.version)),
                 Some(e) if !e.obj.deleting => ("updated", e.obj.version + 1),
@@ -245,6 +324,8 @@ impl ControlService for ControlSvc {
                     rec.spec_json.clear();
                 }
                 rec.previous_spec_json = std::mem::replace(&mut rec.spec_json, json.clone());
+                rec.previous_file_versions = std::mem::take(&mut rec.file_versions);
+                rec.file_versions = file_versions.into_iter().collect();
                 rec.previous_version = rec.version;
                 rec.version = version;
                 rec.updated_at_ms = now;
@@ -456,6 +537,7 @@ impl ControlService for ControlSvc {
                 }
                 let mut n = rec.obj.clone();
                 std::mem::swap(&mut n.spec_json, &mut n.previous_spec_json);
+                std::mem::swap(&mut n.file_versions, &mut n.previous_file_versions);
                 n.previous_version = n.version;
                 n.version += 1;
                 n.updated_at_ms = now;

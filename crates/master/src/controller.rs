@@ -122,6 +122,8 @@ struct World {
     networks: HashMap<String, objects::Versioned<NetworkRecord>>,
     /// The cluster has address pools: services' tasks join networks.
     has_pools: bool,
+    /// `namespace/name` -> volume.
+    volumes: HashMap<String, objects::Versioned<berth_api::pb::VolumeRecord>>,
 }
 
 fn load(ctx: &Ctx) -> Result<World, String> {
@@ -145,6 +147,7 @@ fn load(ctx: &Ctx) -> Result<World, String> {
     } else {
         HashMap::new()
     };
+    let volumes = crate::volumes::load_all(&ctx.reader).map_err(err)?;
     let mut svcs = Vec::new();
     for s in services {
         match Svc::parse(s.obj, s.mod_revision) {
@@ -165,6 +168,7 @@ fn load(ctx: &Ctx) -> Result<World, String> {
             .collect(),
         networks,
         has_pools,
+        volumes,
     })
 }
 
@@ -284,7 +288,7 @@ fn new_task(w: &World, svc: &Svc, slot: u32, pinned: &str, fence_ms: u64) -> Tas
         state: TaskState::Pending as i32,
         message: "waiting for a node".into(),
         exit_code: 0,
-        run_spec: tasks::run_spec(svc, slot, fence_ms, w.has_pools).encode(),
+        run_spec: tasks::run_spec(svc, slot, fence_ms, w.has_pools, &w.volumes).encode(),
         created_at_ms: w.now,
         updated_at_ms: w.now,
         pending_reason: String::new(),
@@ -426,7 +430,7 @@ fn orchestrate(w: &World, svc: &Svc, fence_ms: u64, plan: &mut Plan) {
         if t.node_id.is_empty() && t.template_hash != svc.hash && plan.touch(&t.id) {
             // Not placed yet: it simply takes the new template.
             let mut u = t.clone();
-            u.run_spec = tasks::run_spec(svc, *slot, fence_ms, w.has_pools).encode();
+            u.run_spec = tasks::run_spec(svc, *slot, fence_ms, w.has_pools, &w.volumes).encode();
             u.template_hash = svc.hash.clone();
             u.spec_version = svc.record.version;
             u.updated_at_ms = w.now;
@@ -632,6 +636,7 @@ fn rollback(w: &World, svc: &Svc, plan: &mut Plan, why: &str) {
         return;
     }
     std::mem::swap(&mut r.spec_json, &mut r.previous_spec_json);
+    std::mem::swap(&mut r.file_versions, &mut r.previous_file_versions);
     r.previous_version = r.version;
     r.version += 1;
     r.updated_at_ms = w.now;
@@ -676,8 +681,27 @@ fn schedule(w: &World, plan: &mut Plan) {
         w.services.iter().map(|s| ((s.record.namespace.clone(), s.record.name.clone()), s)).collect();
     let svc_of = |t: &Task| svcs.get(&(t.namespace.clone(), t.service.clone())).copied();
     let stopping = stopping_slots(w.tasks.values().map(|t| &t.obj), &w.nodes);
+    let held = crate::volumes::holders(w.tasks.values().map(|t| &t.obj), &w.nodes, &w.volumes);
+    // Single-node-writer volumes an older pending task of this round asks for.
+    let mut claimed: HashSet<String> = HashSet::new();
+    let mut volume_needs: HashMap<String, Vec<berth_scheduler::VolumeNeed>> = HashMap::new();
     let mut pending: Vec<&objects::Versioned<Task>> = Vec::new();
-    for t in w.tasks.values() {
+    let waiting = |t: &objects::Versioned<Task>, reason: String, message: &str, plan: &mut Plan| {
+        let o = &t.obj;
+        if o.pending_reason != reason {
+            let mut n = o.clone();
+            n.pending_reason = reason;
+            n.message = message.into();
+            n.updated_at_ms = w.now;
+            plan.touch(&n.id);
+            plan.push(vec![put_task(&n, t.mod_revision)], String::new());
+        }
+    };
+    // Oldest first, so the oldest task waiting for a single-node-writer volume gets it.
+    let mut candidates: Vec<&objects::Versioned<Task>> =
+        w.tasks.values().filter(|t| t.obj.node_id.is_empty()).collect();
+    candidates.sort_by(|a, b| (a.obj.created_at_ms, &a.obj.id).cmp(&(b.obj.created_at_ms, &b.obj.id)));
+    for t in candidates {
         let o = &t.obj;
         let ready = o.node_id.is_empty()
             && tasks::desired_of(o) == TaskState::Running
@@ -688,20 +712,27 @@ fn schedule(w: &World, plan: &mut Plan) {
         if !ready {
             continue;
         }
-        match stopping.get(&slot_of(o)) {
-            None => pending.push(t),
-            Some(old) => {
-                let reason = format!("waiting for the slot's previous task {old} to stop");
-                if o.pending_reason != reason {
-                    let mut n = o.clone();
-                    n.pending_reason = reason;
-                    n.message = "waiting for the previous task to stop".into();
-                    n.updated_at_ms = w.now;
-                    plan.touch(&n.id);
-                    plan.push(vec![put_task(&n, t.mod_revision)], String::new());
+        if let Some(old) = stopping.get(&slot_of(o)) {
+            let reason = format!("waiting for the slot's previous task {old} to stop");
+            waiting(t, reason, "waiting for the previous task to stop", plan);
+            continue;
+        }
+        if crate::volumes::has_mounts(o) {
+            match crate::volumes::needs(o, &w.volumes, &held, &w.nodes) {
+                Err(reason) => {
+                    waiting(t, reason, "waiting for its volumes", plan);
+                    continue;
+                }
+                Ok((needs, exclusive)) => {
+                    if exclusive.iter().any(|v| claimed.contains(v)) {
+                        continue; // an older task asks for the same volume; the next round decides
+                    }
+                    claimed.extend(exclusive);
+                    volume_needs.insert(o.id.clone(), needs);
                 }
             }
         }
+        pending.push(t);
     }
     if pending.is_empty() {
         return;
@@ -729,8 +760,14 @@ fn schedule(w: &World, plan: &mut Plan) {
         if group.is_empty() {
             continue;
         }
-        let requests: Vec<_> =
-            group.iter().map(|t| tasks::task_request(&t.obj, svc_of(&t.obj).expect("filtered"), w.has_pools)).collect();
+        let requests: Vec<_> = group
+            .iter()
+            .map(|t| {
+                let mut r = tasks::task_request(&t.obj, svc_of(&t.obj).expect("filtered"), w.has_pools);
+                r.volumes = volume_needs.get(&t.obj.id).cloned().unwrap_or_default();
+                r
+            })
+            .collect();
         let mut scheduler = Scheduler::new(nodes.clone(), &placed, strategy).with_networks(&rooms);
         let (p, u) = scheduler.schedule(&requests);
         if strategy == Strategy::Spread {
@@ -809,8 +846,15 @@ fn schedule(w: &World, plan: &mut Plan) {
             }
         }
         plan.touch(&u.id);
+        // New local volumes are pinned to the node in the placement's own transaction.
+        let pins = crate::volumes::pin(&t.obj, &u.node_id, &w.volumes, w.now);
         if needs_block {
             with_blocks.push(put_task(&u, t.mod_revision));
+            with_blocks.extend(pins);
+        } else if !pins.is_empty() {
+            let mut txn = vec![put_task(&u, t.mod_revision)];
+            txn.extend(pins);
+            plan.push(txn, format!("scheduler: {} placed with its new volumes", u.id));
         } else {
             parts.push(put_task(&u, t.mod_revision));
         }

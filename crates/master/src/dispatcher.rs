@@ -17,7 +17,7 @@ use berth_api::pb::{
     JoinTokenRecord, Node, NodeAvailability, NodeStatus,
     agent::{
         Accepted, AgentFrame, Assignment, Assignments, AssignmentsKind, CertificateRenewed, HeartbeatAck, Hello,
-        JoinAccepted, JoinError, JoinRejected, MasterFrame, Redirect, agent_frame, master_frame,
+        JoinAccepted, JoinError, JoinRejected, MasterFrame, Redirect, TaskState, agent_frame, master_frame,
     },
 };
 use berth_channel::{FrameReader, FrameWriter, close};
@@ -312,6 +312,7 @@ async fn handle_join(ctx: &Ctx, req: berth_api::pb::agent::JoinRequest) -> Optio
         status_message: "joined; waiting for its first session".into(),
         joined_with_token: token.id.clone(),
         networks: false,
+        host_paths: Vec::new(),
     };
     let mut token_rec = rec.obj.clone();
     if token_rec.uses_left > 0 {
@@ -387,8 +388,10 @@ async fn session(
         return;
     };
     info!(node = %node_id, term, "agent session opened");
-    if hello_changes(&node.obj, hello.networks, &hello.underlay).is_some() {
-        tokio::spawn(record_hello(ctx.clone(), node_id.clone(), hello.networks, hello.underlay.clone()));
+    let caps =
+        Caps { networks: hello.networks, underlay: hello.underlay.clone(), host_paths: hello.host_paths.clone() };
+    if hello_changes(&node.obj, &caps).is_some() {
+        tokio::spawn(record_hello(ctx.clone(), node_id.clone(), caps));
     }
     let accepted = Accepted { term, heartbeat_interval_ms: ctx.agent_heartbeat_interval.as_millis() as u64, masters };
     // Never send a set before the index holds this term's tasks: an empty or stale COMPLETE set
@@ -403,7 +406,7 @@ async fn session(
     let mut changes = ctx.assignments.subscribe(&node_id);
     changes.mark_unchanged();
     let mut sent = Sent { version: 0, set: BTreeMap::new() };
-    let complete = sent.complete(term, ctx.assignments.current(&node_id));
+    let complete = with_files(&ctx, &node_id, sent.complete(term, ctx.assignments.current(&node_id)));
     // Networks: a COMPLETE update after the assignments (once the endpoints index is ready, and
     // only on a cluster with pools or for a node with a view), INCREMENTAL ones after that, at
     // most one every SEND_INTERVAL.
@@ -452,6 +455,7 @@ async fn session(
                     let Some(inc) = sent.incremental(term, set) else { continue };
                     inc
                 };
+                let out = with_files(&ctx, &node_id, out);
                 if let Err(e) = writer.send(&MasterFrame { body: Some(master_frame::Body::Assignments(out)) }).await {
                     lost(&e);
                     return;
@@ -507,6 +511,9 @@ async fn session(
             }
             agent_frame::Body::Status(report) => {
                 ctx.statuses.report(&node_id, report.tasks);
+                if !report.volumes.is_empty() {
+                    tokio::spawn(record_volume_usage(ctx.clone(), node_id.clone(), report.volumes));
+                }
                 None
             }
             // Networks: answered now if the endpoints index is ready, else once it is.
@@ -523,7 +530,8 @@ async fn session(
                 None
             }
             agent_frame::Body::RequestComplete(_) if ctx.assignments.is_ready() => {
-                Some(master_frame::Body::Assignments(sent.complete(term, ctx.assignments.current(&node_id))))
+                let set = sent.complete(term, ctx.assignments.current(&node_id));
+                Some(master_frame::Body::Assignments(with_files(&ctx, &node_id, set)))
             }
             agent_frame::Body::RequestComplete(_) => {
                 complete_wanted = true;
@@ -570,13 +578,26 @@ fn far_future() -> tokio::time::Instant {
     tokio::time::Instant::now() + Duration::from_secs(86_400)
 }
 
+/// What an agent's Hello says about its node.
+#[derive(Debug, Clone, Default)]
+struct Caps {
+    /// It attaches tasks to networks.
+    networks: bool,
+    /// Its underlay address; empty: unknown.
+    underlay: String,
+    /// The host-path prefixes it lets `host` volumes use.
+    host_paths: Vec<String>,
+}
+
 /// The node record as the agent's Hello says it should be, or None when it already is: whether
 /// the agent attaches tasks to networks (the scheduler places network tasks only on such
-/// nodes), and its underlay address (VXLAN peers reach it there), kept in `advertise_addr`
-/// when the agent names one.
-fn hello_changes(node: &Node, networks: bool, underlay: &str) -> Option<Node> {
+/// nodes), its underlay address (VXLAN peers reach it there), kept in `advertise_addr`
+/// when the agent names one, and the host paths `host` volumes may use there.
+fn hello_changes(node: &Node, caps: &Caps) -> Option<Node> {
+    let (networks, underlay) = (caps.networks, caps.underlay.as_str());
     let mut n = node.clone();
     n.networks = networks;
+    n.host_paths = caps.host_paths.clone();
     if !underlay.is_empty() {
         if underlay.parse::<std::net::Ipv4Addr>().is_ok() {
             n.advertise_addr = underlay.to_string();
@@ -589,7 +610,7 @@ fn hello_changes(node: &Node, networks: bool, underlay: &str) -> Option<Node> {
 
 /// Records what the Hello said about the node: a compare-and-put on the node's mod_revision,
 /// read again and retried when another write (the node monitor's "ready") got there first.
-async fn record_hello(ctx: Arc<Ctx>, node_id: String, networks: bool, underlay: String) {
+async fn record_hello(ctx: Arc<Ctx>, node_id: String, caps: Caps) {
     for _ in 0..10 {
         let cur = match objects::get::<Node>(&ctx.reader, &objects::node_key(&node_id)) {
             Ok(Some(c)) => c,
@@ -599,7 +620,7 @@ async fn record_hello(ctx: Arc<Ctx>, node_id: String, networks: bool, underlay: 
                 return;
             }
         };
-        let Some(updated) = hello_changes(&cur.obj, networks, &underlay) else { return };
+        let Some(updated) = hello_changes(&cur.obj, &caps) else { return };
         let txn = objects::txn_of(vec![objects::cas_put(
             objects::node_key(&node_id),
             cur.mod_revision,
@@ -607,7 +628,13 @@ async fn record_hello(ctx: Arc<Ctx>, node_id: String, networks: bool, underlay: 
         )]);
         match ctx.write(Command::Txn(txn)).await {
             Ok(CommandResult::Txn(r)) if r.succeeded => {
-                info!(node = %node_id, networks, underlay = %updated.advertise_addr, "recorded the node's capabilities");
+                info!(
+                    node = %node_id,
+                    networks = caps.networks,
+                    underlay = %updated.advertise_addr,
+                    host_paths = ?caps.host_paths,
+                    "recorded the node's capabilities"
+                );
                 return;
             }
             Ok(_) => tokio::time::sleep(Duration::from_millis(50)).await,
@@ -618,6 +645,36 @@ async fn record_hello(ctx: Arc<Ctx>, node_id: String, networks: bool, underlay: 
         }
     }
     warn!(node = %node_id, "the node's Hello was not recorded: its record kept changing; the next session retries");
+}
+
+/// Attaches the contents of their secrets and configs to the RUNNING assignments of a frame about
+/// to go to `node`'s agent: opened now, only for that node's tasks, never kept in the set the
+/// session compares (so an INCREMENTAL diff is about the tasks, not their files).
+fn with_files(ctx: &Ctx, node: &str, mut a: Assignments) -> Assignments {
+    for asg in &mut a.updated {
+        if asg.desired_state != TaskState::Running as i32 || !asg.spec.windows(8).any(|w| w == b"\"files\":") {
+            continue;
+        }
+        let Ok(rs) = berth_types::task::RunSpec::decode(&asg.spec) else { continue };
+        match crate::secrets::contents(ctx, &rs.namespace, &rs.files) {
+            Ok(files) => asg.files = files,
+            // The agent fails the task, saying which file it lacks; the restart policy retries.
+            Err(e) => warn!(node, task = %asg.task_id, "not sending the task's secrets and configs: {e}"),
+        }
+    }
+    a
+}
+
+/// Records a node's volume usage in the volume records (bounded: see `volumes::usage_updates`).
+async fn record_volume_usage(ctx: Arc<Ctx>, node: String, usage: Vec<berth_api::pb::agent::VolumeUsage>) {
+    let parts = crate::volumes::usage_updates(&ctx.reader, &node, &usage, objects::now_ms());
+    for part in parts {
+        // Each on its own: a race lost on one volume (a placement pinning it) leaves the others.
+        if let Err(e) = ctx.write(Command::Txn(objects::txn_of(vec![part]))).await {
+            debug!(node, "volume usage not recorded: {}", e.message());
+            return;
+        }
+    }
 }
 
 /// What a session last sent its agent, to compute INCREMENTAL changes.
@@ -788,21 +845,25 @@ mod tests {
     #[test]
     fn a_hello_updates_the_node_only_when_it_says_something_new() {
         let node = Node { id: "n1".into(), advertise_addr: "192.0.2.1".into(), ..Default::default() };
+        let hello = |networks: bool, underlay: &str| Caps { networks, underlay: underlay.into(), host_paths: vec![] };
         // Nothing new: no write.
-        assert!(hello_changes(&node, false, "").is_none());
-        assert!(hello_changes(&node, false, "192.0.2.1").is_none());
+        assert!(hello_changes(&node, &hello(false, "")).is_none());
+        assert!(hello_changes(&node, &hello(false, "192.0.2.1")).is_none());
         // The capability.
-        let n = hello_changes(&node, true, "").expect("a change");
+        let n = hello_changes(&node, &hello(true, "")).expect("a change");
         assert!(n.networks);
         assert_eq!(n.advertise_addr, "192.0.2.1", "an empty underlay keeps the address");
         // The underlay address.
-        let n = hello_changes(&node, false, "198.51.100.7").expect("a change");
+        let n = hello_changes(&node, &hello(false, "198.51.100.7")).expect("a change");
         assert_eq!((n.networks, n.advertise_addr.as_str()), (false, "198.51.100.7"));
         // An agent that lost the capability (restarted without root) says so too.
         let capable = Node { networks: true, ..node.clone() };
-        assert!(!hello_changes(&capable, false, "").expect("a change").networks);
+        assert!(!hello_changes(&capable, &hello(false, "")).expect("a change").networks);
         // Something that is not an IPv4 address is not an underlay.
-        assert!(hello_changes(&node, false, "not-an-address").is_none());
-        assert!(hello_changes(&node, false, "2001:db8::1").is_none());
+        assert!(hello_changes(&node, &hello(false, "not-an-address")).is_none());
+        assert!(hello_changes(&node, &hello(false, "2001:db8::1")).is_none());
+        // The host paths an agent allows.
+        let paths = Caps { host_paths: vec!["/srv".into()], ..hello(false, "") };
+        assert_eq!(hello_changes(&node, &paths).expect("a change").host_paths, vec!["/srv".to_string()]);
     }
 }

@@ -24,9 +24,11 @@ mod objects;
 mod proposer;
 mod raft_service;
 mod route;
+mod secrets;
 mod tasks;
 mod tls;
 mod updater;
+mod volumes;
 
 pub use config::{
     DEFAULT_AGENT_HEARTBEAT_INTERVAL, DEFAULT_CERT_VALIDITY, DEFAULT_NODE_DOWN_GRACE, MasterConfig,

@@ -58,6 +58,8 @@ pub(crate) struct Ctx {
     pub pools: Option<crate::ipam::Pools>,
     /// Network updates to agents are sent in parts of about this many bytes.
     pub network_update_part_bytes: usize,
+    /// The key-encryption key and the data key of secrets.
+    pub secrets: crate::secrets::Keys,
 }
 
 impl Ctx {
@@ -194,6 +196,17 @@ pub async fn run_master(cfg: MasterConfig, shutdown: CancellationToken) -> Resul
         .map_err(|e| MasterError::Config(format!("listen address {:?} is not IP:PORT: {e}", ident.listen)))?;
     berth_pki::tls::install_crypto_provider();
     let pki = MasterPki::load_or_init(&cfg.data_dir, cfg.pki_dir.as_deref(), ident.id, listen, cfg.cert_validity)?;
+    let kek_file =
+        cfg.secrets_key_file.clone().unwrap_or_else(|| cfg.data_dir.join("pki").join(crate::secrets::KEY_FILE));
+    let kek = if cfg.secrets_key_file.is_some() || kek_file.exists() {
+        Some(crate::secrets::Kek::load(&kek_file).map_err(MasterError::Config)?)
+    } else {
+        tracing::warn!(
+            "no secrets key at {}: this master cannot store or hand out secrets (give it --secrets-key-file)",
+            kek_file.display()
+        );
+        None
+    };
     let (log, sm) = berth_store::open(&cfg.data_dir)?;
     let reader = sm.reader();
     if reader.removed_members()?.contains(&ident.id) {
@@ -240,6 +253,7 @@ pub async fn run_master(cfg: MasterConfig, shutdown: CancellationToken) -> Resul
         quic: std::sync::OnceLock::new(),
         pools: cfg.pools,
         network_update_part_bytes: cfg.network_update_part_bytes.max(1),
+        secrets: crate::secrets::Keys::new(kek),
     });
     ctx.refresh_removed();
     let quic = crate::dispatcher::bind(&ctx, local_addr)?;

@@ -78,7 +78,7 @@ impl Svc {
     pub fn parse(record: ServiceRecord, mod_revision: i64) -> Result<Svc, String> {
         let spec: Service = serde_json::from_str(&record.spec_json)
             .map_err(|e| format!("service {}/{} has an unreadable spec: {e}", record.namespace, record.name))?;
-        let hash = template_hash(&spec);
+        let hash = template_hash(&spec, &record.file_versions);
         Ok(Svc { record, mod_revision, spec, hash })
     }
 
@@ -99,15 +99,30 @@ impl Svc {
     }
 }
 
-/// Hash of what a task runs: the task template and the disconnect policy.
-pub(crate) fn template_hash(s: &Service) -> String {
-    let json = serde_json::to_string(&(&s.spec.task, &s.spec.disconnect)).unwrap_or_default();
+/// Hash of what a task runs: the task template, the disconnect policy and the versions of the
+/// secrets and configs it mounts (so a new version rolls the service). Without files, the hash
+/// is what it was before files existed.
+pub(crate) fn template_hash(s: &Service, file_versions: &std::collections::HashMap<String, u64>) -> String {
+    let json = if file_versions.is_empty() {
+        serde_json::to_string(&(&s.spec.task, &s.spec.disconnect))
+    } else {
+        let versions: BTreeMap<&String, &u64> = file_versions.iter().collect();
+        serde_json::to_string(&(&s.spec.task, &s.spec.disconnect, versions))
+    }
+    .unwrap_or_default();
     hex::encode(&Sha256::digest(json.as_bytes())[..8])
 }
 
 /// What a task of `svc` runs; `with_networks` on a cluster with pools (then it joins the
 /// service's networks, or its namespace's default).
-pub(crate) fn run_spec(svc: &Svc, slot: u32, fence_timeout_ms: u64, with_networks: bool) -> RunSpec {
+pub(crate) fn run_spec(
+    svc: &Svc,
+    slot: u32,
+    fence_timeout_ms: u64,
+    with_networks: bool,
+    volumes: &std::collections::HashMap<String, crate::objects::Versioned<berth_api::pb::VolumeRecord>>,
+) -> RunSpec {
+    let versions: BTreeMap<String, u64> = svc.record.file_versions.iter().map(|(k, v)| (k.clone(), *v)).collect();
     RunSpec {
         service: svc.record.name.clone(),
         namespace: svc.record.namespace.clone(),
@@ -118,6 +133,8 @@ pub(crate) fn run_spec(svc: &Svc, slot: u32, fence_timeout_ms: u64, with_network
         fence_timeout_ms,
         networks: if with_networks { crate::networks::service_networks(&svc.spec) } else { Vec::new() },
         attachment: None,
+        mounts: crate::volumes::mounts(&svc.spec, slot, volumes),
+        files: crate::secrets::task_files(&svc.spec, &versions),
     }
 }
 
@@ -137,6 +154,7 @@ pub(crate) fn node_info(n: &Node) -> NodeInfo {
         cpu_millis: r.cpu_millis,
         memory_bytes: r.memory_bytes,
         networks: n.networks,
+        host_paths: n.host_paths.clone(),
     }
 }
 
@@ -198,6 +216,7 @@ pub(crate) fn task_request(t: &Task, svc: &Svc, with_networks: bool) -> TaskRequ
         } else {
             Vec::new()
         },
+        volumes: Vec::new(),
     }
 }
 

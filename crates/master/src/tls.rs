@@ -149,6 +149,11 @@ impl MasterPki {
                 src.display()
             )));
         }
+        // The secrets key-encryption key, when the directory has one (`berth pki init` writes it).
+        let kek = src.join(crate::secrets::KEY_FILE);
+        if kek.exists() {
+            write_atomic(&dir.join(crate::secrets::KEY_FILE), read(&kek)?.as_bytes(), true)?;
+        }
         // Written last: its presence marks the directory complete.
         write_atomic(&dir.join(CA_CERT), ca_pem.as_bytes(), false)
     }

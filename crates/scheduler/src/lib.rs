@@ -28,7 +28,8 @@ mod scheduler;
 pub use bench::{BenchResult, bench};
 pub use constraint::{Constraint, ConstraintError, Field, Op};
 pub use model::{
-    Availability, NetworkRoom, NodeInfo, Placed, Placement, Strategy, TaskRequest, Unplaced, VolumeNeed, host_path_allowed,
+    Availability, NetworkRoom, NodeInfo, Placed, Placement, Strategy, TaskRequest, Unplaced, VolumeNeed,
+    host_path_allowed,
 };
 pub use scheduler::Scheduler;
 

@@ -11,9 +11,9 @@
 pub mod network;
 mod placement;
 mod quantity;
-pub mod volume;
 #[cfg(test)]
 mod tests;
+pub mod volume;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -25,10 +25,10 @@ pub use network::{DEFAULT_NETWORK, Network, NetworkSpec};
 pub use placement::{
     CONSTRAINT_ALLOWED, Constraint, ConstraintField, ConstraintOp, SPREAD_ALLOWED, SpreadLabel, is_label_key,
 };
-pub use volume::{AccessMode, FileKind, FileMount, Volume, VolumeDriver, VolumeMount, VolumeSpec};
 pub use quantity::{
     CPU_ALLOWED, Cpu, DURATION_ALLOWED, MEMORY_ALLOWED, Memory, duration, format_duration, parse_duration,
 };
+pub use volume::{AccessMode, FileKind, FileMount, Volume, VolumeDriver, VolumeMount, VolumeSpec};
 
 /// The kinds `apply` accepts.
 pub const KINDS: &[&str] = &["Service", "Network", "Volume"];

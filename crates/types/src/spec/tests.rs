@@ -455,7 +455,8 @@ fn bad_network_documents_say_what_is_wrong() {
             &["spec.block_prefix", "larger than the subnet 10.20.0.0/20"],
         ),
         ("kind: Network\nmetadata: {name: Bad_Name}\n", &["metadata.name", "lowercase"]),
-        ("kind: Volume\nmetadata: {name: n}\n", &["kind", "Service", "Network"]),
+        ("kind: Volumes\nmetadata: {name: n}\n", &["kind", "Service", "Network", "Volume"]),
+        ("kind: Volume\nmetadata: {name: n}\n", &["missing field `spec`"]),
     ] {
         let e = parse_all(text).unwrap_err().to_string();
         for w in words {

@@ -372,7 +372,9 @@ impl<'de> Deserialize<'de> for FileMount {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         use serde::de::Error;
         let input = FileMountInput::deserialize(deserializer).map_err(|_| {
-            D::Error::custom("expected a name, or a map with `source` and optional `target` and `mode` (no other fields)")
+            D::Error::custom(
+                "expected a name, or a map with `source` and optional `target` and `mode` (no other fields)",
+            )
         })?;
         Ok(match input {
             FileMountInput::Name(source) => FileMount { source, target: None, mode: None },
@@ -488,4 +490,100 @@ pub(crate) fn validate_mounts(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::{Document, parse_all, parse_documents};
+
+    fn err(text: &str) -> String {
+        parse_all(text).unwrap_err().to_string()
+    }
+
+    const SVC: &str = "kind: Service\nmetadata: {name: db}\nspec:\n  replicas: 3\n  task:\n    runtime: process\n    \
+                       command: [sh]\n";
+
+    #[test]
+    fn volume_documents_parse_with_their_driver_fields() {
+        let docs = parse_all(
+            "kind: Volume\nmetadata: {name: data}\nspec: {driver: local, size: 1Gi}\n---\nkind: Volume\nmetadata: \
+             {name: shared}\nspec: {driver: glusterfs, servers: [gl-1, \"10.0.0.7:24007\"], volume: gv0, access: \
+             multi-node-writer}\n---\nkind: Volume\nmetadata: {name: logs}\nspec: {driver: host, path: /srv/logs}\n",
+        )
+        .unwrap();
+        let Document::Volume(v) = &docs[0] else { panic!("{docs:?}") };
+        assert_eq!((v.spec.driver, v.spec.size.map(|s| s.bytes())), (VolumeDriver::Local, Some(1 << 30)));
+        assert_eq!(v.spec.access, AccessMode::SingleNodeWriter, "the default");
+        let Document::Volume(g) = &docs[1] else { panic!() };
+        assert_eq!(g.spec.access, AccessMode::MultiNodeWriter);
+        assert_eq!(g.spec.servers.len(), 2);
+    }
+
+    #[test]
+    fn bad_volumes_get_clear_errors() {
+        let e = err("kind: Volume\nmetadata: {name: a}\nspec: {driver: nfs}\n");
+        assert!(e.contains("spec.driver") && e.contains("local") && e.contains("glusterfs"), "{e}");
+        let e = err("kind: Volume\nmetadata: {name: a}\nspec: {driver: local, size: 12 parsecs}\n");
+        assert!(e.contains("spec.size") && e.contains("Ki, Mi, Gi"), "{e}");
+        let e = err("kind: Volume\nmetadata: {name: a}\nspec: {driver: local, size: 1Ki}\n");
+        assert!(e.contains("too small"), "{e}");
+        let e = err("kind: Volume\nmetadata: {name: a}\nspec: {driver: host, path: srv/data}\n");
+        assert!(e.contains("spec.path") && e.contains("not an absolute path"), "{e}");
+        let e = err("kind: Volume\nmetadata: {name: a}\nspec: {driver: host, path: /srv/../etc}\n");
+        assert!(e.contains("'..'"), "{e}");
+        let e = err("kind: Volume\nmetadata: {name: a}\nspec: {driver: glusterfs, volume: gv0}\n");
+        assert!(e.contains("requires `servers`"), "{e}");
+        let e = err("kind: Volume\nmetadata: {name: a}\nspec: {driver: host, path: /srv, size: 1Gi}\n");
+        assert!(e.contains("`size` is only enforced for driver `local`"), "{e}");
+        let e = err("kind: Volume\nmetadata: {name: a}\nspec: {driver: local, colour: red}\n");
+        assert!(e.contains("unknown field `colour`"), "{e}");
+    }
+
+    #[test]
+    fn mounts_need_absolute_targets_and_per_slot_sources_need_slots() {
+        let e = err(&format!("{SVC}    volumes: [{{source: data, target: data}}]\n"));
+        assert!(e.contains("spec.task.volumes[0].target") && e.contains("not an absolute path"), "{e}");
+        let global = SVC.replace("replicas: 3", "mode: global");
+        let e = err(&format!("{global}    volumes: [{{source: \"db-{{slot}}\", target: /data}}]\n"));
+        assert!(e.contains("need mode `replicated`"), "{e}");
+        let e = err(&format!("{SVC}    volumes: [{{source: data, target: /data, size: 1Gi}}]\n"));
+        assert!(e.contains("only for per-slot volumes"), "{e}");
+        let e = err(&format!("{SVC}    volumes: [{{source: \"db-{{slot}}\", target: /d, driver: glusterfs}}]\n"));
+        assert!(e.contains("only do for driver `local`"), "{e}");
+        let e = err(&format!("{SVC}    volumes: [{{source: a, target: /d}}, {{source: b, target: /d}}]\n"));
+        assert!(e.contains("already mounted"), "{e}");
+        let s =
+            parse_documents(&format!("{SVC}    volumes: [{{source: \"db-{{slot}}\", target: /data, size: 64Mi}}]\n"))
+                .unwrap()
+                .remove(0);
+        let m = &s.spec.task.volumes[0];
+        assert!(m.per_slot());
+        assert_eq!(m.volume_name(2), "db-2");
+        assert_eq!(m.template().size.map(|s| s.bytes()), Some(64 << 20));
+    }
+
+    #[test]
+    fn secrets_take_a_name_or_a_full_form_with_an_octal_mode() {
+        let s = parse_documents(&format!(
+            "{SVC}    secrets: [pw, {{source: tls, target: /etc/tls.key, mode: 0440}}, {{source: k, mode: \"0o600\"}}]\n    \
+             configs: [{{source: conf, target: /etc/app.conf}}]\n"
+        ))
+        .unwrap()
+        .remove(0);
+        let t = &s.spec.task;
+        assert_eq!(t.secrets[0].target_path(), "/run/secrets/pw");
+        assert_eq!(t.secrets[0].mode_bits(FileKind::Secret), 0o400);
+        assert_eq!(t.secrets[1].mode_bits(FileKind::Secret), 0o440);
+        assert_eq!(t.secrets[2].mode_bits(FileKind::Secret), 0o600);
+        assert_eq!(t.configs[0].mode_bits(FileKind::Config), 0o444);
+        let e = err(&format!("{SVC}    secrets: [{{source: pw, mode: 999}}]\n"));
+        assert!(e.contains("invalid mode"), "{e}");
+        let e = err(&format!("{SVC}    secrets: [{{source: pw, target: run/pw}}]\n"));
+        assert!(e.contains("not an absolute path"), "{e}");
+        let e = err(&format!("{SVC}    configs: [conf]\n"));
+        assert!(e.contains("a config needs `target`"), "{e}");
+        let e = err(&format!("{SVC}    secrets: [\"bad name\"]\n"));
+        assert!(e.contains("invalid secret name"), "{e}");
+    }
 }
