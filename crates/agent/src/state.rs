@@ -89,7 +89,12 @@ impl StoredAssignment {
     }
 
     pub fn to_pb(&self, task_id: &str) -> Assignment {
-        Assignment { task_id: task_id.to_string(), spec: self.spec.clone(), desired_state: self.desired, files: Vec::new() }
+        Assignment {
+            task_id: task_id.to_string(),
+            spec: self.spec.clone(),
+            desired_state: self.desired,
+            files: Vec::new(),
+        }
     }
 }
 

@@ -320,6 +320,7 @@ fn config(master: &TestMaster, token: Option<String>, dir: &Path) -> AgentConfig
         simulate: None,
         cluster_domain: None,
         simulate_networks: false,
+        allow_host_paths: Vec::new(),
     }
 }
 
@@ -344,7 +345,7 @@ fn dir_entries(dir: &Path) -> Vec<String> {
 }
 
 fn assignment(id: &str, desired: TaskState) -> Assignment {
-    Assignment { task_id: id.into(), spec: id.as_bytes().to_vec(), desired_state: desired as i32 }
+    Assignment { task_id: id.into(), spec: id.as_bytes().to_vec(), desired_state: desired as i32, files: vec![] }
 }
 
 fn assignments(
