@@ -127,6 +127,13 @@ async fn conformance_sigterm_ignored_killed_after_grace() {
 }
 
 #[tokio::test]
+async fn conformance_binds() {
+    let (tmp, rt, fx) = setup();
+    // The task shares the host's root: its targets are made under this test's directory.
+    conformance::binds(&rt, &fx, &tmp.path().join("in-task").to_string_lossy()).await;
+}
+
+#[tokio::test]
 async fn conformance_adoption() {
     let (tmp, rt, fx) = setup();
     let fresh = runtime(tmp.path());
