@@ -135,7 +135,7 @@ impl TaskFiles {
         }
         let dir = root.join(task_id);
         let names: Vec<String> =
-            spec.files.iter().enumerate().map(|(i, f)| format!("{i}-{}-{}@{}", f.kind, f.name, f.version)).collect();
+            spec.files.iter().enumerate().map(|(i, f)| format!("{i}-{}-{}-v{}", f.kind, f.name, f.version)).collect();
         if let Some(bad) = names.iter().find(|n| !paths::is_component(n)) {
             return Err(fail(format!("{bad:?} cannot name a file")));
         }
