@@ -273,6 +273,7 @@ impl TaskFiles {
 }
 
 /// Whether `path` is on a tmpfs.
+#[allow(clippy::unnecessary_cast)] // `f_type`'s type differs between architectures
 fn is_tmpfs(path: &Path) -> bool {
     rustix::fs::statfs(path).is_ok_and(|s| s.f_type as i64 == TMPFS_MAGIC)
 }
