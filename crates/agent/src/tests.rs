@@ -835,12 +835,15 @@ async fn silent_masters_do_not_hold_up_the_reconnect() {
     drop(silent);
 }
 
+/// (task id, file id, contents) as a driver was handed them.
+type SeenFiles = Arc<Mutex<Vec<(String, String, Vec<u8>)>>>;
+
 /// A driver that records what the session hands it about storage, and publishes volume usage
 /// the test sets.
 struct StorageDriver {
     sim: SimulatedDriver,
     node: Arc<Mutex<Option<String>>>,
-    files: Arc<Mutex<Vec<(String, String, Vec<u8>)>>>,
+    files: SeenFiles,
     usage: tokio::sync::watch::Receiver<crate::volume::UsageReport>,
 }
 

@@ -158,8 +158,8 @@ pub(crate) async fn detach(dir: &Path) {
 /// hold it: the client then ends once that is gone too).
 pub(crate) async fn unmount(dir: &Path) -> Result<(), String> {
     let d = dir.to_path_buf();
-    let r = tokio::task::spawn_blocking(move || super::unmount(&d)).await;
-    match tokio::time::timeout(Duration::from_secs(10), async { r }).await {
+    let unmounting = tokio::task::spawn_blocking(move || super::unmount(&d));
+    match tokio::time::timeout(Duration::from_secs(10), unmounting).await {
         Ok(Ok(Ok(()))) => Ok(()),
         Ok(Ok(Err(e))) => Err(e.to_string()),
         Ok(Err(e)) => Err(e.to_string()),

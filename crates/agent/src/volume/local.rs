@@ -33,15 +33,14 @@ pub(crate) async fn prepare(
     let image = dir.join(IMAGE);
     let has_image = image.exists();
     match size {
-        None if !has_image => plain(volume, dir),
+        None if !has_image => plain(dir),
         _ => sized(volume, dir, size, mount_timeout).await,
     }
 }
 
-fn plain(volume: &str, dir: &Path) -> Result<PathBuf, StorageError> {
+fn plain(dir: &Path) -> Result<PathBuf, StorageError> {
     let data = dir.join(DATA);
     std::fs::create_dir_all(&data).map_err(|e| StorageError::io("creating the volume directory", &data, e))?;
-    let _ = volume;
     Ok(data)
 }
 

@@ -276,7 +276,7 @@ impl Volumes {
 impl Inner {
     /// What to measure: every local volume on disk (mounted images and plain directories),
     /// every mounted GlusterFS volume, and every host path held.
-    fn targets(&self) -> BTreeMap<String, Measure> {
+    fn targets(&self) -> BTreeMap<String, (Measure, bool)> {
         let mut out = BTreeMap::new();
         let mounts = mountinfo::read().unwrap_or_default();
         for (ns, name, dir) in local_dirs(&self.root) {
@@ -288,15 +288,15 @@ impl Inner {
             } else {
                 Measure::Dir(data)
             };
-            out.insert(format!("{ns}/{name}"), m);
+            out.insert(format!("{ns}/{name}"), (m, false));
         }
         for (key, dir) in gluster::mounted_under(&self.root) {
-            out.insert(key, Measure::Fs(dir));
+            out.insert(key, (Measure::Fs(dir), true));
         }
         for h in self.holders.lock().expect("holders lock").values() {
             for (key, held) in h {
                 if let Held::Host(p) = held {
-                    out.insert(key.clone(), Measure::Dir(p.clone()));
+                    out.insert(key.clone(), (Measure::Dir(p.clone()), false));
                 }
             }
         }
@@ -322,11 +322,11 @@ fn local_dirs(root: &Path) -> Vec<(String, String, PathBuf)> {
 async fn measure(inner: &Arc<Inner>) -> UsageReport {
     let targets = inner.targets();
     let mut report = Vec::with_capacity(targets.len());
-    for (key, m) in targets {
+    for (key, (m, is_gluster)) in targets {
         let figures = match &m {
             // A GlusterFS mount can hang: asked in a thread of its own, with a bound, and not
             // again while a previous ask has not returned.
-            Measure::Fs(p) if gluster::mounted_under(&inner.root).iter().any(|(_, d)| d == p) => {
+            Measure::Fs(p) if is_gluster => {
                 if !inner.stuck.lock().expect("stuck lock").insert(p.clone()) {
                     continue;
                 }
