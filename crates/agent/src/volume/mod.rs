@@ -5,9 +5,9 @@
 //!
 //! | driver | on this node |
 //! |---|---|
-//! | `local` | `data/`, a directory made on first use; with `size`, `image` (an ext4 filesystem of that size) loop-mounted at `data/` ([`local`]) |
+//! | `local` | `data/`, a directory made on first use; with `size`, `image` (an ext4 filesystem of that size) loop-mounted at `data/` (`local.rs`) |
 //! | `host` | the path itself, allowed only under `--allow-host-path` prefixes ([`paths`]) |
-//! | `glusterfs` | `gluster/`, a FUSE mount made when the first task using it starts and unmounted when no task on the node needs it any more ([`gluster`]) |
+//! | `glusterfs` | `gluster/`, a FUSE mount made when the first task using it starts and unmounted when no task on the node needs it any more (`gluster.rs`) |
 //!
 //! [`Volumes::prepare`] turns a task's mounts into [`BindMount`]s (host path, target,
 //! read-only) and records the task as a holder of each volume; [`Volumes::release`] drops it
