@@ -104,6 +104,10 @@ pub enum AgentError {
     #[error("{0}")]
     Endpoint(#[from] berth_channel::EndpointError),
 
+    /// An `--allow-host-path` that is not absolute.
+    #[error("{0}")]
+    BadHostPath(String),
+
     /// Some simulated agents failed (the others ran until shutdown).
     #[error("{failed} of {total} simulated agents failed; first error: {first}")]
     Simulation { failed: usize, total: usize, first: Box<AgentError> },

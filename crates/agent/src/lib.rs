@@ -20,6 +20,7 @@ pub mod probe;
 mod resources;
 mod session;
 mod state;
+pub mod volume;
 
 #[cfg(test)]
 mod tests;
@@ -76,6 +77,9 @@ pub struct AgentConfig {
     /// memory (no kernel state) and append each change of their endpoints to
     /// `<data dir>/endpoints.jsonl`, for measuring endpoint propagation to many nodes.
     pub simulate_networks: bool,
+    /// The absolute path prefixes `driver: host` volumes may use on this node
+    /// (`--allow-host-path`); none: no host paths. Told to the masters in Hello.
+    pub allow_host_paths: Vec<PathBuf>,
 }
 
 impl std::fmt::Debug for AgentConfig {
@@ -90,6 +94,7 @@ impl std::fmt::Debug for AgentConfig {
             .field("simulate", &self.simulate)
             .field("cluster_domain", &self.cluster_domain)
             .field("simulate_networks", &self.simulate_networks)
+            .field("allow_host_paths", &self.allow_host_paths)
             .finish()
     }
 }
@@ -103,6 +108,8 @@ pub(crate) struct Spec {
     pub advertise_addr: Option<IpAddr>,
     pub join: Vec<String>,
     pub token: Option<String>,
+    /// `--allow-host-path`, normalised, for Hello.
+    pub host_paths: Vec<String>,
 }
 
 /// What the agents of one process share.
@@ -122,6 +129,7 @@ pub(crate) struct Shared {
 /// [`SimulatedDriver`].
 pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), AgentError> {
     berth_pki::tls::install_crypto_provider();
+    volume::paths::normalize_prefixes(&cfg.allow_host_paths).map_err(AgentError::BadHostPath)?;
     match cfg.simulate {
         Some(n) => run_simulated(cfg, n, shutdown).await,
         None => {
@@ -138,7 +146,11 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
             if let Err(e) = &docker {
                 info!("docker tasks cannot run on this node: {e}");
             }
-            let manager = TaskManager::new(process, docker, sink, cfg.data_dir.clone());
+            let storage = driver::manager::StorageOptions {
+                allow_host_paths: cfg.allow_host_paths.clone(),
+                ..Default::default()
+            };
+            let manager = TaskManager::with_storage(process, docker, sink, cfg.data_dir.clone(), storage);
             let overlay = start_overlay(&cfg).await;
             if let Some(o) = &overlay {
                 manager.set_overlay(o.clone());
@@ -215,6 +227,7 @@ async fn run_agent_with<D: Driver>(
         advertise_addr: cfg.advertise_addr,
         join: cfg.join.clone(),
         token: cfg.token.clone(),
+        host_paths: host_paths(&cfg),
     };
     let span = info_span!("agent", name = %spec.name, node = tracing::field::Empty);
     let result = run_agent(spec, &shared, driver, statuses, &shutdown).instrument(span).await;
@@ -258,9 +271,11 @@ pub(crate) async fn run_agent<D: Driver>(
         }
     };
     tracing::Span::current().record("node", state.node_id.as_str());
+    driver.identify(&state.node_id);
     let files = certs::load(&spec.dir, &state.node_id)?;
     let tls = certs::client_config(&files)?;
     let renew_at = certs::renew_at(&files);
+    let usage = driver.volume_usage();
     let mut agent = Agent {
         dir: spec.dir.clone(),
         state,
@@ -284,9 +299,21 @@ pub(crate) async fn run_agent<D: Driver>(
         overlay: shared.overlay.clone(),
         sim_net: shared.sim_net_log.clone().map(|log| session::SimNet { log, view: Default::default() }),
         underlay: spec.advertise_addr,
+        host_paths: spec.host_paths.clone(),
+        usage,
+        volumes_pending: None,
     };
     agent.recover().await;
     agent.run(shutdown).await
+}
+
+/// The `--allow-host-path` prefixes as Hello carries them (normalised; checked by [`run`]).
+fn host_paths(cfg: &AgentConfig) -> Vec<String> {
+    volume::paths::normalize_prefixes(&cfg.allow_host_paths)
+        .unwrap_or_default()
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect()
 }
 
 /// `n` simulated agents, each with its own identity and state under `DIR/sim-<i>/`.
@@ -316,6 +343,7 @@ async fn run_simulated(cfg: AgentConfig, n: usize, shutdown: CancellationToken) 
             advertise_addr: cfg.advertise_addr,
             join: cfg.join.clone(),
             token: cfg.token.clone(),
+            host_paths: host_paths(&cfg),
         };
         let shared = Shared {
             endpoints: pools[i / AGENTS_PER_ENDPOINT].clone(),

@@ -134,6 +134,20 @@ pub(crate) struct Agent<D> {
     pub sim_net: Option<SimNet>,
     /// This host's address between hosts (`--advertise-addr`).
     pub underlay: Option<std::net::IpAddr>,
+    /// The `--allow-host-path` prefixes, for Hello.
+    pub host_paths: Vec<String>,
+    /// The driver's volume usage reports.
+    pub usage: Option<tokio::sync::watch::Receiver<crate::volume::UsageReport>>,
+    /// Volume usage not yet reported to a leader.
+    pub volumes_pending: Option<crate::volume::UsageReport>,
+}
+
+/// Resolves when the usage report changes (`false`: it never will again); never without one.
+async fn usage_changed(rx: &mut Option<tokio::sync::watch::Receiver<crate::volume::UsageReport>>) -> bool {
+    match rx {
+        Some(rx) => rx.changed().await.is_ok(),
+        None => std::future::pending().await,
+    }
 }
 
 /// How long a preferred master (the last or hinted leader) has before the others are dialled
@@ -466,7 +480,7 @@ impl<D: Driver> Agent<D> {
             resources: Some(self.resources),
             networks: self.overlay.is_some() || self.sim_net.is_some(),
             underlay: self.underlay.map(|a| a.to_string()).unwrap_or_default(),
-            host_paths: Vec::new(),
+            host_paths: self.host_paths.clone(),
         }
     }
 
@@ -617,6 +631,11 @@ impl<D: Driver> Agent<D> {
         let mut last_heard = Instant::now();
         let mut read = read_next(reader);
         self.renewing = None;
+        // Each session starts with the latest volume usage, then every change of it.
+        let mut usage = self.usage.clone();
+        if let Some(rx) = usage.as_mut() {
+            self.volumes_pending = Some(rx.borrow_and_update().clone());
+        }
         let renew = tokio::time::sleep_until(instant_of(self.renew_at));
         tokio::pin!(renew);
         loop {
@@ -678,6 +697,12 @@ impl<D: Driver> Agent<D> {
                     Some(s) => self.absorb(s),
                     None => self.statuses_open = false,
                 },
+                open = usage_changed(&mut usage) => {
+                    match usage.as_mut() {
+                        Some(rx) if open => self.volumes_pending = Some(rx.borrow_and_update().clone()),
+                        _ => usage = None,
+                    }
+                }
                 _ = flush.tick() => {
                     if let Err(end) = self.flush(&mut writer, conn).await {
                         return end;
@@ -695,7 +720,8 @@ impl<D: Driver> Agent<D> {
     /// Sends the batched status changes as one StatusReport (after persisting them).
     async fn flush(&mut self, writer: &mut FrameWriter, conn: &quinn::Connection) -> Result<(), SessionEnd> {
         self.drain();
-        if self.pending.is_empty() {
+        let volumes = self.volumes_pending.take().map(|v| v.to_vec()).unwrap_or_default();
+        if self.pending.is_empty() && volumes.is_empty() {
             return Ok(());
         }
         if self.dirty
@@ -706,10 +732,8 @@ impl<D: Driver> Agent<D> {
         }
         let tasks: Vec<TaskStatus> = std::mem::take(&mut self.pending).into_values().collect();
         let ids: Vec<String> = tasks.iter().map(|t| t.task_id.clone()).collect();
-        debug!(tasks = tasks.len(), "reporting task statuses");
-        if let Err(e) =
-            writer.send(&frame(agent_frame::Body::Status(StatusReport { tasks, volumes: Vec::new() }))).await
-        {
+        debug!(tasks = tasks.len(), volumes = volumes.len(), "reporting task statuses and volume usage");
+        if let Err(e) = writer.send(&frame(agent_frame::Body::Status(StatusReport { tasks, volumes }))).await {
             return Err(SessionEnd::from_frame_error(e, conn));
         }
         self.prune(ids);
@@ -810,6 +834,8 @@ impl<D: Driver> Agent<D> {
             Ok(AssignmentsKind::Complete) => {
                 let mut set = BTreeMap::new();
                 for u in &a.updated {
+                    // Secret and config contents stay in the driver's memory, never in the state.
+                    self.driver.task_files(&u.task_id, &u.files);
                     set.insert(u.task_id.clone(), StoredAssignment::from_pb(u));
                 }
                 self.state.assignments = set;
@@ -850,6 +876,7 @@ impl<D: Driver> Agent<D> {
                     return Ok(());
                 }
                 for u in &a.updated {
+                    self.driver.task_files(&u.task_id, &u.files);
                     let new = StoredAssignment::from_pb(u);
                     if self.state.assignments.get(&u.task_id) != Some(&new) {
                         changed.push(u.clone());

@@ -320,6 +320,7 @@ fn config(master: &TestMaster, token: Option<String>, dir: &Path) -> AgentConfig
         simulate: None,
         cluster_domain: None,
         simulate_networks: false,
+        allow_host_paths: Vec::new(),
     }
 }
 
@@ -344,7 +345,7 @@ fn dir_entries(dir: &Path) -> Vec<String> {
 }
 
 fn assignment(id: &str, desired: TaskState) -> Assignment {
-    Assignment { task_id: id.into(), spec: id.as_bytes().to_vec(), desired_state: desired as i32 }
+    Assignment { task_id: id.into(), spec: id.as_bytes().to_vec(), desired_state: desired as i32, files: vec![] }
 }
 
 fn assignments(
@@ -832,4 +833,101 @@ async fn silent_masters_do_not_hold_up_the_reconnect() {
     assert!(took < Duration::from_secs(3), "reaching the live master took {took:?}");
     agent.stop().await.unwrap();
     drop(silent);
+}
+
+/// (task id, file id, contents) as a driver was handed them.
+type SeenFiles = Arc<Mutex<Vec<(String, String, Vec<u8>)>>>;
+
+/// A driver that records what the session hands it about storage, and publishes volume usage
+/// the test sets.
+struct StorageDriver {
+    sim: SimulatedDriver,
+    node: Arc<Mutex<Option<String>>>,
+    files: SeenFiles,
+    usage: tokio::sync::watch::Receiver<crate::volume::UsageReport>,
+}
+
+impl Driver for StorageDriver {
+    async fn start(&self, a: &Assignment) {
+        self.sim.start(a).await;
+    }
+
+    async fn stop(&self, task_id: &str) {
+        self.sim.stop(task_id).await;
+    }
+
+    fn identify(&self, node_id: &str) {
+        *self.node.lock().unwrap() = Some(node_id.to_string());
+    }
+
+    fn task_files(&self, task_id: &str, files: &[berth_api::pb::agent::FileData]) {
+        let mut seen = self.files.lock().unwrap();
+        seen.extend(files.iter().map(|f| (task_id.to_string(), f.id.clone(), f.data.clone())));
+    }
+
+    fn volume_usage(&self) -> Option<tokio::sync::watch::Receiver<crate::volume::UsageReport>> {
+        Some(self.usage.clone())
+    }
+}
+
+// The session's part of storage: Hello names the allowed host paths (normalised); the driver
+// learns the node id before anything runs; the contents of a task's secrets reach the driver
+// from COMPLETE and INCREMENTAL sets but never the state file; volume usage goes out in status
+// reports, at the start of a session and on every change.
+#[tokio::test]
+async fn the_session_carries_host_paths_file_contents_and_volume_usage() {
+    use berth_api::pb::agent::{FileData, VolumeUsage};
+
+    let cl = cluster();
+    let mut master = TestMaster::start(&cl, Knobs::default()).await;
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = config(&master, Some(cl.token.encode()), tmp.path());
+    cfg.allow_host_paths = vec!["/srv//data/".into(), "/mnt/x/../y".into()];
+    let (sink, statuses) = status_channel();
+    let (usage_tx, usage) = tokio::sync::watch::channel(Arc::new(vec![VolumeUsage {
+        key: "default/db".into(),
+        used_bytes: 1,
+        capacity_bytes: 10,
+    }]));
+    let node_seen = Arc::new(Mutex::new(None));
+    let files = Arc::new(Mutex::new(Vec::new()));
+    let driver =
+        StorageDriver { sim: SimulatedDriver::new(sink), node: node_seen.clone(), files: files.clone(), usage };
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(run_with_driver(cfg, driver, statuses, shutdown.clone()));
+    let agent = RunningAgent { shutdown, task };
+
+    let hello = master.hello().await;
+    assert_eq!(hello.host_paths, ["/srv/data", "/mnt/y"]);
+    assert_eq!(node_seen.lock().unwrap().as_deref(), Some(hello.node_id.as_str()));
+    let node = hello.node_id;
+    let usage_of = |e: &Event| match e {
+        Event::Frame { body: agent_frame::Body::Status(r), .. } if !r.volumes.is_empty() => Some(r.volumes.clone()),
+        _ => None,
+    };
+    let first = master.wait_for("the volume usage", usage_of).await;
+    assert_eq!((first[0].key.as_str(), first[0].used_bytes), ("default/db", 1));
+
+    let secret = b"TOPSECRET-value-of-the-test".to_vec();
+    let mut a = assignment("with-secret", TaskState::Running);
+    a.files = vec![FileData { id: "secret/pw@1".into(), data: secret.clone() }];
+    use AssignmentsKind::*;
+    master.send(&node, assignments(5, Complete, 0, 1, vec![a.clone()], &[]));
+    wait_status(&mut master, "with-secret", TaskState::Running).await;
+    let mut b = assignment("later", TaskState::Running);
+    b.files = vec![FileData { id: "config/app@2".into(), data: b"color=blue".to_vec() }];
+    master.send(&node, assignments(5, Incremental, 1, 2, vec![b], &[]));
+    wait_status(&mut master, "later", TaskState::Running).await;
+    {
+        let seen = files.lock().unwrap();
+        assert!(seen.contains(&("with-secret".into(), "secret/pw@1".into(), secret.clone())), "{seen:?}");
+        assert!(seen.iter().any(|(t, id, _)| t == "later" && id == "config/app@2"), "{seen:?}");
+    }
+    let state = std::fs::read(tmp.path().join(STATE_FILE)).unwrap();
+    assert!(!state.windows(secret.len()).any(|w| w == secret.as_slice()), "the secret reached agent.json");
+    assert!(AgentState::load(tmp.path()).unwrap().unwrap().assignments.contains_key("with-secret"));
+
+    usage_tx.send_replace(Arc::new(vec![VolumeUsage { key: "default/db".into(), used_bytes: 7, capacity_bytes: 10 }]));
+    master.wait_for("the new volume usage", |e| usage_of(e).filter(|v| v[0].used_bytes == 7).map(|_| ())).await;
+    agent.stop().await.unwrap();
 }

@@ -185,6 +185,11 @@ async fn conformance_sigterm_ignored_killed_after_grace() {
 }
 
 #[tokio::test]
+async fn conformance_binds() {
+    conformance::binds(&runtime().await, &DockerFixture, "/mnt/berth").await;
+}
+
+#[tokio::test]
 async fn conformance_adoption() {
     // A second client of the same daemon: what an agent restart sees.
     let (rt, fresh) = (runtime().await, runtime().await);

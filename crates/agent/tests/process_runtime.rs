@@ -127,6 +127,13 @@ async fn conformance_sigterm_ignored_killed_after_grace() {
 }
 
 #[tokio::test]
+async fn conformance_binds() {
+    let (tmp, rt, fx) = setup();
+    // The task shares the host's root: its targets are made under this test's directory.
+    conformance::binds(&rt, &fx, &tmp.path().join("in-task").to_string_lossy()).await;
+}
+
+#[tokio::test]
 async fn conformance_adoption() {
     let (tmp, rt, fx) = setup();
     let fresh = runtime(tmp.path());
@@ -468,7 +475,12 @@ async fn a_stop_returns_at_once_and_finishes_in_the_background() {
     let marker = state_dir.path().join("trapped");
     let script = format!("trap '' TERM; : > {}; while :; do sleep 0.1; done", marker.display());
     let spec = spec(&["/bin/sh", "-c", &script]);
-    let a = Assignment { task_id: id.clone(), spec: spec.encode(), desired_state: TaskState::Running as i32 };
+    let a = Assignment {
+        task_id: id.clone(),
+        spec: spec.encode(),
+        desired_state: TaskState::Running as i32,
+        files: Vec::new(),
+    };
     Driver::start(&mgr, &a).await;
     wait_state(&id, TaskState::Running, &mut statuses).await;
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -643,6 +655,7 @@ async fn reconcile_converges_on_the_desired_set() {
         task_id: id.to_string(),
         spec: long.encode(),
         desired_state: desired as i32,
+        files: Vec::new(),
     };
     let desired = vec![assign(&wanted, TaskState::Running), assign(&stopping, TaskState::Shutdown)];
     let none = BTreeSet::new();

@@ -159,6 +159,15 @@ struct AgentArgs {
     /// The DNS domain under which tasks find services: `NAME.NAMESPACE.svc.<domain>`.
     #[arg(long, default_value = "berth.internal", value_parser = parse_cluster_domain)]
     cluster_domain: String,
+    /// Lets `driver: host` volumes use paths under this absolute PREFIX on this node (repeat
+    /// for more; compared by whole path components). Without any, host volumes are refused.
+    #[arg(long = "allow-host-path", value_name = "PREFIX", value_parser = parse_host_path_prefix)]
+    allow_host_paths: Vec<PathBuf>,
+}
+
+fn parse_host_path_prefix(s: &str) -> std::result::Result<PathBuf, String> {
+    berth_agent::volume::paths::normalize(std::path::Path::new(s))
+        .ok_or_else(|| format!("{s:?} is not an absolute path; give a prefix such as /srv/data"))
 }
 
 fn parse_cluster_domain(s: &str) -> std::result::Result<String, String> {
@@ -298,6 +307,7 @@ async fn run_agent(a: AgentArgs) -> Result<()> {
         simulate: a.simulate,
         cluster_domain: Some(a.cluster_domain),
         simulate_networks: a.simulate_networks,
+        allow_host_paths: a.allow_host_paths,
     };
     berth_agent::run(cfg, shutdown_on_signals()).await?;
     Ok(())

@@ -13,6 +13,9 @@
 //!   registry reachable) the start fails with [`RuntimeError::Invalid`] saying how to load it.
 //! - `command` replaces the image's entrypoint (`Entrypoint = command`, `Cmd = args`); without a
 //!   command, `args` replace the image's `Cmd`.
+//! - Volumes, secrets and configs arrive as host paths ([`BindMount`]) and become bind mounts
+//!   (`HostConfig.mounts`, private propagation, read-only when asked); Docker makes a missing
+//!   target in the container's filesystem.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, Ipv4Addr};
@@ -24,8 +27,8 @@ use bollard::Docker;
 use bollard::errors::Error as DockerError;
 use bollard::exec::{CreateExecOptions, StartExecOptions, StartExecResults};
 use bollard::models::{
-    ContainerCreateBody, ContainerInspectResponse, ContainerStateStatusEnum, HostConfig, PortBinding, RestartPolicy,
-    RestartPolicyNameEnum,
+    ContainerCreateBody, ContainerInspectResponse, ContainerStateStatusEnum, HostConfig, Mount, MountBindOptions,
+    MountBindOptionsPropagationEnum, MountType, PortBinding, RestartPolicy, RestartPolicyNameEnum,
 };
 use bollard::query_parameters::{
     CreateContainerOptionsBuilder, CreateImageOptionsBuilder, ListContainersOptionsBuilder, LogsOptionsBuilder,
@@ -34,7 +37,7 @@ use bollard::query_parameters::{
 use futures::{Stream, StreamExt};
 
 use super::now_ms;
-use super::runtime::{LogLine, LogLines, LogQuery, LogStream, Observed, Runtime, RuntimeError};
+use super::runtime::{BindMount, LogLine, LogLines, LogQuery, LogStream, Observed, Runtime, RuntimeError};
 
 /// Label holding the task id.
 pub const LABEL_TASK: &str = "berth.task";
@@ -264,7 +267,7 @@ impl Runtime for DockerRuntime {
         "docker"
     }
 
-    async fn start(&self, task_id: &str, spec: &RunSpec) -> Result<(), RuntimeError> {
+    async fn start_with(&self, task_id: &str, spec: &RunSpec, binds: &[BindMount]) -> Result<(), RuntimeError> {
         check_task_id(task_id)?;
         let name = Self::container_name(task_id);
         let image = spec.task.image.as_deref().map(str::trim).filter(|i| !i.is_empty()).ok_or_else(|| {
@@ -275,7 +278,7 @@ impl Runtime for DockerRuntime {
         }
         self.ensure_image(image).await?;
         let opts = CreateContainerOptionsBuilder::new().name(&name).build();
-        let mut body = create_body(task_id, spec, image);
+        let mut body = create_body(task_id, spec, image, binds);
         if let (Some(owner), Some(labels)) = (&self.owner, body.labels.as_mut()) {
             labels.insert(LABEL_OWNER.to_string(), owner.clone());
         }
@@ -573,7 +576,7 @@ fn descendants(root: i32) -> Vec<i32> {
 }
 
 /// The container to create for a task.
-fn create_body(task_id: &str, spec: &RunSpec, image: &str) -> ContainerCreateBody {
+fn create_body(task_id: &str, spec: &RunSpec, image: &str, binds: &[BindMount]) -> ContainerCreateBody {
     let task = &spec.task;
     let labels = HashMap::from([
         (LABEL_TASK.to_string(), task_id.to_string()),
@@ -619,6 +622,20 @@ fn create_body(task_id: &str, spec: &RunSpec, image: &str) -> ContainerCreateBod
     let nano_cpus =
         limits.and_then(|l| l.cpu).map(|c| i64::try_from(c.millis().saturating_mul(1_000_000)).unwrap_or(i64::MAX));
     let memory = limits.and_then(|l| l.memory).map(|m| i64::try_from(m.bytes()).unwrap_or(i64::MAX));
+    let mounts: Vec<Mount> = binds
+        .iter()
+        .map(|b| Mount {
+            target: Some(b.target.clone()),
+            source: Some(b.source.to_string_lossy().into_owned()),
+            typ: Some(MountType::BIND),
+            read_only: Some(b.read_only),
+            bind_options: Some(MountBindOptions {
+                propagation: Some(MountBindOptionsPropagationEnum::RPRIVATE),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .collect();
     ContainerCreateBody {
         image: Some(image.to_string()),
         entrypoint,
@@ -641,6 +658,7 @@ fn create_body(task_id: &str, spec: &RunSpec, image: &str) -> ContainerCreateBod
             dns: dns.as_ref().map(|d| d.nameservers.clone()),
             dns_search: dns.as_ref().map(|d| d.search.clone()),
             dns_options: dns.as_ref().map(|d| d.options.clone()),
+            mounts: (!mounts.is_empty()).then_some(mounts),
             ..Default::default()
         }),
         ..Default::default()

@@ -15,6 +15,13 @@
 //!   the desired tasks with what the runtimes actually hold, starts what should run and does not,
 //!   stops what should not run, and once the leader has confirmed the whole set removes what it
 //!   does not know. Nothing depends on having seen a change happen.
+//! - storage: before a task starts, [`TaskManager`] turns its volumes, secrets and configs into
+//!   host paths (`crate::volume`: mounts made or reused, files written to the task's tmpfs) and
+//!   hands them to the runtime as [`BindMount`]s; the runtimes only bind them. A failure fails
+//!   the task with the reason (the masters' restart policy retries it). A task that already
+//!   runs (adopted) keeps its mounts and is only recorded as holding its volumes. Once the task
+//!   has ended its volumes are released (a GlusterFS volume no task needs is unmounted); once it
+//!   is removed, its secrets and configs go.
 //! - at-most-once: the agent writes a lease file (`lease`, the Unix millisecond it last heard the
 //!   leader) on every leader frame; the manager stops at-most-once tasks whose fence timeout
 //!   passed without contact. The process runtime's supervisor checks the same lease itself, so the
@@ -27,7 +34,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use berth_api::pb::agent::{Assignment, TaskHealth, TaskState, TaskStatus};
+use berth_api::pb::agent::{Assignment, FileData, TaskHealth, TaskState, TaskStatus};
 use berth_types::{
     spec::{DisconnectPolicy, Runtime as RuntimeKind},
     task::{Attachment, RunSpec},
@@ -35,8 +42,10 @@ use berth_types::{
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use super::runtime::BindMount;
 use super::{Driver, LogLines, LogQuery, Observed, Runtime, StatusSink, now_ms};
 use crate::probe::{Health, HealthTracker};
+use crate::volume::{TaskFiles, Volumes};
 
 /// How often a task's runtime state is polled.
 const POLL: Duration = Duration::from_millis(500);
@@ -74,6 +83,40 @@ struct Inner {
     stopping: Mutex<HashMap<String, bool>>,
     /// The node's overlay, when the agent attaches tasks to networks.
     overlay: std::sync::OnceLock<SharedOverlay>,
+    /// The node's volumes.
+    volumes: Volumes,
+    /// The tasks' secrets and configs.
+    files: TaskFiles,
+}
+
+/// How the task manager keeps volumes, secrets and configs.
+#[derive(Debug, Clone)]
+pub struct StorageOptions {
+    /// The prefixes `host` volumes may use (`--allow-host-path`); normalised here, relative
+    /// ones are left out.
+    pub allow_host_paths: Vec<PathBuf>,
+    /// Where each task's secrets and configs go (a tmpfs per task); default
+    /// [`TaskFiles::default_root`] once the node id is known.
+    pub files_root: Option<PathBuf>,
+    /// How long a mount may take ([`crate::volume::MOUNT_TIMEOUT`]).
+    pub mount_timeout: Duration,
+    /// How long a start waits for secret or config contents it lacks
+    /// ([`crate::volume::files::FILES_PATIENCE`]).
+    pub files_patience: Duration,
+    /// How often volume usage is measured ([`crate::volume::USAGE_INTERVAL`]).
+    pub usage_interval: Duration,
+}
+
+impl Default for StorageOptions {
+    fn default() -> Self {
+        StorageOptions {
+            allow_host_paths: Vec::new(),
+            files_root: None,
+            mount_timeout: crate::volume::MOUNT_TIMEOUT,
+            files_patience: crate::volume::files::FILES_PATIENCE,
+            usage_interval: crate::volume::USAGE_INTERVAL,
+        }
+    }
 }
 
 /// How long a task on networks waits at start for the leader's view of them.
@@ -102,6 +145,34 @@ impl TaskManager {
         sink: StatusSink,
         data_dir: PathBuf,
     ) -> Self {
+        Self::with_storage(process, docker, sink, data_dir, StorageOptions::default())
+    }
+
+    /// [`TaskManager::new`] with volumes under `<data_dir>/volumes` and storage as `storage` says.
+    pub fn with_storage<P: Runtime, D: Runtime>(
+        process: P,
+        docker: Result<D, String>,
+        sink: StatusSink,
+        data_dir: PathBuf,
+        storage: StorageOptions,
+    ) -> Self {
+        let allowed = storage
+            .allow_host_paths
+            .iter()
+            .filter_map(|p| {
+                let n = crate::volume::paths::normalize(p);
+                if n.is_none() {
+                    warn!(path = %p.display(), "ignoring an allowed host path that is not absolute");
+                }
+                n
+            })
+            .collect();
+        let volumes = Volumes::new(
+            data_dir.join(crate::volume::VOLUMES_DIR),
+            allowed,
+            storage.mount_timeout,
+            storage.usage_interval,
+        );
         let m = TaskManager {
             inner: Arc::new(Inner {
                 process: Box::new(Owned(process)),
@@ -113,11 +184,69 @@ impl TaskManager {
                 contact_ms: Mutex::new(now_ms()),
                 stopping: Mutex::new(HashMap::new()),
                 overlay: std::sync::OnceLock::new(),
+                volumes,
+                files: TaskFiles::new(storage.files_root, storage.files_patience),
             }),
         };
         let fence = m.clone();
         tokio::spawn(async move { fence.fence_loop().await });
         m
+    }
+
+    /// The node's volumes.
+    pub fn volumes(&self) -> &Volumes {
+        &self.inner.volumes
+    }
+
+    /// The tasks' secrets and configs.
+    pub fn files(&self) -> &TaskFiles {
+        &self.inner.files
+    }
+
+    /// Makes the task's volumes, secrets and configs ready; their binds.
+    async fn prepare_storage(&self, id: &str, spec: &RunSpec) -> Result<Vec<BindMount>, String> {
+        let mut binds = self.inner.volumes.prepare(id, spec).await.map_err(|e| e.to_string())?;
+        // Process tasks run as the agent's user (root inside a rootless task's namespace);
+        // containers as root.
+        let owner = match spec.task.runtime {
+            RuntimeKind::Process => (rustix::process::geteuid().as_raw(), rustix::process::getegid().as_raw()),
+            RuntimeKind::Docker => (0, 0),
+        };
+        match self.inner.files.prepare(id, spec, owner).await {
+            Ok(files) => binds.extend(files),
+            Err(e) => {
+                self.release(id).await;
+                return Err(e.to_string());
+            }
+        }
+        Ok(binds)
+    }
+
+    /// The GlusterFS volumes (`namespace/name`) the watched tasks other than `except` use.
+    fn needed_volumes(&self, except: &str) -> BTreeSet<String> {
+        self.inner
+            .tasks
+            .lock()
+            .expect("tasks lock")
+            .iter()
+            .filter(|(id, _)| id.as_str() != except)
+            .flat_map(|(_, w)| Volumes::gluster_keys(&w.spec))
+            .collect()
+    }
+
+    /// The task has ended: it holds its volumes no longer (those nothing needs are unmounted).
+    async fn release(&self, id: &str) {
+        let needed = self.needed_volumes(id);
+        self.inner.volumes.release(id, &needed).await;
+    }
+
+    /// A task that ends before it started: FAILED with `message`, and nothing of it held.
+    async fn fail_before_start(&self, id: &str, message: impl Into<String>) {
+        let message = message.into();
+        self.inner.tasks.lock().expect("tasks lock").remove(id);
+        warn!(task = %id, "could not start: {message}");
+        self.inner.sink.report(self.status(id, TaskState::Failed, message));
+        self.release(id).await;
     }
 
     /// Lets tasks join networks through `overlay` (set once, before tasks start).
@@ -265,6 +394,7 @@ impl TaskManager {
             // Shut down before it ever started here: say so, or the masters wait for it forever.
             self.inner.sink.report(self.status(task_id, TaskState::Shutdown, "never started on this node"));
         }
+        self.release(task_id).await;
     }
 
     async fn call<'a, T>(
@@ -319,6 +449,7 @@ impl TaskManager {
             s.message = format!("{}; stopping failed: {e}", s.message);
         }
         self.inner.sink.report(s);
+        self.release(id).await;
     }
 
     /// Stops a task in the background (so the caller, the session, keeps heartbeating), and
@@ -352,6 +483,8 @@ impl TaskManager {
                     {
                         warn!(task = %id, "releasing its network namespace: {e}");
                     }
+                    // So do its secrets and configs.
+                    me.inner.files.remove(&id).await;
                 }
                 let mut stopping = me.inner.stopping.lock().expect("stopping lock");
                 // A removal asked for while this one ran without it: go round once more.
@@ -418,9 +551,32 @@ impl TaskManager {
         ] {
             spec.task.env.entry(k.into()).or_insert(v);
         }
+        // A task the runtime already has (an agent restart) keeps the mounts it started with:
+        // it only holds its volumes again. Anything else gets them prepared now.
+        let exists = matches!(
+            self.call(kind, |rt| rt.inspect(&id)).await,
+            Ok(Observed::Running { .. } | Observed::Exited { .. })
+        );
+        let binds = if exists {
+            self.inner.volumes.hold(&id, &spec);
+            Vec::new()
+        } else {
+            match self.prepare_storage(&id, &spec).await {
+                Ok(b) => b,
+                Err(e) => {
+                    self.fail_before_start(&id, e).await;
+                    return;
+                }
+            }
+        };
+        if cancel.is_cancelled() {
+            // Stopped while its storage was being prepared: nothing of it runs.
+            self.inner.sink.report(self.status(&id, TaskState::Shutdown, "stopped while starting"));
+            self.release(&id).await;
+            return;
+        }
         if let Err(e) = self.attach(&id, &mut spec).await {
-            self.inner.tasks.lock().expect("tasks lock").remove(&id);
-            self.inner.sink.report(self.status(&id, TaskState::Failed, e));
+            self.fail_before_start(&id, e).await;
             return;
         }
         let mut addresses: HashMap<String, String> =
@@ -441,8 +597,7 @@ impl TaskManager {
                     ports = map;
                 }
                 Err(e) => {
-                    self.inner.tasks.lock().expect("tasks lock").remove(&id);
-                    self.inner.sink.report(self.status(&id, TaskState::Failed, e));
+                    self.fail_before_start(&id, e).await;
                     return;
                 }
             }
@@ -457,9 +612,8 @@ impl TaskManager {
             h
         });
         self.inner.sink.report(self.status(&id, TaskState::Starting, "starting"));
-        if let Err(e) = self.call(kind, |rt| rt.start(&id, &spec)).await {
-            self.inner.tasks.lock().expect("tasks lock").remove(&id);
-            self.inner.sink.report(self.status(&id, TaskState::Failed, format!("could not start: {e}")));
+        if let Err(e) = self.call(kind, |rt| rt.start_with(&id, &spec, &binds)).await {
+            self.fail_before_start(&id, format!("could not start: {e}")).await;
             return;
         }
         if kind == RuntimeKind::Docker && spec.attachment.is_some() {
@@ -467,8 +621,7 @@ impl TaskManager {
             if let Ok(Observed::Running { pid: Some(pid), .. }) = self.call(kind, |rt| rt.inspect(&id)).await {
                 if let Err(e) = self.plug(&id, &mut spec, pid).await {
                     let _ = self.call(kind, |rt| rt.stop(&id, spec.task.stop_grace_period)).await;
-                    self.inner.tasks.lock().expect("tasks lock").remove(&id);
-                    self.inner.sink.report(self.status(&id, TaskState::Failed, e));
+                    self.fail_before_start(&id, e).await;
                     return;
                 }
                 addresses =
@@ -479,6 +632,7 @@ impl TaskManager {
             // Stopped while it was starting: `stop` found nothing to stop, so stop it here.
             let _ = self.call(kind, |rt| rt.stop(&id, spec.task.stop_grace_period)).await;
             self.inner.sink.report(self.status(&id, TaskState::Shutdown, "stopped while starting"));
+            self.release(&id).await;
             return;
         }
         let started = Instant::now();
@@ -525,6 +679,7 @@ impl TaskManager {
                             self.inner.sink.report(s);
                             let _ = self.call(kind, |rt| rt.stop(&id, spec.task.stop_grace_period)).await;
                             self.inner.tasks.lock().expect("tasks lock").remove(&id);
+                            self.release(&id).await;
                             return;
                         }
                     }
@@ -558,11 +713,13 @@ impl TaskManager {
                     s.exit_code = code;
                     self.inner.sink.report(s);
                     self.inner.tasks.lock().expect("tasks lock").remove(&id);
+                    self.release(&id).await;
                     return;
                 }
                 Ok(Observed::Missing) => {
                     self.inner.sink.report(self.status(&id, TaskState::Failed, "the task vanished from its runtime"));
                     self.inner.tasks.lock().expect("tasks lock").remove(&id);
+                    self.release(&id).await;
                     return;
                 }
                 Err(e) => warn!(task = %id, "inspecting: {e}"),
@@ -577,7 +734,7 @@ impl TaskManager {
 
 /// The runtime calls the manager needs, object-safe.
 trait RuntimeCalls: Send + Sync {
-    fn start<'a>(&'a self, id: &'a str, spec: &'a RunSpec) -> BoxFut<'a, ()>;
+    fn start_with<'a>(&'a self, id: &'a str, spec: &'a RunSpec, binds: &'a [BindMount]) -> BoxFut<'a, ()>;
     fn inspect<'a>(&'a self, id: &'a str) -> BoxFut<'a, Observed>;
     fn stop<'a>(&'a self, id: &'a str, grace: Duration) -> BoxFut<'a, ()>;
     fn remove<'a>(&'a self, id: &'a str) -> BoxFut<'a, ()>;
@@ -592,8 +749,8 @@ type BoxFut<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = Result<T
 struct Owned<R>(R);
 
 impl<R: Runtime> RuntimeCalls for Owned<R> {
-    fn start<'a>(&'a self, id: &'a str, spec: &'a RunSpec) -> BoxFut<'a, ()> {
-        Box::pin(async move { self.0.start(id, spec).await.map_err(|e| e.to_string()) })
+    fn start_with<'a>(&'a self, id: &'a str, spec: &'a RunSpec, binds: &'a [BindMount]) -> BoxFut<'a, ()> {
+        Box::pin(async move { self.0.start_with(id, spec, binds).await.map_err(|e| e.to_string()) })
     }
     fn inspect<'a>(&'a self, id: &'a str) -> BoxFut<'a, Observed> {
         Box::pin(async move { self.0.inspect(id).await.map_err(|e| e.to_string()) })
@@ -620,6 +777,7 @@ impl<R: Runtime> RuntimeCalls for Owned<R> {
 
 impl Driver for TaskManager {
     async fn start(&self, a: &Assignment) {
+        self.inner.files.remember(&a.task_id, &a.files);
         let spec = match RunSpec::decode(&a.spec) {
             Ok(s) => s,
             Err(e) => {
@@ -686,6 +844,38 @@ impl Driver for TaskManager {
         if started + stopped + removed > 0 {
             info!(started, stopped, removed, complete, "reconciled the tasks with the desired state");
         }
+        // Storage, level-triggered too: GlusterFS volumes that no task still running or about to
+        // run needs are unmounted; once the set is confirmed, the secrets and configs of tasks
+        // neither assigned nor present go. In the background: the session must keep heartbeating.
+        let mut needed = self.needed_volumes("");
+        for a in desired {
+            if !ended.contains(&a.task_id)
+                && let Ok(spec) = RunSpec::decode(&a.spec)
+            {
+                needed.extend(Volumes::gluster_keys(&spec));
+            }
+        }
+        let keep: Option<HashSet<String>> =
+            complete.then(|| known.iter().map(|k| k.to_string()).chain(present.into_keys()).chain(watched).collect());
+        let me = self.clone();
+        tokio::spawn(async move {
+            me.inner.volumes.gc(&needed).await;
+            if let Some(keep) = keep {
+                me.inner.files.gc(&keep).await;
+            }
+        });
+    }
+
+    fn identify(&self, node_id: &str) {
+        self.inner.files.set_node(node_id);
+    }
+
+    fn task_files(&self, task_id: &str, files: &[FileData]) {
+        self.inner.files.remember(task_id, files);
+    }
+
+    fn volume_usage(&self) -> Option<tokio::sync::watch::Receiver<crate::volume::UsageReport>> {
+        Some(self.inner.volumes.usage())
     }
 
     fn leader_contact(&self) {

@@ -9,7 +9,7 @@ use std::future::Future;
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use berth_api::pb::agent::{Assignment, TaskState, TaskStatus};
+use berth_api::pb::agent::{Assignment, FileData, TaskState, TaskStatus};
 use tokio::sync::mpsc;
 
 pub mod docker;
@@ -19,7 +19,7 @@ pub mod runtime;
 
 pub use manager::{LogSource, TaskManager};
 
-pub use runtime::{LogLine, LogLines, LogQuery, LogStream, Observed, Runtime, RuntimeError};
+pub use runtime::{BindKind, BindMount, LogLine, LogLines, LogQuery, LogStream, Observed, Runtime, RuntimeError};
 
 /// The receiving end of a driver's status reports (owned by the agent).
 pub type StatusStream = mpsc::UnboundedReceiver<TaskStatus>;
@@ -115,6 +115,23 @@ pub trait Driver: Send + Sync + 'static {
     /// The leader was just heard from (fencing of at-most-once tasks).
     fn leader_contact(&self) {}
 
+    /// This node's id, once known (joined, or read from the state file), before any task is
+    /// started or reconciled.
+    fn identify(&self, node_id: &str) {
+        let _ = node_id;
+    }
+
+    /// The contents of the secrets and configs an assignment of `task_id` carried
+    /// (`Assignment.files`). Kept in memory only; never logged, never persisted.
+    fn task_files(&self, task_id: &str, files: &[FileData]) {
+        let _ = (task_id, files);
+    }
+
+    /// The node's volume usage, refreshed by the driver; `None` when it has no volumes.
+    fn volume_usage(&self) -> Option<tokio::sync::watch::Receiver<crate::volume::UsageReport>> {
+        None
+    }
+
     /// Where task logs can be read, if this driver keeps any.
     fn log_source(&self) -> Option<std::sync::Arc<dyn LogSource>> {
         None
@@ -202,7 +219,7 @@ mod tests {
     use super::*;
 
     fn assignment(id: &str) -> Assignment {
-        Assignment { task_id: id.into(), spec: vec![], desired_state: TaskState::Running as i32 }
+        Assignment { task_id: id.into(), spec: vec![], desired_state: TaskState::Running as i32, files: vec![] }
     }
 
     #[tokio::test]

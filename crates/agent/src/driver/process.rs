@@ -7,7 +7,8 @@
 //!
 //! | file | written by | content |
 //! |---|---|---|
-//! | `config.json` | [`ProcessRuntime::start`] | argv, environment, working directory, cgroups |
+//! | `config.json` | [`ProcessRuntime::start`] | argv, environment, working directory, cgroups, binds |
+//! | `mounts.json` | the shim | the binds the task's init makes in its mount namespace (volumes, secrets, configs) |
 //! | `state.json` | the shim (atomically) | pids and start times of the shim, the launcher (`unshare`) and the task |
 //! | `output.log`, `.1`..`.3` | the shim | `{ts_ms, stream, line}` JSON lines, rotated at 10 MiB |
 //! | `exit.json` | the shim (atomically), or the runtime when the shim died | exit code and message |
@@ -26,6 +27,7 @@ mod cgroup;
 mod files;
 mod init;
 mod logfile;
+mod mounts;
 mod procfs;
 mod shim;
 
@@ -47,7 +49,7 @@ use tracing::{info, warn};
 use self::cgroup::{Layout, Limits};
 use self::files::{CONFIG, CONFIG_FORMAT, EXIT, ExitRecord, OUTPUT, SHIM_LOG, STATE, ShimConfig, ShimState};
 use super::now_ms;
-use super::runtime::{LogLine, LogLines, LogQuery, Observed, Runtime, RuntimeError};
+use super::runtime::{BindMount, LogLine, LogLines, LogQuery, Observed, Runtime, RuntimeError};
 
 pub use self::shim::shim_main;
 
@@ -187,7 +189,13 @@ impl ProcessRuntime {
     }
 
     /// What start needs to know, checked before anything is created.
-    fn prepare(&self, task_id: &str, spec: &RunSpec, dir: &Path) -> Result<(ShimConfig, Limits), RuntimeError> {
+    fn prepare(
+        &self,
+        task_id: &str,
+        spec: &RunSpec,
+        binds: &[BindMount],
+        dir: &Path,
+    ) -> Result<(ShimConfig, Limits), RuntimeError> {
         let argv = spec.argv();
         let Some(program) = argv.first() else {
             return Err(RuntimeError::Invalid(format!(
@@ -204,9 +212,20 @@ impl ProcessRuntime {
             }
             env.insert(k.clone(), v.clone());
         }
+        for b in binds {
+            if !b.source.is_absolute() || fs::metadata(&b.source).is_err() || !b.target.starts_with('/') {
+                return Err(RuntimeError::Invalid(format!(
+                    "task {task_id}: cannot bind {} at {:?}: the source must exist on this node and both paths be absolute",
+                    b.source.display(),
+                    b.target
+                )));
+            }
+        }
+        // A working directory in a volume exists once the task's init has bound it.
+        let in_bind = |w: &str| binds.iter().any(|b| Path::new(w).starts_with(&b.target));
         let workdir = match &spec.task.workdir {
             None => dir.to_path_buf(),
-            Some(w) if Path::new(w).is_absolute() && Path::new(w).is_dir() => PathBuf::from(w),
+            Some(w) if Path::new(w).is_absolute() && (Path::new(w).is_dir() || in_bind(w)) => PathBuf::from(w),
             Some(w) => {
                 return Err(RuntimeError::Invalid(format!(
                     "task {task_id}: the working directory {w:?} is not an existing absolute directory on this node; \
@@ -215,7 +234,7 @@ impl ProcessRuntime {
             }
         };
         // The task's directory does not exist yet: resolve relative programs from `/` then.
-        let base = if workdir == dir { Path::new("/") } else { workdir.as_path() };
+        let base = if workdir == dir || !workdir.is_dir() { Path::new("/") } else { workdir.as_path() };
         check_program(program, &env["PATH"], base).map_err(|e| {
             RuntimeError::Invalid(format!(
                 "task {task_id}: {e}; use an absolute path in spec.task.command or set PATH in spec.task.env"
@@ -270,6 +289,7 @@ impl ProcessRuntime {
             stop_signal: spec.task.stop_signal_number(),
             netns: spec.attachment.as_ref().map(|a| PathBuf::from(&a.netns)),
             resolv_conf: spec.attachment.as_ref().map(|a| a.resolv_conf.clone()),
+            binds: binds.to_vec(),
         };
         Ok((config, limits))
     }
@@ -618,12 +638,12 @@ impl Runtime for ProcessRuntime {
         "process"
     }
 
-    async fn start(&self, task_id: &str, spec: &RunSpec) -> Result<(), RuntimeError> {
+    async fn start_with(&self, task_id: &str, spec: &RunSpec, binds: &[BindMount]) -> Result<(), RuntimeError> {
         let dir = self.task_dir(task_id)?;
         if fs::symlink_metadata(&dir).is_ok() {
             return Ok(()); // running or ended: left as it is
         }
-        let (mut config, limits) = self.prepare(task_id, spec, &dir)?;
+        let (mut config, limits) = self.prepare(task_id, spec, binds, &dir)?;
         config.cgroups = self.cgroups(task_id, limits)?;
         match self.create_dir(task_id, &dir, &config) {
             Ok(true) => {}

@@ -6,6 +6,10 @@
 //! Rules every implementation keeps:
 //! - `start` is idempotent: a task that already exists (running or exited) is left as it is and
 //!   `Ok` is returned, so an agent restart never starts a second copy.
+//! - The task manager turns a spec's volumes, secrets and configs into host paths
+//!   ([`BindMount`]s) before `start_with`; a runtime only binds each at its target, creating a
+//!   missing target (a directory, or an empty file for a file), read-only when asked, and lets
+//!   nothing the task mounts propagate back to the host.
 //! - A task outlives the agent: nothing the runtime starts may depend on the agent process
 //!   staying alive (no pipes to the agent, no kill-on-drop).
 //! - `stop` sends SIGTERM, waits up to `grace`, then SIGKILL. Stopping a task that has already
@@ -14,6 +18,7 @@
 
 use std::future::Future;
 use std::net::IpAddr;
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::time::Duration;
 
@@ -76,13 +81,47 @@ pub enum RuntimeError {
     Other(String),
 }
 
+/// A host path bound into a task: a volume's directory, or a secret's or config's file. Made by
+/// the task manager (`driver::manager`), bound by the runtimes.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct BindMount {
+    /// Absolute path on the host.
+    pub source: PathBuf,
+    /// Absolute path in the task.
+    pub target: String,
+    /// The task may only read it.
+    #[serde(default)]
+    pub read_only: bool,
+    /// What `source` is; a missing target is made as the same kind.
+    pub kind: BindKind,
+}
+
+/// A directory or a file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BindKind {
+    Dir,
+    File,
+}
+
 /// A runtime: processes, Docker containers.
 pub trait Runtime: Send + Sync + 'static {
     /// `process` or `docker`.
     fn name(&self) -> &'static str;
 
-    /// Creates and starts the task (idempotent, see the module docs).
-    fn start(&self, task_id: &str, spec: &RunSpec) -> impl Future<Output = Result<(), RuntimeError>> + Send;
+    /// Creates and starts the task (idempotent, see the module docs) with `binds` bound into it.
+    /// A task that already exists keeps the binds it was created with.
+    fn start_with(
+        &self,
+        task_id: &str,
+        spec: &RunSpec,
+        binds: &[BindMount],
+    ) -> impl Future<Output = Result<(), RuntimeError>> + Send;
+
+    /// [`Runtime::start_with`] without binds.
+    fn start(&self, task_id: &str, spec: &RunSpec) -> impl Future<Output = Result<(), RuntimeError>> + Send {
+        self.start_with(task_id, spec, &[])
+    }
 
     /// What the task is doing now.
     fn inspect(&self, task_id: &str) -> impl Future<Output = Result<Observed, RuntimeError>> + Send;

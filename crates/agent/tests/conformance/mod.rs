@@ -32,7 +32,7 @@ use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use berth_agent::driver::runtime::{LogLine, LogQuery, LogStream, Observed, Runtime};
+use berth_agent::driver::runtime::{BindKind, BindMount, LogLine, LogQuery, LogStream, Observed, Runtime};
 use berth_types::task::RunSpec;
 use futures::StreamExt;
 
@@ -377,6 +377,47 @@ pub async fn adoption<R: Runtime>(rt: &R, fresh: &R, fx: &impl Fixture) {
     exited(fresh, &id).await;
     assert!(matches!(inspect(rt, &id).await, Observed::Exited { .. }), "both instances agree");
     remove(fresh, &id).await;
+}
+
+/// Host paths bound into the task ([`Runtime::start_with`]): a directory read-write, one
+/// read-only, and a file, at targets under `base` (a path the task can create, absent on the
+/// host for a process task: it shares the host's root). What the task writes lands in the host
+/// directory; the read-only one refuses writes; the file reads as on the host.
+pub async fn binds(rt: &impl Runtime, fx: &impl Fixture, base: &str) {
+    let mut guard = Cleanup::new(fx);
+    let id = guard.id("binds");
+    let host = tempfile::Builder::new().prefix("berth-binds-").tempdir().expect("temp dir");
+    let (rw, ro, file) = (host.path().join("rw"), host.path().join("ro"), host.path().join("app.conf"));
+    std::fs::create_dir(&rw).unwrap();
+    std::fs::create_dir(&ro).unwrap();
+    std::fs::write(ro.join("kept"), "as it was").unwrap();
+    std::fs::write(&file, "color=blue").unwrap();
+    let bind = |source: &std::path::Path, target: &str, read_only, kind| BindMount {
+        source: source.to_path_buf(),
+        target: format!("{base}/{target}"),
+        read_only,
+        kind,
+    };
+    let binds = [
+        bind(&rw, "rw", false, BindKind::Dir),
+        bind(&ro, "ro", true, BindKind::Dir),
+        bind(&file, "etc/app.conf", true, BindKind::File),
+    ];
+    let script = format!(
+        "echo written > {base}/rw/out; \
+         if echo x > {base}/ro/kept 2>/dev/null; then echo ro-writable; else echo ro-refused; fi; \
+         cat {base}/etc/app.conf; echo; echo binds-done"
+    );
+    rt.start_with(&id, &fx.shell(&script), &binds).await.unwrap_or_else(|e| panic!("start {id}: {e}"));
+    let lines = wait_for_line(rt, &id, LogStream::Stdout, "binds-done").await;
+    let out: Vec<&str> = lines.iter().map(|l| l.line.as_str()).collect();
+    assert!(out.contains(&"ro-refused"), "the read-only bind refused a write: {out:?}");
+    assert!(out.contains(&"color=blue"), "the file reads as on the host: {out:?}");
+    let (code, message) = exited(rt, &id).await;
+    assert_eq!(code, 0, "{message}");
+    assert_eq!(std::fs::read_to_string(rw.join("out")).unwrap(), "written\n");
+    assert_eq!(std::fs::read_to_string(ro.join("kept")).unwrap(), "as it was");
+    remove(rt, &id).await;
 }
 
 /// Every case, one after the other.

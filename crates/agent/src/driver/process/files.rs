@@ -62,6 +62,9 @@ pub(crate) struct ShimConfig {
     /// The task's /etc/resolv.conf (a task on networks: the node's DNS on its gateway).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resolv_conf: Option<String>,
+    /// Host paths the task's init binds into its mount namespace (volumes, secrets, configs).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub binds: Vec<crate::driver::runtime::BindMount>,
 }
 
 fn sigterm() -> i32 {

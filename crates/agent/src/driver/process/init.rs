@@ -34,11 +34,22 @@ pub(crate) const EXEC_FLAG: &str = "--exec";
 /// task's mount namespace before starting the program.
 pub(crate) const RESOLV_FLAG: &str = "--resolv-conf";
 
+/// `--mounts FILE` after `--init`: the init makes the binds FILE lists (`mounts::InitMounts`) in
+/// the task's mount namespace before starting the program.
+pub(crate) const MOUNTS_FLAG: &str = "--mounts";
+
+/// How the init's own error lines start (the shim reports them as the task's end).
+pub(crate) const SAYS: &str = "berth init: ";
+
 /// Exit code when the program cannot be executed (as a shell reports it).
 const EXEC_FAILED: i32 = 127;
 
 /// Runs `argv` as the namespace's init would; returns the exit code to exit with.
-pub(crate) fn init_main(argv: &[OsString], resolv_conf: Option<&std::path::Path>) -> i32 {
+pub(crate) fn init_main(
+    argv: &[OsString],
+    resolv_conf: Option<&std::path::Path>,
+    mounts: Option<&std::path::Path>,
+) -> i32 {
     let Some((program, args)) = argv.split_first() else {
         eprintln!("usage: task-shim --init -- PROGRAM [ARGS...] (started by the shim, not by hand)");
         return 2;
@@ -51,6 +62,16 @@ pub(crate) fn init_main(argv: &[OsString], resolv_conf: Option<&std::path::Path>
     {
         eprintln!("berth init: giving the task its resolv.conf ({}) failed: {e}", file.display());
         return EXEC_FAILED;
+    }
+    if let Some(file) = mounts {
+        let made = super::files::read_json::<super::mounts::InitMounts>(file)
+            .map_err(|e| format!("reading the task's mounts failed: {e}"))
+            .and_then(|m| m.ok_or_else(|| format!("{} is missing", file.display())))
+            .and_then(|m| super::mounts::apply(&m));
+        if let Err(e) = made {
+            eprintln!("{SAYS}{e}");
+            return EXEC_FAILED;
+        }
     }
     // Every standard signal is blocked before the program exists, so none is lost: they wait
     // pending until `sigwait` takes them. Real-time signals stay unblocked; with no handler, the

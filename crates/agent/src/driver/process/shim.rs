@@ -68,19 +68,25 @@ pub fn shim_main(args: Vec<OsString>) -> i32 {
         };
     }
     if args.first().is_some_and(|a| a == init::INIT_FLAG) {
-        let (resolv, rest) = match args.get(1) {
-            Some(flag) if flag == init::RESOLV_FLAG => (args.get(2).map(PathBuf::from), args.get(3..).unwrap_or(&[])),
-            _ => (None, &args[1..]),
-        };
-        return match rest.first() {
-            Some(sep) if sep == "--" => init::init_main(&rest[1..], resolv.as_deref()),
-            _ => {
-                eprintln!(
-                    "usage: task-shim --init [--resolv-conf FILE] -- PROGRAM [ARGS...] (started by the shim, not by hand)"
-                );
-                2
+        let (mut resolv, mut mounts) = (None, None);
+        let mut i = 1;
+        loop {
+            match (args.get(i), args.get(i + 1)) {
+                (Some(flag), Some(file)) if flag == init::RESOLV_FLAG => resolv = Some(PathBuf::from(file)),
+                (Some(flag), Some(file)) if flag == init::MOUNTS_FLAG => mounts = Some(PathBuf::from(file)),
+                (Some(sep), _) if sep == "--" => {
+                    return init::init_main(&args[i + 1..], resolv.as_deref(), mounts.as_deref());
+                }
+                _ => {
+                    eprintln!(
+                        "usage: task-shim --init [--resolv-conf FILE] [--mounts FILE] -- PROGRAM [ARGS...] (started by \
+                         the shim, not by hand)"
+                    );
+                    return 2;
+                }
             }
-        };
+            i += 2;
+        }
     }
     let [dir] = args.as_slice() else {
         eprintln!("usage: task-shim <task dir> (started by the berth agent's process runtime, not by hand)");
@@ -153,6 +159,21 @@ fn run(dir: &Path) -> Result<(), String> {
         init_args.push(init::RESOLV_FLAG.to_string());
         init_args.push(path.to_string_lossy().into_owned());
     }
+    // The binds are made by the init, in the task's mount namespace; the working directory may
+    // be one of them, so the launcher starts in `/` then and the init enters it afterwards.
+    let mut workdir = config.workdir.clone();
+    if !config.binds.is_empty() && !init_args.is_empty() {
+        let path = dir.join(super::mounts::MOUNTS_FILE);
+        let m = super::mounts::InitMounts { binds: config.binds.clone(), workdir: Some(config.workdir.clone()) };
+        files::write_json(&path, &m).map_err(|e| format!("writing {} failed: {e}", path.display()))?;
+        init_args.push(init::MOUNTS_FLAG.to_string());
+        init_args.push(path.to_string_lossy().into_owned());
+        if !workdir.is_dir() {
+            workdir = PathBuf::from("/");
+        }
+    } else if !config.binds.is_empty() {
+        return Err("the task has volumes, secrets or configs, which need the task's init; restart it".into());
+    }
     let mut launcher = Command::new(&config.unshare);
     launcher.args(unshare_flags(rootless())).arg("--");
     if !init_args.is_empty() {
@@ -162,7 +183,7 @@ fn run(dir: &Path) -> Result<(), String> {
         .args(&config.argv)
         .env_clear()
         .envs(&config.env)
-        .current_dir(&config.workdir)
+        .current_dir(&workdir)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -305,6 +326,12 @@ pub(crate) fn exit_record(status: ExitStatus, task_seen: bool, last_stderr: &str
             message: format!("killed by signal {} (9)", signal_name(9)),
             started: true,
         };
+    }
+    // The task's init could not make its mounts: that is why it ended.
+    if code == 127
+        && let Some(why) = last_stderr.strip_prefix(init::SAYS)
+    {
+        return ExitRecord { code, finished_at_ms: now_ms(), message: why.trim().to_string(), started: task_seen };
     }
     let launcher_said = last_stderr.starts_with("unshare:");
     let started = task_seen || !launcher_said;
