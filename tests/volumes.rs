@@ -31,17 +31,6 @@ fn volume_dir(agent: &Path, name: &str) -> std::path::PathBuf {
     agent.join("volumes").join("default").join(name).join("data")
 }
 
-fn node_names(c: &Cluster) -> Result<std::collections::BTreeMap<String, String>> {
-    let ns = c.berth_json(&["get", "nodes"])?;
-    Ok(ns
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
-        .iter()
-        .map(|n| (n["id"].as_str().unwrap_or("").to_string(), n["name"].as_str().unwrap_or("").to_string()))
-        .collect())
-}
-
 fn berth_ok(c: &Cluster, args: &[&str]) -> Result<String> {
     let out = c.berth(args);
     if !out.status.success() {
@@ -103,9 +92,8 @@ fn a_local_volume_keeps_its_data_on_its_node() -> Result<()> {
     let dir = c.dir.path().to_path_buf();
     apply(&c, &dir, "writer", WRITER)?;
     let first = wait_running(&c, "writer", 1)?.remove(0);
-    let node = first["node_id"].as_str().unwrap_or_default().to_string();
-    let names = node_names(&c)?;
-    let host = names.get(&node).cloned().unwrap_or_default();
+    let node = first["node"].as_str().unwrap_or_default().to_string();
+    let host = first["node_name"].as_str().unwrap_or_default().to_string();
     let agent_dir = dir.join(&host);
     let log = volume_dir(&agent_dir, "data").join("log");
     let lines = |n: usize| {
@@ -122,7 +110,7 @@ fn a_local_volume_keeps_its_data_on_its_node() -> Result<()> {
     signal(first["pid"].as_i64().unwrap(), "KILL");
     let second =
         wait_for(LONG, "a replacement task", || running(&c, "writer").into_iter().find(|t| t["id"] != first["id"]))?;
-    assert_eq!(second["node_id"].as_str(), Some(node.as_str()), "the replacement follows the volume's node");
+    assert_eq!(second["node"].as_str(), Some(node.as_str()), "the replacement follows the volume's node");
     let text = lines(2)?;
     assert!(text.contains(first["id"].as_str().unwrap()), "{text}");
 
@@ -161,7 +149,7 @@ fn a_local_volume_keeps_its_data_on_its_node() -> Result<()> {
     })?;
     assert!(text.contains(first["id"].as_str().unwrap()) && text.contains(second["id"].as_str().unwrap()), "{text}");
     let now = wait_running(&c, "writer", 1)?;
-    assert_eq!(now[0]["node_id"].as_str(), Some(node.as_str()));
+    assert_eq!(now[0]["node"].as_str(), Some(node.as_str()));
     drop(agents);
     Ok(())
 }
@@ -195,9 +183,8 @@ fn per_slot_volumes_follow_their_slot() -> Result<()> {
         vols.as_array().unwrap().iter().map(|v| v["name"].as_str().unwrap_or("").to_string()).collect();
     names.sort();
     assert_eq!(names, ["db-1", "db-2", "db-3"]);
-    let hosts = node_names(&c)?;
     let slot2 = tasks3.iter().find(|t| t["slot"] == 2).expect("slot 2").clone();
-    let host = &hosts[slot2["node_id"].as_str().unwrap()];
+    let host = slot2["node_name"].as_str().unwrap_or_default();
     let log = volume_dir(&dir.join(host), "db-2").join("log");
     wait_for(LONG, "slot 2's line", || std::fs::read_to_string(&log).ok().filter(|t| t.contains("slot 2")))?;
     signal(slot2["pid"].as_i64().unwrap(), "KILL");
