@@ -13,6 +13,8 @@ use std::{
 use anyhow::{Context, Result, anyhow, bail};
 use serde_json::Value;
 
+#[path = "gluster.rs"]
+pub mod gluster;
 #[path = "tls_checks.rs"]
 mod tls_checks;
 pub use tls_checks::{bad_frames_close_the_session, tls_checks};

@@ -25,6 +25,10 @@ use berth_types::task::{Mount, MountSource, RunSpec, TaskFile};
 use futures::StreamExt;
 use tempfile::TempDir;
 
+#[path = "../../../tests/gluster.rs"]
+mod gluster;
+use gluster::GlusterServer;
+
 const PATIENCE: Duration = Duration::from_secs(30);
 
 fn is_root() -> bool {
@@ -489,129 +493,6 @@ async fn host_paths_are_bound_only_under_the_allowed_prefixes() {
     node.start(&missing, &spec("true", vec![mount("gone", &target, false, host(&gone))], vec![]), &[]).await;
     let failed = node.wait(&missing, TaskState::Failed).await;
     assert!(failed.message.contains("does not exist"), "{}", failed.message);
-}
-
-/// A GlusterFS server of its own: `glusterd` in a network namespace (and a private mount
-/// namespace, so its state and sockets stay in `work`), one brick, one volume, reached from
-/// the host over a veth pair with addresses from 198.18.0.0/15.
-struct GlusterServer {
-    netns: String,
-    host_if: String,
-    addr: String,
-    work: TempDir,
-    glusterd: std::process::Child,
-}
-
-impl GlusterServer {
-    fn start(volume: &str) -> Option<GlusterServer> {
-        if !is_root() {
-            eprintln!("skipped: a GlusterFS mount needs root");
-            return None;
-        }
-        if !Path::new("/usr/sbin/glusterd").exists() || !Path::new("/sbin/mount.glusterfs").exists() {
-            eprintln!(
-                "skipped: glusterd or mount.glusterfs is not installed (apt-get install glusterfs-server glusterfs-client)"
-            );
-            return None;
-        }
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let (pid, n) = (std::process::id(), N.fetch_add(1, Ordering::Relaxed));
-        let netns = format!("berth-gl-{pid}-{n}");
-        let host_if = format!("bg{}h{n}", pid % 100_000);
-        let peer_if = format!("bg{}n{n}", pid % 100_000);
-        let net = format!("198.19.{}.{}", pid % 250, (n * 8) % 256);
-        let base: Vec<u8> = net.split('.').map(|o| o.parse().unwrap()).collect();
-        let host_addr = format!("{}.{}.{}.{}", base[0], base[1], base[2], base[3] + 1);
-        let addr = format!("{}.{}.{}.{}", base[0], base[1], base[2], base[3] + 2);
-        let work = tempfile::Builder::new().prefix("berth-gluster-").tempdir().unwrap();
-        for d in ["lib", "log", "brick"] {
-            std::fs::create_dir(work.path().join(d)).unwrap();
-        }
-        let sh = |cmd: &str| {
-            let out = Command::new("sh").arg("-c").arg(cmd).output().unwrap();
-            assert!(out.status.success(), "{cmd}: {}", String::from_utf8_lossy(&out.stderr));
-        };
-        sh(&format!("ip netns add {netns}"));
-        sh(&format!("ip link add {host_if} type veth peer name {peer_if}"));
-        sh(&format!("ip link set {peer_if} netns {netns}"));
-        sh(&format!("ip addr add {host_addr}/29 dev {host_if} && ip link set {host_if} up"));
-        sh(&format!(
-            "ip netns exec {netns} sh -c 'ip addr add {addr}/29 dev {peer_if} && ip link set {peer_if} up && ip link set lo up'"
-        ));
-        let w = work.path().display().to_string();
-        let script = format!(
-            "mount --make-rprivate / && mount -t tmpfs tmpfs /run && mkdir -p /run/gluster && \
-             mount --bind {w}/lib /var/lib/glusterd && mount --bind {w}/log /var/log/glusterfs && \
-             exec glusterd -N --log-file={w}/glusterd.log"
-        );
-        let glusterd = Command::new("ip")
-            .args(["netns", "exec", &netns, "unshare", "--mount", "sh", "-c", &script])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        let server = GlusterServer { netns, host_if, addr, work, glusterd };
-        let deadline = Instant::now() + PATIENCE;
-        while !server.gluster(&["volume", "list"]).0 {
-            assert!(Instant::now() < deadline, "glusterd did not start; see {w}/glusterd.log");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let brick = format!("{}:{w}/brick", server.addr);
-        let (ok, out) = server.gluster(&["volume", "create", volume, &brick, "force"]);
-        assert!(ok, "gluster volume create: {out}");
-        let (ok, out) = server.gluster(&["volume", "start", volume]);
-        assert!(ok, "gluster volume start: {out}");
-        Some(server)
-    }
-
-    /// Runs the `gluster` CLI against this server: whether it succeeded, and its output.
-    fn gluster(&self, args: &[&str]) -> (bool, String) {
-        let pid = self.glusterd.id().to_string();
-        let out = Command::new("nsenter")
-            .args(["-t", &pid, "-m", "-n", "gluster", "--mode=script"])
-            .args(args)
-            .output()
-            .unwrap();
-        (
-            out.status.success(),
-            format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
-        )
-    }
-
-    fn brick(&self) -> PathBuf {
-        self.work.path().join("brick")
-    }
-
-    /// Makes the server drop every packet to its management port: a mount then hangs.
-    fn drop_packets(&self) {
-        let ns = &self.netns;
-        let ok = Command::new("sh")
-            .arg("-c")
-            .arg(format!(
-                "ip netns exec {ns} nft add table inet berth_test && \
-                 ip netns exec {ns} nft add chain inet berth_test in '{{ type filter hook input priority 0; }}' && \
-                 ip netns exec {ns} nft add rule inet berth_test in tcp dport 24007 drop"
-            ))
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "nft in the server's namespace");
-    }
-}
-
-impl Drop for GlusterServer {
-    fn drop(&mut self) {
-        // glusterd and its brick processes: everything in the namespace.
-        if let Ok(out) = Command::new("ip").args(["netns", "pids", &self.netns]).output() {
-            for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
-                let _ = Command::new("kill").args(["-9", pid]).status();
-            }
-        }
-        let _ = self.glusterd.kill();
-        let _ = self.glusterd.wait();
-        let _ = Command::new("ip").args(["netns", "del", &self.netns]).status();
-        let _ = Command::new("ip").args(["link", "del", &self.host_if]).status();
-    }
 }
 
 // GlusterFS end to end on one node: the volume is mounted through FUSE when the first task that

@@ -310,7 +310,12 @@ fn shutdown(t: &Task, now: i64, why: &str) -> Task {
     let mut t = t.clone();
     t.desired_state = TaskState::Shutdown as i32;
     t.updated_at_ms = now;
-    if !tasks::is_terminal(tasks::state_of(&t)) && t.node_id.is_empty() {
+    if tasks::is_terminal(tasks::state_of(&t)) {
+        // Already ended: its message says how (a failed mount, an exit code), which is what
+        // `get tasks -a` should keep showing.
+        return t;
+    }
+    if t.node_id.is_empty() {
         // Never placed: nothing runs, so it ends here.
         t.state = TaskState::Shutdown as i32;
     }

@@ -385,7 +385,7 @@ fn a_task_whose_volume_node_cannot_take_it_stays_pending_with_the_reason() {
     all[1].availability = Availability::Drain;
     let mut s = Scheduler::new(all, &[], Strategy::Spread);
     let t = TaskRequest { volumes: vec![local("default/db", Some("b"))], ..task("db", 1) };
-    let (placed, unplaced) = s.schedule(&[t.clone()]);
+    let (placed, unplaced) = s.schedule(std::slice::from_ref(&t));
     assert!(placed.is_empty());
     let reason = &unplaced[0].reason;
     assert!(reason.contains("1 drained") && reason.contains("1 do not hold local volume default/db"), "{reason}");
