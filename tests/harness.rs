@@ -313,6 +313,39 @@ impl Drop for AgentProc {
     fn drop(&mut self) {
         self.kill9();
         self.kill_tasks();
+        self.unmount_storage();
+    }
+}
+
+impl AgentProc {
+    /// Unmounts what this agent's tasks had mounted on its host (volumes under its data dir,
+    /// GlusterFS mounts, the secrets tmpfs of each task under `/run/berth/<node id>`), which a
+    /// real agent keeps across its own restarts but a test must not leave behind.
+    pub fn unmount_storage(&self) {
+        let mut roots = vec![std::path::absolute(&self.dir).unwrap_or_else(|_| self.dir.clone())];
+        if let Ok(state) = std::fs::read_to_string(self.dir.join("agent.json"))
+            && let Ok(v) = serde_json::from_str::<Value>(&state)
+            && let Some(id) = v["node_id"].as_str().filter(|id| !id.is_empty())
+        {
+            roots.push(PathBuf::from("/run/berth").join(id));
+        }
+        unmount_under(&roots);
+    }
+}
+
+/// Unmounts every mount point under any of `roots`, deepest first (a loop mount's device goes
+/// with it).
+pub fn unmount_under(roots: &[PathBuf]) {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else { return };
+    let mut points: Vec<PathBuf> = info
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|p| PathBuf::from(p.replace("\\040", " ")))
+        .filter(|p| roots.iter().any(|r| p.starts_with(r)))
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    for p in points {
+        let _ = Command::new("umount").arg(&p).stderr(Stdio::null()).status();
     }
 }
 

@@ -452,6 +452,8 @@ pub struct TaskOut {
     pub attempt: u32,
     pub created_at_ms: i64,
     pub updated_at_ms: i64,
+    /// When it was first reported running (Unix ms, the leader's clock); 0: not yet.
+    pub running_at_ms: i64,
     /// The task's address on each network it joined (network name -> IPv4).
     pub addresses: std::collections::BTreeMap<String, String>,
 }
@@ -476,6 +478,7 @@ impl TaskOut {
             attempt: t.attempt,
             created_at_ms: t.created_at_ms,
             updated_at_ms: t.updated_at_ms,
+            running_at_ms: t.running_at_ms,
             addresses: t.addresses.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
         }
     }

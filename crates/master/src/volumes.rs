@@ -224,11 +224,7 @@ pub(crate) type VolumePlan = (&'static str, Vec<String>, Option<(Compare, Reques
 /// `apply` of a `kind: Volume` document: the action, the changed fields, and the write. Its
 /// driver and location cannot change (the data would be left behind); its access mode and
 /// labels may. A host path must be allowed by at least one node's agent.
-pub(crate) fn plan(
-    reader: &KvReader,
-    doc: &Volume,
-    now: i64,
-) -> Result<VolumePlan, Status> {
+pub(crate) fn plan(reader: &KvReader, doc: &Volume, now: i64) -> Result<VolumePlan, Status> {
     let (ns, name) = (&doc.metadata.namespace, &doc.metadata.name);
     if let Some(path) = doc.spec.path.as_deref().filter(|_| doc.spec.driver == VolumeDriver::Host) {
         check_host_path(reader, &doc.key(), path)?;
