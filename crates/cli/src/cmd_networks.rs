@@ -2,15 +2,14 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use anyhow::{Result, anyhow, bail};
+use anyhow::Result;
 use berth_api::pb::{self, NetworkView};
 use serde::Serialize;
-use tonic::Code;
 
 use crate::{
     Global,
     client::{Call, Client},
-    cmd_services::{fmt_age, key, node_names, out_line, status_text, task_state_name},
+    cmd_services::{fmt_age, key, node_names, out_line, task_state_name},
     output,
 };
 
@@ -197,33 +196,19 @@ pub async fn run_describe(namespace: &str, name: &str, g: &Global) -> Result<()>
 
 pub async fn run_delete(namespace: &str, names: &[String], g: &Global) -> Result<()> {
     let client = crate::config::client(g)?;
-    let mut failed = Vec::new();
-    for name in names {
-        let req = pb::NetworkRef { namespace: namespace.to_string(), name: name.clone() };
-        let r = client
-            .call(Call::Idempotent, |ch| {
-                let req = req.clone();
-                async move { Client::control(ch).delete_network(req).await.map(|r| r.into_inner()) }
-            })
-            .await;
-        match r {
-            Ok(_) => out_line(&format!("network {} deleted", key(namespace, name))),
-            Err(s) if matches!(s.code(), Code::NotFound | Code::FailedPrecondition | Code::Aborted) => {
-                eprintln!("error: {}", status_text(&s));
-                failed.push(name.clone());
-            }
-            Err(s) => return Err(anyhow!("deleting network {}: {}", key(namespace, name), status_text(&s))),
+    crate::cmd_storage::delete_each("network", namespace, names, |name| {
+        let req = pb::NetworkRef { namespace: namespace.to_string(), name };
+        let client = &client;
+        async move {
+            client
+                .call(Call::Idempotent, |ch| {
+                    let req = req.clone();
+                    async move { Client::control(ch).delete_network(req).await.map(|_| ()) }
+                })
+                .await
         }
-    }
-    if !failed.is_empty() {
-        bail!(
-            "{} of {} networks were not deleted ({}): see the errors above",
-            failed.len(),
-            names.len(),
-            failed.join(", ")
-        );
-    }
-    Ok(())
+    })
+    .await
 }
 
 #[cfg(test)]

@@ -230,27 +230,43 @@ pub async fn run_describe_volume(namespace: &str, name: &str, g: &Global) -> Res
 
 pub async fn run_delete_volumes(namespace: &str, names: &[String], g: &Global) -> Result<()> {
     let client = crate::config::client(g)?;
+    delete_each("volume", namespace, names, |name| {
+        let req = pb::VolumeRef { namespace: namespace.to_string(), name };
+        let client = &client;
+        async move {
+            client
+                .call(Call::Idempotent, |ch| {
+                    let req = req.clone();
+                    async move { Client::control(ch).delete_volume(req).await.map(|_| ()) }
+                })
+                .await
+        }
+    })
+    .await
+}
+
+/// Deletes each of `names` with `delete`: prints `WHAT NS/NAME deleted`, or the refusal (not
+/// found, in use, changed meanwhile) and goes on to the next; any other error stops it. Fails,
+/// naming them, when some were not deleted.
+pub async fn delete_each<F, Fut>(what: &str, namespace: &str, names: &[String], mut delete: F) -> Result<()>
+where
+    F: FnMut(String) -> Fut,
+    Fut: std::future::Future<Output = Result<(), tonic::Status>>,
+{
     let mut failed = Vec::new();
     for name in names {
-        let req = pb::VolumeRef { namespace: namespace.to_string(), name: name.clone() };
-        let r = client
-            .call(Call::Idempotent, |ch| {
-                let req = req.clone();
-                async move { Client::control(ch).delete_volume(req).await.map(|r| r.into_inner()) }
-            })
-            .await;
-        match r {
-            Ok(_) => out_line(&format!("volume {} deleted", key(namespace, name))),
+        match delete(name.clone()).await {
+            Ok(()) => out_line(&format!("{what} {} deleted", key(namespace, name))),
             Err(s) if matches!(s.code(), Code::NotFound | Code::FailedPrecondition | Code::Aborted) => {
                 eprintln!("error: {}", status_text(&s));
                 failed.push(name.clone());
             }
-            Err(s) => return Err(anyhow!("deleting volume {}: {}", key(namespace, name), status_text(&s))),
+            Err(s) => return Err(anyhow!("deleting {what} {}: {}", key(namespace, name), status_text(&s))),
         }
     }
     if !failed.is_empty() {
         bail!(
-            "{} of {} volumes were not deleted ({}): see the errors above",
+            "{} of {} {what}s were not deleted ({}): see the errors above",
             failed.len(),
             names.len(),
             failed.join(", ")
@@ -391,33 +407,19 @@ pub async fn run_file(kind: FileKind, cmd: FileCmd, g: &Global) -> Result<()> {
             Ok(())
         }
         FileCmd::Rm { names, namespace } => {
-            let mut failed = Vec::new();
-            for name in &names {
-                let req = pb::FileRef { kind: kind as i32, namespace: namespace.clone(), name: name.clone() };
-                let r = client
-                    .call(Call::Idempotent, |ch| {
-                        let req = req.clone();
-                        async move { Client::control(ch).delete_file(req).await.map(|r| r.into_inner()) }
-                    })
-                    .await;
-                match r {
-                    Ok(_) => out_line(&format!("{what} {} deleted", key(&namespace, name))),
-                    Err(s) if matches!(s.code(), Code::NotFound | Code::FailedPrecondition | Code::Aborted) => {
-                        eprintln!("error: {}", status_text(&s));
-                        failed.push(name.clone());
-                    }
-                    Err(s) => return Err(anyhow!("deleting {what} {}: {}", key(&namespace, name), status_text(&s))),
+            delete_each(what, &namespace, &names, |name| {
+                let req = pb::FileRef { kind: kind as i32, namespace: namespace.clone(), name };
+                let client = &client;
+                async move {
+                    client
+                        .call(Call::Idempotent, |ch| {
+                            let req = req.clone();
+                            async move { Client::control(ch).delete_file(req).await.map(|_| ()) }
+                        })
+                        .await
                 }
-            }
-            if !failed.is_empty() {
-                bail!(
-                    "{} of {} {what}s were not deleted ({}): see the errors above",
-                    failed.len(),
-                    names.len(),
-                    failed.join(", ")
-                );
-            }
-            Ok(())
+            })
+            .await
         }
     }
 }

@@ -412,6 +412,23 @@ pub struct Metadata {
     pub labels: BTreeMap<String, String>,
 }
 
+impl Metadata {
+    /// Checks the name, the namespace and the label keys.
+    pub fn validate(&self) -> Result<(), SpecError> {
+        check_dns_label("metadata.name", "name", &self.name)?;
+        check_dns_label("metadata.namespace", "namespace", &self.namespace)?;
+        for key in self.labels.keys() {
+            if !is_label_key(key) {
+                return Err(SpecError::invalid(
+                    format!("metadata.labels.{key}"),
+                    format!("invalid label key {key:?}; allowed: 1-253 letters, digits, '-', '_', '.' and '/'"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 fn default_namespace() -> String {
     DEFAULT_NAMESPACE.to_string()
 }
@@ -1036,16 +1053,7 @@ impl Service {
     /// Checks the values and their combinations. Returns the first problem found.
     pub fn validate(&self) -> Result<(), SpecError> {
         let meta = &self.metadata;
-        check_dns_label("metadata.name", "name", &meta.name)?;
-        check_dns_label("metadata.namespace", "namespace", &meta.namespace)?;
-        for key in meta.labels.keys() {
-            if !is_label_key(key) {
-                return Err(SpecError::invalid(
-                    format!("metadata.labels.{key}"),
-                    format!("invalid label key {key:?}; allowed: 1-253 letters, digits, '-', '_', '.' and '/'"),
-                ));
-            }
-        }
+        meta.validate()?;
         let spec = &self.spec;
         match (spec.mode, spec.replicas) {
             (ServiceMode::Replicated, None) => {

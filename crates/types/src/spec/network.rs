@@ -6,7 +6,7 @@ use std::net::Ipv4Addr;
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Deserializer, Serialize};
 
-use super::{Kind, Metadata, SpecError, check_dns_label, is_label_key, parse_str};
+use super::{Kind, Metadata, SpecError, parse_str};
 
 /// The smallest network prefix a `subnet` may have (the largest network).
 pub const MIN_SUBNET_PREFIX: u8 = 8;
@@ -85,16 +85,7 @@ impl Network {
     /// Checks the values. Subnet overlaps are the allocator's to find (they depend on the other
     /// networks).
     pub fn validate(&self) -> Result<(), SpecError> {
-        check_dns_label("metadata.name", "name", &self.metadata.name)?;
-        check_dns_label("metadata.namespace", "namespace", &self.metadata.namespace)?;
-        for key in self.metadata.labels.keys() {
-            if !is_label_key(key) {
-                return Err(SpecError::invalid(
-                    format!("metadata.labels.{key}"),
-                    format!("invalid label key {key:?}; allowed: 1-253 letters, digits, '-', '_', '.' and '/'"),
-                ));
-            }
-        }
+        self.metadata.validate()?;
         if let Some(net) = self.spec.subnet {
             parse_subnet(&net.to_string()).map_err(|m| SpecError::invalid("spec.subnet", m))?;
         }

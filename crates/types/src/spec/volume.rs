@@ -12,7 +12,7 @@ use std::fmt;
 
 use serde::{Deserialize, Deserializer, Serialize};
 
-use super::{Kind, Memory, Metadata, SpecError, check_dns_label, is_label_key};
+use super::{Kind, Memory, Metadata, SpecError, check_dns_label};
 
 /// The placeholder a per-slot volume's `source` holds.
 pub const SLOT_PLACEHOLDER: &str = "{slot}";
@@ -119,16 +119,7 @@ impl Volume {
 
     /// Checks the values and their combinations.
     pub fn validate(&self) -> Result<(), SpecError> {
-        check_dns_label("metadata.name", "name", &self.metadata.name)?;
-        check_dns_label("metadata.namespace", "namespace", &self.metadata.namespace)?;
-        for key in self.metadata.labels.keys() {
-            if !is_label_key(key) {
-                return Err(SpecError::invalid(
-                    format!("metadata.labels.{key}"),
-                    format!("invalid label key {key:?}; allowed: 1-253 letters, digits, '-', '_', '.' and '/'"),
-                ));
-            }
-        }
+        self.metadata.validate()?;
         self.spec.validate("spec")
     }
 }
