@@ -446,7 +446,10 @@ pub(crate) fn usage_updates(
         let Some((ns, name)) = u.key.split_once('/') else { continue };
         let Ok(Some(rec)) = objects::get::<VolumeRecord>(reader, &volume_key(ns, name)) else { continue };
         let r = &rec.obj;
-        if !r.node_id.is_empty() && r.node_id != node {
+        // A local volume's usage comes from the node holding it (another node may still have a
+        // directory of an earlier volume of that name); a shared one's from any node.
+        let local = spec_of(r).is_ok_and(|s| s.driver == VolumeDriver::Local);
+        if local && r.node_id != node {
             continue;
         }
         let step = (u.capacity_bytes / 100).max(1 << 20);
