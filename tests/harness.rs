@@ -322,7 +322,13 @@ impl AgentProc {
     /// GlusterFS mounts, the secrets tmpfs of each task under `/run/berth/<node id>`), which a
     /// real agent keeps across its own restarts but a test must not leave behind.
     pub fn unmount_storage(&self) {
-        let mut roots = vec![std::path::absolute(&self.dir).unwrap_or_else(|_| self.dir.clone())];
+        // A handle whose directory was cleared (a test that keeps the agent's tasks) owns
+        // nothing here.
+        let Ok(dir) = std::path::absolute(&self.dir) else { return };
+        if self.dir.as_os_str().is_empty() {
+            return;
+        }
+        let mut roots = vec![dir];
         if let Ok(state) = std::fs::read_to_string(self.dir.join("agent.json"))
             && let Ok(v) = serde_json::from_str::<Value>(&state)
             && let Some(id) = v["node_id"].as_str().filter(|id| !id.is_empty())
@@ -336,6 +342,12 @@ impl AgentProc {
 /// Unmounts every mount point under any of `roots`, deepest first (a loop mount's device goes
 /// with it).
 pub fn unmount_under(roots: &[PathBuf]) {
+    // Never a root that would take the host's own mounts along: only directories at least two
+    // levels deep (a test's temporary directory, /run/berth/<id>).
+    let roots: Vec<&PathBuf> = roots.iter().filter(|r| r.is_absolute() && r.components().count() >= 3).collect();
+    if roots.is_empty() {
+        return;
+    }
     let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else { return };
     let mut points: Vec<PathBuf> = info
         .lines()
