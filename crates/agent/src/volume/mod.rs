@@ -389,6 +389,11 @@ pub(crate) fn unmount(path: &Path) -> std::io::Result<()> {
 /// clients of those that are FUSE mounts: for clean-ups (tests, `berth dev`), never for a live
 /// agent's volumes.
 pub fn unmount_all(dir: &Path) {
+    // Never a directory whose subtree holds the host's own mounts (`/`, `/run`, an empty or
+    // relative path): only one at least two levels deep, such as a data dir or a test's.
+    if !dir.is_absolute() || dir.components().count() < 3 {
+        return;
+    }
     let Ok(mounts) = mountinfo::read() else { return };
     let mut under: Vec<&mountinfo::MountEntry> = mounts.iter().filter(|m| m.mount_point.starts_with(dir)).collect();
     under.sort_by_key(|m| std::cmp::Reverse(m.mount_point.components().count()));
