@@ -50,12 +50,8 @@ pub(crate) async fn run(program: &str, args: &[&str], timeout: Duration) -> Resu
     // taken once it has exited: a daemon it started may hold the pipes open for good.
     let out = collect(child.stdout.take());
     let err = collect(child.stderr.take());
-    let output = || async {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        let take = |b: &std::sync::Arc<std::sync::Mutex<Vec<u8>>>| {
-            String::from_utf8_lossy(&b.lock().expect("output lock")).trim().to_string()
-        };
-        let (o, e) = (take(&out), take(&err));
+    let output = move || async move {
+        let (o, e) = tokio::join!(out.finish(), err.finish());
         [e, o].into_iter().filter(|t| !t.is_empty()).collect::<Vec<_>>().join("\n")
     };
     match tokio::time::timeout(timeout, child.wait()).await {
@@ -72,12 +68,26 @@ pub(crate) async fn run(program: &str, args: &[&str], timeout: Duration) -> Resu
     }
 }
 
-/// Reads a pipe (up to 64 KiB) into a buffer in the background.
-fn collect<R: tokio::io::AsyncRead + Unpin + Send + 'static>(
-    pipe: Option<R>,
-) -> std::sync::Arc<std::sync::Mutex<Vec<u8>>> {
+/// A pipe being read (up to 64 KiB) into a buffer in the background.
+struct Collected {
+    buf: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    reader: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Collected {
+    /// What was read, once the reader reached the end of the pipe: the helper has exited, but a
+    /// daemon it started may hold the pipe open for good, so the wait is bounded.
+    async fn finish(self) -> String {
+        if let Some(r) = self.reader {
+            let _ = tokio::time::timeout(Duration::from_millis(200), r).await;
+        }
+        String::from_utf8_lossy(&self.buf.lock().expect("output lock")).trim().to_string()
+    }
+}
+
+fn collect<R: tokio::io::AsyncRead + Unpin + Send + 'static>(pipe: Option<R>) -> Collected {
     let buf = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    if let Some(mut pipe) = pipe {
+    let reader = pipe.map(|mut pipe| {
         let b = buf.clone();
         tokio::spawn(async move {
             use tokio::io::AsyncReadExt;
@@ -89,9 +99,9 @@ fn collect<R: tokio::io::AsyncRead + Unpin + Send + 'static>(
                 }
                 b.extend_from_slice(&chunk[..n]);
             }
-        });
-    }
-    buf
+        })
+    });
+    Collected { buf, reader }
 }
 
 /// `program` in the default PATH.

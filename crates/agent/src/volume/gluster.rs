@@ -236,8 +236,8 @@ mod tests {
         let (src, args) = mount_args(&["g1".into()], "gv", log).unwrap();
         assert_eq!(src, "g1:/gv");
         assert_eq!(args, ["-o", "log-file=/v/gluster.log"]);
-        let (src, args) = mount_args(&["10.0.0.7:24007".into(), "g2".into(), "g3:24007".into()], "gv", log).unwrap();
-        assert_eq!(src, "10.0.0.7:/gv");
+        let (src, args) = mount_args(&["198.18.0.7:24007".into(), "g2".into(), "g3:24007".into()], "gv", log).unwrap();
+        assert_eq!(src, "198.18.0.7:/gv");
         assert_eq!(args[1], "log-file=/v/gluster.log,backup-volfile-servers=g2:g3,server-port=24007");
         let e = mount_args(&["a:1".into(), "b:2".into()], "gv", log).unwrap_err();
         assert!(e.contains("different ports"), "{e}");

@@ -176,7 +176,7 @@ impl VolumeSpec {
                 if self.servers.is_empty() {
                     return Err(SpecError::invalid(
                         format!("{path}.servers"),
-                        "driver `glusterfs` requires `servers`, such as [\"gluster-1\", \"10.0.0.7:24007\"]",
+                        "driver `glusterfs` requires `servers`, such as [\"gluster-1\", \"198.18.0.7:24007\"]",
                     ));
                 }
                 for (i, s) in self.servers.iter().enumerate() {
@@ -499,7 +499,7 @@ mod tests {
     fn volume_documents_parse_with_their_driver_fields() {
         let docs = parse_all(
             "kind: Volume\nmetadata: {name: data}\nspec: {driver: local, size: 1Gi}\n---\nkind: Volume\nmetadata: \
-             {name: shared}\nspec: {driver: glusterfs, servers: [gl-1, \"10.0.0.7:24007\"], volume: gv0, access: \
+             {name: shared}\nspec: {driver: glusterfs, servers: [gl-1, \"198.18.0.7:24007\"], volume: gv0, access: \
              multi-node-writer}\n---\nkind: Volume\nmetadata: {name: logs}\nspec: {driver: host, path: /srv/logs}\n",
         )
         .unwrap();
