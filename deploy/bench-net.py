@@ -308,7 +308,8 @@ def main():
         task1 = ["nsenter", "--target", str(probe), "--net"]
         under_srv = subprocess.Popen(host2 + ["iperf3", "-s", "-p", "5202"], stdout=subprocess.DEVNULL)
         under_echo = subprocess.Popen(host2 + ["python3", "-c", ECHO_SERVER, "7001"])
-        time.sleep(0.5)  # the two servers binding; only set-up, not measured
+        b.wait("the underlay servers listening", lambda: all(
+            sh(*host2, "ss", "-Hltn", f"sport = :{port}").strip() for port in (5202, 7001)))
         rows = {"underlay": {"gbps": [], "p50_us": [], "p99_us": []}, "overlay": {"gbps": [], "p50_us": [], "p99_us": []}}
         try:
             for r in range(a.rounds):

@@ -17,7 +17,7 @@ use crate::{
     Global,
     client::{Call, Client},
     cmd_services::{fmt_age, key, node_names, out_line, status_text, task_state_name},
-    output,
+    output::{self, human_bytes},
 };
 
 /// One volume as `get`/`describe` print it (and `-o json|yaml`).
@@ -108,17 +108,6 @@ impl VolumeOut {
         }
         format!("{} of {}", human_bytes(self.used_bytes), human_bytes(self.capacity_bytes))
     }
-}
-
-fn human_bytes(b: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = b as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 { format!("{b} B") } else { format!("{v:.1} {}", UNITS[u]) }
 }
 
 pub const VOLUME_HEADERS: &[&str] = &["NAMESPACE", "NAME", "DRIVER", "ACCESS", "NODE", "SIZE", "USED", "TASKS", "AGE"];

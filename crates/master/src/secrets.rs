@@ -295,13 +295,28 @@ fn newest_plain(ctx: &Ctx, kind: FileKind, rec: &FileRecord) -> Option<Vec<u8>> 
     }
 }
 
-/// Service records in `ns` (not being deleted) whose spec mounts `kind/name`.
+/// Service records in `ns` whose spec mounts `kind/name` (deleting ones too: `put` skips them).
 fn users(reader: &KvReader, kind: FileKind, ns: &str, name: &str) -> Result<Vec<Versioned<ServiceRecord>>, Status> {
     let mut out = Vec::new();
     for rec in objects::list::<ServiceRecord>(reader, &format!("{SERVICES_PREFIX}{ns}/"))? {
         let Ok(svc) = serde_json::from_str::<Service>(&rec.obj.spec_json) else { continue };
         if mounted(&svc).contains(&(kind, name)) {
             out.push(rec);
+        }
+    }
+    Ok(out)
+}
+
+/// For every `kind` file, the services that mount it: `(namespace, name)` -> service names,
+/// from one read of the service records.
+fn users_by_file(reader: &KvReader, kind: FileKind) -> Result<BTreeMap<(String, String), Vec<String>>, Status> {
+    let mut out: BTreeMap<(String, String), Vec<String>> = BTreeMap::new();
+    for rec in objects::list::<ServiceRecord>(reader, SERVICES_PREFIX)? {
+        let Ok(svc) = serde_json::from_str::<Service>(&rec.obj.spec_json) else { continue };
+        for (k, name) in mounted(&svc) {
+            if k == kind {
+                out.entry((rec.obj.namespace.clone(), name.to_string())).or_default().push(rec.obj.name.clone());
+            }
         }
     }
     Ok(out)
@@ -438,13 +453,14 @@ pub(crate) async fn put(ctx: &Ctx, r: PutFileRequest) -> Result<FileView, Status
 pub(crate) fn list(reader: &KvReader, kind: FileKind, ns: &str) -> Result<Vec<FileView>, Status> {
     let prefix = String::from_utf8(file_key(kind, ns, "")).unwrap_or_default();
     let prefix = if ns.is_empty() { prefix.trim_end_matches('/').to_string() + "/" } else { prefix };
-    let mut out = Vec::new();
-    for rec in objects::list::<FileRecord>(reader, &prefix)? {
-        let services =
-            users(reader, kind, &rec.obj.namespace, &rec.obj.name)?.into_iter().map(|s| s.obj.name).collect();
-        out.push(view(kind, &rec.obj, services, vec![]));
-    }
-    Ok(out)
+    let mut by_file = users_by_file(reader, kind)?;
+    Ok(objects::list::<FileRecord>(reader, &prefix)?
+        .into_iter()
+        .map(|rec| {
+            let services = by_file.remove(&(rec.obj.namespace.clone(), rec.obj.name.clone())).unwrap_or_default();
+            view(kind, &rec.obj, services, vec![])
+        })
+        .collect())
 }
 
 /// Tasks that have not ended and mount `kind/name` of `ns`.

@@ -12,6 +12,8 @@ pub struct MountEntry {
     pub fstype: String,
     /// What is mounted (`/dev/loop3`, `server:/volume`, `tmpfs`).
     pub source: String,
+    /// The filesystem's own options (for a cgroup v1 mount, its controllers).
+    pub super_options: Vec<String>,
 }
 
 /// Parses mountinfo text (see proc(5)); lines that do not parse are skipped.
@@ -23,10 +25,12 @@ pub fn parse(text: &str) -> Vec<MountEntry> {
             let mut rest = after.split(' ');
             let fstype = rest.next()?;
             let source = rest.next().unwrap_or("");
+            let super_options = rest.next().unwrap_or("").split(',').map(str::to_string).collect();
             Some(MountEntry {
                 mount_point: PathBuf::from(unescape(mount_point)),
                 fstype: unescape(fstype),
                 source: unescape(source),
+                super_options,
             })
         })
         .collect()
@@ -48,7 +52,7 @@ pub fn is_mounted(path: &Path) -> bool {
 }
 
 /// The kernel writes space, tab, newline and backslash as `\ooo` octal escapes.
-fn unescape(s: &str) -> String {
+pub(crate) fn unescape(s: &str) -> String {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;

@@ -44,47 +44,14 @@ pub(crate) enum Layout {
     None,
 }
 
-/// One line of `/proc/self/mountinfo`, the fields used here.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Mount {
-    pub mount_point: PathBuf,
-    pub fstype: String,
-    pub super_options: Vec<String>,
-}
-
-/// Undoes mountinfo's octal escapes (`\040` for a space...).
-fn unescape(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
-            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
+/// A cgroup mount: one line of `/proc/self/mountinfo` (parsed by the one parser the agent has).
+pub(crate) type Mount = crate::volume::mountinfo::MountEntry;
 
 /// Parses `/proc/self/mountinfo`, keeping cgroup mounts.
 pub(crate) fn parse_mountinfo(text: &str) -> Vec<Mount> {
-    text.lines()
-        .filter_map(|line| {
-            let (left, right) = line.split_once(" - ")?;
-            let mount_point = unescape(left.split(' ').nth(4)?);
-            let mut right = right.split(' ');
-            let fstype = right.next()?.to_string();
-            let _source = right.next()?;
-            let super_options = right.next().unwrap_or("").split(',').map(str::to_string).collect();
-            (fstype == "cgroup" || fstype == "cgroup2").then(|| Mount {
-                mount_point: PathBuf::from(mount_point),
-                fstype,
-                super_options,
-            })
-        })
+    crate::volume::mountinfo::parse(text)
+        .into_iter()
+        .filter(|m| m.fstype == "cgroup" || m.fstype == "cgroup2")
         .collect()
 }
 
@@ -310,7 +277,7 @@ mod tests {
     fn escaped_mount_points() {
         let m = parse_mountinfo("1 2 0:1 / /mnt/my\\040cgroups rw - cgroup cgroup rw,memory\n");
         assert_eq!(m[0].mount_point, PathBuf::from("/mnt/my cgroups"));
-        assert_eq!(unescape("a\\\\b\\04"), "a\\\\b\\04");
+        assert_eq!(crate::volume::mountinfo::unescape("a\\\\b\\04"), "a\\\\b\\04");
     }
 
     #[test]
