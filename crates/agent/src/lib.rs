@@ -18,6 +18,7 @@ mod net;
 pub mod overlay;
 pub mod probe;
 mod resources;
+pub mod sandbox;
 mod session;
 mod state;
 pub mod volume;

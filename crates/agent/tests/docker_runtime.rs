@@ -110,6 +110,10 @@ fn spec(script: &str) -> RunSpec {
             volumes: Vec::new(),
             secrets: Vec::new(),
             configs: Vec::new(),
+            user: None,
+            cap_add: Vec::new(),
+            cap_drop: Vec::new(),
+            privileged: false,
         },
         disconnect: DisconnectPolicy::Replace,
         fence_timeout_ms: 0,
@@ -408,7 +412,7 @@ async fn limits_env_workdir_labels_and_policy_reach_the_container() {
     s.task.resources = Resources {
         cpu: Cpu(250),
         memory: Memory(16 << 20),
-        limits: Some(ResourceLimits { cpu: Some(Cpu(500)), memory: Some(Memory(64 << 20)) }),
+        limits: Some(ResourceLimits { cpu: Some(Cpu(500)), memory: Some(Memory(64 << 20)), pids: None }),
     };
     rt.start(&id, &s).await.unwrap();
     let pid = wait_running(&rt, &id).await;

@@ -50,6 +50,10 @@ fn spec(argv: &[&str]) -> RunSpec {
             volumes: Vec::new(),
             secrets: Vec::new(),
             configs: Vec::new(),
+            user: None,
+            cap_add: Vec::new(),
+            cap_drop: Vec::new(),
+            privileged: false,
         },
         disconnect: Default::default(),
         fence_timeout_ms: 0,
@@ -209,7 +213,8 @@ async fn limits_are_applied_or_the_start_fails() {
     let mut guard = Cleanup::new(&fx);
     let id = guard.id("limits");
     let mut limited = fx.shell("echo up; sleep 1000");
-    limited.task.resources.limits = Some(ResourceLimits { cpu: Some(Cpu(500)), memory: Some(Memory(64 << 20)) });
+    limited.task.resources.limits =
+        Some(ResourceLimits { cpu: Some(Cpu(500)), memory: Some(Memory(64 << 20)), pids: None });
     match rt.start(&id, &limited).await {
         Err(RuntimeError::Unavailable(message)) => {
             // No writable cgroups here: the start must fail, saying why, and leave nothing.

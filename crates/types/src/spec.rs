@@ -11,6 +11,7 @@
 pub mod network;
 mod placement;
 mod quantity;
+pub mod security;
 #[cfg(test)]
 mod tests;
 pub mod volume;
@@ -555,6 +556,20 @@ pub struct TaskSpec {
     /// Configs mounted as files at their targets (mode 0444 unless set).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub configs: Vec<FileMount>,
+    /// The user the task runs as, `UID` or `UID:GID`, in a user namespace of its own (default
+    /// 65534, `nobody`; uid 0 is root in that namespace only, never the host's root).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// Capabilities added to the default set (Docker's), by name: `NET_ADMIN` or `ALL`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cap_add: Vec<String>,
+    /// Capabilities dropped from the default set, by name: `NET_RAW` or `ALL`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cap_drop: Vec<String>,
+    /// No sandbox: host root, every capability, no seccomp filter and (process tasks) the host's
+    /// filesystem. Refused by agents not started with `--allow-privileged`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub privileged: bool,
 }
 
 /// `spec.task.stop_grace_period` when unset (Docker's and Kubernetes' 10 s).
@@ -626,6 +641,9 @@ pub struct ResourceLimits {
     /// Memory cap.
     #[serde(default)]
     pub memory: Option<Memory>,
+    /// The most processes and threads the task may have at once (`pids.max`; default 1024).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pids: Option<u32>,
 }
 
 /// `spec.task.ports[]`.
@@ -1236,6 +1254,15 @@ fn validate_task(task: &TaskSpec) -> Result<(), SpecError> {
                 "unknown signal {sig:?}; allowed: {}, without the SIG prefix too, or a number 1 to 31",
                 names.join(", ")
             ),
+        ));
+    }
+    security::validate(task.user.as_deref(), &task.cap_add, &task.cap_drop)?;
+    if let Some(pids) = task.resources.limits.as_ref().and_then(|l| l.pids)
+        && pids < 1
+    {
+        return Err(SpecError::invalid(
+            "spec.task.resources.limits.pids",
+            "a task needs at least one process; allowed: 1 or more (default 1024)",
         ));
     }
     if task.stop_grace_period > MAX_STOP_GRACE {

@@ -181,7 +181,7 @@ fn resources_rules() {
     let s = one(&with_spec("    resources: {cpu: \"250m\", memory: 1G, limits: {cpu: 2, memory: 2Gi}}\n"));
     let r = &s.spec.task.resources;
     assert_eq!((r.cpu, r.memory), (Cpu(250), Memory(1_000_000_000)));
-    assert_eq!(r.limits, Some(ResourceLimits { cpu: Some(Cpu(2000)), memory: Some(Memory(2 << 30)) }));
+    assert_eq!(r.limits, Some(ResourceLimits { cpu: Some(Cpu(2000)), memory: Some(Memory(2 << 30)), pids: None }));
 }
 
 #[test]
