@@ -36,7 +36,7 @@ use berth_api::pb::agent::Resources;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, error, info, info_span};
+use tracing::{Instrument, error, info, info_span, warn};
 
 pub use driver::{
     Driver, SimulatedDriver, StatusSink, StatusStream, TaskManager, UNSUPPORTED_MESSAGE, UnsupportedDriver,
@@ -81,6 +81,11 @@ pub struct AgentConfig {
     /// The absolute path prefixes `driver: host` volumes may use on this node
     /// (`--allow-host-path`); none: no host paths. Told to the masters in Hello.
     pub allow_host_paths: Vec<PathBuf>,
+    /// Whether tasks may ask for `privileged: true` (`--allow-privileged`); refused otherwise.
+    pub allow_privileged: bool,
+    /// The OCI runtime sandboxed tasks run through (`--oci-runtime`); none: runc or crun,
+    /// whichever is found first.
+    pub oci_runtime: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for AgentConfig {
@@ -96,6 +101,8 @@ impl std::fmt::Debug for AgentConfig {
             .field("cluster_domain", &self.cluster_domain)
             .field("simulate_networks", &self.simulate_networks)
             .field("allow_host_paths", &self.allow_host_paths)
+            .field("allow_privileged", &self.allow_privileged)
+            .field("oci_runtime", &self.oci_runtime)
             .finish()
     }
 }
@@ -125,6 +132,14 @@ pub(crate) struct Shared {
     pub sim_net_log: Option<Arc<session::SimNetLog>>,
 }
 
+/// Whether the Docker daemon (in the host's network namespace) can bind published ports to
+/// `ip`: the agent runs in that namespace too and the address is one of its own. An agent in a
+/// namespace of its own (a test's "host") keeps Docker's default of every address.
+fn docker_can_bind(ip: IpAddr) -> bool {
+    let ns = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/net")).ok();
+    ns("self").is_some() && ns("self") == ns("1") && std::net::UdpSocket::bind((ip, 0)).is_ok()
+}
+
 /// Runs the agent (or `cfg.simulate` simulated agents) until `shutdown` is cancelled. Real agents
 /// run tasks through a [`TaskManager`] (process and docker runtimes); simulated ones through
 /// [`SimulatedDriver`].
@@ -138,11 +153,19 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
             let process = driver::process::ProcessRuntime::new(
                 cfg.data_dir.join("tasks"),
                 driver::process::ProcessRuntime::default_shim(),
-            );
+            )
+            .with_sandbox(cfg.allow_privileged, cfg.oci_runtime.clone());
+            if let Err(e) = sandbox::find_oci_runtime(cfg.oci_runtime.as_deref()).and_then(|_| sandbox::find_init()) {
+                warn!("sandboxed process tasks cannot run on this node: {e}");
+            }
             let owner = std::path::absolute(&cfg.data_dir).unwrap_or_else(|_| cfg.data_dir.clone());
             let docker = driver::docker::DockerRuntime::connect()
                 .await
-                .map(|d| d.with_owner(owner.display().to_string()))
+                .map(|d| {
+                    d.with_owner(owner.display().to_string())
+                        .with_privileged(cfg.allow_privileged)
+                        .with_publish_ip(cfg.advertise_addr.filter(|ip| docker_can_bind(*ip)))
+                })
                 .map_err(|e| e.to_string());
             if let Err(e) = &docker {
                 info!("docker tasks cannot run on this node: {e}");

@@ -321,6 +321,8 @@ fn config(master: &TestMaster, token: Option<String>, dir: &Path) -> AgentConfig
         cluster_domain: None,
         simulate_networks: false,
         allow_host_paths: Vec::new(),
+        allow_privileged: false,
+        oci_runtime: None,
     }
 }
 

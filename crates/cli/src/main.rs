@@ -163,6 +163,14 @@ struct AgentArgs {
     /// for more; compared by whole path components). Without any, host volumes are refused.
     #[arg(long = "allow-host-path", value_name = "PREFIX", value_parser = parse_host_path_prefix)]
     allow_host_paths: Vec<PathBuf>,
+    /// Lets tasks ask for `privileged: true`: no sandbox (host root, every capability, no
+    /// seccomp filter, the host's filesystem). Without it such tasks are refused.
+    #[arg(long)]
+    allow_privileged: bool,
+    /// The OCI runtime (runc or crun) sandboxed process tasks run through; default: the first
+    /// of runc and crun found.
+    #[arg(long, value_name = "PATH")]
+    oci_runtime: Option<PathBuf>,
 }
 
 fn parse_host_path_prefix(s: &str) -> std::result::Result<PathBuf, String> {
@@ -308,6 +316,8 @@ async fn run_agent(a: AgentArgs) -> Result<()> {
         cluster_domain: Some(a.cluster_domain),
         simulate_networks: a.simulate_networks,
         allow_host_paths: a.allow_host_paths,
+        allow_privileged: a.allow_privileged,
+        oci_runtime: a.oci_runtime,
     };
     berth_agent::run(cfg, shutdown_on_signals()).await?;
     Ok(())

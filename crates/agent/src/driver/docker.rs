@@ -38,6 +38,7 @@ use futures::{Stream, StreamExt};
 
 use super::now_ms;
 use super::runtime::{BindMount, LogLine, LogLines, LogQuery, LogStream, Observed, Runtime, RuntimeError};
+use crate::sandbox::Policy;
 
 /// Label holding the task id.
 pub const LABEL_TASK: &str = "berth.task";
@@ -66,6 +67,10 @@ pub struct DockerRuntime {
     docker: Docker,
     /// [`LABEL_OWNER`] of the containers this runtime creates and lists (all berth's when None).
     owner: Option<String>,
+    /// Whether `privileged: true` tasks may run (`--allow-privileged`).
+    allow_privileged: bool,
+    /// The node's address: published ports are bound to it rather than to every address.
+    publish_ip: Option<std::net::IpAddr>,
 }
 
 impl DockerRuntime {
@@ -90,7 +95,7 @@ impl DockerRuntime {
     /// Wraps a connected client, after negotiating the API version (`addr` is for messages).
     pub async fn with_client(docker: Docker, addr: &str) -> Result<Self, RuntimeError> {
         let docker = docker.negotiate_version().await.map_err(|e| unreachable(addr, &e))?;
-        Ok(DockerRuntime { docker, owner: None })
+        Ok(DockerRuntime { docker, owner: None, allow_privileged: false, publish_ip: None })
     }
 
     /// Labels the containers it creates as `owner`'s, and lists only those: an agent's
@@ -99,6 +104,18 @@ impl DockerRuntime {
     /// removed by nobody); they are still adopted by name.
     pub fn with_owner(mut self, owner: impl Into<String>) -> Self {
         self.owner = Some(owner.into());
+        self
+    }
+
+    /// Allows `privileged: true` tasks (`--allow-privileged`).
+    pub fn with_privileged(mut self, allow: bool) -> Self {
+        self.allow_privileged = allow;
+        self
+    }
+
+    /// Binds published ports to `ip` (the node's address) instead of every address.
+    pub fn with_publish_ip(mut self, ip: Option<std::net::IpAddr>) -> Self {
+        self.publish_ip = ip;
         self
     }
 
@@ -276,9 +293,13 @@ impl Runtime for DockerRuntime {
         if let Some(c) = self.find(&name).await? {
             return self.resume(task_id, &name, &c).await;
         }
+        let policy = Policy::of(&spec.task);
+        policy
+            .check_allowed(self.allow_privileged)
+            .map_err(|e| RuntimeError::Invalid(format!("task {task_id}: {e}")))?;
         self.ensure_image(image).await?;
         let opts = CreateContainerOptionsBuilder::new().name(&name).build();
-        let mut body = create_body(task_id, spec, image, binds);
+        let mut body = create_body(task_id, spec, image, binds, &policy, self.publish_ip);
         if let (Some(owner), Some(labels)) = (&self.owner, body.labels.as_mut()) {
             labels.insert(LABEL_OWNER.to_string(), owner.clone());
         }
@@ -576,7 +597,14 @@ fn descendants(root: i32) -> Vec<i32> {
 }
 
 /// The container to create for a task.
-fn create_body(task_id: &str, spec: &RunSpec, image: &str, binds: &[BindMount]) -> ContainerCreateBody {
+fn create_body(
+    task_id: &str,
+    spec: &RunSpec,
+    image: &str,
+    binds: &[BindMount],
+    policy: &Policy,
+    publish_ip: Option<std::net::IpAddr>,
+) -> ContainerCreateBody {
     let task = &spec.task;
     let labels = HashMap::from([
         (LABEL_TASK.to_string(), task_id.to_string()),
@@ -607,7 +635,7 @@ fn create_body(task_id: &str, spec: &RunSpec, image: &str, binds: &[BindMount]) 
                 .entry(key)
                 .or_default()
                 .get_or_insert_with(Vec::new)
-                .push(PortBinding { host_ip: None, host_port: Some(host.to_string()) });
+                .push(PortBinding { host_ip: publish_ip.map(|ip| ip.to_string()), host_port: Some(host.to_string()) });
         }
     }
     // A task on networks starts in a namespace of its own with only loopback; the agent plugs it
@@ -642,6 +670,9 @@ fn create_body(task_id: &str, spec: &RunSpec, image: &str, binds: &[BindMount]) 
         cmd,
         env: (!env.is_empty()).then_some(env),
         working_dir: task.workdir.clone().filter(|w| !w.is_empty()),
+        // The image's user unless the spec names one (Docker has no user namespace by default,
+        // so uid 0 here is the host's root: the capabilities and no-new-privileges bound it).
+        user: task.user.clone(),
         labels: Some(labels),
         // `docker stop` sends this, then SIGKILL after the grace the agent passes.
         stop_signal: task.stop_signal.as_ref().map(|_| task.stop_signal_number().to_string()),
@@ -659,6 +690,13 @@ fn create_body(task_id: &str, spec: &RunSpec, image: &str, binds: &[BindMount]) 
             dns_search: dns.as_ref().map(|d| d.search.clone()),
             dns_options: dns.as_ref().map(|d| d.options.clone()),
             mounts: (!mounts.is_empty()).then_some(mounts),
+            // The sandbox policy in Docker's terms: no new privileges, exactly the policy's
+            // capabilities, a pids limit. Docker's own seccomp profile and namespaces apply.
+            privileged: policy.privileged.then_some(true),
+            security_opt: (!policy.privileged).then(|| vec!["no-new-privileges".to_string()]),
+            cap_drop: (!policy.privileged).then(|| vec!["ALL".to_string()]),
+            cap_add: (!policy.privileged).then(|| policy.caps.iter().map(|c| format!("CAP_{c}")).collect()),
+            pids_limit: Some(i64::from(policy.pids_max)),
             ..Default::default()
         }),
         ..Default::default()

@@ -28,6 +28,7 @@ mod files;
 mod init;
 mod logfile;
 mod mounts;
+mod oci;
 mod procfs;
 mod shim;
 
@@ -49,7 +50,8 @@ use tracing::{info, warn};
 use self::cgroup::{Layout, Limits};
 use self::files::{CONFIG, CONFIG_FORMAT, EXIT, ExitRecord, OUTPUT, SHIM_LOG, STATE, ShimConfig, ShimState};
 use super::now_ms;
-use super::runtime::{BindMount, LogLine, LogLines, LogQuery, Observed, Runtime, RuntimeError};
+use super::runtime::{BindKind, BindMount, LogLine, LogLines, LogQuery, Observed, Runtime, RuntimeError};
+use crate::sandbox::{self, Policy};
 
 pub use self::shim::shim_main;
 
@@ -91,6 +93,12 @@ struct Inner {
     log_max_bytes: u64,
     log_keep: usize,
     layout: OnceLock<Layout>,
+    /// Whether `privileged: true` tasks may run (`--allow-privileged`).
+    allow_privileged: bool,
+    /// The OCI runtime sandboxed tasks run through (`--oci-runtime`); none: found on start.
+    oci_runtime: Option<PathBuf>,
+    /// Where sandboxed tasks' root skeletons and the OCI runtime's state live.
+    sandbox_base: PathBuf,
 }
 
 impl ProcessRuntime {
@@ -100,7 +108,6 @@ impl ProcessRuntime {
     pub fn new(root: PathBuf, shim: Vec<OsString>) -> ProcessRuntime {
         ProcessRuntime {
             inner: Arc::new(Inner {
-                root,
                 shim,
                 unshare: UNSHARE.into(),
                 nsenter: NSENTER.into(),
@@ -108,6 +115,10 @@ impl ProcessRuntime {
                 log_max_bytes: logfile::MAX_BYTES,
                 log_keep: logfile::KEEP,
                 layout: OnceLock::new(),
+                allow_privileged: false,
+                oci_runtime: None,
+                sandbox_base: oci::sandbox_base(&root, shim::rootless()),
+                root,
             }),
         }
     }
@@ -138,6 +149,12 @@ impl ProcessRuntime {
     /// Puts the tasks' cgroups under `<hierarchy>/<parent>/` instead of `berth/`.
     pub fn with_cgroup_parent(self, parent: impl Into<String>) -> ProcessRuntime {
         self.with(|i| i.cgroup_parent = parent.into())
+    }
+
+    /// Allows `privileged: true` tasks (`--allow-privileged`) and runs sandboxed tasks through
+    /// `oci_runtime` (runc or crun; none: the first found).
+    pub fn with_sandbox(self, allow_privileged: bool, oci_runtime: Option<PathBuf>) -> ProcessRuntime {
+        self.with(|i| (i.allow_privileged, i.oci_runtime) = (allow_privileged, oci_runtime))
     }
 
     /// The tasks directory.
@@ -178,6 +195,11 @@ impl ProcessRuntime {
                 std::thread::sleep(Duration::from_millis(5));
             }
         }
+        if let Ok(Some(config)) = files::read_json::<ShimConfig>(&dir.join(CONFIG))
+            && let Some(oci) = config.oci
+        {
+            forget_container(&oci);
+        }
         if let Ok(dirs) = self.cgroup_dirs(task_id) {
             let _ = cgroup::remove(&dirs, Duration::from_secs(2));
         }
@@ -195,7 +217,7 @@ impl ProcessRuntime {
         spec: &RunSpec,
         binds: &[BindMount],
         dir: &Path,
-    ) -> Result<(ShimConfig, Limits), RuntimeError> {
+    ) -> Result<(ShimConfig, Limits, Policy), RuntimeError> {
         let argv = spec.argv();
         let Some(program) = argv.first() else {
             return Err(RuntimeError::Invalid(format!(
@@ -221,17 +243,38 @@ impl ProcessRuntime {
                 )));
             }
         }
-        // A working directory in a volume exists once the task's init has bound it.
+        let policy = Policy::of(&spec.task);
+        policy
+            .check_allowed(self.inner.allow_privileged)
+            .map_err(|e| RuntimeError::Invalid(format!("task {task_id}: {e}")))?;
         let in_bind = |w: &str| binds.iter().any(|b| Path::new(w).starts_with(&b.target));
-        let workdir = match &spec.task.workdir {
-            None => dir.to_path_buf(),
-            Some(w) if Path::new(w).is_absolute() && (Path::new(w).is_dir() || in_bind(w)) => PathBuf::from(w),
-            Some(w) => {
+        let workdir = if policy.privileged {
+            // A working directory in a volume exists once the task's init has bound it.
+            match &spec.task.workdir {
+                None => dir.to_path_buf(),
+                Some(w) if Path::new(w).is_absolute() && (Path::new(w).is_dir() || in_bind(w)) => PathBuf::from(w),
+                Some(w) => {
+                    return Err(RuntimeError::Invalid(format!(
+                        "task {task_id}: the working directory {w:?} is not an existing absolute directory on this node; \
+                         create it or change spec.task.workdir"
+                    )));
+                }
+            }
+        } else {
+            // The sandbox's view: its private /tmp (the default), a bind, or a host system
+            // directory that exists.
+            let w = spec.task.workdir.as_deref().unwrap_or("/tmp");
+            let in_view = Path::new(w).starts_with("/tmp")
+                || in_bind(w)
+                || (sandbox::view::SYSTEM_DIRS.iter().any(|d| Path::new(w).starts_with(d)) && Path::new(w).is_dir());
+            if !in_view {
                 return Err(RuntimeError::Invalid(format!(
-                    "task {task_id}: the working directory {w:?} is not an existing absolute directory on this node; \
-                     create it or change spec.task.workdir"
+                    "task {task_id}: the working directory {w:?} is not in the task's sandbox, which shows the host's \
+                     {} read-only, a private /tmp, and the task's volumes; use /tmp, a volume's target, or an image",
+                    sandbox::view::SYSTEM_DIRS.join(", ")
                 )));
             }
+            PathBuf::from(w)
         };
         // The task's directory does not exist yet: resolve relative programs from `/` then.
         let base = if workdir == dir || !workdir.is_dir() { Path::new("/") } else { workdir.as_path() };
@@ -240,7 +283,19 @@ impl ProcessRuntime {
                 "task {task_id}: {e}; use an absolute path in spec.task.command or set PATH in spec.task.env"
             ))
         })?;
-        if !procfs::is_executable(&self.inner.unshare) {
+        if !policy.privileged
+            && program.starts_with('/')
+            && !in_bind(program)
+            && !sandbox::view::SYSTEM_DIRS.iter().any(|d| Path::new(program).starts_with(d))
+        {
+            return Err(RuntimeError::Invalid(format!(
+                "task {task_id}: the program {program} is outside the task's sandbox, which shows the host's {} \
+                 read-only and the task's volumes; install it under /usr, mount its directory as a `host` volume, \
+                 or run an image",
+                sandbox::view::SYSTEM_DIRS.join(", ")
+            )));
+        }
+        if policy.privileged && !procfs::is_executable(&self.inner.unshare) {
             return Err(RuntimeError::Unavailable(format!(
                 "the process runtime needs util-linux's unshare at {} and it is missing; install util-linux \
                  (e.g. `apt-get install util-linux`) or run the task with the docker runtime",
@@ -259,6 +314,20 @@ impl ProcessRuntime {
                 Path::new(shim).display()
             )));
         }
+        let oci = if policy.privileged {
+            None
+        } else {
+            let runtime =
+                sandbox::find_oci_runtime(self.inner.oci_runtime.as_deref()).map_err(RuntimeError::Unavailable)?;
+            sandbox::find_init().map_err(RuntimeError::Unavailable)?;
+            Some(oci::OciLaunch {
+                runtime,
+                state: self.inner.sandbox_base.join("state"),
+                bundle: dir.join(oci::BUNDLE),
+                id: task_id.to_string(),
+                rootfs: self.inner.sandbox_base.join("rootfs").join(task_id),
+            })
+        };
         let limits = spec.task.resources.limits.as_ref().map_or(Limits::default(), |l| Limits {
             cpu_millis: l.cpu.map(|c| c.millis()).filter(|&m| m > 0),
             memory_bytes: l.memory.map(|m| m.bytes()).filter(|&b| b > 0),
@@ -279,19 +348,24 @@ impl ProcessRuntime {
                 lease: self.inner.root.parent().unwrap_or(&self.inner.root).join(super::manager::LEASE_FILE),
                 timeout_ms: spec.fence_timeout_ms.max(1),
             }),
-            init: self
-                .inner
-                .shim
-                .iter()
-                .map(|a| a.to_string_lossy().into_owned())
-                .chain([init::INIT_FLAG.to_string()])
-                .collect(),
+            // A sandboxed task's init is the static tini in its bundle.
+            init: if oci.is_some() {
+                Vec::new()
+            } else {
+                self.inner
+                    .shim
+                    .iter()
+                    .map(|a| a.to_string_lossy().into_owned())
+                    .chain([init::INIT_FLAG.to_string()])
+                    .collect()
+            },
             stop_signal: spec.task.stop_signal_number(),
             netns: spec.attachment.as_ref().map(|a| PathBuf::from(&a.netns)),
             resolv_conf: spec.attachment.as_ref().map(|a| a.resolv_conf.clone()),
             binds: binds.to_vec(),
+            oci,
         };
-        Ok((config, limits))
+        Ok((config, limits, policy))
     }
 
     /// Creates the task's cgroups; without limits asked for, a failure only means no cgroups.
@@ -309,9 +383,61 @@ impl ProcessRuntime {
         }
     }
 
+    /// A sandboxed task's bundle: its root skeleton (made now, outside the task directory) and
+    /// its OCI configuration.
+    fn bundle(
+        &self,
+        config: &ShimConfig,
+        oci: &oci::OciLaunch,
+        policy: &Policy,
+        limits: Limits,
+        dir: &Path,
+    ) -> Result<Sandboxed, RuntimeError> {
+        let task_id = &config.task_id;
+        let invalid = |e: String| RuntimeError::Invalid(format!("task {task_id}: {e}"));
+        let init = sandbox::find_init().map_err(RuntimeError::Unavailable)?;
+        if let Some(parent) = oci.rootfs.parent() {
+            oci::make_traversable(parent).map_err(|e| RuntimeError::Other(format!("task {task_id}: {e}")))?;
+        }
+        let targets: Vec<(&str, BindKind)> = config.binds.iter().map(|b| (b.target.as_str(), b.kind)).collect();
+        let mut mounts = sandbox::view::build(&oci.rootfs, &dir.join(oci::SCRATCH), &dir.join(oci::RESOLV), &targets)
+            .map_err(invalid)?;
+        mounts.extend(config.binds.iter().map(|b| sandbox::bind(&b.source, &b.target, b.read_only)));
+        let rootless = sandbox::rootless_ids();
+        let bundle = sandbox::config(&sandbox::Container {
+            policy,
+            argv: &config.argv,
+            env: config.env.iter().map(|(k, v)| format!("{k}={v}")).collect(),
+            cwd: config.workdir.to_string_lossy().into_owned(),
+            rootfs: &oci.rootfs,
+            readonly_root: true,
+            mounts,
+            netns: config.netns.as_deref(),
+            cgroups_path: rootless.is_none().then(|| format!("/{}/{task_id}", self.inner.cgroup_parent)),
+            limits: sandbox::CgroupLimits {
+                cpu_quota_us: limits.cpu_millis.map(cgroup::cfs_quota_us),
+                cpu_period_us: cgroup::CFS_PERIOD_US,
+                memory_bytes: limits.memory_bytes,
+            },
+            init: &init,
+            rootless,
+        });
+        let resolv_conf = match &config.resolv_conf {
+            Some(text) => text.clone(),
+            None => fs::read_to_string("/etc/resolv.conf").unwrap_or_default(),
+        };
+        Ok(Sandboxed { bundle, resolv_conf, owner: policy.host_ids(rootless) })
+    }
+
     /// Writes the task directory under a temporary name and renames it into place, so a task
     /// directory always has its config. `Ok(false)`: another start created it first.
-    fn create_dir(&self, task_id: &str, dir: &Path, config: &ShimConfig) -> Result<bool, RuntimeError> {
+    fn create_dir(
+        &self,
+        task_id: &str,
+        dir: &Path,
+        config: &ShimConfig,
+        sandboxed: Option<&Sandboxed>,
+    ) -> Result<bool, RuntimeError> {
         let root = &self.inner.root;
         fs::create_dir_all(root).map_err(|e| {
             RuntimeError::Other(format!(
@@ -320,8 +446,11 @@ impl ProcessRuntime {
             ))
         })?;
         let tmp = root.join(format!(".{task_id}.tmp-{}-{}", std::process::id(), now_ms()));
-        let written =
-            fs::DirBuilder::new().mode(0o700).create(&tmp).and_then(|()| files::write_json(&tmp.join(CONFIG), config));
+        let written = fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&tmp)
+            .and_then(|()| files::write_json(&tmp.join(CONFIG), config))
+            .and_then(|()| sandboxed.map_or(Ok(()), |s| s.write(&tmp)));
         if let Err(e) = written {
             let _ = fs::remove_dir_all(&tmp);
             return Err(RuntimeError::Other(format!(
@@ -470,7 +599,7 @@ impl ProcessRuntime {
         // and everything else in its namespace get SIGTERM, as before.
         if let Some(task) = state.task.filter(procfs::alive) {
             let config = read::<ShimConfig>(dir, CONFIG)?;
-            match config.filter(|c| !c.init.is_empty()) {
+            match config.filter(|c| !c.init.is_empty() || c.oci.is_some()) {
                 Some(c) => signal_number(task.pid, c.stop_signal),
                 None => {
                     let mut targets = vec![task.pid];
@@ -498,6 +627,29 @@ impl ProcessRuntime {
         // The shim records the exit at once; give it a moment.
         wait_until(Duration::from_secs(5), || task_ended(dir, &state)).await;
         Ok(())
+    }
+}
+
+/// The files a sandboxed task's directory holds besides its config.
+struct Sandboxed {
+    /// The OCI configuration, written as `bundle/config.json`.
+    bundle: serde_json::Value,
+    /// The task's `/etc/resolv.conf`.
+    resolv_conf: String,
+    /// The task user's ids on the host: the owner of its private `/tmp`.
+    owner: (u32, u32),
+}
+
+impl Sandboxed {
+    fn write(&self, dir: &Path) -> io::Result<()> {
+        fs::DirBuilder::new().mode(0o700).create(dir.join(oci::BUNDLE))?;
+        files::write_json(&dir.join(oci::BUNDLE).join(CONFIG), &self.bundle)?;
+        files::write_atomic(&dir.join(oci::RESOLV), self.resolv_conf.as_bytes())?;
+        let scratch = dir.join(oci::SCRATCH);
+        fs::DirBuilder::new().mode(0o700).create(&scratch)?;
+        std::os::unix::fs::chown(&scratch, Some(self.owner.0), Some(self.owner.1))
+            .or_else(|e| if sandbox::rootless_ids().is_some() { Ok(()) } else { Err(e) })?;
+        fs::set_permissions(&scratch, std::os::unix::fs::PermissionsExt::from_mode(0o1777))
     }
 }
 
@@ -593,6 +745,25 @@ fn kill_task(state: &ShimState) {
     }
 }
 
+/// Deletes what the OCI runtime keeps of a sandboxed task (nothing, unless runc was killed
+/// before it could clean up) and the task's root skeleton. Errors are logged: the runtime may
+/// know nothing of the task, which is the normal case.
+fn forget_container(oci: &oci::OciLaunch) {
+    let state = oci.state.join(&oci.id);
+    if state.exists() {
+        match std::process::Command::new(&oci.runtime).args(oci.delete_args()).stdin(Stdio::null()).output() {
+            Ok(out) if out.status.success() => {}
+            Ok(out) => {
+                warn!(task = %oci.id, "{} delete: {}", oci.runtime.display(), String::from_utf8_lossy(&out.stderr).trim())
+            }
+            Err(e) => warn!(task = %oci.id, "running {} delete failed: {e}", oci.runtime.display()),
+        }
+    }
+    if let Err(e) = oci::remove_rootfs(&oci.rootfs) {
+        warn!(task = %oci.id, "{e}");
+    }
+}
+
 /// [`kill_task`] and the shim (its process group).
 fn kill_everything(state: &ShimState) {
     kill_task(state);
@@ -643,13 +814,23 @@ impl Runtime for ProcessRuntime {
         if fs::symlink_metadata(&dir).is_ok() {
             return Ok(()); // running or ended: left as it is
         }
-        let (mut config, limits) = self.prepare(task_id, spec, binds, &dir)?;
-        config.cgroups = self.cgroups(task_id, limits)?;
-        match self.create_dir(task_id, &dir, &config) {
+        let (mut config, limits, policy) = self.prepare(task_id, spec, binds, &dir)?;
+        let sandboxed = match &config.oci {
+            // runc makes the task's cgroups, with its limits, when it starts it.
+            Some(oci) => Some(self.bundle(&config, oci, &policy, limits, &dir)?),
+            None => {
+                config.cgroups = self.cgroups(task_id, limits)?;
+                None
+            }
+        };
+        match self.create_dir(task_id, &dir, &config, sandboxed.as_ref()) {
             Ok(true) => {}
             Ok(false) => return Ok(()), // a concurrent start won (the cgroups are its too)
             Err(e) => {
                 let _ = cgroup::remove(&config.cgroups, Duration::ZERO);
+                if let Some(oci) = &config.oci {
+                    let _ = oci::remove_rootfs(&oci.rootfs);
+                }
                 return Err(e);
             }
         }
@@ -703,6 +884,19 @@ impl Runtime for ProcessRuntime {
                 && !wait_until(Duration::from_secs(5), || !procfs::alive(&state.shim)).await
             {
                 signal_group(state.shim.pid, Signal::KILL);
+            }
+            if let Some(oci) = read::<ShimConfig>(&dir, CONFIG)?.and_then(|c| c.oci) {
+                let rootfs = oci.rootfs.clone();
+                tokio::task::spawn_blocking(move || forget_container(&oci)).await.map_err(|e| {
+                    RuntimeError::Other(format!("task {task_id}: forgetting its container failed: {e}"))
+                })?;
+                if rootfs.exists() {
+                    return Err(RuntimeError::Other(format!(
+                        "task {task_id}: its root skeleton {} could not be removed (see the agent's log); remove it by \
+                         hand, then remove the task again",
+                        rootfs.display()
+                    )));
+                }
             }
         }
         let cgroups = self.cgroup_dirs(task_id)?;
@@ -825,21 +1019,33 @@ impl Runtime for ProcessRuntime {
                 )));
             }
         };
-        if !procfs::is_executable(&self.inner.nsenter) {
-            return Err(RuntimeError::Unavailable(format!(
-                "exec needs util-linux's nsenter at {} and it is missing; install util-linux",
-                self.inner.nsenter.display()
-            )));
-        }
-        let env = read::<ShimConfig>(&dir, CONFIG)?.map(|c| c.env).unwrap_or_default();
-        let mut child = tokio::process::Command::new(&self.inner.nsenter)
-            .arg("--target")
-            .arg(task.pid.to_string())
-            .args(shim::nsenter_flags(shim::rootless()))
-            .arg("--")
-            .args(argv)
-            .env_clear()
-            .envs(&env)
+        let config = read::<ShimConfig>(&dir, CONFIG)?;
+        let mut command = match config.as_ref().and_then(|c| c.oci.as_ref()) {
+            // Confined as the task is: its user, capabilities, seccomp filter and namespaces.
+            Some(oci) => {
+                let mut c = tokio::process::Command::new(&oci.runtime);
+                c.args(oci.exec_args(argv)).env_clear().env("PATH", DEFAULT_PATH);
+                c
+            }
+            None => {
+                if !procfs::is_executable(&self.inner.nsenter) {
+                    return Err(RuntimeError::Unavailable(format!(
+                        "exec needs util-linux's nsenter at {} and it is missing; install util-linux",
+                        self.inner.nsenter.display()
+                    )));
+                }
+                let mut c = tokio::process::Command::new(&self.inner.nsenter);
+                c.arg("--target")
+                    .arg(task.pid.to_string())
+                    .args(shim::nsenter_flags(shim::rootless()))
+                    .arg("--")
+                    .args(argv)
+                    .env_clear()
+                    .envs(config.map(|c| c.env).unwrap_or_default());
+                c
+            }
+        };
+        let mut child = command
             .current_dir("/")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -847,12 +1053,7 @@ impl Runtime for ProcessRuntime {
             .process_group(0)
             .kill_on_drop(true)
             .spawn()
-            .map_err(|e| {
-                RuntimeError::Other(format!(
-                    "exec in task {task_id}: starting {} failed: {e}",
-                    self.inner.nsenter.display()
-                ))
-            })?;
+            .map_err(|e| RuntimeError::Other(format!("exec in task {task_id}: starting the command failed: {e}")))?;
         let pgid = child.id();
         match tokio::time::timeout(timeout, child.wait()).await {
             Ok(Ok(status)) => Ok(exit_code(status)),

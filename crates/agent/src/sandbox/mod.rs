@@ -193,6 +193,7 @@ pub const MASKED_PATHS: &[&str] = &[
     "/proc/scsi",
     "/sys/firmware",
     "/sys/devices/virtual/powercap",
+    "/sys/fs/cgroup",
 ];
 
 /// The paths of `/proc` the task may only read.
@@ -228,10 +229,11 @@ pub fn config(c: &Container<'_>) -> Value {
         json!({"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue",
                "options": ["nosuid", "noexec", "nodev"]}),
         // sysfs cannot be mounted from a user namespace that does not own the network
-        // namespace; a read-only bind of the host's (without what is mounted under it, so no
-        // cgroup tree) shows the same.
+        // namespace; a read-only bind of the host's shows the same (recursive: the kernel
+        // refuses to bind part of a tree from a user namespace). The host's cgroup tree under
+        // it is masked.
         json!({"destination": "/sys", "type": "bind", "source": "/sys",
-               "options": ["bind", "nosuid", "noexec", "nodev", "ro"]}),
+               "options": ["rbind", "nosuid", "noexec", "nodev", "ro"]}),
         json!({"destination": INIT_TARGET, "type": "bind", "source": c.init, "options": ["bind", "ro", "nosuid", "nodev"]}),
     ];
     mounts.extend(c.mounts.iter().cloned());

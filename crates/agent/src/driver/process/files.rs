@@ -25,7 +25,9 @@ pub(crate) const OUTPUT: &str = "output.log";
 pub(crate) const SHIM_LOG: &str = "shim.log";
 
 /// The format of `config.json` this code writes and reads.
-pub(crate) const CONFIG_FORMAT: u32 = 1;
+/// 2: sandboxed tasks run through an OCI runtime (`oci`); a shim of format 1 would run them
+/// without their sandbox, so it must refuse them.
+pub(crate) const CONFIG_FORMAT: u32 = 2;
 
 /// What the shim is asked to run.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -65,6 +67,11 @@ pub(crate) struct ShimConfig {
     /// Host paths the task's init binds into its mount namespace (volumes, secrets, configs).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub binds: Vec<crate::driver::runtime::BindMount>,
+    /// A sandboxed task: started through the OCI runtime with this bundle (its argv,
+    /// environment, binds and namespaces are all in the bundle's config). None: a privileged
+    /// task, started with `unshare` and the fields above.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oci: Option<super::oci::OciLaunch>,
 }
 
 fn sigterm() -> i32 {

@@ -65,10 +65,17 @@ pub(crate) fn all_pids() -> Vec<u32> {
 /// The children of `pid` (from its main thread's `children` file, or by scanning `/proc` when
 /// the kernel lacks that file).
 pub(crate) fn children(pid: u32) -> Vec<u32> {
-    match fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")) {
-        Ok(text) => parse_pids(&text),
-        Err(_) => all_pids().into_iter().filter(|&p| stat(p).is_some_and(|s| s.ppid == pid)).collect(),
+    // Each thread lists the children it forked (a Go program such as runc forks from any of
+    // its threads).
+    let Ok(threads) = fs::read_dir(format!("/proc/{pid}/task")) else { return Vec::new() };
+    let mut found = Vec::new();
+    for t in threads.flatten() {
+        match fs::read_to_string(t.path().join("children")) {
+            Ok(text) => found.extend(parse_pids(&text)),
+            Err(_) => return all_pids().into_iter().filter(|&p| stat(p).is_some_and(|s| s.ppid == pid)).collect(),
+        }
     }
+    found
 }
 
 /// The PID namespace of a process (`pid:[4026532...]`).

@@ -142,6 +142,80 @@ fn run(dir: &Path) -> Result<(), String> {
         .map_err(|e| format!("opening the task's log {} failed: {e}", dir.join(OUTPUT).display()))?;
     let log = Arc::new(Mutex::new(log));
 
+    let mut child = match &config.oci {
+        Some(oci) => launch_oci(oci)?,
+        None => launch_unshare(dir, &config)?,
+    };
+    let started_at_ms = now_ms();
+
+    let last_stderr = Arc::new(Mutex::new(String::new()));
+    let (done_tx, done_rx) = mpsc::channel::<()>();
+    let mut pumps = 0;
+    if let Some(out) = child.stdout.take() {
+        spawn_pump(out, LogStream::Stdout, log.clone(), None, done_tx.clone());
+        pumps += 1;
+    }
+    if let Some(err) = child.stderr.take() {
+        spawn_pump(err, LogStream::Stderr, log.clone(), Some(last_stderr.clone()), done_tx.clone());
+        pumps += 1;
+    }
+    drop(done_tx);
+
+    state.launcher = procfs::proc_ref(child.id());
+    state.task = match &config.oci {
+        Some(oci) => find_container(&mut child, oci),
+        None => find_task(&mut child),
+    };
+    state.started_at_ms = started_at_ms;
+    write_state(dir, &state)?;
+    match state.task {
+        Some(t) => eprintln!("berth task-shim: task {} runs as host pid {}", config.task_id, t.pid),
+        None => eprintln!("berth task-shim: the launcher of task {} ended before its task was seen", config.task_id),
+    }
+
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let fenced = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    if let (Some(fence), Some(launcher)) = (config.fence.clone(), state.launcher) {
+        let (done, fenced) = (done.clone(), fenced.clone());
+        let task = state.task.map(|t| t.pid);
+        std::thread::spawn(move || enforce_fence(&fence, launcher.pid, task, started_at_ms, &done, &fenced));
+    }
+    let status = loop {
+        match child.wait() {
+            Ok(status) => break status,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(format!("waiting for the task failed: {e}")),
+        }
+    };
+    let deadline = Instant::now() + DRAIN_PATIENCE;
+    for _ in 0..pumps {
+        if done_rx.recv_timeout(deadline.saturating_duration_since(Instant::now())).is_err() {
+            eprintln!("berth task-shim: output still open {DRAIN_PATIENCE:?} after the task ended; not waiting longer");
+            break;
+        }
+    }
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    let last = last_stderr.lock().map(|l| l.clone()).unwrap_or_default();
+    let launcher = config.oci.as_ref().map_or(&config.unshare, |o| &o.runtime);
+    let mut rec = exit_record(status, state.task.is_some(), &last, launcher);
+    if !config.init.is_empty() || config.oci.is_some() {
+        rec = init_exit(rec);
+    }
+    if fenced.load(std::sync::atomic::Ordering::SeqCst) {
+        // Marked as a fence stop, so that the masters restart the slot without counting a failure.
+        rec.message = format!(
+            "{} stopped by its supervisor, as the agent had not heard from the leader within the fence timeout \
+             (at-most-once); {}",
+            berth_types::task::FENCE_STOP_PREFIX,
+            rec.message
+        );
+    }
+    eprintln!("berth task-shim: task {}: {}", config.task_id, rec.message);
+    files::write_json(&dir.join(EXIT), &rec).map_err(|e| format!("recording the task's exit in {EXIT} failed: {e}"))
+}
+
+/// Starts a privileged task: `unshare` into its namespaces, with the shim's init as PID 1.
+fn launch_unshare(dir: &Path, config: &ShimConfig) -> Result<std::process::Child, String> {
     // A task on networks runs in the namespace its agent made: the shim enters it, and the
     // launcher and the task inherit it.
     if let Some(netns) = &config.netns {
@@ -179,7 +253,7 @@ fn run(dir: &Path) -> Result<(), String> {
     if !init_args.is_empty() {
         launcher.args(&init_args).arg("--");
     }
-    let mut child = launcher
+    launcher
         .args(&config.argv)
         .env_clear()
         .envs(&config.env)
@@ -195,68 +269,23 @@ fn run(dir: &Path) -> Result<(), String> {
                 config.unshare.display(),
                 config.workdir.display()
             )
-        })?;
-    let started_at_ms = now_ms();
+        })
+}
 
-    let last_stderr = Arc::new(Mutex::new(String::new()));
-    let (done_tx, done_rx) = mpsc::channel::<()>();
-    let mut pumps = 0;
-    if let Some(out) = child.stdout.take() {
-        spawn_pump(out, LogStream::Stdout, log.clone(), None, done_tx.clone());
-        pumps += 1;
-    }
-    if let Some(err) = child.stderr.take() {
-        spawn_pump(err, LogStream::Stderr, log.clone(), Some(last_stderr.clone()), done_tx.clone());
-        pumps += 1;
-    }
-    drop(done_tx);
-
-    state.launcher = procfs::proc_ref(child.id());
-    state.task = find_task(&mut child);
-    state.started_at_ms = started_at_ms;
-    write_state(dir, &state)?;
-    match state.task {
-        Some(t) => eprintln!("berth task-shim: task {} runs as host pid {}", config.task_id, t.pid),
-        None => eprintln!("berth task-shim: the launcher of task {} ended before its task was seen", config.task_id),
-    }
-
-    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let fenced = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    if let (Some(fence), Some(launcher)) = (config.fence.clone(), state.launcher) {
-        let (done, fenced) = (done.clone(), fenced.clone());
-        std::thread::spawn(move || enforce_fence(&fence, launcher.pid, started_at_ms, &done, &fenced));
-    }
-    let status = loop {
-        match child.wait() {
-            Ok(status) => break status,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(format!("waiting for the task failed: {e}")),
-        }
-    };
-    let deadline = Instant::now() + DRAIN_PATIENCE;
-    for _ in 0..pumps {
-        if done_rx.recv_timeout(deadline.saturating_duration_since(Instant::now())).is_err() {
-            eprintln!("berth task-shim: output still open {DRAIN_PATIENCE:?} after the task ended; not waiting longer");
-            break;
-        }
-    }
-    done.store(true, std::sync::atomic::Ordering::SeqCst);
-    let last = last_stderr.lock().map(|l| l.clone()).unwrap_or_default();
-    let mut rec = exit_record(status, state.task.is_some(), &last, &config.unshare);
-    if !config.init.is_empty() {
-        rec = init_exit(rec);
-    }
-    if fenced.load(std::sync::atomic::Ordering::SeqCst) {
-        // Marked as a fence stop, so that the masters restart the slot without counting a failure.
-        rec.message = format!(
-            "{} stopped by its supervisor, as the agent had not heard from the leader within the fence timeout \
-             (at-most-once); {}",
-            berth_types::task::FENCE_STOP_PREFIX,
-            rec.message
-        );
-    }
-    eprintln!("berth task-shim: task {}: {}", config.task_id, rec.message);
-    files::write_json(&dir.join(EXIT), &rec).map_err(|e| format!("recording the task's exit in {EXIT} failed: {e}"))
+/// Starts a sandboxed task: the OCI runtime in the foreground, with the bundle the runtime
+/// wrote (argv, environment, namespaces, mounts and limits are all in its config).
+fn launch_oci(oci: &super::oci::OciLaunch) -> Result<std::process::Child, String> {
+    Command::new(&oci.runtime)
+        .args(oci.run_args())
+        .env_clear()
+        .env("PATH", super::DEFAULT_PATH)
+        .current_dir("/")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .map_err(|e| format!("starting the OCI runtime {} failed: {e}; install runc or crun", oci.runtime.display()))
 }
 
 /// At-most-once: kills the task's process group once the agent's lease is older than the fence
@@ -264,6 +293,7 @@ fn run(dir: &Path) -> Result<(), String> {
 fn enforce_fence(
     fence: &files::Fence,
     launcher: u32,
+    task: Option<u32>,
     started_at_ms: i64,
     done: &std::sync::atomic::AtomicBool,
     fenced: &std::sync::atomic::AtomicBool,
@@ -282,9 +312,15 @@ fn enforce_fence(
         if now_ms() - lease > fence.timeout_ms as i64 {
             eprintln!("berth task-shim: no leader contact for {} ms; stopping the at-most-once task", now_ms() - lease);
             fenced.store(true, SeqCst);
-            if let Some(pid) = rustix::process::Pid::from_raw(launcher as i32)
-                && !done.load(SeqCst)
-            {
+            if done.load(SeqCst) {
+                return;
+            }
+            // The task is PID 1 of its namespace: killing it ends everything in it, also when
+            // an OCI runtime started it in a process group of its own.
+            if let Some(pid) = task.and_then(|t| rustix::process::Pid::from_raw(t as i32)) {
+                let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+            }
+            if let Some(pid) = rustix::process::Pid::from_raw(launcher as i32) {
                 let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
             }
             return;
@@ -310,6 +346,27 @@ fn find_task(child: &mut std::process::Child) -> Option<files::ProcRef> {
     }
 }
 
+/// A sandboxed task's init as the OCI runtime reports it (`runc state`): its child after the
+/// runtime's own intermediate processes have gone.
+fn find_container(child: &mut std::process::Child, oci: &super::oci::OciLaunch) -> Option<files::ProcRef> {
+    let deadline = Instant::now() + FIND_TASK_PATIENCE;
+    loop {
+        let out = Command::new(&oci.runtime).args(oci.state_args()).stdin(Stdio::null()).output();
+        if let Ok(out) = out
+            && let Some((status, pid)) = super::oci::parse_state(&out.stdout)
+            && pid > 0
+            && status != "creating"
+            && let Some(task) = procfs::proc_ref(pid)
+        {
+            return Some(task);
+        }
+        if !matches!(child.try_wait(), Ok(None)) || Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
 /// The exit code (128+N for signal N) and a message.
 pub(crate) fn exit_record(status: ExitStatus, task_seen: bool, last_stderr: &str, unshare: &Path) -> ExitRecord {
     let (code, mut message) = match (status.code(), status.signal()) {
@@ -325,6 +382,15 @@ pub(crate) fn exit_record(status: ExitStatus, task_seen: bool, last_stderr: &str
             finished_at_ms: now_ms(),
             message: format!("killed by signal {} (9)", signal_name(9)),
             started: true,
+        };
+    }
+    // The OCI runtime could not set the task up: it never ran.
+    if let Some(why) = super::oci::runtime_error(last_stderr) {
+        return ExitRecord {
+            code,
+            finished_at_ms: now_ms(),
+            message: format!("the OCI runtime {} could not start the task: {why}", unshare.display()),
+            started: false,
         };
     }
     // The task's init could not make its mounts: that is why it ended.
