@@ -173,11 +173,11 @@ async fn task_has_its_own_namespaces() {
     let (_tmp, rt, fx) = setup();
     let mut guard = Cleanup::new(&fx);
     let id = guard.id("ns");
-    rt.start(&id, &fx.shell("echo pid=$$; echo procs=$(ls /proc | grep -c '^[0-9]'); sleep 1000")).await.unwrap();
+    rt.start(&id, &fx.shell("echo ppid=$PPID; echo procs=$(ls /proc | grep -c '^[0-9]'); sleep 1000")).await.unwrap();
     let pid = running_pid(&rt, &id).await;
     assert_ne!(pid, 1);
-    // PID 1 is the task's init; the program is its first child.
-    wait_for_line(&rt, &id, LogStream::Stdout, "pid=2").await;
+    // PID 1 is the task's init; the program is its child.
+    wait_for_line(&rt, &id, LogStream::Stdout, "ppid=1").await;
     // Its /proc is its own: only the init, itself, the sleep and the ls/grep pipeline at most.
     let procs: usize = eventually("the procs line", || async {
         lines(&rt, &id).await.iter().find_map(|l| l.strip_prefix("procs=").and_then(|n| n.parse().ok()))
@@ -298,11 +298,14 @@ async fn exec_runs_in_the_task_namespaces() {
     let t = Duration::from_secs(10);
 
     assert_eq!(rt.exec(&id, &sh("exit 7"), t).await.unwrap(), 7);
-    // PID 1 of the namespace is the task's init; its program, the `sleep`, is PID 2.
-    assert_eq!(rt.exec(&id, &sh("grep -qx sleep /proc/2/comm"), t).await.unwrap(), 0);
+    // PID 1 of the namespace is the task's init; its program, the `sleep`, is its child.
+    assert_eq!(
+        rt.exec(&id, &sh("grep -qx sleep /proc/$(cat /proc/1/task/1/children | cut -d' ' -f1)/comm"), t).await.unwrap(),
+        0
+    );
     assert_eq!(rt.exec(&id, &sh("test \"$BERTH_TEST_VAR\" = hello"), t).await.unwrap(), 0);
-    let cwd = tmp.path().join(&id).canonicalize().unwrap();
-    assert_eq!(rt.exec(&id, &sh(&format!("test \"$(pwd -P)\" = '{}'", cwd.display())), t).await.unwrap(), 0);
+    // A sandboxed task starts in its private /tmp, and so does what runs in it.
+    assert_eq!(rt.exec(&id, &sh("test \"$(pwd -P)\" = /tmp"), t).await.unwrap(), 0);
     assert_eq!(rt.exec(&id, &sh("kill -9 $$"), t).await.unwrap(), 137);
 
     let began = Instant::now();
@@ -331,9 +334,13 @@ async fn environment_and_working_directory() {
     rt.start(&id, &s).await.unwrap();
     assert_eq!(exited(&rt, &id).await.0, 0);
     let out = lines(&rt, &id).await;
-    for want in ["foo=bar baz", "cwd=/tmp", &format!("path={DEFAULT_PATH}"), "home=unset"] {
+    for want in ["foo=bar baz", "cwd=/tmp", &format!("path={DEFAULT_PATH}")] {
         assert!(out.iter().any(|l| l == want), "{want:?} in {out:?}");
     }
+    // Nothing comes from the agent's environment: HOME is the task user's (nobody's), as the
+    // OCI runtime sets it, never the agent's.
+    let agent_home = format!("home={}", std::env::var("HOME").unwrap_or_default());
+    assert!(!out.contains(&agent_home), "{out:?}");
     rt.remove(&id).await.unwrap();
 }
 
@@ -359,9 +366,22 @@ async fn start_refuses_what_cannot_run_and_leaves_nothing() {
     let m = invalid(rt.start("../escape", &fx.shell("true")).await);
     assert!(m.contains("cannot name a task directory"), "{m}");
 
-    let no_util_linux = runtime(tmp.path()).with_util_linux("/no/unshare".into(), "/no/nsenter".into());
-    match no_util_linux.start(&id, &fx.shell("true")).await {
+    // A privileged task (allowed here) starts through util-linux's unshare...
+    let mut privileged = fx.shell("true");
+    privileged.task.privileged = true;
+    let no_util_linux =
+        runtime(tmp.path()).with_util_linux("/no/unshare".into(), "/no/nsenter".into()).with_sandbox(true, None);
+    match no_util_linux.start(&id, &privileged).await {
         Err(RuntimeError::Unavailable(m)) => assert!(m.contains("util-linux") && m.contains("/no/unshare"), "{m}"),
+        other => panic!("expected Unavailable, got {other:?}"),
+    }
+    // ...and is refused by an agent that does not allow privileged tasks.
+    let m = invalid(rt.start(&id, &privileged).await);
+    assert!(m.contains("--allow-privileged"), "{m}");
+    // A sandboxed one needs an OCI runtime.
+    let no_runc = runtime(tmp.path()).with_sandbox(false, Some("/no/runc".into()));
+    match no_runc.start(&id, &fx.shell("true")).await {
+        Err(RuntimeError::Unavailable(m)) => assert!(m.contains("/no/runc") && m.contains("install runc"), "{m}"),
         other => panic!("expected Unavailable, got {other:?}"),
     }
     let broken_shim =
@@ -475,11 +495,11 @@ async fn a_stop_returns_at_once_and_finishes_in_the_background() {
     let id = cleanup.id("stop-in-background");
     let state_dir = tempfile::tempdir().unwrap();
     let (sink, mut statuses) = status_channel();
-    let mgr = TaskManager::new(rt, Err::<ProcessRuntime, _>("no docker here".into()), sink, state_dir.path().into());
+    let mgr =
+        TaskManager::new(rt.clone(), Err::<ProcessRuntime, _>("no docker here".into()), sink, state_dir.path().into());
     // The task says when its trap is in place: a SIGTERM before that would end it at once.
-    let marker = state_dir.path().join("trapped");
-    let script = format!("trap '' TERM; : > {}; while :; do sleep 0.1; done", marker.display());
-    let spec = spec(&["/bin/sh", "-c", &script]);
+    let script = "trap '' TERM; echo trapped; while :; do sleep 0.1; done";
+    let spec = spec(&["/bin/sh", "-c", script]);
     let a = Assignment {
         task_id: id.clone(),
         spec: spec.encode(),
@@ -488,11 +508,7 @@ async fn a_stop_returns_at_once_and_finishes_in_the_background() {
     };
     Driver::start(&mgr, &a).await;
     wait_state(&id, TaskState::Running, &mut statuses).await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !marker.exists() {
-        assert!(Instant::now() < deadline, "the task never installed its SIGTERM trap");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_for_line(&rt, &id, LogStream::Stdout, "trapped").await;
     let asked = Instant::now();
     tokio::time::timeout(Duration::from_secs(2), Driver::stop(&mgr, &id))
         .await

@@ -40,6 +40,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -74,6 +75,8 @@ const KILL_PATIENCE: Duration = Duration::from_secs(10);
 const REMOVE_GRACE: Duration = Duration::from_secs(10);
 /// How often state is polled while waiting.
 const POLL: Duration = Duration::from_millis(20);
+/// Numbers the exec commands of this process (for their pid files).
+static EXEC_SEQ: AtomicU64 = AtomicU64::new(0);
 /// How often a followed log is polled.
 const FOLLOW_POLL: Duration = Duration::from_millis(50);
 
@@ -270,7 +273,8 @@ impl ProcessRuntime {
             if !in_view {
                 return Err(RuntimeError::Invalid(format!(
                     "task {task_id}: the working directory {w:?} is not in the task's sandbox, which shows the host's \
-                     {} read-only, a private /tmp, and the task's volumes; use /tmp, a volume's target, or an image",
+                     {} read-only, a private /tmp, and the task's volumes; set spec.task.workdir to /tmp, a volume's target, or a \
+                     directory under /usr",
                     sandbox::view::SYSTEM_DIRS.join(", ")
                 )));
             }
@@ -1020,11 +1024,15 @@ impl Runtime for ProcessRuntime {
             }
         };
         let config = read::<ShimConfig>(&dir, CONFIG)?;
+        // runc writes the command's host pid here: the command lives in the task's PID
+        // namespace, so killing runc alone would leave it running under the task's init.
+        let pid_file =
+            dir.join(format!("exec-{}-{}.pid", std::process::id(), EXEC_SEQ.fetch_add(1, Ordering::Relaxed)));
         let mut command = match config.as_ref().and_then(|c| c.oci.as_ref()) {
             // Confined as the task is: its user, capabilities, seccomp filter and namespaces.
             Some(oci) => {
                 let mut c = tokio::process::Command::new(&oci.runtime);
-                c.args(oci.exec_args(argv)).env_clear().env("PATH", DEFAULT_PATH);
+                c.args(oci.exec_args(argv, &pid_file)).env_clear().env("PATH", DEFAULT_PATH);
                 c
             }
             None => {
@@ -1055,11 +1063,18 @@ impl Runtime for ProcessRuntime {
             .spawn()
             .map_err(|e| RuntimeError::Other(format!("exec in task {task_id}: starting the command failed: {e}")))?;
         let pgid = child.id();
-        match tokio::time::timeout(timeout, child.wait()).await {
+        let outcome = tokio::time::timeout(timeout, child.wait()).await;
+        let command_pid = fs::read_to_string(&pid_file).ok().and_then(|t| t.trim().parse::<u32>().ok());
+        let _ = fs::remove_file(&pid_file);
+        match outcome {
             Ok(Ok(status)) => Ok(exit_code(status)),
             Ok(Err(e)) => Err(RuntimeError::Other(format!("exec in task {task_id}: waiting for {argv:?} failed: {e}"))),
             Err(_) => {
                 // nsenter forked the command into the namespace; both are in nsenter's group.
+                // runc's command is not in its group: it is killed by its pid.
+                if let Some(pid) = command_pid {
+                    signal(pid, Signal::KILL);
+                }
                 if let Some(pgid) = pgid {
                     signal_group(pgid, Signal::KILL);
                 }

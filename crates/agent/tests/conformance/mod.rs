@@ -390,6 +390,8 @@ pub async fn binds(rt: &impl Runtime, fx: &impl Fixture, base: &str) {
     let (rw, ro, file) = (host.path().join("rw"), host.path().join("ro"), host.path().join("app.conf"));
     std::fs::create_dir(&rw).unwrap();
     std::fs::create_dir(&ro).unwrap();
+    // A sandboxed task runs as an unprivileged user: the directory it writes must let it.
+    std::fs::set_permissions(&rw, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
     std::fs::write(ro.join("kept"), "as it was").unwrap();
     std::fs::write(&file, "color=blue").unwrap();
     let bind = |source: &std::path::Path, target: &str, read_only, kind| BindMount {

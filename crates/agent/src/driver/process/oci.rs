@@ -53,9 +53,15 @@ impl OciLaunch {
     }
 
     /// The arguments that run `argv` in the task, confined as the task is.
-    pub fn exec_args(&self, argv: &[String]) -> Vec<std::ffi::OsString> {
-        let mut v: Vec<std::ffi::OsString> =
-            vec!["--root".into(), self.state.clone().into_os_string(), "exec".into(), self.id.clone().into()];
+    pub fn exec_args(&self, argv: &[String], pid_file: &Path) -> Vec<std::ffi::OsString> {
+        let mut v: Vec<std::ffi::OsString> = vec![
+            "--root".into(),
+            self.state.clone().into_os_string(),
+            "exec".into(),
+            "--pid-file".into(),
+            pid_file.as_os_str().to_owned(),
+            self.id.clone().into(),
+        ];
         v.extend(argv.iter().map(Into::into));
         v
     }
@@ -188,7 +194,10 @@ mod tests {
             rootfs: "/r".into(),
         };
         assert_eq!(l.run_args(), ["--root", "/s", "run", "--bundle", "/t/bundle", "t1"]);
-        assert_eq!(l.exec_args(&["ls".into()]), ["--root", "/s", "exec", "t1", "ls"]);
+        assert_eq!(
+            l.exec_args(&["ls".into()], Path::new("/p")),
+            ["--root", "/s", "exec", "--pid-file", "/p", "t1", "ls"]
+        );
         assert_eq!(l.delete_args(), ["--root", "/s", "delete", "--force", "t1"]);
     }
 }

@@ -346,8 +346,9 @@ fn find_task(child: &mut std::process::Child) -> Option<files::ProcRef> {
     }
 }
 
-/// A sandboxed task's init as the OCI runtime reports it (`runc state`): its child after the
-/// runtime's own intermediate processes have gone.
+/// A sandboxed task's init as the OCI runtime reports it (`runc state`) once it runs (it has
+/// exec'd the init: a signal before that would fail the runtime's start instead of ending the
+/// task).
 fn find_container(child: &mut std::process::Child, oci: &super::oci::OciLaunch) -> Option<files::ProcRef> {
     let deadline = Instant::now() + FIND_TASK_PATIENCE;
     loop {
@@ -355,7 +356,7 @@ fn find_container(child: &mut std::process::Child, oci: &super::oci::OciLaunch) 
         if let Ok(out) = out
             && let Some((status, pid)) = super::oci::parse_state(&out.stdout)
             && pid > 0
-            && status != "creating"
+            && status == "running"
             && let Some(task) = procfs::proc_ref(pid)
         {
             return Some(task);
