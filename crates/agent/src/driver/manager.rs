@@ -205,13 +205,19 @@ impl TaskManager {
 
     /// Makes the task's volumes, secrets and configs ready; their binds.
     async fn prepare_storage(&self, id: &str, spec: &RunSpec) -> Result<Vec<BindMount>, String> {
-        let mut binds = self.inner.volumes.prepare(id, spec).await.map_err(|e| e.to_string())?;
-        // Process tasks run as the agent's user (root inside a rootless task's namespace);
-        // containers as root.
+        // The task user's ids on the host: a sandboxed process task's (its user namespace maps
+        // them), a privileged one's (the agent's), a container's (the spec's user; root, as
+        // Docker runs most images, without one).
+        let policy = crate::sandbox::Policy::of(&spec.task);
         let owner = match spec.task.runtime {
-            RuntimeKind::Process => (rustix::process::geteuid().as_raw(), rustix::process::getegid().as_raw()),
+            RuntimeKind::Process if policy.privileged => {
+                (rustix::process::geteuid().as_raw(), rustix::process::getegid().as_raw())
+            }
+            RuntimeKind::Process => policy.host_ids(crate::sandbox::rootless_ids()),
+            RuntimeKind::Docker if spec.task.user.is_some() => (policy.user.uid, policy.user.gid),
             RuntimeKind::Docker => (0, 0),
         };
+        let mut binds = self.inner.volumes.prepare(id, spec, Some(owner)).await.map_err(|e| e.to_string())?;
         match self.inner.files.prepare(id, spec, owner).await {
             Ok(files) => binds.extend(files),
             Err(e) => {

@@ -171,11 +171,20 @@ pub struct Container<'a> {
     pub rootless: Option<(u32, u32)>,
 }
 
-/// A bind mount for a `config.json`.
+/// A bind mount for a `config.json`. A read-only bind is a remount in the task's user
+/// namespace, which must keep the flags the source's mount has locked (`noexec`, the atime
+/// ones): they are carried over.
 pub fn bind(source: &Path, target: &str, read_only: bool) -> Value {
+    use rustix::fs::StatVfsMountFlags as F;
     let mut options = vec!["rbind", "nosuid", "nodev"];
     if read_only {
         options.push("ro");
+    }
+    let locked = rustix::fs::statvfs(source).map(|s| s.f_flag).unwrap_or(F::empty());
+    for (flag, option) in [(F::NOEXEC, "noexec"), (F::NOATIME, "noatime"), (F::NODIRATIME, "nodiratime")] {
+        if locked.contains(flag) {
+            options.push(option);
+        }
     }
     json!({"destination": target, "type": "bind", "source": source, "options": options})
 }

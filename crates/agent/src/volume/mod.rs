@@ -137,10 +137,20 @@ impl Volumes {
     /// Makes every volume `spec` mounts ready on this node (see the module docs) and records
     /// `task_id` as holding them. On an error nothing stays held for the task (and what it alone
     /// needed is unmounted again).
-    pub async fn prepare(&self, task_id: &str, spec: &RunSpec) -> Result<Vec<BindMount>, StorageError> {
+    ///
+    /// `owner` is the task user's uid and gid on the host: a local or GlusterFS volume the task
+    /// may write whose root is still empty and the host root's (it was just made) is handed to
+    /// it, so a task that does not run as root can use a new volume (as Kubernetes' `fsGroup`
+    /// and Docker's copy-up of a new volume's ownership do). Host paths are left as they are.
+    pub async fn prepare(
+        &self,
+        task_id: &str,
+        spec: &RunSpec,
+        owner: Option<(u32, u32)>,
+    ) -> Result<Vec<BindMount>, StorageError> {
         let mut binds = Vec::with_capacity(spec.mounts.len());
         for m in &spec.mounts {
-            match self.prepare_one(task_id, &spec.namespace, m).await {
+            match self.prepare_one(task_id, &spec.namespace, m, owner).await {
                 Ok(b) => binds.push(b),
                 Err(e) => {
                     self.release(task_id, &BTreeSet::new()).await;
@@ -156,6 +166,7 @@ impl Volumes {
         task_id: &str,
         namespace: &str,
         m: &berth_types::task::Mount,
+        owner: Option<(u32, u32)>,
     ) -> Result<BindMount, StorageError> {
         let (key, dir) = self.place(namespace, &m.volume)?;
         let lock = self.lock(&key);
@@ -184,6 +195,9 @@ impl Volumes {
         };
         if first {
             self.inner.wake.notify_one();
+        }
+        if let Some(owner) = owner.filter(|_| !m.read_only && !matches!(m.source, MountSource::Host { .. })) {
+            hand_over(&source, owner);
         }
         Ok(BindMount { source, target: m.target.clone(), read_only: m.read_only, kind })
     }
@@ -405,6 +419,28 @@ pub fn unmount_all(dir: &Path) {
                     let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
                 }
             }
+        }
+    }
+}
+
+/// Gives a new volume's root to the task's user: only when it is the host root's and empty
+/// (`lost+found`, which mkfs makes, aside). Failures are logged: the task then finds the
+/// volume as it is.
+fn hand_over(root: &Path, (uid, gid): (u32, u32)) {
+    use std::os::unix::fs::MetadataExt;
+    if uid == 0 {
+        return;
+    }
+    let Ok(meta) = std::fs::metadata(root) else { return };
+    let empty = std::fs::read_dir(root)
+        .map(|mut entries| entries.all(|e| e.is_ok_and(|e| e.file_name() == "lost+found")))
+        .unwrap_or(false);
+    if meta.uid() == 0 && meta.is_dir() && empty {
+        match std::os::unix::fs::chown(root, Some(uid), Some(gid)) {
+            Ok(()) => {
+                tracing::info!(volume = %root.display(), uid, gid, "a new volume's root is given to its task's user")
+            }
+            Err(e) => tracing::warn!(volume = %root.display(), "giving a new volume to uid {uid} failed: {e}"),
         }
     }
 }
