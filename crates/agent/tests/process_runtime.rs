@@ -5,6 +5,7 @@
 //! SIGKILLed and removed by a `Cleanup` guard when its test ends, passed or failed.
 
 mod conformance;
+mod escapes;
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
@@ -738,4 +739,60 @@ async fn a_task_on_networks_runs_in_its_namespace_with_its_resolv_conf() {
     rt.stop(&id, Duration::from_secs(5)).await.unwrap();
     rt.remove(&id).await.unwrap();
     berth_agent::overlay::link::delete_netns(&netns).unwrap();
+}
+
+// ---- escape attempts from a default task ----
+
+#[tokio::test]
+async fn escape_reading_the_agents_key_and_data_fails() {
+    let (tmp, rt, fx) = setup();
+    escapes::cannot_read_the_agents_key_or_data(&rt, &fx, tmp.path()).await;
+}
+
+#[tokio::test]
+async fn escape_by_mount_fails() {
+    let (_tmp, rt, fx) = setup();
+    escapes::cannot_mount(&rt, &fx).await;
+}
+
+#[tokio::test]
+async fn escape_by_sysrq_fails() {
+    let (_tmp, rt, fx) = setup();
+    escapes::cannot_write_sysrq(&rt, &fx).await;
+}
+
+#[tokio::test]
+async fn escape_to_host_processes_fails() {
+    let (_tmp, rt, fx) = setup();
+    escapes::cannot_see_or_signal_host_processes(&rt, &fx).await;
+}
+
+#[tokio::test]
+async fn escape_by_ptrace_of_another_task_fails() {
+    let (_tmp, rt, fx) = setup();
+    escapes::cannot_ptrace_another_task(&rt, &fx).await;
+}
+
+#[tokio::test]
+async fn escape_by_unshare_fails() {
+    let (_tmp, rt, fx) = setup();
+    escapes::cannot_unshare(&rt, &fx).await;
+}
+
+#[tokio::test]
+async fn escape_by_setuid_binary_fails() {
+    let (_tmp, rt, fx) = setup();
+    escapes::a_setuid_binary_gains_nothing(&rt, &fx).await;
+}
+
+#[tokio::test]
+async fn escape_by_fork_bomb_stops_at_pids_max() {
+    let (_tmp, rt, fx) = setup();
+    let pids_current = |id: &str| {
+        ["/sys/fs/cgroup/pids/berth-test", "/sys/fs/cgroup/berth-test"]
+            .iter()
+            .find_map(|base| std::fs::read_to_string(format!("{base}/{id}/pids.current")).ok())
+            .and_then(|t| t.trim().parse().ok())
+    };
+    escapes::a_fork_bomb_stops_at_pids_max(&rt, &fx, fx.shell(escapes::FORK_BOMB), pids_current).await;
 }
