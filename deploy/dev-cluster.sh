@@ -8,6 +8,8 @@ cd "$(dirname "$0")/.."
 source deploy/prereqs.sh
 # Volumes: mkfs.ext4 for sized local volumes, the GlusterFS client for glusterfs ones (as root).
 if [ "$(id -u)" -eq 0 ]; then source deploy/storage-prereqs.sh; fi
+# Sandboxed tasks: runc and a static init (tini).
+source deploy/sandbox-prereqs.sh
 cargo build -p berth-cli --bin berth
 target="${CARGO_TARGET_DIR:-target}"
 exec "$target/debug/berth" dev --data-dir "${BERTH_DEV_DIR:-berth-dev}" "$@"

@@ -456,6 +456,56 @@ async fn limits_env_workdir_labels_and_policy_reach_the_container() {
     assert_eq!(limit, 0, "the container's cgroup memory limit is not 64 MiB");
 }
 
+/// The sandbox policy's defaults reach Docker: no new privileges, exactly Docker's default
+/// capabilities (all dropped, the set added back, adjusted by the spec), a pids limit, and the
+/// spec's user; inside, the process has no_new_privs and no capability beyond the set.
+#[tokio::test]
+async fn the_sandbox_policy_reaches_the_container() {
+    let rt = runtime().await;
+    let mut cleanup = Cleanup::new();
+    let id = cleanup.id("policy");
+    let mut s = spec(
+        "/bin/busybox grep -E '^(NoNewPrivs|CapBnd)' /proc/self/status; /bin/busybox id -u; exec /bin/busybox sleep 600",
+    );
+    s.task.user = Some("1000:1000".into());
+    s.task.cap_drop = vec!["NET_RAW".into()];
+    rt.start(&id, &s).await.unwrap();
+    wait_running(&rt, &id).await;
+    wait_line(&rt, &id, "1000").await;
+    let lines = logs(&rt, &id, LogQuery::default()).await;
+    let out = text(&lines);
+    assert!(out.iter().any(|l| l.starts_with("NoNewPrivs:") && l.ends_with('1')), "{out:?}");
+    let c = rt.client().inspect_container(&DockerRuntime::container_name(&id), None).await.unwrap();
+    let host = c.host_config.unwrap();
+    assert_eq!(host.security_opt.unwrap_or_default(), ["no-new-privileges"]);
+    assert_eq!(host.cap_drop.unwrap_or_default(), ["ALL"]);
+    let added = host.cap_add.unwrap_or_default();
+    assert!(added.contains(&"CAP_KILL".to_string()) && !added.contains(&"CAP_NET_RAW".to_string()), "{added:?}");
+    assert_eq!(host.pids_limit, Some(1024));
+    assert_ne!(host.privileged, Some(true));
+    assert_eq!(c.config.unwrap().user.as_deref(), Some("1000:1000"));
+    // The bounding set is the policy's: no CAP_SYS_ADMIN (bit 21) and no CAP_NET_RAW (bit 13).
+    let bnd = out.iter().find_map(|l| l.strip_prefix("CapBnd:")).map(str::trim).unwrap();
+    let bits = u64::from_str_radix(bnd, 16).unwrap();
+    assert_eq!(bits & (1 << 21), 0, "{bnd}");
+    assert_eq!(bits & (1 << 13), 0, "{bnd}");
+    assert_ne!(bits & (1 << 5), 0, "CAP_KILL kept: {bnd}");
+}
+
+/// `privileged: true` is refused by a runtime (an agent) that does not allow it.
+#[tokio::test]
+async fn privileged_is_refused_without_allow_privileged() {
+    let rt = runtime().await;
+    let mut cleanup = Cleanup::new();
+    let id = cleanup.id("privileged");
+    let mut s = spec("true");
+    s.task.privileged = true;
+    match rt.start(&id, &s).await {
+        Err(RuntimeError::Invalid(m)) => assert!(m.contains("--allow-privileged"), "{m}"),
+        other => panic!("expected Invalid, got {other:?}"),
+    }
+}
+
 #[tokio::test]
 async fn a_fresh_runtime_adopts_running_containers_and_stops_them() {
     let rt = runtime().await;

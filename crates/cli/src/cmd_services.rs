@@ -1309,6 +1309,29 @@ pub fn describe_lines(s: &ServiceOut, now: i64) -> Vec<String> {
     l.into_iter().map(|(k, v)| format!("{:<width$} {v}", format!("{k}:")).trim_end().to_string()).collect()
 }
 
+/// What the task may do, in one line: `PRIVILEGED` loudly, else the sandbox's user and any
+/// capability changes.
+fn security_line(t: &spec::TaskSpec) -> String {
+    if t.privileged {
+        return "PRIVILEGED: no sandbox (host root, every capability, no seccomp filter); agents run it only with \
+                --allow-privileged"
+            .into();
+    }
+    let user = match (&t.user, t.runtime) {
+        (Some(u), _) => u.clone(),
+        (None, spec::Runtime::Docker) => "the image's".into(),
+        (None, spec::Runtime::Process) => spec::security::DEFAULT_USER.to_string(),
+    };
+    let mut s = format!("sandboxed, user {user}");
+    if !t.cap_add.is_empty() {
+        s.push_str(&format!(", cap_add {}", t.cap_add.join(" ")));
+    }
+    if !t.cap_drop.is_empty() {
+        s.push_str(&format!(", cap_drop {}", t.cap_drop.join(" ")));
+    }
+    s
+}
+
 fn spec_lines(doc: &spec::Service, l: &mut Vec<(String, String)>) {
     let sp = &doc.spec;
     let t = &sp.task;
@@ -1336,6 +1359,7 @@ fn spec_lines(doc: &spec::Service, l: &mut Vec<(String, String)>) {
     if !t.env.is_empty() {
         l.push(("Env".into(), t.env.keys().cloned().collect::<Vec<_>>().join(", ")));
     }
+    l.push(("Security".into(), security_line(t)));
     let res = &t.resources;
     let mut r = format!("cpu {}, memory {}", res.cpu, output::human_bytes(res.memory.bytes()));
     if let Some(lim) = &res.limits {
@@ -1343,6 +1367,8 @@ fn spec_lines(doc: &spec::Service, l: &mut Vec<(String, String)>) {
         let mem = lim.memory.map_or("-".to_string(), |m| output::human_bytes(m.bytes()));
         r.push_str(&format!(" (limits: cpu {cpu}, memory {mem})"));
     }
+    let pids = res.limits.as_ref().and_then(|l| l.pids).unwrap_or(spec::security::DEFAULT_PIDS_MAX);
+    r.push_str(&format!(", pids {pids}"));
     l.push(("Resources".into(), r));
     if !t.ports.is_empty() {
         let ports: Vec<String> = t
@@ -2110,5 +2136,23 @@ mod tests {
         assert!(text.contains("max 1 per node"), "{text}");
         assert!(text.contains("Rollout:") && text.contains("completed: rolling out version 2"), "{text}");
         assert!(text.contains("Update:") && text.contains("parallelism 1"), "{text}");
+        assert!(text.contains("sandboxed, user the image's") && text.contains("pids 1024"), "{text}");
+    }
+
+    #[test]
+    fn describe_shows_privileged_and_capabilities() {
+        let doc = |task: &str| {
+            let d = format!(
+                "kind: Service\nmetadata: {{name: p}}\nspec:\n  task: {{runtime: process, command: [/bin/true], {task}}}\n"
+            );
+            let svc = spec::parse_documents(&d).unwrap().remove(0);
+            let mut v = view(RolloutState::Completed, 1, 1, 1);
+            v.record.as_mut().unwrap().spec_json = svc.canonical_json();
+            describe_lines(&ServiceOut::from_view(&v), 61_000).join("\n")
+        };
+        let text = doc("privileged: true");
+        assert!(text.contains("PRIVILEGED") && text.contains("--allow-privileged"), "{text}");
+        let text = doc("user: \"1000:1000\", cap_add: [NET_ADMIN], cap_drop: [ALL]");
+        assert!(text.contains("sandboxed, user 1000:1000, cap_add NET_ADMIN, cap_drop ALL"), "{text}");
     }
 }
