@@ -13,6 +13,7 @@
 mod certs;
 pub mod driver;
 mod error;
+pub mod image;
 mod join;
 mod net;
 pub mod overlay;
@@ -86,6 +87,12 @@ pub struct AgentConfig {
     /// The OCI runtime sandboxed tasks run through (`--oci-runtime`); none: runc or crun,
     /// whichever is found first.
     pub oci_runtime: Option<PathBuf>,
+    /// Registries (`host:port`) pulled from over plain HTTP besides loopback ones
+    /// (`--insecure-registry`).
+    pub insecure_registries: Vec<String>,
+    /// Unused images are removed once the node's images take more than this many bytes
+    /// (`--image-gc-threshold`; default 10 GiB).
+    pub image_gc_threshold: Option<u64>,
 }
 
 impl std::fmt::Debug for AgentConfig {
@@ -103,6 +110,8 @@ impl std::fmt::Debug for AgentConfig {
             .field("allow_host_paths", &self.allow_host_paths)
             .field("allow_privileged", &self.allow_privileged)
             .field("oci_runtime", &self.oci_runtime)
+            .field("insecure_registries", &self.insecure_registries)
+            .field("image_gc_threshold", &self.image_gc_threshold)
             .finish()
     }
 }
@@ -150,11 +159,17 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
         Some(n) => run_simulated(cfg, n, shutdown).await,
         None => {
             let (sink, statuses) = status_channel();
+            let images = image::Images::new(
+                cfg.data_dir.join("images"),
+                cfg.insecure_registries.clone(),
+                cfg.image_gc_threshold.unwrap_or(image::DEFAULT_GC_THRESHOLD),
+            );
             let process = driver::process::ProcessRuntime::new(
                 cfg.data_dir.join("tasks"),
                 driver::process::ProcessRuntime::default_shim(),
             )
-            .with_sandbox(cfg.allow_privileged, cfg.oci_runtime.clone());
+            .with_sandbox(cfg.allow_privileged, cfg.oci_runtime.clone())
+            .with_images(images.clone());
             if let Err(e) = sandbox::find_oci_runtime(cfg.oci_runtime.as_deref()).and_then(|_| sandbox::find_init()) {
                 warn!("sandboxed process tasks cannot run on this node: {e}");
             }
@@ -172,6 +187,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
             }
             let storage = driver::manager::StorageOptions {
                 allow_host_paths: cfg.allow_host_paths.clone(),
+                images: Some(images),
                 ..Default::default()
             };
             let manager = TaskManager::with_storage(process, docker, sink, cfg.data_dir.clone(), storage);

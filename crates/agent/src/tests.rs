@@ -323,6 +323,8 @@ fn config(master: &TestMaster, token: Option<String>, dir: &Path) -> AgentConfig
         allow_host_paths: Vec::new(),
         allow_privileged: false,
         oci_runtime: None,
+        insecure_registries: Vec::new(),
+        image_gc_threshold: None,
     }
 }
 

@@ -99,6 +99,7 @@ fn spec(script: &str) -> RunSpec {
             command: vec!["/bin/busybox".into(), "sh".into(), "-c".into()],
             args: vec![script.to_string()],
             image: Some(IMAGE.to_string()),
+            image_pull_secret: None,
             env: BTreeMap::new(),
             workdir: None,
             resources: Resources::default(),

@@ -40,6 +40,7 @@ fn spec(argv: &[&str]) -> RunSpec {
             command: argv.iter().map(|s| s.to_string()).collect(),
             args: vec![],
             image: None,
+            image_pull_secret: None,
             env: BTreeMap::new(),
             workdir: None,
             resources: Resources::default(),
@@ -287,7 +288,7 @@ async fn a_dead_supervisor_is_reported() {
 
 #[tokio::test]
 async fn exec_runs_in_the_task_namespaces() {
-    let (tmp, rt, fx) = setup();
+    let (_tmp, rt, fx) = setup();
     let mut guard = Cleanup::new(&fx);
     let id = guard.id("exec");
     let mut s = fx.shell("echo ready; exec sleep 1000");
@@ -743,6 +744,9 @@ async fn a_task_on_networks_runs_in_its_namespace_with_its_resolv_conf() {
 
 // ---- escape attempts from a default task ----
 
+/// A process task uses the host's tools.
+const HOST_TOOLS: escapes::Tools = escapes::Tools { bb: "" };
+
 #[tokio::test]
 async fn escape_reading_the_agents_key_and_data_fails() {
     let (tmp, rt, fx) = setup();
@@ -752,7 +756,7 @@ async fn escape_reading_the_agents_key_and_data_fails() {
 #[tokio::test]
 async fn escape_by_mount_fails() {
     let (_tmp, rt, fx) = setup();
-    escapes::cannot_mount(&rt, &fx).await;
+    escapes::cannot_mount(&rt, &fx, HOST_TOOLS).await;
 }
 
 #[tokio::test]
@@ -764,7 +768,7 @@ async fn escape_by_sysrq_fails() {
 #[tokio::test]
 async fn escape_to_host_processes_fails() {
     let (_tmp, rt, fx) = setup();
-    escapes::cannot_see_or_signal_host_processes(&rt, &fx).await;
+    escapes::cannot_see_or_signal_host_processes(&rt, &fx, HOST_TOOLS).await;
 }
 
 #[tokio::test]
@@ -776,13 +780,13 @@ async fn escape_by_ptrace_of_another_task_fails() {
 #[tokio::test]
 async fn escape_by_unshare_fails() {
     let (_tmp, rt, fx) = setup();
-    escapes::cannot_unshare(&rt, &fx).await;
+    escapes::cannot_unshare(&rt, &fx, HOST_TOOLS).await;
 }
 
 #[tokio::test]
 async fn escape_by_setuid_binary_fails() {
     let (_tmp, rt, fx) = setup();
-    escapes::a_setuid_binary_gains_nothing(&rt, &fx).await;
+    escapes::a_setuid_binary_gains_nothing(&rt, &fx, HOST_TOOLS).await;
 }
 
 #[tokio::test]

@@ -63,6 +63,7 @@ fn spec(script: &str, mounts: Vec<Mount>, files: Vec<TaskFile>) -> RunSpec {
             command: vec!["/bin/sh".into(), "-c".into(), script.into()],
             args: vec![],
             image: None,
+            image_pull_secret: None,
             env: Default::default(),
             workdir: None,
             resources: Default::default(),

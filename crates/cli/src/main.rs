@@ -171,6 +171,18 @@ struct AgentArgs {
     /// of runc and crun found.
     #[arg(long, value_name = "PATH")]
     oci_runtime: Option<PathBuf>,
+    /// Pulls images from this registry (HOST:PORT) over plain HTTP (repeat for more);
+    /// registries on loopback addresses always are.
+    #[arg(long = "insecure-registry", value_name = "HOST:PORT")]
+    insecure_registries: Vec<String>,
+    /// Removes unused images, least recently used first, once the node's images take more than
+    /// this (e.g. 10Gi).
+    #[arg(long, value_name = "SIZE", default_value = "10Gi", value_parser = parse_size)]
+    image_gc_threshold: u64,
+}
+
+fn parse_size(s: &str) -> std::result::Result<u64, String> {
+    berth_types::spec::Memory::parse(s).map(|m| m.bytes()).map_err(|e| format!("{s:?}: {e}; give a size such as 10Gi"))
 }
 
 fn parse_host_path_prefix(s: &str) -> std::result::Result<PathBuf, String> {
@@ -318,6 +330,8 @@ async fn run_agent(a: AgentArgs) -> Result<()> {
         allow_host_paths: a.allow_host_paths,
         allow_privileged: a.allow_privileged,
         oci_runtime: a.oci_runtime,
+        insecure_registries: a.insecure_registries,
+        image_gc_threshold: Some(a.image_gc_threshold),
     };
     berth_agent::run(cfg, shutdown_on_signals()).await?;
     Ok(())

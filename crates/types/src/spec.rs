@@ -503,13 +503,16 @@ pub enum Runtime {
     Process,
     /// A Docker container.
     Docker,
+    /// An image pulled from an OCI registry and run by the node's OCI runtime (runc or crun),
+    /// sandboxed as process tasks are; no Docker needed.
+    Oci,
 }
 
 /// `spec.task`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TaskSpec {
-    /// `process` or `docker`.
+    /// `process`, `docker` or `oci`.
     pub runtime: Runtime,
     /// Program and arguments; required for `process`, overrides the entrypoint for `docker`.
     #[serde(default)]
@@ -517,9 +520,14 @@ pub struct TaskSpec {
     /// Extra arguments appended to the command.
     #[serde(default)]
     pub args: Vec<String>,
-    /// Required for `docker`, not allowed for `process`.
+    /// Required for `docker` and `oci`, not allowed for `process`.
     #[serde(default)]
     pub image: Option<String>,
+    /// `oci` only: the secret holding the registry's credentials (`username:password`, or
+    /// JSON with `username` and `password`); it reaches the node for the pull and is never
+    /// mounted into the task.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_pull_secret: Option<String>,
     /// Environment variables.
     #[serde(default)]
     pub env: BTreeMap<String, String>,
@@ -1121,11 +1129,14 @@ fn validate_task(task: &TaskSpec) -> Result<(), SpecError> {
                 ));
             }
         }
-        Runtime::Docker => match task.image.as_deref() {
+        Runtime::Docker | Runtime::Oci => match task.image.as_deref() {
             None => {
                 return Err(SpecError::invalid(
                     "spec.task.image",
-                    "runtime `docker` requires `image`, such as \"nginx:1.27\"",
+                    format!(
+                        "runtime `{}` requires `image`, such as \"nginx:1.27\" or \"registry.example.com/app@sha256:...\"",
+                        if task.runtime == Runtime::Oci { "oci" } else { "docker" }
+                    ),
                 ));
             }
             Some(image) if image.trim().is_empty() || image.chars().any(char::is_whitespace) => {
@@ -1257,6 +1268,20 @@ fn validate_task(task: &TaskSpec) -> Result<(), SpecError> {
         ));
     }
     security::validate(task.user.as_deref(), &task.cap_add, &task.cap_drop)?;
+    if let Some(secret) = &task.image_pull_secret {
+        if task.runtime != Runtime::Oci {
+            return Err(SpecError::invalid(
+                "spec.task.image_pull_secret",
+                "only runtime `oci` pulls images itself; remove image_pull_secret or use runtime `oci`",
+            ));
+        }
+        if !volume::is_file_name(secret) {
+            return Err(SpecError::invalid(
+                "spec.task.image_pull_secret",
+                format!("invalid secret name {secret:?}; allowed: {}", volume::FILE_NAME_ALLOWED),
+            ));
+        }
+    }
     if let Some(pids) = task.resources.limits.as_ref().and_then(|l| l.pids)
         && pids < 1
     {

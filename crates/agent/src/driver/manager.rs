@@ -87,6 +87,8 @@ struct Inner {
     volumes: Volumes,
     /// The tasks' secrets and configs.
     files: TaskFiles,
+    /// The node's images (`runtime: oci`).
+    images: Option<crate::image::Images>,
 }
 
 /// How the task manager keeps volumes, secrets and configs.
@@ -105,6 +107,8 @@ pub struct StorageOptions {
     pub files_patience: Duration,
     /// How often volume usage is measured ([`crate::volume::USAGE_INTERVAL`]).
     pub usage_interval: Duration,
+    /// The node's image store, shared with the process runtime that runs oci tasks from it.
+    pub images: Option<crate::image::Images>,
 }
 
 impl Default for StorageOptions {
@@ -115,6 +119,7 @@ impl Default for StorageOptions {
             mount_timeout: crate::volume::MOUNT_TIMEOUT,
             files_patience: crate::volume::files::FILES_PATIENCE,
             usage_interval: crate::volume::USAGE_INTERVAL,
+            images: None,
         }
     }
 }
@@ -186,6 +191,7 @@ impl TaskManager {
                 overlay: std::sync::OnceLock::new(),
                 volumes,
                 files: TaskFiles::new(storage.files_root, storage.files_patience),
+                images: storage.images,
             }),
         };
         let fence = m.clone();
@@ -213,7 +219,7 @@ impl TaskManager {
             RuntimeKind::Process if policy.privileged => {
                 (rustix::process::geteuid().as_raw(), rustix::process::getegid().as_raw())
             }
-            RuntimeKind::Process => policy.host_ids(crate::sandbox::rootless_ids()),
+            RuntimeKind::Process | RuntimeKind::Oci => policy.host_ids(crate::sandbox::rootless_ids()),
             RuntimeKind::Docker if spec.task.user.is_some() => (policy.user.uid, policy.user.gid),
             RuntimeKind::Docker => (0, 0),
         };
@@ -226,6 +232,43 @@ impl TaskManager {
             }
         }
         Ok(binds)
+    }
+
+    /// Makes an oci task's image present on this node, pulling it with the credentials of its
+    /// `image_pull_secret` and reporting the pull's progress as the task's STARTING message.
+    async fn pull(&self, id: &str, spec: &RunSpec) -> Result<(), String> {
+        let Some(images) = &self.inner.images else {
+            return Err("this agent has no image store; runtime `oci` needs one".into());
+        };
+        let reference = spec.task.image.as_deref().unwrap_or_default();
+        let auth = match &spec.task.image_pull_secret {
+            None => None,
+            Some(name) => {
+                let file = spec
+                    .files
+                    .iter()
+                    .find(|f| {
+                        f.kind == berth_types::spec::volume::FileKind::Secret && &f.name == name && f.target.is_empty()
+                    })
+                    .ok_or_else(|| {
+                        format!("the image pull secret `{name}` is not in the task's files; apply the service again")
+                    })?;
+                let bytes = self.inner.files.contents(id, file).await.map_err(|e| e.to_string())?;
+                Some(crate::image::Credentials::parse(&bytes).map_err(|e| format!("image pull secret `{name}`: {e}"))?)
+            }
+        };
+        let sink = self.inner.sink.clone();
+        let task = id.to_string();
+        let progress = move |message: String| {
+            sink.report(TaskStatus {
+                task_id: task.clone(),
+                state: TaskState::Starting as i32,
+                message,
+                timestamp_ms: now_ms(),
+                ..Default::default()
+            })
+        };
+        images.ensure(reference, auth.as_ref(), &progress).await.map(drop)
     }
 
     /// The GlusterFS volumes (`namespace/name`) the watched tasks other than `except` use.
@@ -351,7 +394,8 @@ impl TaskManager {
 
     fn rt(&self, kind: RuntimeKind) -> Result<&dyn RuntimeCalls, String> {
         match kind {
-            RuntimeKind::Process => Ok(self.inner.process.as_ref()),
+            // Image tasks are the process runtime's, run from an image instead of the host view.
+            RuntimeKind::Process | RuntimeKind::Oci => Ok(self.inner.process.as_ref()),
             RuntimeKind::Docker => self.inner.docker.as_ref().map(|d| d.as_ref()).map_err(Clone::clone),
         }
     }
@@ -590,7 +634,10 @@ impl TaskManager {
         let mut ports = HashMap::new();
         // A task on networks listens in its own namespace on its container ports; a host-network
         // process task gets free host ports instead.
-        if kind == RuntimeKind::Process && !spec.task.ports.is_empty() && spec.attachment.is_none() {
+        if matches!(kind, RuntimeKind::Process | RuntimeKind::Oci)
+            && !spec.task.ports.is_empty()
+            && spec.attachment.is_none()
+        {
             match self.host_ports(&id, &spec) {
                 Ok(map) => {
                     for (i, p) in spec.task.ports.iter().enumerate() {
@@ -618,6 +665,12 @@ impl TaskManager {
             h
         });
         self.inner.sink.report(self.status(&id, TaskState::Starting, "starting"));
+        if kind == RuntimeKind::Oci
+            && let Err(e) = self.pull(&id, &spec).await
+        {
+            self.fail_before_start(&id, e).await;
+            return;
+        }
         if let Err(e) = self.call(kind, |rt| rt.start_with(&id, &spec, &binds)).await {
             self.fail_before_start(&id, format!("could not start: {e}")).await;
             return;

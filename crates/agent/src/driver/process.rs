@@ -54,6 +54,7 @@ use super::now_ms;
 use super::runtime::{BindKind, BindMount, LogLine, LogLines, LogQuery, Observed, Runtime, RuntimeError};
 use crate::sandbox::{self, Policy};
 
+pub(crate) use self::files::write_atomic;
 pub use self::shim::shim_main;
 
 /// util-linux `unshare`, which puts the task in its namespaces.
@@ -102,6 +103,8 @@ struct Inner {
     oci_runtime: Option<PathBuf>,
     /// Where sandboxed tasks' root skeletons and the OCI runtime's state live.
     sandbox_base: PathBuf,
+    /// The node's images, for `runtime: oci` tasks.
+    images: Option<crate::image::Images>,
 }
 
 impl ProcessRuntime {
@@ -121,6 +124,7 @@ impl ProcessRuntime {
                 allow_privileged: false,
                 oci_runtime: None,
                 sandbox_base: oci::sandbox_base(&root, shim::rootless()),
+                images: None,
                 root,
             }),
         }
@@ -158,6 +162,11 @@ impl ProcessRuntime {
     /// `oci_runtime` (runc or crun; none: the first found).
     pub fn with_sandbox(self, allow_privileged: bool, oci_runtime: Option<PathBuf>) -> ProcessRuntime {
         self.with(|i| (i.allow_privileged, i.oci_runtime) = (allow_privileged, oci_runtime))
+    }
+
+    /// Runs `runtime: oci` tasks from `images` (pulled there when missing).
+    pub fn with_images(self, images: crate::image::Images) -> ProcessRuntime {
+        self.with(|i| i.images = Some(images))
     }
 
     /// The tasks directory.
@@ -220,14 +229,24 @@ impl ProcessRuntime {
         spec: &RunSpec,
         binds: &[BindMount],
         dir: &Path,
+        image: Option<&crate::image::ImageRecord>,
     ) -> Result<(ShimConfig, Limits, Policy), RuntimeError> {
-        let argv = spec.argv();
+        let argv = match image {
+            Some(img) => image_argv(spec, &img.config),
+            None => spec.argv(),
+        };
         let Some(program) = argv.first() else {
             return Err(RuntimeError::Invalid(format!(
                 "task {task_id}: spec.task.command is empty; the process runtime needs a program to run"
             )));
         };
         let mut env = BTreeMap::from([("PATH".to_string(), DEFAULT_PATH.to_string())]);
+        // An image's environment comes first; the spec's overrides it.
+        for pair in image.map(|i| i.config.env.as_slice()).unwrap_or_default() {
+            if let Some((k, v)) = pair.split_once('=') {
+                env.insert(k.to_string(), v.to_string());
+            }
+        }
         for (k, v) in &spec.task.env {
             if k.is_empty() || k.contains(['=', '\0']) || v.contains('\0') {
                 return Err(RuntimeError::Invalid(format!(
@@ -251,7 +270,11 @@ impl ProcessRuntime {
             .check_allowed(self.inner.allow_privileged)
             .map_err(|e| RuntimeError::Invalid(format!("task {task_id}: {e}")))?;
         let in_bind = |w: &str| binds.iter().any(|b| Path::new(w).starts_with(&b.target));
-        let workdir = if policy.privileged {
+        let workdir = if let Some(img) = image {
+            PathBuf::from(
+                spec.task.workdir.clone().or_else(|| img.config.working_dir.clone()).unwrap_or_else(|| "/".into()),
+            )
+        } else if policy.privileged {
             // A working directory in a volume exists once the task's init has bound it.
             match &spec.task.workdir {
                 None => dir.to_path_buf(),
@@ -297,6 +320,12 @@ impl ProcessRuntime {
                  read-only and the task's volumes; install it under /usr, mount its directory as a `host` volume, \
                  or run an image",
                 sandbox::view::SYSTEM_DIRS.join(", ")
+            )));
+        }
+        if policy.privileged && image.is_some() {
+            return Err(RuntimeError::Invalid(format!(
+                "task {task_id}: `privileged: true` is not supported for runtime `oci` yet; run it sandboxed, or as a \
+                 privileged process or docker task"
             )));
         }
         if policy.privileged && !procfs::is_executable(&self.inner.unshare) {
@@ -396,6 +425,7 @@ impl ProcessRuntime {
         policy: &Policy,
         limits: Limits,
         dir: &Path,
+        image: Option<&crate::image::ImageRecord>,
     ) -> Result<Sandboxed, RuntimeError> {
         let task_id = &config.task_id;
         let invalid = |e: String| RuntimeError::Invalid(format!("task {task_id}: {e}"));
@@ -403,9 +433,34 @@ impl ProcessRuntime {
         if let Some(parent) = oci.rootfs.parent() {
             oci::make_traversable(parent).map_err(|e| RuntimeError::Other(format!("task {task_id}: {e}")))?;
         }
-        let targets: Vec<(&str, BindKind)> = config.binds.iter().map(|b| (b.target.as_str(), b.kind)).collect();
-        let mut mounts = sandbox::view::build(&oci.rootfs, &dir.join(oci::SCRATCH), &dir.join(oci::RESOLV), &targets)
-            .map_err(invalid)?;
+        let mut targets: Vec<(String, BindKind)> = config.binds.iter().map(|b| (b.target.clone(), b.kind)).collect();
+        let (mut mounts, overlay) = match image {
+            None => {
+                let targets: Vec<(&str, BindKind)> = targets.iter().map(|(t, k)| (t.as_str(), *k)).collect();
+                let mounts =
+                    sandbox::view::build(&oci.rootfs, &dir.join(oci::SCRATCH), &dir.join(oci::RESOLV), &targets)
+                        .map_err(invalid)?;
+                (mounts, None)
+            }
+            // The image's root is an overlay the agent mounts once the task directory (which
+            // holds its upper layer) exists; the mount points are made in it then.
+            Some(img) => {
+                let images = self.inner.images.as_ref().ok_or_else(|| {
+                    RuntimeError::Unavailable("this process runtime has no image store for oci tasks".into())
+                })?;
+                let mounts = vec![
+                    sandbox::bind(&dir.join(oci::RESOLV), "/etc/resolv.conf", true),
+                    sandbox::bind(&dir.join(oci::HOSTS), "/etc/hosts", true),
+                ];
+                // What runc mounts (and an image made FROM scratch may lack) and what berth binds.
+                for dir in ["/proc", "/dev", "/sys"] {
+                    targets.push((dir.into(), BindKind::Dir));
+                }
+                targets.push(("/etc/resolv.conf".into(), BindKind::File));
+                targets.push(("/etc/hosts".into(), BindKind::File));
+                (mounts, Some(oci::Overlay { lower: images.lower_dirs(img), targets }))
+            }
+        };
         mounts.extend(config.binds.iter().map(|b| sandbox::bind(&b.source, &b.target, b.read_only)));
         let rootless = sandbox::rootless_ids();
         let bundle = sandbox::config(&sandbox::Container {
@@ -414,7 +469,7 @@ impl ProcessRuntime {
             env: config.env.iter().map(|(k, v)| format!("{k}={v}")).collect(),
             cwd: config.workdir.to_string_lossy().into_owned(),
             rootfs: &oci.rootfs,
-            readonly_root: true,
+            readonly_root: overlay.is_none(),
             mounts,
             netns: config.netns.as_deref(),
             cgroups_path: rootless.is_none().then(|| format!("/{}/{task_id}", self.inner.cgroup_parent)),
@@ -430,7 +485,7 @@ impl ProcessRuntime {
             Some(text) => text.clone(),
             None => fs::read_to_string("/etc/resolv.conf").unwrap_or_default(),
         };
-        Ok(Sandboxed { bundle, resolv_conf, owner: policy.host_ids(rootless) })
+        Ok(Sandboxed { bundle, resolv_conf, owner: policy.host_ids(rootless), overlay })
     }
 
     /// Writes the task directory under a temporary name and renames it into place, so a task
@@ -642,6 +697,8 @@ struct Sandboxed {
     resolv_conf: String,
     /// The task user's ids on the host: the owner of its private `/tmp`.
     owner: (u32, u32),
+    /// An image task's root, mounted once the task directory exists.
+    overlay: Option<oci::Overlay>,
 }
 
 impl Sandboxed {
@@ -649,6 +706,7 @@ impl Sandboxed {
         fs::DirBuilder::new().mode(0o700).create(dir.join(oci::BUNDLE))?;
         files::write_json(&dir.join(oci::BUNDLE).join(CONFIG), &self.bundle)?;
         files::write_atomic(&dir.join(oci::RESOLV), self.resolv_conf.as_bytes())?;
+        files::write_atomic(&dir.join(oci::HOSTS), oci::HOSTS_FILE.as_bytes())?;
         let scratch = dir.join(oci::SCRATCH);
         fs::DirBuilder::new().mode(0o700).create(&scratch)?;
         std::os::unix::fs::chown(&scratch, Some(self.owner.0), Some(self.owner.1))
@@ -697,6 +755,18 @@ fn check_task_id(task_id: &str) -> Result<(), RuntimeError> {
              not starting with '.'"
         )))
     }
+}
+
+/// An image task's command, as Docker builds it: the spec's `command` replaces the image's
+/// entrypoint (and drops its cmd), the spec's `args` replace the image's cmd.
+fn image_argv(spec: &RunSpec, image: &crate::image::ImageConfig) -> Vec<String> {
+    let t = &spec.task;
+    let (entry, cmd) = if t.command.is_empty() {
+        (image.entrypoint.clone(), if t.args.is_empty() { image.cmd.clone() } else { t.args.clone() })
+    } else {
+        (t.command.clone(), t.args.clone())
+    };
+    entry.into_iter().chain(cmd).collect()
 }
 
 /// Checks that `program` can be executed, as `execvp` would find it with `path`.
@@ -818,10 +888,29 @@ impl Runtime for ProcessRuntime {
         if fs::symlink_metadata(&dir).is_ok() {
             return Ok(()); // running or ended: left as it is
         }
-        let (mut config, limits, policy) = self.prepare(task_id, spec, binds, &dir)?;
+        let image = match (spec.task.runtime, &self.inner.images) {
+            (berth_types::spec::Runtime::Oci, Some(images)) => {
+                let reference = spec.task.image.as_deref().unwrap_or_default();
+                // The task manager pulled it already (with the task's credentials and its
+                // progress reported); a runtime used on its own pulls anonymously.
+                Some(
+                    images
+                        .ensure(reference, None, &|_| {})
+                        .await
+                        .map_err(|e| RuntimeError::Unavailable(format!("task {task_id}: {e}")))?,
+                )
+            }
+            (berth_types::spec::Runtime::Oci, None) => {
+                return Err(RuntimeError::Unavailable(format!(
+                    "task {task_id}: this agent has no image store; runtime `oci` needs one"
+                )));
+            }
+            _ => None,
+        };
+        let (mut config, limits, policy) = self.prepare(task_id, spec, binds, &dir, image.as_ref())?;
         let sandboxed = match &config.oci {
             // runc makes the task's cgroups, with its limits, when it starts it.
-            Some(oci) => Some(self.bundle(&config, oci, &policy, limits, &dir)?),
+            Some(oci) => Some(self.bundle(&config, oci, &policy, limits, &dir, image.as_ref())?),
             None => {
                 config.cgroups = self.cgroups(task_id, limits)?;
                 None
@@ -837,6 +926,14 @@ impl Runtime for ProcessRuntime {
                 }
                 return Err(e);
             }
+        }
+        if let (Some(oci), Some(overlay)) = (&config.oci, sandboxed.as_ref().and_then(|s| s.overlay.as_ref()))
+            && let Err(e) = overlay.mount(&oci.rootfs, &dir)
+        {
+            let rt = self.clone();
+            let id = task_id.to_string();
+            let _ = tokio::task::spawn_blocking(move || rt.force_remove_blocking(&id)).await;
+            return Err(RuntimeError::Other(format!("task {task_id}: {e}")));
         }
         match self.launch(task_id, &dir).await {
             Ok(()) => Ok(()),

@@ -116,6 +116,26 @@ impl TaskFiles {
         c.get(task_id).and_then(|t| t.get(id)).or_else(|| c.values().find_map(|t| t.get(id))).cloned()
     }
 
+    /// The contents of `file` for `task_id`, waiting up to the patience for them to arrive with
+    /// the task's assignment: how an oci task's registry credentials reach its pull.
+    pub async fn contents(&self, task_id: &str, file: &berth_types::task::TaskFile) -> Result<Vec<u8>, StorageError> {
+        let deadline = Instant::now() + self.patience;
+        loop {
+            if let Some(c) = self.lookup(task_id, &file.id()) {
+                return Ok(c.0.as_ref().clone());
+            }
+            if Instant::now() >= deadline {
+                return Err(StorageError::FileMissing {
+                    kind: file.kind.to_string(),
+                    name: file.name.clone(),
+                    version: file.version,
+                    patience: self.patience,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Writes the files `spec` mounts onto the task's tmpfs and returns their binds (read-only),
     /// each owned by `owner` (uid, gid) with its mode. Reuses what is there when the contents
     /// are not in memory; waits up to the patience for them otherwise.
@@ -125,7 +145,9 @@ impl TaskFiles {
         spec: &RunSpec,
         owner: (u32, u32),
     ) -> Result<Vec<BindMount>, StorageError> {
-        if spec.files.is_empty() {
+        // A file without a target (an oci task's registry credentials) is never mounted.
+        let mounted: Vec<&berth_types::task::TaskFile> = spec.files.iter().filter(|f| !f.target.is_empty()).collect();
+        if mounted.is_empty() {
             return Ok(Vec::new());
         }
         let fail = |detail: String| StorageError::Files { task: task_id.to_string(), detail };
@@ -135,15 +157,15 @@ impl TaskFiles {
         }
         let dir = root.join(task_id);
         let names: Vec<String> =
-            spec.files.iter().enumerate().map(|(i, f)| format!("{i}-{}-{}-v{}", f.kind, f.name, f.version)).collect();
+            mounted.iter().enumerate().map(|(i, f)| format!("{i}-{}-{}-v{}", f.kind, f.name, f.version)).collect();
         if let Some(bad) = names.iter().find(|n| !paths::is_component(n)) {
             return Err(fail(format!("{bad:?} cannot name a file")));
         }
         // The contents first (in memory, or already on the task's tmpfs), then the tmpfs sized
         // for them, then the files.
-        let mut data: Vec<Option<Contents>> = Vec::with_capacity(spec.files.len());
+        let mut data: Vec<Option<Contents>> = Vec::with_capacity(mounted.len());
         let deadline = Instant::now() + self.patience;
-        for (f, name) in spec.files.iter().zip(&names) {
+        for (f, name) in mounted.iter().zip(&names) {
             let id = f.id();
             loop {
                 if let Some(c) = self.lookup(task_id, &id) {
@@ -167,8 +189,8 @@ impl TaskFiles {
         }
         let bytes: u64 = data.iter().flatten().map(|c| (c.0.len() as u64).div_ceil(4096) * 4096).sum();
         self.make_dir(&root, &dir, (1 << 20) + bytes).map_err(fail)?;
-        let mut binds = Vec::with_capacity(spec.files.len());
-        for ((f, name), contents) in spec.files.iter().zip(&names).zip(data) {
+        let mut binds = Vec::with_capacity(mounted.len());
+        for ((f, name), contents) in mounted.iter().zip(&names).zip(data) {
             let path = dir.join(name);
             write_file(&dir, &path, contents.as_ref(), f.mode, owner)
                 .map_err(|e| fail(format!("writing {} {}: {e}", f.kind, f.name)))?;

@@ -13,6 +13,53 @@ use berth_types::task::RunSpec;
 
 use crate::conformance::{self, Cleanup, Fixture};
 
+/// How a task's scripts reach tools: a process task uses the host's (`""`); an image task
+/// (the FROM-scratch test image) calls busybox's applets (`"/bin/busybox "`).
+#[derive(Clone, Copy)]
+pub struct Tools {
+    pub bb: &'static str,
+}
+
+/// Static helper programs (C, compiled here with `cc -static`, so they run in any image):
+/// `ptrace-attach PID` prints `ptrace=<result> errno=<errno>` of PTRACE_ATTACH, and `euid`
+/// (setuid, owned by root) prints its effective uid. In a directory to bind into tasks.
+pub fn helpers() -> &'static Path {
+    static DIR: std::sync::OnceLock<tempfile::TempDir> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::Builder::new().prefix("berth-escape-helpers-").tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let sources = [
+            (
+                "ptrace-attach",
+                "#include <sys/ptrace.h>\n#include <stdio.h>\n#include <stdlib.h>\n#include <errno.h>\n\
+                 int main(int c, char **v) { long r = ptrace(PTRACE_ATTACH, atoi(v[1]), 0, 0); \
+                 printf(\"ptrace=%ld errno=%d\\n\", r, errno); return 0; }\n",
+            ),
+            ("euid", "#include <stdio.h>\n#include <unistd.h>\nint main(void) { printf(\"%d\\n\", (int)geteuid()); return 0; }\n"),
+        ];
+        for (name, code) in sources {
+            let src = dir.path().join(format!("{name}.c"));
+            std::fs::write(&src, code).unwrap();
+            let out = std::process::Command::new("cc")
+                .args(["-static", "-O1", "-o"])
+                .arg(dir.path().join(name))
+                .arg(&src)
+                .output()
+                .expect("cc (gcc) to build the escape helpers");
+            assert!(out.status.success(), "cc {name}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        std::fs::set_permissions(dir.path().join("euid"), std::fs::Permissions::from_mode(0o4755)).unwrap();
+        dir
+    })
+    .path()
+}
+
+/// The helpers bound read-only at `/opt/helpers`.
+pub fn helpers_bind() -> BindMount {
+    BindMount { source: helpers().to_path_buf(), target: "/opt/helpers".into(), read_only: true, kind: BindKind::Dir }
+}
+
 /// Runs `script` as a default task with `binds` until it ends; its exit code and stdout lines.
 pub async fn run(
     rt: &impl Runtime,
@@ -63,8 +110,9 @@ pub async fn cannot_read_the_agents_key_or_data(rt: &impl Runtime, fx: &impl Fix
 }
 
 /// `mount` is refused (no CAP_SYS_ADMIN, and the seccomp filter refuses the call).
-pub async fn cannot_mount(rt: &impl Runtime, fx: &impl Fixture) {
-    let (_, lines) = run(rt, fx, "esc-mount", "mount -t tmpfs none /tmp 2>&1; echo mount=$?", &[]).await;
+pub async fn cannot_mount(rt: &impl Runtime, fx: &impl Fixture, t: Tools) {
+    let script = format!("{}mount -t tmpfs none /tmp 2>&1; echo mount=$?", t.bb);
+    let (_, lines) = run(rt, fx, "esc-mount", &script, &[]).await;
     assert_ne!(said(&lines, "mount"), "0", "{lines:?}");
 }
 
@@ -76,11 +124,12 @@ pub async fn cannot_write_sysrq(rt: &impl Runtime, fx: &impl Fixture) {
 
 /// Host processes are invisible and cannot be signalled: the test process's pid means nothing
 /// in the task, and its /proc lists only its own processes.
-pub async fn cannot_see_or_signal_host_processes(rt: &impl Runtime, fx: &impl Fixture) {
+pub async fn cannot_see_or_signal_host_processes(rt: &impl Runtime, fx: &impl Fixture, t: Tools) {
     let me = std::process::id();
     let script = format!(
         "kill -0 {me} 2>/dev/null; echo signal=$?; kill -0 1 2>/dev/null; echo init=$?; \
-         echo procs=$(ls /proc | grep -c '^[0-9]')"
+         echo procs=$(ls /proc | {}grep -c '^[0-9]')",
+        t.bb
     );
     let (_, lines) = run(rt, fx, "esc-procs", &script, &[]).await;
     assert_ne!(said(&lines, "signal"), "0", "the task can signal host pid {me}: {lines:?}");
@@ -94,37 +143,31 @@ pub async fn cannot_ptrace_another_task(rt: &impl Runtime, fx: &impl Fixture) {
     let victim = guard.id("esc-victim");
     rt.start(&victim, &fx.shell("echo up; exec sleep 1000")).await.unwrap();
     let pid = conformance::running_pid(rt, &victim).await;
-    let script = format!(
-        "/usr/bin/python3 -c 'import ctypes; l = ctypes.CDLL(None, use_errno=True); \
-         r = l.ptrace(16, {pid}, 0, 0); print(\"ptrace=%d errno=%d\" % (r, ctypes.get_errno()))'"
-    );
-    let (_, lines) = run(rt, fx, "esc-ptrace", &script, &[]).await;
+    let script = format!("/opt/helpers/ptrace-attach {pid}");
+    let (_, lines) = run(rt, fx, "esc-ptrace", &script, &[helpers_bind()]).await;
     assert_eq!(said(&lines, "ptrace").split_whitespace().next(), Some("-1"), "{lines:?}");
     rt.stop(&victim, Duration::from_secs(1)).await.unwrap();
     rt.remove(&victim).await.unwrap();
 }
 
 /// `unshare` (new namespaces) is refused.
-pub async fn cannot_unshare(rt: &impl Runtime, fx: &impl Fixture) {
-    let script = "unshare -U true 2>/dev/null; echo user=$?; unshare -m true 2>/dev/null; echo mnt=$?; \
-                  unshare -n true 2>/dev/null; echo net=$?";
-    let (_, lines) = run(rt, fx, "esc-unshare", script, &[]).await;
+pub async fn cannot_unshare(rt: &impl Runtime, fx: &impl Fixture, t: Tools) {
+    let script = format!(
+        "{bb}unshare -U true 2>/dev/null; echo user=$?; {bb}unshare -m true 2>/dev/null; echo mnt=$?; \
+         {bb}unshare -n true 2>/dev/null; echo net=$?",
+        bb = t.bb
+    );
+    let (_, lines) = run(rt, fx, "esc-unshare", &script, &[]).await;
     for ns in ["user", "mnt", "net"] {
         assert_ne!(said(&lines, ns), "0", "unshare of a {ns} namespace worked: {lines:?}");
     }
 }
 
-/// A setuid-root binary does not make the task root: a copy of `id`, setuid and owned by the
-/// host's root, bound into the task, still says the task's uid.
-pub async fn a_setuid_binary_gains_nothing(rt: &impl Runtime, fx: &impl Fixture) {
-    use std::os::unix::fs::PermissionsExt;
-    let dir = tempfile::Builder::new().prefix("berth-suid-").tempdir().unwrap();
-    let suid = dir.path().join("suid-id");
-    std::fs::copy("/usr/bin/id", &suid).unwrap();
-    std::fs::set_permissions(&suid, std::fs::Permissions::from_mode(0o4755)).unwrap();
-    let bind =
-        BindMount { source: dir.path().into(), target: "/opt/suid".into(), read_only: true, kind: BindKind::Dir };
-    let (_, lines) = run(rt, fx, "esc-suid", "echo euid=$(/opt/suid/suid-id -u); echo uid=$(id -u)", &[bind]).await;
+/// A setuid-root binary does not make the task root: a static program that prints its
+/// effective uid, setuid and owned by the host's root, bound into the task, prints the task's.
+pub async fn a_setuid_binary_gains_nothing(rt: &impl Runtime, fx: &impl Fixture, t: Tools) {
+    let script = format!("echo euid=$(/opt/helpers/euid); echo uid=$({}id -u)", t.bb);
+    let (_, lines) = run(rt, fx, "esc-suid", &script, &[helpers_bind()]).await;
     assert_eq!(said(&lines, "euid"), "65534", "{lines:?}");
     assert_eq!(said(&lines, "uid"), "65534", "{lines:?}");
 }

@@ -25,6 +25,59 @@ pub(crate) const SCRATCH: &str = "tmp";
 /// The task's `/etc/resolv.conf` inside the task directory (a task on networks).
 pub(crate) const RESOLV: &str = "resolv.conf";
 
+/// An image task's `/etc/hosts` inside the task directory.
+pub(crate) const HOSTS: &str = "hosts";
+/// What it says.
+pub(crate) const HOSTS_FILE: &str = "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n";
+/// An image task's writable layer and overlayfs's work directory, inside the task directory.
+const UPPER: &str = "upper";
+const WORK: &str = "work";
+
+/// An image task's root filesystem: its image's layers under a writable layer of its own.
+#[derive(Debug, Clone)]
+pub(crate) struct Overlay {
+    /// The image's unpacked layers, topmost first.
+    pub lower: Vec<PathBuf>,
+    /// Mount points the task needs in it (made by the agent, as the host's root).
+    pub targets: Vec<(String, crate::driver::runtime::BindKind)>,
+}
+
+impl Overlay {
+    /// Mounts the overlay at `rootfs` (upper and work directories in the task directory `dir`)
+    /// and makes the mount points.
+    pub fn mount(&self, rootfs: &Path, dir: &Path) -> Result<(), String> {
+        let (upper, work) = (dir.join(UPPER), dir.join(WORK));
+        for d in [&upper, &work] {
+            fs::DirBuilder::new().mode(0o755).create(d).map_err(|e| format!("creating {} failed: {e}", d.display()))?;
+        }
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(rootfs)
+            .map_err(|e| format!("creating {} failed: {e}", rootfs.display()))?;
+        let lower: Vec<String> = self.lower.iter().map(|p| p.display().to_string()).collect();
+        if lower.iter().any(|l| l.contains([',', ':'])) {
+            return Err("an image layer's path holds ',' or ':', which overlayfs cannot take".into());
+        }
+        let options = format!("lowerdir={},upperdir={},workdir={}", lower.join(":"), upper.display(), work.display());
+        nix::mount::mount(
+            Some("overlay"),
+            rootfs,
+            Some("overlay"),
+            nix::mount::MsFlags::empty(),
+            Some(options.as_str()),
+        )
+        .map_err(|e| format!("mounting the image's root (overlayfs) at {} failed: {e}", rootfs.display()))?;
+        let targets: Vec<(&str, crate::driver::runtime::BindKind)> =
+            self.targets.iter().map(|(t, k)| (t.as_str(), *k)).collect();
+        if let Err(e) = crate::sandbox::view::make_targets(rootfs, &targets) {
+            let _ = nix::mount::umount2(rootfs, nix::mount::MntFlags::MNT_DETACH);
+            return Err(e);
+        }
+        Ok(())
+    }
+}
+
 /// How the shim starts a sandboxed task: `runtime --root state run --bundle bundle id`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct OciLaunch {
@@ -122,6 +175,13 @@ pub(crate) fn make_traversable(dir: &Path) -> Result<(), String> {
 pub(crate) fn remove_rootfs(rootfs: &Path) -> Result<(), String> {
     if rootfs.components().count() < 4 {
         return Err(format!("refusing to remove {}: not a task's root skeleton", rootfs.display()));
+    }
+    let text = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mounts = crate::volume::mountinfo::parse(&text);
+    // An image task's root is the overlay mounted at the skeleton's place.
+    if mounts.iter().any(|m| m.mount_point == rootfs && m.fstype == "overlay") {
+        nix::mount::umount2(rootfs, nix::mount::MntFlags::MNT_DETACH)
+            .map_err(|e| format!("unmounting the task's root {} failed: {e}", rootfs.display()))?;
     }
     let text = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     if let Some(m) = crate::volume::mountinfo::parse(&text).iter().find(|m| m.mount_point.starts_with(rootfs)) {

@@ -1,0 +1,165 @@
+//! Unpacking one image layer (a tar stream, gzip-compressed or not) into a directory that
+//! overlayfs can use as a lower layer: OCI whiteouts become overlay whiteouts.
+//!
+//! - `.wh.NAME` (NAME was deleted by this layer) becomes a 0:0 character device `NAME`;
+//! - `.wh..wh..opq` (the directory's lower contents are hidden) becomes the
+//!   `trusted.overlay.opaque=y` attribute on the directory.
+//!
+//! Entries keep their owners, modes and times; an entry that would land outside the layer
+//! directory (`..`, absolute paths, through a symlink) is refused by the tar crate's
+//! `unpack_in`, and the layer fails.
+
+use std::io::Read;
+use std::path::{Component, Path, PathBuf};
+
+/// The prefix of a whiteout entry's file name.
+const WHITEOUT: &str = ".wh.";
+/// The name of an opaque-directory marker.
+const OPAQUE: &str = ".wh..wh..opq";
+
+/// How a layer blob is compressed, from its media type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compression {
+    None,
+    Gzip,
+}
+
+impl Compression {
+    /// The compression a layer media type names; an error for one berth cannot unpack.
+    pub fn of_media_type(media_type: &str) -> Result<Compression, String> {
+        if media_type.ends_with("tar+gzip") || media_type.ends_with("tar.gzip") || media_type.ends_with(".tar.gz") {
+            Ok(Compression::Gzip)
+        } else if media_type.ends_with(".tar")
+            || media_type.ends_with("layer.v1.tar")
+            || media_type.ends_with("rootfs.diff.tar")
+        {
+            Ok(Compression::None)
+        } else {
+            Err(format!(
+                "layer media type {media_type} is not supported (berth unpacks tar and tar+gzip layers); rebuild \
+                 the image with gzip layers"
+            ))
+        }
+    }
+}
+
+/// Unpacks `blob` into `dir` (which must exist and be empty). Returns the number of entries.
+pub fn unpack(blob: impl Read, compression: Compression, dir: &Path) -> Result<u64, String> {
+    let reader: Box<dyn Read> = match compression {
+        Compression::None => Box::new(blob),
+        Compression::Gzip => Box::new(flate2::read::GzDecoder::new(blob)),
+    };
+    let mut archive = tar::Archive::new(reader);
+    archive.set_preserve_permissions(true);
+    archive.set_preserve_ownerships(rustix::process::geteuid().is_root());
+    archive.set_preserve_mtime(true);
+    archive.set_unpack_xattrs(false);
+    archive.set_overwrite(true);
+    let mut count = 0;
+    for entry in archive.entries().map_err(|e| format!("reading the layer failed: {e}"))? {
+        let mut entry = entry.map_err(|e| format!("reading the layer failed: {e}"))?;
+        let path = entry.path().map_err(|e| format!("a layer entry has an unreadable path: {e}"))?.into_owned();
+        let rel =
+            clean(&path).ok_or_else(|| format!("the layer entry {} leaves the layer; refusing it", path.display()))?;
+        let name = rel.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        if name == OPAQUE {
+            let parent = dir.join(rel.parent().unwrap_or(Path::new("")));
+            std::fs::create_dir_all(&parent).map_err(|e| format!("creating {} failed: {e}", parent.display()))?;
+            rustix::fs::setxattr(&parent, "trusted.overlay.opaque", b"y", rustix::fs::XattrFlags::empty())
+                .map_err(|e| format!("marking {} opaque failed: {e}", parent.display()))?;
+        } else if let Some(hidden) = name.strip_prefix(WHITEOUT) {
+            let parent = dir.join(rel.parent().unwrap_or(Path::new("")));
+            std::fs::create_dir_all(&parent).map_err(|e| format!("creating {} failed: {e}", parent.display()))?;
+            let at = parent.join(hidden);
+            let _ = std::fs::remove_file(&at);
+            rustix::fs::mknodat(
+                rustix::fs::CWD,
+                &at,
+                rustix::fs::FileType::CharacterDevice,
+                rustix::fs::Mode::empty(),
+                rustix::fs::makedev(0, 0),
+            )
+            .map_err(|e| format!("making the whiteout {} failed (unpacking images needs root): {e}", at.display()))?;
+        } else if !entry.unpack_in(dir).map_err(|e| format!("unpacking {} failed: {e}", rel.display()))? {
+            return Err(format!("the layer entry {} leaves the layer; refusing it", path.display()));
+        }
+        count += 1;
+    }
+    Ok(count)
+}
+
+/// `path` without a leading `/` or `./`; `None` when it has `..`.
+fn clean(path: &Path) -> Option<PathBuf> {
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            Component::Normal(p) => out.push(p),
+            Component::CurDir | Component::RootDir => {}
+            Component::ParentDir | Component::Prefix(_) => return None,
+        }
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layer(entries: &[(&str, &[u8])]) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        for (path, data) in entries {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(data.len() as u64);
+            h.set_mode(0o644);
+            h.set_entry_type(tar::EntryType::Regular);
+            h.set_cksum();
+            b.append_data(&mut h, path, *data).unwrap();
+        }
+        b.into_inner().unwrap()
+    }
+
+    #[test]
+    fn media_types() {
+        assert_eq!(Compression::of_media_type("application/vnd.oci.image.layer.v1.tar+gzip"), Ok(Compression::Gzip));
+        assert_eq!(
+            Compression::of_media_type("application/vnd.docker.image.rootfs.diff.tar.gzip"),
+            Ok(Compression::Gzip)
+        );
+        assert_eq!(Compression::of_media_type("application/vnd.oci.image.layer.v1.tar"), Ok(Compression::None));
+        assert!(
+            Compression::of_media_type("application/vnd.oci.image.layer.v1.tar+zstd").unwrap_err().contains("gzip")
+        );
+    }
+
+    #[test]
+    fn files_and_whiteouts_unpack_for_overlayfs() {
+        if !rustix::process::geteuid().is_root() {
+            return; // whiteouts are device nodes: root only
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let blob = layer(&[("etc/app.conf", b"x=1"), ("./var/.wh.gone", b""), ("data/.wh..wh..opq", b"")]);
+        assert_eq!(unpack(&blob[..], Compression::None, tmp.path()).unwrap(), 3);
+        assert_eq!(std::fs::read_to_string(tmp.path().join("etc/app.conf")).unwrap(), "x=1");
+        use std::os::unix::fs::FileTypeExt;
+        assert!(std::fs::metadata(tmp.path().join("var/gone")).unwrap().file_type().is_char_device());
+        let mut buf = [0u8; 4];
+        let n = rustix::fs::getxattr(tmp.path().join("data"), "trusted.overlay.opaque", &mut buf).unwrap();
+        assert_eq!(&buf[..n], b"y");
+    }
+
+    #[test]
+    fn gzip_layers_unpack() {
+        use std::io::Write;
+        let tmp = tempfile::tempdir().unwrap();
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(&layer(&[("hello", b"world")])).unwrap();
+        unpack(&gz.finish().unwrap()[..], Compression::Gzip, tmp.path()).unwrap();
+        assert_eq!(std::fs::read_to_string(tmp.path().join("hello")).unwrap(), "world");
+    }
+
+    #[test]
+    fn escaping_entries_are_refused() {
+        assert_eq!(clean(Path::new("/a/./b")), Some(PathBuf::from("a/b")));
+        assert_eq!(clean(Path::new("a/../../etc")), None);
+    }
+}
