@@ -16,7 +16,7 @@ use std::sync::OnceLock;
 
 use berth_agent::driver::process::ProcessRuntime;
 use berth_agent::driver::runtime::{LogStream, Runtime, RuntimeError};
-use berth_agent::image::{Images, normalize};
+use berth_agent::image::{Credentials, Images, normalize};
 use berth_types::spec::{Resources, Runtime as RuntimeKind, TaskSpec};
 use berth_types::task::RunSpec;
 use conformance::{Cleanup, Fixture};
@@ -157,6 +157,25 @@ async fn an_image_that_cannot_be_pulled_says_why() {
     // Nothing half-stored.
     assert!(images.list().is_empty());
     assert_eq!(normalize("busybox").unwrap(), "docker.io/library/busybox:latest");
+}
+
+/// A registry that wants credentials: pulls with the right ones work, with none or wrong ones
+/// they fail and say so.
+#[tokio::test]
+async fn registry_credentials_are_used_and_checked() {
+    berth_pki::tls::install_crypto_provider();
+    let mut reg = registry::Registry::start_with_auth("alice", "s3cret");
+    let image = reg.push(registry::TEST_IMAGE, "private/busybox:1");
+    let tmp = tempfile::tempdir().unwrap();
+    let images = Images::new(tmp.path().join("images"), Vec::new(), berth_agent::image::DEFAULT_GC_THRESHOLD);
+    let e = images.ensure(&image, None, &|_| {}).await.unwrap_err();
+    assert!(e.contains("pulling image") && e.contains("credentials"), "{e}");
+    let wrong = Credentials { username: "alice".into(), password: "guess".into() };
+    let e = images.ensure(&image, Some(&wrong), &|_| {}).await.unwrap_err();
+    assert!(e.contains("pulling image"), "{e}");
+    let right = Credentials::parse(b"alice:s3cret").unwrap();
+    let rec = images.ensure(&image, Some(&right), &|_| {}).await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(rec.layers.len(), 1);
 }
 
 #[tokio::test]

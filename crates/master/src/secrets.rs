@@ -213,6 +213,7 @@ pub(crate) fn mounted(svc: &Service) -> Vec<(FileKind, &str)> {
         .iter()
         .map(|f| (FileKind::Secret, f.source.as_str()))
         .chain(t.configs.iter().map(|f| (FileKind::Config, f.source.as_str())))
+        .chain(t.image_pull_secret.iter().map(|s| (FileKind::Secret, s.as_str())))
         .collect();
     out.sort();
     out.dedup();
@@ -240,7 +241,7 @@ pub(crate) fn resolve_versions(reader: &KvReader, svc: &Service) -> Result<BTree
 /// The files a task of `svc` mounts, at the versions its record names.
 pub(crate) fn task_files(svc: &Service, versions: &BTreeMap<String, u64>) -> Vec<TaskFile> {
     let t = &svc.spec.task;
-    [(FileKind::Secret, &t.secrets), (FileKind::Config, &t.configs)]
+    let mut files: Vec<TaskFile> = [(FileKind::Secret, &t.secrets), (FileKind::Config, &t.configs)]
         .into_iter()
         .flat_map(|(kind, list)| {
             list.iter().map(move |f| TaskFile {
@@ -251,7 +252,19 @@ pub(crate) fn task_files(svc: &Service, versions: &BTreeMap<String, u64>) -> Vec
                 mode: f.mode_bits(kind),
             })
         })
-        .collect()
+        .collect();
+    // An oci task's registry credentials travel like a secret it mounts, with no target: the
+    // agent uses them for the pull and never writes them into the task.
+    if let Some(name) = &t.image_pull_secret {
+        files.push(TaskFile {
+            kind: FileKind::Secret,
+            name: name.clone(),
+            version: versions.get(&version_key(FileKind::Secret, name)).copied().unwrap_or(0),
+            target: String::new(),
+            mode: 0o400,
+        });
+    }
+    files
 }
 
 /// The contents of a task's files, opened for its node. Errors name the file, never its data.

@@ -236,7 +236,8 @@ impl TaskManager {
 
     /// Makes an oci task's image present on this node, pulling it with the credentials of its
     /// `image_pull_secret` and reporting the pull's progress as the task's STARTING message.
-    async fn pull(&self, id: &str, spec: &RunSpec) -> Result<(), String> {
+    /// Returns what happened, for the task's running message.
+    async fn pull(&self, id: &str, spec: &RunSpec) -> Result<String, String> {
         let Some(images) = &self.inner.images else {
             return Err("this agent has no image store; runtime `oci` needs one".into());
         };
@@ -259,7 +260,12 @@ impl TaskManager {
         };
         let sink = self.inner.sink.clone();
         let task = id.to_string();
-        let progress = move |message: String| {
+        let pulled = std::sync::Mutex::new(None::<String>);
+        let began = std::time::Instant::now();
+        let progress = |message: String| {
+            if message.starts_with("pulled image") {
+                *pulled.lock().expect("pulled lock") = Some(message.clone());
+            }
             sink.report(TaskStatus {
                 task_id: task.clone(),
                 state: TaskState::Starting as i32,
@@ -268,7 +274,12 @@ impl TaskManager {
                 ..Default::default()
             })
         };
-        images.ensure(reference, auth.as_ref(), &progress).await.map(drop)
+        let image = images.ensure(reference, auth.as_ref(), &progress).await?;
+        let note = match pulled.lock().expect("pulled lock").take() {
+            Some(m) => format!("{m} in {:.1} s ({})", began.elapsed().as_secs_f64(), image.digest),
+            None => format!("image {reference} was on the node ({})", image.digest),
+        };
+        Ok(note)
     }
 
     /// The GlusterFS volumes (`namespace/name`) the watched tasks other than `except` use.
@@ -665,11 +676,16 @@ impl TaskManager {
             h
         });
         self.inner.sink.report(self.status(&id, TaskState::Starting, "starting"));
-        if kind == RuntimeKind::Oci
-            && let Err(e) = self.pull(&id, &spec).await
-        {
-            self.fail_before_start(&id, e).await;
-            return;
+        // What the running status says: for an oci task, how its image came to be here.
+        let mut running_message = "running".to_string();
+        if kind == RuntimeKind::Oci {
+            match self.pull(&id, &spec).await {
+                Ok(note) => running_message = format!("running; {note}"),
+                Err(e) => {
+                    self.fail_before_start(&id, e).await;
+                    return;
+                }
+            }
         }
         if let Err(e) = self.call(kind, |rt| rt.start_with(&id, &spec, &binds)).await {
             self.fail_before_start(&id, format!("could not start: {e}")).await;
@@ -750,7 +766,7 @@ impl TaskManager {
                     };
                     if last != Some((pid, health)) {
                         last = Some((pid, health));
-                        let mut s = self.status(&id, TaskState::Running, "running");
+                        let mut s = self.status(&id, TaskState::Running, running_message.clone());
                         s.pid = pid;
                         s.health = health as i32;
                         s.addresses = addresses.clone();

@@ -4,6 +4,8 @@
 //! Loopback registries need no TLS for Docker nor for berth. Dropped: the registry is killed
 //! and the pushed tag removed from the local daemon.
 
+#![allow(dead_code)]
+
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -17,23 +19,49 @@ pub struct Registry {
     pub addr: String,
     _dir: tempfile::TempDir,
     pushed: Vec<String>,
+    /// The user and password it requires, if any.
+    login: Option<(String, String)>,
 }
 
 impl Registry {
     /// Starts a registry and waits until it answers `GET /v2/`.
     pub fn start() -> Registry {
+        Registry::start_inner(None)
+    }
+
+    /// A registry that requires `user` and `password` (htpasswd, bcrypt), for pulls too.
+    pub fn start_with_auth(user: &str, password: &str) -> Registry {
+        Registry::start_inner(Some((user.to_string(), password.to_string())))
+    }
+
+    fn start_inner(login: Option<(String, String)>) -> Registry {
         let dir = tempfile::Builder::new().prefix("berth-registry-").tempdir().unwrap();
         let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let addr = format!("127.0.0.1:{port}");
         let config = dir.path().join("config.yml");
-        std::fs::write(
-            &config,
-            format!(
-                "version: 0.1\nlog: {{level: warn}}\nstorage:\n  filesystem: {{rootdirectory: {}}}\nhttp: {{addr: \"{addr}\"}}\n",
-                dir.path().join("data").display()
-            ),
-        )
-        .unwrap();
+        let mut text = format!(
+            "version: 0.1\nlog: {{level: warn}}\nstorage:\n  filesystem: {{rootdirectory: {}}}\nhttp: {{addr: \"{addr}\"}}\n",
+            dir.path().join("data").display()
+        );
+        if let Some((user, password)) = &login {
+            // bcrypt, as the registry's htpasswd wants, from the host's crypt(3).
+            let out = Command::new("/usr/bin/python3")
+                .args([
+                    "-W",
+                    "ignore",
+                    "-c",
+                    "import crypt, sys; print(crypt.crypt(sys.argv[1], crypt.mksalt(crypt.METHOD_BLOWFISH)))",
+                    password,
+                ])
+                .output()
+                .unwrap();
+            let hash = String::from_utf8_lossy(&out.stdout).trim().to_string();
+            assert!(hash.starts_with("$2"), "bcrypt from python3: {hash:?}");
+            let file = dir.path().join("htpasswd");
+            std::fs::write(&file, format!("{user}:{hash}\n")).unwrap();
+            text.push_str(&format!("auth:\n  htpasswd: {{realm: berth-test, path: {}}}\n", file.display()));
+        }
+        std::fs::write(&config, text).unwrap();
         let child = Command::new("docker-registry")
             .arg("serve")
             .arg(&config)
@@ -42,7 +70,7 @@ impl Registry {
             .stderr(Stdio::null())
             .spawn()
             .expect("docker-registry (apt-get install docker-registry; deploy/sandbox-prereqs.sh installs it)");
-        let mut reg = Registry { child, addr, _dir: dir, pushed: Vec::new() };
+        let mut reg = Registry { child, addr, _dir: dir, pushed: Vec::new(), login };
         let deadline = Instant::now() + Duration::from_secs(20);
         while !reg.answers() {
             assert!(Instant::now() < deadline, "the registry at {} did not answer within 20 s", reg.addr);
@@ -60,7 +88,11 @@ impl Registry {
             return false;
         }
         let mut buf = [0u8; 32];
-        s.read(&mut buf).is_ok_and(|n| String::from_utf8_lossy(&buf[..n]).contains(" 200"))
+        // With auth, 401 is its answer to an anonymous client.
+        s.read(&mut buf).is_ok_and(|n| {
+            let head = String::from_utf8_lossy(&buf[..n]);
+            head.contains(" 200") || head.contains(" 401")
+        })
     }
 
     /// Pushes the local image `local` as `repo:tag`; the full reference.
@@ -69,7 +101,22 @@ impl Registry {
         let ok = |c: &mut Command| c.stdout(Stdio::null()).status().is_ok_and(|s| s.success());
         assert!(ok(Command::new("docker").args(["tag", local, &reference])), "docker tag {local} {reference}");
         self.pushed.push(reference.clone());
-        assert!(ok(Command::new("docker").args(["push", "-q", &reference])), "docker push {reference}");
+        if let Some((user, password)) = &self.login {
+            use std::io::Write;
+            let mut login = Command::new("docker")
+                .args(["login", &self.addr, "-u", user, "--password-stdin"])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::null())
+                .spawn()
+                .unwrap();
+            login.stdin.take().unwrap().write_all(password.as_bytes()).unwrap();
+            assert!(login.wait().unwrap().success(), "docker login {}", self.addr);
+        }
+        let pushed = ok(Command::new("docker").args(["push", "-q", &reference]));
+        if self.login.is_some() {
+            let _ = Command::new("docker").args(["logout", &self.addr]).stdout(Stdio::null()).status();
+        }
+        assert!(pushed, "docker push {reference}");
         reference
     }
 
