@@ -178,6 +178,57 @@ async fn registry_credentials_are_used_and_checked() {
     assert_eq!(rec.layers.len(), 1);
 }
 
+/// An air-gapped node: the test image, saved by `docker save`, is imported into the store and
+/// runs with no registry at all; a corrupt archive is refused.
+#[tokio::test]
+async fn an_imported_image_runs_without_a_registry() {
+    berth_pki::tls::install_crypto_provider();
+    registry::ensure_test_image();
+    let tmp = tempfile::tempdir().unwrap();
+    let archive = tmp.path().join("busybox.tar");
+    let saved = std::process::Command::new("docker")
+        .args(["save", "-o", &archive.to_string_lossy(), registry::TEST_IMAGE])
+        .status()
+        .unwrap();
+    assert!(saved.success());
+    let images = Images::new(tmp.path().join("images"), Vec::new(), berth_agent::image::DEFAULT_GC_THRESHOLD);
+    let refs = images.import(&archive).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(refs, [normalize(registry::TEST_IMAGE).unwrap()]);
+    let shim: Vec<OsString> = vec![env!("CARGO_BIN_EXE_berth-task-shim").into()];
+    let rt = ProcessRuntime::new(tmp.path().join("tasks"), shim).with_cgroup_parent("berth-test").with_images(images);
+    let fx = OciFixture { rt: rt.clone(), image: registry::TEST_IMAGE.into() };
+    conformance::lifecycle(&rt, &fx).await;
+
+    // One byte changed in a blob: the import says the archive is corrupt.
+    let unpacked = tmp.path().join("unpacked");
+    std::fs::create_dir(&unpacked).unwrap();
+    tar::Archive::new(std::fs::File::open(&archive).unwrap()).unpack(&unpacked).unwrap();
+    // The largest file is the layer (`blobs/sha256/<hex>` or, classic, `<id>/layer.tar`).
+    let mut files = vec![];
+    let mut stack = vec![unpacked.clone()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            if e.file_type().unwrap().is_dir() {
+                stack.push(e.path());
+            } else if e.file_type().unwrap().is_file() {
+                files.push((e.metadata().unwrap().len(), e.path()));
+            }
+        }
+    }
+    let blob = files.into_iter().max().unwrap().1;
+    let mut bytes = std::fs::read(&blob).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    std::fs::write(&blob, bytes).unwrap();
+    let corrupt = tmp.path().join("corrupt.tar");
+    let mut b = tar::Builder::new(std::fs::File::create(&corrupt).unwrap());
+    b.append_dir_all(".", &unpacked).unwrap();
+    b.finish().unwrap();
+    let fresh = Images::new(tmp.path().join("images2"), Vec::new(), berth_agent::image::DEFAULT_GC_THRESHOLD);
+    let e = fresh.import(&corrupt).unwrap_err();
+    assert!(e.contains("does not match its digest"), "{e}");
+}
+
 #[tokio::test]
 async fn unused_images_are_collected_past_the_threshold() {
     berth_pki::tls::install_crypto_provider();

@@ -1320,7 +1320,7 @@ fn security_line(t: &spec::TaskSpec) -> String {
     let user = match (&t.user, t.runtime) {
         (Some(u), _) => u.clone(),
         (None, spec::Runtime::Docker) => "the image's".into(),
-        (None, spec::Runtime::Process) => spec::security::DEFAULT_USER.to_string(),
+        (None, spec::Runtime::Process | spec::Runtime::Oci) => spec::security::DEFAULT_USER.to_string(),
     };
     let mut s = format!("sandboxed, user {user}");
     if !t.cap_add.is_empty() {
@@ -1342,10 +1342,14 @@ fn spec_lines(doc: &spec::Service, l: &mut Vec<(String, String)>) {
     let runtime = match t.runtime {
         spec::Runtime::Process => "process",
         spec::Runtime::Docker => "docker",
+        spec::Runtime::Oci => "oci",
     };
     l.push(("Runtime".into(), runtime.into()));
     if let Some(image) = &t.image {
         l.push(("Image".into(), image.clone()));
+    }
+    if let Some(secret) = &t.image_pull_secret {
+        l.push(("Pull secret".into(), secret.clone()));
     }
     if !t.command.is_empty() {
         l.push(("Command".into(), t.command.join(" ")));

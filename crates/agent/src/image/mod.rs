@@ -20,6 +20,7 @@
 //! spoken to over plain HTTP (as Docker does); others over HTTPS unless the agent lists them in
 //! `--insecure-registry`.
 
+mod import;
 pub mod unpack;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};

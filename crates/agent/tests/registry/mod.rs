@@ -95,8 +95,12 @@ impl Registry {
         })
     }
 
-    /// Pushes the local image `local` as `repo:tag`; the full reference.
+    /// Pushes the local image `local` as `repo:tag`; the full reference. The test image is
+    /// built first when the daemon lacks it.
     pub fn push(&mut self, local: &str, repo_tag: &str) -> String {
+        if local == TEST_IMAGE {
+            ensure_test_image();
+        }
         let reference = format!("{}/{repo_tag}", self.addr);
         let ok = |c: &mut Command| c.stdout(Stdio::null()).status().is_ok_and(|s| s.success());
         assert!(ok(Command::new("docker").args(["tag", local, &reference])), "docker tag {local} {reference}");
@@ -129,6 +133,26 @@ impl Registry {
         let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
         text.rsplit_once('@').map(|(_, d)| d.to_string()).unwrap_or_else(|| panic!("no digest for {reference}: {text}"))
     }
+}
+
+/// Builds [`TEST_IMAGE`] with `deploy/test-image.sh` (found above this crate) unless the
+/// daemon has it.
+pub fn ensure_test_image() {
+    let have = Command::new("docker")
+        .args(["image", "inspect", TEST_IMAGE])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+    if have.is_ok_and(|s| s.success()) {
+        return;
+    }
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .ancestors()
+        .map(|a| a.join("deploy/test-image.sh"))
+        .find(|p| p.is_file())
+        .expect("deploy/test-image.sh above this crate");
+    let ok = Command::new("bash").arg(&script).status().is_ok_and(|s| s.success());
+    assert!(ok, "{} failed", script.display());
 }
 
 impl Drop for Registry {

@@ -1,0 +1,247 @@
+//! Loading images from an archive instead of a registry, for air-gapped nodes: a `docker save`
+//! archive (its `manifest.json`, in both the classic layout and the OCI layout Docker 25+
+//! writes) or an OCI image layout (`index.json`, `blobs/sha256/...`) as a tar file.
+//!
+//! Every blob named by its digest is checked against it; each layer is unpacked into the same
+//! content-addressed store pulls use (keyed by the digest of the blob as archived), and the
+//! image is recorded under each of its tags, so a task naming one finds it on the node and
+//! nothing is pulled.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use sha2::Digest as _;
+
+use super::{ImageRecord, Images, Layer, normalize, parse_config};
+
+/// `manifest.json` of a `docker save` archive: one entry per image.
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct SavedImage {
+    config: String,
+    #[serde(default)]
+    repo_tags: Option<Vec<String>>,
+    layers: Vec<String>,
+}
+
+/// `index.json` of an OCI layout (the parts used).
+#[derive(Deserialize)]
+struct Index {
+    manifests: Vec<Descriptor>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Descriptor {
+    digest: String,
+    #[serde(default)]
+    media_type: String,
+    #[serde(default)]
+    annotations: std::collections::BTreeMap<String, String>,
+}
+
+#[derive(Deserialize)]
+struct Manifest {
+    config: Descriptor,
+    layers: Vec<Descriptor>,
+}
+
+impl Images {
+    /// Imports every image in the archive at `file`; the references recorded.
+    pub fn import(&self, file: &Path) -> Result<Vec<String>, String> {
+        let tmp = self.inner.root.join("tmp");
+        std::fs::create_dir_all(&tmp).map_err(|e| format!("creating {} failed: {e}", tmp.display()))?;
+        let work = tempfile::Builder::new()
+            .prefix("import-")
+            .tempdir_in(&tmp)
+            .map_err(|e| format!("creating a work directory under {} failed: {e}", tmp.display()))?;
+        let f = std::fs::File::open(file).map_err(|e| format!("opening {} failed: {e}", file.display()))?;
+        tar::Archive::new(std::io::BufReader::new(f))
+            .unpack(work.path())
+            .map_err(|e| format!("{} is not a readable tar archive: {e}", file.display()))?;
+        let dir = work.path();
+        let now = crate::driver::now_ms();
+        let mut imported = Vec::new();
+        if dir.join("manifest.json").is_file() {
+            let saved: Vec<SavedImage> = read_json(&dir.join("manifest.json"))?;
+            for img in saved {
+                let config_path = inside(dir, &img.config)?;
+                let config_digest = format!("sha256:{}", verify(&config_path)?);
+                let config =
+                    std::fs::read_to_string(&config_path).map_err(|e| format!("reading the config failed: {e}"))?;
+                // A classic archive names layers `<id>/layer.tar`: they are checked against the
+                // config's diff ids (the digests of the uncompressed layers) instead.
+                let diff_ids = diff_ids(&config);
+                let mut layers = Vec::new();
+                let mut size = 0;
+                for (i, l) in img.layers.iter().enumerate() {
+                    let path = inside(dir, l)?;
+                    if let Some(want) = diff_ids.get(i) {
+                        let got = format!("sha256:{}", verify(&path)?);
+                        if &got != want && !is_gzip(&path) {
+                            return Err(format!(
+                                "layer {l} is {got}, but the image's config says {want}; the archive is corrupt (its \
+                                 content does not match its digest)"
+                            ));
+                        }
+                    }
+                    let (layer, unpacked) = self.store_layer(&path)?;
+                    size += unpacked;
+                    layers.push(layer);
+                }
+                let tags = img.repo_tags.unwrap_or_default();
+                let reference = tags.first().cloned().unwrap_or_else(|| config_digest.clone());
+                let rec = ImageRecord {
+                    reference: reference.clone(),
+                    digest: config_digest.clone(),
+                    layers,
+                    config: parse_config(&config)?,
+                    size,
+                    pulled_at_ms: now,
+                    last_used_ms: now,
+                };
+                self.write_record(&rec)?;
+                for tag in &tags {
+                    let key = normalize(tag)?;
+                    self.set_ref(&key, &config_digest)?;
+                    imported.push(key);
+                }
+            }
+        } else if dir.join("index.json").is_file() {
+            let index: Index = read_json(&dir.join("index.json"))?;
+            for m in index.manifests {
+                let path = blob(dir, &m.digest)?;
+                verify(&path)?;
+                let manifest: Manifest = read_json(&path)?;
+                let config_path = blob(dir, &manifest.config.digest)?;
+                verify(&config_path)?;
+                let config =
+                    std::fs::read_to_string(&config_path).map_err(|e| format!("reading the config failed: {e}"))?;
+                let mut layers = Vec::new();
+                let mut size = 0;
+                for l in &manifest.layers {
+                    let (layer, unpacked) = self.store_layer(&blob(dir, &l.digest)?)?;
+                    size += unpacked;
+                    layers.push(Layer { media_type: l.media_type.clone(), ..layer });
+                }
+                let name = m
+                    .annotations
+                    .get("io.containerd.image.name")
+                    .or(m.annotations.get("org.opencontainers.image.ref.name"));
+                let reference = name.cloned().unwrap_or_else(|| m.digest.clone());
+                let rec = ImageRecord {
+                    reference: reference.clone(),
+                    digest: m.digest.clone(),
+                    layers,
+                    config: parse_config(&config)?,
+                    size,
+                    pulled_at_ms: now,
+                    last_used_ms: now,
+                };
+                self.write_record(&rec)?;
+                if let Some(name) = name.filter(|n| n.contains(':') || n.contains('/')) {
+                    let key = normalize(name)?;
+                    self.set_ref(&key, &m.digest)?;
+                    imported.push(key);
+                } else {
+                    imported.push(m.digest.clone());
+                }
+            }
+        } else {
+            return Err(format!(
+                "{} has neither manifest.json (docker save) nor index.json (an OCI layout)",
+                file.display()
+            ));
+        }
+        if imported.is_empty() {
+            return Err(format!("{} holds no image", file.display()));
+        }
+        Ok(imported)
+    }
+
+    /// Unpacks a layer blob (tar, gzip or not) into the store unless there; the layer and its
+    /// unpacked size.
+    fn store_layer(&self, path: &Path) -> Result<(Layer, u64), String> {
+        let hex = verify(path)?;
+        let digest = format!("sha256:{hex}");
+        let size = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+        let gz = is_gzip(path);
+        let compression = if gz { super::unpack::Compression::Gzip } else { super::unpack::Compression::None };
+        let media_type =
+            if gz { "application/vnd.oci.image.layer.v1.tar+gzip" } else { "application/vnd.oci.image.layer.v1.tar" };
+        let dir = self.layer_dir(&digest);
+        if !dir.is_dir() {
+            let unpacked = self.inner.root.join("tmp").join(format!("{hex}.{}.layer", std::process::id()));
+            std::fs::create_dir_all(&unpacked).map_err(|e| format!("creating {} failed: {e}", unpacked.display()))?;
+            let f = std::fs::File::open(path).map_err(|e| format!("opening {} failed: {e}", path.display()))?;
+            if let Err(e) = super::unpack::unpack(std::io::BufReader::new(f), compression, &unpacked) {
+                let _ = std::fs::remove_dir_all(&unpacked);
+                return Err(format!("unpacking layer {digest} failed: {e}"));
+            }
+            std::fs::create_dir_all(self.inner.root.join("layers"))
+                .map_err(|e| format!("creating the layers dir failed: {e}"))?;
+            if std::fs::rename(&unpacked, &dir).is_err() {
+                let _ = std::fs::remove_dir_all(&unpacked);
+            }
+        }
+        Ok((Layer { digest, media_type: media_type.into(), size }, super::dir_size(&dir)))
+    }
+}
+
+/// Whether a file starts with gzip's magic bytes.
+fn is_gzip(path: &Path) -> bool {
+    let mut magic = [0u8; 2];
+    std::fs::File::open(path).and_then(|mut f| f.read_exact(&mut magic)).is_ok() && magic == [0x1f, 0x8b]
+}
+
+/// `rootfs.diff_ids` of an image config.
+fn diff_ids(config: &str) -> Vec<String> {
+    serde_json::from_str::<serde_json::Value>(config)
+        .ok()
+        .and_then(|v| v["rootfs"]["diff_ids"].as_array().cloned())
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|d| d.as_str().map(str::to_string))
+        .collect()
+}
+
+/// A path named by the archive, which must stay inside it.
+fn inside(dir: &Path, name: &str) -> Result<PathBuf, String> {
+    let rel = Path::new(name);
+    if rel.is_absolute() || rel.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
+        return Err(format!("the archive names {name:?}, outside itself; refusing it"));
+    }
+    Ok(dir.join(rel))
+}
+
+/// The blob of `digest` in an OCI layout.
+fn blob(dir: &Path, digest: &str) -> Result<PathBuf, String> {
+    let hex = digest.strip_prefix("sha256:").ok_or_else(|| format!("digest {digest} is not sha256"))?;
+    if hex.len() != 64 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
+        return Err(format!("digest {digest} is malformed"));
+    }
+    Ok(dir.join("blobs/sha256").join(hex))
+}
+
+/// The SHA-256 of a file (hex); when the file is named by a digest (`blobs/sha256/<hex>`, or
+/// `<hex>.json` in a classic `docker save`), it must match.
+fn verify(path: &Path) -> Result<String, String> {
+    let mut f = std::fs::File::open(path).map_err(|e| format!("opening {} failed: {e}", path.display()))?;
+    let mut h = sha2::Sha256::new();
+    std::io::copy(&mut f, &mut h).map_err(|e| format!("reading {} failed: {e}", path.display()))?;
+    let hex = hex::encode(h.finalize());
+    let named = path.file_name().and_then(|n| n.to_str()).map(|n| n.trim_end_matches(".json")).unwrap_or_default();
+    if named.len() == 64 && named.chars().all(|c| c.is_ascii_hexdigit()) && named != hex {
+        return Err(format!(
+            "{} does not match its digest (its content is sha256:{hex}); the archive is corrupt",
+            path.display()
+        ));
+    }
+    Ok(hex)
+}
+
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, String> {
+    let bytes = std::fs::read(path).map_err(|e| format!("reading {} failed: {e}", path.display()))?;
+    serde_json::from_slice(&bytes).map_err(|e| format!("{} does not parse: {e}", path.display()))
+}
