@@ -580,7 +580,9 @@ fn connections_and_dns_survive_a_leader_kill_an_agent_restart_and_losing_every_m
     ];
     apply(&c, c.dir.path(), "echo", ECHO)?;
     running(&c, "echo")?;
-    let client = running(&c, "client")?["pid"].as_i64().unwrap();
+    let client_task = running(&c, "client")?;
+    let client = client_task["pid"].as_i64().unwrap();
+    let client_id = client_task["id"].as_str().unwrap().to_string();
     let vip = service(&c, "echo")?["vip"].as_str().unwrap().to_string();
     let names = |c: &Cluster| -> Option<Value> {
         let _ = c;
@@ -589,9 +591,21 @@ fn connections_and_dns_survive_a_leader_kill_an_agent_restart_and_losing_every_m
     wait_for(Duration::from_secs(30), "echo resolving from the client", || {
         (names(&c)? == serde_json::json!([vip])).then_some(())
     })?;
-    let stop = c.dir.path().join("stop-echo");
+    // The holder runs in the client task's mount namespace, where the host's files are out of
+    // view: it watches for the stop file in the task's private /tmp (on the host, the task
+    // directory's `tmp`).
+    let stop = dirs[0].join("tasks").join(&client_id).join("tmp").join("stop-echo");
     let mut holder = std::process::Command::new("nsenter")
-        .args(["--target", &client.to_string(), "--net", "--mount", "python3", "-u", "-c", &hold_connection(&stop)])
+        .args([
+            "--target",
+            &client.to_string(),
+            "--net",
+            "--mount",
+            "python3",
+            "-u",
+            "-c",
+            &hold_connection(Path::new("/tmp/stop-echo")),
+        ])
         .stdout(std::process::Stdio::piped())
         .spawn()?;
     let (tx, rx) = std::sync::mpsc::channel::<String>();

@@ -70,11 +70,16 @@ fn an_oci_service_pulls_its_image_with_a_secret_and_runs_three_replicas() -> Res
         .replace("replicas: 3", "replicas: 1");
     let bad = bad.replace("  task:\n", "  restart: {condition: any, delay: 200ms}\n  task:\n");
     apply(&c, &dir, "bad", &bad)?;
-    let failed = wait_for(LONG, "two failed attempts of bad", || {
-        let f: Vec<Value> = tasks(&c, "bad").into_iter().filter(|t| t["state"] == "failed").collect();
-        (f.len() >= 2).then_some(f)
-    })?;
-    let m = failed[0]["message"].as_str().unwrap_or_default();
-    assert!(m.contains("pulling image") && m.contains("apps/busybox:nope"), "{m}");
+    // Each replacement names the attempt that failed and why.
+    let retried = wait_for(LONG, "a second attempt of bad, after a failed pull", || {
+        tasks(&c, "bad").into_iter().find_map(|t| {
+            let m = t["message"].as_str().unwrap_or_default().to_string();
+            let attempt: u32 = m.strip_prefix("restart ")?.split_whitespace().next()?.parse().ok()?;
+            (attempt >= 2).then_some(m)
+        })
+    })
+    .map_err(|e| anyhow::anyhow!("{e}; its tasks: {:#}", Value::Array(tasks(&c, "bad"))))?;
+    assert!(retried.contains("pulling image") && retried.contains("apps/busybox:nope"), "{retried}");
+    assert!(retried.contains("manifest unknown"), "{retried}");
     Ok(())
 }

@@ -722,6 +722,14 @@ async fn a_task_on_networks_runs_in_its_namespace_with_its_resolv_conf() {
     let id = guard.id("netns");
     let netns = tmp.path().join("netns-of-task");
     berth_agent::overlay::link::create_netns(&netns).unwrap();
+    // Unmounted and removed even when an assertion fails.
+    struct NetnsGuard(std::path::PathBuf);
+    impl Drop for NetnsGuard {
+        fn drop(&mut self) {
+            let _ = berth_agent::overlay::link::delete_netns(&self.0);
+        }
+    }
+    let _netns_guard = NetnsGuard(netns.clone());
     let mut spec = fx.shell("cat /etc/resolv.conf; echo links=$(tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' ' | tr '\\n' ,); sleep 1000");
     spec.attachment = Some(berth_types::task::Attachment {
         netns: netns.to_string_lossy().into_owned(),
@@ -739,7 +747,6 @@ async fn a_task_on_networks_runs_in_its_namespace_with_its_resolv_conf() {
     assert!(!std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default().contains("198.18.9.1"));
     rt.stop(&id, Duration::from_secs(5)).await.unwrap();
     rt.remove(&id).await.unwrap();
-    berth_agent::overlay::link::delete_netns(&netns).unwrap();
 }
 
 // ---- escape attempts from a default task ----

@@ -132,6 +132,14 @@ pub fn look(
             }
             let rollout = r.rollout.as_ref().map_or(0, |ro| ro.state);
             line.push_str(&format!(" ({})", rollout_state_name(rollout)));
+            // An oci task pulling its image says how far it got.
+            if let Some(pull) = live
+                .iter()
+                .filter(|t| t.state == TaskState::Starting as i32)
+                .find_map(|t| t.message.starts_with("pulling image").then_some(t.message.as_str()))
+            {
+                line.push_str(&format!("; {pull}"));
+            }
             let state = if v.running == *replicas && live.len() as u64 == n { State::Done } else { State::Waiting };
             Look { line, done: u64::from(v.running).min(n), total: n, state }
         }
@@ -400,6 +408,20 @@ mod tests {
         assert_eq!((l.state, l.line.as_str()), (State::Done, "web: deleted, every task ended"));
         // Applied again meanwhile.
         assert!(matches!(look("web", &t, Some(&service(false, 3, 0)), &[], &none).state, State::Failed(_)));
+    }
+
+    #[test]
+    fn an_image_pull_shows_in_the_line() {
+        let none = HashSet::new();
+        let t = target(Goal::Scaled { replicas: 2 });
+        let mut pulling = task("b", "n1", TaskState::Running, TaskState::Starting);
+        pulling.message = "pulling image r/app:1: layer 1/2 (0.0 MiB of 3.0 MiB fetched)".into();
+        let tasks = vec![task("a", "n1", TaskState::Running, TaskState::Running), pulling];
+        let l = look("web", &t, Some(&service(false, 2, 1)), &tasks, &none);
+        assert_eq!(
+            l.line,
+            "web: 1/2 running (completed); pulling image r/app:1: layer 1/2 (0.0 MiB of 3.0 MiB fetched)"
+        );
     }
 
     #[test]
