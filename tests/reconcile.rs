@@ -145,12 +145,12 @@ fn stops_are_prompt_and_handlers_run() -> Result<()> {
     let (c, _agents) = cluster_with_agents(&[("quick-a", "a")], &[])?;
     let plain = QUICK.replace("NAME", "plain").replace("COMMAND", "sleep 1000; echo unreachable");
     apply(&c, c.dir.path(), "plain", &plain)?;
-    // The handler leaves a mark outside the task: the task's own files go with it.
-    let mark = c.dir.path().join("trapper-handled");
-    let trap = QUICK.replace("NAME", "trapper").replace(
-        "COMMAND",
-        &format!("trap 'echo handled > {}; exit 0' TERM; echo ready; sleep 1000 & wait", mark.display()),
-    );
+    // The handler exits 0: the task's recorded exit code says it ran (a task killed by the
+    // SIGTERM would end with 143, one killed after the grace with 137). The task is sandboxed:
+    // it cannot leave a mark on the host.
+    let trap = QUICK
+        .replace("NAME", "trapper")
+        .replace("COMMAND", "trap 'echo handled; exit 0' TERM; echo ready; sleep 1000 & wait");
     apply(&c, c.dir.path(), "trapper", &trap)?;
     wait_running(&c, "plain", 1)?;
     let trapper = wait_running(&c, "trapper", 1)?;
@@ -174,17 +174,21 @@ fn stops_are_prompt_and_handlers_run() -> Result<()> {
         bail!("stopping a task without a SIGTERM handler took {took:?}; it must take under 1 s");
     }
 
-    let out = c.berth(&["delete", "service", "trapper"]);
+    // Scaled to zero (not deleted), so its ended task stays on record with its exit code.
+    let out = c.berth(&["scale", "trapper=0"]);
     if !out.status.success() {
-        bail!("delete: {}", String::from_utf8_lossy(&out.stderr));
+        bail!("scale: {}", String::from_utf8_lossy(&out.stderr));
     }
     wait_for(Duration::from_secs(10), "the trapping task's processes to be gone", || {
         processes_of("trapper").is_empty().then_some(())
     })?;
-    // Its handler ran.
-    let handled = std::fs::read_to_string(&mark).unwrap_or_default();
-    if handled.trim() != "handled" {
-        bail!("the SIGTERM handler did not run (no mark at {})", mark.display());
+    // Its handler ran: it exited 0.
+    let ended = wait_for(LONG, "the trapping task's end on record", || {
+        let all = c.berth_json(&["get", "tasks", "--service", "trapper", "--all"]).ok()?;
+        all.as_array()?.iter().find(|t| t["id"] == trapper_id.as_str() && t["state"] != "running").cloned()
+    })?;
+    if ended["exit_code"].as_i64() != Some(0) {
+        bail!("the SIGTERM handler did not run: the task ended {ended:#}");
     }
     Ok(())
 }
