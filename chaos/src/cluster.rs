@@ -480,6 +480,9 @@ impl Cluster {
         argv.push(a.dir.display().to_string());
         argv.push("--labels".into());
         argv.push(format!("zone=zone-{},chaos=real", (i % 2) + 1));
+        // The networks scenario's VIP clients are privileged: they append to a log on the
+        // host, which a sandboxed task cannot see.
+        argv.push("--allow-privileged".into());
         if let Some(h) = &a.host {
             argv.extend(["--advertise-addr".into(), h.ip.to_string()]);
         }

@@ -68,7 +68,7 @@ fn services_yaml(log: &Path) -> String {
          resources: {{cpu: 0.01, memory: 16Mi}}\n  placement: {{constraints: [\"node.labels.chaos == real\"]}}\n  \
          restart: {{condition: any, delay: 500ms}}\n---\n\
          kind: Service\nmetadata: {{name: {CLIENT}}}\nspec:\n  mode: global\n  task:\n    runtime: process\n    \
-         command: [/usr/bin/python3, -u, -c, {client:?}]\n    resources: {{cpu: 0.01, memory: 16Mi}}\n  \
+         privileged: true\n    command: [/usr/bin/python3, -u, -c, {client:?}]\n    resources: {{cpu: 0.01, memory: 16Mi}}\n  \
          placement: {{constraints: [\"node.labels.chaos == real\"]}}\n  restart: {{condition: any, delay: 500ms}}\n"
     )
 }
