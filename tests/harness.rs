@@ -328,7 +328,8 @@ impl AgentProc {
         if self.dir.as_os_str().is_empty() {
             return;
         }
-        let mut roots = vec![dir];
+        // Sandboxed tasks' roots (image overlays) live outside the data dir.
+        let mut roots = vec![berth_agent::driver::process::sandbox_base(&dir.join("tasks")), dir];
         if let Ok(state) = std::fs::read_to_string(self.dir.join("agent.json"))
             && let Ok(v) = serde_json::from_str::<Value>(&state)
             && let Some(id) = v["node_id"].as_str().filter(|id| !id.is_empty())

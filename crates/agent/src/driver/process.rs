@@ -57,6 +57,13 @@ use crate::sandbox::{self, Policy};
 pub(crate) use self::files::write_atomic;
 pub use self::shim::shim_main;
 
+/// Where a root agent whose tasks live under `tasks_root` keeps its sandboxed tasks' roots
+/// (skeletons and image overlays, under `rootfs/`) and the OCI runtime's state: for tests and
+/// tools that clean up after an agent.
+pub fn sandbox_base(tasks_root: &Path) -> PathBuf {
+    oci::sandbox_base(tasks_root, false)
+}
+
 /// util-linux `unshare`, which puts the task in its namespaces.
 pub const UNSHARE: &str = "/usr/bin/unshare";
 /// util-linux `nsenter`, which runs `exec` commands in the task's namespaces.
