@@ -28,47 +28,19 @@ use berth_agent::driver::docker::DockerRuntime;
 use berth_agent::driver::process::ProcessRuntime;
 use berth_agent::driver::runtime::{LogQuery, Runtime};
 use berth_agent::image::Images;
-use berth_types::spec::{Resources, Runtime as Kind, TaskSpec};
+use berth_types::spec::{Runtime as Kind, TaskSpec};
 use berth_types::task::RunSpec;
 use futures::StreamExt;
 
 const LINE: &str = "bench-up";
 
 fn spec(kind: Kind, image: Option<&str>, argv: &[&str]) -> RunSpec {
-    RunSpec {
-        service: "bench".into(),
-        namespace: "default".into(),
-        slot: 1,
-        spec_version: 1,
-        task: TaskSpec {
-            runtime: kind,
-            command: argv.iter().map(|s| s.to_string()).collect(),
-            args: vec![],
-            image: image.map(str::to_string),
-            image_pull_secret: None,
-            env: BTreeMap::new(),
-            workdir: None,
-            resources: Resources::default(),
-            ports: vec![],
-            health: None,
-            stop_signal: None,
-            stop_grace_period: Duration::from_secs(1),
-            networks: Vec::new(),
-            volumes: Vec::new(),
-            secrets: Vec::new(),
-            configs: Vec::new(),
-            user: None,
-            cap_add: Vec::new(),
-            cap_drop: Vec::new(),
-            privileged: false,
-        },
-        disconnect: Default::default(),
-        fence_timeout_ms: 0,
-        networks: Vec::new(),
-        attachment: None,
-        mounts: Vec::new(),
-        files: Vec::new(),
-    }
+    let task = TaskSpec {
+        image: image.map(str::to_string),
+        stop_grace_period: Duration::from_secs(1),
+        ..TaskSpec::new(kind, argv)
+    };
+    RunSpec::standalone("bench", task)
 }
 
 /// Starts `spec` as `id` and returns the time until its first output line.

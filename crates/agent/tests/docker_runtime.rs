@@ -89,39 +89,16 @@ impl Drop for Cleanup {
 }
 
 fn spec(script: &str) -> RunSpec {
+    let task = TaskSpec {
+        args: vec![script.to_string()],
+        image: Some(IMAGE.to_string()),
+        ..TaskSpec::new(Kind::Docker, &["/bin/busybox", "sh", "-c"])
+    };
     RunSpec {
         service: "web".to_string(),
-        namespace: "default".to_string(),
         slot: 2,
-        spec_version: 1,
-        task: TaskSpec {
-            runtime: Kind::Docker,
-            command: vec!["/bin/busybox".into(), "sh".into(), "-c".into()],
-            args: vec![script.to_string()],
-            image: Some(IMAGE.to_string()),
-            image_pull_secret: None,
-            env: BTreeMap::new(),
-            workdir: None,
-            resources: Resources::default(),
-            ports: Vec::new(),
-            health: None,
-            stop_signal: None,
-            stop_grace_period: berth_types::spec::DEFAULT_STOP_GRACE,
-            networks: Vec::new(),
-            volumes: Vec::new(),
-            secrets: Vec::new(),
-            configs: Vec::new(),
-            user: None,
-            cap_add: Vec::new(),
-            cap_drop: Vec::new(),
-            privileged: false,
-        },
         disconnect: DisconnectPolicy::Replace,
-        fence_timeout_ms: 0,
-        networks: Vec::new(),
-        attachment: None,
-        mounts: Vec::new(),
-        files: Vec::new(),
+        ..RunSpec::standalone("web", task)
     }
 }
 

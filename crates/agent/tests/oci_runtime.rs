@@ -10,14 +10,13 @@ mod conformance;
 mod escapes;
 mod registry;
 
-use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::sync::OnceLock;
 
 use berth_agent::driver::process::ProcessRuntime;
 use berth_agent::driver::runtime::{LogStream, Runtime, RuntimeError};
 use berth_agent::image::{Credentials, Images, normalize};
-use berth_types::spec::{Resources, Runtime as RuntimeKind, TaskSpec};
+use berth_types::spec::{Runtime as RuntimeKind, TaskSpec};
 use berth_types::task::RunSpec;
 use conformance::{Cleanup, Fixture};
 use tempfile::TempDir;
@@ -37,40 +36,7 @@ fn image() -> String {
 }
 
 fn spec(image: &str, argv: &[&str]) -> RunSpec {
-    RunSpec {
-        service: "oci".into(),
-        namespace: "default".into(),
-        slot: 1,
-        spec_version: 1,
-        task: TaskSpec {
-            runtime: RuntimeKind::Oci,
-            command: argv.iter().map(|s| s.to_string()).collect(),
-            args: vec![],
-            image: Some(image.to_string()),
-            image_pull_secret: None,
-            env: BTreeMap::new(),
-            workdir: None,
-            resources: Resources::default(),
-            ports: vec![],
-            health: None,
-            stop_signal: None,
-            stop_grace_period: berth_types::spec::DEFAULT_STOP_GRACE,
-            networks: Vec::new(),
-            volumes: Vec::new(),
-            secrets: Vec::new(),
-            configs: Vec::new(),
-            user: None,
-            cap_add: Vec::new(),
-            cap_drop: Vec::new(),
-            privileged: false,
-        },
-        disconnect: Default::default(),
-        fence_timeout_ms: 0,
-        networks: Vec::new(),
-        attachment: None,
-        mounts: Vec::new(),
-        files: Vec::new(),
-    }
+    RunSpec::standalone("oci", TaskSpec { image: Some(image.to_string()), ..TaskSpec::new(RuntimeKind::Oci, argv) })
 }
 
 struct OciFixture {

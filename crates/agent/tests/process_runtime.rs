@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use berth_agent::driver::process::{DEFAULT_PATH, ProcessRuntime};
 use berth_agent::driver::runtime::{LogLine, LogQuery, LogStream, Observed, Runtime, RuntimeError};
-use berth_types::spec::{Cpu, Memory, ResourceLimits, Resources, Runtime as RuntimeKind, TaskSpec};
+use berth_types::spec::{Cpu, Memory, ResourceLimits, Runtime as RuntimeKind, TaskSpec};
 use berth_types::task::RunSpec;
 use conformance::{Cleanup, Fixture, eventually, exited, running_pid, wait_for_line};
 use futures::StreamExt;
@@ -30,40 +30,7 @@ fn runtime(root: &Path) -> ProcessRuntime {
 }
 
 fn spec(argv: &[&str]) -> RunSpec {
-    RunSpec {
-        service: "conformance".into(),
-        namespace: "default".into(),
-        slot: 1,
-        spec_version: 1,
-        task: TaskSpec {
-            runtime: RuntimeKind::Process,
-            command: argv.iter().map(|s| s.to_string()).collect(),
-            args: vec![],
-            image: None,
-            image_pull_secret: None,
-            env: BTreeMap::new(),
-            workdir: None,
-            resources: Resources::default(),
-            ports: vec![],
-            health: None,
-            stop_signal: None,
-            stop_grace_period: berth_types::spec::DEFAULT_STOP_GRACE,
-            networks: Vec::new(),
-            volumes: Vec::new(),
-            secrets: Vec::new(),
-            configs: Vec::new(),
-            user: None,
-            cap_add: Vec::new(),
-            cap_drop: Vec::new(),
-            privileged: false,
-        },
-        disconnect: Default::default(),
-        fence_timeout_ms: 0,
-        networks: Vec::new(),
-        attachment: None,
-        mounts: Vec::new(),
-        files: Vec::new(),
-    }
+    RunSpec::standalone("conformance", TaskSpec::new(RuntimeKind::Process, argv))
 }
 
 struct ProcessFixture {

@@ -53,40 +53,11 @@ async fn eventually<T, F: std::future::Future<Output = Option<T>>>(what: &str, m
 }
 
 fn spec(script: &str, mounts: Vec<Mount>, files: Vec<TaskFile>) -> RunSpec {
-    RunSpec {
-        service: "storage".into(),
-        namespace: "default".into(),
-        slot: 1,
-        spec_version: 1,
-        task: TaskSpec {
-            runtime: Kind::Process,
-            command: vec!["/bin/sh".into(), "-c".into(), script.into()],
-            args: vec![],
-            image: None,
-            image_pull_secret: None,
-            env: Default::default(),
-            workdir: None,
-            resources: Default::default(),
-            ports: vec![],
-            health: None,
-            stop_signal: None,
-            stop_grace_period: Duration::from_secs(5),
-            networks: Vec::new(),
-            volumes: Vec::new(),
-            secrets: Vec::new(),
-            configs: Vec::new(),
-            user: None,
-            cap_add: Vec::new(),
-            cap_drop: Vec::new(),
-            privileged: false,
-        },
-        disconnect: Default::default(),
-        fence_timeout_ms: 0,
-        networks: Vec::new(),
-        attachment: None,
-        mounts,
-        files,
-    }
+    let task = TaskSpec {
+        stop_grace_period: Duration::from_secs(5),
+        ..TaskSpec::new(Kind::Process, &["/bin/sh", "-c", script])
+    };
+    RunSpec { mounts, files, ..RunSpec::standalone("storage", task) }
 }
 
 fn mount(volume: &str, target: &Path, read_only: bool, source: MountSource) -> Mount {

@@ -618,6 +618,33 @@ pub fn signal_number(name: &str) -> Option<i32> {
 }
 
 impl TaskSpec {
+    /// A task of `runtime` running `command`, everything else as a spec that leaves it out
+    /// would have it (for code that builds specs, such as tests and benchmarks).
+    pub fn new(runtime: Runtime, command: &[&str]) -> TaskSpec {
+        TaskSpec {
+            runtime,
+            command: command.iter().map(|s| s.to_string()).collect(),
+            args: Vec::new(),
+            image: None,
+            image_pull_secret: None,
+            env: BTreeMap::new(),
+            workdir: None,
+            resources: Resources::default(),
+            ports: Vec::new(),
+            health: None,
+            stop_signal: None,
+            stop_grace_period: DEFAULT_STOP_GRACE,
+            networks: Vec::new(),
+            volumes: Vec::new(),
+            secrets: Vec::new(),
+            configs: Vec::new(),
+            user: None,
+            cap_add: Vec::new(),
+            cap_drop: Vec::new(),
+            privileged: false,
+        }
+    }
+
     /// The stop signal's number (SIGTERM unless the spec names another).
     pub fn stop_signal_number(&self) -> i32 {
         self.stop_signal.as_deref().and_then(signal_number).unwrap_or(15)

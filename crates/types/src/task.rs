@@ -47,6 +47,26 @@ pub struct RunSpec {
 }
 
 /// One volume mounted into a task.
+impl RunSpec {
+    /// Slot 1 of version 1 of `service` in namespace `default`, running `task`, with nothing
+    /// resolved by the masters (no networks, mounts or files): for tests and benchmarks.
+    pub fn standalone(service: &str, task: TaskSpec) -> RunSpec {
+        RunSpec {
+            service: service.to_string(),
+            namespace: "default".into(),
+            slot: 1,
+            spec_version: 1,
+            task,
+            disconnect: Default::default(),
+            fence_timeout_ms: 0,
+            networks: Vec::new(),
+            attachment: None,
+            mounts: Vec::new(),
+            files: Vec::new(),
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Mount {
     /// The volume's name in the task's namespace.

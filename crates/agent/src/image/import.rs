@@ -170,21 +170,7 @@ impl Images {
         let compression = if gz { super::unpack::Compression::Gzip } else { super::unpack::Compression::None };
         let media_type =
             if gz { "application/vnd.oci.image.layer.v1.tar+gzip" } else { "application/vnd.oci.image.layer.v1.tar" };
-        let dir = self.layer_dir(&digest);
-        if !dir.is_dir() {
-            let unpacked = self.inner.root.join("tmp").join(format!("{hex}.{}.layer", std::process::id()));
-            std::fs::create_dir_all(&unpacked).map_err(|e| format!("creating {} failed: {e}", unpacked.display()))?;
-            let f = std::fs::File::open(path).map_err(|e| format!("opening {} failed: {e}", path.display()))?;
-            if let Err(e) = super::unpack::unpack(std::io::BufReader::new(f), compression, &unpacked) {
-                let _ = std::fs::remove_dir_all(&unpacked);
-                return Err(format!("unpacking layer {digest} failed: {e}"));
-            }
-            std::fs::create_dir_all(self.inner.root.join("layers"))
-                .map_err(|e| format!("creating the layers dir failed: {e}"))?;
-            if std::fs::rename(&unpacked, &dir).is_err() {
-                let _ = std::fs::remove_dir_all(&unpacked);
-            }
-        }
+        let dir = self.store_unpacked(&digest, path, compression)?;
         Ok((Layer { digest, media_type: media_type.into(), size }, super::dir_size(&dir)))
     }
 }

@@ -300,32 +300,43 @@ impl Images {
             let _ = std::fs::remove_file(&blob);
             return Err(hint(&e));
         }
-        let unpacked = tmp.join(format!("{}.{stamp}.layer", hex_of(&layer.digest)));
-        let (b, u) = (blob.clone(), unpacked.clone());
-        let result = tokio::task::spawn_blocking(move || -> Result<(), String> {
-            std::fs::create_dir_all(&u).map_err(|e| format!("creating {} failed: {e}", u.display()))?;
-            let f = std::fs::File::open(&b).map_err(|e| format!("opening {} failed: {e}", b.display()))?;
-            unpack::unpack(std::io::BufReader::new(f), compression, &u).map(drop)
-        })
-        .await
-        .map_err(|e| format!("unpacking a layer failed: {e}"))
-        .and_then(|r| r);
+        let (store, digest, b) = (self.clone(), layer.digest.clone(), blob.clone());
+        let stored = tokio::task::spawn_blocking(move || store.store_unpacked(&digest, &b, compression))
+            .await
+            .map_err(|e| format!("unpacking a layer failed: {e}"))
+            .and_then(|r| r);
         let _ = std::fs::remove_file(&blob);
+        stored.map(|dir| dir_size(&dir))
+    }
+
+    /// Unpacks the layer blob at `blob` into the store as `digest`: under a temporary name,
+    /// renamed into place when whole (a copy another pull or import stored first is kept).
+    /// The layer's directory.
+    fn store_unpacked(&self, digest: &str, blob: &Path, compression: unpack::Compression) -> Result<PathBuf, String> {
+        let dir = self.layer_dir(digest);
+        if dir.is_dir() {
+            return Ok(dir);
+        }
+        let stamp = format!("{}-{}", std::process::id(), crate::driver::now_ms());
+        let unpacked = self.inner.root.join("tmp").join(format!("{}.{stamp}.layer", hex_of(digest)));
+        let result = std::fs::create_dir_all(&unpacked)
+            .map_err(|e| format!("creating {} failed: {e}", unpacked.display()))
+            .and_then(|()| std::fs::File::open(blob).map_err(|e| format!("opening {} failed: {e}", blob.display())))
+            .and_then(|f| unpack::unpack(std::io::BufReader::new(f), compression, &unpacked));
         if let Err(e) = result {
             let _ = std::fs::remove_dir_all(&unpacked);
-            return Err(format!("unpacking layer {} failed: {e}", layer.digest));
+            return Err(format!("unpacking layer {digest} failed: {e}"));
         }
         std::fs::create_dir_all(self.inner.root.join("layers"))
             .map_err(|e| format!("creating the layers dir failed: {e}"))?;
         match std::fs::rename(&unpacked, &dir) {
-            Ok(()) => {}
-            // Another pull of an image sharing the layer stored it first.
+            Ok(()) => Ok(dir),
             Err(_) if dir.is_dir() => {
                 let _ = std::fs::remove_dir_all(&unpacked);
+                Ok(dir)
             }
-            Err(e) => return Err(format!("storing layer {} failed: {e}", layer.digest)),
+            Err(e) => Err(format!("storing layer {digest} failed: {e}")),
         }
-        Ok(dir_size(&dir))
     }
 
     fn client(&self, registry: &str) -> Client {
