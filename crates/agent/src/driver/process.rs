@@ -243,9 +243,16 @@ impl ProcessRuntime {
             None => spec.argv(),
         };
         let Some(program) = argv.first() else {
-            return Err(RuntimeError::Invalid(format!(
-                "task {task_id}: spec.task.command is empty; the process runtime needs a program to run"
-            )));
+            return Err(RuntimeError::Invalid(match image {
+                Some(img) => format!(
+                    "task {task_id}: image {} has no entrypoint or cmd and spec.task.command is empty; set \
+                     spec.task.command",
+                    img.reference
+                ),
+                None => {
+                    format!("task {task_id}: spec.task.command is empty; the process runtime needs a program to run")
+                }
+            }));
         };
         let mut env = BTreeMap::from([("PATH".to_string(), DEFAULT_PATH.to_string())]);
         // An image's environment comes first; the spec's overrides it.
