@@ -2147,7 +2147,7 @@ mod tests {
     fn describe_shows_privileged_and_capabilities() {
         let doc = |task: &str| {
             let d = format!(
-                "kind: Service\nmetadata: {{name: p}}\nspec:\n  task: {{runtime: process, command: [/bin/true], {task}}}\n"
+                "kind: Service\nmetadata: {{name: p}}\nspec:\n  replicas: 1\n  task: {{runtime: process, command: [/bin/true], {task}}}\n"
             );
             let svc = spec::parse_documents(&d).unwrap().remove(0);
             let mut v = view(RolloutState::Completed, 1, 1, 1);

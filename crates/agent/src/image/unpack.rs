@@ -80,12 +80,23 @@ pub fn unpack(blob: impl Read, compression: Compression, dir: &Path) -> Result<u
                 rustix::fs::makedev(0, 0),
             )
             .map_err(|e| format!("making the whiteout {} failed (unpacking images needs root): {e}", at.display()))?;
-        } else if !entry.unpack_in(dir).map_err(|e| format!("unpacking {} failed: {e}", rel.display()))? {
+        } else if !entry.unpack_in(dir).map_err(|e| format!("unpacking {} failed: {}", rel.display(), chain(&e)))? {
             return Err(format!("the layer entry {} leaves the layer; refusing it", path.display()));
         }
         count += 1;
     }
     Ok(count)
+}
+
+/// An error with its causes (the tar crate wraps the one that says what went wrong).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(&format!(": {s}"));
+        source = s.source();
+    }
+    out
 }
 
 /// `path` without a leading `/` or `./`; `None` when it has `..`.
@@ -111,6 +122,9 @@ mod tests {
             let mut h = tar::Header::new_gnu();
             h.set_size(data.len() as u64);
             h.set_mode(0o644);
+            h.set_uid(0);
+            h.set_gid(0);
+            h.set_mtime(0);
             h.set_entry_type(tar::EntryType::Regular);
             h.set_cksum();
             b.append_data(&mut h, path, *data).unwrap();
