@@ -34,6 +34,8 @@ pub struct SpecChange {
     pub error: String,
 }
 
+/// A service whose tasks append heartbeats to `hb`, a file on the host: they are privileged (a
+/// sandboxed task cannot see the host's files), which the suite's agents allow.
 fn service(name: &str, replicas: u32, hb: &Path, extra: &str, real: bool) -> String {
     let constraint = if real { "node.labels.chaos == real" } else { "node.labels.chaos != real" };
     let command = format!(
@@ -43,7 +45,7 @@ fn service(name: &str, replicas: u32, hb: &Path, extra: &str, real: bool) -> Str
     );
     format!(
         "kind: Service\nmetadata: {{name: {name}}}\nspec:\n  mode: replicated\n  replicas: {replicas}\n  task:\n    \
-         runtime: process\n    command: [\"/bin/sh\", \"-c\", {command:?}]\n    resources: {{cpu: 0.01, memory: 8Mi}}\n{extra}  \
+         runtime: process\n    privileged: true\n    command: [\"/bin/sh\", \"-c\", {command:?}]\n    resources: {{cpu: 0.01, memory: 8Mi}}\n{extra}  \
          placement: {{constraints: [\"{constraint}\"]}}\n"
     )
 }
