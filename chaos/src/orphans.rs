@@ -159,9 +159,13 @@ pub fn scan() -> Vec<Proc> {
         let Some(ppid) = std::fs::read_to_string(base.join("stat")).ok().and_then(|s| stat_ppid(&s)) else {
             continue;
         };
-        let cwd = std::fs::read_link(base.join("cwd")).ok().map(|p| {
-            let s = p.to_string_lossy();
-            PathBuf::from(s.strip_suffix(" (deleted)").unwrap_or(&s))
+        // A sandboxed task's working directory is inside its own root (`/tmp`), which says
+        // nothing about its node: the task directory its shim supervises does.
+        let cwd = shim_dir(ppid).or_else(|| {
+            std::fs::read_link(base.join("cwd")).ok().map(|p| {
+                let s = p.to_string_lossy();
+                PathBuf::from(s.strip_suffix(" (deleted)").unwrap_or(&s))
+            })
         });
         out.push(Proc {
             pid,
@@ -173,6 +177,22 @@ pub fn scan() -> Vec<Proc> {
         });
     }
     out
+}
+
+/// The task directory of the shim (`berth task-shim DIR`) among the first ancestors of `pid`
+/// (the task's parent is its OCI runtime or launcher, whose parent is the shim).
+fn shim_dir(mut pid: u32) -> Option<PathBuf> {
+    for _ in 0..3 {
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        if let Some(i) = args.iter().position(|a| *a == b"task-shim")
+            && let Some(dir) = args.get(i + 1).and_then(|d| std::str::from_utf8(d).ok()).filter(|d| d.starts_with('/'))
+        {
+            return Some(PathBuf::from(dir));
+        }
+        pid = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok().and_then(|s| stat_ppid(&s))?;
+    }
+    None
 }
 
 /// The parent pid from /proc/PID/stat (`pid (comm) state ppid ...`; comm may hold spaces and
