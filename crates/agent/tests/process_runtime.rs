@@ -766,11 +766,5 @@ async fn escape_by_setuid_binary_fails() {
 #[tokio::test]
 async fn escape_by_fork_bomb_stops_at_pids_max() {
     let (_tmp, rt, fx) = setup();
-    let pids_current = |id: &str| {
-        ["/sys/fs/cgroup/pids/berth-test", "/sys/fs/cgroup/berth-test"]
-            .iter()
-            .find_map(|base| std::fs::read_to_string(format!("{base}/{id}/pids.current")).ok())
-            .and_then(|t| t.trim().parse().ok())
-    };
-    escapes::a_fork_bomb_stops_at_pids_max(&rt, &fx, fx.shell(escapes::FORK_BOMB), pids_current).await;
+    escapes::a_fork_bomb_stops_at_pids_max(&rt, &fx, fx.shell(escapes::FORK_BOMB), escapes::pids_current).await;
 }

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use sha2::Digest as _;
 
-use super::{ImageRecord, Images, Layer, normalize, parse_config};
+use super::{ImageRecord, Images, Layer, normalize};
 
 /// `manifest.json` of a `docker save` archive: one entry per image.
 #[derive(Deserialize)]
@@ -61,7 +61,6 @@ impl Images {
             .unpack(work.path())
             .map_err(|e| format!("{} is not a readable tar archive: {e}", file.display()))?;
         let dir = work.path();
-        let now = crate::driver::now_ms();
         let mut imported = Vec::new();
         if dir.join("manifest.json").is_file() {
             let saved: Vec<SavedImage> = read_json(&dir.join("manifest.json"))?;
@@ -92,15 +91,7 @@ impl Images {
                 }
                 let tags = img.repo_tags.unwrap_or_default();
                 let reference = tags.first().cloned().unwrap_or_else(|| config_digest.clone());
-                let rec = ImageRecord {
-                    reference: reference.clone(),
-                    digest: config_digest.clone(),
-                    layers,
-                    config: parse_config(&config)?,
-                    size,
-                    pulled_at_ms: now,
-                    last_used_ms: now,
-                };
+                let rec = ImageRecord::stored(&reference, &config_digest, layers, &config, size)?;
                 self.write_record(&rec)?;
                 for tag in &tags {
                     let key = normalize(tag)?;
@@ -130,15 +121,7 @@ impl Images {
                     .get("io.containerd.image.name")
                     .or(m.annotations.get("org.opencontainers.image.ref.name"));
                 let reference = name.cloned().unwrap_or_else(|| m.digest.clone());
-                let rec = ImageRecord {
-                    reference: reference.clone(),
-                    digest: m.digest.clone(),
-                    layers,
-                    config: parse_config(&config)?,
-                    size,
-                    pulled_at_ms: now,
-                    last_used_ms: now,
-                };
+                let rec = ImageRecord::stored(&reference, &m.digest, layers, &config, size)?;
                 self.write_record(&rec)?;
                 if let Some(name) = name.filter(|n| n.contains(':') || n.contains('/')) {
                     let key = normalize(name)?;

@@ -73,6 +73,28 @@ pub struct ImageRecord {
     pub last_used_ms: i64,
 }
 
+impl ImageRecord {
+    /// An image just stored (pulled or imported) from its layers and its config document.
+    fn stored(
+        reference: &str,
+        digest: &str,
+        layers: Vec<Layer>,
+        config_json: &str,
+        size: u64,
+    ) -> Result<ImageRecord, String> {
+        let now = crate::driver::now_ms();
+        Ok(ImageRecord {
+            reference: reference.to_string(),
+            digest: digest.to_string(),
+            layers,
+            config: parse_config(config_json)?,
+            size,
+            pulled_at_ms: now,
+            last_used_ms: now,
+        })
+    }
+}
+
 /// Registry credentials.
 #[derive(Clone)]
 pub struct Credentials {
@@ -253,16 +275,7 @@ impl Images {
             fetched += layer.size;
         }
         progress(format!("pulled image {key}: {} layers, {}", layers.len(), human(total)));
-        let now = crate::driver::now_ms();
-        let rec = ImageRecord {
-            reference: key.to_string(),
-            digest: digest.clone(),
-            layers,
-            config: parse_config(&config)?,
-            size,
-            pulled_at_ms: now,
-            last_used_ms: now,
-        };
+        let rec = ImageRecord::stored(key, &digest, layers, &config, size)?;
         self.write_record(&rec)?;
         self.set_ref(key, &digest)?;
         info!(image = key, %digest, size, "image pulled");

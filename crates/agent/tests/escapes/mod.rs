@@ -207,6 +207,14 @@ pub async fn a_fork_bomb_stops_at_pids_max(
     rt.remove(&id).await.unwrap();
 }
 
+/// `pids.current` of a task whose cgroup is `berth-test/<id>` (cgroup v1 or v2).
+pub fn pids_current(id: &str) -> Option<u64> {
+    ["/sys/fs/cgroup/pids/berth-test", "/sys/fs/cgroup/berth-test"]
+        .iter()
+        .find_map(|base| std::fs::read_to_string(format!("{base}/{id}/pids.current")).ok())
+        .and_then(|t| t.trim().parse().ok())
+}
+
 /// The script of a fork bomb that keeps its processes. A shell may give up once a fork is
 /// refused; the task then stays (an outer shell execs a sleep), so the processes stay counted.
 pub const FORK_BOMB: &str = "sh -c 'while :; do sleep 1000 & done'; echo bomb-stopped; exec sleep 1000";
