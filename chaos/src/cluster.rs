@@ -97,8 +97,27 @@ pub fn berth_bin() -> Result<PathBuf> {
     Ok(bin)
 }
 
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+/// A free TCP port on loopback for a server this harness starts, taken from below the kernel's
+/// ephemeral range (`net.ipv4.ip_local_port_range`). A port from `bind(0)` is one the kernel may
+/// hand out again as the source port of any outgoing connection (a peer dialling another peer)
+/// before the server binds it; then the server cannot start. Ports below the range are never
+/// picked that way, so only another listener can race for one, and a bind check rules out the
+/// ones already taken.
+pub fn free_port() -> Result<u16> {
+    use rand::Rng;
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let (from, to) = if low > 12_000 { (10_000, low) } else { (low.saturating_sub(2000).max(1024), low) };
+    let mut rng = rand::rng();
+    for _ in 0..200 {
+        let port = rng.random_range(from..to);
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    bail!("no free TCP port on 127.0.0.1 between {from} and {to} after 200 tries")
 }
 
 /// Sends `sig` to the process group led by `child` (each process here leads its own group).

@@ -12,6 +12,8 @@ use anyhow::{Context, Result, bail};
 use etcd_client::{Client, ConnectOptions};
 use serde::Serialize;
 
+use crate::cluster::free_port;
+
 /// One measured failover.
 #[derive(Debug, Clone, Serialize)]
 pub struct Failover {
@@ -46,10 +48,6 @@ impl Drop for Members {
     }
 }
 
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
 impl Members {
     fn start(&mut self, i: usize) -> Result<()> {
         let m = &mut self.members[i];
@@ -70,6 +68,27 @@ impl Members {
         m.child = Some(child);
         Ok(())
     }
+
+    /// For an error: each member's state (running, or how it exited) and the end of its log; the
+    /// logs themselves go with the temporary directory.
+    fn diagnosis(&mut self) -> String {
+        let mut out = String::new();
+        for m in &mut self.members {
+            let state = match m.child.as_mut().map(|c| c.try_wait()) {
+                None => "not running (killed by this harness)".to_string(),
+                Some(Ok(None)) => "running".to_string(),
+                Some(Ok(Some(status))) => format!("exited: {status}"),
+                Some(Err(e)) => format!("unknown: {e}"),
+            };
+            let log = std::fs::read_to_string(self.dir.join(format!("{}.log", m.name))).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(6).collect();
+            out.push_str(&format!("\n{} ({}, peer {}): {state}", m.name, m.client_url, m.peer_url));
+            for line in tail.iter().rev() {
+                out.push_str(&format!("\n    {line}"));
+            }
+        }
+        out
+    }
 }
 
 async fn client(url: &str) -> Result<Client> {
@@ -80,7 +99,7 @@ async fn client(url: &str) -> Result<Client> {
 
 /// Waits until all members answer, agree on one leader, and have equal raft indexes; returns the
 /// leader's member position.
-async fn settled(m: &Members) -> Result<usize> {
+async fn settled(m: &mut Members) -> Result<usize> {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let mut views = Vec::new();
@@ -97,7 +116,7 @@ async fn settled(m: &Members) -> Result<usize> {
             return Ok(pos);
         }
         if Instant::now() > deadline {
-            bail!("etcd did not settle within 60 s (views {views:?}); logs in {}", m.dir.display());
+            bail!("etcd did not settle within 60 s (views {views:?}){}", m.diagnosis());
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -123,7 +142,7 @@ pub async fn failover(kills: usize, dir: &Path) -> Result<Vec<Failover>> {
     }
     let mut out = Vec::with_capacity(kills);
     for round in 1..=kills {
-        let leader = settled(&m).await?;
+        let leader = settled(&mut m).await?;
         let mut survivors = Vec::new();
         for (i, mem) in m.members.iter().enumerate() {
             if i != leader {
