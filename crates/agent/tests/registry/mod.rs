@@ -62,19 +62,25 @@ impl Registry {
             text.push_str(&format!("auth:\n  htpasswd: {{realm: berth-test, path: {}}}\n", file.display()));
         }
         std::fs::write(&config, text).unwrap();
-        let child = Command::new("docker-registry")
-            .arg("serve")
+        assert!(
+            Command::new("docker-registry").arg("--version").output().is_ok(),
+            "docker-registry is not installed (apt-get install docker-registry; deploy/sandbox-prereqs.sh installs it)"
+        );
+        // Through a shell that stops the registry once its stdin closes: a registry shared by a
+        // whole test binary lives in a static, which is never dropped, and the kernel closes the
+        // pipe when the test process exits however it ends.
+        let child = Command::new("sh")
+            .args(["-c", "docker-registry serve \"$0\" </dev/null >/dev/null 2>&1 & p=$!; read _; kill $p; wait $p"])
             .arg(&config)
-            .stdin(Stdio::null())
+            .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .expect("docker-registry (apt-get install docker-registry; deploy/sandbox-prereqs.sh installs it)");
-        let mut reg = Registry { child, addr, _dir: dir, pushed: Vec::new(), login };
+            .expect("sh");
+        let reg = Registry { child, addr, _dir: dir, pushed: Vec::new(), login };
         let deadline = Instant::now() + Duration::from_secs(20);
         while !reg.answers() {
             assert!(Instant::now() < deadline, "the registry at {} did not answer within 20 s", reg.addr);
-            assert!(reg.child.try_wait().unwrap().is_none(), "the registry exited at start");
             std::thread::sleep(Duration::from_millis(20));
         }
         reg
@@ -157,7 +163,8 @@ pub fn ensure_test_image() {
 
 impl Drop for Registry {
     fn drop(&mut self) {
-        let _ = self.child.kill();
+        // Closing the shell's stdin stops the registry and then the shell.
+        drop(self.child.stdin.take());
         let _ = self.child.wait();
         for r in &self.pushed {
             let _ = Command::new("docker").args(["rmi", "-f", r]).stdout(Stdio::null()).stderr(Stdio::null()).status();
