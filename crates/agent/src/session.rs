@@ -570,7 +570,15 @@ impl<D: Driver> Agent<D> {
             return end;
         }
         backoff.reset();
+        // Images the cluster holds are fetched over this connection while it lasts.
+        let images = self.driver.cluster_images();
+        if let Some(images) = &images {
+            images.set_connection(Some(conn.clone()));
+        }
         let end = self.established(conn, addr, &accepted, writer, reader, shutdown).await;
+        if let Some(images) = &images {
+            images.set_connection(None);
+        }
         match end {
             SessionEnd::Lost { reason, .. } => SessionEnd::Lost { accepted: true, reason },
             other => other,
@@ -833,9 +841,16 @@ impl<D: Driver> Agent<D> {
         match AssignmentsKind::try_from(a.kind) {
             Ok(AssignmentsKind::Complete) => {
                 let mut set = BTreeMap::new();
+                let images = self.driver.cluster_images();
+                if let Some(images) = &images {
+                    images.retain(&a.updated.iter().map(|u| u.task_id.as_str()).collect());
+                }
                 for u in &a.updated {
                     // Secret and config contents stay in the driver's memory, never in the state.
                     self.driver.task_files(&u.task_id, &u.files);
+                    if let Some(images) = &images {
+                        images.remember(&u.task_id, u.image.as_ref());
+                    }
                     set.insert(u.task_id.clone(), StoredAssignment::from_pb(u));
                 }
                 self.state.assignments = set;
@@ -875,8 +890,12 @@ impl<D: Driver> Agent<D> {
                     }
                     return Ok(());
                 }
+                let images = self.driver.cluster_images();
                 for u in &a.updated {
                     self.driver.task_files(&u.task_id, &u.files);
+                    if let Some(images) = &images {
+                        images.remember(&u.task_id, u.image.as_ref());
+                    }
                     let new = StoredAssignment::from_pb(u);
                     if self.state.assignments.get(&u.task_id) != Some(&new) {
                         changed.push(u.clone());

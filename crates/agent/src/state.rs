@@ -94,6 +94,7 @@ impl StoredAssignment {
             spec: self.spec.clone(),
             desired_state: self.desired,
             files: Vec::new(),
+            image: None,
         }
     }
 }

@@ -349,7 +349,13 @@ fn dir_entries(dir: &Path) -> Vec<String> {
 }
 
 fn assignment(id: &str, desired: TaskState) -> Assignment {
-    Assignment { task_id: id.into(), spec: id.as_bytes().to_vec(), desired_state: desired as i32, files: vec![] }
+    Assignment {
+        task_id: id.into(),
+        spec: id.as_bytes().to_vec(),
+        desired_state: desired as i32,
+        files: vec![],
+        image: None,
+    }
 }
 
 fn assignments(

@@ -474,6 +474,7 @@ async fn a_stop_returns_at_once_and_finishes_in_the_background() {
         spec: spec.encode(),
         desired_state: TaskState::Running as i32,
         files: Vec::new(),
+        image: None,
     };
     Driver::start(&mgr, &a).await;
     wait_state(&id, TaskState::Running, &mut statuses).await;
@@ -646,6 +647,7 @@ async fn reconcile_converges_on_the_desired_set() {
         spec: long.encode(),
         desired_state: desired as i32,
         files: Vec::new(),
+        image: None,
     };
     let desired = vec![assign(&wanted, TaskState::Running), assign(&stopping, TaskState::Shutdown)];
     let none = BTreeSet::new();

@@ -150,6 +150,7 @@ impl Node {
             spec: spec.encode(),
             desired_state: TaskState::Running as i32,
             files: files.iter().map(|(f, data)| FileData { id: f.id(), data: data.to_vec() }).collect(),
+            image: None,
         }
     }
 

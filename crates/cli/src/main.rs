@@ -6,6 +6,7 @@ mod bench_cluster;
 mod bench_overlay;
 mod client;
 mod cmd_cluster;
+mod cmd_images;
 mod cmd_kv;
 mod cmd_networks;
 mod cmd_nodes;
@@ -83,9 +84,10 @@ enum Cmd {
     /// Configs tasks mount as files.
     #[command(subcommand)]
     Config(cmd_storage::FileCmd),
-    /// Images on this node, for `runtime: oci` tasks.
+    /// Images for `runtime: oci` tasks: in the cluster, for nodes without a registry (or, with
+    /// --local, on this node).
     #[command(subcommand)]
-    Image(ImageCmd),
+    Image(cmd_images::ImageCmd),
     /// Create or update services, networks and volumes from YAML/JSON files.
     Apply(cmd_services::ApplyArgs),
     /// List services, tasks or nodes.
@@ -186,47 +188,6 @@ struct AgentArgs {
 
 fn parse_size(s: &str) -> std::result::Result<u64, String> {
     berth_types::spec::Memory::parse(s).map(|m| m.bytes()).map_err(|e| format!("{s:?}: {e}; give a size such as 10Gi"))
-}
-
-/// `berth image ...`: works on the node it runs on, on the agent's data directory (no master
-/// is needed: this is how an air-gapped node gets its images).
-#[derive(Subcommand, Debug)]
-enum ImageCmd {
-    /// Load the images of a `docker save` archive or an OCI image layout (a tar file) into this
-    /// node's image store; tasks naming their tags then run without a pull.
-    Import {
-        /// The archive.
-        file: PathBuf,
-        /// The agent's data directory on this node.
-        #[arg(long, env = "BERTH_AGENT_DATA_DIR", default_value = "/var/lib/berth/agent")]
-        data_dir: PathBuf,
-    },
-    /// List the images on this node.
-    Ls {
-        #[arg(long, env = "BERTH_AGENT_DATA_DIR", default_value = "/var/lib/berth/agent")]
-        data_dir: PathBuf,
-    },
-}
-
-fn run_image(c: ImageCmd) -> Result<()> {
-    let store = |dir: &std::path::Path| {
-        berth_agent::image::Images::new(dir.join("images"), Vec::new(), berth_agent::image::DEFAULT_GC_THRESHOLD)
-    };
-    match c {
-        ImageCmd::Import { file, data_dir } => {
-            let refs =
-                store(&data_dir).import(&file).map_err(|e| anyhow::anyhow!("importing {}: {e}", file.display()))?;
-            for r in refs {
-                println!("imported {r}");
-            }
-        }
-        ImageCmd::Ls { data_dir } => {
-            for i in store(&data_dir).list() {
-                println!("{}\t{}\t{} layers\t{} bytes", i.reference, i.digest, i.layers.len(), i.size);
-            }
-        }
-    }
-    Ok(())
 }
 
 fn parse_host_path_prefix(s: &str) -> std::result::Result<PathBuf, String> {
@@ -414,7 +375,7 @@ fn main() {
             Cmd::Token(c) => cmd_nodes::run_token(c, &cli.global).await,
             Cmd::Secret(c) => cmd_storage::run_file(berth_api::pb::FileKind::Secret, c, &cli.global).await,
             Cmd::Config(c) => cmd_storage::run_file(berth_api::pb::FileKind::Config, c, &cli.global).await,
-            Cmd::Image(c) => run_image(c),
+            Cmd::Image(c) => cmd_images::run(c, &cli.global).await,
             Cmd::Apply(a) => cmd_services::run_apply(a, &cli.global).await,
             Cmd::Get(c) => cmd_services::run_get(c, &cli.global).await,
             Cmd::Describe(c) => cmd_services::run_describe(c, &cli.global).await,

@@ -60,7 +60,13 @@ fn assignment_of(t: &Task) -> Option<Assignment> {
     if desired == TaskState::Shutdown && tasks::is_terminal(tasks::state_of(t)) {
         return None;
     }
-    Some(Assignment { task_id: t.id.clone(), spec: t.run_spec.clone(), desired_state: desired as i32, files: vec![] })
+    Some(Assignment {
+        task_id: t.id.clone(),
+        spec: t.run_spec.clone(),
+        desired_state: desired as i32,
+        files: vec![],
+        image: None,
+    })
 }
 
 impl Assignments {

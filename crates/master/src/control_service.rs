@@ -220,6 +220,29 @@ impl ControlService for ControlSvc {
         Ok(Response::new(pb::FileResponse { header: Some(self.ctx.header()), file: Some(file) }))
     }
 
+    async fn put_image_blob(
+        &self,
+        r: Request<tonic::Streaming<pb::ImageBlobChunk>>,
+    ) -> Result<Response<pb::ImageBlobResponse>, Status> {
+        Ok(Response::new(crate::images::put_blob(&self.ctx, r.into_inner()).await?))
+    }
+
+    async fn put_image(&self, r: Request<pb::PutImageRequest>) -> Result<Response<pb::ImagesResponse>, Status> {
+        let images = crate::images::put_image(&self.ctx, r.into_inner()).await?;
+        Ok(Response::new(pb::ImagesResponse { header: Some(self.ctx.header()), images }))
+    }
+
+    async fn list_images(&self, _r: Request<pb::ListImagesRequest>) -> Result<Response<pb::ImagesResponse>, Status> {
+        self.ctx.read_barrier().await?;
+        let images = crate::images::list(&self.ctx.reader)?;
+        Ok(Response::new(pb::ImagesResponse { header: Some(self.ctx.header()), images }))
+    }
+
+    async fn delete_image(&self, r: Request<pb::ImageRef>) -> Result<Response<pb::ImagesResponse>, Status> {
+        let image = crate::images::delete(&self.ctx, &r.into_inner().reference).await?;
+        Ok(Response::new(pb::ImagesResponse { header: Some(self.ctx.header()), images: vec![image] }))
+    }
+
     async fn delete_network(&self, r: Request<pb::NetworkRef>) -> Result<Response<pb::NetworkResponse>, Status> {
         let r = r.into_inner();
         let ns = if r.namespace.is_empty() { spec::DEFAULT_NAMESPACE } else { &r.namespace };

@@ -403,6 +403,22 @@ async fn session(
     }
     ctx.statuses.report(&node_id, hello.tasks);
     ctx.assignments.set_conn(&node_id, conn.clone());
+    // Streams the agent opens besides the session's: image blob requests.
+    {
+        let (conn, reader, token) = (conn.clone(), ctx.reader.clone(), session_token.clone());
+        tokio::spawn(async move {
+            loop {
+                let (send, recv) = tokio::select! {
+                    _ = token.cancelled() => return,
+                    s = conn.accept_bi() => match s { Ok(s) => s, Err(_) => return },
+                };
+                let reader = reader.clone();
+                tokio::spawn(async move {
+                    crate::images::serve_blob(&reader, FrameWriter::new(send), FrameReader::new(recv)).await
+                });
+            }
+        });
+    }
     let mut changes = ctx.assignments.subscribe(&node_id);
     changes.mark_unchanged();
     let mut sent = Sent { version: 0, set: BTreeMap::new() };
@@ -540,6 +556,9 @@ async fn session(
             agent_frame::Body::LogChunk(_) => {
                 break (close::MALFORMED_FRAME, "log chunks belong on a log stream".to_string());
             }
+            agent_frame::Body::BlobRequest(_) => {
+                break (close::MALFORMED_FRAME, "blob requests belong on a stream of their own".to_string());
+            }
             agent_frame::Body::Renew(req) => match ctx.pki.ca() {
                 Some(ca) => match ca.sign_csr(&req.csr_pem, &Identity::agent(&node_id), ctx.cert_validity) {
                     Ok(cert_pem) => {
@@ -650,8 +669,18 @@ async fn record_hello(ctx: Arc<Ctx>, node_id: String, caps: Caps) {
 /// Attaches the contents of their secrets and configs to the RUNNING assignments of a frame about
 /// to go to `node`'s agent: opened now, only for that node's tasks, never kept in the set the
 /// session compares (so an INCREMENTAL diff is about the tasks, not their files).
+///
+/// An oci task's RUNNING assignment also gets its image when the cluster holds it
+/// (`images::for_task`), so the node fetches it from the leader instead of a registry.
 fn with_files(ctx: &Ctx, node: &str, mut a: Assignments) -> Assignments {
+    const OCI: &[u8] = b"\"runtime\":\"oci\"";
     for asg in &mut a.updated {
+        if asg.desired_state == TaskState::Running as i32
+            && asg.spec.windows(OCI.len()).any(|w| w == OCI)
+            && let Ok(rs) = berth_types::task::RunSpec::decode(&asg.spec)
+        {
+            asg.image = crate::images::for_task(&ctx.reader, &rs);
+        }
         if asg.desired_state != TaskState::Running as i32 || !asg.spec.windows(8).any(|w| w == b"\"files\":") {
             continue;
         }

@@ -14,6 +14,7 @@ mod dispatcher;
 mod endpoints;
 mod error;
 mod identity;
+mod images;
 mod ipam;
 mod kv_service;
 mod network;

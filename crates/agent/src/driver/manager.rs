@@ -89,6 +89,8 @@ struct Inner {
     files: TaskFiles,
     /// The node's images (`runtime: oci`).
     images: Option<crate::image::Images>,
+    /// Images the cluster holds, as the session learns of them.
+    cluster: crate::image::ClusterSource,
 }
 
 /// How the task manager keeps volumes, secrets and configs.
@@ -192,6 +194,7 @@ impl TaskManager {
                 volumes,
                 files: TaskFiles::new(storage.files_root, storage.files_patience),
                 images: storage.images,
+                cluster: crate::image::ClusterSource::default(),
             }),
         };
         let fence = m.clone();
@@ -274,7 +277,13 @@ impl TaskManager {
                 ..Default::default()
             })
         };
-        let image = images.ensure(reference, auth.as_ref(), &progress).await?;
+        let held = self.inner.cluster.image_for(id);
+        let source = match &held {
+            // The cluster's copy first: an air-gapped node has no registry to ask.
+            Some(img) => crate::image::Source::Cluster(img, &self.inner.cluster),
+            None => crate::image::Source::Registry(auth.as_ref()),
+        };
+        let image = images.ensure_from(reference, source, &progress).await?;
         let note = match pulled.lock().expect("pulled lock").take() {
             Some(m) => format!("{m} in {:.1} s ({})", began.elapsed().as_secs_f64(), image.digest),
             None => format!("image {reference} was on the node ({})", image.digest),
@@ -951,6 +960,10 @@ impl Driver for TaskManager {
 
     fn volume_usage(&self) -> Option<tokio::sync::watch::Receiver<crate::volume::UsageReport>> {
         Some(self.inner.volumes.usage())
+    }
+
+    fn cluster_images(&self) -> Option<crate::image::ClusterSource> {
+        self.inner.images.as_ref().map(|_| self.inner.cluster.clone())
     }
 
     fn leader_contact(&self) {

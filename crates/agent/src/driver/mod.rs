@@ -127,6 +127,12 @@ pub trait Driver: Send + Sync + 'static {
         let _ = (task_id, files);
     }
 
+    /// Where the session puts what assignments say of images the cluster holds, and its
+    /// connection to fetch them over; `None` when this driver runs no oci tasks.
+    fn cluster_images(&self) -> Option<crate::image::ClusterSource> {
+        None
+    }
+
     /// The node's volume usage, refreshed by the driver; `None` when it has no volumes.
     fn volume_usage(&self) -> Option<tokio::sync::watch::Receiver<crate::volume::UsageReport>> {
         None
@@ -219,7 +225,13 @@ mod tests {
     use super::*;
 
     fn assignment(id: &str) -> Assignment {
-        Assignment { task_id: id.into(), spec: vec![], desired_state: TaskState::Running as i32, files: vec![] }
+        Assignment {
+            task_id: id.into(),
+            spec: vec![],
+            desired_state: TaskState::Running as i32,
+            files: vec![],
+            image: None,
+        }
     }
 
     #[tokio::test]

@@ -47,114 +47,150 @@ struct Manifest {
     layers: Vec<Descriptor>,
 }
 
-impl Images {
-    /// Imports every image in the archive at `file`; the references recorded.
-    pub fn import(&self, file: &Path) -> Result<Vec<String>, String> {
-        let tmp = self.inner.root.join("tmp");
-        std::fs::create_dir_all(&tmp).map_err(|e| format!("creating {} failed: {e}", tmp.display()))?;
-        let work = tempfile::Builder::new()
-            .prefix("import-")
-            .tempdir_in(&tmp)
-            .map_err(|e| format!("creating a work directory under {} failed: {e}", tmp.display()))?;
-        let f = std::fs::File::open(file).map_err(|e| format!("opening {} failed: {e}", file.display()))?;
-        tar::Archive::new(std::io::BufReader::new(f))
-            .unpack(work.path())
-            .map_err(|e| format!("{} is not a readable tar archive: {e}", file.display()))?;
-        let dir = work.path();
-        let mut imported = Vec::new();
-        if dir.join("manifest.json").is_file() {
-            let saved: Vec<SavedImage> = read_json(&dir.join("manifest.json"))?;
-            for img in saved {
-                let config_path = inside(dir, &img.config)?;
-                let config_digest = format!("sha256:{}", verify(&config_path)?);
-                let config =
-                    std::fs::read_to_string(&config_path).map_err(|e| format!("reading the config failed: {e}"))?;
-                // A classic archive names layers `<id>/layer.tar`: they are checked against the
-                // config's diff ids (the digests of the uncompressed layers) instead.
-                let diff_ids = diff_ids(&config);
-                let mut layers = Vec::new();
-                let mut size = 0;
-                for (i, l) in img.layers.iter().enumerate() {
-                    let path = inside(dir, l)?;
-                    if let Some(want) = diff_ids.get(i) {
-                        let got = format!("sha256:{}", verify(&path)?);
-                        if &got != want && !is_gzip(&path) {
-                            return Err(format!(
-                                "layer {l} is {got}, but the image's config says {want}; the archive is corrupt (its \
-                                 content does not match its digest)"
-                            ));
-                        }
-                    }
-                    let (layer, unpacked) = self.store_layer(&path)?;
-                    size += unpacked;
-                    layers.push(layer);
+/// An archive unpacked into a work directory (removed on drop), its images checked.
+pub struct Archive {
+    _work: tempfile::TempDir,
+    pub images: Vec<ArchivedImage>,
+}
+
+/// One image of an archive.
+pub struct ArchivedImage {
+    /// Its tags, in full form; empty when the archive names none.
+    pub references: Vec<String>,
+    /// `sha256:<hex>` of its manifest (of its config, for a classic `docker save` archive).
+    pub digest: String,
+    pub config_json: String,
+    /// Bottom first.
+    pub layers: Vec<ArchivedLayer>,
+}
+
+/// One layer blob of an archive, checked against its digest.
+pub struct ArchivedLayer {
+    pub path: PathBuf,
+    pub digest: String,
+    pub media_type: String,
+    pub size: u64,
+}
+
+/// Unpacks the archive at `file` under `tmp` and checks every blob against its digest.
+pub fn read_archive(file: &Path, tmp: &Path) -> Result<Archive, String> {
+    std::fs::create_dir_all(tmp).map_err(|e| format!("creating {} failed: {e}", tmp.display()))?;
+    let work = tempfile::Builder::new()
+        .prefix("import-")
+        .tempdir_in(tmp)
+        .map_err(|e| format!("creating a work directory under {} failed: {e}", tmp.display()))?;
+    let f = std::fs::File::open(file).map_err(|e| format!("opening {} failed: {e}", file.display()))?;
+    tar::Archive::new(std::io::BufReader::new(f))
+        .unpack(work.path())
+        .map_err(|e| format!("{} is not a readable tar archive: {e}", file.display()))?;
+    let dir = work.path();
+    let mut images = Vec::new();
+    if dir.join("manifest.json").is_file() {
+        let saved: Vec<SavedImage> = read_json(&dir.join("manifest.json"))?;
+        for img in saved {
+            let config_path = inside(dir, &img.config)?;
+            let config_digest = format!("sha256:{}", verify(&config_path)?);
+            let config =
+                std::fs::read_to_string(&config_path).map_err(|e| format!("reading the config failed: {e}"))?;
+            // A classic archive names layers `<id>/layer.tar`: they are checked against the
+            // config's diff ids (the digests of the uncompressed layers) instead.
+            let diff_ids = diff_ids(&config);
+            let mut layers = Vec::new();
+            for (i, l) in img.layers.iter().enumerate() {
+                let path = inside(dir, l)?;
+                let got = format!("sha256:{}", verify(&path)?);
+                if let Some(want) = diff_ids.get(i)
+                    && &got != want
+                    && !is_gzip(&path)
+                {
+                    return Err(format!(
+                        "layer {l} is {got}, but the image's config says {want}; the archive is corrupt (its content \
+                         does not match its digest)"
+                    ));
                 }
-                let tags = img.repo_tags.unwrap_or_default();
-                let reference = tags.first().cloned().unwrap_or_else(|| config_digest.clone());
-                let rec = ImageRecord::stored(&reference, &config_digest, layers, &config, size)?;
-                self.write_record(&rec)?;
-                for tag in &tags {
-                    let key = normalize(tag)?;
-                    self.set_ref(&key, &config_digest)?;
-                    imported.push(key);
-                }
+                layers.push(layer_at(path, got, None));
             }
-        } else if dir.join("index.json").is_file() {
-            let index: Index = read_json(&dir.join("index.json"))?;
-            for m in index.manifests {
-                let path = blob(dir, &m.digest)?;
-                verify(&path)?;
-                let manifest: Manifest = read_json(&path)?;
-                let config_path = blob(dir, &manifest.config.digest)?;
-                verify(&config_path)?;
-                let config =
-                    std::fs::read_to_string(&config_path).map_err(|e| format!("reading the config failed: {e}"))?;
-                let mut layers = Vec::new();
-                let mut size = 0;
-                for l in &manifest.layers {
-                    let (layer, unpacked) = self.store_layer(&blob(dir, &l.digest)?)?;
-                    size += unpacked;
-                    layers.push(Layer { media_type: l.media_type.clone(), ..layer });
-                }
-                let name = m
-                    .annotations
-                    .get("io.containerd.image.name")
-                    .or(m.annotations.get("org.opencontainers.image.ref.name"));
-                let reference = name.cloned().unwrap_or_else(|| m.digest.clone());
-                let rec = ImageRecord::stored(&reference, &m.digest, layers, &config, size)?;
-                self.write_record(&rec)?;
-                if let Some(name) = name.filter(|n| n.contains(':') || n.contains('/')) {
-                    let key = normalize(name)?;
-                    self.set_ref(&key, &m.digest)?;
-                    imported.push(key);
-                } else {
-                    imported.push(m.digest.clone());
-                }
-            }
-        } else {
-            return Err(format!(
-                "{} has neither manifest.json (docker save) nor index.json (an OCI layout)",
-                file.display()
-            ));
+            let references =
+                img.repo_tags.unwrap_or_default().iter().map(|t| normalize(t)).collect::<Result<_, _>>()?;
+            images.push(ArchivedImage { references, digest: config_digest, config_json: config, layers });
         }
-        if imported.is_empty() {
-            return Err(format!("{} holds no image", file.display()));
+    } else if dir.join("index.json").is_file() {
+        let index: Index = read_json(&dir.join("index.json"))?;
+        for m in index.manifests {
+            let path = blob(dir, &m.digest)?;
+            verify(&path)?;
+            let manifest: Manifest = read_json(&path)?;
+            let config_path = blob(dir, &manifest.config.digest)?;
+            verify(&config_path)?;
+            let config =
+                std::fs::read_to_string(&config_path).map_err(|e| format!("reading the config failed: {e}"))?;
+            let mut layers = Vec::new();
+            for l in &manifest.layers {
+                let path = blob(dir, &l.digest)?;
+                let got = format!("sha256:{}", verify(&path)?);
+                layers.push(layer_at(path, got, Some(&l.media_type)));
+            }
+            let name = m
+                .annotations
+                .get("io.containerd.image.name")
+                .or(m.annotations.get("org.opencontainers.image.ref.name"));
+            let references = match name.filter(|n| n.contains(':') || n.contains('/')) {
+                Some(n) => vec![normalize(n)?],
+                None => Vec::new(),
+            };
+            images.push(ArchivedImage { references, digest: m.digest.clone(), config_json: config, layers });
+        }
+    } else {
+        return Err(format!(
+            "{} has neither manifest.json (docker save) nor index.json (an OCI layout)",
+            file.display()
+        ));
+    }
+    if images.is_empty() {
+        return Err(format!("{} holds no image", file.display()));
+    }
+    Ok(Archive { _work: work, images })
+}
+
+/// A layer blob at `path` whose content is `digest`; its media type as the archive says, or
+/// from its first bytes.
+fn layer_at(path: PathBuf, digest: String, media_type: Option<&str>) -> ArchivedLayer {
+    let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+    let media_type = match media_type.filter(|m| !m.is_empty()) {
+        Some(m) => m.to_string(),
+        None if is_gzip(&path) => "application/vnd.oci.image.layer.v1.tar+gzip".into(),
+        None => "application/vnd.oci.image.layer.v1.tar".into(),
+    };
+    ArchivedLayer { path, digest, media_type, size }
+}
+
+impl Images {
+    /// Imports every image in the archive at `file` into this node's store; the references
+    /// recorded (an image the archive names no tag for is recorded by its digest).
+    pub fn import(&self, file: &Path) -> Result<Vec<String>, String> {
+        let archive = read_archive(file, &self.inner.root.join("tmp"))?;
+        let mut imported = Vec::new();
+        for img in &archive.images {
+            let mut layers = Vec::new();
+            let mut size = 0;
+            for l in &img.layers {
+                let compression = super::unpack::Compression::of_media_type(&l.media_type)?;
+                let dir = self.store_unpacked(&l.digest, &l.path, compression)?;
+                size += super::dir_size(&dir);
+                layers.push(Layer { digest: l.digest.clone(), media_type: l.media_type.clone(), size: l.size });
+            }
+            let reference = img.references.first().cloned().unwrap_or_else(|| img.digest.clone());
+            let rec = ImageRecord::stored(&reference, &img.digest, layers, &img.config_json, size)?;
+            self.write_record(&rec)?;
+            for r in &img.references {
+                self.set_ref(r, &img.digest)?;
+                imported.push(r.clone());
+            }
+            if img.references.is_empty() {
+                imported.push(img.digest.clone());
+            }
         }
         Ok(imported)
-    }
-
-    /// Unpacks a layer blob (tar, gzip or not) into the store unless there; the layer and its
-    /// unpacked size.
-    fn store_layer(&self, path: &Path) -> Result<(Layer, u64), String> {
-        let hex = verify(path)?;
-        let digest = format!("sha256:{hex}");
-        let size = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
-        let gz = is_gzip(path);
-        let compression = if gz { super::unpack::Compression::Gzip } else { super::unpack::Compression::None };
-        let media_type =
-            if gz { "application/vnd.oci.image.layer.v1.tar+gzip" } else { "application/vnd.oci.image.layer.v1.tar" };
-        let dir = self.store_unpacked(&digest, path, compression)?;
-        Ok((Layer { digest, media_type: media_type.into(), size }, super::dir_size(&dir)))
     }
 }
 

@@ -20,8 +20,12 @@
 //! spoken to over plain HTTP (as Docker does); others over HTTPS unless the agent lists them in
 //! `--insecure-registry`.
 
+mod cluster;
 mod import;
 pub mod unpack;
+
+pub use cluster::ClusterSource;
+pub use import::{Archive, ArchivedImage, ArchivedLayer, read_archive};
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -130,6 +134,14 @@ impl Credentials {
     }
 }
 
+/// Where a missing image comes from.
+pub enum Source<'a> {
+    /// Its registry, with these credentials if any.
+    Registry(Option<&'a Credentials>),
+    /// The masters (`berth image import`), over the session's connection.
+    Cluster(&'a berth_api::pb::agent::ClusterImage, &'a ClusterSource),
+}
+
 /// The node's image store. Cheap to clone.
 #[derive(Clone)]
 pub struct Images {
@@ -213,18 +225,34 @@ impl Images {
         auth: Option<&Credentials>,
         progress: &(dyn Fn(String) + Send + Sync),
     ) -> Result<ImageRecord, String> {
+        self.ensure_from(reference, Source::Registry(auth), progress).await
+    }
+
+    /// [`Images::ensure`] from `source`. An image the cluster holds replaces one stored under
+    /// the same reference with another digest (the operator imported it on purpose).
+    pub async fn ensure_from(
+        &self,
+        reference: &str,
+        source: Source<'_>,
+        progress: &(dyn Fn(String) + Send + Sync),
+    ) -> Result<ImageRecord, String> {
         let key = normalize(reference)?;
         let lock = {
             let mut pulls = self.inner.pulls.lock().expect("pulls lock");
             pulls.entry(key.clone()).or_default().clone()
         };
         let _guard = lock.lock().await;
-        if let Some(mut rec) = self.get(&key) {
+        if let Some(mut rec) = self.get(&key)
+            && !matches!(source, Source::Cluster(img, _) if img.digest != rec.digest)
+        {
             rec.last_used_ms = crate::driver::now_ms();
             self.write_record(&rec)?;
             return Ok(rec);
         }
-        let rec = self.pull(&key, auth, progress).await?;
+        let rec = match source {
+            Source::Registry(auth) => self.pull(&key, auth, progress).await?,
+            Source::Cluster(img, from) => self.load_from_cluster(&key, img, from, progress).await?,
+        };
         self.gc(&BTreeSet::from([rec.digest.clone()]));
         Ok(rec)
     }
@@ -533,6 +561,30 @@ mod tests {
         assert_eq!(normalize("busybox").unwrap(), "docker.io/library/busybox:latest");
         assert_eq!(normalize("127.0.0.1:5000/berth-test/busybox:1").unwrap(), "127.0.0.1:5000/berth-test/busybox:1");
         assert!(normalize("Bad Image").is_err());
+    }
+
+    /// The masters find a task's imported image by `berth_types::image::normalize_reference`;
+    /// the node keeps it under this one (oci-client's): they must agree.
+    #[test]
+    fn the_masters_normalize_references_as_the_node_does() {
+        let d = format!("sha256:{}", "0123456789abcdef".repeat(4));
+        for r in [
+            "busybox".to_string(),
+            "busybox:1.36".into(),
+            "library/busybox".into(),
+            "me/app:v2".into(),
+            "index.docker.io/me/app".into(),
+            "docker.io/library/busybox:latest".into(),
+            "127.0.0.1:5000/berth-test/busybox:1".into(),
+            "localhost:5000/a/b/c:x_y.z-1".into(),
+            "registry.example.com/team/app".into(),
+            "localhost/app".into(),
+            format!("reg.example:5000/app@{d}"),
+            format!("busybox@{d}"),
+            format!("busybox:1@{d}"),
+        ] {
+            assert_eq!(normalize(&r), berth_types::image::normalize_reference(&r), "{r}");
+        }
     }
 
     #[test]

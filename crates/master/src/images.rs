@@ -1,0 +1,349 @@
+//! Images imported into the cluster (`berth image import FILE`), for nodes that cannot reach a
+//! registry. The masters keep them in the replicated state, so they survive the loss of any
+//! master like every other object, and hand them to the nodes that run tasks of them:
+//!
+//! - `/berth/images/chunks/<hex>/<index>`: a blob's bytes, in chunks of [`CHUNK_BYTES`];
+//! - `/berth/images/blobs/<hex>`: an `ImageBlobRecord`, written once every chunk is stored and
+//!   the whole blob matched its digest (so a blob cut off mid-upload is never used);
+//! - `/berth/images/refs/<reference>`: an `ImageView` (full-form reference, manifest digest,
+//!   config, layers), written only while every layer's blob record exists.
+//!
+//! A RUNNING assignment of an oci task whose image (normalized) is recorded here carries it
+//! (`Assignment.image`); the agent fetches the blobs it lacks from the leader over its session's
+//! connection (`serve_blob`) instead of pulling from a registry.
+
+use std::collections::BTreeSet;
+
+use berth_api::pb::{
+    ImageBlobChunk, ImageBlobRecord, ImageBlobResponse, ImageView, PutImageRequest,
+    agent::{AgentFrame, BlobChunk, ClusterImage, MasterFrame, agent_frame, master_frame},
+};
+use berth_channel::{FrameReader, FrameWriter};
+use berth_store::KvReader;
+use berth_types::{Command, CommandResult, Put, RequestOp, Txn, image::normalize_reference, prefix_end};
+use prost::Message;
+use sha2::{Digest, Sha256};
+use tokio_stream::StreamExt;
+use tonic::{Status, Streaming};
+use tracing::{info, warn};
+
+use crate::node::Ctx;
+use crate::objects;
+
+const BLOBS: &str = "/berth/images/blobs/";
+const CHUNKS: &str = "/berth/images/chunks/";
+const REFS: &str = "/berth/images/refs/";
+
+/// The size of one stored chunk (and of one frame to an agent): well under the state's value
+/// limit (1 MiB) and the channel's frame limit (4 MiB).
+pub(crate) const CHUNK_BYTES: usize = 512 * 1024;
+
+fn blob_key(hex: &str) -> Vec<u8> {
+    format!("{BLOBS}{hex}").into_bytes()
+}
+
+fn chunk_prefix(hex: &str) -> String {
+    format!("{CHUNKS}{hex}/")
+}
+
+fn chunk_key(hex: &str, index: u32) -> Vec<u8> {
+    format!("{}{index:08}", chunk_prefix(hex)).into_bytes()
+}
+
+fn ref_key(reference: &str) -> Vec<u8> {
+    format!("{REFS}{reference}").into_bytes()
+}
+
+/// The hex of a `sha256:<hex>` digest, checked.
+fn hex_of(digest: &str) -> Result<&str, Status> {
+    digest
+        .strip_prefix("sha256:")
+        .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
+        .ok_or_else(|| Status::invalid_argument(format!("{digest:?} is not a sha256 digest (sha256:<64 hex digits>)")))
+}
+
+async fn put(ctx: &Ctx, key: Vec<u8>, value: Vec<u8>) -> Result<(), Status> {
+    let txn =
+        Txn { compare: vec![], success: vec![RequestOp::Put(Put { key, value, prev_kv: false })], failure: vec![] };
+    ctx.write(Command::Txn(txn)).await.map(|_| ())
+}
+
+/// Removes what an upload of the blob `hex` wrote before it failed.
+async fn discard_chunks(ctx: &Ctx, hex: &str) {
+    let prefix = chunk_prefix(hex);
+    let op = RequestOp::DeleteRange(berth_types::DeleteRange {
+        key: prefix.clone().into_bytes(),
+        range_end: prefix_end(prefix.as_bytes()),
+        prev_kv: false,
+    });
+    let txn = Txn { compare: vec![], success: vec![op], failure: vec![] };
+    if let Err(e) = ctx.write(Command::Txn(txn)).await {
+        warn!(blob = hex, "the chunks of a failed upload were not removed: {}", e.message());
+    }
+}
+
+/// `PutImageBlob`: stores a blob streamed in chunks, checked against its digest.
+pub(crate) async fn put_blob(ctx: &Ctx, mut stream: Streaming<ImageBlobChunk>) -> Result<ImageBlobResponse, Status> {
+    let first = stream
+        .next()
+        .await
+        .ok_or_else(|| Status::invalid_argument("no blob was sent"))?
+        .map_err(|e| Status::cancelled(format!("the upload broke off: {e}")))?;
+    let digest = first.digest.clone();
+    let declared = first.size;
+    let hex = hex_of(&digest)?.to_string();
+    ctx.read_barrier().await?;
+    if let Some(rec) = objects::get::<ImageBlobRecord>(&ctx.reader, &blob_key(&hex))? {
+        // Stored already: nothing to write; the rest of the stream is not needed.
+        return Ok(ImageBlobResponse { header: Some(ctx.header()), digest, size: rec.obj.size, existed: true });
+    }
+    // Within the state's value limit, should a master run with a smaller one.
+    let chunk_bytes = CHUNK_BYTES.min(ctx.limits.max_value_bytes.saturating_sub(4096)).max(4096);
+    let mut hasher = Sha256::new();
+    let mut buf: Vec<u8> = Vec::with_capacity(chunk_bytes);
+    let mut size = 0u64;
+    let mut chunks = 0u32;
+    let mut next = Some(Ok(first));
+    let result: Result<(), Status> = async {
+        loop {
+            let done = match next.take() {
+                Some(Ok(c)) => {
+                    hasher.update(&c.data);
+                    size += c.data.len() as u64;
+                    buf.extend_from_slice(&c.data);
+                    false
+                }
+                Some(Err(e)) => return Err(Status::cancelled(format!("the upload of {digest} broke off: {e}"))),
+                None => true,
+            };
+            while buf.len() >= chunk_bytes || (done && !buf.is_empty()) {
+                let rest = buf.split_off(buf.len().min(chunk_bytes));
+                put(ctx, chunk_key(&hex, chunks), std::mem::replace(&mut buf, rest)).await?;
+                chunks += 1;
+            }
+            if done {
+                return Ok(());
+            }
+            next = stream.next().await;
+        }
+    }
+    .await;
+    if let Err(e) = result {
+        discard_chunks(ctx, &hex).await;
+        return Err(e);
+    }
+    let got = hex::encode(hasher.finalize());
+    if got != hex || (declared != 0 && declared != size) {
+        discard_chunks(ctx, &hex).await;
+        return Err(Status::invalid_argument(format!(
+            "the blob sent as {digest} ({declared} bytes) arrived as sha256:{got} ({size} bytes): it was corrupted \
+             or cut off; nothing was kept, send it again"
+        )));
+    }
+    let rec = ImageBlobRecord { size, chunks, stored_at_ms: objects::now_ms() };
+    put(ctx, blob_key(&hex), rec.encode_to_vec()).await?;
+    info!(blob = %digest, size, chunks, "image blob stored");
+    Ok(ImageBlobResponse { header: Some(ctx.header()), digest, size, existed: false })
+}
+
+/// The image of a reference, if the cluster holds it.
+fn get(reader: &KvReader, reference: &str) -> Result<Option<objects::Versioned<ImageView>>, Status> {
+    objects::get::<ImageView>(reader, &ref_key(reference))
+}
+
+/// `PutImage`: records an image under each of its references, once all its layers are stored.
+pub(crate) async fn put_image(ctx: &Ctx, r: PutImageRequest) -> Result<Vec<ImageView>, Status> {
+    if r.references.is_empty() {
+        return Err(Status::invalid_argument("an image needs at least one reference (name:tag) to be recorded under"));
+    }
+    let references = r
+        .references
+        .iter()
+        .map(|s| normalize_reference(s).map_err(Status::invalid_argument))
+        .collect::<Result<BTreeSet<String>, Status>>()?;
+    hex_of(&r.digest)?;
+    if r.layers.is_empty() {
+        return Err(Status::invalid_argument("the image has no layers"));
+    }
+    if serde_json::from_str::<serde_json::Value>(&r.config_json).is_err() {
+        return Err(Status::invalid_argument("the image's config is not a JSON document"));
+    }
+    let max_ops = ctx.limits.max_txn_ops;
+    if r.layers.len() + references.len() > max_ops {
+        return Err(Status::invalid_argument(format!(
+            "an image with {} layers under {} references is more than one transaction holds ({max_ops}); import it \
+             under fewer references",
+            r.layers.len(),
+            references.len()
+        )));
+    }
+    for _ in 0..5 {
+        ctx.read_barrier().await?;
+        let mut parts = Vec::new();
+        let mut size = 0;
+        for l in &r.layers {
+            let hex = hex_of(&l.digest)?;
+            let rec = objects::get::<ImageBlobRecord>(&ctx.reader, &blob_key(hex))?.ok_or_else(|| {
+                Status::failed_precondition(format!(
+                    "layer {} is not stored in the cluster; send its blob first (`berth image import` does)",
+                    l.digest
+                ))
+            })?;
+            if rec.obj.size != l.size {
+                return Err(Status::invalid_argument(format!(
+                    "layer {} is {} bytes in the cluster but the image says {}",
+                    l.digest, rec.obj.size, l.size
+                )));
+            }
+            size += l.size;
+            // The blob must still be there when the image is recorded.
+            parts.push((
+                berth_types::Compare {
+                    key: blob_key(hex),
+                    op: berth_types::CompareOp::Equal,
+                    target: berth_types::CompareTarget::ModRevision(rec.mod_revision),
+                },
+                None,
+            ));
+        }
+        let now = objects::now_ms();
+        let mut views = Vec::new();
+        for reference in &references {
+            let view = ImageView {
+                reference: reference.clone(),
+                digest: r.digest.clone(),
+                config_json: r.config_json.clone(),
+                layers: r.layers.clone(),
+                imported_at_ms: now,
+                size,
+            };
+            let (c, op) = objects::cas_put(
+                ref_key(reference),
+                get(&ctx.reader, reference)?.map_or(0, |v| v.mod_revision),
+                view.encode_to_vec(),
+            );
+            parts.push((c, Some(op)));
+            views.push(view);
+        }
+        let (compare, ops): (Vec<_>, Vec<_>) = parts.into_iter().unzip();
+        let txn = Txn { compare, success: ops.into_iter().flatten().collect(), failure: vec![] };
+        match ctx.write(Command::Txn(txn)).await? {
+            CommandResult::Txn(t) if t.succeeded => {
+                info!(references = ?references, digest = %r.digest, size, "image recorded");
+                return Ok(views);
+            }
+            _ => continue,
+        }
+    }
+    Err(Status::aborted("the image's records kept changing while it was being recorded; run the command again"))
+}
+
+/// `berth image ls`.
+pub(crate) fn list(reader: &KvReader) -> Result<Vec<ImageView>, Status> {
+    Ok(objects::list::<ImageView>(reader, REFS)?.into_iter().map(|v| v.obj).collect())
+}
+
+/// `DeleteImage`: removes the reference, and the blobs no other reference's image uses. Nodes
+/// keep the copies they stored (their own garbage collection removes them once unused).
+pub(crate) async fn delete(ctx: &Ctx, reference: &str) -> Result<ImageView, Status> {
+    let reference = normalize_reference(reference).map_err(Status::invalid_argument)?;
+    for _ in 0..5 {
+        ctx.read_barrier().await?;
+        let Some(img) = get(&ctx.reader, &reference)? else {
+            return Err(Status::not_found(format!("the cluster holds no image {reference} (see `berth image ls`)")));
+        };
+        let kept: BTreeSet<String> = objects::list::<ImageView>(&ctx.reader, REFS)?
+            .into_iter()
+            .filter(|v| v.obj.reference != reference)
+            .flat_map(|v| v.obj.layers.into_iter().map(|l| l.digest))
+            .collect();
+        let mut parts = vec![objects::cas_delete(ref_key(&reference), img.mod_revision)];
+        let mut ops = Vec::new();
+        let gone: BTreeSet<&str> =
+            img.obj.layers.iter().map(|l| l.digest.as_str()).filter(|d| !kept.contains(*d)).collect();
+        for d in &gone {
+            let hex = hex_of(d)?;
+            ops.push(objects::delete(blob_key(hex)));
+            let prefix = chunk_prefix(hex);
+            ops.push(RequestOp::DeleteRange(berth_types::DeleteRange {
+                key: prefix.clone().into_bytes(),
+                range_end: prefix_end(prefix.as_bytes()),
+                prev_kv: false,
+            }));
+        }
+        let (c, op) = parts.remove(0);
+        let txn = Txn { compare: vec![c], success: std::iter::once(op).chain(ops).collect(), failure: vec![] };
+        match ctx.write(Command::Txn(txn)).await? {
+            CommandResult::Txn(t) if t.succeeded => {
+                info!(reference = %reference, blobs_removed = gone.len(), "image removed");
+                return Ok(img.obj);
+            }
+            _ => continue,
+        }
+    }
+    Err(Status::aborted("the image's records kept changing; run the command again"))
+}
+
+/// The cluster's copy of a task's image, for its assignment: `None` when the task is not an oci
+/// task or the cluster does not hold its image (the node pulls it from its registry).
+pub(crate) fn for_task(reader: &KvReader, spec: &berth_types::task::RunSpec) -> Option<ClusterImage> {
+    if spec.task.runtime != berth_types::spec::Runtime::Oci {
+        return None;
+    }
+    let reference = normalize_reference(spec.task.image.as_deref()?).ok()?;
+    let img = match get(reader, &reference) {
+        Ok(img) => img?.obj,
+        Err(e) => {
+            warn!(image = %reference, "reading the cluster's image record failed: {}", e.message());
+            return None;
+        }
+    };
+    Some(ClusterImage {
+        reference: img.reference,
+        digest: img.digest,
+        config_json: img.config_json,
+        layers: img.layers,
+    })
+}
+
+/// Answers one agent's `BlobRequest` on its own stream: the blob's chunks in order, the last
+/// with `end` (or one with `end` and the error).
+pub(crate) async fn serve_blob(reader: &KvReader, mut writer: FrameWriter, mut frames: FrameReader) {
+    let request = match frames.recv::<AgentFrame>().await {
+        Ok(Some(AgentFrame { body: Some(agent_frame::Body::BlobRequest(r)) })) => r,
+        Ok(_) => return,
+        Err(e) => {
+            warn!("a blob stream from an agent was unreadable: {e}");
+            return;
+        }
+    };
+    let send = |c: BlobChunk| MasterFrame { body: Some(master_frame::Body::BlobChunk(c)) };
+    let fail = |error: String| send(BlobChunk { end: true, error, ..Default::default() });
+    let result: Result<(), String> = async {
+        let hex = hex_of(&request.digest).map_err(|s| s.message().to_string())?;
+        let rec = objects::get::<ImageBlobRecord>(reader, &blob_key(hex))
+            .map_err(|s| s.message().to_string())?
+            .ok_or_else(|| format!("the cluster holds no blob {} (was its image removed?)", request.digest))?
+            .obj;
+        for i in 0..rec.chunks {
+            let data = reader
+                .get(&chunk_key(hex, i))
+                .map_err(|e| format!("reading blob {} failed: {e}", request.digest))?
+                .ok_or_else(|| format!("chunk {i} of blob {} is missing", request.digest))?
+                .value;
+            let last = i + 1 == rec.chunks;
+            let chunk = BlobChunk { data, end: last, error: String::new(), size: if i == 0 { rec.size } else { 0 } };
+            writer.send(&send(chunk)).await.map_err(|e| format!("sending blob {} failed: {e}", request.digest))?;
+        }
+        if rec.chunks == 0 {
+            writer.send(&send(BlobChunk { end: true, ..Default::default() })).await.map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+    .await;
+    if let Err(e) = result {
+        warn!(blob = %request.digest, "a blob was not sent to an agent: {e}");
+        let _ = writer.send(&fail(e)).await;
+    }
+    let _ = writer.finish().await;
+}
