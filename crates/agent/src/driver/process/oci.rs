@@ -93,7 +93,8 @@ pub(crate) struct OciLaunch {
 }
 
 impl OciLaunch {
-    /// The arguments of the foreground run.
+    /// The arguments of the foreground run. The runtime writes the init's pid to
+    /// [`OciLaunch::pid_file`] once the container runs (its init has exec'd).
     pub fn run_args(&self) -> Vec<std::ffi::OsString> {
         vec![
             "--root".into(),
@@ -101,8 +102,15 @@ impl OciLaunch {
             "run".into(),
             "--bundle".into(),
             self.bundle.clone().into_os_string(),
+            "--pid-file".into(),
+            self.pid_file().into_os_string(),
             self.id.clone().into(),
         ]
+    }
+
+    /// Where the runtime writes the task's init pid (in the bundle).
+    pub fn pid_file(&self) -> PathBuf {
+        self.bundle.join("init.pid")
     }
 
     /// The arguments that run `argv` in the task, confined as the task is.
@@ -253,7 +261,10 @@ mod tests {
             id: "t1".into(),
             rootfs: "/r".into(),
         };
-        assert_eq!(l.run_args(), ["--root", "/s", "run", "--bundle", "/t/bundle", "t1"]);
+        assert_eq!(
+            l.run_args(),
+            ["--root", "/s", "run", "--bundle", "/t/bundle", "--pid-file", "/t/bundle/init.pid", "t1"]
+        );
         assert_eq!(
             l.exec_args(&["ls".into()], Path::new("/p")),
             ["--root", "/s", "exec", "--pid-file", "/p", "t1", "ls"]

@@ -275,6 +275,8 @@ fn launch_unshare(dir: &Path, config: &ShimConfig) -> Result<std::process::Child
 /// Starts a sandboxed task: the OCI runtime in the foreground, with the bundle the runtime
 /// wrote (argv, environment, namespaces, mounts and limits are all in its config).
 fn launch_oci(oci: &super::oci::OciLaunch) -> Result<std::process::Child, String> {
+    // A pid file left by an earlier start of this bundle would name a process long gone.
+    let _ = std::fs::remove_file(oci.pid_file());
     Command::new(&oci.runtime)
         .args(oci.run_args())
         .env_clear()
@@ -346,25 +348,36 @@ fn find_task(child: &mut std::process::Child) -> Option<files::ProcRef> {
     }
 }
 
-/// A sandboxed task's init as the OCI runtime reports it (`runc state`) once it runs (it has
-/// exec'd the init: a signal before that would fail the runtime's start instead of ending the
-/// task).
+/// A sandboxed task's init once it runs (it has exec'd the init: a signal before that would fail
+/// the runtime's start instead of ending the task). The runtime's pid file says so (written once
+/// the container runs; a stat per millisecond costs nothing); `runc state`, which costs a runtime
+/// process each time, is asked only now and then, for a runtime that wrote no pid file.
 fn find_container(child: &mut std::process::Child, oci: &super::oci::OciLaunch) -> Option<files::ProcRef> {
     let deadline = Instant::now() + FIND_TASK_PATIENCE;
+    let pid_file = oci.pid_file();
+    let mut next_state = Instant::now() + Duration::from_millis(200);
     loop {
-        let out = Command::new(&oci.runtime).args(oci.state_args()).stdin(Stdio::null()).output();
-        if let Ok(out) = out
-            && let Some((status, pid)) = super::oci::parse_state(&out.stdout)
-            && pid > 0
-            && status == "running"
+        if let Some(pid) = std::fs::read_to_string(&pid_file).ok().and_then(|t| t.trim().parse::<u32>().ok())
             && let Some(task) = procfs::proc_ref(pid)
         {
             return Some(task);
         }
+        if Instant::now() >= next_state {
+            next_state = Instant::now() + Duration::from_millis(200);
+            let out = Command::new(&oci.runtime).args(oci.state_args()).stdin(Stdio::null()).output();
+            if let Ok(out) = out
+                && let Some((status, pid)) = super::oci::parse_state(&out.stdout)
+                && pid > 0
+                && status == "running"
+                && let Some(task) = procfs::proc_ref(pid)
+            {
+                return Some(task);
+            }
+        }
         if !matches!(child.try_wait(), Ok(None)) || Instant::now() >= deadline {
             return None;
         }
-        std::thread::sleep(Duration::from_millis(2));
+        std::thread::sleep(Duration::from_millis(1));
     }
 }
 
