@@ -210,7 +210,7 @@ async fn unused_images_are_collected_past_the_threshold() {
 }
 
 #[tokio::test]
-async fn privileged_is_refused_for_oci() {
+async fn privileged_is_refused_for_oci_unless_the_agent_allows_it() {
     berth_pki::tls::install_crypto_provider();
     let (_tmp, rt, fx) = setup();
     let mut s = fx.shell("true");
@@ -219,6 +219,59 @@ async fn privileged_is_refused_for_oci() {
         Err(RuntimeError::Invalid(m)) => assert!(m.contains("--allow-privileged"), "{m}"),
         other => panic!("expected Invalid, got {other:?}"),
     }
+}
+
+/// An image's program is looked up in the image, not on the host (nor refused for being outside
+/// the host's system directories): one the image lacks fails at the OCI runtime, saying so.
+#[tokio::test]
+async fn an_image_program_is_looked_up_in_the_image_not_on_the_host() {
+    berth_pki::tls::install_crypto_provider();
+    let (_tmp, rt, fx) = setup();
+    let mut guard = Cleanup::new(&fx);
+    let id = guard.id("missing-program");
+    match rt.start(&id, &spec(&fx.image, &["/srv/app/server", "--port", "8080"])).await {
+        Err(RuntimeError::Invalid(m)) => panic!("refused against the host's view: {m}"),
+        Err(e) => assert!(e.to_string().contains("/srv/app/server"), "{e}"),
+        Ok(()) => {
+            let (code, message) = conformance::exited(&rt, &id).await;
+            assert_ne!(code, 0, "a program the image lacks cannot run: {message}");
+        }
+    }
+}
+
+/// With `--allow-privileged`, an image runs as Docker's `--privileged` does: host root, every
+/// capability, no user namespace, no seccomp filter.
+#[tokio::test]
+async fn a_privileged_image_runs_as_host_root_with_every_capability() {
+    berth_pki::tls::install_crypto_provider();
+    let (tmp, _rt, fx) = setup();
+    let images = Images::new(tmp.path().join("images"), Vec::new(), berth_agent::image::DEFAULT_GC_THRESHOLD);
+    let fx = OciFixture {
+        rt: ProcessRuntime::new(tmp.path().join("tasks-priv"), vec![env!("CARGO_BIN_EXE_berth-task-shim").into()])
+            .with_cgroup_parent("berth-test")
+            .with_images(images)
+            .with_sandbox(true, None),
+        image: fx.image.clone(),
+    };
+    let mut guard = Cleanup::new(&fx);
+    let id = guard.id("privileged");
+    let mut s = fx.shell(
+        "echo uid=$(/bin/busybox id -u); /bin/busybox grep -E '^(CapEff|Seccomp):' /proc/self/status; \
+         /bin/busybox cat /proc/self/uid_map",
+    );
+    s.task.privileged = true;
+    fx.rt.start(&id, &s).await.unwrap();
+    let (code, message) = conformance::exited(&fx.rt, &id).await;
+    assert_eq!(code, 0, "{message}");
+    let lines = conformance::logs(&fx.rt, &id, Default::default()).await;
+    let out: String = lines.iter().map(|l| format!("{}\n", l.line)).collect();
+    assert!(out.contains("uid=0"), "{out}");
+    assert!(out.lines().any(|l| l.starts_with("Seccomp:") && l.ends_with('0')), "no filter: {out}");
+    let cap_eff = out.lines().find_map(|l| l.strip_prefix("CapEff:")).unwrap_or_default().trim().to_string();
+    let mask = u64::from_str_radix(&cap_eff, 16).unwrap_or(0);
+    assert!(mask & (1 << 21) != 0 && mask & (1 << 12) != 0, "CAP_SYS_ADMIN and CAP_NET_ADMIN: {out}");
+    // The identity map of a process outside any user namespace.
+    assert!(out.contains("4294967295"), "{out}");
 }
 
 // ---- the conformance suite ----

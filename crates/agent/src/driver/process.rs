@@ -317,14 +317,18 @@ impl ProcessRuntime {
             }
             PathBuf::from(w)
         };
-        // The task's directory does not exist yet: resolve relative programs from `/` then.
+        // The task's directory does not exist yet: resolve relative programs from `/` then. An
+        // image's program is in the image, not on the host: the OCI runtime reports it missing.
         let base = if workdir == dir || !workdir.is_dir() { Path::new("/") } else { workdir.as_path() };
-        check_program(program, &env["PATH"], base).map_err(|e| {
-            RuntimeError::Invalid(format!(
-                "task {task_id}: {e}; use an absolute path in spec.task.command or set PATH in spec.task.env"
-            ))
-        })?;
-        if !policy.privileged
+        if image.is_none() {
+            check_program(program, &env["PATH"], base).map_err(|e| {
+                RuntimeError::Invalid(format!(
+                    "task {task_id}: {e}; use an absolute path in spec.task.command or set PATH in spec.task.env"
+                ))
+            })?;
+        }
+        if image.is_none()
+            && !policy.privileged
             && program.starts_with('/')
             && !in_bind(program)
             && !sandbox::view::SYSTEM_DIRS.iter().any(|d| Path::new(program).starts_with(d))
@@ -336,13 +340,10 @@ impl ProcessRuntime {
                 sandbox::view::SYSTEM_DIRS.join(", ")
             )));
         }
-        if policy.privileged && image.is_some() {
-            return Err(RuntimeError::Invalid(format!(
-                "task {task_id}: `privileged: true` is not supported for runtime `oci` yet; run it sandboxed, or as a \
-                 privileged process or docker task"
-            )));
-        }
-        if policy.privileged && !procfs::is_executable(&self.inner.unshare) {
+        // A privileged process task runs through util-linux's unshare and berth's init; a
+        // privileged image runs through the OCI runtime like any image, with the sandbox off.
+        let unsandboxed = policy.privileged && image.is_none();
+        if unsandboxed && !procfs::is_executable(&self.inner.unshare) {
             return Err(RuntimeError::Unavailable(format!(
                 "the process runtime needs util-linux's unshare at {} and it is missing; install util-linux \
                  (e.g. `apt-get install util-linux`) or run the task with the docker runtime",
@@ -361,7 +362,7 @@ impl ProcessRuntime {
                 Path::new(shim).display()
             )));
         }
-        let oci = if policy.privileged {
+        let oci = if unsandboxed {
             None
         } else {
             let runtime =

@@ -56,7 +56,11 @@ impl Policy {
     pub fn of(task: &TaskSpec) -> Policy {
         Policy {
             privileged: task.privileged,
-            user: User::of(task.user.as_deref()),
+            // Privileged means host root unless the spec names a user.
+            user: match task.user.as_deref() {
+                None if task.privileged => User { uid: 0, gid: 0 },
+                spec => User::of(spec),
+            },
             caps: security::effective_capabilities(&task.cap_add, &task.cap_drop),
             pids_max: task.resources.limits.as_ref().and_then(|l| l.pids).unwrap_or(DEFAULT_PIDS_MAX).max(1),
         }
@@ -78,6 +82,8 @@ impl Policy {
     pub fn host_ids(&self, rootless: Option<(u32, u32)>) -> (u32, u32) {
         match rootless {
             Some(ids) => ids,
+            // No user namespace: the ids are the host's.
+            None if self.privileged => (self.user.uid, self.user.gid),
             None => (host_id(self.user.uid), host_id(self.user.gid)),
         }
     }
@@ -85,10 +91,24 @@ impl Policy {
     /// The capabilities the process holds: in its bounding set always; permitted and
     /// effective only as uid 0 (as Docker does: a non-root task gains none by exec).
     fn capabilities(&self) -> Value {
-        let caps: Vec<String> = self.caps.iter().map(|c| format!("CAP_{c}")).collect();
+        let all = bounding_set();
+        let caps = if self.privileged { &all } else { &self.caps };
+        let caps: Vec<String> = caps.iter().map(|c| format!("CAP_{c}")).collect();
         let active = if self.user.uid == 0 { caps.clone() } else { Vec::new() };
         json!({"bounding": caps, "permitted": active, "effective": active, "inheritable": [], "ambient": []})
     }
+}
+
+/// The capabilities in the agent's own bounding set (a privileged task gets every one of them;
+/// one the agent lacks cannot be given). `CAPABILITIES` is in capability-number order.
+fn bounding_set() -> Vec<&'static str> {
+    let mask = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| l.strip_prefix("CapBnd:")).and_then(|h| u64::from_str_radix(h.trim(), 16).ok())
+        })
+        .unwrap_or(u64::MAX);
+    security::CAPABILITIES.iter().enumerate().filter(|(i, _)| mask & (1 << i) != 0).map(|(_, c)| *c).collect()
 }
 
 /// The host id of id `id` inside a task's user namespace.
@@ -241,8 +261,13 @@ pub fn config(c: &Container<'_>) -> Value {
         // namespace; a read-only bind of the host's shows the same (recursive: the kernel
         // refuses to bind part of a tree from a user namespace). The host's cgroup tree under
         // it is masked.
-        json!({"destination": "/sys", "type": "bind", "source": "/sys",
-               "options": ["rbind", "nosuid", "noexec", "nodev", "ro"]}),
+        if p.privileged {
+            // No user namespace: a sysfs of its own, writable.
+            json!({"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "rw"]})
+        } else {
+            json!({"destination": "/sys", "type": "bind", "source": "/sys",
+                   "options": ["rbind", "nosuid", "noexec", "nodev", "ro"]})
+        },
         json!({"destination": INIT_TARGET, "type": "bind", "source": c.init, "options": ["bind", "ro", "nosuid", "nodev"]}),
     ];
     mounts.extend(c.mounts.iter().cloned());
@@ -263,16 +288,20 @@ pub fn config(c: &Container<'_>) -> Value {
         json!({"type": "uts"}),
         json!({"type": "mount"}),
         json!({"type": "cgroup"}),
-        json!({"type": "user"}),
     ];
+    if !p.privileged {
+        namespaces.push(json!({"type": "user"}));
+    }
     if let Some(netns) = c.netns {
         namespaces.push(json!({"type": "network", "path": netns}));
     }
-    let mut devices = vec![json!({"allow": false, "access": "rwm"})];
-    devices.extend(DEVICES.iter().map(|(major, minor)| match minor {
-        Some(minor) => json!({"allow": true, "type": "c", "major": major, "minor": minor, "access": "rwm"}),
-        None => json!({"allow": true, "type": "c", "major": major, "access": "rwm"}),
-    }));
+    let mut devices = vec![json!({"allow": p.privileged, "access": "rwm"})];
+    if !p.privileged {
+        devices.extend(DEVICES.iter().map(|(major, minor)| match minor {
+            Some(minor) => json!({"allow": true, "type": "c", "major": major, "minor": minor, "access": "rwm"}),
+            None => json!({"allow": true, "type": "c", "major": major, "access": "rwm"}),
+        }));
+    }
     let mut resources = json!({"devices": devices, "pids": {"limit": p.pids_max}});
     if let Some(bytes) = c.limits.memory_bytes {
         resources["memory"] = json!({"limit": bytes});
@@ -280,15 +309,22 @@ pub fn config(c: &Container<'_>) -> Value {
     if let Some(quota) = c.limits.cpu_quota_us {
         resources["cpu"] = json!({"quota": quota, "period": c.limits.cpu_period_us});
     }
-    let mut linux = json!({
-        "uidMappings": map_uids,
-        "gidMappings": map_gids,
-        "namespaces": namespaces,
-        "maskedPaths": MASKED_PATHS,
-        "readonlyPaths": READONLY_PATHS,
-        "seccomp": seccomp::profile(&p.caps),
-        "resources": resources,
-    });
+    let mut linux = if p.privileged {
+        // Docker's --privileged: no user namespace, every capability, no seccomp filter, no
+        // masked paths, every device allowed; still its own pid, mount, ipc and uts namespaces
+        // and the task's cgroup limits.
+        json!({"namespaces": namespaces, "resources": resources})
+    } else {
+        json!({
+            "uidMappings": map_uids,
+            "gidMappings": map_gids,
+            "namespaces": namespaces,
+            "maskedPaths": MASKED_PATHS,
+            "readonlyPaths": READONLY_PATHS,
+            "seccomp": seccomp::profile(&p.caps),
+            "resources": resources,
+        })
+    };
     if let Some(path) = &c.cgroups_path {
         linux["cgroupsPath"] = json!(path);
     }
@@ -301,7 +337,7 @@ pub fn config(c: &Container<'_>) -> Value {
             "env": c.env,
             "cwd": c.cwd,
             "capabilities": p.capabilities(),
-            "noNewPrivileges": true,
+            "noNewPrivileges": !p.privileged,
         },
         "root": {"path": c.rootfs, "readonly": c.readonly_root},
         "mounts": mounts,
