@@ -239,6 +239,25 @@ async fn an_image_program_is_looked_up_in_the_image_not_on_the_host() {
     }
 }
 
+/// The image's root-owned files belong to the task's root (host uid 1000000), so a task running
+/// as root writes them as it would under Docker; the default user (65534) still cannot.
+#[tokio::test]
+async fn a_root_task_writes_its_images_files_and_a_default_one_cannot() {
+    berth_pki::tls::install_crypto_provider();
+    let (_tmp, rt, fx) = setup();
+    let mut guard = Cleanup::new(&fx);
+    let id = guard.id("root-writes");
+    let mut s = fx.shell("echo hi > /bin/made-by-root && /bin/busybox cat /bin/made-by-root");
+    s.task.user = Some("0".into());
+    rt.start(&id, &s).await.unwrap();
+    let (code, message) = conformance::exited(&rt, &id).await;
+    assert_eq!(code, 0, "{message}");
+    let id = guard.id("nobody-cannot");
+    rt.start(&id, &fx.shell("echo hi > /bin/made-by-nobody")).await.unwrap();
+    let (code, _) = conformance::exited(&rt, &id).await;
+    assert_ne!(code, 0, "the default user cannot write the image's /bin");
+}
+
 /// With `--allow-privileged`, an image runs as Docker's `--privileged` does: host root, every
 /// capability, no user namespace, no seccomp filter.
 #[tokio::test]

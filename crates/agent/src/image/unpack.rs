@@ -5,7 +5,9 @@
 //! - `.wh..wh..opq` (the directory's lower contents are hidden) becomes the
 //!   `trusted.overlay.opaque=y` attribute on the directory.
 //!
-//! Entries keep their owners, modes and times; an entry that would land outside the layer
+//! Entries keep their modes and times, and their owners as the task's user namespace maps them
+//! (`sandbox::host_id`: an image's root-owned files belong to host uid 1000000, the task's root,
+//! so a task running as root can write them as it could in Docker); an entry that would land outside the layer
 //! directory (`..`, absolute paths, through a symlink) is refused by the tar crate's
 //! `unpack_in`, and the layer fails.
 
@@ -51,7 +53,9 @@ pub fn unpack(blob: impl Read, compression: Compression, dir: &Path) -> Result<u
     };
     let mut archive = tar::Archive::new(reader);
     archive.set_preserve_permissions(true);
-    archive.set_preserve_ownerships(rustix::process::geteuid().is_root());
+    // Owners are set below, shifted into the tasks' user namespace.
+    let chown = rustix::process::geteuid().is_root();
+    archive.set_preserve_ownerships(false);
     archive.set_preserve_mtime(true);
     archive.set_unpack_xattrs(false);
     archive.set_overwrite(true);
@@ -82,10 +86,44 @@ pub fn unpack(blob: impl Read, compression: Compression, dir: &Path) -> Result<u
             .map_err(|e| format!("making the whiteout {} failed (unpacking images needs root): {e}", at.display()))?;
         } else if !entry.unpack_in(dir).map_err(|e| format!("unpacking {} failed: {}", rel.display(), chain(&e)))? {
             return Err(format!("the layer entry {} leaves the layer; refusing it", path.display()));
+        } else if chown && !rel.as_os_str().is_empty() {
+            shift_owner(&dir.join(&rel), entry.header()).map_err(|e| format!("unpacking {}: {e}", rel.display()))?;
         }
         count += 1;
     }
     Ok(count)
+}
+
+/// Gives the unpacked entry at `at` its header's owner as a sandboxed task sees it (uid and gid 0
+/// become [`crate::sandbox::ROOT_HOST_ID`]; ids above the mapped range stay, unmapped), then its
+/// mode again: a chown clears the set-id bits.
+fn shift_owner(at: &Path, header: &tar::Header) -> Result<(), String> {
+    let uid = header.uid().map_err(|e| format!("its owner is unreadable: {e}"))? as u32;
+    let gid = header.gid().map_err(|e| format!("its group is unreadable: {e}"))? as u32;
+    let shift = |id: u32| if id <= berth_types::spec::security::MAX_ID { crate::sandbox::host_id(id) } else { id };
+    let (uid, gid) = (shift(uid), shift(gid));
+    rustix::fs::chownat(
+        rustix::fs::CWD,
+        at,
+        Some(rustix::fs::Uid::from_raw(uid)),
+        Some(rustix::fs::Gid::from_raw(gid)),
+        rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+    )
+    .map_err(|e| format!("setting its owner to {uid}:{gid} failed: {e}"))?;
+    let kind = header.entry_type();
+    if !kind.is_symlink()
+        && !kind.is_hard_link()
+        && let Ok(mode) = header.mode()
+    {
+        rustix::fs::chmodat(
+            rustix::fs::CWD,
+            at,
+            rustix::fs::Mode::from_raw_mode(mode & 0o7777),
+            rustix::fs::AtFlags::empty(),
+        )
+        .map_err(|e| format!("setting its mode failed: {e}"))?;
+    }
+    Ok(())
 }
 
 /// An error with its causes (the tar crate wraps the one that says what went wrong).
@@ -154,6 +192,10 @@ mod tests {
         let blob = layer(&[("etc/app.conf", b"x=1"), ("./var/.wh.gone", b""), ("data/.wh..wh..opq", b"")]);
         assert_eq!(unpack(&blob[..], Compression::None, tmp.path()).unwrap(), 3);
         assert_eq!(std::fs::read_to_string(tmp.path().join("etc/app.conf")).unwrap(), "x=1");
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(tmp.path().join("etc/app.conf")).unwrap();
+        assert_eq!((meta.uid(), meta.gid()), (crate::sandbox::ROOT_HOST_ID, crate::sandbox::ROOT_HOST_ID));
+        assert_eq!(meta.mode() & 0o7777, 0o644);
         use std::os::unix::fs::FileTypeExt;
         assert!(std::fs::metadata(tmp.path().join("var/gone")).unwrap().file_type().is_char_device());
         let mut buf = [0u8; 4];
