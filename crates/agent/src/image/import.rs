@@ -102,6 +102,7 @@ pub fn read_archive(file: &Path, tmp: &Path) -> Result<Archive, String> {
                 if let Some(want) = diff_ids.get(i)
                     && &got != want
                     && !is_gzip(&path)
+                    && !is_zstd(&path)
                 {
                     return Err(format!(
                         "layer {l} is {got}, but the image's config says {want}; the archive is corrupt (its content \
@@ -159,6 +160,7 @@ fn layer_at(path: PathBuf, digest: String, media_type: Option<&str>) -> Archived
     let media_type = match media_type.filter(|m| !m.is_empty()) {
         Some(m) => m.to_string(),
         None if is_gzip(&path) => "application/vnd.oci.image.layer.v1.tar+gzip".into(),
+        None if is_zstd(&path) => "application/vnd.oci.image.layer.v1.tar+zstd".into(),
         None => "application/vnd.oci.image.layer.v1.tar".into(),
     };
     ArchivedLayer { path, digest, media_type, size }
@@ -198,6 +200,12 @@ impl Images {
 fn is_gzip(path: &Path) -> bool {
     let mut magic = [0u8; 2];
     std::fs::File::open(path).and_then(|mut f| f.read_exact(&mut magic)).is_ok() && magic == [0x1f, 0x8b]
+}
+
+/// Whether a file starts with zstd's frame magic.
+fn is_zstd(path: &Path) -> bool {
+    let mut magic = [0u8; 4];
+    std::fs::File::open(path).and_then(|mut f| f.read_exact(&mut magic)).is_ok() && magic == [0x28, 0xb5, 0x2f, 0xfd]
 }
 
 /// `rootfs.diff_ids` of an image config.

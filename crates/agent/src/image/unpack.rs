@@ -1,4 +1,4 @@
-//! Unpacking one image layer (a tar stream, gzip-compressed or not) into a directory that
+//! Unpacking one image layer (a tar stream, plain, gzip or zstd) into a directory that
 //! overlayfs can use as a lower layer: OCI whiteouts become overlay whiteouts.
 //!
 //! - `.wh.NAME` (NAME was deleted by this layer) becomes a 0:0 character device `NAME`;
@@ -24,6 +24,7 @@ const OPAQUE: &str = ".wh..wh..opq";
 pub enum Compression {
     None,
     Gzip,
+    Zstd,
 }
 
 impl Compression {
@@ -31,6 +32,8 @@ impl Compression {
     pub fn of_media_type(media_type: &str) -> Result<Compression, String> {
         if media_type.ends_with("tar+gzip") || media_type.ends_with("tar.gzip") || media_type.ends_with(".tar.gz") {
             Ok(Compression::Gzip)
+        } else if media_type.ends_with("tar+zstd") || media_type.ends_with(".tar.zst") {
+            Ok(Compression::Zstd)
         } else if media_type.ends_with(".tar")
             || media_type.ends_with("layer.v1.tar")
             || media_type.ends_with("rootfs.diff.tar")
@@ -38,8 +41,8 @@ impl Compression {
             Ok(Compression::None)
         } else {
             Err(format!(
-                "layer media type {media_type} is not supported (berth unpacks tar and tar+gzip layers); rebuild \
-                 the image with gzip layers"
+                "layer media type {media_type} is not supported (berth unpacks tar, tar+gzip and tar+zstd \
+                 layers); rebuild the image with gzip layers"
             ))
         }
     }
@@ -50,6 +53,10 @@ pub fn unpack(blob: impl Read, compression: Compression, dir: &Path) -> Result<u
     let reader: Box<dyn Read> = match compression {
         Compression::None => Box::new(blob),
         Compression::Gzip => Box::new(flate2::read::GzDecoder::new(blob)),
+        Compression::Zstd => Box::new(
+            ruzstd::decoding::StreamingDecoder::new(blob)
+                .map_err(|e| format!("the layer is not a zstd stream: {e}"))?,
+        ),
     };
     let mut archive = tar::Archive::new(reader);
     archive.set_preserve_permissions(true);
@@ -178,8 +185,9 @@ mod tests {
             Ok(Compression::Gzip)
         );
         assert_eq!(Compression::of_media_type("application/vnd.oci.image.layer.v1.tar"), Ok(Compression::None));
+        assert_eq!(Compression::of_media_type("application/vnd.oci.image.layer.v1.tar+zstd"), Ok(Compression::Zstd));
         assert!(
-            Compression::of_media_type("application/vnd.oci.image.layer.v1.tar+zstd").unwrap_err().contains("gzip")
+            Compression::of_media_type("application/vnd.oci.image.layer.v1.tar+bzip2").unwrap_err().contains("gzip")
         );
     }
 
@@ -211,6 +219,19 @@ mod tests {
         gz.write_all(&layer(&[("hello", b"world")])).unwrap();
         unpack(&gz.finish().unwrap()[..], Compression::Gzip, tmp.path()).unwrap();
         assert_eq!(std::fs::read_to_string(tmp.path().join("hello")).unwrap(), "world");
+    }
+
+    #[test]
+    fn zstd_layers_unpack() {
+        let tmp = tempfile::tempdir().unwrap();
+        let blob = ruzstd::encoding::compress_to_vec(
+            &layer(&[("hello", b"zstd world")])[..],
+            ruzstd::encoding::CompressionLevel::Fastest,
+        );
+        unpack(&blob[..], Compression::Zstd, tmp.path()).unwrap();
+        assert_eq!(std::fs::read_to_string(tmp.path().join("hello")).unwrap(), "zstd world");
+        let e = unpack(&b"not zstd at all"[..], Compression::Zstd, tmp.path()).unwrap_err();
+        assert!(e.contains("zstd"), "{e}");
     }
 
     #[test]
