@@ -132,12 +132,11 @@ pub fn look(
             }
             let rollout = r.rollout.as_ref().map_or(0, |ro| ro.state);
             line.push_str(&format!(" ({})", rollout_state_name(rollout)));
-            // An oci task pulling its image says how far it got.
-            if let Some(pull) = live
-                .iter()
-                .filter(|t| t.state == TaskState::Starting as i32)
-                .find_map(|t| t.message.starts_with("pulling image").then_some(t.message.as_str()))
-            {
+            // An oci task pulling its image (or loading the cluster's copy) says how far it got.
+            if let Some(pull) = live.iter().filter(|t| t.state == TaskState::Starting as i32).find_map(|t| {
+                (t.message.starts_with("pulling image") || t.message.starts_with("loading image"))
+                    .then_some(t.message.as_str())
+            }) {
                 line.push_str(&format!("; {pull}"));
             }
             let state = if v.running == *replicas && live.len() as u64 == n { State::Done } else { State::Waiting };
@@ -421,6 +420,14 @@ mod tests {
         assert_eq!(
             l.line,
             "web: 1/2 running (completed); pulling image r/app:1: layer 1/2 (0.0 MiB of 3.0 MiB fetched)"
+        );
+        // From the cluster's copy (`berth image import`) instead of a registry.
+        let mut loading = task("c", "n1", TaskState::Running, TaskState::Starting);
+        loading.message = "loading image docker.io/r/app:1 from the cluster: layer 1/1 (0 B of 1.0 MiB fetched)".into();
+        let tasks = vec![task("a", "n1", TaskState::Running, TaskState::Running), loading];
+        let l = look("web", &t, Some(&service(false, 2, 1)), &tasks, &none);
+        assert!(
+            l.line.ends_with("; loading image docker.io/r/app:1 from the cluster: layer 1/1 (0 B of 1.0 MiB fetched)")
         );
     }
 
