@@ -2,9 +2,12 @@
 //! registry. The masters keep them in the replicated state, so they survive the loss of any
 //! master like every other object, and hand them to the nodes that run tasks of them:
 //!
-//! - `/berth/images/chunks/<hex>/<index>`: a blob's bytes, in chunks of [`CHUNK_BYTES`];
-//! - `/berth/images/blobs/<hex>`: an `ImageBlobRecord`, written once every chunk is stored and
-//!   the whole blob matched its digest (so a blob cut off mid-upload is never used);
+//! - `/berth/images/chunks/<hex>/<upload>/<index>`: a blob's bytes, in chunks of
+//!   [`CHUNK_BYTES`], under an id of their upload (so a failed upload removes only its own
+//!   chunks, never those of another upload of the same blob running at the same time);
+//! - `/berth/images/blobs/<hex>`: an `ImageBlobRecord` naming the upload, written once every
+//!   chunk is stored and the whole blob matched its digest (so a blob cut off mid-upload is
+//!   never used);
 //! - `/berth/images/refs/<reference>`: an `ImageView` (full-form reference, manifest digest,
 //!   config, layers), written only while every layer's blob record exists.
 //!
@@ -42,12 +45,22 @@ fn blob_key(hex: &str) -> Vec<u8> {
     format!("{BLOBS}{hex}").into_bytes()
 }
 
-fn chunk_prefix(hex: &str) -> String {
-    format!("{CHUNKS}{hex}/")
+/// Every upload's chunks of blob `hex` (`upload` empty), or one upload's.
+fn chunk_prefix(hex: &str, upload: &str) -> String {
+    if upload.is_empty() { format!("{CHUNKS}{hex}/") } else { format!("{CHUNKS}{hex}/{upload}/") }
 }
 
-fn chunk_key(hex: &str, index: u32) -> Vec<u8> {
-    format!("{}{index:08}", chunk_prefix(hex)).into_bytes()
+fn chunk_key(hex: &str, upload: &str, index: u32) -> Vec<u8> {
+    format!("{}{index:08}", chunk_prefix(hex, upload)).into_bytes()
+}
+
+/// A range delete of every key under `prefix`.
+fn delete_prefix(prefix: &str) -> RequestOp {
+    RequestOp::DeleteRange(berth_types::DeleteRange {
+        key: prefix.as_bytes().to_vec(),
+        range_end: prefix_end(prefix.as_bytes()),
+        prev_kv: false,
+    })
 }
 
 fn ref_key(reference: &str) -> Vec<u8> {
@@ -68,15 +81,19 @@ async fn put(ctx: &Ctx, key: Vec<u8>, value: Vec<u8>) -> Result<(), Status> {
     ctx.write(Command::Txn(txn)).await.map(|_| ())
 }
 
-/// Removes what an upload of the blob `hex` wrote before it failed.
-async fn discard_chunks(ctx: &Ctx, hex: &str) {
-    let prefix = chunk_prefix(hex);
-    let op = RequestOp::DeleteRange(berth_types::DeleteRange {
-        key: prefix.clone().into_bytes(),
-        range_end: prefix_end(prefix.as_bytes()),
-        prev_kv: false,
-    });
-    let txn = Txn { compare: vec![], success: vec![op], failure: vec![] };
+/// A random id for one upload of a blob.
+fn upload_id() -> Result<String, Status> {
+    use ring::rand::SecureRandom;
+    let mut id = [0u8; 8];
+    ring::rand::SystemRandom::new()
+        .fill(&mut id)
+        .map_err(|_| Status::internal("the system's random number generator failed"))?;
+    Ok(hex::encode(id))
+}
+
+/// Removes what one upload of the blob `hex` wrote before it failed.
+async fn discard_chunks(ctx: &Ctx, hex: &str, upload: &str) {
+    let txn = Txn { compare: vec![], success: vec![delete_prefix(&chunk_prefix(hex, upload))], failure: vec![] };
     if let Err(e) = ctx.write(Command::Txn(txn)).await {
         warn!(blob = hex, "the chunks of a failed upload were not removed: {}", e.message());
     }
@@ -97,6 +114,7 @@ pub(crate) async fn put_blob(ctx: &Ctx, mut stream: Streaming<ImageBlobChunk>) -
         // Stored already: nothing to write; the rest of the stream is not needed.
         return Ok(ImageBlobResponse { header: Some(ctx.header()), digest, size: rec.obj.size, existed: true });
     }
+    let upload = upload_id()?;
     // Within the state's value limit, should a master run with a smaller one.
     let chunk_bytes = CHUNK_BYTES.min(ctx.limits.max_value_bytes.saturating_sub(4096)).max(4096);
     let mut hasher = Sha256::new();
@@ -118,7 +136,7 @@ pub(crate) async fn put_blob(ctx: &Ctx, mut stream: Streaming<ImageBlobChunk>) -
             };
             while buf.len() >= chunk_bytes || (done && !buf.is_empty()) {
                 let rest = buf.split_off(buf.len().min(chunk_bytes));
-                put(ctx, chunk_key(&hex, chunks), std::mem::replace(&mut buf, rest)).await?;
+                put(ctx, chunk_key(&hex, &upload, chunks), std::mem::replace(&mut buf, rest)).await?;
                 chunks += 1;
             }
             if done {
@@ -129,18 +147,18 @@ pub(crate) async fn put_blob(ctx: &Ctx, mut stream: Streaming<ImageBlobChunk>) -
     }
     .await;
     if let Err(e) = result {
-        discard_chunks(ctx, &hex).await;
+        discard_chunks(ctx, &hex, &upload).await;
         return Err(e);
     }
     let got = hex::encode(hasher.finalize());
     if got != hex || (declared != 0 && declared != size) {
-        discard_chunks(ctx, &hex).await;
+        discard_chunks(ctx, &hex, &upload).await;
         return Err(Status::invalid_argument(format!(
             "the blob sent as {digest} ({declared} bytes) arrived as sha256:{got} ({size} bytes): it was corrupted \
              or cut off; nothing was kept, send it again"
         )));
     }
-    let rec = ImageBlobRecord { size, chunks, stored_at_ms: objects::now_ms() };
+    let rec = ImageBlobRecord { size, chunks, stored_at_ms: objects::now_ms(), upload };
     put(ctx, blob_key(&hex), rec.encode_to_vec()).await?;
     info!(blob = %digest, size, chunks, "image blob stored");
     Ok(ImageBlobResponse { header: Some(ctx.header()), digest, size, existed: false })
@@ -264,12 +282,8 @@ pub(crate) async fn delete(ctx: &Ctx, reference: &str) -> Result<ImageView, Stat
         for d in &gone {
             let hex = hex_of(d)?;
             ops.push(objects::delete(blob_key(hex)));
-            let prefix = chunk_prefix(hex);
-            ops.push(RequestOp::DeleteRange(berth_types::DeleteRange {
-                key: prefix.clone().into_bytes(),
-                range_end: prefix_end(prefix.as_bytes()),
-                prev_kv: false,
-            }));
+            // Every upload's chunks, also those of uploads a master's crash cut off.
+            ops.push(delete_prefix(&chunk_prefix(hex, "")));
         }
         let (c, op) = parts.remove(0);
         let txn = Txn { compare: vec![c], success: std::iter::once(op).chain(ops).collect(), failure: vec![] };
@@ -327,7 +341,7 @@ pub(crate) async fn serve_blob(reader: &KvReader, mut writer: FrameWriter, mut f
             .obj;
         for i in 0..rec.chunks {
             let data = reader
-                .get(&chunk_key(hex, i))
+                .get(&chunk_key(hex, &rec.upload, i))
                 .map_err(|e| format!("reading blob {} failed: {e}", request.digest))?
                 .ok_or_else(|| format!("chunk {i} of blob {} is missing", request.digest))?
                 .value;
