@@ -328,8 +328,10 @@ impl AgentProc {
         if self.dir.as_os_str().is_empty() {
             return;
         }
-        // Sandboxed tasks' roots (image overlays) live outside the data dir.
-        let mut roots = vec![berth_agent::driver::process::sandbox_base(&dir.join("tasks")), dir];
+        // Sandboxed tasks' roots (image overlays) and the OCI runtime's state live outside the
+        // data dir, on the host's /run.
+        let sandbox = berth_agent::driver::process::sandbox_base(&dir.join("tasks"));
+        let mut roots = vec![sandbox.clone(), dir];
         if let Ok(state) = std::fs::read_to_string(self.dir.join("agent.json"))
             && let Ok(v) = serde_json::from_str::<Value>(&state)
             && let Some(id) = v["node_id"].as_str().filter(|id| !id.is_empty())
@@ -337,7 +339,19 @@ impl AgentProc {
             roots.push(PathBuf::from("/run/berth").join(id));
         }
         unmount_under(&roots);
+        // Removed once nothing is mounted under it any more (removing through a mount would
+        // reach into what is mounted).
+        if sandbox.components().count() >= 4 && !mounted_under(&sandbox) {
+            let _ = std::fs::remove_dir_all(&sandbox);
+        }
     }
+}
+
+/// Whether anything is mounted at or under `root`.
+fn mounted_under(root: &Path) -> bool {
+    std::fs::read_to_string("/proc/self/mountinfo").map_or(true, |info| {
+        info.lines().filter_map(|l| l.split(' ').nth(4)).any(|p| Path::new(&p.replace("\\040", " ")).starts_with(root))
+    })
 }
 
 /// Unmounts every mount point under any of `roots`, deepest first (a loop mount's device goes

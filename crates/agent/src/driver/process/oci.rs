@@ -93,13 +93,15 @@ pub(crate) struct OciLaunch {
 }
 
 impl OciLaunch {
-    /// The arguments of the foreground run. The runtime writes the init's pid to
-    /// [`OciLaunch::pid_file`] once the container runs (its init has exec'd).
+    /// The arguments of the run: detached, so the runtime exits once the container runs (its
+    /// init has exec'd), after writing the init's pid to [`OciLaunch::pid_file`]; the init, whose
+    /// stdout and stderr are the runtime's, is then the shim's child (the shim is a subreaper).
     pub fn run_args(&self) -> Vec<std::ffi::OsString> {
         vec![
             "--root".into(),
             self.state.clone().into_os_string(),
             "run".into(),
+            "--detach".into(),
             "--bundle".into(),
             self.bundle.clone().into_os_string(),
             "--pid-file".into(),
@@ -263,7 +265,7 @@ mod tests {
         };
         assert_eq!(
             l.run_args(),
-            ["--root", "/s", "run", "--bundle", "/t/bundle", "--pid-file", "/t/bundle/init.pid", "t1"]
+            ["--root", "/s", "run", "--detach", "--bundle", "/t/bundle", "--pid-file", "/t/bundle/init.pid", "t1"]
         );
         assert_eq!(
             l.exec_args(&["ls".into()], Path::new("/p")),

@@ -142,6 +142,11 @@ fn run(dir: &Path) -> Result<(), String> {
         .map_err(|e| format!("opening the task's log {} failed: {e}", dir.join(OUTPUT).display()))?;
     let log = Arc::new(Mutex::new(log));
 
+    if config.oci.is_some() {
+        // The OCI runtime exits once the task runs: its init is then reparented to the shim.
+        rustix::process::set_child_subreaper(Some(rustix::process::getpid()))
+            .map_err(|e| format!("becoming the task's subreaper failed: {e}"))?;
+    }
     let mut child = match &config.oci {
         Some(oci) => launch_oci(oci)?,
         None => launch_unshare(dir, &config)?,
@@ -162,8 +167,14 @@ fn run(dir: &Path) -> Result<(), String> {
     drop(done_tx);
 
     state.launcher = procfs::proc_ref(child.id());
+    // A detached OCI runtime's own exit: success once the task runs, else why it did not start.
+    let mut launched = None;
     state.task = match &config.oci {
-        Some(oci) => find_container(&mut child, oci),
+        Some(oci) => {
+            let status = wait_child(&mut child)?;
+            launched = Some(status);
+            if status.success() { find_container(oci) } else { None }
+        }
         None => find_task(&mut child),
     };
     state.started_at_ms = started_at_ms;
@@ -180,13 +191,21 @@ fn run(dir: &Path) -> Result<(), String> {
         let task = state.task.map(|t| t.pid);
         std::thread::spawn(move || enforce_fence(&fence, launcher.pid, task, started_at_ms, &done, &fenced));
     }
-    let status = loop {
-        match child.wait() {
-            Ok(status) => break status,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(format!("waiting for the task failed: {e}")),
-        }
+    let status = match (launched, state.task) {
+        (Some(_), Some(task)) => wait_reaped(task.pid)?,
+        (Some(failed), None) => failed,
+        (None, _) => wait_child(&mut child)?,
     };
+    if let (Some(oci), Some(_)) = (&config.oci, launched) {
+        // What the runtime keeps of the stopped container (its state and cgroup), as a
+        // foreground run would have removed it; the agent's remove deletes any leftover.
+        let _ = Command::new(&oci.runtime)
+            .args(oci.delete_args())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
     let deadline = Instant::now() + DRAIN_PATIENCE;
     for _ in 0..pumps {
         if done_rx.recv_timeout(deadline.saturating_duration_since(Instant::now())).is_err() {
@@ -348,36 +367,41 @@ fn find_task(child: &mut std::process::Child) -> Option<files::ProcRef> {
     }
 }
 
-/// A sandboxed task's init once it runs (it has exec'd the init: a signal before that would fail
-/// the runtime's start instead of ending the task). The runtime's pid file says so (written once
-/// the container runs; a stat per millisecond costs nothing); `runc state`, which costs a runtime
-/// process each time, is asked only now and then, for a runtime that wrote no pid file.
-fn find_container(child: &mut std::process::Child, oci: &super::oci::OciLaunch) -> Option<files::ProcRef> {
-    let deadline = Instant::now() + FIND_TASK_PATIENCE;
-    let pid_file = oci.pid_file();
-    let mut next_state = Instant::now() + Duration::from_millis(200);
+/// A sandboxed task's init, once the detached runtime has exited successfully: the pid it
+/// wrote (the init has exec'd by then). `runc state` answers for a runtime that wrote no pid file.
+fn find_container(oci: &super::oci::OciLaunch) -> Option<files::ProcRef> {
+    if let Some(pid) = std::fs::read_to_string(oci.pid_file()).ok().and_then(|t| t.trim().parse::<u32>().ok()) {
+        return procfs::proc_ref(pid);
+    }
+    let out = Command::new(&oci.runtime).args(oci.state_args()).stdin(Stdio::null()).output().ok()?;
+    let (status, pid) = super::oci::parse_state(&out.stdout)?;
+    (pid > 0 && status == "running").then(|| procfs::proc_ref(pid)).flatten()
+}
+
+/// Waits for the launcher.
+fn wait_child(child: &mut std::process::Child) -> Result<ExitStatus, String> {
     loop {
-        if let Some(pid) = std::fs::read_to_string(&pid_file).ok().and_then(|t| t.trim().parse::<u32>().ok())
-            && let Some(task) = procfs::proc_ref(pid)
-        {
-            return Some(task);
+        match child.wait() {
+            Ok(status) => return Ok(status),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(format!("waiting for the task failed: {e}")),
         }
-        if Instant::now() >= next_state {
-            next_state = Instant::now() + Duration::from_millis(200);
-            let out = Command::new(&oci.runtime).args(oci.state_args()).stdin(Stdio::null()).output();
-            if let Ok(out) = out
-                && let Some((status, pid)) = super::oci::parse_state(&out.stdout)
-                && pid > 0
-                && status == "running"
-                && let Some(task) = procfs::proc_ref(pid)
-            {
-                return Some(task);
+    }
+}
+
+/// Waits for the task `pid`, which the shim adopted as a subreaper, reaping any other orphan
+/// that comes its way meanwhile.
+fn wait_reaped(pid: u32) -> Result<ExitStatus, String> {
+    use std::os::unix::process::ExitStatusExt;
+    loop {
+        match rustix::process::wait(rustix::process::WaitOptions::empty()) {
+            Ok(Some((p, status))) if p.as_raw_nonzero().get() as u32 == pid => {
+                return Ok(ExitStatus::from_raw(status.as_raw()));
             }
+            Ok(_) => continue,
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(format!("waiting for the task (pid {pid}) failed: {e}")),
         }
-        if !matches!(child.try_wait(), Ok(None)) || Instant::now() >= deadline {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(1));
     }
 }
 
