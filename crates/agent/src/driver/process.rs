@@ -85,8 +85,11 @@ const REMOVE_GRACE: Duration = Duration::from_secs(10);
 const POLL: Duration = Duration::from_millis(20);
 /// Numbers the exec commands of this process (for their pid files).
 static EXEC_SEQ: AtomicU64 = AtomicU64::new(0);
-/// How often a followed log is polled.
+/// How often a followed log is polled at most and, while lines keep coming, at least (the
+/// pause grows by a quarter after each empty poll): a line shows within a few milliseconds of a
+/// start or of the previous line, and an idle follower costs one read every 50 ms.
 const FOLLOW_POLL: Duration = Duration::from_millis(50);
+const FOLLOW_POLL_BUSY: Duration = Duration::from_millis(4);
 
 /// The process runtime. Cheap to clone (clones share everything).
 #[derive(Debug, Clone)]
@@ -570,6 +573,8 @@ impl ProcessRuntime {
             .spawn()
             .map_err(|e| format!("starting the task shim {:?} failed: {e}", shim))?;
         let deadline = Instant::now() + START_PATIENCE;
+        // Short pauses first: a task usually runs within tens of milliseconds.
+        let mut pause = Duration::from_millis(2);
         let outcome = loop {
             // Exited first, then the files: the shim writes exit.json before it exits.
             let exited = child.try_wait().ok().flatten();
@@ -594,7 +599,8 @@ impl ProcessRuntime {
                     files::tail_text(&dir.join(SHIM_LOG), 2000)
                 ));
             }
-            tokio::time::sleep(POLL).await;
+            tokio::time::sleep(pause).await;
+            pause = (pause * 5 / 4).min(POLL);
         };
         // Reap the shim when it ends (it does not depend on this: if the agent exits first the
         // shim is re-parented and reaped by init).
@@ -1085,6 +1091,7 @@ impl Runtime for ProcessRuntime {
                     return;
                 }
             }
+            let mut pause = FOLLOW_POLL_BUSY;
             loop {
                 // Ended first, then read: the shim writes all output before it records the end.
                 let ended = !matches!(rt.observe(&dir), Ok(Seen::Running(_) | Seen::Starting { .. }));
@@ -1095,6 +1102,7 @@ impl Runtime for ProcessRuntime {
                         return;
                     }
                 };
+                pause = if lines.is_empty() { (pause * 5 / 4).min(FOLLOW_POLL) } else { FOLLOW_POLL_BUSY };
                 for line in lines.into_iter().filter(|l| l.ts_ms >= since) {
                     if tx.send(line).await.is_err() {
                         return;
@@ -1104,7 +1112,7 @@ impl Runtime for ProcessRuntime {
                     return;
                 }
                 tokio::select! {
-                    _ = tokio::time::sleep(FOLLOW_POLL) => {}
+                    _ = tokio::time::sleep(pause) => {}
                     _ = tx.closed() => return,
                 }
             }

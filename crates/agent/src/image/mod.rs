@@ -166,6 +166,9 @@ impl std::fmt::Debug for Images {
     }
 }
 
+/// How stale an image's recorded last use may get before a start records it again.
+const LAST_USED_PRECISION_MS: i64 = 60_000;
+
 /// The default `--image-gc-threshold`: 10 GiB.
 pub const DEFAULT_GC_THRESHOLD: u64 = 10 << 30;
 
@@ -245,8 +248,13 @@ impl Images {
         if let Some(mut rec) = self.get(&key)
             && !matches!(source, Source::Cluster(img, _) if img.digest != rec.digest)
         {
-            rec.last_used_ms = crate::driver::now_ms();
-            self.write_record(&rec)?;
+            // For garbage collection's "least recently used": a minute's precision is plenty,
+            // and spares every start a synced write.
+            let now = crate::driver::now_ms();
+            if now - rec.last_used_ms > LAST_USED_PRECISION_MS {
+                rec.last_used_ms = now;
+                self.write_record(&rec)?;
+            }
             return Ok(rec);
         }
         let rec = match source {
