@@ -573,8 +573,9 @@ impl ProcessRuntime {
             .spawn()
             .map_err(|e| format!("starting the task shim {:?} failed: {e}", shim))?;
         let deadline = Instant::now() + START_PATIENCE;
-        // Short pauses first: a task usually runs within tens of milliseconds.
-        let mut pause = Duration::from_millis(2);
+        // Short pauses for the first 200 ms (a task usually runs within tens of milliseconds:
+        // each pause there is latency added to its start), the usual poll after.
+        let began = Instant::now();
         let outcome = loop {
             // Exited first, then the files: the shim writes exit.json before it exits.
             let exited = child.try_wait().ok().flatten();
@@ -599,8 +600,8 @@ impl ProcessRuntime {
                     files::tail_text(&dir.join(SHIM_LOG), 2000)
                 ));
             }
+            let pause = if began.elapsed() < Duration::from_millis(200) { Duration::from_millis(2) } else { POLL };
             tokio::time::sleep(pause).await;
-            pause = (pause * 5 / 4).min(POLL);
         };
         // Reap the shim when it ends (it does not depend on this: if the agent exits first the
         // shim is re-parented and reaped by init).
