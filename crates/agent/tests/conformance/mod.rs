@@ -322,7 +322,13 @@ pub async fn follow_yields_new_lines(rt: &impl Runtime, fx: &impl Fixture) {
     wait_for_line(rt, &id, LogStream::Stdout, OUT_LINE).await;
     wait_for_line(rt, &id, LogStream::Stderr, ERR_LINE).await;
 
-    let began = now_ms();
+    // The lines seen so far carry a time no later than this millisecond (a log's times have
+    // millisecond precision): following from the next one leaves them all out.
+    let seen_by = now_ms();
+    while now_ms() <= seen_by {
+        tokio::time::sleep(Duration::from_micros(100)).await;
+    }
+    let began = seen_by + 1;
     let mut stream = rt
         .logs(&id, LogQuery { since_ms: Some(began), follow: true, ..Default::default() })
         .await
