@@ -165,7 +165,7 @@ fn the_masters_refuse_corrupt_blobs_and_images_without_their_layers() -> Result<
     };
     let endpoint = c.endpoints().split(',').next().unwrap_or_default().to_string();
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    rt.block_on(async {
+    let first_digest = rt.block_on(async {
         let ch = tonic::transport::Channel::from_shared(format!("https://{endpoint}"))?
             .tls_config(berth_master::client_tls(&files))?
             .connect()
@@ -215,12 +215,30 @@ fn the_masters_refuse_corrupt_blobs_and_images_without_their_layers() -> Result<
         assert!(!ok.existed && ok.size == data.len() as u64, "{ok:?}");
         let again = client.put_image_blob(chunks(data.clone(), data.len() as u64)).await?.into_inner();
         assert!(again.existed, "{again:?}");
-        let rec = client.put_image(image).await?.into_inner();
+        let rec = client.put_image(image.clone()).await?.into_inner();
         assert_eq!(rec.images[0].reference, "docker.io/t/app:1");
-        anyhow::Ok(())
+
+        // The tag moves to another image: the blob only the old one used goes with it.
+        let other: Vec<u8> = b"another layer".to_vec();
+        let other_digest = format!("sha256:{}", hex::encode(sha2::Sha256::digest(&other)));
+        let send = vec![ImageBlobChunk { digest: other_digest.clone(), data: other.clone(), size: other.len() as u64 }];
+        client.put_image_blob(futures::stream::iter(send)).await?;
+        let mut moved = image.clone();
+        moved.digest = format!("sha256:{}", "2".repeat(64));
+        moved.layers[0].digest = other_digest.clone();
+        moved.layers[0].size = other.len() as u64;
+        client.put_image(moved).await?;
+        anyhow::Ok(digest)
     })?;
-    // Three chunks of the good blob, nothing of the refused ones' partial uploads beyond them.
-    let chunks = c.get_prefix("/berth/images/chunks/")?;
-    assert_eq!(chunks.len(), 3, "{:?}", chunks.keys().collect::<Vec<_>>());
+    let blobs: Vec<String> = c.get_prefix("/berth/images/blobs/")?.into_keys().collect();
+    assert_eq!(blobs.len(), 1, "only the moved tag's blob stays: {blobs:?}");
+    assert!(!blobs[0].ends_with(first_digest.trim_start_matches("sha256:")), "{blobs:?}");
+    // One chunk and the marker of the remaining blob's upload; the refused uploads' partial
+    // chunks (removed just after their refusal) and the removed blob's are gone.
+    let keys = wait_for(Duration::from_secs(30), "the refused uploads' chunks removed", || {
+        let keys: Vec<String> = c.get_prefix("/berth/images/chunks/").ok()?.into_keys().collect();
+        (keys.len() == 2).then_some(keys)
+    })?;
+    assert_eq!(keys.iter().filter(|k| k.ends_with("/marker")).count(), 1, "{keys:?}");
     Ok(())
 }

@@ -110,14 +110,21 @@ pub fn free_port() -> Result<u16> {
         .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
         .unwrap_or(32768);
     let (from, to) = if low > 12_000 { (10_000, low) } else { (low.saturating_sub(2000).max(1024), low) };
+    if from >= to {
+        // No room below the ephemeral range: the kernel's choice, as before.
+        return Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port());
+    }
     let mut rng = rand::rng();
     for _ in 0..200 {
         let port = rng.random_range(from..to);
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+        // Masters serve QUIC on the same port number over UDP.
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
+            && std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok()
+        {
             return Ok(port);
         }
     }
-    bail!("no free TCP port on 127.0.0.1 between {from} and {to} after 200 tries")
+    bail!("no free TCP and UDP port on 127.0.0.1 between {from} and {to} after 200 tries")
 }
 
 /// Sends `sig` to the process group led by `child` (each process here leads its own group).

@@ -16,6 +16,8 @@ use crate::output::{self, human_bytes};
 
 /// The size of one chunk sent to the masters.
 const SEND_CHUNK: usize = 512 * 1024;
+/// How long one attempt at sending a blob may take.
+const BLOB_ATTEMPT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30 * 60);
 
 #[derive(Subcommand, Debug)]
 pub enum ImageCmd {
@@ -166,7 +168,11 @@ async fn import(file: &Path, g: &Global) -> Result<()> {
             file.display()
         );
     }
-    let client = crate::config::client(g)?;
+    let mut client = crate::config::client(g)?;
+    // A layer of hundreds of MiB takes minutes to send and commit in chunks: one attempt may
+    // take that long (the default bounds suit small requests).
+    client.attempt_timeout = BLOB_ATTEMPT_TIMEOUT;
+    client.patience = BLOB_ATTEMPT_TIMEOUT * 2;
     for img in &archive.images {
         for (i, layer) in img.layers.iter().enumerate() {
             eprintln!(

@@ -224,7 +224,7 @@ impl ControlService for ControlSvc {
         &self,
         r: Request<tonic::Streaming<pb::ImageBlobChunk>>,
     ) -> Result<Response<pb::ImageBlobResponse>, Status> {
-        Ok(Response::new(crate::images::put_blob(&self.ctx, r.into_inner()).await?))
+        Ok(Response::new(crate::images::put_blob(self.ctx.clone(), r.into_inner()).await?))
     }
 
     async fn put_image(&self, r: Request<pb::PutImageRequest>) -> Result<Response<pb::ImagesResponse>, Status> {

@@ -16,6 +16,7 @@
 //! connection (`serve_blob`) instead of pulling from a registry.
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 
 use berth_api::pb::{
     ImageBlobChunk, ImageBlobRecord, ImageBlobResponse, ImageView, PutImageRequest,
@@ -99,8 +100,35 @@ async fn discard_chunks(ctx: &Ctx, hex: &str, upload: &str) {
     }
 }
 
+/// Discards an upload's chunks unless disarmed: also when the request's future is dropped (the
+/// client went away or gave up), which would skip any cleanup written after an await.
+struct UploadGuard {
+    ctx: Arc<Ctx>,
+    hex: String,
+    upload: String,
+    armed: bool,
+}
+
+impl Drop for UploadGuard {
+    fn drop(&mut self) {
+        if self.armed {
+            let (ctx, hex, upload) = (self.ctx.clone(), self.hex.clone(), self.upload.clone());
+            tokio::spawn(async move { discard_chunks(&ctx, &hex, &upload).await });
+        }
+    }
+}
+
+/// The key an upload writes first, under its own chunks: its blob record is written only while
+/// it exists, so an upload whose chunks a delete removed meanwhile is never recorded.
+fn marker_key(hex: &str, upload: &str) -> Vec<u8> {
+    format!("{}marker", chunk_prefix(hex, upload)).into_bytes()
+}
+
 /// `PutImageBlob`: stores a blob streamed in chunks, checked against its digest.
-pub(crate) async fn put_blob(ctx: &Ctx, mut stream: Streaming<ImageBlobChunk>) -> Result<ImageBlobResponse, Status> {
+pub(crate) async fn put_blob(
+    ctx: Arc<Ctx>,
+    mut stream: Streaming<ImageBlobChunk>,
+) -> Result<ImageBlobResponse, Status> {
     let first = stream
         .next()
         .await
@@ -115,6 +143,12 @@ pub(crate) async fn put_blob(ctx: &Ctx, mut stream: Streaming<ImageBlobChunk>) -
         return Ok(ImageBlobResponse { header: Some(ctx.header()), digest, size: rec.obj.size, existed: true });
     }
     let upload = upload_id()?;
+    let mut guard = UploadGuard { ctx: ctx.clone(), hex: hex.clone(), upload: upload.clone(), armed: true };
+    put(&ctx, marker_key(&hex, &upload), Vec::new()).await?;
+    ctx.read_barrier().await?;
+    let Some(marker) = objects_revision(&ctx, &marker_key(&hex, &upload))? else {
+        return Err(Status::aborted("the upload's marker vanished as it was written; send the image again"));
+    };
     // Within the state's value limit, should a master run with a smaller one.
     let chunk_bytes = CHUNK_BYTES.min(ctx.limits.max_value_bytes.saturating_sub(4096)).max(4096);
     let mut hasher = Sha256::new();
@@ -122,46 +156,68 @@ pub(crate) async fn put_blob(ctx: &Ctx, mut stream: Streaming<ImageBlobChunk>) -
     let mut size = 0u64;
     let mut chunks = 0u32;
     let mut next = Some(Ok(first));
-    let result: Result<(), Status> = async {
-        loop {
-            let done = match next.take() {
-                Some(Ok(c)) => {
-                    hasher.update(&c.data);
-                    size += c.data.len() as u64;
-                    buf.extend_from_slice(&c.data);
-                    false
-                }
-                Some(Err(e)) => return Err(Status::cancelled(format!("the upload of {digest} broke off: {e}"))),
-                None => true,
-            };
-            while buf.len() >= chunk_bytes || (done && !buf.is_empty()) {
-                let rest = buf.split_off(buf.len().min(chunk_bytes));
-                put(ctx, chunk_key(&hex, &upload, chunks), std::mem::replace(&mut buf, rest)).await?;
-                chunks += 1;
+    loop {
+        let done = match next.take() {
+            Some(Ok(c)) => {
+                hasher.update(&c.data);
+                size += c.data.len() as u64;
+                buf.extend_from_slice(&c.data);
+                false
             }
-            if done {
-                return Ok(());
-            }
-            next = stream.next().await;
+            Some(Err(e)) => return Err(Status::cancelled(format!("the upload of {digest} broke off: {e}"))),
+            None => true,
+        };
+        while buf.len() >= chunk_bytes || (done && !buf.is_empty()) {
+            let rest = buf.split_off(buf.len().min(chunk_bytes));
+            put(&ctx, chunk_key(&hex, &upload, chunks), std::mem::replace(&mut buf, rest)).await?;
+            chunks += 1;
         }
-    }
-    .await;
-    if let Err(e) = result {
-        discard_chunks(ctx, &hex, &upload).await;
-        return Err(e);
+        if done {
+            break;
+        }
+        next = stream.next().await;
     }
     let got = hex::encode(hasher.finalize());
     if got != hex || (declared != 0 && declared != size) {
-        discard_chunks(ctx, &hex, &upload).await;
         return Err(Status::invalid_argument(format!(
             "the blob sent as {digest} ({declared} bytes) arrived as sha256:{got} ({size} bytes): it was corrupted \
              or cut off; nothing was kept, send it again"
         )));
     }
-    let rec = ImageBlobRecord { size, chunks, stored_at_ms: objects::now_ms(), upload };
-    put(ctx, blob_key(&hex), rec.encode_to_vec()).await?;
-    info!(blob = %digest, size, chunks, "image blob stored");
-    Ok(ImageBlobResponse { header: Some(ctx.header()), digest, size, existed: false })
+    // Recorded only if no other upload recorded it first and this upload's chunks are all
+    // still there.
+    let rec = ImageBlobRecord { size, chunks, stored_at_ms: objects::now_ms(), upload: upload.clone() };
+    let (c, op) = objects::cas_put(blob_key(&hex), 0, rec.encode_to_vec());
+    let still = berth_types::Compare {
+        key: marker_key(&hex, &upload),
+        op: berth_types::CompareOp::Equal,
+        target: berth_types::CompareTarget::ModRevision(marker),
+    };
+    match ctx.write(Command::Txn(Txn { compare: vec![c, still], success: vec![op], failure: vec![] })).await? {
+        CommandResult::Txn(t) if t.succeeded => {
+            guard.armed = false;
+            info!(blob = %digest, size, chunks, "image blob stored");
+            Ok(ImageBlobResponse { header: Some(ctx.header()), digest, size, existed: false })
+        }
+        _ => match objects::get::<ImageBlobRecord>(&ctx.reader, &blob_key(&hex))? {
+            // Another upload of the same blob won: this one's chunks go (the guard).
+            Some(rec) => {
+                Ok(ImageBlobResponse { header: Some(ctx.header()), digest, size: rec.obj.size, existed: true })
+            }
+            None => Err(Status::aborted(format!(
+                "blob {digest} was removed while it was being sent (`berth image rm`?); send the image again"
+            ))),
+        },
+    }
+}
+
+/// The mod_revision of `key`, if it exists.
+fn objects_revision(ctx: &Ctx, key: &[u8]) -> Result<Option<i64>, Status> {
+    Ok(ctx
+        .reader
+        .get(key)
+        .map_err(|e| Status::internal(format!("reading the replicated state failed: {e}")))?
+        .map(|kv| kv.mod_revision))
 }
 
 /// The image of a reference, if the cluster holds it.
@@ -169,7 +225,40 @@ fn get(reader: &KvReader, reference: &str) -> Result<Option<objects::Versioned<I
     objects::get::<ImageView>(reader, &ref_key(reference))
 }
 
+/// Compared and rewritten by every change of image records, so that deciding which blobs no
+/// image uses any more (a delete, a tag moved to another image) and recording an image that uses
+/// a blob never interleave.
+const GENERATION: &str = "/berth/images/generation";
+
+/// The compare-and-put that moves [`GENERATION`] on.
+fn next_generation(ctx: &Ctx) -> Result<(berth_types::Compare, RequestOp), Status> {
+    let rev = objects_revision(ctx, GENERATION.as_bytes())?.unwrap_or(0);
+    Ok(objects::cas_put(GENERATION.as_bytes().to_vec(), rev, objects::now_ms().to_string().into_bytes()))
+}
+
+/// The deletes of blob `hex`'s record and of every upload's chunks of it.
+fn delete_blob(hex: &str) -> [RequestOp; 2] {
+    [objects::delete(blob_key(hex)), delete_prefix(&chunk_prefix(hex, ""))]
+}
+
+/// The blobs (digests) the images under `REFS` use, leaving out the references in `except`.
+fn blobs_in_use(reader: &KvReader, except: &BTreeSet<String>) -> Result<BTreeSet<String>, Status> {
+    Ok(objects::list::<ImageView>(reader, REFS)?
+        .into_iter()
+        .filter(|v| !except.contains(&v.obj.reference))
+        .flat_map(|v| v.obj.layers.into_iter().map(|l| l.digest))
+        .collect())
+}
+
+fn too_many_ops(what: &str, ops: usize, max: usize) -> Status {
+    Status::invalid_argument(format!(
+        "{what} needs {ops} operations in one transaction, more than the {max} a transaction holds; use fewer \
+         references per import, or images with fewer layers"
+    ))
+}
+
 /// `PutImage`: records an image under each of its references, once all its layers are stored.
+/// A reference that named another image moves; blobs no image uses any more then go.
 pub(crate) async fn put_image(ctx: &Ctx, r: PutImageRequest) -> Result<Vec<ImageView>, Status> {
     if r.references.is_empty() {
         return Err(Status::invalid_argument("an image needs at least one reference (name:tag) to be recorded under"));
@@ -187,17 +276,10 @@ pub(crate) async fn put_image(ctx: &Ctx, r: PutImageRequest) -> Result<Vec<Image
         return Err(Status::invalid_argument("the image's config is not a JSON document"));
     }
     let max_ops = ctx.limits.max_txn_ops;
-    if r.layers.len() + references.len() > max_ops {
-        return Err(Status::invalid_argument(format!(
-            "an image with {} layers under {} references is more than one transaction holds ({max_ops}); import it \
-             under fewer references",
-            r.layers.len(),
-            references.len()
-        )));
-    }
     for _ in 0..5 {
         ctx.read_barrier().await?;
-        let mut parts = Vec::new();
+        let mut compare = Vec::new();
+        let mut ops = Vec::new();
         let mut size = 0;
         for l in &r.layers {
             let hex = hex_of(&l.digest)?;
@@ -215,17 +297,15 @@ pub(crate) async fn put_image(ctx: &Ctx, r: PutImageRequest) -> Result<Vec<Image
             }
             size += l.size;
             // The blob must still be there when the image is recorded.
-            parts.push((
-                berth_types::Compare {
-                    key: blob_key(hex),
-                    op: berth_types::CompareOp::Equal,
-                    target: berth_types::CompareTarget::ModRevision(rec.mod_revision),
-                },
-                None,
-            ));
+            compare.push(berth_types::Compare {
+                key: blob_key(hex),
+                op: berth_types::CompareOp::Equal,
+                target: berth_types::CompareTarget::ModRevision(rec.mod_revision),
+            });
         }
         let now = objects::now_ms();
         let mut views = Vec::new();
+        let mut replaced = BTreeSet::new();
         for reference in &references {
             let view = ImageView {
                 reference: reference.clone(),
@@ -235,19 +315,43 @@ pub(crate) async fn put_image(ctx: &Ctx, r: PutImageRequest) -> Result<Vec<Image
                 imported_at_ms: now,
                 size,
             };
+            let existing = get(&ctx.reader, reference)?;
+            if existing.as_ref().is_some_and(|e| e.obj.digest != r.digest) {
+                replaced.insert(reference.clone());
+            }
             let (c, op) = objects::cas_put(
                 ref_key(reference),
-                get(&ctx.reader, reference)?.map_or(0, |v| v.mod_revision),
+                existing.as_ref().map_or(0, |v| v.mod_revision),
                 view.encode_to_vec(),
             );
-            parts.push((c, Some(op)));
+            compare.push(c);
+            ops.push(op);
             views.push(view);
         }
-        let (compare, ops): (Vec<_>, Vec<_>) = parts.into_iter().unzip();
-        let txn = Txn { compare, success: ops.into_iter().flatten().collect(), failure: vec![] };
-        match ctx.write(Command::Txn(txn)).await? {
+        // The blobs of the images whose tags moved here, unless another image (or this one)
+        // uses them.
+        let mut gone = BTreeSet::new();
+        if !replaced.is_empty() {
+            let mut kept = blobs_in_use(&ctx.reader, &replaced)?;
+            kept.extend(r.layers.iter().map(|l| l.digest.clone()));
+            for reference in &replaced {
+                if let Some(old) = get(&ctx.reader, reference)? {
+                    gone.extend(old.obj.layers.into_iter().map(|l| l.digest).filter(|d| !kept.contains(d)));
+                }
+            }
+        }
+        for d in &gone {
+            ops.extend(delete_blob(hex_of(d)?));
+        }
+        let (c, op) = next_generation(ctx)?;
+        compare.push(c);
+        ops.push(op);
+        if compare.len() + ops.len() > max_ops {
+            return Err(too_many_ops("recording this image", compare.len() + ops.len(), max_ops));
+        }
+        match ctx.write(Command::Txn(Txn { compare, success: ops, failure: vec![] })).await? {
             CommandResult::Txn(t) if t.succeeded => {
-                info!(references = ?references, digest = %r.digest, size, "image recorded");
+                info!(references = ?references, digest = %r.digest, size, blobs_removed = gone.len(), "image recorded");
                 return Ok(views);
             }
             _ => continue,
@@ -265,29 +369,25 @@ pub(crate) fn list(reader: &KvReader) -> Result<Vec<ImageView>, Status> {
 /// keep the copies they stored (their own garbage collection removes them once unused).
 pub(crate) async fn delete(ctx: &Ctx, reference: &str) -> Result<ImageView, Status> {
     let reference = normalize_reference(reference).map_err(Status::invalid_argument)?;
+    let max_ops = ctx.limits.max_txn_ops;
     for _ in 0..5 {
         ctx.read_barrier().await?;
         let Some(img) = get(&ctx.reader, &reference)? else {
             return Err(Status::not_found(format!("the cluster holds no image {reference} (see `berth image ls`)")));
         };
-        let kept: BTreeSet<String> = objects::list::<ImageView>(&ctx.reader, REFS)?
-            .into_iter()
-            .filter(|v| v.obj.reference != reference)
-            .flat_map(|v| v.obj.layers.into_iter().map(|l| l.digest))
-            .collect();
-        let mut parts = vec![objects::cas_delete(ref_key(&reference), img.mod_revision)];
-        let mut ops = Vec::new();
+        let kept = blobs_in_use(&ctx.reader, &BTreeSet::from([reference.clone()]))?;
         let gone: BTreeSet<&str> =
             img.obj.layers.iter().map(|l| l.digest.as_str()).filter(|d| !kept.contains(*d)).collect();
+        let (c_ref, op_ref) = objects::cas_delete(ref_key(&reference), img.mod_revision);
+        let (c_gen, op_gen) = next_generation(ctx)?;
+        let mut ops = vec![op_ref, op_gen];
         for d in &gone {
-            let hex = hex_of(d)?;
-            ops.push(objects::delete(blob_key(hex)));
-            // Every upload's chunks, also those of uploads a master's crash cut off.
-            ops.push(delete_prefix(&chunk_prefix(hex, "")));
+            ops.extend(delete_blob(hex_of(d)?));
         }
-        let (c, op) = parts.remove(0);
-        let txn = Txn { compare: vec![c], success: std::iter::once(op).chain(ops).collect(), failure: vec![] };
-        match ctx.write(Command::Txn(txn)).await? {
+        if 2 + ops.len() > max_ops {
+            return Err(too_many_ops("removing this image", 2 + ops.len(), max_ops));
+        }
+        match ctx.write(Command::Txn(Txn { compare: vec![c_ref, c_gen], success: ops, failure: vec![] })).await? {
             CommandResult::Txn(t) if t.succeeded => {
                 info!(reference = %reference, blobs_removed = gone.len(), "image removed");
                 return Ok(img.obj);

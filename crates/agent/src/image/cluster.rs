@@ -15,7 +15,7 @@ use sha2::Digest as _;
 use tokio::io::AsyncWriteExt;
 use tracing::info;
 
-use super::{ImageRecord, Images, Layer, hex_of, human, unpack};
+use super::{ImageRecord, Images, Layer, human, temp_blob, unpack};
 
 /// How long a fetch waits for a session with the leader before it gives up (the task fails and
 /// the restart policy tries again).
@@ -160,12 +160,11 @@ impl Images {
                 let compression = unpack::Compression::of_media_type(&layer.media_type)?;
                 let tmp = self.inner.root.join("tmp");
                 std::fs::create_dir_all(&tmp).map_err(|e| format!("creating {} failed: {e}", tmp.display()))?;
-                let stamp = format!("{}-{}", std::process::id(), crate::driver::now_ms());
-                let blob = tmp.join(format!("{}.{stamp}.blob", hex_of(&layer.digest)));
+                let blob = temp_blob(&tmp, &layer.digest)?;
                 let got = source.fetch_blob(&layer.digest, &blob).await;
                 let stored = match got {
                     Ok(_) => {
-                        let (store, digest, b) = (self.clone(), layer.digest.clone(), blob.clone());
+                        let (store, digest, b) = (self.clone(), layer.digest.clone(), blob.to_path_buf());
                         tokio::task::spawn_blocking(move || store.store_unpacked(&digest, &b, compression))
                             .await
                             .map_err(|e| format!("unpacking a layer failed: {e}"))

@@ -333,8 +333,7 @@ impl Images {
         let compression = unpack::Compression::of_media_type(&layer.media_type)?;
         let tmp = self.inner.root.join("tmp");
         std::fs::create_dir_all(&tmp).map_err(|e| format!("creating {} failed: {e}", tmp.display()))?;
-        let stamp = format!("{}-{}", std::process::id(), crate::driver::now_ms());
-        let blob = tmp.join(format!("{}.{stamp}.blob", hex_of(&layer.digest)));
+        let blob = temp_blob(&tmp, &layer.digest)?;
         let file = tokio::fs::File::create(&blob)
             .await
             .map_err(|e| format!("creating {} failed: {e}; check free space", blob.display()))?;
@@ -349,7 +348,7 @@ impl Images {
             let _ = std::fs::remove_file(&blob);
             return Err(hint(&e));
         }
-        let (store, digest, b) = (self.clone(), layer.digest.clone(), blob.clone());
+        let (store, digest, b) = (self.clone(), layer.digest.clone(), blob.to_path_buf());
         let stored = tokio::task::spawn_blocking(move || store.store_unpacked(&digest, &b, compression))
             .await
             .map_err(|e| format!("unpacking a layer failed: {e}"))
@@ -537,6 +536,17 @@ fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), String> {
     }
     let bytes = serde_json::to_vec_pretty(value).map_err(|e| e.to_string())?;
     crate::driver::process::write_atomic(path, &bytes).map_err(|e| format!("writing {} failed: {e}", path.display()))
+}
+
+/// A fresh file under `tmp` for a blob being fetched: a unique name (two fetches of one layer
+/// never share a file), removed when dropped (also when the fetch's future is).
+fn temp_blob(tmp: &Path, digest: &str) -> Result<tempfile::TempPath, String> {
+    tempfile::Builder::new()
+        .prefix(&format!("{}.", hex_of(digest)))
+        .suffix(".blob")
+        .tempfile_in(tmp)
+        .map(tempfile::NamedTempFile::into_temp_path)
+        .map_err(|e| format!("creating a file under {} failed: {e}; check free space", tmp.display()))
 }
 
 /// Bytes of the regular files under `dir`.

@@ -93,12 +93,47 @@ pub fn unpack(blob: impl Read, compression: Compression, dir: &Path) -> Result<u
             .map_err(|e| format!("making the whiteout {} failed (unpacking images needs root): {e}", at.display()))?;
         } else if !entry.unpack_in(dir).map_err(|e| format!("unpacking {} failed: {}", rel.display(), chain(&e)))? {
             return Err(format!("the layer entry {} leaves the layer; refusing it", path.display()));
-        } else if chown && !rel.as_os_str().is_empty() {
+        } else if chown && !rel.as_os_str().is_empty() && !entry.header().entry_type().is_hard_link() {
+            // A hard link shares its target's inode, which has its owner already (a chown
+            // through it would clear the target's set-id bits).
             shift_owner(&dir.join(&rel), entry.header()).map_err(|e| format!("unpacking {}: {e}", rel.display()))?;
         }
         count += 1;
     }
+    if chown {
+        shift_implicit_dirs(dir)?;
+    }
     Ok(count)
+}
+
+/// The directories the unpack made without an entry of their own (the layer's root, parents of
+/// entries and of whiteouts) are the agent's, host root's, which a task's namespace does not
+/// map: they become the task root's, as the layer's own root-owned entries did.
+fn shift_implicit_dirs(dir: &Path) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let root = crate::sandbox::ROOT_HOST_ID;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let meta = std::fs::symlink_metadata(&d).map_err(|e| format!("reading {} failed: {e}", d.display()))?;
+        if meta.uid() == 0 || meta.gid() == 0 {
+            let uid = if meta.uid() == 0 { root } else { meta.uid() };
+            let gid = if meta.gid() == 0 { root } else { meta.gid() };
+            rustix::fs::chownat(
+                rustix::fs::CWD,
+                &d,
+                Some(rustix::fs::Uid::from_raw(uid)),
+                Some(rustix::fs::Gid::from_raw(gid)),
+                rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+            )
+            .map_err(|e| format!("setting the owner of {} failed: {e}", d.display()))?;
+        }
+        for e in std::fs::read_dir(&d).map_err(|e| format!("reading {} failed: {e}", d.display()))?.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                stack.push(e.path());
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Gives the unpacked entry at `at` its header's owner as a sandboxed task sees it (uid and gid 0
@@ -204,6 +239,9 @@ mod tests {
         let meta = std::fs::metadata(tmp.path().join("etc/app.conf")).unwrap();
         assert_eq!((meta.uid(), meta.gid()), (crate::sandbox::ROOT_HOST_ID, crate::sandbox::ROOT_HOST_ID));
         assert_eq!(meta.mode() & 0o7777, 0o644);
+        // The parents the archive did not list belong to the task's root too.
+        let etc = std::fs::metadata(tmp.path().join("etc")).unwrap();
+        assert_eq!(etc.uid(), crate::sandbox::ROOT_HOST_ID);
         use std::os::unix::fs::FileTypeExt;
         assert!(std::fs::metadata(tmp.path().join("var/gone")).unwrap().file_type().is_char_device());
         let mut buf = [0u8; 4];

@@ -173,7 +173,26 @@ fn run(dir: &Path) -> Result<(), String> {
         Some(oci) => {
             let status = wait_child(&mut child)?;
             launched = Some(status);
-            if status.success() { find_container(oci) } else { None }
+            match status.success().then(|| find_container(oci)) {
+                Some(None) => {
+                    // Started, by the runtime's word, yet nowhere to be found: nothing would
+                    // supervise it, so it goes.
+                    let _ = Command::new(&oci.runtime)
+                        .args(oci.delete_args())
+                        .stdin(Stdio::null())
+                        .stdout(Stdio::null())
+                        .stderr(Stdio::null())
+                        .status();
+                    return Err(format!(
+                        "{} reported the task started but gave no pid for it (no {} and no running state); it \
+                         was removed",
+                        oci.runtime.display(),
+                        oci.pid_file().display()
+                    ));
+                }
+                Some(found) => found,
+                None => None,
+            }
         }
         None => find_task(&mut child),
     };
@@ -189,7 +208,10 @@ fn run(dir: &Path) -> Result<(), String> {
     if let (Some(fence), Some(launcher)) = (config.fence.clone(), state.launcher) {
         let (done, fenced) = (done.clone(), fenced.clone());
         let task = state.task.map(|t| t.pid);
-        std::thread::spawn(move || enforce_fence(&fence, launcher.pid, task, started_at_ms, &done, &fenced));
+        // A detached OCI runtime has exited and been reaped: its process group id may be
+        // another's by now.
+        let group = launched.is_none().then_some(launcher.pid);
+        std::thread::spawn(move || enforce_fence(&fence, group, task, started_at_ms, &done, &fenced));
     }
     let status = match (launched, state.task) {
         (Some(_), Some(task)) => wait_reaped(task.pid)?,
@@ -313,7 +335,7 @@ fn launch_oci(oci: &super::oci::OciLaunch) -> Result<std::process::Child, String
 /// timeout. It runs in the shim, not the agent, so it holds while the agent is frozen or dead.
 fn enforce_fence(
     fence: &files::Fence,
-    launcher: u32,
+    launcher: Option<u32>,
     task: Option<u32>,
     started_at_ms: i64,
     done: &std::sync::atomic::AtomicBool,
@@ -341,7 +363,7 @@ fn enforce_fence(
             if let Some(pid) = task.and_then(|t| rustix::process::Pid::from_raw(t as i32)) {
                 let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
             }
-            if let Some(pid) = rustix::process::Pid::from_raw(launcher as i32) {
+            if let Some(pid) = launcher.and_then(|l| rustix::process::Pid::from_raw(l as i32)) {
                 let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
             }
             return;
