@@ -177,12 +177,7 @@ fn run(dir: &Path) -> Result<(), String> {
                 Some(None) => {
                     // Started, by the runtime's word, yet nowhere to be found: nothing would
                     // supervise it, so it goes.
-                    let _ = Command::new(&oci.runtime)
-                        .args(oci.delete_args())
-                        .stdin(Stdio::null())
-                        .stdout(Stdio::null())
-                        .stderr(Stdio::null())
-                        .status();
+                    delete_container(oci);
                     return Err(format!(
                         "{} reported the task started but gave no pid for it (no {} and no running state); it \
                          was removed",
@@ -221,12 +216,7 @@ fn run(dir: &Path) -> Result<(), String> {
     if let (Some(oci), Some(_)) = (&config.oci, launched) {
         // What the runtime keeps of the stopped container (its state and cgroup), as a
         // foreground run would have removed it; the agent's remove deletes any leftover.
-        let _ = Command::new(&oci.runtime)
-            .args(oci.delete_args())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
+        delete_container(oci);
     }
     let deadline = Instant::now() + DRAIN_PATIENCE;
     for _ in 0..pumps {
@@ -398,6 +388,16 @@ fn find_container(oci: &super::oci::OciLaunch) -> Option<files::ProcRef> {
     let out = Command::new(&oci.runtime).args(oci.state_args()).stdin(Stdio::null()).output().ok()?;
     let (status, pid) = super::oci::parse_state(&out.stdout)?;
     (pid > 0 && status == "running").then(|| procfs::proc_ref(pid)).flatten()
+}
+
+/// `runc delete --force` of the task's container; what fails is left to the agent's remove.
+fn delete_container(oci: &super::oci::OciLaunch) {
+    let _ = Command::new(&oci.runtime)
+        .args(oci.delete_args())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
 }
 
 /// Waits for the launcher.
