@@ -674,21 +674,24 @@ async fn record_hello(ctx: Arc<Ctx>, node_id: String, caps: Caps) {
 /// (`images::for_task`), so the node fetches it from the leader instead of a registry.
 fn with_files(ctx: &Ctx, node: &str, mut a: Assignments) -> Assignments {
     const OCI: &[u8] = b"\"runtime\":\"oci\"";
+    const FILES: &[u8] = b"\"files\":";
+    let has = |spec: &[u8], what: &[u8]| spec.windows(what.len()).any(|w| w == what);
     for asg in &mut a.updated {
-        if asg.desired_state == TaskState::Running as i32
-            && asg.spec.windows(OCI.len()).any(|w| w == OCI)
-            && let Ok(rs) = berth_types::task::RunSpec::decode(&asg.spec)
-        {
-            asg.image = crate::images::for_task(&ctx.reader, &rs);
-        }
-        if asg.desired_state != TaskState::Running as i32 || !asg.spec.windows(8).any(|w| w == b"\"files\":") {
+        // Decoded only when it may carry an image or files (most assignments carry neither).
+        let (oci, files) = (has(&asg.spec, OCI), has(&asg.spec, FILES));
+        if asg.desired_state != TaskState::Running as i32 || !(oci || files) {
             continue;
         }
         let Ok(rs) = berth_types::task::RunSpec::decode(&asg.spec) else { continue };
-        match crate::secrets::contents(ctx, &rs.namespace, &rs.files) {
-            Ok(files) => asg.files = files,
-            // The agent fails the task, saying which file it lacks; the restart policy retries.
-            Err(e) => warn!(node, task = %asg.task_id, "not sending the task's secrets and configs: {e}"),
+        if oci {
+            asg.image = crate::images::for_task(&ctx.reader, &rs);
+        }
+        if files {
+            match crate::secrets::contents(ctx, &rs.namespace, &rs.files) {
+                Ok(files) => asg.files = files,
+                // The agent fails the task, saying which file it lacks; the restart policy retries.
+                Err(e) => warn!(node, task = %asg.task_id, "not sending the task's secrets and configs: {e}"),
+            }
         }
     }
     a

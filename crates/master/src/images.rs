@@ -24,7 +24,7 @@ use berth_api::pb::{
 };
 use berth_channel::{FrameReader, FrameWriter};
 use berth_store::KvReader;
-use berth_types::{Command, CommandResult, Put, RequestOp, Txn, image::normalize_reference, prefix_end};
+use berth_types::{Command, CommandResult, Put, RequestOp, Txn, image::normalize_reference};
 use prost::Message;
 use sha2::{Digest, Sha256};
 use tokio_stream::StreamExt;
@@ -53,15 +53,6 @@ fn chunk_prefix(hex: &str, upload: &str) -> String {
 
 fn chunk_key(hex: &str, upload: &str, index: u32) -> Vec<u8> {
     format!("{}{index:08}", chunk_prefix(hex, upload)).into_bytes()
-}
-
-/// A range delete of every key under `prefix`.
-fn delete_prefix(prefix: &str) -> RequestOp {
-    RequestOp::DeleteRange(berth_types::DeleteRange {
-        key: prefix.as_bytes().to_vec(),
-        range_end: prefix_end(prefix.as_bytes()),
-        prev_kv: false,
-    })
 }
 
 fn ref_key(reference: &str) -> Vec<u8> {
@@ -94,7 +85,8 @@ fn upload_id() -> Result<String, Status> {
 
 /// Removes what one upload of the blob `hex` wrote before it failed.
 async fn discard_chunks(ctx: &Ctx, hex: &str, upload: &str) {
-    let txn = Txn { compare: vec![], success: vec![delete_prefix(&chunk_prefix(hex, upload))], failure: vec![] };
+    let txn =
+        Txn { compare: vec![], success: vec![objects::delete_prefix(&chunk_prefix(hex, upload))], failure: vec![] };
     if let Err(e) = ctx.write(Command::Txn(txn)).await {
         warn!(blob = hex, "the chunks of a failed upload were not removed: {}", e.message());
     }
@@ -146,7 +138,7 @@ pub(crate) async fn put_blob(
     let mut guard = UploadGuard { ctx: ctx.clone(), hex: hex.clone(), upload: upload.clone(), armed: true };
     put(&ctx, marker_key(&hex, &upload), Vec::new()).await?;
     ctx.read_barrier().await?;
-    let Some(marker) = objects_revision(&ctx, &marker_key(&hex, &upload))? else {
+    let Some(marker) = objects::revision(&ctx.reader, &marker_key(&hex, &upload))? else {
         return Err(Status::aborted("the upload's marker vanished as it was written; send the image again"));
     };
     // Within the state's value limit, should a master run with a smaller one.
@@ -211,15 +203,6 @@ pub(crate) async fn put_blob(
     }
 }
 
-/// The mod_revision of `key`, if it exists.
-fn objects_revision(ctx: &Ctx, key: &[u8]) -> Result<Option<i64>, Status> {
-    Ok(ctx
-        .reader
-        .get(key)
-        .map_err(|e| Status::internal(format!("reading the replicated state failed: {e}")))?
-        .map(|kv| kv.mod_revision))
-}
-
 /// The image of a reference, if the cluster holds it.
 fn get(reader: &KvReader, reference: &str) -> Result<Option<objects::Versioned<ImageView>>, Status> {
     objects::get::<ImageView>(reader, &ref_key(reference))
@@ -232,13 +215,13 @@ const GENERATION: &str = "/berth/images/generation";
 
 /// The compare-and-put that moves [`GENERATION`] on.
 fn next_generation(ctx: &Ctx) -> Result<(berth_types::Compare, RequestOp), Status> {
-    let rev = objects_revision(ctx, GENERATION.as_bytes())?.unwrap_or(0);
+    let rev = objects::revision(&ctx.reader, GENERATION.as_bytes())?.unwrap_or(0);
     Ok(objects::cas_put(GENERATION.as_bytes().to_vec(), rev, objects::now_ms().to_string().into_bytes()))
 }
 
 /// The deletes of blob `hex`'s record and of every upload's chunks of it.
 fn delete_blob(hex: &str) -> [RequestOp; 2] {
-    [objects::delete(blob_key(hex)), delete_prefix(&chunk_prefix(hex, ""))]
+    [objects::delete(blob_key(hex)), objects::delete_prefix(&chunk_prefix(hex, ""))]
 }
 
 /// The blobs (digests) the images under `REFS` use, leaving out the references in `except`.

@@ -101,6 +101,20 @@ pub(crate) fn delete(key: Vec<u8>) -> RequestOp {
     RequestOp::DeleteRange(DeleteRange { key, range_end: vec![], prev_kv: false })
 }
 
+/// The mod_revision of `key` (of any value, not only a typed object), if it exists.
+pub(crate) fn revision(reader: &KvReader, key: &[u8]) -> Result<Option<Revision>, Status> {
+    Ok(reader.get(key).map_err(store_err)?.map(|kv| kv.mod_revision))
+}
+
+/// Deletes every key under `prefix`.
+pub(crate) fn delete_prefix(prefix: &str) -> RequestOp {
+    RequestOp::DeleteRange(DeleteRange {
+        key: prefix.as_bytes().to_vec(),
+        range_end: prefix_end(prefix.as_bytes()),
+        prev_kv: false,
+    })
+}
+
 /// A delete of `key` that only happens if its mod_revision is still `expected`.
 pub(crate) fn cas_delete(key: Vec<u8>, expected: Revision) -> (Compare, RequestOp) {
     (Compare { key: key.clone(), op: CompareOp::Equal, target: CompareTarget::ModRevision(expected) }, delete(key))

@@ -120,13 +120,22 @@ impl<F: Fixture + ?Sized> Drop for Cleanup<'_, F> {
 }
 
 /// Polls `probe` (every 50 ms) until it returns `Some`, panicking after [`PATIENCE`].
-pub async fn eventually<T, Fut: Future<Output = Option<T>>>(what: &str, mut probe: impl FnMut() -> Fut) -> T {
-    let deadline = Instant::now() + PATIENCE;
+pub async fn eventually<T, Fut: Future<Output = Option<T>>>(what: &str, probe: impl FnMut() -> Fut) -> T {
+    eventually_within(PATIENCE, what, probe).await
+}
+
+/// [`eventually`] with its own bound.
+pub async fn eventually_within<T, Fut: Future<Output = Option<T>>>(
+    bound: Duration,
+    what: &str,
+    mut probe: impl FnMut() -> Fut,
+) -> T {
+    let deadline = Instant::now() + bound;
     loop {
         if let Some(v) = probe().await {
             return v;
         }
-        assert!(Instant::now() < deadline, "timed out after {PATIENCE:?} waiting for {what}");
+        assert!(Instant::now() < deadline, "timed out after {bound:?} waiting for {what}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
