@@ -10,6 +10,7 @@ source deploy/prereqs.sh
 if [ "$(id -u)" -eq 0 ]; then source deploy/storage-prereqs.sh; fi
 # Sandboxed tasks: runc and a static init (tini).
 source deploy/sandbox-prereqs.sh
+source deploy/edge-prereqs.sh
 cargo build -p berth-cli --bin berth
 target="${CARGO_TARGET_DIR:-target}"
 exec "$target/debug/berth" dev --data-dir "${BERTH_DEV_DIR:-berth-dev}" "$@"

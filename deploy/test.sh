@@ -10,6 +10,7 @@ source deploy/prereqs.sh
 source deploy/chaos-prereqs.sh
 source deploy/storage-prereqs.sh
 source deploy/sandbox-prereqs.sh
+source deploy/edge-prereqs.sh
 cargo fmt --all --check
 cargo clippy --workspace --all-targets -- -D warnings
 # The integration tests and the chaos suite drive the real binaries.

@@ -204,11 +204,27 @@ spec:
   task:
     runtime: process
     command: [/bin/sh, -c, "echo $BERTH_TASK_ID > id.txt && exec /usr/bin/python3 -m http.server 8080"]
-    ports: [{name: http, container: 8080, published: 18080}]
+    ports: [{name: http, container: 8080, published: 18080, mode: host}]
     health: {http: {port: 8080, path: /}, interval: 1s}
   placement:
     constraints: ["node.name != host-a"]
     max_replicas_per_node: 1
+---
+kind: Network
+metadata: {name: edge}
+---
+kind: Service
+metadata: {name: mesh}
+spec:
+  replicas: 1
+  task:
+    runtime: process
+    networks: [edge]
+    command: [/bin/sh, -c, "echo $BERTH_TASK_ID > id.txt && exec /usr/bin/python3 -m http.server 8081"]
+    ports: [{container: 8081, published: 30080}]
+    health: {http: {port: 8081, path: /}, interval: 1s}
+  placement:
+    constraints: ["node.name == host-b"]
 ---
 kind: Service
 metadata: {name: client}
@@ -298,19 +314,53 @@ fn tasks_find_each_other_by_name_across_hosts() -> Result<()> {
         );
         assert_eq!(v, Some(serde_json::json!(200)), "task address {a}");
     }
-    // The published port: each web node forwards it into its task's namespace, from outside
-    // the overlay (here, the root namespace).
+    // The host-mode published port: each web node forwards it into its task's namespace, from
+    // outside the overlay (here, the root namespace); host A runs no web task and does not.
+    let get_id = |addr: &str| -> Option<String> {
+        let mut s = std::net::TcpStream::connect_timeout(&addr.parse().ok()?, Duration::from_secs(1)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
+        std::io::Write::write_all(&mut s, b"GET /id.txt HTTP/1.0\r\n\r\n").ok()?;
+        let mut body = String::new();
+        std::io::Read::read_to_string(&mut s, &mut body).ok()?;
+        body.contains(" 200 ").then_some(body)
+    };
     for i in [1, 2] {
         let addr = format!("{}:18080", hosts.addr(i));
-        let body = wait_for(Duration::from_secs(10), &format!("GET {addr}/id.txt from outside"), || {
-            let mut s = std::net::TcpStream::connect_timeout(&addr.parse().ok()?, Duration::from_secs(1)).ok()?;
-            std::io::Write::write_all(&mut s, b"GET /id.txt HTTP/1.0\r\n\r\n").ok()?;
-            let mut body = String::new();
-            std::io::Read::read_to_string(&mut s, &mut body).ok()?;
-            body.contains(" 200 ").then_some(body)
-        })?;
+        let body = wait_for(Duration::from_secs(10), &format!("GET {addr}/id.txt from outside"), || get_id(&addr))?;
         assert!(body.contains("web."), "{body}");
     }
+    let err =
+        std::net::TcpStream::connect_timeout(&format!("{}:18080", hosts.addr(0)).parse()?, Duration::from_secs(2))
+            .expect_err("host A runs no web task, so its host-mode port is closed");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
+
+    // The routing mesh: mesh's one task runs on host B, on a network of its own that hosts A
+    // and C join only for the mesh; every host accepts its published port and reaches it.
+    for i in [0, 1, 2] {
+        let addr = format!("{}:30080", hosts.addr(i));
+        let body =
+            wait_for(Duration::from_secs(30), &format!("GET {addr}/id.txt through the routing mesh"), || get_id(&addr))
+                .inspect_err(|_| dump(&c))?;
+        assert!(body.contains("mesh."), "{body}");
+    }
+    let edge = network(&c, "edge")?;
+    assert_eq!(edge["blocks"].as_object().map(|b| b.len()), Some(3), "every host holds a block of edge: {edge:#}");
+    // Published-port conflicts are refused at apply time, naming the holder.
+    let e = refused(
+        &c,
+        c.dir.path(),
+        "clash",
+        &svc_doc("clash", "    ports: [{container: 80, published: 30080, mode: host}]\n", ""),
+    )?;
+    assert!(e.contains("port 30080/tcp is already published by service default/mesh"), "{e}");
+    let e = refused(
+        &c,
+        c.dir.path(),
+        "clash2",
+        &svc_doc("clash2", "    ports: [{container: 80, published: 18080}]\n", ""),
+    )?;
+    assert!(e.contains("port 18080/tcp is already published by service default/web in mode host"), "{e}");
+    assert!(e.contains("spec.task.ports[0].published"), "{e}");
 
     // kill -9 of one web task while the client asks in a loop: once its death has reached host
     // A, no request goes to it and DNS no longer returns it.

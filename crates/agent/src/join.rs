@@ -190,6 +190,7 @@ pub(crate) fn body_name(body: &master_frame::Body) -> &'static str {
         master_frame::Body::Logs(_) => "LogsQuery",
         master_frame::Body::NetworkUpdate(_) => "NetworkUpdate",
         master_frame::Body::BlobChunk(_) => "BlobChunk",
+        master_frame::Body::EdgeUpdate(_) => "EdgeUpdate",
     }
 }
 

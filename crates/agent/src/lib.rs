@@ -12,6 +12,7 @@
 
 mod certs;
 pub mod driver;
+pub mod edge;
 mod error;
 pub mod image;
 mod join;
@@ -93,6 +94,39 @@ pub struct AgentConfig {
     /// Unused images are removed once the node's images take more than this many bytes
     /// (`--image-gc-threshold`; default 10 GiB).
     pub image_gc_threshold: Option<u64>,
+    /// The edge router.
+    pub edge: EdgeSettings,
+}
+
+/// How an edge node serves routes (the router starts when the leader sends routes: on an agent
+/// started with `--edge`, or on a node labelled `role=edge`).
+#[derive(Clone, Debug)]
+pub struct EdgeSettings {
+    /// `--edge`: this node is an edge router (told to the masters in Hello).
+    pub enabled: bool,
+    /// Where routes are served over plain HTTP (`--edge-http`, default 0.0.0.0:80).
+    pub http: std::net::SocketAddr,
+    /// Where routes are served over TLS (`--edge-https`, default 0.0.0.0:443).
+    pub https: std::net::SocketAddr,
+    /// `--apps-domain`: the zone answered by DNS on `dns`.
+    pub apps_domain: Option<String>,
+    /// `--apps-dns` (default: the advertise address, port 53).
+    pub dns: Option<std::net::SocketAddr>,
+    /// The HAProxy program (`--haproxy`, default `haproxy`).
+    pub haproxy: PathBuf,
+}
+
+impl Default for EdgeSettings {
+    fn default() -> EdgeSettings {
+        EdgeSettings {
+            enabled: false,
+            http: (std::net::Ipv4Addr::UNSPECIFIED, 80).into(),
+            https: (std::net::Ipv4Addr::UNSPECIFIED, 443).into(),
+            apps_domain: None,
+            dns: None,
+            haproxy: PathBuf::from("haproxy"),
+        }
+    }
 }
 
 impl std::fmt::Debug for AgentConfig {
@@ -137,6 +171,8 @@ pub(crate) struct Shared {
     pub gate: Option<Arc<Semaphore>>,
     /// The node's overlay, when this agent attaches tasks to networks.
     pub overlay: Option<driver::manager::SharedOverlay>,
+    /// The edge router's settings (real agents only).
+    pub edge: Option<EdgeSettings>,
     /// Where simulated agents that take part in networks log their endpoints.
     pub sim_net_log: Option<Arc<session::SimNetLog>>,
 }
@@ -257,6 +293,7 @@ async fn run_agent_with<D: Driver>(
         endpoints: Endpoints::new(),
         resources: resources::detect(&cfg.data_dir),
         gate: None,
+        edge: overlay.is_some().then(|| cfg.edge.clone()),
         overlay,
         sim_net_log: None,
     };
@@ -337,6 +374,8 @@ pub(crate) async fn run_agent<D: Driver>(
         confirmed: false,
         dialled: None,
         overlay: shared.overlay.clone(),
+        edge_settings: shared.edge.clone(),
+        edge: None,
         sim_net: shared.sim_net_log.clone().map(|log| session::SimNet { log, view: Default::default() }),
         underlay: spec.advertise_addr,
         host_paths: spec.host_paths.clone(),
@@ -390,6 +429,7 @@ async fn run_simulated(cfg: AgentConfig, n: usize, shutdown: CancellationToken) 
             resources,
             gate: Some(gate.clone()),
             overlay: None,
+            edge: None,
             sim_net_log: sim_net_log.clone(),
         };
         let shutdown = shutdown.clone();

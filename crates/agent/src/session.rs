@@ -128,6 +128,9 @@ pub(crate) struct Agent<D> {
     pub dialled: Option<String>,
     /// The node's overlay, when this agent attaches tasks to networks.
     pub overlay: Option<crate::driver::manager::SharedOverlay>,
+    /// How to run an edge router (agents with an overlay), and the router once routes came.
+    pub edge_settings: Option<crate::EdgeSettings>,
+    pub edge: Option<crate::edge::Edge>,
     /// The parts received so far of a network update sent in parts (`more`), in this session.
     pub net_parts: Option<berth_api::pb::agent::NetworkUpdate>,
     /// A simulated agent's network view (`--simulate-networks`), kept in memory only.
@@ -481,6 +484,7 @@ impl<D: Driver> Agent<D> {
             networks: self.overlay.is_some() || self.sim_net.is_some(),
             underlay: self.underlay.map(|a| a.to_string()).unwrap_or_default(),
             host_paths: self.host_paths.clone(),
+            edge: self.edge_settings.as_ref().is_some_and(|e| e.enabled),
         }
     }
 
@@ -769,6 +773,10 @@ impl<D: Driver> Agent<D> {
                 self.on_network_update(u, writer).await;
                 Ok(())
             }
+            Some(master_frame::Body::EdgeUpdate(u)) => {
+                self.on_edge_update(u).await;
+                Ok(())
+            }
             Some(master_frame::Body::Renewed(r)) => {
                 self.on_renewed(r).await;
                 Ok(())
@@ -802,7 +810,11 @@ impl<D: Driver> Agent<D> {
             (None, None) => return,
         };
         match applied {
-            Ok(Ok(())) => {}
+            Ok(Ok(())) => {
+                if let (Some(edge), Some(overlay)) = (self.edge.as_mut(), &self.overlay) {
+                    edge.set_view(overlay.lock().await.view());
+                }
+            }
             Ok(Err(gap)) => {
                 debug!(have = gap.have, base = gap.base, "network update gap: asking for a complete one");
                 let request = frame(agent_frame::Body::RequestComplete(RequestComplete {
@@ -814,6 +826,45 @@ impl<D: Driver> Agent<D> {
                 }
             }
             Err(e) => warn!("applying the network update failed (the data plane keeps what it had): {e}"),
+        }
+    }
+
+    /// The leader's routes: the edge router starts with the first ones, and is reconfigured
+    /// with every update after.
+    async fn on_edge_update(&mut self, u: berth_api::pb::agent::EdgeUpdate) {
+        if u.term < self.state.highest_term {
+            debug!(term = u.term, "ignoring an edge update from an older term");
+            return;
+        }
+        let (Some(settings), Some(overlay)) = (&self.edge_settings, &self.overlay) else {
+            debug!("ignoring an edge update: this agent attaches no networks, so it cannot route");
+            return;
+        };
+        if self.edge.is_none() {
+            if u.routes.is_empty() && u.edges.is_empty() {
+                return;
+            }
+            let dns = settings.apps_domain.as_ref().and(settings.dns.or_else(|| self.underlay.map(|a| (a, 53).into())));
+            let cfg = crate::edge::EdgeConfig {
+                state_dir: self.dir.join("edge"),
+                run_dir: std::path::PathBuf::from("/run/berth").join(&self.state.node_id).join("edge"),
+                http: settings.http,
+                https: settings.https,
+                haproxy: settings.haproxy.clone(),
+                apps_domain: settings.apps_domain.clone(),
+                dns,
+            };
+            match crate::edge::Edge::start(cfg).await {
+                Ok(e) => self.edge = Some(e),
+                Err(e) => {
+                    warn!("the edge router cannot start: {e}");
+                    return;
+                }
+            }
+        }
+        if let Some(edge) = self.edge.as_mut() {
+            edge.set_view(overlay.lock().await.view());
+            edge.set_routes(&u);
         }
     }
 

@@ -325,6 +325,7 @@ fn config(master: &TestMaster, token: Option<String>, dir: &Path) -> AgentConfig
         oci_runtime: None,
         insecure_registries: Vec::new(),
         image_gc_threshold: None,
+        edge: Default::default(),
     }
 }
 

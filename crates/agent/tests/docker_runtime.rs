@@ -290,8 +290,8 @@ async fn publishes_ports_reachable_from_the_host_and_probes_reach_the_container(
     s.task.command = vec!["/bin/busybox".into(), "httpd".into()];
     s.task.args = vec!["-f".into(), "-p".into(), "8080".into(), "-h".into(), "/www".into()];
     s.task.ports = vec![
-        PortSpec { name: None, container: 8080, published: Some(host_port), protocol: Protocol::Tcp },
-        PortSpec { name: None, container: 9999, published: None, protocol: Protocol::Udp },
+        PortSpec { name: None, container: 8080, published: Some(host_port), protocol: Protocol::Tcp, mode: None },
+        PortSpec { name: None, container: 9999, published: None, protocol: Protocol::Udp, mode: None },
     ];
     rt.start(&id, &s).await.unwrap();
     wait_running(&rt, &id).await;
@@ -638,6 +638,7 @@ async fn a_start_that_fails_leaves_no_container() {
         container: 80,
         published: Some(taken.local_addr().unwrap().port()),
         protocol: Protocol::Tcp,
+        mode: None,
     }];
     let err = rt.start(&id, &s).await.unwrap_err();
     assert!(err.to_string().contains("starting container"), "{err}");

@@ -1062,7 +1062,7 @@ fn memory_update(services: usize, per_service: usize) -> NetworkUpdate {
             key: format!("{NAMESPACE}/svc{s:04}"),
             vip: service_vip(s).to_string(),
             endpoint_mode: "vip".into(),
-            ports: vec![PbPort { name: "http".into(), protocol: "tcp".into(), port: u32::from(VIP_PORT) }],
+            ports: vec![PbPort { name: "http".into(), protocol: "tcp".into(), port: u32::from(VIP_PORT), ingress: 0 }],
             networks: vec![NETWORK.into()],
             endpoints: (0..per_service)
                 .map(|j| {

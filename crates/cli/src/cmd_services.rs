@@ -90,6 +90,13 @@ pub enum GetCmd {
         #[arg(short = 'n', long)]
         namespace: Option<String>,
     },
+    /// Routes: host, path, service, TLS and certificate expiry, endpoints.
+    #[command(visible_aliases = ["route"])]
+    Routes {
+        /// Only this namespace (default: every namespace).
+        #[arg(short = 'n', long)]
+        namespace: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -111,6 +118,13 @@ pub enum DescribeCmd {
     /// A volume: driver, access mode, node, size, usage, and the tasks using it.
     #[command(visible_aliases = ["volumes", "vol"])]
     Volume {
+        name: String,
+        #[arg(short = 'n', long, default_value = spec::DEFAULT_NAMESPACE)]
+        namespace: String,
+    },
+    /// A route: hosts, service, endpoints, TLS and its certificate's expiry, the edges serving it.
+    #[command(visible_aliases = ["routes"])]
+    Route {
         name: String,
         #[arg(short = 'n', long, default_value = spec::DEFAULT_NAMESPACE)]
         namespace: String,
@@ -201,6 +215,14 @@ pub enum DeleteCmd {
     /// Delete volumes: refused while tasks or services use them.
     #[command(visible_aliases = ["volumes", "vol"])]
     Volume {
+        #[arg(required = true)]
+        names: Vec<String>,
+        #[arg(short = 'n', long, default_value = spec::DEFAULT_NAMESPACE)]
+        namespace: String,
+    },
+    /// Delete routes: the edges stop serving their hosts within a second.
+    #[command(visible_aliases = ["routes"])]
+    Route {
         #[arg(required = true)]
         names: Vec<String>,
         #[arg(short = 'n', long, default_value = spec::DEFAULT_NAMESPACE)]
@@ -743,7 +765,7 @@ pub fn read_inputs(args: &[String], stdin: &mut dyn Read) -> Result<Vec<Input>> 
 
 /// The lines `apply` prints for one result.
 pub fn apply_lines(r: &ApplyOut) -> Vec<String> {
-    let mut lines = if r.kind == "Network" || r.kind == "Volume" {
+    let mut lines = if r.kind == "Network" || r.kind == "Volume" || r.kind == "Route" {
         vec![format!("{} {} {}", r.kind.to_lowercase(), key(&r.namespace, &r.name), r.action)]
     } else {
         vec![format!("service {} {} (version {})", key(&r.namespace, &r.name), r.action, r.version)]
@@ -1140,6 +1162,7 @@ pub async fn run_get(cmd: GetCmd, g: &Global) -> Result<()> {
         GetCmd::Nodes => cmd_nodes::run_get(cmd_nodes::GetCmd::Nodes, g).await,
         GetCmd::Networks { namespace } => crate::cmd_networks::run_get(namespace.as_deref(), g).await,
         GetCmd::Volumes { namespace } => crate::cmd_storage::run_get_volumes(namespace.as_deref(), g).await,
+        GetCmd::Routes { namespace } => crate::cmd_routes::run_get(namespace.as_deref(), g).await,
         GetCmd::Services { namespace } => {
             let client = crate::config::client(g)?;
             let views = list_services(&client, namespace.as_deref().unwrap_or("")).await?;
@@ -1201,6 +1224,9 @@ pub async fn run_describe(cmd: DescribeCmd, g: &Global) -> Result<()> {
         DescribeCmd::Service { name, namespace } => (name, namespace),
         DescribeCmd::Volume { name, namespace } => {
             return crate::cmd_storage::run_describe_volume(&namespace, &name, g).await;
+        }
+        DescribeCmd::Route { name, namespace } => {
+            return crate::cmd_routes::run_describe(&namespace, &name, g).await;
         }
         DescribeCmd::Network { name, namespace } => {
             return crate::cmd_networks::run_describe(&namespace, &name, g).await;
@@ -1598,6 +1624,7 @@ pub async fn run_delete(cmd: DeleteCmd, g: &Global) -> Result<()> {
         DeleteCmd::Volume { names, namespace } => {
             return crate::cmd_storage::run_delete_volumes(&namespace, &names, g).await;
         }
+        DeleteCmd::Route { names, namespace } => return crate::cmd_routes::run_delete(&namespace, &names, g).await,
     };
     let client = crate::config::client(g)?;
     let mut failed = Vec::new();

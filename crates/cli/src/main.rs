@@ -11,6 +11,7 @@ mod cmd_kv;
 mod cmd_networks;
 mod cmd_nodes;
 mod cmd_pki;
+mod cmd_routes;
 mod cmd_services;
 mod cmd_storage;
 mod config;
@@ -184,6 +185,25 @@ struct AgentArgs {
     /// this (e.g. 10Gi).
     #[arg(long, value_name = "SIZE", default_value = "10Gi", value_parser = parse_size)]
     image_gc_threshold: u64,
+    /// Run an edge router on this node: it serves the cluster's routes with HAProxy (needs root
+    /// and networks, like the overlay). A node labelled role=edge is one too.
+    #[arg(long)]
+    edge: bool,
+    /// Where an edge serves routes over plain HTTP.
+    #[arg(long, value_name = "ADDR:PORT", default_value = "0.0.0.0:80")]
+    edge_http: std::net::SocketAddr,
+    /// Where an edge serves routes over TLS.
+    #[arg(long, value_name = "ADDR:PORT", default_value = "0.0.0.0:443")]
+    edge_https: std::net::SocketAddr,
+    /// On an edge: answer DNS for this zone (each route's host -> the serving edges).
+    #[arg(long, value_name = "DOMAIN")]
+    apps_domain: Option<String>,
+    /// Where the apps domain's DNS listens (UDP; default: the advertise address, port 53).
+    #[arg(long, value_name = "ADDR:PORT", requires = "apps_domain")]
+    apps_dns: Option<std::net::SocketAddr>,
+    /// The HAProxy program the edge router runs.
+    #[arg(long, value_name = "PATH", default_value = "haproxy")]
+    haproxy: PathBuf,
 }
 
 fn parse_size(s: &str) -> std::result::Result<u64, String> {
@@ -263,6 +283,14 @@ struct MasterArgs {
     /// exercise the parts on small updates).
     #[arg(long, hide = true, default_value_t = berth_master::NETWORK_UPDATE_PART_BYTES)]
     network_update_part_bytes: usize,
+    /// The cluster's apps domain, such as apps.example.test: every route's host must fall under
+    /// it (give every master the same).
+    #[arg(long)]
+    apps_domain: Option<String>,
+    /// A domain route hosts may fall under besides the apps domain (the cluster admin's
+    /// allowance; repeatable).
+    #[arg(long = "allow-route-domain", requires = "apps_domain")]
+    allow_route_domains: Vec<String>,
 }
 
 fn init_tracing() {
@@ -311,6 +339,7 @@ async fn run_master(a: MasterArgs) -> Result<()> {
     cfg.node_down_grace = a.node_down_grace;
     cfg.agent_heartbeat_interval = a.agent_heartbeat_interval;
     cfg.network_update_part_bytes = a.network_update_part_bytes;
+    cfg.route_domains = a.apps_domain.into_iter().chain(a.allow_route_domains).collect();
     if let (Some(address), Some(vip)) = (a.address_pool, a.vip_pool) {
         cfg.pools = Some(
             berth_master::Pools::new(address, a.network_size, vip)
@@ -337,6 +366,14 @@ async fn run_agent(a: AgentArgs) -> Result<()> {
         oci_runtime: a.oci_runtime,
         insecure_registries: a.insecure_registries,
         image_gc_threshold: Some(a.image_gc_threshold),
+        edge: berth_agent::EdgeSettings {
+            enabled: a.edge,
+            http: a.edge_http,
+            https: a.edge_https,
+            apps_domain: a.apps_domain,
+            dns: a.apps_dns,
+            haproxy: a.haproxy,
+        },
     };
     berth_agent::run(cfg, shutdown_on_signals()).await?;
     Ok(())

@@ -42,6 +42,9 @@ pub struct MasterConfig {
     /// the default keeps each part a quarter of the frame limit. Lowered by tests to send every
     /// update in parts.
     pub network_update_part_bytes: usize,
+    /// Route hosts must fall under one of these domains (`--apps-domain`, then the domains a
+    /// cluster admin allows besides with `--allow-route-domain`); empty: any host.
+    pub route_domains: Vec<String>,
 }
 
 /// SwarmKit declares a node down after ~15 s of silence (5 s heartbeats x 3); with 1 s
@@ -79,6 +82,7 @@ impl MasterConfig {
             node_down_grace: DEFAULT_NODE_DOWN_GRACE,
             agent_heartbeat_interval: DEFAULT_AGENT_HEARTBEAT_INTERVAL,
             pools: None,
+            route_domains: Vec::new(),
             network_update_part_bytes: crate::endpoints::PART_BYTES,
         }
     }

@@ -250,6 +250,26 @@ impl ControlService for ControlSvc {
         Ok(Response::new(pb::NetworkResponse { header: Some(self.ctx.header()), network: Some(network) }))
     }
 
+    async fn list_routes(&self, r: Request<pb::ListRoutesRequest>) -> Result<Response<pb::ListRoutesResponse>, Status> {
+        let r = r.into_inner();
+        self.ctx.read_barrier().await?;
+        let routes = crate::routes::list(&self.ctx.reader, &r.namespace)?;
+        Ok(Response::new(pb::ListRoutesResponse { header: Some(self.ctx.header()), routes }))
+    }
+
+    async fn get_route(&self, r: Request<pb::RouteRef>) -> Result<Response<pb::RouteResponse>, Status> {
+        let r = r.into_inner();
+        self.ctx.read_barrier().await?;
+        let route = crate::routes::get(&self.ctx.reader, &r.namespace, &r.name)?;
+        Ok(Response::new(pb::RouteResponse { header: Some(self.ctx.header()), route: Some(route) }))
+    }
+
+    async fn delete_route(&self, r: Request<pb::RouteRef>) -> Result<Response<pb::RouteResponse>, Status> {
+        let r = r.into_inner();
+        let route = crate::routes::delete(&self.ctx, &r.namespace, &r.name).await?;
+        Ok(Response::new(pb::RouteResponse { header: Some(self.ctx.header()), route: Some(route) }))
+    }
+
     async fn apply(&self, r: Request<pb::ApplyRequest>) -> Result<Response<pb::ApplyResponse>, Status> {
         let r = r.into_inner();
         let documents = spec::parse_all(&r.documents).map_err(|e| Status::invalid_argument(e.to_string()))?;
@@ -303,9 +323,11 @@ impl ControlService for ControlSvc {
                 kind: "Volume".into(),
             });
         }
+        let mut ports = crate::ports::PortCheck::new(&self.ctx.reader, plan.has_pools())?;
         for doc in &documents {
             let Document::Service(s) = doc else { continue };
             plan.service(s, now)?;
+            ports.service(s)?;
             crate::volumes::check_service(&self.ctx.reader, s, &applied)?;
             let file_versions = crate::secrets::resolve_versions(&self.ctx.reader, s)?;
             let (ns, name) = (&s.metadata.namespace, &s.metadata.name);
@@ -367,8 +389,31 @@ impl ControlService for ControlSvc {
                 kind: "Service".into(),
             });
         }
+        // Routes last: they name services, which may be in the same apply.
+        let services: Vec<&spec::Service> =
+            documents.iter().filter_map(|d| if let Document::Service(s) = d { Some(&**s) } else { None }).collect();
+        let mut routes = crate::routes::RoutePlan::new(&self.ctx.reader)?;
+        for doc in &documents {
+            let Document::Route(rt) = doc else { continue };
+            if r.expected_revision != 0 {
+                return Err(Status::invalid_argument("expected_revision applies to a Service document only"));
+            }
+            let (action, change) = routes.route(&self.ctx, rt, &services, now)?;
+            let action = if r.dry_run { format!("would be {action}") } else { action.to_string() };
+            results.push(pb::ApplyResult {
+                namespace: rt.metadata.namespace.clone(),
+                name: rt.metadata.name.clone(),
+                action,
+                version: 0,
+                revision: 0,
+                changes: change,
+                kind: "Route".into(),
+            });
+        }
         if !r.dry_run {
             parts.extend(plan.into_parts());
+            parts.extend(ports.into_parts(now));
+            parts.extend(routes.into_parts(now));
         }
         let writes = parts.iter().any(|(_, op)| !matches!(op, berth_types::RequestOp::Range(_)));
         if writes {

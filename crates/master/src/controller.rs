@@ -124,6 +124,8 @@ struct World {
     has_pools: bool,
     /// `namespace/name` -> volume.
     volumes: HashMap<String, objects::Versioned<berth_api::pb::VolumeRecord>>,
+    /// The services routes go to (`namespace/name`); empty on a cluster without pools.
+    routed: std::collections::BTreeSet<String>,
 }
 
 fn load(ctx: &Ctx) -> Result<World, String> {
@@ -148,6 +150,17 @@ fn load(ctx: &Ctx) -> Result<World, String> {
         HashMap::new()
     };
     let volumes = crate::volumes::load_all(&ctx.reader).map_err(err)?;
+    let routed = if has_pools {
+        objects::list::<berth_api::pb::RouteRecord>(&ctx.reader, crate::routes::ROUTES_PREFIX)
+            .map_err(err)?
+            .into_iter()
+            .filter_map(|r| {
+                crate::routes::spec_of(&r.obj).ok().map(|d| format!("{}/{}", r.obj.namespace, d.spec.service))
+            })
+            .collect()
+    } else {
+        Default::default()
+    };
     let mut svcs = Vec::new();
     for s in services {
         match Svc::parse(s.obj, s.mod_revision) {
@@ -169,6 +182,7 @@ fn load(ctx: &Ctx) -> Result<World, String> {
         networks,
         has_pools,
         volumes,
+        routed,
     })
 }
 
@@ -218,6 +232,7 @@ async fn round(ctx: &Arc<Ctx>) -> Result<usize, String> {
             update(&w, svc, fence_ms, &mut plan);
         }
         schedule(&w, &mut plan);
+        ingress_blocks(&w, &mut plan);
         reap(&w, &mut plan);
         Ok(plan)
     })
@@ -748,7 +763,7 @@ fn schedule(w: &World, plan: &mut Plan) {
         .tasks
         .values()
         .filter(|t| !t.obj.node_id.is_empty() && !tasks::is_terminal(tasks::state_of(&t.obj)))
-        .map(|t| tasks::placed(&t.obj, svc_of(&t.obj)))
+        .map(|t| tasks::placed(&t.obj, svc_of(&t.obj), w.has_pools))
         .collect();
     // Spread services first, then binpack ones over what the first pass used.
     let strategy_of = |t: &Task| match svc_of(t).map(|s| s.spec.spec.placement.strategy) {
@@ -781,7 +796,7 @@ fn schedule(w: &World, plan: &mut Plan) {
                 if let Some(t) = ids.get(pl.task_id.as_str()) {
                     let mut on = (*t).clone();
                     on.node_id = pl.node_id.clone();
-                    placed.push(tasks::placed(&on, svc_of(&on)));
+                    placed.push(tasks::placed(&on, svc_of(&on), w.has_pools));
                 }
             }
         }
@@ -897,6 +912,81 @@ fn schedule(w: &World, plan: &mut Plan) {
     }
     if count > 0 {
         plan.log.push(format!("scheduler: {count} placement decisions"));
+    }
+}
+
+/// The routing mesh and the edge: every node whose agent attaches networks gets a block of each
+/// network that a service's ingress ports reach its tasks through (the service's first
+/// network), so that any node can forward a published port to any task; every edge node gets
+/// one of each routed service's first network, so its router reaches the tasks. One
+/// conditional write per network that has such nodes without a block; a lost race (a placement
+/// growing the same record) is retried by the next round. Blocks go back when a node is
+/// removed, like any other.
+fn ingress_blocks(w: &World, plan: &mut Plan) {
+    if !w.has_pools {
+        return;
+    }
+    let mut capable: Vec<&Node> = w.nodes.values().filter(|n| n.networks).collect();
+    capable.sort_by(|a, b| a.id.cmp(&b.id));
+    let mut wants: BTreeMap<String, Vec<&Node>> = BTreeMap::new();
+    for s in w.services.iter().filter(|s| !s.record.deleting) {
+        let Some(net) = task_networks(w, s).into_iter().next() else { continue };
+        if s.has_ingress() {
+            wants.entry(net.clone()).or_default().extend(capable.iter().copied());
+        }
+        if w.routed.contains(&s.key()) {
+            wants.entry(net).or_default().extend(capable.iter().copied().filter(|n| crate::routes::is_edge(n)));
+        }
+    }
+    for (net, mut nodes) in wants {
+        nodes.sort_by(|a, b| a.id.cmp(&b.id));
+        nodes.dedup_by(|a, b| a.id == b.id);
+        let Some(current) = w.networks.get(&net).filter(|c| !c.obj.deleting) else { continue };
+        let Ok((subnet, prefix)) = crate::networks::record_blocks(&current.obj) else { continue };
+        let mut rec = current.obj.clone();
+        let mut added = 0;
+        for n in &nodes {
+            if rec.blocks.contains_key(&n.id) {
+                continue;
+            }
+            let taken: std::collections::BTreeSet<u32> = rec.blocks.values().copied().collect();
+            match crate::ipam::allocate_block(&net, subnet, prefix, &taken) {
+                Ok(b) => {
+                    rec.blocks.insert(n.id.clone(), b);
+                    added += 1;
+                }
+                Err(e) => {
+                    warn_every_minute(&format!(
+                        "the routing mesh or edge cannot reach node {} ({}): {e}; give network {net} a larger \
+                         subnet or smaller blocks (spec.block_prefix)",
+                        n.name, n.id
+                    ));
+                    break;
+                }
+            }
+        }
+        if added > 0 {
+            rec.updated_at_ms = w.now;
+            let key = crate::networks::network_key(&rec.namespace, &rec.name);
+            plan.push(
+                vec![objects::cas_put(key, current.mod_revision, rec.encode_to_vec())],
+                format!("routing mesh and edge: {added} nodes get a block of {net}"),
+            );
+        }
+    }
+}
+
+/// Logs `msg` as a warning at most once a minute (a controller round runs every second).
+fn warn_every_minute(msg: &str) {
+    static LAST: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
+    let now = objects::now_ms();
+    let last = LAST.load(std::sync::atomic::Ordering::Relaxed);
+    if now - last >= 60_000
+        && LAST
+            .compare_exchange(last, now, std::sync::atomic::Ordering::Relaxed, std::sync::atomic::Ordering::Relaxed)
+            .is_ok()
+    {
+        warn!("{msg}");
     }
 }
 

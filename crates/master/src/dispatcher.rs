@@ -313,6 +313,7 @@ async fn handle_join(ctx: &Ctx, req: berth_api::pb::agent::JoinRequest) -> Optio
         joined_with_token: token.id.clone(),
         networks: false,
         host_paths: Vec::new(),
+        edge: false,
     };
     let mut token_rec = rec.obj.clone();
     if token_rec.uses_left > 0 {
@@ -388,8 +389,12 @@ async fn session(
         return;
     };
     info!(node = %node_id, term, "agent session opened");
-    let caps =
-        Caps { networks: hello.networks, underlay: hello.underlay.clone(), host_paths: hello.host_paths.clone() };
+    let caps = Caps {
+        networks: hello.networks,
+        underlay: hello.underlay.clone(),
+        host_paths: hello.host_paths.clone(),
+        edge: hello.edge,
+    };
     if hello_changes(&node.obj, &caps).is_some() {
         tokio::spawn(record_hello(ctx.clone(), node_id.clone(), caps));
     }
@@ -430,6 +435,8 @@ async fn session(
     let mut feed = endpoints::Feed::default();
     let snap = net_rx.borrow_and_update().clone();
     let net_complete = feed.next(term, &snap, &node_id);
+    let mut edge_feed = endpoints::EdgeFeed::default();
+    let edge_first = edge_feed.next(term, &snap, &node_id, |ns, name, v| open_certificate(&ctx, ns, name, v));
     let mut net_sent_at = net_complete.as_ref().map(|_| tokio::time::Instant::now());
     let mut net_due: Option<tokio::time::Instant> = None;
     let opened = async {
@@ -437,6 +444,9 @@ async fn session(
         writer.send(&MasterFrame { body: Some(master_frame::Body::Assignments(complete)) }).await?;
         if let Some(u) = net_complete {
             send_network_update(&mut writer, u, ctx.network_update_part_bytes).await?;
+        }
+        if let Some(u) = edge_first {
+            writer.send(&MasterFrame { body: Some(master_frame::Body::EdgeUpdate(u)) }).await?;
         }
         Ok::<(), berth_channel::FrameError>(())
     };
@@ -489,11 +499,20 @@ async fn session(
             _ = tokio::time::sleep_until(net_due.unwrap_or_else(far_future)), if net_due.is_some() => {
                 net_due = None;
                 let snap = net_rx.borrow_and_update().clone();
-                let Some(u) = feed.next(term, &snap, &node_id) else { continue };
-                net_sent_at = Some(tokio::time::Instant::now());
-                if let Err(e) = send_network_update(&mut writer, u, ctx.network_update_part_bytes).await {
-                    lost(&e);
-                    return;
+                // Endpoints first, then the routes that may use them.
+                if let Some(u) = feed.next(term, &snap, &node_id) {
+                    net_sent_at = Some(tokio::time::Instant::now());
+                    if let Err(e) = send_network_update(&mut writer, u, ctx.network_update_part_bytes).await {
+                        lost(&e);
+                        return;
+                    }
+                }
+                if let Some(u) = edge_feed.next(term, &snap, &node_id, |ns, name, v| open_certificate(&ctx, ns, name, v)) {
+                    net_sent_at = Some(tokio::time::Instant::now());
+                    if let Err(e) = writer.send(&MasterFrame { body: Some(master_frame::Body::EdgeUpdate(u)) }).await {
+                        lost(&e);
+                        return;
+                    }
                 }
                 continue;
             }
@@ -535,6 +554,7 @@ async fn session(
             // Networks: answered now if the endpoints index is ready, else once it is.
             agent_frame::Body::RequestComplete(rc) if rc.networks => {
                 feed.request_complete();
+                edge_feed.request_complete();
                 let snap = net_rx.borrow().clone();
                 if let Some(u) = feed.next(term, &snap, &node_id) {
                     net_sent_at = Some(tokio::time::Instant::now());
@@ -542,6 +562,13 @@ async fn session(
                         lost(&e);
                         return;
                     }
+                }
+                if let Some(u) =
+                    edge_feed.next(term, &snap, &node_id, |ns, name, v| open_certificate(&ctx, ns, name, v))
+                    && let Err(e) = writer.send(&MasterFrame { body: Some(master_frame::Body::EdgeUpdate(u)) }).await
+                {
+                    lost(&e);
+                    return;
                 }
                 None
             }
@@ -597,6 +624,19 @@ fn far_future() -> tokio::time::Instant {
     tokio::time::Instant::now() + Duration::from_secs(86_400)
 }
 
+/// A route's certificate (the secret's value at `version`), opened for an edge node.
+fn open_certificate(ctx: &Ctx, ns: &str, name: &str, version: u64) -> Result<Vec<u8>, String> {
+    let f = berth_types::task::TaskFile {
+        kind: berth_types::spec::FileKind::Secret,
+        name: name.to_string(),
+        version,
+        target: String::new(),
+        mode: 0o400,
+    };
+    let mut data = crate::secrets::contents(ctx, ns, &[f])?;
+    Ok(data.pop().map(|d| d.data).unwrap_or_default())
+}
+
 /// What an agent's Hello says about its node.
 #[derive(Debug, Clone, Default)]
 struct Caps {
@@ -606,6 +646,8 @@ struct Caps {
     underlay: String,
     /// The host-path prefixes it lets `host` volumes use.
     host_paths: Vec<String>,
+    /// It runs an edge router (--edge).
+    edge: bool,
 }
 
 /// The node record as the agent's Hello says it should be, or None when it already is: whether
@@ -617,6 +659,7 @@ fn hello_changes(node: &Node, caps: &Caps) -> Option<Node> {
     let mut n = node.clone();
     n.networks = networks;
     n.host_paths = caps.host_paths.clone();
+    n.edge = caps.edge;
     if !underlay.is_empty() {
         if underlay.parse::<std::net::Ipv4Addr>().is_ok() {
             n.advertise_addr = underlay.to_string();
@@ -877,7 +920,12 @@ mod tests {
     #[test]
     fn a_hello_updates_the_node_only_when_it_says_something_new() {
         let node = Node { id: "n1".into(), advertise_addr: "192.0.2.1".into(), ..Default::default() };
-        let hello = |networks: bool, underlay: &str| Caps { networks, underlay: underlay.into(), host_paths: vec![] };
+        let hello = |networks: bool, underlay: &str| Caps {
+            networks,
+            underlay: underlay.into(),
+            host_paths: vec![],
+            edge: false,
+        };
         // Nothing new: no write.
         assert!(hello_changes(&node, &hello(false, "")).is_none());
         assert!(hello_changes(&node, &hello(false, "192.0.2.1")).is_none());

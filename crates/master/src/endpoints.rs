@@ -33,16 +33,17 @@ use std::{
 };
 
 use berth_api::pb::{
-    NetworkRecord, Node, ServiceRecord, Task,
+    FileRecord, NetworkRecord, Node, RouteRecord, ServiceRecord, Task,
     agent::{
-        AssignmentsKind, Endpoint, NetworkPeer, NetworkState, NetworkUpdate, ServiceEndpoints, ServicePort, TaskState,
+        AssignmentsKind, EdgeRoute, EdgeUpdate, Endpoint, NetworkPeer, NetworkState, NetworkUpdate, ServiceEndpoints,
+        ServicePort, TaskState,
     },
 };
 use berth_store::WatchEvents;
 use berth_types::{
     EventKind, RangeQuery, prefix_end,
     spec::{
-        DEFAULT_NETWORK, EndpointMode, Protocol, Service,
+        DEFAULT_NETWORK, EndpointMode, PortMode, Protocol, Service,
         network::{node_block, recorded_block_prefix},
     },
 };
@@ -122,6 +123,36 @@ pub(crate) struct Snapshot {
     /// The services changed by the latest versions, oldest first, contiguous up to `version`
     /// (empty after a rebuild).
     log: Vec<Arc<Changed>>,
+    /// What the edge nodes serve.
+    pub edge: Arc<EdgeState>,
+}
+
+/// A route as the edge nodes get it (the certificate is opened by the session that sends it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct RouteInfo {
+    pub key: String,
+    pub host: String,
+    pub path: String,
+    /// namespace/name
+    pub service: String,
+    pub port: u32,
+    /// "" (plain), edge, passthrough, reencrypt.
+    pub termination: String,
+    pub redirect_http: bool,
+    /// (namespace, secret name, its newest version) when the edge holds a certificate.
+    pub secret: Option<(String, String, u64)>,
+}
+
+/// What every edge node serves: the routes, and the addresses of the edge nodes serving.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct EdgeState {
+    /// Grows with every change.
+    pub version: u64,
+    /// Edge node ids (nodes with networks started with --edge or labelled role=edge).
+    pub nodes: BTreeSet<String>,
+    /// Underlay addresses of the edge nodes that are ready and not drained.
+    pub serving: Vec<String>,
+    pub routes: Vec<RouteInfo>,
 }
 
 impl Snapshot {
@@ -351,9 +382,78 @@ impl Feed {
     }
 }
 
+/// A session's edge feed: the version of the edge state it last sent its (edge) agent.
+#[derive(Default)]
+pub(crate) struct EdgeFeed {
+    sent: Option<u64>,
+}
+
+impl EdgeFeed {
+    /// Send the whole edge state again next time (the agent asked for everything).
+    pub fn request_complete(&mut self) {
+        self.sent = None;
+    }
+
+    /// What to send now, if anything: the routes when they changed since the last update (on
+    /// an edge node), or an empty update once when the node stopped being an edge. `open`
+    /// gives a route's certificate (a route whose certificate cannot be opened is left out,
+    /// with a warning, and the edge does not serve it).
+    pub fn next(
+        &mut self,
+        term: u64,
+        snap: &Snapshot,
+        node: &str,
+        open: impl Fn(&str, &str, u64) -> Result<Vec<u8>, String>,
+    ) -> Option<EdgeUpdate> {
+        if !snap.ready {
+            return None;
+        }
+        let edge = &snap.edge;
+        if !edge.nodes.contains(node) {
+            return self.sent.take().map(|_| EdgeUpdate { term, routes: vec![], edges: vec![] });
+        }
+        if self.sent == Some(edge.version) {
+            return None;
+        }
+        self.sent = Some(edge.version);
+        let routes = edge
+            .routes
+            .iter()
+            .filter_map(|r| {
+                let certificate = match &r.secret {
+                    Some((ns, name, version)) => match open(ns, name, *version) {
+                        Ok(c) => c,
+                        Err(e) => {
+                            warn!(route = %r.key, "the edge does not serve this route: its certificate: {e}");
+                            return None;
+                        }
+                    },
+                    None => Vec::new(),
+                };
+                Some(EdgeRoute {
+                    key: r.key.clone(),
+                    host: r.host.clone(),
+                    path: r.path.clone(),
+                    service: r.service.clone(),
+                    port: r.port,
+                    termination: r.termination.clone(),
+                    redirect_http: r.redirect_http,
+                    certificate,
+                })
+            })
+            .collect();
+        Some(EdgeUpdate { term, routes, edges: edge.serving.clone() })
+    }
+}
+
 /// A service as the index keeps it.
 struct SvcInfo {
     has_health: bool,
+    /// The network its routing-mesh (ingress) ports reach its tasks through (its first one),
+    /// which every node with networks then joins; None without ingress ports.
+    ingress_network: Option<String>,
+    /// Its first network, which routes reach its tasks through.
+    first_network: Option<String>,
     /// Everything but the endpoints; `networks` holds the spec's.
     base: ServiceEndpoints,
 }
@@ -361,7 +461,13 @@ struct SvcInfo {
 fn svc_info(r: &ServiceRecord) -> Result<SvcInfo, String> {
     let spec: Service = serde_json::from_str(&r.spec_json)
         .map_err(|e| format!("service {}/{} has an unreadable spec: {e}", r.namespace, r.name))?;
-    let ports = spec
+    // The index only matters on a cluster with pools, where tasks join networks; a service
+    // being deleted publishes nothing on the mesh any more (its ports are free again).
+    let ingress_of = |p: &berth_types::spec::PortSpec| match p.published_mode(true) {
+        Some(PortMode::Ingress) if !r.deleting => p.published.map_or(0, u32::from),
+        _ => 0,
+    };
+    let ports: Vec<ServicePort> = spec
         .spec
         .task
         .ports
@@ -374,10 +480,16 @@ fn svc_info(r: &ServiceRecord) -> Result<SvcInfo, String> {
             }
             .into(),
             port: u32::from(p.container),
+            ingress: ingress_of(p),
         })
         .collect();
+    let networks: Vec<String> =
+        networks::service_networks(&spec).into_iter().map(|n| format!("{}/{n}", r.namespace)).collect();
+    let ingress_network = ports.iter().any(|p| p.ingress != 0).then(|| networks.first().cloned()).flatten();
     Ok(SvcInfo {
         has_health: spec.spec.task.health.is_some(),
+        ingress_network,
+        first_network: if r.deleting { None } else { networks.first().cloned() },
         base: ServiceEndpoints {
             key: format!("{}/{}", r.namespace, r.name),
             vip: r.vip.clone(),
@@ -387,9 +499,25 @@ fn svc_info(r: &ServiceRecord) -> Result<SvcInfo, String> {
             }
             .into(),
             ports,
-            networks: networks::service_networks(&spec).into_iter().map(|n| format!("{}/{n}", r.namespace)).collect(),
+            networks,
             endpoints: vec![],
         },
+    })
+}
+
+/// A route record as the edge nodes get it.
+fn route_info(r: &RouteRecord) -> Result<RouteInfo, String> {
+    let doc = crate::routes::spec_of(r)?;
+    let tls = doc.spec.tls.as_ref();
+    Ok(RouteInfo {
+        key: doc.key(),
+        host: doc.spec.host.clone(),
+        path: doc.spec.path.clone(),
+        service: format!("{}/{}", r.namespace, doc.spec.service),
+        port: r.target_port,
+        termination: tls.map_or("", |t| t.termination.as_str()).to_string(),
+        redirect_http: doc.spec.redirect_http,
+        secret: tls.and_then(|t| t.secret.clone()).map(|s| (r.namespace.clone(), s, r.secret_version)),
     })
 }
 
@@ -490,6 +618,21 @@ pub(crate) struct Index {
     ready: HashMap<String, BTreeMap<String, Endpoint>>,
     /// Node id -> network key -> live tasks joining it.
     node_nets: HashMap<String, BTreeMap<String, u32>>,
+    /// Nodes whose agents attach networks (`Node.networks`): each joins every ingress network.
+    capable: HashSet<String>,
+    /// Network key -> the services with ingress ports reaching their tasks through it.
+    ingress_nets: BTreeMap<String, u32>,
+    /// Edge nodes (among `capable`), with whether each serves (ready, not drained) and its
+    /// underlay address.
+    edges: BTreeMap<String, (bool, Option<Ipv4Addr>)>,
+    /// Route key -> the route, as sent.
+    routes: BTreeMap<String, RouteInfo>,
+    /// Secret `namespace/name` -> its newest version.
+    secret_versions: HashMap<String, u64>,
+    /// The networks of routed services, which every edge node joins.
+    routed_nets: BTreeSet<String>,
+    edge_dirty: bool,
+    pub_edge: Arc<EdgeState>,
     pub_nodes: Arc<HashMap<String, Arc<BTreeSet<String>>>>,
     pub_networks: Arc<HashMap<String, Arc<NetShared>>>,
     pub_members: Arc<HashMap<String, Arc<BTreeSet<String>>>>,
@@ -529,10 +672,51 @@ impl Index {
             self.set_service(k, decode::<ServiceRecord>(key, value));
         } else if let Some(id) = key.strip_prefix(TASKS_PREFIX) {
             self.set_task(id, decode::<Task>(key, value));
+        } else if let Some(k) = key.strip_prefix(crate::routes::ROUTES_PREFIX) {
+            match decode::<RouteRecord>(key, value).map(|r| route_info(&r)) {
+                Some(Ok(r)) => {
+                    self.routes.insert(k.to_string(), r);
+                }
+                Some(Err(e)) => {
+                    warn!("endpoints index: {e}");
+                    self.routes.remove(k);
+                }
+                None => {
+                    self.routes.remove(k);
+                }
+            }
+            self.edge_dirty = true;
+        } else if let Some(k) = key.strip_prefix(crate::secrets::SECRETS_PREFIX) {
+            match decode::<FileRecord>(key, value) {
+                Some(r) => self.secret_versions.insert(k.to_string(), r.version),
+                None => self.secret_versions.remove(k),
+            };
+            if self.routes.values().any(|r| r.secret.as_ref().is_some_and(|(ns, n, _)| format!("{ns}/{n}") == k)) {
+                self.edge_dirty = true;
+            }
         }
     }
 
     fn set_node(&mut self, id: &str, node: Option<Node>) {
+        let edge = node
+            .as_ref()
+            .filter(|n| n.networks && crate::routes::is_edge(n))
+            .map(|n| (crate::routes::edge_serving(n), n.advertise_addr.parse::<Ipv4Addr>().ok()));
+        if self.edges.get(id) != edge.as_ref() {
+            if edge.is_some() != self.edges.contains_key(id) {
+                self.dirty_nodes.insert(id.to_string());
+            }
+            match edge {
+                Some(e) => self.edges.insert(id.to_string(), e),
+                None => self.edges.remove(id),
+            };
+            self.edge_dirty = true;
+        }
+        let capable = node.as_ref().is_some_and(|n| n.networks);
+        let was = if capable { !self.capable.insert(id.to_string()) } else { self.capable.remove(id) };
+        if was != capable && !self.ingress_nets.is_empty() {
+            self.dirty_nodes.insert(id.to_string());
+        }
         let underlay = node.as_ref().and_then(|n| n.advertise_addr.parse::<Ipv4Addr>().ok());
         let old = match node {
             Some(_) => self.underlays.insert(id.to_string(), underlay),
@@ -551,6 +735,26 @@ impl Index {
         let info = rec.and_then(|r| svc_info(&r).map_err(|e| warn!("endpoints index: {e}")).ok());
         let old_health = self.services.get(key).map(|s| s.has_health);
         let new_health = info.as_ref().map(|s| s.has_health);
+        let old_ingress = self.services.get(key).and_then(|s| s.ingress_network.clone());
+        let new_ingress = info.as_ref().and_then(|s| s.ingress_network.clone());
+        if old_ingress != new_ingress {
+            let before: Vec<String> = self.ingress_nets.keys().cloned().collect();
+            if let Some(n) = old_ingress
+                && let Some(c) = self.ingress_nets.get_mut(&n)
+            {
+                *c -= 1;
+                if *c == 0 {
+                    self.ingress_nets.remove(&n);
+                }
+            }
+            if let Some(n) = new_ingress {
+                *self.ingress_nets.entry(n).or_insert(0) += 1;
+            }
+            if self.ingress_nets.keys().ne(before.iter()) {
+                // Every node with networks joins the ingress networks.
+                self.dirty_nodes.extend(self.capable.iter().cloned());
+            }
+        }
         match info {
             Some(i) => self.services.insert(key.to_string(), i),
             None => self.services.remove(key),
@@ -710,6 +914,45 @@ impl Index {
     /// Recomputes what the applied changes touched; a new snapshot if anything published
     /// changed (or after a reset).
     pub fn publish(&mut self) -> Option<Snapshot> {
+        // The edge: which networks edge nodes join (the routed services' first ones), and what
+        // they serve.
+        if self.edge_dirty || !self.dirty_services.is_empty() {
+            let routed: BTreeSet<String> = self
+                .routes
+                .values()
+                .filter_map(|r| self.services.get(&r.service).and_then(|s| s.first_network.clone()))
+                .collect();
+            if routed != self.routed_nets {
+                self.routed_nets = routed;
+                self.dirty_nodes.extend(self.edges.keys().cloned());
+            }
+        }
+        let mut edge_changed = false;
+        if std::mem::take(&mut self.edge_dirty) {
+            let mut routes: Vec<RouteInfo> = self.routes.values().cloned().collect();
+            for r in &mut routes {
+                if let Some((ns, name, v)) = &mut r.secret {
+                    *v = self.secret_versions.get(&format!("{ns}/{name}")).copied().unwrap_or(0);
+                }
+            }
+            let next = EdgeState {
+                version: self.pub_edge.version,
+                nodes: self.edges.keys().cloned().collect(),
+                serving: self
+                    .edges
+                    .values()
+                    .filter(|(serving, _)| *serving)
+                    .filter_map(|(_, a)| a.map(|a| a.to_string()))
+                    .collect::<BTreeSet<_>>()
+                    .into_iter()
+                    .collect(),
+                routes,
+            };
+            if next != *self.pub_edge {
+                self.pub_edge = Arc::new(EdgeState { version: self.pub_edge.version + 1, ..next });
+                edge_changed = true;
+            }
+        }
         let mut changed = Vec::new();
         for key in std::mem::take(&mut self.dirty_services) {
             let new = self.service_endpoints(&key);
@@ -753,8 +996,14 @@ impl Index {
             other = true;
         }
         for node in std::mem::take(&mut self.dirty_nodes) {
-            let new: BTreeSet<String> =
+            let mut new: BTreeSet<String> =
                 self.node_nets.get(&node).map(|m| m.keys().cloned().collect()).unwrap_or_default();
+            if self.capable.contains(&node) {
+                new.extend(self.ingress_nets.keys().cloned());
+            }
+            if self.edges.contains_key(&node) {
+                new.extend(self.routed_nets.iter().cloned());
+            }
             if self.pub_nodes.get(&node).map_or(new.is_empty(), |o| **o == new) {
                 continue;
             }
@@ -767,7 +1016,7 @@ impl Index {
             other = true;
         }
         let reset = std::mem::take(&mut self.reset);
-        if changed.is_empty() && !other && !reset {
+        if changed.is_empty() && !other && !reset && !edge_changed {
             return None;
         }
         self.version += 1;
@@ -788,6 +1037,7 @@ impl Index {
             members: self.pub_members.clone(),
             services: self.pub_services.clone(),
             log: self.log.iter().cloned().collect(),
+            edge: self.pub_edge.clone(),
         })
     }
 }

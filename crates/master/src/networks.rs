@@ -19,7 +19,7 @@ use berth_api::pb::{IpamConfig, NetworkRecord, NetworkTask, NetworkView, Service
 use berth_store::KvReader;
 use berth_types::{
     Command, Compare, CompareOp, CompareTarget, RequestOp,
-    spec::{DEFAULT_NETWORK, EndpointMode, Network, NetworkSpec, Service},
+    spec::{DEFAULT_NETWORK, EndpointMode, Network, NetworkSpec, PortMode, Service},
 };
 use ipnet::Ipv4Net;
 use prost::Message;
@@ -271,6 +271,14 @@ impl Plan {
     pub fn service(&mut self, svc: &Service, now: i64) -> Result<(), Status> {
         let ns = &svc.metadata.namespace;
         if self.pools.is_none() {
+            if let Some(i) = svc.spec.task.ports.iter().position(|p| p.published_mode(false) == Some(PortMode::Ingress))
+            {
+                return Err(Status::failed_precondition(format!(
+                    "service {ns}/{}: spec.task.ports[{i}] asks for mode ingress (the routing mesh), but {NO_POOLS}; \
+                     or use mode host",
+                    svc.metadata.name
+                )));
+            }
             if svc.spec.task.networks.is_empty() {
                 return Ok(());
             }
@@ -322,7 +330,31 @@ impl Plan {
                 }
             }
         }
+        // The routing mesh reaches the tasks through their first network, from outside berth's
+        // networks: an internal network lets nothing in.
+        if let Some(i) = svc.spec.task.ports.iter().position(|p| p.published_mode(true) == Some(PortMode::Ingress))
+            && let Some(first) = service_networks(svc).into_iter().next()
+        {
+            let id = (ns.clone(), first.clone());
+            let internal = match self.writes.get(&id) {
+                Some(r) => r.internal,
+                None => self.existing.get(&id).is_some_and(|v| v.obj.internal),
+            };
+            if internal {
+                return Err(Status::failed_precondition(format!(
+                    "service {ns}/{}: spec.task.ports[{i}] is published on the routing mesh (mode ingress), but its \
+                     first network `{first}` is internal and lets no outside traffic in; put a non-internal \
+                     network first in spec.task.networks, or use mode host",
+                    svc.metadata.name
+                )));
+            }
+        }
         Ok(())
+    }
+
+    /// Whether the cluster has address pools (its tasks join networks).
+    pub fn has_pools(&self) -> bool {
+        self.pools.is_some()
     }
 
     /// The VIP a service's record should hold: its current one, a new one from the pool, or

@@ -60,6 +60,8 @@ pub(crate) struct Ctx {
     pub network_update_part_bytes: usize,
     /// The key-encryption key and the data key of secrets.
     pub secrets: crate::secrets::Keys,
+    /// The domains route hosts must fall under (empty: any).
+    pub route_domains: Vec<String>,
 }
 
 impl Ctx {
@@ -254,6 +256,7 @@ pub async fn run_master(cfg: MasterConfig, shutdown: CancellationToken) -> Resul
         pools: cfg.pools,
         network_update_part_bytes: cfg.network_update_part_bytes.max(1),
         secrets: crate::secrets::Keys::new(kek),
+        route_domains: cfg.route_domains.iter().map(|d| d.trim_end_matches('.').to_ascii_lowercase()).collect(),
     });
     ctx.refresh_removed();
     let quic = crate::dispatcher::bind(&ctx, local_addr)?;

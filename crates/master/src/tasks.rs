@@ -90,6 +90,11 @@ impl Svc {
         self.spec.spec.task.health.is_some()
     }
 
+    /// Whether the service publishes a port on the routing mesh (meaningful with pools only).
+    pub fn has_ingress(&self) -> bool {
+        self.spec.spec.task.ports.iter().any(|p| p.published_mode(true) == Some(berth_types::spec::PortMode::Ingress))
+    }
+
     pub fn is_global(&self) -> bool {
         self.spec.spec.mode == ServiceMode::Global
     }
@@ -184,8 +189,17 @@ pub(crate) fn node_matches(svc: &Svc, node: &NodeInfo) -> bool {
     constraints(svc).iter().all(|c| c.matches(node))
 }
 
-fn host_ports(svc: &Svc) -> Vec<u16> {
-    svc.spec.spec.task.ports.iter().filter_map(|p| p.published).collect()
+/// The ports a task holds on its node: host-mode published ports. Ingress ports are the
+/// routing mesh's, open on every node whatever runs there, so they never keep a task off one.
+fn host_ports(svc: &Svc, with_networks: bool) -> Vec<u16> {
+    svc.spec
+        .spec
+        .task
+        .ports
+        .iter()
+        .filter(|p| p.published_mode(with_networks) == Some(berth_types::spec::PortMode::Host))
+        .filter_map(|p| p.published)
+        .collect()
 }
 
 /// What the scheduler needs of a pending task; `with_networks` on a cluster with pools.
@@ -202,7 +216,7 @@ pub(crate) fn task_request(t: &Task, svc: &Svc, with_networks: bool) -> TaskRequ
         slot: u64::from(t.slot),
         cpu_millis: svc.spec.spec.task.resources.cpu.millis(),
         memory_bytes: svc.spec.spec.task.resources.memory.bytes(),
-        host_ports: host_ports(svc),
+        host_ports: host_ports(svc, with_networks),
         constraints,
         spread: p.spread_labels().map(str::to_string).collect(),
         max_replicas_per_node: p.max_replicas_per_node,
@@ -225,13 +239,13 @@ fn qualify(s: &str, ns: &str) -> String {
     if s.contains('/') { s.to_string() } else { format!("{ns}/{s}") }
 }
 
-pub(crate) fn placed(t: &Task, svc: Option<&Svc>) -> Placed {
+pub(crate) fn placed(t: &Task, svc: Option<&Svc>, with_networks: bool) -> Placed {
     Placed {
         task_id: t.id.clone(),
         service: format!("{}/{}", t.namespace, t.service),
         node_id: t.node_id.clone(),
         cpu_millis: svc.map_or(0, |s| s.spec.spec.task.resources.cpu.millis()),
         memory_bytes: svc.map_or(0, |s| s.spec.spec.task.resources.memory.bytes()),
-        host_ports: svc.map(host_ports).unwrap_or_default(),
+        host_ports: svc.map(|s| host_ports(s, with_networks)).unwrap_or_default(),
     }
 }

@@ -11,6 +11,7 @@
 pub mod network;
 mod placement;
 mod quantity;
+pub mod route;
 pub mod security;
 #[cfg(test)]
 mod tests;
@@ -353,6 +354,8 @@ pub enum Kind {
     Network,
     /// Storage that outlives its tasks.
     Volume,
+    /// A host name served by the edge routers.
+    Route,
 }
 
 /// One document of an `apply`.
@@ -364,6 +367,8 @@ pub enum Document {
     Network(Network),
     /// `kind: Volume`.
     Volume(Volume),
+    /// `kind: Route`.
+    Route(route::Route),
 }
 
 impl Document {
@@ -373,6 +378,7 @@ impl Document {
             Document::Service(_) => Kind::Service,
             Document::Network(_) => Kind::Network,
             Document::Volume(_) => Kind::Volume,
+            Document::Route(_) => Kind::Route,
         }
     }
 
@@ -382,6 +388,7 @@ impl Document {
             Document::Service(s) => s.key(),
             Document::Network(n) => n.key(),
             Document::Volume(v) => v.key(),
+            Document::Route(r) => r.key(),
         }
     }
 }
@@ -696,6 +703,42 @@ pub struct PortSpec {
     /// `tcp` (default) or `udp`.
     #[serde(default)]
     pub protocol: Protocol,
+    /// How the published port is offered: `ingress` (every node accepts it and spreads
+    /// connections over the service's tasks, wherever they run: the routing mesh) or `host`
+    /// (only the nodes running a task accept it, straight into that task). Default: ingress
+    /// when the task joins networks (a cluster with address pools), else host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<PortMode>,
+}
+
+impl PortSpec {
+    /// The mode of a published port (None when it is not published): its `mode`, else
+    /// ingress for a task on networks (`with_networks`: the cluster has address pools; the
+    /// routing mesh runs over them) and host for a task on its host's network.
+    pub fn published_mode(&self, with_networks: bool) -> Option<PortMode> {
+        self.published?;
+        Some(self.mode.unwrap_or(if with_networks { PortMode::Ingress } else { PortMode::Host }))
+    }
+}
+
+/// How a published port is offered (`spec.task.ports[].mode`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PortMode {
+    /// Every node accepts the port and balances over the service's healthy tasks (Swarm's
+    /// routing mesh).
+    Ingress,
+    /// Only nodes running a task accept the port, into that task.
+    Host,
+}
+
+impl PortMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PortMode::Ingress => "ingress",
+            PortMode::Host => "host",
+        }
+    }
 }
 
 /// A port's protocol.
@@ -1050,13 +1093,17 @@ pub fn parse_all(text: &str) -> Result<Vec<Document>, SpecError> {
             let Some(volume) = parsed else { continue };
             volume.validate().map_err(|e| e.in_document(n, text))?;
             Document::Volume(volume)
+        } else if kind == Some("Route") {
+            let parsed = Option::<route::Route>::deserialize(document).map_err(|e| SpecError::from_yaml(n, &e))?;
+            let Some(route) = parsed else { continue };
+            route.validate().map_err(|e| e.in_document(n, text))?;
+            Document::Route(route)
         } else {
             let parsed = Option::<Service>::deserialize(document).map_err(|e| SpecError::from_yaml(n, &e))?;
             let Some(service) = parsed else { continue };
             if service.kind != Kind::Service {
-                return Err(
-                    SpecError::invalid("kind", "expected `Service`, `Network` or `Volume`").in_document(n, text)
-                );
+                return Err(SpecError::invalid("kind", "expected `Service`, `Network`, `Volume` or `Route`")
+                    .in_document(n, text));
             }
             service.validate().map_err(|e| e.in_document(n, text))?;
             Document::Service(Box::new(service))
@@ -1081,7 +1128,7 @@ pub fn parse_documents(text: &str) -> Result<Vec<Service>, SpecError> {
         .enumerate()
         .map(|(i, d)| match d {
             Document::Service(s) => Ok(*s),
-            Document::Network(_) | Document::Volume(_) => {
+            Document::Network(_) | Document::Volume(_) | Document::Route(_) => {
                 Err(SpecError::invalid("kind", "only `kind: Service` documents are allowed here")
                     .in_document(i + 1, text))
             }
@@ -1226,6 +1273,12 @@ fn validate_task(task: &TaskSpec) -> Result<(), SpecError> {
             return Err(SpecError::invalid(
                 format!("spec.task.ports[{i}].container"),
                 format!("container port {} is listed twice for the same protocol", port.container),
+            ));
+        }
+        if port.mode.is_some() && port.published.is_none() {
+            return Err(SpecError::invalid(
+                format!("spec.task.ports[{i}].mode"),
+                "a mode applies to a published port only; set `published` or remove `mode`",
             ));
         }
         if let Some(p) = port.published {

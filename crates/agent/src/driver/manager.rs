@@ -1012,11 +1012,14 @@ impl LogSource for TaskManager {
     }
 }
 
-/// The published ports of a task on networks, which the overlay forwards into its namespace.
+/// The host-mode published ports of a task on networks, which the overlay forwards into its
+/// namespace. Ingress ports are the routing mesh's, which every node forwards from the leader's
+/// endpoints, not from its own tasks.
 fn host_ports_of(spec: &RunSpec) -> Vec<crate::overlay::node::HostPort> {
     spec.task
         .ports
         .iter()
+        .filter(|p| p.published_mode(true) == Some(berth_types::spec::PortMode::Host))
         .filter_map(|p| {
             Some(crate::overlay::node::HostPort {
                 protocol: match p.protocol {

@@ -29,10 +29,12 @@
 //!     set no_endpoints {    # service ports that have no endpoint: rejected, not blackholed
 //!         type ipv4_addr . inet_proto . inet_service
 //!     }
-//!     map host_ports {      # published host ports -> their chain
+//!     map host_ports {      # published ports of this node -> their chain
 //!         type inet_proto . inet_service : verdict
-//!         elements = { tcp . 30080 : goto hp-tcp-30080 }
+//!         elements = { tcp . 30080 : goto hp-tcp-30080, tcp . 30443 : goto ig-tcp-30443 }
 //!     }
+//!     set ingress_tcp { type inet_service }   # those on the routing mesh, by protocol
+//!     set ingress_udp { type inet_service }
 //!     set ifaces { type ifname }              # every network's bridge and VXLAN device
 //!     set internal_ifaces { type ifname }     # those of internal networks
 //!     set allowed { type ifname . ifname }    # (in, out) pairs within one network
@@ -53,6 +55,8 @@
 //!         type nat hook postrouting priority srcnat; policy accept;
 //!         ct status dnat ip saddr @subnets oifname @ifaces masquerade
 //!         ip saddr @egress oifname != @ifaces masquerade
+//!         ct status dnat meta l4proto tcp ct original proto-dst @ingress_tcp oifname @ifaces masquerade
+//!         ct status dnat meta l4proto udp ct original proto-dst @ingress_udp oifname @ifaces masquerade
 //!     }
 //!     chain filter-forward {
 //!         type filter hook forward priority filter; policy accept;
@@ -77,6 +81,13 @@
 //!     chain ep-198.19.0.10-tcp-80-198.18.1.11-8080 { meta l4proto tcp dnat ip to 198.18.1.11:8080 }
 //!     chain ep-198.19.0.10-tcp-80-198.18.1.12-8080 { meta l4proto tcp dnat ip to 198.18.1.12:8080 }
 //!     chain hp-tcp-30080 { meta l4proto tcp dnat ip to 198.18.1.11:8080 }
+//!     # and one per routing-mesh port, one per (mesh port, endpoint):
+//!     chain ig-tcp-30443 {
+//!         numgen random mod 2 vmap { 0 : goto ig-tcp-30443-198.18.1.11-8443,
+//!                                    1 : goto ig-tcp-30443-198.18.2.11-8443 } comment "web"
+//!     }
+//!     chain ig-tcp-30443-198.18.1.11-8443 { meta l4proto tcp dnat ip to 198.18.1.11:8443 }
+//!     chain ig-tcp-30443-198.18.2.11-8443 { meta l4proto tcp dnat ip to 198.18.2.11:8443 }
 //! }
 //! ```
 //!
@@ -121,6 +132,19 @@
 //!   does with hairpin mode on: the link module must set hairpin mode on task ports (as
 //!   Kubernetes' bridge CNI does). Without `br_netfilter` the packet is routed and needs no
 //!   hairpin mode. The tests check both.
+//!
+//! # The routing mesh
+//!
+//! A port published in ingress mode is open on every node with networks, whether or not a task
+//! of its service runs there (Swarm's routing mesh): its `host_ports` element goes to a balance
+//! chain over every endpoint of the service, on this node or elsewhere, by its address on the
+//! network the node shares with it (every such node holds a block of the service's first
+//! network, so the address is reachable through the bridge or the VXLAN device). Connections
+//! from outside are masqueraded to the node's address on that interface (the `ingress_*`
+//! rules: the conntrack entry's original destination port is a mesh port), so that the reply
+//! comes back through the node that took the connection and its conntrack entry (two sets, one
+//! per protocol: nft cannot concatenate the protocol with `ct original proto-dst`); the task sees
+//! the node, not the client, as Swarm's ingress does. Host-mode ports keep the client's address.
 //!
 //! # Isolation
 //!
@@ -332,6 +356,19 @@ pub struct Desired {
     pub networks: BTreeMap<String, NetworkRules>,
     /// `(protocol, host port) -> (task address, container port)`.
     pub host_ports: BTreeMap<(Proto, u16), (Ipv4Addr, u16)>,
+    /// The routing mesh: `(protocol, published port) ->` the service's endpoints. A port in
+    /// both maps goes to the mesh (the masters refuse such conflicts at apply time).
+    pub ingress: BTreeMap<(Proto, u16), IngressPort>,
+}
+
+/// A port of the routing mesh: where connections to it on this node go.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct IngressPort {
+    /// The service's name (the balance chain's comment).
+    pub service: String,
+    /// `(task address, container port)` of every endpoint, here or on other nodes. None: the
+    /// port is closed here (nothing is forwarded).
+    pub endpoints: Vec<(Ipv4Addr, u16)>,
 }
 
 /// What one [`Nft::apply`] changed. A map element whose value changed counts as one deleted and
@@ -444,6 +481,7 @@ struct Model {
     services: BTreeMap<SvcKey, String>,
     no_endpoints: BTreeSet<SvcKey>,
     host_ports: BTreeMap<(Proto, u16), String>,
+    ingress_ports: BTreeSet<(Proto, u16)>,
     ifaces: BTreeSet<String>,
     internal_ifaces: BTreeSet<String>,
     allowed: BTreeSet<(String, String)>,
@@ -461,6 +499,14 @@ fn ep_chain((vip, proto, port): SvcKey, addr: Ipv4Addr, target_port: u16) -> Str
 
 fn hp_chain(proto: Proto, port: u16) -> String {
     format!("hp-{proto}-{port}")
+}
+
+fn ig_chain(proto: Proto, port: u16) -> String {
+    format!("ig-{proto}-{port}")
+}
+
+fn ig_ep_chain(proto: Proto, port: u16, addr: Ipv4Addr, target_port: u16) -> String {
+    format!("ig-{proto}-{port}-{addr}-{target_port}")
 }
 
 fn comment_for(name: &str) -> String {
@@ -524,7 +570,32 @@ impl Model {
                 m.services.insert(key, chain);
             }
         }
+        for (&(proto, port), ig) in &d.ingress {
+            if port == 0 || ig.endpoints.iter().any(|(_, p)| *p == 0) {
+                return Err(NftError::Invalid(format!(
+                    "routing-mesh port {port}/{proto} of {:?}: ports must not be 0",
+                    ig.service
+                )));
+            }
+            m.ingress_ports.insert((proto, port));
+            let endpoints: BTreeSet<(Ipv4Addr, u16)> = ig.endpoints.iter().copied().collect();
+            if endpoints.is_empty() {
+                continue;
+            }
+            let mut targets = Vec::with_capacity(endpoints.len());
+            for (addr, target_port) in endpoints {
+                let chain = ig_ep_chain(proto, port, addr, target_port);
+                m.chains.insert(chain.clone(), Body::Dnat { proto, addr, port: target_port });
+                targets.push(chain);
+            }
+            let chain = ig_chain(proto, port);
+            m.chains.insert(chain.clone(), Body::Balance { comment: Some(comment_for(&ig.service)), targets });
+            m.host_ports.insert((proto, port), chain);
+        }
         for (&(proto, port), &(addr, target_port)) in &d.host_ports {
+            if d.ingress.contains_key(&(proto, port)) {
+                continue;
+            }
             if port == 0 || target_port == 0 {
                 return Err(NftError::Invalid(format!(
                     "host port {port}/{proto} -> {addr}:{target_port}: ports must not be 0"
@@ -593,6 +664,8 @@ const SETS: &[SetDef] = &[
     SetDef { name: "services", key: SVC_KEY, map: Some("verdict"), interval: false },
     SetDef { name: "no_endpoints", key: SVC_KEY, map: None, interval: false },
     SetDef { name: "host_ports", key: &["inet_proto", "inet_service"], map: Some("verdict"), interval: false },
+    SetDef { name: "ingress_tcp", key: &["inet_service"], map: None, interval: false },
+    SetDef { name: "ingress_udp", key: &["inet_service"], map: None, interval: false },
     SetDef { name: "ifaces", key: &["ifname"], map: None, interval: false },
     SetDef { name: "internal_ifaces", key: &["ifname"], map: None, interval: false },
     SetDef { name: "allowed", key: &["ifname", "ifname"], map: None, interval: false },
@@ -645,6 +718,40 @@ fn fib_daddr_local() -> Statement<'static> {
     let mut flags = HashSet::new();
     flags.insert(FibFlag::Daddr);
     is(Expression::Named(NamedExpression::Fib(Fib { result: FibResult::Type, flags })), Operator::EQ, s("local"))
+}
+
+/// Masquerade for routing-mesh connections of one protocol leaving through a berth interface.
+fn mesh_rule(proto: Proto) -> (String, Vec<Statement<'static>>) {
+    (
+        rule_comment(&format!("routing mesh ({proto})")),
+        vec![
+            is(ct_status(), Operator::IN, s("dnat")),
+            is(meta(MetaKey::L4proto), Operator::EQ, s(proto.as_str())),
+            is(
+                Expression::Named(NamedExpression::CT(nftables::expr::CT {
+                    key: "proto-dst".into(),
+                    family: None,
+                    dir: Some(nftables::expr::CTDir::Original),
+                })),
+                Operator::EQ,
+                s(format!("@{}", mesh_set(proto))),
+            ),
+            is(meta(MetaKey::Oifname), Operator::EQ, s("@ifaces")),
+            Statement::Masquerade(None),
+        ],
+    )
+}
+
+fn mesh_set(proto: Proto) -> &'static str {
+    match proto {
+        Proto::Tcp => "ingress_tcp",
+        Proto::Udp => "ingress_udp",
+    }
+}
+
+/// `ct status`.
+fn ct_status() -> Expression<'static> {
+    Expression::Named(NamedExpression::CT(nftables::expr::CT { key: "status".into(), family: None, dir: None }))
 }
 
 fn rule_comment(what: &str) -> String {
@@ -741,15 +848,7 @@ fn base_chains() -> Vec<BaseChain> {
                 (
                     rule_comment("service traffic within the networks"),
                     vec![
-                        is(
-                            Expression::Named(NamedExpression::CT(nftables::expr::CT {
-                                key: "status".into(),
-                                family: None,
-                                dir: None,
-                            })),
-                            Operator::IN,
-                            s("dnat"),
-                        ),
+                        is(ct_status(), Operator::IN, s("dnat")),
                         is(payload("ip", "saddr"), Operator::EQ, s("@subnets")),
                         is(meta(MetaKey::Oifname), Operator::EQ, s("@ifaces")),
                         Statement::Masquerade(None),
@@ -763,6 +862,8 @@ fn base_chains() -> Vec<BaseChain> {
                         Statement::Masquerade(None),
                     ],
                 ),
+                mesh_rule(Proto::Tcp),
+                mesh_rule(Proto::Udp),
             ],
         },
         BaseChain { name: "filter-forward", kind: NfChainType::Filter, hook: NfHook::Forward, prio: 0, rules: forward },
@@ -1018,6 +1119,12 @@ fn diff(batch: &mut Batch<'_>, have: &Model, want: &Model) -> Changes {
         let (d, a) = diff_map(&have.host_ports, &want.host_ports);
         dels.push(("host_ports", d.into_iter().map(hp_elem).collect()));
         adds.push(("host_ports", a.into_iter().map(|(k, c)| Expression::List(vec![hp_elem(k), goto(&c)])).collect()));
+        let (d, a) = diff_set(&have.ingress_ports, &want.ingress_ports);
+        for proto in [Proto::Tcp, Proto::Udp] {
+            let port = |&(p, port): &(Proto, u16)| (p == proto).then_some(Expression::Number(u32::from(port)));
+            dels.push((mesh_set(proto), d.iter().filter_map(port).collect()));
+            adds.push((mesh_set(proto), a.iter().filter_map(port).collect()));
+        }
         for (set, h, w) in
             [("ifaces", &have.ifaces, &want.ifaces), ("internal_ifaces", &have.internal_ifaces, &want.internal_ifaces)]
         {
@@ -1322,6 +1429,16 @@ fn adopt(listing: &Listing) -> Adoption {
                 m.host_ports.insert(k, target);
             }
             None => return bad("host_ports", e),
+        }
+    }
+    for proto in [Proto::Tcp, Proto::Udp] {
+        for e in elems(mesh_set(proto)) {
+            match parse_port(e) {
+                Some(port) => {
+                    m.ingress_ports.insert((proto, port));
+                }
+                None => return bad(mesh_set(proto), e),
+            }
         }
     }
     for e in elems("no_endpoints") {
@@ -2296,6 +2413,78 @@ mod tests {
         assert_eq!(ch, Changes { chains_deleted: 1, elements_deleted: 1, ..Changes::default() });
         let err = connect(&out, "198.18.200.1:30080").err().expect("refused once unpublished");
         assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused);
+    }
+
+    /// The routing mesh: a published port balanced over a task on this node's bridge and one on
+    /// "another node" (a namespace behind an interface of the network, as the VXLAN device is,
+    /// with no route back to the client), reached from outside and from the host; connections
+    /// are masqueraded so that the remote endpoint's reply comes back through this node. A
+    /// host-mode port on the same number yields to the mesh; no endpoints closes the port.
+    #[test]
+    fn routing_mesh_balances_over_local_and_remote_endpoints() {
+        require_lab!();
+        let h = host();
+        bridge(&h, "bn1", "198.18.1.1/24");
+        let t1 = task(&h, "bn1", "t1", "198.18.1.11/24", "198.18.1.1");
+        let remote = Netns::new("r");
+        let host_end = format!("vx{}", &remote.name[remote.name.len() - 8..]);
+        h.ip(&["link", "add", &host_end, "type", "veth", "peer", "name", "eth0", "netns", &remote.name]);
+        h.ip(&["addr", "add", "198.18.250.1/30", "dev", &host_end]);
+        h.ip(&["link", "set", &host_end, "up"]);
+        h.ip(&["route", "add", "198.18.2.0/24", "via", "198.18.250.2"]);
+        remote.ip(&["addr", "add", "198.18.250.2/30", "dev", "eth0"]);
+        remote.ip(&["addr", "add", "198.18.2.11/32", "dev", "lo"]);
+        remote.ip(&["link", "set", "eth0", "up"]);
+        let out = attach(&h, "out", "198.18.200.2/24", None, Some("198.18.200.1/24"), Some("198.18.200.1"));
+        let _s1 = Server::start(&t1, "0.0.0.0:8443", "t1");
+        let _s2 = Server::start(&remote, "0.0.0.0:8443", "t2");
+        eventually("t1's server", || connect(&h, "198.18.1.11:8443").ok());
+        eventually("t2's server", || connect(&h, "198.18.2.11:8443").ok());
+        // The remote endpoint cannot answer the client directly: without masquerade, no reply.
+        assert!(connect_within(&out, "198.18.2.11:8443", Duration::from_millis(700)).is_err());
+
+        let mut nft = h.run(|| Nft::open(TABLE)).unwrap();
+        let mut d = Desired::default();
+        d.networks.insert("n1".into(), network("bn1", Some(&host_end), "198.18.0.0/20", false));
+        d.ingress.insert(
+            (Proto::Tcp, 30443),
+            IngressPort {
+                service: "default/web".into(),
+                endpoints: vec![(ip4("198.18.1.11"), 8443), (ip4("198.18.2.11"), 8443)],
+            },
+        );
+        // A host-mode port on the same number: the mesh takes it.
+        d.host_ports.insert((Proto::Tcp, 30443), (ip4("198.18.1.11"), 9999));
+        h.run(|| nft.apply(&d)).unwrap();
+
+        let hits = servers_hit(&out, "198.18.200.1:30443", 40);
+        assert_eq!(hits.keys().cloned().collect::<Vec<_>>(), ["t1", "t2"], "{hits:?}");
+        // Masqueraded to this node's address on the interface towards each endpoint.
+        let seen: BTreeMap<String, String> =
+            (0..40).map(|_| connect(&out, "198.18.200.1:30443").unwrap()).map(|c| (c.server, c.peer)).collect();
+        assert_eq!(seen.get("t1").map(String::as_str), Some("198.18.1.1"), "{seen:?}");
+        assert_eq!(seen.get("t2").map(String::as_str), Some("198.18.250.1"), "{seen:?}");
+        // An established connection keeps working; the host itself reaches the port too.
+        let mut c = connect(&out, "198.18.200.1:30443").unwrap();
+        assert_eq!(c.echo("hello").unwrap(), "hello");
+        assert!(servers_hit(&h, "198.18.200.1:30443", 10).values().sum::<usize>() == 10);
+        let listing = h.listing();
+        assert_eq!(set_elements(&listing, "ingress_tcp"), vec![json!(30443)]);
+
+        // One endpoint goes: the other takes every new connection; the open one stays.
+        d.ingress.get_mut(&(Proto::Tcp, 30443)).unwrap().endpoints.truncate(1);
+        h.run(|| nft.apply(&d)).unwrap();
+        assert_eq!(servers_hit(&out, "198.18.200.1:30443", 10).keys().cloned().collect::<Vec<_>>(), ["t1"]);
+        assert_eq!(c.echo("still there").unwrap(), "still there");
+
+        // No endpoints: the port is closed here (refused), and the table adopts cleanly.
+        d.ingress.get_mut(&(Proto::Tcp, 30443)).unwrap().endpoints.clear();
+        h.run(|| nft.apply(&d)).unwrap();
+        let err = connect(&out, "198.18.200.1:30443").err().expect("refused without endpoints");
+        assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused);
+        let mut again = h.run(|| Nft::open(TABLE)).unwrap();
+        assert_eq!(again.opened(), Opened::Adopted);
+        assert!(h.run(|| again.apply(&d)).unwrap().is_empty());
     }
 
     /// 10,000 services with 2 endpoints each (30,000 chains): one apply, then a lookup, then one

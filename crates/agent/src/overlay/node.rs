@@ -42,6 +42,9 @@ pub struct SvcView {
     pub dnsrr: bool,
     /// (name, protocol, port); unnamed ports have an empty name.
     pub ports: Vec<(String, String, u16)>,
+    /// The routing mesh: (protocol, published port, container port) of its ingress ports.
+    #[serde(default)]
+    pub ingress: Vec<(String, u16, u16)>,
     /// Network keys (`namespace/name`).
     pub networks: Vec<String>,
     /// Running and healthy tasks: id -> network key -> address.
@@ -112,6 +115,12 @@ impl View {
                     vip: s.vip.parse().ok(),
                     dnsrr: s.endpoint_mode == "dnsrr",
                     ports: s.ports.iter().map(|p| (p.name.clone(), p.protocol.clone(), p.port as u16)).collect(),
+                    ingress: s
+                        .ports
+                        .iter()
+                        .filter(|p| p.ingress != 0)
+                        .map(|p| (p.protocol.clone(), p.ingress as u16, p.port as u16))
+                        .collect(),
                     networks: s.networks.clone(),
                     endpoints,
                 },
@@ -346,6 +355,31 @@ impl Overlay {
                 .collect();
             desired.services.insert(key.clone(), ServiceLb { vip, ports, endpoints });
         }
+        // The routing mesh: each ingress port to every endpoint of its service, by the endpoint's
+        // address on a network this node has a block of (the leader gives every node one of
+        // the service's first network).
+        for (key, s) in &view.services {
+            for (proto, published, container) in &s.ingress {
+                let Ok(proto) = proto.parse::<Proto>() else { continue };
+                let endpoints = s
+                    .endpoints
+                    .values()
+                    .filter_map(|addrs| {
+                        s.networks
+                            .iter()
+                            .filter(|n| view.networks.get(*n).is_some_and(|v| v.block.is_some()))
+                            .find_map(|n| addrs.get(n))
+                            .map(|a| (*a, *container))
+                    })
+                    .collect();
+                if let Some(other) =
+                    desired.ingress.insert((proto, *published), nft::IngressPort { service: key.clone(), endpoints })
+                {
+                    warn!(port = %format!("{published}/{proto}"), service = %key, other = %other.service,
+                        "two services publish one routing-mesh port; the masters refuse this at apply time");
+                }
+            }
+        }
         // Published host ports of local tasks, to the task's address on its first network.
         for (task, ports) in &self.stored.host_ports {
             let Some(addr) = self.stored.leases.by_network.values().find_map(|held| held.get(task)).copied() else {
@@ -353,6 +387,11 @@ impl Overlay {
             };
             for p in ports {
                 if let Ok(proto) = p.protocol.parse::<Proto>() {
+                    if desired.ingress.contains_key(&(proto, p.published)) {
+                        warn!(task = %task, port = %format!("{}/{proto}", p.published),
+                            "a host-mode port is also on the routing mesh, which takes it");
+                        continue;
+                    }
                     desired.host_ports.insert((proto, p.published), (addr, p.container));
                 }
             }

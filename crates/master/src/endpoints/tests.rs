@@ -703,6 +703,7 @@ impl Snapshot {
             members: s.members.clone(),
             services: s.services.clone(),
             log: s.log.clone(),
+            edge: s.edge.clone(),
         }
     }
 }

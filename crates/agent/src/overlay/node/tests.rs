@@ -33,7 +33,7 @@ fn web(endpoints: &[(&str, &str)]) -> ServiceEndpoints {
         key: "default/web".into(),
         vip: "198.19.0.10".into(),
         endpoint_mode: "vip".into(),
-        ports: vec![PbPort { name: "http".into(), protocol: "tcp".into(), port: 8080 }],
+        ports: vec![PbPort { name: "http".into(), protocol: "tcp".into(), port: 8080, ingress: 0 }],
         networks: vec!["default/backend".into()],
         endpoints: endpoints
             .iter()

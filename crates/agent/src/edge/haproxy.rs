@@ -1,0 +1,385 @@
+//! The edge router's HAProxy: its configuration, rendered from the routes and their endpoints
+//! (pure, unit-tested), and the process, which the agent starts in master-worker mode and
+//! reloads with SIGUSR2 (hitless: the new workers take the listening sockets, the old ones
+//! finish the connections they hold), as OpenShift's router does.
+//!
+//! ```text
+//! frontend http          :80   plain HTTP (HTTP/1.1, h2c, WebSocket) by Host and path prefix;
+//!                              redirect_http routes answer 301 to https
+//! frontend https         :443  TCP: TLS passthrough routes by SNI, the rest to https-term
+//! frontend https-term    unix  TLS terminated with each route's certificate (crt-list, by SNI),
+//!                              ALPN h2 and http/1.1, then by Host and path prefix
+//! backend r-<ns>-<name>        HTTP to the service's endpoints (TLS again for reencrypt)
+//! backend p-<ns>-<name>        TCP to the service's endpoints (passthrough)
+//! ```
+//!
+//! Every HTTP request gets `X-Forwarded-For` (the client), `X-Forwarded-Proto` and
+//! `X-Forwarded-Host`; a request whose connection to an endpoint fails is sent to another one
+//! (`retry-on conn-failure` with `redispatch`: nothing of it reached the first, so this is safe
+//! for any method), and one whose endpoint closed or timed out before answering is retried only
+//! when it is idempotent (HAProxy's L7 retries apply to safe methods only). Access logs go to
+//! HAProxy's standard output, which the agent appends to `access.log`.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+/// A route with what the edge needs to serve it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RenderRoute {
+    /// namespace/name
+    pub key: String,
+    pub host: String,
+    pub path: String,
+    /// "" (plain HTTP), edge, passthrough or reencrypt.
+    pub termination: String,
+    pub redirect_http: bool,
+    /// The certificate file (edge, reencrypt).
+    pub cert_file: Option<PathBuf>,
+    /// address:port of every endpoint.
+    pub endpoints: Vec<SocketAddr>,
+}
+
+/// Where the router listens and keeps its files.
+#[derive(Clone, Debug)]
+pub struct Listen {
+    pub http: SocketAddr,
+    pub https: SocketAddr,
+    /// The run directory (tmpfs): sockets, crt-list.
+    pub run_dir: PathBuf,
+}
+
+fn backend_name(prefix: &str, key: &str) -> String {
+    let safe: String =
+        key.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' { c } else { '-' }).collect();
+    format!("{prefix}-{safe}")
+}
+
+/// `-m str` operands: hosts and paths are checked by the spec (no spaces, quotes or `#`).
+fn acl_value(s: &str) -> String {
+    s.replace('\\', "\\\\").replace(' ', "\\ ")
+}
+
+/// The HTTP routing rules of one frontend: redirects first, then the longest path prefix wins.
+fn http_rules(out: &mut String, routes: &[&RenderRoute], redirect: bool) {
+    let mut sorted: Vec<&&RenderRoute> = routes.iter().collect();
+    sorted.sort_by(|a, b| b.path.len().cmp(&a.path.len()).then(a.key.cmp(&b.key)));
+    for r in &sorted {
+        let cond = format!(
+            "{{ var(txn.host) -m str {} }}{}",
+            acl_value(&r.host),
+            if r.path == "/" { String::new() } else { format!(" {{ path_beg {} }}", acl_value(&r.path)) }
+        );
+        if redirect && r.redirect_http {
+            let _ = writeln!(out, "    http-request redirect scheme https code 301 if {cond}");
+        } else {
+            let _ = writeln!(out, "    use_backend {} if {cond}", backend_name("r", &r.key));
+        }
+    }
+}
+
+/// The whole configuration, and the crt-list's text.
+pub fn render(listen: &Listen, routes: &[RenderRoute]) -> (String, String) {
+    let mut c = String::new();
+    let run = listen.run_dir.display();
+    let _ = write!(
+        c,
+        "# Written by berth's agent: every change replaces it and reloads HAProxy.\n\
+         global\n\
+         \x20   log stdout format raw local0 info\n\
+         \x20   stats socket {run}/admin.sock mode 600 level admin expose-fd listeners\n\
+         \x20   maxconn 100000\n\
+         \x20   hard-stop-after 30m\n\
+         \x20   ssl-default-bind-options ssl-min-ver TLSv1.2\n\
+         \x20   tune.ssl.default-dh-param 2048\n\n\
+         defaults\n\
+         \x20   mode http\n\
+         \x20   log global\n\
+         \x20   option httplog\n\
+         \x20   option dontlognull\n\
+         \x20   timeout connect 2s\n\
+         \x20   timeout client 60s\n\
+         \x20   timeout server 60s\n\
+         \x20   timeout tunnel 1h\n\
+         \x20   timeout http-request 10s\n\
+         \x20   timeout http-keep-alive 30s\n\
+         \x20   retries 3\n\
+         \x20   retry-on conn-failure empty-response response-timeout\n\
+         \x20   option redispatch 1\n\
+         \x20   http-reuse safe\n\n"
+    );
+    let http: Vec<&RenderRoute> = routes.iter().filter(|r| r.termination != "passthrough").collect();
+    let _ = write!(
+        c,
+        "frontend http\n\
+         \x20   bind {}\n\
+         \x20   option forwardfor\n\
+         \x20   http-request set-var(txn.host) req.hdr(host),field(1,:),lower\n\
+         \x20   http-request set-header X-Forwarded-Proto http\n\
+         \x20   http-request set-header X-Forwarded-Host %[req.hdr(host)]\n",
+        listen.http
+    );
+    http_rules(&mut c, &http, true);
+    c.push('\n');
+    let passthrough: Vec<&RenderRoute> = routes.iter().filter(|r| r.termination == "passthrough").collect();
+    let terminated: Vec<&RenderRoute> = routes
+        .iter()
+        .filter(|r| matches!(r.termination.as_str(), "edge" | "reencrypt") && r.cert_file.is_some())
+        .collect();
+    let mut crt_list = String::new();
+    if !passthrough.is_empty() || !terminated.is_empty() {
+        let _ = write!(
+            c,
+            "frontend https\n\
+             \x20   mode tcp\n\
+             \x20   option tcplog\n\
+             \x20   bind {}\n\
+             \x20   tcp-request inspect-delay 5s\n\
+             \x20   tcp-request content accept if {{ req.ssl_hello_type 1 }}\n",
+            listen.https
+        );
+        for r in &passthrough {
+            let _ = writeln!(
+                c,
+                "    use_backend {} if {{ req.ssl_sni -m str {} }}",
+                backend_name("p", &r.key),
+                acl_value(&r.host)
+            );
+        }
+        if !terminated.is_empty() {
+            let _ = write!(
+                c,
+                "    default_backend https-term\n\n\
+                 backend https-term\n\
+                 \x20   mode tcp\n\
+                 \x20   server term unix@{run}/https.sock send-proxy-v2\n\n\
+                 frontend https-term\n\
+                 \x20   bind unix@{run}/https.sock accept-proxy ssl crt-list {run}/crt-list alpn h2,http/1.1\n\
+                 \x20   option forwardfor\n\
+                 \x20   http-request set-var(txn.host) req.hdr(host),field(1,:),lower\n\
+                 \x20   http-request set-header X-Forwarded-Proto https\n\
+                 \x20   http-request set-header X-Forwarded-Host %[req.hdr(host)]\n"
+            );
+            http_rules(&mut c, &terminated, false);
+            for r in &terminated {
+                if let Some(f) = &r.cert_file {
+                    let _ = writeln!(crt_list, "{} [alpn h2,http/1.1] {}", f.display(), r.host);
+                }
+            }
+        }
+        c.push('\n');
+    }
+    for r in routes {
+        if r.termination == "passthrough" {
+            let _ = write!(c, "backend {}\n    mode tcp\n    balance roundrobin\n", backend_name("p", &r.key));
+            for (i, e) in r.endpoints.iter().enumerate() {
+                let _ = writeln!(c, "    server e{i} {e}");
+            }
+        } else {
+            let _ = write!(c, "backend {}\n    balance roundrobin\n", backend_name("r", &r.key));
+            let tls = if r.termination == "reencrypt" {
+                format!(" ssl verify none sni str({}) alpn http/1.1", r.host)
+            } else {
+                String::new()
+            };
+            for (i, e) in r.endpoints.iter().enumerate() {
+                let _ = writeln!(c, "    server e{i} {e}{tls}");
+            }
+        }
+        c.push('\n');
+    }
+    (c, crt_list)
+}
+
+/// The HAProxy master process the agent runs (or adopted after a restart).
+pub struct Process {
+    program: PathBuf,
+    config: PathBuf,
+    pid_file: PathBuf,
+    log_file: PathBuf,
+    pid: Option<i32>,
+}
+
+impl Process {
+    /// A process not started yet; adopts one a previous agent left running with the same
+    /// configuration file.
+    pub fn new(program: PathBuf, config: PathBuf, pid_file: PathBuf, log_file: PathBuf) -> Process {
+        let pid = std::fs::read_to_string(&pid_file)
+            .ok()
+            .and_then(|t| t.lines().next().and_then(|l| l.trim().parse::<i32>().ok()))
+            .filter(|pid| is_ours(*pid, &config));
+        Process { program, config, pid_file, log_file, pid }
+    }
+
+    pub fn pid(&self) -> Option<i32> {
+        self.pid.filter(|p| is_ours(*p, &self.config))
+    }
+
+    /// Checks a configuration with `haproxy -c` (it loads the certificates too).
+    pub fn check(&self, config: &Path) -> Result<(), String> {
+        let out = Command::new(&self.program)
+            .args(["-c", "-q", "-f"])
+            .arg(config)
+            .output()
+            .map_err(|e| spawn_error(&self.program, &e))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            let mut text = String::from_utf8_lossy(&out.stderr).into_owned();
+            text.push_str(&String::from_utf8_lossy(&out.stdout));
+            Err(text.trim().to_string())
+        }
+    }
+
+    /// Starts HAProxy with the configuration file, or reloads the running one (SIGUSR2).
+    pub fn start_or_reload(&mut self) -> Result<(), String> {
+        if let Some(pid) = self.pid() {
+            return nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGUSR2)
+                .map_err(|e| format!("reloading HAProxy (pid {pid}): {e}"));
+        }
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_file)
+            .map_err(|e| format!("{}: {e}", self.log_file.display()))?;
+        let err = log.try_clone().map_err(|e| e.to_string())?;
+        use std::os::unix::process::CommandExt;
+        let mut child = Command::new(&self.program)
+            .arg("-W")
+            .arg("-f")
+            .arg(&self.config)
+            .arg("-p")
+            .arg(&self.pid_file)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(err)
+            // Its own process group: the agent's signals (Ctrl-C in `berth dev`) do not stop it,
+            // and it keeps serving while the agent restarts, as tasks do.
+            .process_group(0)
+            .spawn()
+            .map_err(|e| spawn_error(&self.program, &e))?;
+        let pid = child.id() as i32;
+        self.pid = Some(pid);
+        // Reaped by a thread of its own; the edge checks `pid()` before each reload.
+        std::thread::spawn(move || {
+            let _ = child.wait();
+        });
+        Ok(())
+    }
+}
+
+fn spawn_error(program: &Path, e: &std::io::Error) -> String {
+    if e.kind() == std::io::ErrorKind::NotFound {
+        format!("{} is not installed: the edge router needs HAProxy (apt-get install haproxy)", program.display())
+    } else {
+        format!("running {}: {e}", program.display())
+    }
+}
+
+/// Whether `pid` is a HAProxy running with `config` (a pid file can outlive its process).
+fn is_ours(pid: i32, config: &Path) -> bool {
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else { return false };
+    let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+    let is_haproxy = args.first().is_some_and(|a| a.ends_with(b"haproxy"));
+    let config = config.as_os_str().as_encoded_bytes();
+    // A zombie has an empty cmdline.
+    is_haproxy && args.contains(&config)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(key: &str, host: &str, path: &str, termination: &str) -> RenderRoute {
+        RenderRoute {
+            key: key.into(),
+            host: host.into(),
+            path: path.into(),
+            termination: termination.into(),
+            redirect_http: false,
+            cert_file: matches!(termination, "edge" | "reencrypt").then(|| PathBuf::from(format!("/run/c/{key}.pem"))),
+            endpoints: vec!["198.18.1.11:8080".parse().unwrap(), "198.18.2.11:8080".parse().unwrap()],
+        }
+    }
+
+    fn listen() -> Listen {
+        Listen { http: "0.0.0.0:80".parse().unwrap(), https: "0.0.0.0:443".parse().unwrap(), run_dir: "/run/e".into() }
+    }
+
+    #[test]
+    fn plain_routes_only_have_an_http_frontend() {
+        let (cfg, crt) = render(
+            &listen(),
+            &[route("default/a", "a.apps.test", "/", ""), route("default/b", "a.apps.test", "/api", "")],
+        );
+        assert!(crt.is_empty());
+        assert!(!cfg.contains("frontend https"), "{cfg}");
+        // The longer prefix first.
+        let b = cfg.find("use_backend r-default-b if { var(txn.host) -m str a.apps.test } { path_beg /api }").unwrap();
+        let a = cfg.find("use_backend r-default-a if { var(txn.host) -m str a.apps.test }\n").unwrap();
+        assert!(b < a, "{cfg}");
+        assert!(cfg.contains("    server e1 198.18.2.11:8080\n"), "{cfg}");
+        assert!(cfg.contains("retry-on conn-failure"), "{cfg}");
+    }
+
+    /// The rendered configuration is one HAProxy accepts, certificates included.
+    #[test]
+    fn haproxy_accepts_the_configuration() {
+        if Command::new("haproxy").arg("-v").output().is_err() {
+            eprintln!("SKIPPED: haproxy is not installed (apt-get install haproxy)");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert =
+            rcgen::CertificateParams::new(vec!["shop.apps.test".to_string()]).unwrap().self_signed(&key).unwrap();
+        let pem = dir.path().join("shop.pem");
+        std::fs::write(&pem, format!("{}{}", cert.pem(), key.serialize_pem())).unwrap();
+        let mut edge = route("default/shop", "shop.apps.test", "/", "edge");
+        edge.cert_file = Some(pem.clone());
+        edge.redirect_http = true;
+        let mut re = route("default/re", "shop.apps.test", "/re", "reencrypt");
+        re.cert_file = Some(pem);
+        let listen = Listen {
+            http: "127.0.0.1:18080".parse().unwrap(),
+            https: "127.0.0.1:18443".parse().unwrap(),
+            run_dir: dir.path().to_path_buf(),
+        };
+        let routes = [
+            edge,
+            re,
+            route("default/db", "db.apps.test", "/", "passthrough"),
+            route("default/plain", "plain.apps.test", "/", ""),
+            RenderRoute { endpoints: vec![], ..route("default/none", "none.apps.test", "/", "") },
+        ];
+        let (cfg, crt) = render(&listen, &routes);
+        std::fs::write(dir.path().join("crt-list"), crt).unwrap();
+        let file = dir.path().join("haproxy.cfg");
+        std::fs::write(&file, &cfg).unwrap();
+        let p = Process::new("haproxy".into(), file.clone(), dir.path().join("pid"), dir.path().join("log"));
+        p.check(&file).unwrap_or_else(|e| panic!("{e}\n{cfg}"));
+    }
+
+    #[test]
+    fn tls_routes() {
+        let mut edge = route("default/shop", "shop.apps.test", "/", "edge");
+        edge.redirect_http = true;
+        let pass = route("default/db", "db.apps.test", "/", "passthrough");
+        let re = route("default/re", "re.apps.test", "/", "reencrypt");
+        let (cfg, crt) = render(&listen(), &[edge, pass, re]);
+        assert!(
+            cfg.contains("http-request redirect scheme https code 301 if { var(txn.host) -m str shop.apps.test }"),
+            "{cfg}"
+        );
+        assert!(cfg.contains("use_backend p-default-db if { req.ssl_sni -m str db.apps.test }"), "{cfg}");
+        assert!(cfg.contains("backend p-default-db\n    mode tcp"), "{cfg}");
+        assert!(cfg.contains("server e0 198.18.1.11:8080 ssl verify none sni str(re.apps.test)"), "{cfg}");
+        assert_eq!(
+            crt,
+            "/run/c/default/shop.pem [alpn h2,http/1.1] shop.apps.test\n/run/c/default/re.pem [alpn h2,http/1.1] re.apps.test\n"
+        );
+        // Passthrough hosts are not served over plain HTTP.
+        assert!(!cfg.contains("r-default-db"), "{cfg}");
+    }
+}
