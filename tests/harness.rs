@@ -275,9 +275,15 @@ impl AgentProc {
         self.child.as_ref().map(Child::id)
     }
 
-    /// Kills every task process this agent's process runtime started.
+    /// Kills every task process this agent's process runtime started, and its edge router.
     pub fn kill_tasks(&self) {
         self.remove_containers();
+        // HAProxy runs in a process group of its own, its master's pid.
+        if let Ok(text) = std::fs::read_to_string(self.dir.join("edge").join("haproxy.pid"))
+            && let Some(pid) = text.lines().next().and_then(|l| l.trim().parse::<i64>().ok()).filter(|p| *p > 1)
+        {
+            signal(-pid, "KILL");
+        }
         let Ok(dirs) = std::fs::read_dir(self.dir.join("tasks")) else { return };
         for d in dirs.flatten() {
             let Ok(text) = std::fs::read_to_string(d.path().join("state.json")) else { continue };
@@ -560,6 +566,19 @@ impl Cluster {
 
 /// Starts `berth agent` inside host `i` of `hosts`, advertising the host's underlay address.
 pub fn spawn_agent_on(hosts: &Hosts, i: usize, c: &Cluster, dir: &Path, name: &str, token: &str) -> Result<AgentProc> {
+    spawn_agent_on_with(hosts, i, c, dir, name, token, &[])
+}
+
+/// [`spawn_agent_on`] with more `berth agent` arguments.
+pub fn spawn_agent_on_with(
+    hosts: &Hosts,
+    i: usize,
+    c: &Cluster,
+    dir: &Path,
+    name: &str,
+    token: &str,
+    extra: &[&str],
+) -> Result<AgentProc> {
     std::fs::create_dir_all(dir)?;
     let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.with_extension("log"))?;
     // nsenter, not `ip netns exec`: the latter gives the agent a mount namespace of its own, so
@@ -570,6 +589,7 @@ pub fn spawn_agent_on(hosts: &Hosts, i: usize, c: &Cluster, dir: &Path, name: &s
         .args(["agent", "--join", &c.endpoints(), "--data-dir"])
         .arg(dir)
         .args(["--name", name, "--advertise-addr", &hosts.addr(i), "--token", token])
+        .args(extra)
         .env("BERTH_LOG", "info,hickory_server=warn")
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)

@@ -65,17 +65,19 @@ fn acl_value(s: &str) -> String {
 fn http_rules(out: &mut String, routes: &[&RenderRoute], redirect: bool) {
     let mut sorted: Vec<&&RenderRoute> = routes.iter().collect();
     sorted.sort_by(|a, b| b.path.len().cmp(&a.path.len()).then(a.key.cmp(&b.key)));
-    for r in &sorted {
-        let cond = format!(
+    let cond = |r: &RenderRoute| {
+        format!(
             "{{ var(txn.host) -m str {} }}{}",
             acl_value(&r.host),
             if r.path == "/" { String::new() } else { format!(" {{ path_beg {} }}", acl_value(&r.path)) }
-        );
-        if redirect && r.redirect_http {
-            let _ = writeln!(out, "    http-request redirect scheme https code 301 if {cond}");
-        } else {
-            let _ = writeln!(out, "    use_backend {} if {cond}", backend_name("r", &r.key));
-        }
+        )
+    };
+    // HAProxy runs every http-request rule before any use_backend: write them in that order.
+    for r in sorted.iter().filter(|r| redirect && r.redirect_http) {
+        let _ = writeln!(out, "    http-request redirect scheme https code 301 if {}", cond(r));
+    }
+    for r in sorted.iter().filter(|r| !(redirect && r.redirect_http)) {
+        let _ = writeln!(out, "    use_backend {} if {}", backend_name("r", &r.key), cond(r));
     }
 }
 
@@ -89,7 +91,6 @@ pub fn render(listen: &Listen, routes: &[RenderRoute]) -> (String, String) {
          global\n\
          \x20   log stdout format raw local0 info\n\
          \x20   stats socket {run}/admin.sock mode 600 level admin expose-fd listeners\n\
-         \x20   maxconn 100000\n\
          \x20   hard-stop-after 30m\n\
          \x20   ssl-default-bind-options ssl-min-ver TLSv1.2\n\
          \x20   tune.ssl.default-dh-param 2048\n\n\
@@ -260,6 +261,17 @@ impl Process {
             .spawn()
             .map_err(|e| spawn_error(&self.program, &e))?;
         let pid = child.id() as i32;
+        // HAProxy fails at once when it cannot bind or load what the check did not catch: give
+        // it a moment, and report its own words when it exits.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_millis(500);
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(status)) = child.try_wait() {
+                let log = std::fs::read_to_string(&self.log_file).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().filter(|l| l.contains("ALERT")).take(3).collect();
+                return Err(format!("HAProxy exited at start ({status}): {}", tail.join(" | ")));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
         self.pid = Some(pid);
         // Reaped by a thread of its own; the edge checks `pid()` before each reload.
         std::thread::spawn(move || {
@@ -359,6 +371,10 @@ mod tests {
         std::fs::write(&file, &cfg).unwrap();
         let p = Process::new("haproxy".into(), file.clone(), dir.path().join("pid"), dir.path().join("log"));
         p.check(&file).unwrap_or_else(|e| panic!("{e}\n{cfg}"));
+        // Without warnings either.
+        let out = Command::new("haproxy").arg("-c").arg("-f").arg(&file).output().unwrap();
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(!text.contains("WARNING") && !text.contains("ALERT"), "{text}\n{cfg}");
     }
 
     #[test]
