@@ -105,6 +105,14 @@ spec:
   service: vault
   port: https
   tls: {termination: passthrough}
+---
+kind: Route
+metadata: {name: secure}
+spec:
+  host: secure.apps.example.test
+  service: vault
+  port: 8443
+  tls: {termination: reencrypt, secret: secure-cert}
 "#;
 
 fn sh(program: &str, args: &[&str], dir: &Path) -> Result<String> {
@@ -324,6 +332,8 @@ fn routes_serve_host_names_through_the_edges() -> Result<()> {
     let vault_pem = certificate(&dir, "vault.apps.example.test")?;
     berth_ok(&c, &["secret", "create", "shop-cert", "--from-file", &shop_pem.to_string_lossy()])?;
     berth_ok(&c, &["secret", "create", "vault-cert", "--from-file", &vault_pem.to_string_lossy()])?;
+    let secure_pem = certificate(&dir, "secure.apps.example.test")?;
+    berth_ok(&c, &["secret", "create", "secure-cert", "--from-file", &secure_pem.to_string_lossy()])?;
 
     // Bad routes: each refused with what is wrong.
     let route = |name: &str, spec: &str| format!("kind: Route\nmetadata: {{name: {name}}}\nspec: {spec}\n");
@@ -402,6 +412,14 @@ fn routes_serve_host_names_through_the_edges() -> Result<()> {
     let vault: Value = serde_json::from_str(&body)?;
     assert_eq!(vault["service"], "vault");
     assert_eq!(vault["proto"], Value::Null, "passthrough: the edge adds no headers");
+
+    // Reencrypt: the edge terminates with the route's certificate and opens TLS to the task.
+    let (_, body) = wait_for(Duration::from_secs(30), "secure over TLS reencrypt", || {
+        curl_tls(&edge_b, "secure.apps.example.test", &ca, &[])
+    })
+    .inspect_err(|_| dump(&c))?;
+    let secure: Value = serde_json::from_str(&body)?;
+    assert_eq!((secure["service"].as_str(), secure["proto"].as_str()), (Some("vault"), Some("https")), "{secure}");
 
     // The apps domain's DNS: each route's host is every serving edge.
     let mut both = vec![edge_a.parse::<Ipv4Addr>()?, edge_b.parse::<Ipv4Addr>()?];
