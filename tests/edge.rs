@@ -25,6 +25,16 @@ port = int(sys.argv[1]); cert = sys.argv[2] if len(sys.argv) > 2 else None
 class H(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     def do_GET(self):
+        if self.path == "/ws" and self.headers.get("Upgrade", "").lower() == "websocket":
+            import base64, hashlib
+            key = self.headers["Sec-WebSocket-Key"] + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+            self.send_response(101); self.send_header("Upgrade", "websocket"); self.send_header("Connection", "Upgrade")
+            self.send_header("Sec-WebSocket-Accept", base64.b64encode(hashlib.sha1(key.encode()).digest()).decode())
+            self.end_headers(); self.wfile.flush()
+            while True:
+                b = self.connection.recv(4096)
+                if not b: return
+                self.connection.sendall(b)
         if self.path.startswith("/slow"):
             self.send_response(200); self.send_header("Transfer-Encoding", "chunked"); self.end_headers()
             for i in range(20):
@@ -378,6 +388,42 @@ fn routes_serve_host_names_through_the_edges() -> Result<()> {
         .filter_map(|v| v["task"].as_str().map(str::to_string))
         .collect();
     assert_eq!(tasks.len(), 2, "{tasks:?}");
+    // HTTP/2 in clear text (prior knowledge), and a WebSocket through the edge.
+    let out = Command::new("curl")
+        .args([
+            "-sS",
+            "--max-time",
+            "5",
+            "--http2-prior-knowledge",
+            "-H",
+            "Host: blog.apps.example.test",
+            "-w",
+            "\n%{http_version}",
+        ])
+        .arg(format!("http://{edge_a}/h2c"))
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.ends_with("\n2") && text.contains("/h2c"), "h2c: {text} {}", String::from_utf8_lossy(&out.stderr));
+    let mut ws = TcpStream::connect(format!("{edge_a}:80"))?;
+    ws.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        ws,
+        "GET /ws HTTP/1.1\r\nHost: blog.apps.example.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )?;
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        ws.read_exact(&mut byte)?;
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_lowercase();
+    assert!(head.starts_with("http/1.1 101") && head.contains("s3pplmbitxaq9kygzzhzrbk+xoo="), "{head}");
+    ws.write_all(b"ping through the edge")?;
+    let mut echo = [0u8; 21];
+    ws.read_exact(&mut echo)?;
+    assert_eq!(&echo, b"ping through the edge");
+    drop(ws);
     // An unknown host: 503 from the edge.
     assert_eq!(get(&format!("{edge_a}:80"), "nobody.apps.example.test", "/").map(|r| r.0), Some(503));
 

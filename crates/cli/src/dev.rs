@@ -209,6 +209,10 @@ pub async fn run(a: DevArgs, _g: &Global) -> Result<()> {
                 ]);
             }
         }
+        // Routes' hosts fall under the dev cluster's apps domain, which agent-1's edge answers.
+        if hosts && !a.master_args.iter().any(|m| m.starts_with("--apps-domain")) {
+            args.extend(["--apps-domain".into(), crate::dev_hosts::APPS_DOMAIN.into()]);
+        }
         args.extend(a.master_args.iter().cloned());
         let child = spawn_logged(&exe, &args, &mdir.join("master.log"))?;
         children.insert(*id, child);
@@ -277,6 +281,11 @@ pub async fn run(a: DevArgs, _g: &Global) -> Result<()> {
             // vanish when it restarts).
             let address = crate::dev_hosts::addr(i + 1);
             args.extend(["--advertise-addr".into(), address.clone()]);
+            // agent-1 is the edge: it serves routes on its address, ports 80 and 443, and
+            // answers DNS for the apps domain there.
+            if i == 0 {
+                args.extend(["--edge".into(), "--apps-domain".into(), crate::dev_hosts::APPS_DOMAIN.into()]);
+            }
             let mut all = vec![format!("--net=/run/netns/{}", crate::dev_hosts::ns(i + 1)), exe.display().to_string()];
             all.extend(args);
             (spawn_logged(Path::new("nsenter"), &all, &adir.join("agent.log"))?, Some(address))

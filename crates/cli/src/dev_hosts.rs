@@ -26,6 +26,8 @@ const UNDERLAY: &str = "198.19.254";
 
 /// The overlay's address pool and the VIP pool that `berth dev` gives its masters when it builds
 /// hosts (disjoint from the underlay above).
+/// The dev cluster's apps domain: route hosts under it, answered by agent-1's edge.
+pub const APPS_DOMAIN: &str = "apps.berth.test";
 pub const ADDRESS_POOL: &str = "198.18.0.0/16";
 pub const VIP_POOL: &str = "198.19.0.0/20";
 
