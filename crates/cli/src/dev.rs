@@ -98,6 +98,20 @@ pub(crate) fn spawn_logged(exe: &Path, args: &[String], log: &Path) -> Result<Ch
 
 pub async fn run(a: DevArgs, _g: &Global) -> Result<()> {
     if a.remove_hosts {
+        // The edge's HAProxy outlives its agent (as tasks do) and lives in a host: it goes with
+        // the hosts.
+        if let Ok(entries) = fs::read_dir(&a.data_dir) {
+            for e in entries.flatten() {
+                let pid = fs::read_to_string(e.path().join("edge").join("haproxy.pid"))
+                    .ok()
+                    .and_then(|t| t.split_whitespace().next().and_then(|p| p.parse::<i32>().ok()))
+                    .filter(|p| *p > 1);
+                if let Some(pid) = pid {
+                    let _ =
+                        nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM);
+                }
+            }
+        }
         let n = crate::dev_hosts::remove()?;
         println!("berth dev: removed {n} hosts and their switch");
         return Ok(());

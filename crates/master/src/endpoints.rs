@@ -1,7 +1,9 @@
 //! The leader's endpoints index: what each node needs to realise the networks its tasks use.
 //!
 //! A node's *view* is
-//! - the networks its live tasks join (placed on it, and wanted running or not yet ended), each
+//! - the networks its live tasks join (placed on it, and wanted running or not yet ended), plus,
+//!   on a node whose agent attaches networks, the first network of every service with ingress
+//!   (routing-mesh) ports, and on an edge node that of every routed service; each
 //!   as a `NetworkState`: subnet, VNI, isolation, the node's own address block, and every other
 //!   node holding a block of the network with an underlay address (its VXLAN peers);
 //! - the services on those networks, each as `ServiceEndpoints`: VIP or `dnsrr`, ports, the
