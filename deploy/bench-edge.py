@@ -13,7 +13,8 @@ host of its own; agent-1 is the edge router).
    - haproxy: HAProxy configured by hand for the same route, in the same host, ports 8081/8444;
    - nginx: nginx configured by hand for the same route (upstream keep-alive), ports 8082/8445.
    All three proxies run in agent-1's host and reach the tasks over the overlay, with their
-   default thread/worker counts (one per CPU).
+   default thread/worker counts (one per CPU), and all three write an access log line per
+   request to a file (the edge must; the hand-made ones do the same work).
 2. Route change to first request served at the edge: --changes times, a new route is applied and
    the edge is asked for its host every 5 ms until it answers 200; p50/p99 from the apply.
 
@@ -83,6 +84,8 @@ global
     tune.ssl.default-dh-param 2048
 defaults
     mode http
+    log global
+    option httplog
     timeout connect 2s
     timeout client 60s
     timeout server 60s
@@ -112,7 +115,7 @@ pid {dir}/nginx-hand.pid;
 error_log {dir}/nginx-hand.err;
 events {{ worker_connections 8192; }}
 http {{
-    access_log off;
+    access_log {dir}/nginx-hand-access.log;
     client_body_temp_path {dir}/nb; proxy_temp_path {dir}/np; fastcgi_temp_path {dir}/nf;
     uwsgi_temp_path {dir}/nu; scgi_temp_path {dir}/ns;
     keepalive_requests 100000;

@@ -7,8 +7,10 @@
 //! frontend http          :80   plain HTTP (HTTP/1.1, h2c, WebSocket) by Host and path prefix;
 //!                              redirect_http routes answer 301 to https
 //! frontend https         :443  TCP: TLS passthrough routes by SNI, the rest to https-term
-//! frontend https-term    unix  TLS terminated with each route's certificate (crt-list, by SNI),
-//!                              ALPN h2 and http/1.1, then by Host and path prefix
+//!                              (only with passthrough routes)
+//! frontend https-term    :443  TLS terminated with each route's certificate (crt-list, by SNI),
+//!                              (or a unix socket behind `https`) ALPN h2 and http/1.1, then by
+//!                              Host and path prefix
 //! backend r-<ns>-<name>        HTTP to the service's endpoints (TLS again for reencrypt)
 //! backend p-<ns>-<name>        TCP to the service's endpoints (passthrough)
 //! ```
@@ -129,7 +131,15 @@ pub fn render(listen: &Listen, routes: &[RenderRoute]) -> (String, String) {
         .filter(|r| matches!(r.termination.as_str(), "edge" | "reencrypt") && r.cert_file.is_some())
         .collect();
     let mut crt_list = String::new();
-    if !passthrough.is_empty() || !terminated.is_empty() {
+    // TLS terminated here is bound on the port itself, unless passthrough routes need the port
+    // first: then a TCP frontend routes them by SNI and hands the rest to the TLS frontend over a
+    // unix socket (an extra hop, taken only when needed).
+    let tls_bind = if passthrough.is_empty() {
+        format!("{}", listen.https)
+    } else {
+        format!("unix@{run}/https.sock accept-proxy")
+    };
+    if !passthrough.is_empty() {
         let _ = write!(
             c,
             "frontend https\n\
@@ -154,19 +164,25 @@ pub fn render(listen: &Listen, routes: &[RenderRoute]) -> (String, String) {
                 "    default_backend https-term\n\n\
                  backend https-term\n\
                  \x20   mode tcp\n\
-                 \x20   server term unix@{run}/https.sock send-proxy-v2\n\n\
-                 frontend https-term\n\
-                 \x20   bind unix@{run}/https.sock accept-proxy ssl crt-list {run}/crt-list alpn h2,http/1.1\n\
-                 \x20   option forwardfor\n\
-                 \x20   http-request set-var(txn.host) req.hdr(host),field(1,:),lower\n\
-                 \x20   http-request set-header X-Forwarded-Proto https\n\
-                 \x20   http-request set-header X-Forwarded-Host %[req.hdr(host)]\n"
+                 \x20   server term unix@{run}/https.sock send-proxy-v2\n"
             );
-            http_rules(&mut c, &terminated, false);
-            for r in &terminated {
-                if let Some(f) = &r.cert_file {
-                    let _ = writeln!(crt_list, "{} [alpn h2,http/1.1] {}", f.display(), r.host);
-                }
+        }
+        c.push('\n');
+    }
+    if !terminated.is_empty() {
+        let _ = write!(
+            c,
+            "frontend https-term\n\
+             \x20   bind {tls_bind} ssl crt-list {run}/crt-list alpn h2,http/1.1\n\
+             \x20   option forwardfor\n\
+             \x20   http-request set-var(txn.host) req.hdr(host),field(1,:),lower\n\
+             \x20   http-request set-header X-Forwarded-Proto https\n\
+             \x20   http-request set-header X-Forwarded-Host %[req.hdr(host)]\n"
+        );
+        http_rules(&mut c, &terminated, false);
+        for r in &terminated {
+            if let Some(f) = &r.cert_file {
+                let _ = writeln!(crt_list, "{} [alpn h2,http/1.1] {}", f.display(), r.host);
             }
         }
         c.push('\n');
@@ -199,6 +215,8 @@ pub struct Process {
     config: PathBuf,
     pid_file: PathBuf,
     log_file: PathBuf,
+    /// The master's CLI socket (`-S`): how a reload is known to have happened.
+    master_socket: PathBuf,
     pid: Option<i32>,
 }
 
@@ -210,7 +228,51 @@ impl Process {
             .ok()
             .and_then(|t| t.lines().next().and_then(|l| l.trim().parse::<i32>().ok()))
             .filter(|pid| is_ours(*pid, &config));
-        Process { program, config, pid_file, log_file, pid }
+        let master_socket = config.with_file_name("master.sock");
+        Process { program, config, pid_file, log_file, master_socket, pid }
+    }
+
+    /// How many times the master has reloaded (its `show proc` line), if it answers.
+    fn reloads(&self) -> Option<u64> {
+        use std::io::{Read, Write};
+        let mut s = std::os::unix::net::UnixStream::connect(&self.master_socket).ok()?;
+        s.set_read_timeout(Some(std::time::Duration::from_millis(300))).ok()?;
+        s.write_all(b"show proc\n").ok()?;
+        let mut text = String::new();
+        let mut buf = [0u8; 4096];
+        // The master keeps the connection open: read until its process list is complete.
+        while !text.contains("# workers") {
+            let n = s.read(&mut buf).ok()?;
+            if n == 0 {
+                break;
+            }
+            text.push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+        text.lines().find(|l| l.split_whitespace().nth(1) == Some("master"))?.split_whitespace().nth(2)?.parse().ok()
+    }
+
+    /// SIGUSR2 to the master, then waits until it has reloaded: a signal that arrives while the
+    /// master is still re-executing itself for the previous reload is lost, so each reload is
+    /// confirmed (and the signal sent again if it was lost) before the configuration changes
+    /// again.
+    fn reload(&self, pid: i32) -> Result<(), String> {
+        let before = self.reloads();
+        for _ in 0..3 {
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGUSR2)
+                .map_err(|e| format!("reloading HAProxy (pid {pid}): {e}"))?;
+            let Some(before) = before else {
+                // A master without its CLI socket (started by hand): nothing to confirm with.
+                return Ok(());
+            };
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+            while std::time::Instant::now() < deadline {
+                if self.reloads().is_some_and(|n| n > before) {
+                    return Ok(());
+                }
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+        }
+        Err(format!("HAProxy (pid {pid}) did not reload after three signals; see {}", self.log_file.display()))
     }
 
     pub fn pid(&self) -> Option<i32> {
@@ -236,8 +298,7 @@ impl Process {
     /// Starts HAProxy with the configuration file, or reloads the running one (SIGUSR2).
     pub fn start_or_reload(&mut self) -> Result<(), String> {
         if let Some(pid) = self.pid() {
-            return nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGUSR2)
-                .map_err(|e| format!("reloading HAProxy (pid {pid}): {e}"));
+            return self.reload(pid);
         }
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -252,6 +313,8 @@ impl Process {
             .arg(&self.config)
             .arg("-p")
             .arg(&self.pid_file)
+            .arg("-S")
+            .arg(&self.master_socket)
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(err)
@@ -375,6 +438,66 @@ mod tests {
         let out = Command::new("haproxy").arg("-c").arg("-f").arg(&file).output().unwrap();
         let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
         assert!(!text.contains("WARNING") && !text.contains("ALERT"), "{text}\n{cfg}");
+    }
+
+    /// Reloads in quick succession each take effect (a SIGUSR2 that arrives while the master is
+    /// still re-executing itself is lost, so each one is confirmed): the last configuration is
+    /// the one served.
+    #[test]
+    fn rapid_reloads_all_take_effect() {
+        if Command::new("haproxy").arg("-v").output().is_err() {
+            eprintln!("SKIPPED: haproxy is not installed (apt-get install haproxy)");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let file = dir.path().join("haproxy.cfg");
+        let config = |n: u32| {
+            format!(
+                "defaults\n    mode http\n    timeout connect 1s\n    timeout client 5s\n    timeout server 5s\n\
+                 frontend f\n    bind 127.0.0.1:{port}\n    http-request return status 200 content-type text/plain \
+                 string gen-{n}\n"
+            )
+        };
+        let mut p = Process::new("haproxy".into(), file.clone(), dir.path().join("pid"), dir.path().join("log"));
+        let get = || -> Option<String> {
+            use std::io::{Read, Write};
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+            s.write_all(b"GET / HTTP/1.0\r\n\r\n").ok()?;
+            let mut text = String::new();
+            s.read_to_string(&mut text).ok()?;
+            Some(text)
+        };
+        struct Stop(i32);
+        impl Drop for Stop {
+            fn drop(&mut self) {
+                let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(self.0), nix::sys::signal::Signal::SIGKILL);
+            }
+        }
+        std::fs::write(&file, config(0)).unwrap();
+        p.start_or_reload().unwrap();
+        let _stop = Stop(p.pid().unwrap());
+        for n in 1..=5 {
+            std::fs::write(&file, config(n)).unwrap();
+            p.start_or_reload().unwrap();
+        }
+        assert_eq!(p.reloads(), Some(5));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            let text = get().unwrap_or_default();
+            if text.contains("gen-5") {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "the last configuration is not served: {text}");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
+    #[test]
+    fn tls_without_passthrough_binds_the_port() {
+        let (cfg, _) = render(&listen(), &[route("default/shop", "shop.apps.test", "/", "edge")]);
+        assert!(!cfg.contains("mode tcp"), "{cfg}");
+        assert!(cfg.contains("bind 0.0.0.0:443 ssl crt-list /run/e/crt-list alpn h2,http/1.1"), "{cfg}");
     }
 
     #[test]
