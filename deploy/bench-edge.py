@@ -7,7 +7,8 @@ host of its own; agent-1 is the edge router).
 
 1. Requests per second and latency p50/p99 through the edge, side by side, interleaved round by
    round, with wrk from the machine's own namespace, for one route to the same two backend tasks
-   (nginx answering 200 "ok", on agents 2 and 3), plain HTTP and TLS (the same certificate):
+   (nginx answering 200 "ok", on agents 2 and 3), plain HTTP and TLS (the same certificate), the
+   order of the three rotating from round to round:
    - berth: the route served by agent-1's edge router (HAProxy run by the agent, its config
      rendered from the route), ports 80/443;
    - haproxy: HAProxy configured by hand for the same route, in the same host, ports 8081/8444;
@@ -346,8 +347,12 @@ def main():
         b.start_by_hand(pem, eps)
         print(f"backends: {', '.join(eps)} (nginx tasks); proxies in {EDGE_NS} ({EDGE})", flush=True)
         for r in range(a.rounds):
+            # The order rotates round by round, so that no proxy always goes first.
+            names = list(targets)
+            names = names[r % len(names):] + names[:r % len(names)]
             for mode in ("plain", "tls"):
-                for name, ports in targets.items():
+                for name in names:
+                    ports = targets[name]
                     url = f"http://{EDGE}:{ports[0]}/" if mode == "plain" else f"https://{EDGE}:{ports[1]}/"
                     m = b.wrk(url, a.seconds, a.connections)
                     results[name][mode].append(m)
