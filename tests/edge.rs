@@ -11,7 +11,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use berth_tests::{Cluster, apply, wait_for};
+use berth_tests::{Cluster, apply, berth_ok, refused, wait_for};
 use serde_json::Value;
 
 const POOLS: &[&str] = &["--address-pool", "198.18.0.0/16", "--vip-pool", "198.19.0.0/20"];
@@ -207,24 +207,6 @@ fn certificate(dir: &Path, host: &str) -> Result<std::path::PathBuf> {
     let path = dir.join(format!("{host}.pem"));
     std::fs::write(&path, pem)?;
     Ok(path)
-}
-
-fn berth_ok(c: &Cluster, args: &[&str]) -> Result<String> {
-    let out = c.berth(args);
-    if !out.status.success() {
-        bail!("berth {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-fn refused(c: &Cluster, dir: &Path, name: &str, yaml: &str) -> Result<String> {
-    let f = dir.join(format!("{name}.yaml"));
-    std::fs::write(&f, yaml)?;
-    let out = c.berth(&["apply", "-f", &f.to_string_lossy()]);
-    if out.status.success() {
-        bail!("apply {name} was accepted: {}", String::from_utf8_lossy(&out.stdout));
-    }
-    Ok(String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
 /// One HTTP/1.1 GET to `addr` with `Host: host`: (status, headers and body as text).

@@ -382,6 +382,26 @@ pub fn unmount_under(roots: &[PathBuf]) {
     }
 }
 
+/// `berth ARGS` that must succeed: its standard output, or an error with its standard error.
+pub fn berth_ok(c: &Cluster, args: &[&str]) -> Result<String> {
+    let out = c.berth(args);
+    if !out.status.success() {
+        bail!("berth {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// `berth apply` of `yaml` (written to `dir/NAME.yaml`) that must be refused: its standard error.
+pub fn refused(c: &Cluster, dir: &Path, name: &str, yaml: &str) -> Result<String> {
+    let f = dir.join(format!("{name}.yaml"));
+    std::fs::write(&f, yaml)?;
+    let out = c.berth(&["apply", "-f", &f.to_string_lossy()]);
+    if out.status.success() {
+        bail!("apply {name} was accepted: {}", String::from_utf8_lossy(&out.stdout));
+    }
+    Ok(String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
 /// Starts `berth agent` joining `c` (with `token` on its first start), output in `<dir>.log`.
 pub fn spawn_agent(c: &Cluster, dir: &Path, name: &str, token: Option<&str>, extra: &[&str]) -> Result<AgentProc> {
     std::fs::create_dir_all(dir)?;

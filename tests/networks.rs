@@ -8,22 +8,11 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{Result, bail};
-use berth_tests::{Cluster, apply, cluster_with_agents, wait_for};
+use anyhow::Result;
+use berth_tests::{Cluster, apply, cluster_with_agents, refused, wait_for};
 use serde_json::Value;
 
 const POOLS: &[&str] = &["--address-pool", "198.18.0.0/16", "--vip-pool", "198.19.0.0/20"];
-
-/// `berth apply` that must fail; its stderr.
-fn refused(c: &Cluster, dir: &Path, name: &str, yaml: &str) -> Result<String> {
-    let f = dir.join(format!("{name}.yaml"));
-    std::fs::write(&f, yaml)?;
-    let out = c.berth(&["apply", "-f", &f.to_string_lossy()]);
-    if out.status.success() {
-        bail!("apply {name} was accepted: {}", String::from_utf8_lossy(&out.stdout));
-    }
-    Ok(String::from_utf8_lossy(&out.stderr).into_owned())
-}
 
 fn network(c: &Cluster, name: &str) -> Result<Value> {
     c.berth_json(&["describe", "network", name])

@@ -9,19 +9,11 @@ mod registry;
 
 use std::time::Duration;
 
-use anyhow::{Result, bail};
-use berth_tests::{Cluster, apply, cluster_with_agents, is_root, tasks, wait_for};
+use anyhow::Result;
+use berth_tests::{Cluster, apply, berth_ok, cluster_with_agents, is_root, tasks, wait_for};
 use serde_json::Value;
 
 const LONG: Duration = Duration::from_secs(90);
-
-fn berth_ok(c: &Cluster, args: &[&str]) -> Result<String> {
-    let out = c.berth(args);
-    if !out.status.success() {
-        bail!("berth {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
 
 fn running(c: &Cluster, service: &str) -> Vec<Value> {
     tasks(c, service)

@@ -6,8 +6,10 @@
 
 use std::{path::Path, time::Duration};
 
-use anyhow::{Result, bail};
-use berth_tests::{AgentProc, Cluster, apply, cluster_with_agents, is_root, signal, spawn_agent, tasks, wait_for};
+use anyhow::Result;
+use berth_tests::{
+    AgentProc, Cluster, apply, berth_ok, cluster_with_agents, is_root, signal, spawn_agent, tasks, wait_for,
+};
 use serde_json::Value;
 
 const LONG: Duration = Duration::from_secs(90);
@@ -29,14 +31,6 @@ fn wait_running(c: &Cluster, service: &str, n: usize) -> Result<Vec<Value>> {
 /// The directory holding a local volume's data on the node of `agent`.
 fn volume_dir(agent: &Path, name: &str) -> std::path::PathBuf {
     agent.join("volumes").join("default").join(name).join("data")
-}
-
-fn berth_ok(c: &Cluster, args: &[&str]) -> Result<String> {
-    let out = c.berth(args);
-    if !out.status.success() {
-        bail!("berth {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 fn berth_err(c: &Cluster, args: &[&str]) -> String {
