@@ -35,6 +35,9 @@ import sys
 import tempfile
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchlib import DevCluster, quantile, sh  # noqa: E402
+
 EDGE_NS = "berth-dev-1"
 EDGE = "198.19.254.11"
 HOST = "bench.apps.berth.test"
@@ -143,15 +146,6 @@ http {{
 """
 
 
-def sh(*args, **kw):
-    return subprocess.run(list(args), check=True, capture_output=True, text=True, **kw).stdout
-
-
-def quantile(xs, q):
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))] if xs else None
-
-
 def http_status(addr, port, host, timeout=1.0):
     try:
         with socket.create_connection((addr, port), timeout=timeout) as s:
@@ -178,41 +172,10 @@ def parse_wrk(text):
             "socket_errors": socket_errors.group(1).strip() if socket_errors else ""}
 
 
-class Bench:
+class Bench(DevCluster):
     def __init__(self, berth, tmp):
-        self.berth = berth
-        self.dir = tmp
-        self.dev = None
+        super().__init__(berth, tmp, "bench-edge")
         self.hand = []
-
-    def cli(self, *args):
-        return sh(self.berth, "--config", os.path.join(self.dir, "berth.toml"), *args)
-
-    def wait(self, what, fn, timeout=120):
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            try:
-                v = fn()
-            except (subprocess.CalledProcessError, json.JSONDecodeError, KeyError):
-                v = None
-            if v:
-                return v
-            time.sleep(0.1)
-        raise SystemExit(f"bench-edge: timed out waiting for {what}")
-
-    def start(self):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        base = s.getsockname()[1] % 20000 + 30000
-        s.close()
-        log = open(os.path.join(self.dir, "dev.log"), "w")
-        self.dev = subprocess.Popen(
-            [self.berth, "dev", "--data-dir", self.dir, "--base-port", str(base), "--agents", "3"],
-            stdout=log, stderr=subprocess.STDOUT)
-        self.wait("berth.toml", lambda: os.path.exists(os.path.join(self.dir, "berth.toml")))
-        self.wait("3 ready agents with networks", lambda: sum(
-            n["status"] == "ready" and n.get("networks") is True
-            for n in json.loads(self.cli("get", "nodes", "-o", "json"))) == 3)
 
     def certificate(self):
         d = self.dir
@@ -297,27 +260,15 @@ class Bench:
             self.cli("delete", "service", "eb-web")
         except Exception:
             pass
-        if self.dev:
-            self.dev.send_signal(signal.SIGINT)
-            self.dev.wait(60)
+        self.stop_dev()
         # The edge's HAProxy and the tasks outlive their agents: end this benchmark's.
         pidfile = os.path.join(self.dir, "agent-1", "edge", "haproxy.pid")
         try:
             os.killpg(int(open(pidfile).read().split()[0]), signal.SIGKILL)
         except (OSError, ValueError, IndexError):
             pass
-        for p in os.listdir("/proc"):
-            if p.isdigit():
-                try:
-                    env = open(f"/proc/{p}/environ", "rb").read().split(b"\0")
-                except OSError:
-                    continue
-                if b"BERTH_SERVICE=eb-web" in env:
-                    try:
-                        os.kill(int(p), signal.SIGKILL)
-                    except OSError:
-                        pass
-        subprocess.run([self.berth, "dev", "--data-dir", self.dir, "--remove-hosts"], capture_output=True)
+        self.kill_services(["eb-web"])
+        self.remove_hosts()
 
 
 def main():

@@ -38,6 +38,9 @@ import sys
 import tempfile
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchlib import DevCluster, quantile, sh  # noqa: E402
+
 DOMAIN = "berth.internal"
 
 ECHO_SERVER = r"""
@@ -111,77 +114,24 @@ for line in sys.stdin:
 """
 
 
-def sh(*args, **kw):
-    return subprocess.run(list(args), check=True, capture_output=True, text=True, **kw).stdout
-
-
-def quantile(xs, q):
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))] if xs else None
-
-
-class Bench:
+class Bench(DevCluster):
     def __init__(self, berth, tmp):
-        self.berth = berth
-        self.dir = tmp
-        self.dev = None
-
-    def cli(self, *args):
-        return sh(self.berth, "--config", os.path.join(self.dir, "berth.toml"), *args)
+        super().__init__(berth, tmp, "bench-net")
 
     def tasks(self, service=None):
         args = ["get", "tasks", "-o", "json"] + (["--service", service] if service else [])
         return json.loads(self.cli(*args))
-
-    def wait(self, what, fn, timeout=120):
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            try:
-                v = fn()
-            except (subprocess.CalledProcessError, json.JSONDecodeError, KeyError):
-                v = None
-            if v:
-                return v
-            time.sleep(0.1)
-        raise SystemExit(f"bench-net: timed out waiting for {what}")
-
-    def start(self):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        base = s.getsockname()[1] % 20000 + 30000
-        s.close()
-        log = open(os.path.join(self.dir, "dev.log"), "w")
-        self.dev = subprocess.Popen(
-            [self.berth, "dev", "--data-dir", self.dir, "--base-port", str(base), "--agents", "3"],
-            stdout=log, stderr=subprocess.STDOUT)
-        self.wait("berth.toml", lambda: os.path.exists(os.path.join(self.dir, "berth.toml")))
-        self.wait("3 ready agents with networks", lambda: sum(
-            n["status"] == "ready" and n.get("networks") is True
-            for n in json.loads(self.cli("get", "nodes", "-o", "json"))) == 3)
 
     def stop(self):
         try:
             self.cli("delete", "service", "nb-iperf", "nb-echo", "nb-probe", "web", "sim-holder")
         except Exception:
             pass
-        if self.dev:
-            self.dev.send_signal(signal.SIGINT)
-            self.dev.wait(60)
+        self.stop_dev()
         # Tasks outlive their agents: end this benchmark's (by their service names) before the
         # hosts they live in go.
-        for p in os.listdir("/proc"):
-            if p.isdigit():
-                try:
-                    env = open(f"/proc/{p}/environ", "rb").read().split(b"\0")
-                except OSError:
-                    continue
-                if any(e in env for e in (b"BERTH_SERVICE=nb-iperf", b"BERTH_SERVICE=nb-echo",
-                                          b"BERTH_SERVICE=nb-probe", b"BERTH_SERVICE=web")):
-                    try:
-                        os.kill(int(p), signal.SIGKILL)
-                    except OSError:
-                        pass
-        subprocess.run([self.berth, "dev", "--data-dir", self.dir, "--remove-hosts"], capture_output=True)
+        self.kill_services(["nb-iperf", "nb-echo", "nb-probe", "web"])
+        self.remove_hosts()
 
 
 def services():
