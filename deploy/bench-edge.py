@@ -12,7 +12,9 @@ host of its own; agent-1 is the edge router).
    - berth: the route served by agent-1's edge router (HAProxy run by the agent, its config
      rendered from the route), ports 80/443;
    - haproxy: HAProxy configured by hand for the same route, in the same host, ports 8081/8444;
-   - nginx: nginx configured by hand for the same route (upstream keep-alive), ports 8082/8445.
+   - nginx: nginx configured by hand for the same route (upstream keep-alive), ports 8082/8445;
+   - edge-config: berth's generated configuration, copied and started by hand, ports 8083/8446
+     (separates the configuration's cost from how the agent runs HAProxy).
    All three proxies run in agent-1's host and reach the tasks over the overlay, with their
    default thread/worker counts (one per CPU), and all three write an access log line per
    request to a file (the edge must; the hand-made ones do the same work).
@@ -224,6 +226,20 @@ class Bench(DevCluster):
                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True))
         self.wait("haproxy by hand", lambda: http_status(EDGE, 8081, HOST) == 200, 30)
         self.wait("nginx by hand", lambda: http_status(EDGE, 8082, HOST) == 200, 30)
+        # The edge's own configuration, copied and started by hand on other ports: tells the cost
+        # of the configuration apart from that of how the agent runs HAProxy.
+        node = next(n for n in json.loads(self.cli("get", "nodes", "-o", "json")) if n["name"] == "agent-1")["id"]
+        run = f"/run/berth/{node}/edge"
+        text = open(f"{run}/haproxy.cfg").read()
+        text = text.replace("bind 0.0.0.0:80\n", "bind 0.0.0.0:8083\n").replace("bind 0.0.0.0:443 ", "bind 0.0.0.0:8446 ")
+        text = text.replace(f"stats socket {run}/admin.sock", f"stats socket {self.dir}/copy-admin.sock")
+        ccfg = os.path.join(self.dir, "haproxy-edge-copy.cfg")
+        with open(ccfg, "w") as f:
+            f.write(text)
+        clog = open(os.path.join(self.dir, "haproxy-edge-copy.log"), "w")
+        self.hand.append(subprocess.Popen(["nsenter", f"--net=/run/netns/{EDGE_NS}", "haproxy", "-W", "-db", "-f", ccfg],
+                                          stdout=clog, stderr=subprocess.STDOUT, start_new_session=True))
+        self.wait("the edge's configuration by hand", lambda: http_status(EDGE, 8083, HOST) == 200, 30)
 
     def wrk(self, url, seconds, connections):
         out = sh("wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--latency", "-H", f"Host: {HOST}", url)
@@ -289,8 +305,8 @@ def main():
             raise SystemExit(f"bench-edge: {tool} is missing: source deploy/edge-prereqs.sh")
     tmp = tempfile.mkdtemp(prefix="berth-bench-edge-")
     b = Bench(a.berth, tmp)
-    results = {"berth": {"plain": [], "tls": []}, "haproxy": {"plain": [], "tls": []}, "nginx": {"plain": [], "tls": []}}
-    targets = {"berth": (80, 443), "haproxy": (8081, 8444), "nginx": (8082, 8445)}
+    results = {name: {"plain": [], "tls": []} for name in ("berth", "haproxy", "nginx", "edge-config")}
+    targets = {"berth": (80, 443), "haproxy": (8081, 8444), "nginx": (8082, 8445), "edge-config": (8083, 8446)}
     try:
         b.start()
         pem = b.certificate()
