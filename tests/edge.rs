@@ -459,6 +459,11 @@ fn routes_serve_host_names_through_the_edges() -> Result<()> {
     assert_eq!(dns_a(&dns_a_addr, "nothing.apps.example.test")?, Err(3), "NXDOMAIN");
     assert_eq!(dns_a(&dns_a_addr, "example.org")?, Err(5), "REFUSED outside the zone");
 
+    // A secret that holds a route's certificate cannot be deleted.
+    let out = c.berth(&["secret", "rm", "shop-cert"]);
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && e.contains("holds the certificate of route shop"), "{e}");
+
     // describe route: hosts, service, endpoints, TLS expiry, edges.
     let d = c.berth_json(&["describe", "route", "shop"])?;
     assert_eq!((d["host"].as_str(), d["tls"].as_str()), (Some("shop.apps.example.test"), Some("edge")));

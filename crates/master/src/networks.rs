@@ -111,7 +111,7 @@ pub(crate) fn record_subnet(r: &NetworkRecord) -> Result<Ipv4Net, Status> {
     })
 }
 
-fn compare_unchanged(key: Vec<u8>, rev: i64) -> (Compare, RequestOp) {
+pub(crate) fn compare_unchanged(key: Vec<u8>, rev: i64) -> (Compare, RequestOp) {
     // A compare with a no-op get: the transaction proceeds only if the key is as read.
     (
         Compare { key: key.clone(), op: CompareOp::Equal, target: CompareTarget::ModRevision(rev) },

@@ -248,6 +248,11 @@ impl RoutePlan {
                 ))
             })?;
             let version = file.obj.version;
+            // The route commits only if the secret is still as checked (a delete meanwhile fails it).
+            self.parts.push(crate::networks::compare_unchanged(
+                crate::secrets::file_key(spec::FileKind::Secret, ns, secret),
+                file.mod_revision,
+            ));
             let f = TaskFile {
                 kind: berth_types::spec::FileKind::Secret,
                 name: secret.clone(),
@@ -319,6 +324,15 @@ impl RoutePlan {
         }
         self.parts
     }
+}
+
+/// The routes of namespace `ns` whose certificate comes from secret `secret`.
+pub(crate) fn routes_using_secret(reader: &KvReader, ns: &str, secret: &str) -> Result<Vec<String>, Status> {
+    Ok(objects::list::<RouteRecord>(reader, &format!("{ROUTES_PREFIX}{ns}/"))?
+        .into_iter()
+        .filter(|r| spec_of(&r.obj).is_ok_and(|d| d.spec.tls.and_then(|t| t.secret).is_some_and(|s| s == secret)))
+        .map(|r| r.obj.name)
+        .collect())
 }
 
 /// The view of a route: its record, the service's endpoints and the edge nodes.

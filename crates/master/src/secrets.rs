@@ -508,6 +508,17 @@ pub(crate) async fn delete(ctx: &Ctx, kind: FileKind, ns: &str, name: &str) -> R
             services.join(", ")
         )));
     }
+    if kind == FileKind::Secret {
+        let routes = crate::routes::routes_using_secret(&ctx.reader, ns, name)?;
+        if !routes.is_empty() {
+            return Err(Status::failed_precondition(format!(
+                "secret {ns}/{name} holds the certificate of route{} {}; give them another secret (or no TLS) \
+                 and apply them, or delete them, first",
+                if routes.len() == 1 { "" } else { "s" },
+                routes.join(", ")
+            )));
+        }
+    }
     let running: Vec<String> = task_users(&ctx.reader, kind, ns, name)?.into_iter().map(|t| t.id).collect();
     if !running.is_empty() {
         return Err(Status::failed_precondition(format!(
