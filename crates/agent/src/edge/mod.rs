@@ -68,12 +68,18 @@ impl Edge {
         if let Some(pid) = process.pid() {
             info!(pid, "adopted the running edge router (HAProxy)");
         }
+        // The routes are served even when the apps domain's DNS cannot listen (its port taken).
         let dns = match (&cfg.apps_domain, cfg.dns) {
-            (Some(domain), Some(addr)) => {
-                let d = dns::AppsDns::start(addr, domain).await?;
-                info!(addr = %d.addr, domain = %domain, "answering DNS for the apps domain");
-                Some(d)
-            }
+            (Some(domain), Some(addr)) => match dns::AppsDns::start(addr, domain).await {
+                Ok(d) => {
+                    info!(addr = %d.addr, domain = %domain, "answering DNS for the apps domain");
+                    Some(d)
+                }
+                Err(e) => {
+                    warn!("the apps domain is not published: {e}; free the port or choose another with --apps-dns");
+                    None
+                }
+            },
             _ => None,
         };
         Ok(Edge {
