@@ -349,7 +349,8 @@ async fn record_ca(ctx: Arc<Ctx>) {
 /// Renews this master's certificate at its renewal point (a random 50-80% of its lifetime).
 async fn renew_certificates(ctx: Arc<Ctx>, shutdown: CancellationToken) {
     loop {
-        let wait = ctx.pki.renew_at().duration_since(std::time::SystemTime::now()).unwrap_or(Duration::from_secs(60));
+        // A point already passed (a renewal that failed): try again shortly, not a minute later.
+        let wait = ctx.pki.renew_at().duration_since(std::time::SystemTime::now()).unwrap_or(Duration::from_secs(5));
         tokio::select! {
             _ = tokio::time::sleep(wait.max(Duration::from_secs(1))) => {}
             _ = shutdown.cancelled() => return,

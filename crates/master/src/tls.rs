@@ -39,6 +39,9 @@ pub struct MasterPki {
     digest: CaDigest,
     ca_pem: String,
     cert: RwLock<CertifiedKey>,
+    /// The certificate's renewal point, drawn once per certificate (a random 50-80% of its
+    /// lifetime): drawn again at every look, a point already passed could read as not yet due.
+    renew_point: RwLock<SystemTime>,
     ca: RwLock<Option<CertificateAuthority>>,
     grpc_server: RwLock<Arc<rustls::ServerConfig>>,
 }
@@ -111,6 +114,7 @@ impl MasterPki {
         let digest = CaDigest::of_cert_pem(&ca_pem).map_err(pki_err)?;
         let files = TlsFiles { ca_pem: ca_pem.clone(), cert: cert.clone() };
         let grpc = tls::server_config(&files, &[b"h2"]).map_err(pki_err)?;
+        let renew_point = cert.renew_at().unwrap_or_else(|_| SystemTime::now());
         let pki = Arc::new(MasterPki {
             dir,
             id,
@@ -119,6 +123,7 @@ impl MasterPki {
             digest,
             ca_pem,
             cert: RwLock::new(cert),
+            renew_point: RwLock::new(renew_point),
             ca: RwLock::new(ca),
             grpc_server: RwLock::new(Arc::new(grpc)),
         });
@@ -212,7 +217,7 @@ impl MasterPki {
 
     /// When this master's certificate should be renewed.
     pub fn renew_at(&self) -> SystemTime {
-        self.cert.read().expect("cert lock").renew_at().unwrap_or_else(|_| SystemTime::now())
+        *self.renew_point.read().expect("renew point lock")
     }
 
     /// Renews this master's certificate if its renewal point has passed and the CA is at hand.
@@ -229,6 +234,7 @@ impl MasterPki {
         let grpc = tls::server_config(&files, &[b"h2"]).map_err(pki_err)?;
         write_atomic(&self.dir.join(MASTER_KEY), cert.key_pem.as_bytes(), true)?;
         write_atomic(&self.dir.join(MASTER_CERT), cert.cert_pem.as_bytes(), false)?;
+        *self.renew_point.write().expect("renew point lock") = cert.renew_at().unwrap_or_else(|_| SystemTime::now());
         *self.cert.write().expect("cert lock") = cert;
         *self.grpc_server.write().expect("server config lock") = Arc::new(grpc);
         info!(renew_at = ?self.renew_at(), "renewed this master's certificate");
