@@ -9,7 +9,7 @@ use serde::Serialize;
 use crate::{
     Global,
     client::{Call, Client},
-    cmd_services::{fmt_age, key, node_names, out_line, task_state_name},
+    cmd_services::{fmt_age, key, node_names, now_ms, out_line, task_state_name},
     output,
 };
 
@@ -138,10 +138,6 @@ pub fn describe_lines(n: &NetworkOut) -> Vec<String> {
         l.push(output::render_table(&["TASK", "SERVICE", "NODE", "ADDRESS", "STATE"], &rows).trim_end().to_string());
     }
     l
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
 pub async fn run_get(namespace: Option<&str>, g: &Global) -> Result<()> {

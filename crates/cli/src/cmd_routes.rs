@@ -10,7 +10,7 @@ use serde::Serialize;
 use crate::{
     Global,
     client::{Call, Client},
-    cmd_services::{fmt_age, key, node_names, out_line},
+    cmd_services::{fmt_age, key, node_names, now_ms, out_line},
     output,
 };
 
@@ -160,10 +160,6 @@ pub fn describe_lines(r: &RouteOut, now: i64) -> Vec<String> {
         l.push(output::render_table(&["NODE", "ADDRESS", "STATE"], &rows).trim_end().to_string());
     }
     l
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
 pub async fn run_get(namespace: Option<&str>, g: &Global) -> Result<()> {

@@ -324,7 +324,8 @@ pub fn rollout_state_name(s: i32) -> &'static str {
     }
 }
 
-fn now_ms() -> i64 {
+/// Milliseconds since the Unix epoch, for ages and expiries.
+pub(crate) fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 

@@ -16,7 +16,7 @@ use tonic::Code;
 use crate::{
     Global,
     client::{Call, Client},
-    cmd_services::{fmt_age, key, node_names, out_line, status_text, task_state_name},
+    cmd_services::{fmt_age, key, node_names, now_ms, out_line, status_text, task_state_name},
     output::{self, human_bytes},
 };
 
@@ -168,10 +168,6 @@ pub fn describe_lines(v: &VolumeOut) -> Vec<String> {
         l.push(output::render_table(&["TASK", "SERVICE", "NODE", "STATE", "TARGET"], &rows).trim_end().to_string());
     }
     l
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
 pub async fn run_get_volumes(namespace: Option<&str>, g: &Global) -> Result<()> {

@@ -323,7 +323,10 @@ impl ControlService for ControlSvc {
                 kind: "Volume".into(),
             });
         }
-        let mut ports = crate::ports::PortCheck::new(&self.ctx.reader, plan.has_pools())?;
+        let publishing = documents
+            .iter()
+            .any(|d| matches!(d, Document::Service(s) if s.spec.task.ports.iter().any(|p| p.published.is_some())));
+        let mut ports = crate::ports::PortCheck::new(&self.ctx.reader, plan.has_pools(), publishing)?;
         for doc in &documents {
             let Document::Service(s) = doc else { continue };
             plan.service(s, now)?;

@@ -73,9 +73,14 @@ pub(crate) struct PortCheck {
 }
 
 impl PortCheck {
-    /// Reads every service's published ports; `with_networks` on a cluster with pools (it
-    /// decides the default mode).
-    pub fn new(reader: &KvReader, with_networks: bool) -> Result<PortCheck, Status> {
+    /// Reads every service's published ports when `publishing` (some document of the apply
+    /// publishes a port; otherwise nothing can conflict and dropping ports frees them without a
+    /// claim, so nothing is read); `with_networks` on a cluster with pools (it decides the
+    /// default mode).
+    pub fn new(reader: &KvReader, with_networks: bool, publishing: bool) -> Result<PortCheck, Status> {
+        if !publishing {
+            return Ok(PortCheck { with_networks, services: Vec::new(), guard_revision: 0, changed: false });
+        }
         let guard_revision = reader
             .get(PORTS_GUARD.as_bytes())
             .map_err(|e| Status::internal(format!("reading the replicated state failed: {e}")))?
