@@ -11,8 +11,10 @@ host of its own; agent-1 is the edge router).
    order of the three rotating from round to round:
    - berth: the route served by agent-1's edge router (HAProxy run by the agent, its config
      rendered from the route), ports 80/443;
-   - haproxy: HAProxy configured by hand for the same route, in the same host, ports 8081/8444;
-   - nginx: nginx configured by hand for the same route (upstream keep-alive), ports 8082/8445;
+   - haproxy: HAProxy configured by hand for the same route (by Host, X-Forwarded-For, -Proto and
+     -Host, the same retries), in the same host, ports 8081/8444;
+   - nginx: nginx configured by hand for the same route (server_name, the same headers, upstream
+     keep-alive, the next upstream on an error), ports 8082/8445;
    - edge-config: berth's generated configuration, copied and started by hand, ports 8083/8446
      (separates the configuration's cost from how the agent runs HAProxy).
    All three proxies run in agent-1's host and reach the tasks over the overlay, with their
@@ -92,24 +94,29 @@ defaults
     mode http
     log global
     option httplog
+    option dontlognull
     timeout connect 2s
     timeout client 60s
     timeout server 60s
     timeout http-keep-alive 30s
     retries 3
-    retry-on conn-failure empty-response response-timeout
+    retry-on conn-failure empty-response
     option redispatch 1
     http-reuse safe
 frontend plain
     bind 0.0.0.0:8081
     option forwardfor
     http-request set-header X-Forwarded-Proto http
-    default_backend web
+    http-request set-header X-Forwarded-Host %[req.hdr(host)]
+    http-request disable-l7-retry unless {{ method GET HEAD OPTIONS PUT DELETE TRACE }}
+    use_backend web if {{ hdr(host) -i {host} }}
 frontend tls
     bind 0.0.0.0:8444 ssl crt {cert} alpn h2,http/1.1
     option forwardfor
     http-request set-header X-Forwarded-Proto https
-    default_backend web
+    http-request set-header X-Forwarded-Host %[req.hdr(host)]
+    http-request disable-l7-retry unless {{ method GET HEAD OPTIONS PUT DELETE TRACE }}
+    use_backend web if {{ hdr(host) -i {host} }}
 backend web
     balance roundrobin
 {servers}
@@ -132,6 +139,7 @@ http {{
     server {{
         listen 8082;
         listen 8445 ssl http2;
+        server_name {host};
         ssl_certificate {cert};
         ssl_certificate_key {cert};
         location / {{
@@ -141,7 +149,8 @@ http {{
             proxy_set_header Host $host;
             proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
             proxy_set_header X-Forwarded-Proto $scheme;
-            proxy_next_upstream error timeout;
+            proxy_set_header X-Forwarded-Host $http_host;
+            proxy_next_upstream error;
         }}
     }}
 }}
@@ -212,10 +221,10 @@ class Bench(DevCluster):
         servers = "\n".join(f"    server e{i} {a}" for i, a in enumerate(eps))
         hcfg = os.path.join(self.dir, "haproxy-hand.cfg")
         with open(hcfg, "w") as f:
-            f.write(HAPROXY_BY_HAND.format(cert=pem, servers=servers))
+            f.write(HAPROXY_BY_HAND.format(cert=pem, servers=servers, host=HOST))
         ncfg = os.path.join(self.dir, "nginx-hand.conf")
         with open(ncfg, "w") as f:
-            f.write(NGINX_BY_HAND.format(dir=self.dir, cert=pem,
+            f.write(NGINX_BY_HAND.format(dir=self.dir, cert=pem, host=HOST,
                                          servers="\n".join(f"        server {a};" for a in eps)))
         sh("haproxy", "-c", "-q", "-f", hcfg)
         hlog = open(os.path.join(self.dir, "haproxy-hand.log"), "w")

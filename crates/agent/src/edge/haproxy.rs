@@ -18,9 +18,12 @@
 //! Every HTTP request gets `X-Forwarded-For` (the client), `X-Forwarded-Proto` and
 //! `X-Forwarded-Host`; a request whose connection to an endpoint fails is sent to another one
 //! (`retry-on conn-failure` with `redispatch`: nothing of it reached the first, so this is safe
-//! for any method), and one whose endpoint closed or timed out before answering is retried only
-//! when it is idempotent (HAProxy's L7 retries apply to safe methods only). Access logs go to
-//! HAProxy's standard output, which the agent appends to `access.log`.
+//! for any method), and one whose endpoint closed its connection without answering
+//! (`empty-response`: a task killed under it) is sent again only when its method is idempotent:
+//! HAProxy's L7 retries do not look at the method, so every HTTP frontend disables them for the
+//! others (`IDEMPOTENT_ONLY`). A slow endpoint is not retried (no `response-timeout`): that
+//! would double its load just when it is overloaded. Access logs go to HAProxy's standard output,
+//! which the agent appends to `access.log`.
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -64,6 +67,10 @@ fn acl_value(s: &str) -> String {
 }
 
 /// The HTTP routing rules of one frontend: redirects first, then the longest path prefix wins.
+/// The rule that keeps a request with a non-idempotent method (POST, PATCH, CONNECT, any unknown
+/// one) from being sent again after its endpoint received it (RFC 9110 §9.2.2).
+const IDEMPOTENT_ONLY: &str = "http-request disable-l7-retry unless { method GET HEAD OPTIONS PUT DELETE TRACE }";
+
 fn http_rules(out: &mut String, routes: &[&RenderRoute], redirect: bool) {
     let mut sorted: Vec<&&RenderRoute> = routes.iter().collect();
     sorted.sort_by(|a, b| b.path.len().cmp(&a.path.len()).then(a.key.cmp(&b.key)));
@@ -108,7 +115,7 @@ pub fn render(listen: &Listen, routes: &[RenderRoute]) -> (String, String) {
          \x20   timeout http-request 10s\n\
          \x20   timeout http-keep-alive 30s\n\
          \x20   retries 3\n\
-         \x20   retry-on conn-failure empty-response response-timeout\n\
+         \x20   retry-on conn-failure empty-response\n\
          \x20   option redispatch 1\n\
          \x20   http-reuse safe\n\n"
     );
@@ -120,7 +127,8 @@ pub fn render(listen: &Listen, routes: &[RenderRoute]) -> (String, String) {
          \x20   option forwardfor\n\
          \x20   http-request set-var(txn.host) req.hdr(host),field(1,:),lower\n\
          \x20   http-request set-header X-Forwarded-Proto http\n\
-         \x20   http-request set-header X-Forwarded-Host %[req.hdr(host)]\n",
+         \x20   http-request set-header X-Forwarded-Host %[req.hdr(host)]\n\
+         \x20   {IDEMPOTENT_ONLY}\n",
         listen.http
     );
     http_rules(&mut c, &http, true);
@@ -177,7 +185,8 @@ pub fn render(listen: &Listen, routes: &[RenderRoute]) -> (String, String) {
              \x20   option forwardfor\n\
              \x20   http-request set-var(txn.host) req.hdr(host),field(1,:),lower\n\
              \x20   http-request set-header X-Forwarded-Proto https\n\
-             \x20   http-request set-header X-Forwarded-Host %[req.hdr(host)]\n"
+             \x20   http-request set-header X-Forwarded-Host %[req.hdr(host)]\n\
+             \x20   {IDEMPOTENT_ONLY}\n"
         );
         http_rules(&mut c, &terminated, false);
         for r in &terminated {
@@ -491,6 +500,79 @@ mod tests {
             assert!(std::time::Instant::now() < deadline, "the last configuration is not served: {text}");
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
+    }
+
+    /// A request whose endpoint closes the connection without answering is sent again when its
+    /// method is idempotent, and never when it is not (a POST reaches the task once).
+    #[test]
+    fn only_idempotent_requests_are_sent_again() {
+        use std::io::{Read, Write};
+        if Command::new("haproxy").arg("-v").output().is_err() {
+            eprintln!("SKIPPED: haproxy is not installed (apt-get install haproxy)");
+            return;
+        }
+        // The endpoint: reads a request's head, notes its method, closes without answering.
+        let backend = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let endpoint = backend.local_addr().unwrap();
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+        let noted = seen.clone();
+        std::thread::spawn(move || {
+            for conn in backend.incoming() {
+                let Ok(mut conn) = conn else { return };
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match conn.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let method = String::from_utf8_lossy(&head).split(' ').next().unwrap_or_default().to_string();
+                if !method.is_empty() {
+                    noted.lock().unwrap().push(method);
+                }
+            }
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let listen = Listen {
+            http: format!("127.0.0.1:{port}").parse().unwrap(),
+            https: "127.0.0.1:1".parse().unwrap(),
+            run_dir: dir.path().to_path_buf(),
+        };
+        let r = RenderRoute { endpoints: vec![endpoint], ..route("default/r", "r.apps.test", "/", "") };
+        let (cfg, _) = render(&listen, &[r]);
+        let file = dir.path().join("haproxy.cfg");
+        std::fs::write(&file, &cfg).unwrap();
+        let mut p = Process::new("haproxy".into(), file, dir.path().join("pid"), dir.path().join("log"));
+        p.start_or_reload().unwrap_or_else(|e| panic!("{e}\n{cfg}"));
+        struct Stop(i32);
+        impl Drop for Stop {
+            fn drop(&mut self) {
+                let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(self.0), nix::sys::signal::Signal::SIGKILL);
+            }
+        }
+        let _stop = Stop(p.pid().unwrap());
+        let status = |request: &str| -> String {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            loop {
+                if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+                    let mut text = String::new();
+                    if s.write_all(request.as_bytes()).is_ok() && s.read_to_string(&mut text).is_ok() {
+                        return text.lines().next().unwrap_or_default().to_string();
+                    }
+                }
+                assert!(std::time::Instant::now() < deadline, "HAProxy does not answer on port {port}");
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+        };
+        let post = "POST / HTTP/1.1\r\nHost: r.apps.test\r\nContent-Length: 2\r\nConnection: close\r\n\r\nhi";
+        assert!(status(post).contains(" 502 "), "a POST the endpoint dropped is a 502");
+        let posts = seen.lock().unwrap().iter().filter(|m| *m == "POST").count();
+        assert_eq!(posts, 1, "a POST reached the endpoint {posts} times: it was sent again\n{cfg}");
+        assert!(status("GET / HTTP/1.1\r\nHost: r.apps.test\r\nConnection: close\r\n\r\n").contains(" 502 "));
+        let gets = seen.lock().unwrap().iter().filter(|m| *m == "GET").count();
+        assert_eq!(gets, 4, "a GET is sent again up to `retries 3` times");
     }
 
     #[test]
