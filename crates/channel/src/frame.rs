@@ -117,12 +117,25 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
 
 /// Reads frames from a stream. Not cancel-safe: dropping a pending [`FrameReader::recv`] may lose
 /// part of a frame, so read from one task (or keep the future alive across `select!` turns).
+/// Reads frames. [`FrameReader::recv`] is cancel-safe: a frame read in part when its future is
+/// dropped (a `select!` taking another branch) is completed by the next call, because what was
+/// read so far is kept in the reader, not in the future. The body buffer grows as the body's
+/// bytes arrive (never more than [`GROW_STEP`] past them), so a peer that announces a large frame and sends
+/// nothing makes the reader allocate nothing.
 #[derive(Debug)]
 pub struct FrameReader<R = quinn::RecvStream> {
     inner: R,
+    header: [u8; 4],
+    /// Header bytes read so far.
+    header_read: usize,
+    /// The body of the frame being read (valid up to `body_read`).
     buf: Vec<u8>,
+    body_read: usize,
     max: usize,
 }
+
+/// How far ahead of the bytes received the body buffer grows.
+pub const GROW_STEP: usize = 64 * 1024;
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// A reader with the default limit, [`MAX_FRAME`].
@@ -132,33 +145,51 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
 
     /// A reader refusing frames longer than `max` bytes.
     pub fn with_max(inner: R, max: usize) -> Self {
-        FrameReader { inner, buf: Vec::new(), max }
+        FrameReader { inner, header: [0; 4], header_read: 0, buf: Vec::new(), body_read: 0, max }
+    }
+
+    /// Changes the limit for the frames not begun yet (a session raises it once its peer is
+    /// authenticated).
+    pub fn set_max(&mut self, max: usize) {
+        self.max = max;
     }
 
     /// Reads one frame and decodes it as `M`. `Ok(None)` is a clean end of stream (at a frame
-    /// boundary); an end inside a frame is [`FrameError::Truncated`].
+    /// boundary); an end inside a frame is [`FrameError::Truncated`]. Cancel-safe (see the type).
     pub async fn recv<M: prost::Message + Default>(&mut self) -> Result<Option<M>, FrameError> {
-        let mut header = [0u8; 4];
-        let mut filled = 0;
-        while filled < header.len() {
-            let n = self.inner.read(&mut header[filled..]).await.map_err(FrameError::from_io)?;
+        while self.header_read < self.header.len() {
+            let n = self.inner.read(&mut self.header[self.header_read..]).await.map_err(FrameError::from_io)?;
             if n == 0 {
-                return if filled == 0 { Ok(None) } else { Err(FrameError::Truncated) };
+                return if self.header_read == 0 { Ok(None) } else { Err(FrameError::Truncated) };
             }
-            filled += n;
+            self.header_read += n;
         }
-        let len = u32::from_be_bytes(header) as usize;
+        let len = u32::from_be_bytes(self.header) as usize;
         if len > self.max {
             return Err(FrameError::Oversized { len, max: self.max });
         }
+        while self.body_read < len {
+            if self.body_read == self.buf.len() {
+                // Doubling (few copies for a large frame), but never more than GROW_STEP past
+                // the bytes received.
+                let grown = (self.buf.len() * 2).max(4096).min(self.body_read + GROW_STEP).min(len);
+                self.buf.reserve_exact(grown - self.buf.len());
+                self.buf.resize(grown, 0);
+            }
+            let n = self.inner.read(&mut self.buf[self.body_read..]).await.map_err(FrameError::from_io)?;
+            if n == 0 {
+                return Err(FrameError::Truncated);
+            }
+            self.body_read += n;
+        }
+        let decoded = M::decode(&self.buf[..len]);
+        self.header_read = 0;
+        self.body_read = 0;
         self.buf.clear();
-        self.buf.resize(len, 0);
-        self.inner.read_exact(&mut self.buf).await.map_err(FrameError::from_io)?;
-        let msg = M::decode(self.buf.as_slice())?;
-        if self.buf.capacity() > 64 * 1024 {
+        if self.buf.capacity() > GROW_STEP {
             self.buf = Vec::new();
         }
-        Ok(Some(msg))
+        Ok(Some(decoded?))
     }
 
     pub fn get_mut(&mut self) -> &mut R {
@@ -258,6 +289,43 @@ mod tests {
             assert!(matches!(err, FrameError::Truncated), "cut at {cut}: {err}");
         }
         assert!(FrameReader::new(&wire[..0]).recv::<Msg>().await.unwrap().is_none());
+    }
+
+    /// A `recv` dropped in the middle of a frame (a `select!` taking another branch) loses
+    /// nothing: the next `recv` returns the whole frame, and the stream stays in step.
+    #[tokio::test]
+    async fn recv_is_cancel_safe() {
+        let (mut a, b) = tokio::io::duplex(1 << 20);
+        let mut wire = Vec::new();
+        let mut w = FrameWriter::new(&mut wire);
+        w.send(&msg(1, 5000)).await.unwrap();
+        w.send(&msg(2, 10)).await.unwrap();
+        let mut r = FrameReader::new(b);
+        // Two bytes of the header, then a cancelled recv; the rest of the header and part of the
+        // body, another cancelled recv; then the rest.
+        for (from, to) in [(0, 2), (2, 3000)] {
+            a.write_all(&wire[from..to]).await.unwrap();
+            let cancelled = tokio::time::timeout(std::time::Duration::from_millis(50), r.recv::<Msg>()).await;
+            assert!(cancelled.is_err(), "a partial frame cannot be complete");
+        }
+        a.write_all(&wire[3000..]).await.unwrap();
+        assert_eq!(r.recv::<Msg>().await.unwrap().unwrap(), msg(1, 5000));
+        assert_eq!(r.recv::<Msg>().await.unwrap().unwrap(), msg(2, 10));
+    }
+
+    /// A header announcing a large frame, with no body behind it, allocates nothing like the
+    /// announced size.
+    #[tokio::test]
+    async fn an_announced_size_is_not_allocated_before_the_bytes_arrive() {
+        let (mut a, b) = tokio::io::duplex(1024);
+        a.write_all(&(MAX_FRAME as u32).to_be_bytes()).await.unwrap();
+        a.write_all(&[1, 2, 3]).await.unwrap();
+        let mut r = FrameReader::new(b);
+        let pending = tokio::time::timeout(std::time::Duration::from_millis(50), r.recv::<Msg>()).await;
+        assert!(pending.is_err());
+        assert!(r.buf.capacity() <= GROW_STEP, "{} bytes allocated for 3 received", r.buf.capacity());
+        drop(a);
+        assert!(matches!(r.recv::<Msg>().await.unwrap_err(), FrameError::Truncated));
     }
 
     #[tokio::test]
