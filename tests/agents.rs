@@ -196,7 +196,7 @@ fn dead_agent_goes_down_and_comes_back() -> Result<()> {
 }
 
 // A client with a certificate from another CA is refused by the API; the Raft service refuses
-// an admin certificate; a client without a certificate fails the handshake. (QUIC refusals are
+// an admin certificate, and an agent's (with reflection) from the request's head; a client without a certificate fails the handshake. (QUIC refusals are
 // in `quic_refuses_foreign_and_missing_certificates`.)
 #[test]
 fn api_and_raft_refuse_foreign_certificates() -> Result<()> {
@@ -211,6 +211,15 @@ fn api_and_raft_refuse_foreign_certificates() -> Result<()> {
     let out = c.berth(&["kv", "put", "x", "1"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     berth_tests::tls_checks(&c.endpoints(), &c.pki_dir(), &other)?;
+    // The data dir (the CA's key, RocksDB's files) is the master's alone, and so is its key.
+    for m in c.masters.values() {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| std::fs::metadata(p).map(|m| m.permissions().mode() & 0o777).unwrap_or(0);
+        assert_eq!(mode(&m.data_dir), 0o700, "{}", m.data_dir.display());
+        assert_eq!(mode(&m.data_dir.join("pki/master.pem")), 0o600);
+    }
+    // An agent's certificate is refused by Raft and reflection before the body is read.
+    berth_tests::agent_refused_before_the_body(&c.endpoints(), &c.pki_dir())?;
     // Malformed and oversized frames close their connection; the master keeps serving.
     berth_tests::bad_frames_close_the_session(&c.endpoints(), &c.pki_dir())?;
     let t = token(&c, &[])?;
@@ -251,7 +260,7 @@ fn certificates_renew_before_expiry() -> Result<()> {
     let started = Instant::now();
     let node_cert = std::fs::read(d.join("node.crt"))?;
     let master_certs: Vec<Vec<u8>> =
-        c.masters.values().map(|m| std::fs::read(m.data_dir.join("pki/master.crt"))).collect::<Result<_, _>>()?;
+        c.masters.values().map(|m| std::fs::read(m.data_dir.join("pki/master.pem"))).collect::<Result<_, _>>()?;
     wait_for(Duration::from_secs(70), "the agent's renewed certificate", || {
         std::fs::read(d.join("node.crt")).ok().filter(|now| *now != node_cert).map(|_| ())
     })?;
@@ -260,7 +269,7 @@ fn certificates_renew_before_expiry() -> Result<()> {
             .masters
             .values()
             .zip(&master_certs)
-            .all(|(m, old)| std::fs::read(m.data_dir.join("pki/master.crt")).is_ok_and(|now| now != *old));
+            .all(|(m, old)| std::fs::read(m.data_dir.join("pki/master.pem")).is_ok_and(|now| now != *old));
         renewed.then_some(())
     })?;
     let renewed_after = started.elapsed();
@@ -273,5 +282,49 @@ fn certificates_renew_before_expiry() -> Result<()> {
         let ns = nodes(&c).ok()?;
         node(&ns, "renewing").filter(|n| n["status"] == "ready" && n["connected"] == true).cloned()
     })?;
+    Ok(())
+}
+
+// Pre-authentication QUIC: 300 connections without a certificate, each trying to open 4 streams
+// and to send a frame header announcing MAX_FRAME then 1 MiB, leave the master's memory bounded
+// and the real agent ready and connected; a new agent still joins after it.
+#[test]
+fn pre_auth_quic_floods_leave_the_master_bounded() -> Result<()> {
+    use anyhow::Context;
+    let c = Cluster::start(1, &[])?;
+    let t = token(&c, &[])?;
+    let _a = spawn_agent(&c, &c.dir.path().join("real"), "real", Some(&t), &[])?;
+    wait_status(&c, "real", "ready", Duration::from_secs(30))?;
+    let master = &c.masters[&1];
+    let pid = master.pid().context("the master's pid")?;
+    let before = berth_tests::rss_kib(pid).context("the master's RSS")?;
+    let mut peak = before;
+    let mut seen_ready = false;
+    let flood = berth_tests::pre_auth_flood(&master.endpoint, &c.pki_dir(), 300, 4, 1 << 20, |_| {
+        peak = peak.max(berth_tests::rss_kib(pid).unwrap_or(0));
+        let n = wait_status(&c, "real", "ready", Duration::from_secs(10))?;
+        seen_ready = n["connected"].as_bool().unwrap_or(true);
+        Ok(())
+    })?;
+    peak = peak.max(berth_tests::rss_kib(pid).unwrap_or(0));
+    eprintln!(
+        "pre-auth flood: {} connections up ({} refused), {} streams opened, {} bytes let through; \
+         master RSS {} KiB before, peak {} KiB (+{} KiB)",
+        flood.connections,
+        flood.refused,
+        flood.streams_opened,
+        flood.bytes_accepted,
+        before,
+        peak,
+        peak.saturating_sub(before)
+    );
+    assert!(seen_ready, "the real agent's session was lost during the flood");
+    let limit = (flood.connections + flood.refused) as u64 * (berth_channel::PRE_AUTH_WINDOW as u64 + 64);
+    assert!(flood.bytes_accepted <= limit, "{} bytes let through (bound {limit})", flood.bytes_accepted);
+    assert!(peak.saturating_sub(before) < 64 * 1024, "the master grew by {} KiB", peak - before);
+    // Still serving agents: another one joins.
+    let t = token(&c, &[])?;
+    let _b = spawn_agent(&c, &c.dir.path().join("after"), "after", Some(&t), &[])?;
+    wait_status(&c, "after", "ready", Duration::from_secs(30))?;
     Ok(())
 }

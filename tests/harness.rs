@@ -17,7 +17,9 @@ use serde_json::Value;
 pub mod gluster;
 #[path = "tls_checks.rs"]
 mod tls_checks;
-pub use tls_checks::{bad_frames_close_the_session, tls_checks};
+pub use tls_checks::{
+    Flood, agent_refused_before_the_body, bad_frames_close_the_session, pre_auth_flood, rss_kib, tls_checks,
+};
 
 /// The `berth` binary: `$BERTH_BIN`, or `target/<profile>/berth` next to this test binary.
 pub fn berth_bin() -> PathBuf {

@@ -2,7 +2,7 @@
 //! one from another CA, an admin certificate on the Raft service; QUIC without a certificate and
 //! with one from another CA.
 
-use std::{path::Path, time::Duration};
+use std::{path::Path, str::FromStr, time::Duration};
 
 use anyhow::{Result, bail};
 use berth_api::pb::{
@@ -142,5 +142,142 @@ pub fn tls_checks(endpoints: &str, pki: &Path, other_pki: &Path) -> Result<()> {
             Err(e) => eprintln!("QUIC with a foreign certificate refused: {e}"),
         }
         Ok(())
+    })
+}
+
+/// A gRPC call on `path` presenting `cert`, whose request body never ends (nothing is sent):
+/// the master can answer it only from the request's head. Ok when the call was refused with a
+/// status, Err when it was accepted, or not answered within 5 s (the master was waiting for the
+/// body).
+async fn refused_before_the_body(endpoint: &str, tls: tonic::transport::ClientTlsConfig, path: &str) -> Result<String> {
+    use berth_api::pb::raft::{RaftRequest, RaftResponse};
+    let ch = tonic::transport::Channel::from_shared(format!("https://{endpoint}"))?
+        .tls_config(tls)?
+        .connect_timeout(Duration::from_secs(3))
+        .connect()
+        .await?;
+    let mut grpc = tonic::client::Grpc::new(ch);
+    grpc.ready().await?;
+    let codec = tonic_prost::ProstCodec::<RaftRequest, RaftResponse>::default();
+    let body = futures::stream::pending::<RaftRequest>();
+    let path = tonic::codegen::http::uri::PathAndQuery::from_str(path)?;
+    match tokio::time::timeout(Duration::from_secs(5), grpc.streaming(tonic::Request::new(body), path.clone(), codec))
+        .await
+    {
+        Ok(Err(status)) => Ok(format!("{}: {}", status.code(), status.message())),
+        Ok(Ok(_)) => bail!("{path} accepted the call"),
+        Err(_) => {
+            bail!("{path} gave no answer within 5 s: the master waits for the body before checking the certificate")
+        }
+    }
+}
+
+/// An agent's certificate is refused by the Raft service and by reflection from the request's
+/// head, before any of the body is read (a Raft message may be 512 MiB).
+pub fn agent_refused_before_the_body(endpoints: &str, pki: &Path) -> Result<()> {
+    berth_pki::tls::install_crypto_provider();
+    let endpoint = endpoints.split(',').next().unwrap_or_default().to_string();
+    let ca_pem = read(&pki.join("ca.crt"))?;
+    let ca = CertificateAuthority::from_pem(&ca_pem, &read(&pki.join("ca.key"))?)?;
+    let agent = ca.issue(&Identity::agent("refused-agent"), &[], &[], Duration::from_secs(3600))?;
+    let tls = berth_master::client_tls(&TlsFiles { ca_pem, cert: agent });
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(async {
+        for path in [
+            "/berth.v1.raft.Raft/Vote",
+            "/berth.v1.raft.Raft/AppendStream",
+            "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+            "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+        ] {
+            let refusal = refused_before_the_body(&endpoint, tls.clone(), path).await?;
+            if !refusal.contains("may not use") && !refusal.contains("masters only") {
+                bail!("{path}: refused, but not for the certificate: {refusal}");
+            }
+            eprintln!("{path} with an agent certificate: {refusal}");
+        }
+        Ok(())
+    })
+}
+
+/// A process's resident set, KiB.
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?.split_whitespace().next()?.parse().ok()
+}
+
+/// What [`pre_auth_flood`] did and saw.
+#[derive(Debug)]
+pub struct Flood {
+    pub connections: usize,
+    pub streams_opened: usize,
+    /// Bytes the master's flow control let through, over every stream.
+    pub bytes_accepted: u64,
+    pub refused: usize,
+}
+
+/// `connections` QUIC connections without a certificate (as joining agents), each trying to open
+/// `streams` streams and, on each, to send a frame header announcing MAX_FRAME bytes and then
+/// `bytes` bytes of body; every write is given 3 s. The connections are kept open until `hold`
+/// returns, with what was done so far.
+pub fn pre_auth_flood(
+    endpoint: &str,
+    pki: &Path,
+    connections: usize,
+    streams: usize,
+    bytes: usize,
+    hold: impl FnOnce(&Flood) -> Result<()>,
+) -> Result<Flood> {
+    berth_pki::tls::install_crypto_provider();
+    let ca_pem = read(&pki.join("ca.crt"))?;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    rt.block_on(async {
+        let mut tasks = Vec::new();
+        for _ in 0..connections {
+            let (endpoint, ca_pem) = (endpoint.to_string(), ca_pem.clone());
+            tasks.push(tokio::spawn(async move {
+                let Ok((ep, conn)) = quic_connect(&endpoint, &ca_pem, None).await else { return (None, 0, 0) };
+                let mut opened = 0;
+                let mut accepted = 0u64;
+                let mut held = Vec::new();
+                for _ in 0..streams {
+                    let Ok(Ok((mut send, recv))) = tokio::time::timeout(Duration::from_secs(3), conn.open_bi()).await
+                    else {
+                        break;
+                    };
+                    opened += 1;
+                    let mut frame = (berth_channel::MAX_FRAME as u32).to_be_bytes().to_vec();
+                    frame.resize(4 + bytes, 0x5a);
+                    let mut sent = 0;
+                    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+                    while sent < frame.len() {
+                        match tokio::time::timeout_at(deadline, send.write(&frame[sent..])).await {
+                            Ok(Ok(n)) => sent += n,
+                            _ => break,
+                        }
+                    }
+                    // Written is not received: count what the peer's flow control granted.
+                    accepted += sent as u64;
+                    held.push((send, recv));
+                }
+                (Some((ep, conn, held)), opened, accepted)
+            }));
+        }
+        let mut flood = Flood { connections: 0, streams_opened: 0, bytes_accepted: 0, refused: 0 };
+        let mut keep = Vec::new();
+        for t in tasks {
+            let (held, opened, accepted) = t.await?;
+            match held {
+                Some(h) => {
+                    flood.connections += 1;
+                    keep.push(h);
+                }
+                None => flood.refused += 1,
+            }
+            flood.streams_opened += opened;
+            flood.bytes_accepted += accepted;
+        }
+        tokio::task::block_in_place(|| hold(&flood))?;
+        drop(keep);
+        Ok(flood)
     })
 }

@@ -29,13 +29,44 @@ pub fn transport_config() -> quinn::TransportConfig {
     t
 }
 
-/// A QUIC server configuration from a rustls one (which must carry [`crate::ALPN`]).
+/// What a connection the server has not authenticated yet may make it hold: one bidirectional
+/// stream, and this many bytes received and not yet read (a join's first frame is at most
+/// [`crate::PRE_AUTH_FRAME`]). quinn's defaults (100 streams of 1.25 MB each, no connection-wide
+/// bound) let one unauthenticated peer make a master buffer 125 MB.
+pub const PRE_AUTH_WINDOW: u32 = 128 * 1024;
+/// The receive window of an authenticated connection (see [`authenticated`]): more than one
+/// frame of [`crate::MAX_FRAME`] in flight.
+pub const SESSION_WINDOW: u32 = 16 << 20;
+/// Bidirectional streams an authenticated peer may have open at once (its session and the
+/// image blobs it fetches).
+pub const SESSION_STREAMS: u32 = 32;
+/// Connections waiting in the endpoint for the server to accept them, and the bytes their
+/// first packets may hold in total.
+pub const MAX_INCOMING: usize = 1024;
+pub const INCOMING_BUFFER_TOTAL: u64 = 16 << 20;
+
+/// A QUIC server configuration from a rustls one (which must carry [`crate::ALPN`]). Its
+/// connections start with the pre-authentication bounds ([`PRE_AUTH_WINDOW`], one stream);
+/// the server lifts them with [`authenticated`] once it knows the peer.
 pub fn server_config(tls: rustls::ServerConfig) -> Result<quinn::ServerConfig, EndpointError> {
     let crypto =
         quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(|e| EndpointError::Tls(e.to_string()))?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    cfg.transport_config(Arc::new(transport_config()));
+    let mut t = transport_config();
+    t.max_concurrent_bidi_streams(1u8.into());
+    t.receive_window(PRE_AUTH_WINDOW.into());
+    t.stream_receive_window(PRE_AUTH_WINDOW.into());
+    t.datagram_receive_buffer_size(None);
+    cfg.transport_config(Arc::new(t));
+    cfg.max_incoming(MAX_INCOMING);
+    cfg.incoming_buffer_size_total(INCOMING_BUFFER_TOTAL);
     Ok(cfg)
+}
+
+/// Lifts a server connection's pre-authentication bounds: its peer is known now.
+pub fn authenticated(conn: &quinn::Connection) {
+    conn.set_receive_window(SESSION_WINDOW.into());
+    conn.set_max_concurrent_bi_streams(SESSION_STREAMS.into());
 }
 
 /// A QUIC client configuration from a rustls one (which must carry [`crate::ALPN`]).

@@ -4,7 +4,8 @@
 //!   length, then one message; at most [`MAX_FRAME`] bytes).
 //! - [`server_endpoint`], [`client_endpoint`], [`client_config`], [`transport_config`]: QUIC
 //!   endpoints with the cluster's transport settings (keep-alive 2 s, idle timeout 10 s) and ALPN
-//!   [`ALPN`].
+//!   [`ALPN`]; a server's connections start with pre-authentication bounds (one stream,
+//!   [`PRE_AUTH_WINDOW`] bytes buffered), lifted by [`authenticated`].
 //! - [`close`]: the application close codes and [`close::classify`].
 //! - [`peer_identity`]: who is at the other end of an mTLS connection.
 //! - [`Backoff`]: jittered exponential backoff for reconnecting.
@@ -19,8 +20,8 @@ mod frame;
 
 pub use backoff::Backoff;
 pub use endpoint::{
-    EndpointError, IDLE_TIMEOUT, KEEP_ALIVE, client_config, client_endpoint, server_config, server_endpoint,
-    transport_config,
+    EndpointError, IDLE_TIMEOUT, INCOMING_BUFFER_TOTAL, KEEP_ALIVE, MAX_INCOMING, PRE_AUTH_WINDOW, SESSION_STREAMS,
+    SESSION_WINDOW, authenticated, client_config, client_endpoint, server_config, server_endpoint, transport_config,
 };
 pub use frame::{FrameError, FrameReader, FrameWriter};
 
@@ -29,6 +30,10 @@ pub const ALPN: &[u8] = b"berth-agent/1";
 
 /// The largest frame (the encoded message, without its 4-byte length) either side accepts.
 pub const MAX_FRAME: usize = 4 << 20;
+
+/// The largest first frame a server reads from a peer that presented no certificate (a join
+/// request: a name, labels, resources and a CSR).
+pub const PRE_AUTH_FRAME: usize = 64 * 1024;
 
 /// The identity in the peer's certificate (the first certificate it presented), if it presented
 /// one that carries a berth identity.

@@ -141,19 +141,30 @@ pub(crate) fn master_endpoints(ctx: &Ctx) -> Vec<String> {
     m.membership_config.membership().nodes().map(|(_, n)| n.addr.clone()).collect()
 }
 
+/// Connections in their handshake or before their peer is known (a join, a first frame not
+/// read yet) at once; more are refused (the agent retries with backoff). Each holds at most
+/// [`berth_channel::PRE_AUTH_WINDOW`] bytes of the master's memory.
+pub(crate) const PRE_AUTH_CONNECTIONS: usize = 1024;
+
 /// Accepts agent connections until `shutdown`.
 pub(crate) async fn run(ctx: Arc<Ctx>, endpoint: quinn::Endpoint, shutdown: CancellationToken) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(PRE_AUTH_CONNECTIONS));
     loop {
         let incoming = tokio::select! {
             i = endpoint.accept() => match i { Some(i) => i, None => return },
             _ = shutdown.cancelled() => break,
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            debug!(remote = %incoming.remote_address(), "refused a connection: {PRE_AUTH_CONNECTIONS} are being set up");
+            incoming.refuse();
+            continue;
         };
         let ctx = ctx.clone();
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
             let remote = incoming.remote_address();
             match incoming.await {
-                Ok(conn) => handle_connection(ctx, conn, shutdown).await,
+                Ok(conn) => handle_connection(ctx, conn, shutdown, slot).await,
                 Err(e) => debug!(%remote, "agent connection failed during the handshake: {e}"),
             }
         });
@@ -161,8 +172,22 @@ pub(crate) async fn run(ctx: Arc<Ctx>, endpoint: quinn::Endpoint, shutdown: Canc
     endpoint.close(close::SHUTDOWN, b"master shutting down");
 }
 
-async fn handle_connection(ctx: Arc<Ctx>, conn: quinn::Connection, shutdown: CancellationToken) {
+async fn handle_connection(
+    ctx: Arc<Ctx>,
+    conn: quinn::Connection,
+    shutdown: CancellationToken,
+    slot: tokio::sync::OwnedSemaphorePermit,
+) {
     let remote = conn.remote_address();
+    // A peer with a certificate from the cluster CA is known from the handshake; one without
+    // (a joining agent) keeps the pre-authentication bounds, and a first frame of at most
+    // PRE_AUTH_FRAME bytes, until it has its answer.
+    let peer = berth_channel::peer_identity(&conn);
+    let mut slot = Some(slot);
+    if peer.is_some() {
+        berth_channel::authenticated(&conn);
+        slot = None;
+    }
     let (send, recv) = match tokio::time::timeout(Duration::from_secs(10), conn.accept_bi()).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
@@ -175,7 +200,8 @@ async fn handle_connection(ctx: Arc<Ctx>, conn: quinn::Connection, shutdown: Can
         }
     };
     let mut writer = FrameWriter::new(send);
-    let mut reader = FrameReader::new(recv);
+    let limit = if peer.is_some() { berth_channel::MAX_FRAME } else { berth_channel::PRE_AUTH_FRAME };
+    let mut reader = FrameReader::with_max(recv, limit);
     let first = match tokio::time::timeout(Duration::from_secs(10), reader.recv::<AgentFrame>()).await {
         Ok(Ok(Some(f))) => f,
         Ok(Ok(None)) => return,
@@ -190,7 +216,6 @@ async fn handle_connection(ctx: Arc<Ctx>, conn: quinn::Connection, shutdown: Can
             return;
         }
     };
-    let peer = berth_channel::peer_identity(&conn);
     match first.body {
         Some(agent_frame::Body::Join(req)) => {
             let reply = handle_join(&ctx, req).await;
@@ -201,6 +226,7 @@ async fn handle_connection(ctx: Arc<Ctx>, conn: quinn::Connection, shutdown: Can
             let _ = writer.get_mut().finish();
             // Let the agent read the answer and close the connection itself.
             let _ = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
+            drop(slot);
         }
         Some(agent_frame::Body::Hello(hello)) => {
             let node_id = match peer {

@@ -15,6 +15,42 @@ pub const IDENTITY_FILE: &str = "member.json";
 /// The data dir layout this build writes and the newest it can use.
 pub const DATA_DIR_FORMAT: u32 = 1;
 
+/// Makes the data dir private to this user (0700), creating it if needed. It holds the cluster
+/// CA's key (in the replicated state and in `pki/`), the secrets key and RocksDB's files, which
+/// RocksDB creates with the process umask: the directory's mode is what keeps them private. A
+/// directory found wider is narrowed, with a warning saying what it was. Called at start and
+/// then every minute, so that a later `chmod` does not stay.
+pub fn secure_data_dir(dir: &Path) -> Result<(), MasterError> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    let bad = |reason: String| MasterError::DataDir { dir: dir.display().to_string(), reason };
+    if !dir.exists() {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| bad(format!("cannot create it: {e}")))?;
+    }
+    let meta = fs::metadata(dir).map_err(|e| bad(format!("cannot read its mode: {e}")))?;
+    if !meta.is_dir() {
+        return Err(bad("it is not a directory".into()));
+    }
+    // This process's effective uid: the owner of its /proc entry.
+    let uid = fs::metadata("/proc/self").map(|m| m.uid()).map_err(|e| bad(format!("cannot read /proc/self: {e}")))?;
+    if meta.uid() != uid {
+        return Err(bad(format!(
+            "it belongs to uid {}, and this master runs as uid {uid}: a data dir must be its own",
+            meta.uid()
+        )));
+    }
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode != 0o700 {
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+            .map_err(|e| bad(format!("its mode is {mode:o} and cannot be made 700: {e}")))?;
+        tracing::warn!(dir = %dir.display(), "the data dir's mode was {mode:o}; made it 700 (it holds the cluster CA's key)");
+    }
+    Ok(())
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Identity {
     pub format: u32,
@@ -132,6 +168,23 @@ pub fn format_cluster(m: &BTreeMap<u64, String>) -> String {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn the_data_dir_is_made_private_and_kept_so() {
+        use std::os::unix::fs::PermissionsExt;
+        let root = tempfile::tempdir().unwrap();
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+        let fresh = root.path().join("a/b");
+        secure_data_dir(&fresh).unwrap();
+        assert_eq!(mode(&fresh), 0o700);
+        fs::set_permissions(&fresh, fs::Permissions::from_mode(0o755)).unwrap();
+        secure_data_dir(&fresh).unwrap();
+        assert_eq!(mode(&fresh), 0o700);
+        let file = root.path().join("file");
+        fs::write(&file, b"x").unwrap();
+        assert!(secure_data_dir(&file).unwrap_err().to_string().contains("not a directory"));
+    }
+
     use super::*;
     use crate::parse_initial_cluster;
 

@@ -14,7 +14,8 @@ use crate::{MasterError, cluster_service::ClusterService, node::Ctx, raft_servic
 const CLIENT_MESSAGE_LIMIT: usize = 16 * 1024 * 1024;
 const RAFT_MESSAGE_LIMIT: usize = 512 * 1024 * 1024;
 
-/// Serves KV, Cluster, Raft and reflection on `listener` until `token` fires.
+/// Serves KV, Cluster, Raft and reflection on `listener` until `token` fires. Every service
+/// checks the client's certificate from the request's head, before reading its body.
 pub(crate) async fn serve(
     ctx: Arc<Ctx>,
     listener: tokio::net::TcpListener,
@@ -47,9 +48,16 @@ pub(crate) async fn serve(
         require_client,
     );
     let pki = ctx.pki.clone();
-    let raft = pb::raft::raft_server::RaftServer::new(RaftService { ctx, snap_dir })
-        .max_decoding_message_size(RAFT_MESSAGE_LIMIT)
-        .max_encoding_message_size(RAFT_MESSAGE_LIMIT);
+    // Raft messages may be large (RAFT_MESSAGE_LIMIT): the certificate is checked from the
+    // request's head, before any of its body is read, so only a master can make a master read one.
+    let raft = InterceptedService::new(
+        pb::raft::raft_server::RaftServer::new(RaftService { ctx, snap_dir })
+            .max_decoding_message_size(RAFT_MESSAGE_LIMIT)
+            .max_encoding_message_size(RAFT_MESSAGE_LIMIT),
+        require_master,
+    );
+    let reflection_v1 = InterceptedService::new(reflection_v1, require_client);
+    let reflection_v1alpha = InterceptedService::new(reflection_v1alpha, require_client);
     // Every connection is TLS 1.3 with a client certificate from the cluster CA (checked in the
     // handshake); which services a certificate may use is checked per request. TCP_NODELAY is set
     // on every accepted socket: Nagle plus delayed ACKs would stall small request/response pairs.
@@ -77,6 +85,17 @@ fn require_client(req: Request<()>) -> Result<Request<()>, Status> {
         Some(i) if matches!(i.role, berth_pki::Role::Admin | berth_pki::Role::Master) => Ok(req),
         Some(i) => Err(Status::permission_denied(format!(
             "certificate {i} may not use the client API: use an admin certificate (see `berth pki init`)"
+        ))),
+        None => Err(Status::unauthenticated("no client certificate from the cluster CA")),
+    }
+}
+
+/// The Raft service is for masters only.
+fn require_master(req: Request<()>) -> Result<Request<()>, Status> {
+    match crate::tls::peer_identity(&req) {
+        Some(i) if matches!(i.role, berth_pki::Role::Master) => Ok(req),
+        Some(i) => Err(Status::permission_denied(format!(
+            "the Raft service is for masters only, and this client's certificate is {i}"
         ))),
         None => Err(Status::unauthenticated("no client certificate from the cluster CA")),
     }

@@ -191,6 +191,7 @@ fn raft_config(cfg: &MasterConfig) -> Result<Arc<Config>, MasterError> {
 /// voter before exiting.
 pub async fn run_master(cfg: MasterConfig, shutdown: CancellationToken) -> Result<(), MasterError> {
     cfg.validate()?;
+    crate::identity::secure_data_dir(&cfg.data_dir)?;
     let (ident, _first_start) = Identity::resolve(&cfg)?;
     let listen: SocketAddr = ident
         .listen
@@ -263,6 +264,7 @@ pub async fn run_master(cfg: MasterConfig, shutdown: CancellationToken) -> Resul
     let _ = ctx.quic.set(quic.clone());
     let dispatcher = tokio::spawn(crate::dispatcher::run(ctx.clone(), quic, shutdown.clone()));
     let renewer = tokio::spawn(renew_certificates(ctx.clone(), shutdown.clone()));
+    let guard_dir = tokio::spawn(keep_data_dir_private(cfg.data_dir.clone(), shutdown.clone()));
 
     let server_token = CancellationToken::new();
     let server = tokio::spawn(crate::kv_service::serve(
@@ -309,6 +311,7 @@ pub async fn run_master(cfg: MasterConfig, shutdown: CancellationToken) -> Resul
     }
     watcher.abort();
     renewer.abort();
+    guard_dir.abort();
     ctx.liveness.step_down();
     server_token.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(2), dispatcher).await;
@@ -343,6 +346,19 @@ async fn record_ca(ctx: Arc<Ctx>) {
     match ctx.write(Command::SetCa { ca }).await {
         Ok(_) => info!("recorded the cluster CA in the replicated state"),
         Err(e) => info!("cluster CA not recorded by this leader: {}", e.message()),
+    }
+}
+
+/// Checks the data dir's mode every minute (see [`crate::identity::secure_data_dir`]).
+async fn keep_data_dir_private(dir: std::path::PathBuf, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(60)) => {}
+            _ = shutdown.cancelled() => return,
+        }
+        if let Err(e) = crate::identity::secure_data_dir(&dir) {
+            warn!("{e}");
+        }
     }
 }
 

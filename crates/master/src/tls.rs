@@ -61,19 +61,65 @@ fn read(path: &Path) -> Result<String, MasterError> {
 }
 
 /// Writes `data` to `path` atomically (temp file, fsync, rename), readable by the owner only
-/// when `secret`.
+/// when `secret`. The temp file is new (its name is this file's, this process's and a counter's:
+/// two writes in one directory never share one, and a leftover is never reused), and its mode is
+/// set on the open file before any byte is written, whatever the umask or a leftover's mode.
 pub(crate) fn write_atomic(path: &Path, data: &[u8], secret: bool) -> Result<(), MasterError> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
-    let mut opts = fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true).mode(if secret { 0o600 } else { 0o644 });
-    let mut f = opts.open(&tmp).map_err(|e| pki_err(format!("writing {}: {e}", tmp.display())))?;
-    f.write_all(data).and_then(|()| f.sync_all()).map_err(|e| pki_err(format!("writing {}: {e}", tmp.display())))?;
-    fs::rename(&tmp, path).map_err(|e| pki_err(format!("renaming {}: {e}", tmp.display())))?;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp =
+        path.with_file_name(format!(".{name}.{}.{}.tmp", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed)));
+    let mode = if secret { 0o600 } else { 0o644 };
+    let written = (|| {
+        let mut f = fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(&tmp)?;
+        f.set_permissions(fs::Permissions::from_mode(mode))?;
+        f.write_all(data)?;
+        f.sync_all()?;
+        fs::rename(&tmp, path)
+    })();
+    if let Err(e) = written {
+        let _ = fs::remove_file(&tmp);
+        return Err(pki_err(format!("writing {}: {e}", path.display())));
+    }
     if let Some(parent) = path.parent() {
         fs::File::open(parent).and_then(|d| d.sync_all()).ok();
     }
     Ok(())
+}
+
+/// This master's certificate and key, in one file (`master.pem`: the certificate, then the key)
+/// so that a renewal replaces both in one rename: written as two files, a crash between the two
+/// renames left a key that does not match its certificate, and a master that cannot start.
+pub(crate) const MASTER_BUNDLE: &str = "master.pem";
+
+fn write_bundle(dir: &Path, cert: &CertifiedKey) -> Result<(), MasterError> {
+    let text = format!("{}\n{}", cert.cert_pem.trim_end(), cert.key_pem);
+    write_atomic(&dir.join(MASTER_BUNDLE), text.as_bytes(), true)
+}
+
+/// Reads `master.pem`, or the two files an older berth wrote (`master.crt`, `master.key`),
+/// which it then replaces with `master.pem`.
+fn read_bundle(dir: &Path) -> Result<CertifiedKey, MasterError> {
+    let bundle = dir.join(MASTER_BUNDLE);
+    if bundle.exists() {
+        let text = read(&bundle)?;
+        let at = text
+            .match_indices("-----BEGIN ")
+            .map(|(i, _)| i)
+            .find(|i| text[*i..].lines().next().is_some_and(|l| l.contains("PRIVATE KEY")))
+            .ok_or_else(|| pki_err(format!("{} holds no private key", bundle.display())))?;
+        return Ok(CertifiedKey {
+            cert_pem: text[..at].trim_end().to_string() + "\n",
+            key_pem: text[at..].to_string(),
+        });
+    }
+    let cert = CertifiedKey { cert_pem: read(&dir.join(MASTER_CERT))?, key_pem: read(&dir.join(MASTER_KEY))? };
+    write_bundle(dir, &cert)?;
+    let _ = fs::remove_file(dir.join(MASTER_KEY));
+    let _ = fs::remove_file(dir.join(MASTER_CERT));
+    Ok(cert)
 }
 
 impl MasterPki {
@@ -103,12 +149,12 @@ impl MasterPki {
         } else {
             None
         };
-        let cert = CertifiedKey { cert_pem: read(&dir.join(MASTER_CERT))?, key_pem: read(&dir.join(MASTER_KEY))? };
+        let cert = read_bundle(&dir)?;
         let ident = cert.identity().map_err(pki_err)?;
         if ident != Identity::master(id) {
             return Err(pki_err(format!(
                 "{} is the certificate of {ident}, not of master {id}: this data dir belongs to another master",
-                dir.join(MASTER_CERT).display()
+                dir.join(MASTER_BUNDLE).display()
             )));
         }
         let digest = CaDigest::of_cert_pem(&ca_pem).map_err(pki_err)?;
@@ -139,14 +185,16 @@ impl MasterPki {
             let key = read(&src.join(CA_KEY))?;
             let ca = CertificateAuthority::from_pem(&ca_pem, &key).map_err(pki_err)?;
             let cert = issue_master(&ca, id, listen, validity)?;
-            write_atomic(&dir.join(MASTER_CERT), cert.cert_pem.as_bytes(), false)?;
-            write_atomic(&dir.join(MASTER_KEY), cert.key_pem.as_bytes(), true)?;
+            write_bundle(dir, &cert)?;
             write_atomic(&dir.join(CA_KEY), key.as_bytes(), true)?;
             info!(id, "issued this master's certificate from the cluster CA in {}", src.display());
         } else if src.join(MASTER_CERT).exists() {
-            fs::copy(src.join(MASTER_CERT), dir.join(MASTER_CERT))
-                .and_then(|_| fs::copy(src.join(MASTER_KEY), dir.join(MASTER_KEY)))
-                .map_err(|e| pki_err(format!("copying the master certificate from {}: {e}", src.display())))?;
+            // Written anew rather than copied: a copy keeps the source's mode, and a key given
+            // readable by all would stay so.
+            write_bundle(
+                dir,
+                &CertifiedKey { cert_pem: read(&src.join(MASTER_CERT))?, key_pem: read(&src.join(MASTER_KEY))? },
+            )?;
         } else {
             return Err(pki_err(format!(
                 "{} has neither ca.key (from `berth pki init`) nor master.crt/master.key (from \
@@ -232,8 +280,7 @@ impl MasterPki {
         let cert = issue_master(&ca, self.id, self.listen, self.validity)?;
         let files = TlsFiles { ca_pem: self.ca_pem.clone(), cert: cert.clone() };
         let grpc = tls::server_config(&files, &[b"h2"]).map_err(pki_err)?;
-        write_atomic(&self.dir.join(MASTER_KEY), cert.key_pem.as_bytes(), true)?;
-        write_atomic(&self.dir.join(MASTER_CERT), cert.cert_pem.as_bytes(), false)?;
+        write_bundle(&self.dir, &cert)?;
         *self.renew_point.write().expect("renew point lock") = cert.renew_at().unwrap_or_else(|_| SystemTime::now());
         *self.cert.write().expect("cert lock") = cert;
         *self.grpc_server.write().expect("server config lock") = Arc::new(grpc);
@@ -306,4 +353,61 @@ pub(crate) fn tls_incoming(
         }
     });
     tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    fn mode(p: &Path) -> u32 {
+        fs::metadata(p).unwrap().permissions().mode() & 0o777
+    }
+
+    /// A temp file left behind by an earlier write (or planted), readable by all, does not lend
+    /// its mode to a key written next to it.
+    #[test]
+    fn a_leftover_temp_file_does_not_widen_a_key() {
+        let dir = tempfile::tempdir().unwrap();
+        for leftover in ["master.tmp", "ca.tmp", ".master.key.tmp"] {
+            fs::write(dir.path().join(leftover), b"old").unwrap();
+            fs::set_permissions(dir.path().join(leftover), fs::Permissions::from_mode(0o644)).unwrap();
+        }
+        for key in ["master.key", "ca.key"] {
+            write_atomic(&dir.path().join(key), b"secret", true).unwrap();
+            assert_eq!(mode(&dir.path().join(key)), 0o600, "{key}");
+        }
+        write_atomic(&dir.path().join("ca.crt"), b"public", false).unwrap();
+        assert_eq!(mode(&dir.path().join("ca.crt")), 0o644);
+        // No temp file of ours is left.
+        let left: Vec<String> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".tmp") && !["master.tmp", "ca.tmp", ".master.key.tmp"].contains(&n.as_str()))
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
+    }
+
+    /// The certificate and key are one file, replaced in one rename; the two files an older
+    /// berth wrote are read once and replaced by it.
+    #[test]
+    fn certificate_and_key_are_one_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = CertificateAuthority::generate("test").unwrap();
+        let cert = issue_master(&ca, 3, "127.0.0.1:7000".parse().unwrap(), Duration::from_secs(3600)).unwrap();
+        fs::write(dir.path().join(MASTER_CERT), &cert.cert_pem).unwrap();
+        fs::write(dir.path().join(MASTER_KEY), &cert.key_pem).unwrap();
+        let read = read_bundle(dir.path()).unwrap();
+        assert_eq!(read.identity().unwrap(), Identity::master(3));
+        assert_eq!(read.key_pem, cert.key_pem);
+        assert!(!dir.path().join(MASTER_KEY).exists() && !dir.path().join(MASTER_CERT).exists());
+        assert_eq!(mode(&dir.path().join(MASTER_BUNDLE)), 0o600);
+        let renewed = issue_master(&ca, 3, "127.0.0.1:7000".parse().unwrap(), Duration::from_secs(3600)).unwrap();
+        write_bundle(dir.path(), &renewed).unwrap();
+        let read = read_bundle(dir.path()).unwrap();
+        assert_eq!((read.cert_pem.trim(), read.key_pem.trim()), (renewed.cert_pem.trim(), renewed.key_pem.trim()));
+        // Usable as it is read back.
+        tls::server_config(&TlsFiles { ca_pem: ca.cert_pem().to_string(), cert: read }, &[b"h2"]).unwrap();
+    }
 }
