@@ -353,6 +353,15 @@ def main():
             o = summary["proxies"][other][mode]
             summary.setdefault("ratios", {})[f"{mode}_rps_berth_over_{other}"] = round(base["rps_median"] / o["rps_median"], 3)
             summary["ratios"][f"{mode}_p99_berth_over_{other}"] = round(base["p99_ms_median"] / o["p99_ms_median"], 3)
+            # The same ratios round by round (each pair measured minutes apart at most): on a
+            # shared, noisy machine their median and spread say more than a ratio of medians.
+            pairs = list(zip(results["berth"][mode], results[other][mode]))
+            rps = sorted(b["rps"] / x["rps"] for b, x in pairs)
+            p99 = sorted(b["p99_ms"] / x["p99_ms"] for b, x in pairs)
+            summary.setdefault("paired", {})[f"{mode}_berth_over_{other}"] = {
+                "rps_median": round(statistics.median(rps), 3), "rps_min": round(rps[0], 3), "rps_max": round(rps[-1], 3),
+                "p99_median": round(statistics.median(p99), 3), "p99_min": round(p99[0], 3), "p99_max": round(p99[-1], 3),
+            }
     summary["route_change_ms"] = {"n": len(changes), "p50": quantile(changes, 0.5), "p99": quantile(changes, 0.99),
                                   "max": max(changes)}
     print(json.dumps(summary, indent=2))
