@@ -14,10 +14,13 @@ use serde_json::Value;
 /// Runs `berth agent` to completion (a join that must fail), returning (success, stderr).
 fn agent_once(c: &Cluster, dir: &Path, token: &str) -> Result<(bool, String)> {
     std::fs::create_dir_all(dir)?;
+    let file = dir.with_extension("token");
+    std::fs::write(&file, token)?;
     let out = Command::new(berth_bin())
         .args(["agent", "--join", &c.endpoints(), "--data-dir"])
         .arg(dir)
-        .args(["--name", "refused", "--token", token])
+        .args(["--name", "refused", "--token-file"])
+        .arg(&file)
         .stdin(Stdio::null())
         .output()?;
     Ok((out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned()))
@@ -86,8 +89,8 @@ fn agents_join_and_restart_without_token() -> Result<()> {
     Ok(())
 }
 
-// Each refused join fails with its own message and leaves the data dir empty: a wrong secret,
-// a token for another CA, an expired token, a revoked token, a token with no uses left.
+// Each refused join fails with its own message and leaves the data dir empty: a wrong secret
+// (and an unknown token id, with the same message), a token for another CA, an expired token, a revoked token, a token with no uses left.
 #[test]
 fn refused_joins_say_why_and_leave_nothing() -> Result<()> {
     let c = Cluster::start(1, &[])?;
@@ -97,8 +100,25 @@ fn refused_joins_say_why_and_leave_nothing() -> Result<()> {
     let (head, _) = good.rsplit_once('.').unwrap();
     let wrong_secret = format!("{head}.{}", "x".repeat(32));
     let (ok, err) = agent_once(&c, &dir("wrong-secret"), &wrong_secret)?;
-    assert!(!ok && err.contains("secret"), "{err}");
+    assert!(!ok && err.contains("not valid"), "{err}");
     assert!(is_empty_dir(&dir("wrong-secret")));
+    // An unknown token id gets the very same answer: the answers do not tell which ids exist.
+    let (before_id, secret) = good.rsplit_once('.').unwrap();
+    let unknown_id = format!("{}-{}.{secret}", before_id.rsplit_once('-').unwrap().0, "0".repeat(8));
+    let (ok, err_unknown) = agent_once(&c, &dir("unknown-id"), &unknown_id)?;
+    let reason =
+        |e: &str| e.find("the token is not valid").map(|at| e[at..].lines().next().unwrap_or_default().to_string());
+    assert!(!ok && reason(&err_unknown).is_some() && reason(&err_unknown) == reason(&err), "{err_unknown}\n{err}");
+    assert!(is_empty_dir(&dir("unknown-id")));
+
+    // A token admits one host unless told otherwise; a count that does not fit is refused.
+    let _one = token(&c, &[])?;
+    let listed = c.berth_json(&["token", "list"])?;
+    let uses: Vec<i64> = listed.as_array().unwrap().iter().filter_map(|t| t["uses_left"].as_i64()).collect();
+    assert!(uses.contains(&1), "a token made without --uses: {listed}");
+    let out = c.berth(&["token", "create", "--uses", &u64::MAX.to_string()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("more than 1000000"), "{err}");
 
     let parts: Vec<&str> = good.splitn(4, '-').collect();
     let other_ca = format!("{}-{}-{}-{}", parts[0], parts[1], "0".repeat(64), parts[3]);

@@ -411,7 +411,7 @@ pub fn spawn_agent(c: &Cluster, dir: &Path, name: &str, token: Option<&str>, ext
     let mut cmd = Command::new(berth_bin());
     cmd.args(["agent", "--join", &c.endpoints(), "--data-dir"]).arg(dir).args(["--name", name]).args(extra);
     if let Some(t) = token {
-        cmd.args(["--token", t]);
+        cmd.env("BERTH_JOIN_TOKEN", t);
     }
     let child = cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log).spawn()?;
     Ok(AgentProc { child: Some(child), dir: dir.to_path_buf() })
@@ -610,8 +610,9 @@ pub fn spawn_agent_on_with(
         .arg(berth_bin())
         .args(["agent", "--join", &c.endpoints(), "--data-dir"])
         .arg(dir)
-        .args(["--name", name, "--advertise-addr", &hosts.addr(i), "--token", token])
+        .args(["--name", name, "--advertise-addr", &hosts.addr(i)])
         .args(extra)
+        .env("BERTH_JOIN_TOKEN", token)
         .env("BERTH_LOG", "info,hickory_server=warn")
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)

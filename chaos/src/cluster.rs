@@ -243,7 +243,8 @@ impl Cluster {
             cmd.args(["agent", "--simulate", &c.opts.simulated.to_string(), "--name", "sim", "--labels", "chaos=sim"])
                 .arg("--data-dir")
                 .arg(&d)
-                .args(["--join", &c.endpoints().join(","), "--token", &c.token]);
+                .args(["--join", &c.endpoints().join(",")])
+                .env("BERTH_JOIN_TOKEN", &c.token);
             c.simulated = Some(spawn_logged(cmd, log)?);
         }
         Ok(c)
@@ -501,7 +502,8 @@ impl Cluster {
         std::fs::create_dir_all(&a.dir)?;
         let mut argv: Vec<String> = a.host.as_ref().map(Net::exec_prefix).unwrap_or_default();
         argv.push(self.berth.display().to_string());
-        argv.extend(["agent", "--join", &join, "--name", &a.name, "--token", &self.token].map(String::from));
+        // The token in the environment: on a command line every user of the host could read it.
+        argv.extend(["agent", "--join", &join, "--name", &a.name].map(String::from));
         argv.push("--data-dir".into());
         argv.push(a.dir.display().to_string());
         argv.push("--labels".into());
@@ -513,7 +515,7 @@ impl Cluster {
             argv.extend(["--advertise-addr".into(), h.ip.to_string()]);
         }
         let mut cmd = Command::new(&argv[0]);
-        cmd.args(&argv[1..]);
+        cmd.args(&argv[1..]).env("BERTH_JOIN_TOKEN", &self.token);
         let log = std::fs::OpenOptions::new().create(true).append(true).open(a.dir.with_extension("log"))?;
         a.child = Some(spawn_logged(cmd, log)?);
         Ok(())

@@ -20,8 +20,8 @@ pub enum TokenCmd {
         /// How long the token stays valid (`0s` = forever).
         #[arg(long, value_parser = humantime::parse_duration, default_value = "24h")]
         ttl: Duration,
-        /// How many hosts may join with it (0 = unlimited).
-        #[arg(long, default_value_t = 0)]
+        /// How many hosts may join with it: one unless told (0 = any number, until it expires).
+        #[arg(long, default_value_t = 1)]
         uses: u64,
         /// Labels every node that joins with it gets, k=v,...
         #[arg(long, value_delimiter = ',', value_parser = parse_label)]

@@ -287,7 +287,8 @@ pub async fn run(a: DevArgs, _g: &Global) -> Result<()> {
         if !adir.join("agent.json").exists()
             && let Some(t) = &token
         {
-            args.extend(["--token".into(), t.clone()]);
+            let file = token_file(adir, t)?;
+            args.extend(["--token-file".into(), file.display().to_string()]);
         }
         let child = if hosts {
             // In host i+1's network namespace (nsenter, not `ip netns exec`, which would give the
@@ -451,4 +452,16 @@ pub(crate) fn stop_all(children: &mut BTreeMap<u64, Child>) {
             }
         }
     }
+}
+
+/// Writes a join token to `dir/join-token` (0600) for `--token-file`: on a command line it would
+/// be visible to every user of the host.
+pub(crate) fn token_file(dir: &Path, token: &str) -> Result<PathBuf> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::create_dir_all(dir)?;
+    let path = dir.join("join-token");
+    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&path)?;
+    f.write_all(token.as_bytes())?;
+    Ok(path)
 }

@@ -139,9 +139,13 @@ struct AgentArgs {
     /// Masters to join through, HOST:PORT,... (their gRPC port; QUIC uses the same number over UDP).
     #[arg(long, value_delimiter = ',', required = true)]
     join: Vec<String>,
-    /// Bootstrap token from `berth token create` (first start only).
+    /// Bootstrap token from `berth token create` (first start only). On the command line it is
+    /// visible to every user of the host (`ps`): prefer BERTH_JOIN_TOKEN or --token-file.
     #[arg(long, env = "BERTH_JOIN_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// A file holding the bootstrap token (first start only).
+    #[arg(long, value_name = "PATH")]
+    token_file: Option<PathBuf>,
     /// Where the agent keeps its identity, certificates and state.
     #[arg(long)]
     data_dir: PathBuf,
@@ -350,10 +354,42 @@ async fn run_master(a: MasterArgs) -> Result<()> {
     Ok(())
 }
 
+/// The join token from --token-file, BERTH_JOIN_TOKEN or --token (one of them at most).
+fn join_token(a: &AgentArgs) -> Result<Option<String>> {
+    let on_command_line = std::env::args().any(|x| x == "--token" || x.starts_with("--token="));
+    match (&a.token_file, &a.token) {
+        (Some(_), Some(_)) => anyhow::bail!(
+            "the join token was given twice (--token-file and {}): give it one way",
+            if on_command_line { "--token" } else { "BERTH_JOIN_TOKEN" }
+        ),
+        (Some(f), None) => {
+            let text = std::fs::read_to_string(f).map_err(|e| anyhow::anyhow!("--token-file {}: {e}", f.display()))?;
+            let t = text.trim();
+            if t.is_empty() {
+                anyhow::bail!(
+                    "--token-file {} is empty: write the token `berth token create` printed into it",
+                    f.display()
+                );
+            }
+            Ok(Some(t.to_string()))
+        }
+        (None, t) => {
+            if t.is_some() && on_command_line {
+                eprintln!(
+                    "warning: --token on the command line can be read by every user of this host (ps): \
+                     prefer BERTH_JOIN_TOKEN=... or --token-file"
+                );
+            }
+            Ok(t.clone())
+        }
+    }
+}
+
 async fn run_agent(a: AgentArgs) -> Result<()> {
+    let token = join_token(&a)?;
     let cfg = berth_agent::AgentConfig {
         join: a.join,
-        token: a.token,
+        token,
         data_dir: a.data_dir,
         name: a.name,
         labels: a.labels.into_iter().collect(),

@@ -255,6 +255,12 @@ fn rejected(error: JoinError, message: impl Into<String>) -> Option<master_frame
     }))
 }
 
+/// What a join with an unknown token id or a wrong secret is told (the same for both).
+pub(crate) const TOKEN_NOT_VALID: &str = "the token is not valid (no token has this id and secret): copy the whole \
+     token again, or create one with `berth token create`";
+/// Compared against when the token id is unknown: no secret hashes to it.
+const UNKNOWN_TOKEN_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
 /// Joins are handled one at a time on the leader, so token use counts stay exact.
 static JOIN_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
@@ -281,14 +287,17 @@ async fn handle_join(ctx: &Ctx, req: berth_api::pb::agent::JoinRequest) -> Optio
         return rejected(JoinError::Unavailable, "the leader does not hold the CA key yet; retry in a few seconds");
     };
     let _guard = JOIN_LOCK.lock().await;
+    // An unknown id and a wrong secret get the same answer (and the same hash comparison), so
+    // that the answers do not tell anyone which token ids exist.
     let rec = match objects::get::<JoinTokenRecord>(&ctx.reader, &objects::token_key(&token.id)) {
-        Ok(Some(r)) => r,
-        Ok(None) => return rejected(JoinError::TokenInvalid, "no such token: create one with `berth token create`"),
+        Ok(r) => r,
         Err(e) => return rejected(JoinError::Unavailable, e.message()),
     };
-    if !berth_pki::token::secret_matches(&token.secret, &rec.obj.secret_sha256) {
-        return rejected(JoinError::TokenInvalid, "the token's secret is wrong: copy the whole token again");
-    }
+    let stored = rec.as_ref().map_or(UNKNOWN_TOKEN_HASH, |r| r.obj.secret_sha256.as_str());
+    let matches = berth_pki::token::secret_matches(&token.secret, stored);
+    let Some(rec) = rec.filter(|_| matches) else {
+        return rejected(JoinError::TokenInvalid, TOKEN_NOT_VALID);
+    };
     if rec.obj.revoked {
         return rejected(JoinError::TokenRevoked, "the token was revoked: create a new one with `berth token create`");
     }

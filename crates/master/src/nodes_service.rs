@@ -37,6 +37,11 @@ fn validate_label(k: &str, v: &str) -> Result<(), Status> {
     Ok(())
 }
 
+/// The most hosts one token may admit (a count, not "unlimited": that is 0).
+pub(crate) const MAX_TOKEN_USES: u64 = 1_000_000;
+/// The longest a token may stay valid: 10 years.
+pub(crate) const MAX_TOKEN_TTL_SECONDS: u64 = 10 * 366 * 24 * 3600;
+
 #[tonic::async_trait]
 impl Nodes for NodesService {
     async fn token_create(
@@ -50,13 +55,27 @@ impl Nodes for NodesService {
         if r.description.len() > 256 {
             return Err(Status::invalid_argument("the description is longer than 256 characters"));
         }
+        if r.uses > MAX_TOKEN_USES {
+            return Err(Status::invalid_argument(format!(
+                "uses {} is more than {MAX_TOKEN_USES}: give a smaller number, or 0 for a token any number of hosts may use",
+                r.uses
+            )));
+        }
+        if r.ttl_seconds > MAX_TOKEN_TTL_SECONDS {
+            return Err(Status::invalid_argument(format!(
+                "ttl {} s is more than 10 years ({MAX_TOKEN_TTL_SECONDS} s): give a shorter one, or 0 for a token that never expires",
+                r.ttl_seconds
+            )));
+        }
         let token = JoinToken::generate(self.ctx.pki.digest().clone());
         let now = objects::now_ms();
+        // Both fit: checked above.
+        let ttl_ms = i64::try_from(r.ttl_seconds).unwrap_or(i64::MAX).saturating_mul(1000);
         let record = JoinTokenRecord {
             id: token.id.clone(),
             secret_sha256: token.secret_hash(),
-            expires_at_ms: if r.ttl_seconds == 0 { 0 } else { now + (r.ttl_seconds as i64).saturating_mul(1000) },
-            uses_left: if r.uses == 0 { -1 } else { r.uses as i64 },
+            expires_at_ms: if r.ttl_seconds == 0 { 0 } else { now.saturating_add(ttl_ms) },
+            uses_left: if r.uses == 0 { -1 } else { i64::try_from(r.uses).unwrap_or(MAX_TOKEN_USES as i64) },
             labels: r.labels,
             description: r.description,
             created_at_ms: now,
