@@ -13,6 +13,10 @@ use serde_json::Value;
 
 /// Runs `berth agent` to completion (a join that must fail), returning (success, stderr).
 fn agent_once(c: &Cluster, dir: &Path, token: &str) -> Result<(bool, String)> {
+    agent_once_with(c, dir, token, &[])
+}
+
+fn agent_once_with(c: &Cluster, dir: &Path, token: &str, extra: &[&str]) -> Result<(bool, String)> {
     std::fs::create_dir_all(dir)?;
     let file = dir.with_extension("token");
     std::fs::write(&file, token)?;
@@ -21,6 +25,7 @@ fn agent_once(c: &Cluster, dir: &Path, token: &str) -> Result<(bool, String)> {
         .arg(dir)
         .args(["--name", "refused", "--token-file"])
         .arg(&file)
+        .args(extra)
         .stdin(Stdio::null())
         .output()?;
     Ok((out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned()))
@@ -148,6 +153,15 @@ fn refused_joins_say_why_and_leave_nothing() -> Result<()> {
     let (ok, err) = agent_once(&c, &dir("used-up"), &good)?;
     assert!(!ok && err.contains("no uses left"), "{err}");
     assert!(is_empty_dir(&dir("used-up")));
+
+    // A joining agent adds labels to its token's, never changes them; and what it says about
+    // itself must be plausible.
+    let labelled = token(&c, &["--labels", "tier=edge"])?;
+    let (ok, err) = agent_once_with(&c, &dir("relabel"), &labelled, &["--labels", "tier=core"])?;
+    assert!(!ok && err.contains("conflicts with the token's tier=edge"), "{err}");
+    assert!(is_empty_dir(&dir("relabel")));
+    let (ok, err) = agent_once_with(&c, &dir("nowhere"), &labelled, &["--advertise-addr", "0.0.0.0"])?;
+    assert!(!ok && err.contains("cannot reach this host"), "{err}");
 
     let (ok, err) = agent_once(&c, &dir("garbage"), "not-a-token")?;
     assert!(!ok && err.contains("token"), "{err}");

@@ -283,6 +283,9 @@ async fn handle_join(ctx: &Ctx, req: berth_api::pb::agent::JoinRequest) -> Optio
     if let Err(msg) = validate_name(&req.name) {
         return rejected(JoinError::BadRequest, msg);
     }
+    if let Err(msg) = validate_join(&req) {
+        return rejected(JoinError::BadRequest, msg);
+    }
     let Some(ca) = ctx.pki.ca() else {
         return rejected(JoinError::Unavailable, "the leader does not hold the CA key yet; retry in a few seconds");
     };
@@ -330,8 +333,19 @@ async fn handle_join(ctx: &Ctx, req: berth_api::pb::agent::JoinRequest) -> Optio
         Ok(c) => c,
         Err(e) => return rejected(JoinError::BadRequest, format!("the certificate signing request is invalid: {e}")),
     };
-    let mut labels = rec.obj.labels.clone();
-    labels.extend(req.labels.clone());
+    // The token's labels are the admin's: a joining agent adds labels, never changes them.
+    if let Some((k, v)) = req.labels.iter().find(|(k, v)| rec.obj.labels.get(*k).is_some_and(|t| t != *v)) {
+        return rejected(
+            JoinError::BadRequest,
+            format!(
+                "label {k}={v} conflicts with the token's {k}={}: a token's labels are set by the admin who \
+                 created it; drop {k} from --labels",
+                rec.obj.labels[k]
+            ),
+        );
+    }
+    let mut labels = req.labels.clone();
+    labels.extend(rec.obj.labels.clone());
     let now = objects::now_ms();
     let node = Node {
         id: node_id.clone(),
@@ -372,6 +386,56 @@ async fn handle_join(ctx: &Ctx, req: berth_api::pb::agent::JoinRequest) -> Optio
         ca_pem: ctx.pki.ca_pem().to_string(),
         masters: master_endpoints(ctx),
     }))
+}
+
+/// Most labels a joining agent may give its node.
+const MAX_JOIN_LABELS: usize = 64;
+/// Bounds on the resources an agent may report: 100,000 cores, 1 PiB of memory, 1 EiB of disk.
+const MAX_CPU_MILLIS: u64 = 100_000_000;
+const MAX_MEMORY_BYTES: u64 = 1 << 50;
+const MAX_DISK_BYTES: u64 = 1 << 60;
+
+/// What a joining agent says about itself, beyond its name: labels, resources, advertise
+/// address and version must be well formed and plausible (they are recorded as they are, and
+/// the scheduler trusts them).
+fn validate_join(req: &berth_api::pb::agent::JoinRequest) -> Result<(), String> {
+    if req.labels.len() > MAX_JOIN_LABELS {
+        return Err(format!("{} labels: a node may have {MAX_JOIN_LABELS} at most", req.labels.len()));
+    }
+    for (k, v) in &req.labels {
+        crate::nodes_service::label_problem(k, v)?;
+    }
+    let r = req.resources.unwrap_or_default();
+    for (what, value, max) in [
+        ("cpu", r.cpu_millis, MAX_CPU_MILLIS),
+        ("memory", r.memory_bytes, MAX_MEMORY_BYTES),
+        ("disk", r.disk_bytes, MAX_DISK_BYTES),
+    ] {
+        if value > max {
+            return Err(format!("the agent reports {what} {value}, more than any host has ({max}): a broken agent?"));
+        }
+    }
+    if !req.advertise_addr.is_empty() {
+        advertise_problem(&req.advertise_addr)?;
+    }
+    if req.agent_version.len() > 64 || req.agent_version.chars().any(|c| c.is_control()) {
+        return Err("the agent's version is not a version string (64 printable characters at most)".into());
+    }
+    Ok(())
+}
+
+/// Whether `addr` can be a node's advertise address: an IP address other hosts can reach
+/// (loopback is allowed, for clusters on one machine).
+fn advertise_problem(addr: &str) -> Result<(), String> {
+    let ip: std::net::IpAddr =
+        addr.parse().map_err(|_| format!("advertise address {addr:?} is not an IP address (--advertise-addr)"))?;
+    let bad = ip.is_unspecified()
+        || ip.is_multicast()
+        || matches!(ip, std::net::IpAddr::V4(v4) if v4.is_broadcast() || v4.is_link_local());
+    if bad {
+        return Err(format!("advertise address {ip} cannot reach this host from others: give its own address"));
+    }
+    Ok(())
 }
 
 fn validate_name(name: &str) -> Result<(), String> {
@@ -427,7 +491,14 @@ async fn session(
     let caps = Caps {
         networks: hello.networks,
         underlay: hello.underlay.clone(),
-        host_paths: hello.host_paths.clone(),
+        // Absolute paths, 64 at most, each of at most 4096 bytes: the rest is dropped.
+        host_paths: hello
+            .host_paths
+            .iter()
+            .filter(|p| p.starts_with('/') && p.len() <= 4096 && !p.contains('\0'))
+            .take(64)
+            .cloned()
+            .collect(),
         edge: hello.edge,
     };
     if hello_changes(&node.obj, &caps).is_some() {
@@ -696,10 +767,10 @@ fn hello_changes(node: &Node, caps: &Caps) -> Option<Node> {
     n.host_paths = caps.host_paths.clone();
     n.edge = caps.edge;
     if !underlay.is_empty() {
-        if underlay.parse::<std::net::Ipv4Addr>().is_ok() {
-            n.advertise_addr = underlay.to_string();
-        } else {
-            debug!(node = %node.id, underlay, "ignoring an underlay address that is not IPv4");
+        match advertise_problem(underlay) {
+            Ok(()) if underlay.parse::<std::net::Ipv4Addr>().is_ok() => n.advertise_addr = underlay.to_string(),
+            Ok(()) => debug!(node = %node.id, underlay, "ignoring an underlay address that is not IPv4"),
+            Err(e) => warn!(node = %node.id, "ignoring the agent's underlay address: {e}"),
         }
     }
     (n != *node).then_some(n)
@@ -951,6 +1022,45 @@ async fn send_network_update(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn what_a_joining_agent_says_is_checked() {
+        let ok = berth_api::pb::agent::JoinRequest {
+            name: "n".into(),
+            labels: [("zone".to_string(), "a".to_string())].into(),
+            resources: Some(berth_api::pb::agent::Resources {
+                cpu_millis: 2000,
+                memory_bytes: 1 << 33,
+                disk_bytes: 1 << 40,
+            }),
+            advertise_addr: "198.18.0.7".into(),
+            agent_version: "0.1.0".into(),
+            ..Default::default()
+        };
+        validate_join(&ok).unwrap();
+        let bad = |f: fn(&mut berth_api::pb::agent::JoinRequest)| {
+            let mut r = ok.clone();
+            f(&mut r);
+            validate_join(&r).unwrap_err()
+        };
+        assert!(
+            bad(|r| {
+                r.labels.insert("bad key".into(), "x".into());
+            })
+            .contains("not valid")
+        );
+        assert!(bad(|r| r.labels = (0..65).map(|i| (format!("k{i}"), "v".into())).collect()).contains("64 at most"));
+        assert!(bad(|r| r.resources.as_mut().unwrap().cpu_millis = u64::MAX).contains("cpu"));
+        assert!(bad(|r| r.resources.as_mut().unwrap().memory_bytes = u64::MAX).contains("memory"));
+        assert!(bad(|r| r.advertise_addr = "0.0.0.0".into()).contains("cannot reach"));
+        assert!(bad(|r| r.advertise_addr = "224.0.0.1".into()).contains("cannot reach"));
+        assert!(bad(|r| r.advertise_addr = "not-an-ip".into()).contains("not an IP"));
+        assert!(bad(|r| r.agent_version = "x".repeat(65)).contains("version"));
+        // Loopback is fine (a cluster on one machine).
+        let mut local = ok.clone();
+        local.advertise_addr = "127.0.0.1".into();
+        validate_join(&local).unwrap();
+    }
 
     #[test]
     fn a_hello_updates_the_node_only_when_it_says_something_new() {

@@ -26,13 +26,18 @@ fn check_txn(r: CommandResult, what: &str) -> Result<(), Status> {
 }
 
 fn validate_label(k: &str, v: &str) -> Result<(), Status> {
+    label_problem(k, v).map_err(Status::invalid_argument)
+}
+
+/// Whether `k=v` is a valid node label (for tokens, `node update` and joining agents alike).
+pub(crate) fn label_problem(k: &str, v: &str) -> Result<(), String> {
     let ok = |s: &str, max: usize| {
         s.len() <= max && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/'))
     };
     if k.is_empty() || !ok(k, 63) || !ok(v, 63) {
-        return Err(Status::invalid_argument(format!(
+        return Err(format!(
             "label {k}={v} is not valid: keys and values are up to 63 letters, digits, '-', '_', '.' or '/'"
-        )));
+        ));
     }
     Ok(())
 }
