@@ -257,30 +257,82 @@ async fn index_once(ctx: &Ctx, leading: &CancellationToken) -> Result<(), String
 /// Task states reported by agents, waiting to be committed.
 #[derive(Default)]
 pub(crate) struct Statuses {
-    pending: Mutex<HashMap<String, (String, TaskStatus)>>,
+    pending: Mutex<Pending>,
     notify: Notify,
+}
+
+#[derive(Default)]
+struct Pending {
+    reports: HashMap<String, (String, TaskStatus)>,
+    /// How many of `reports` each node made.
+    per_node: HashMap<String, usize>,
+}
+
+/// Most task states one node may have waiting to be committed: far more than a node runs (the
+/// task ids it reports are checked only when committed, so an agent reporting ids it does not
+/// own could otherwise grow the leader's memory without bound).
+pub(crate) const MAX_PENDING_PER_NODE: usize = 16_384;
+/// The longest status message kept (an agent's text, shown by `berth get tasks`).
+const MAX_STATUS_MESSAGE: usize = 4096;
+
+impl Pending {
+    /// Adds a report unless `node` has MAX_PENDING_PER_NODE waiting; false when dropped.
+    fn add(&mut self, id: String, node: &str, mut s: TaskStatus, replace: bool) -> bool {
+        if s.message.len() > MAX_STATUS_MESSAGE {
+            let mut end = MAX_STATUS_MESSAGE;
+            while !s.message.is_char_boundary(end) {
+                end -= 1;
+            }
+            s.message.truncate(end);
+        }
+        if let Some(cur) = self.reports.get_mut(&id) {
+            if replace && cur.0 == node {
+                cur.1 = s;
+            }
+            return true;
+        }
+        let n = self.per_node.entry(node.to_string()).or_default();
+        if *n >= MAX_PENDING_PER_NODE {
+            return false;
+        }
+        *n += 1;
+        self.reports.insert(id, (node.to_string(), s));
+        true
+    }
 }
 
 impl Statuses {
     /// Queues what `node` reported (a later report of the same task replaces an earlier one).
-    pub fn report(&self, node: &str, statuses: Vec<TaskStatus>) {
+    /// Returns how many reports were dropped because the node has too many waiting.
+    pub fn report(&self, node: &str, statuses: Vec<TaskStatus>) -> usize {
         if statuses.is_empty() {
-            return;
+            return 0;
         }
         let mut p = self.pending.lock().expect("statuses lock");
+        let mut dropped = 0;
         for s in statuses {
-            p.insert(s.task_id.clone(), (node.to_string(), s));
+            if !p.add(s.task_id.clone(), node, s, true) {
+                dropped += 1;
+            }
         }
         drop(p);
         self.notify.notify_one();
+        dropped
     }
 
     fn take(&self) -> HashMap<String, (String, TaskStatus)> {
-        std::mem::take(&mut *self.pending.lock().expect("statuses lock"))
+        let mut p = self.pending.lock().expect("statuses lock");
+        p.per_node.clear();
+        std::mem::take(&mut p.reports)
     }
 
     fn requeue(&self, id: String, v: (String, TaskStatus)) {
-        self.pending.lock().expect("statuses lock").entry(id).or_insert(v);
+        let (node, s) = v;
+        self.pending.lock().expect("statuses lock").add(id, &node, s, false);
+    }
+
+    fn is_empty(&self) -> bool {
+        self.pending.lock().expect("statuses lock").reports.is_empty()
     }
 }
 
@@ -369,7 +421,7 @@ pub(crate) async fn commit_statuses(ctx: Arc<Ctx>, leading: CancellationToken) {
         }
         if n > 0 {
             debug!(tasks = n, "task states committed");
-            if !ctx.statuses.pending.lock().expect("statuses lock").is_empty() {
+            if !ctx.statuses.is_empty() {
                 ctx.statuses.notify.notify_one();
             }
         }
@@ -434,6 +486,32 @@ fn stamp_transitions(u: &mut Task, reported: TaskState, health: i32, now: i64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An agent reporting states for ids it does not own (or simply very many) cannot grow the
+    /// leader's queue past MAX_PENDING_PER_NODE; another node's reports still get in, and a node
+    /// cannot overwrite another's report.
+    #[test]
+    fn pending_states_are_bounded_per_node() {
+        let st = Statuses::default();
+        let status = |id: String| TaskStatus { task_id: id, state: TaskState::Running as i32, ..Default::default() };
+        let flood: Vec<TaskStatus> = (0..MAX_PENDING_PER_NODE + 500).map(|i| status(format!("fake-{i}"))).collect();
+        assert_eq!(st.report("rogue", flood), 500);
+        assert_eq!(st.report("rogue", vec![status("more".into())]), 1);
+        assert_eq!(st.report("good", vec![status("t1".into())]), 0);
+        let mut overwrite = status("t1".into());
+        overwrite.message = "from the rogue".into();
+        st.report("rogue", vec![overwrite]);
+        let mut long = status("t2".into());
+        long.message = "é".repeat(5000);
+        st.report("good", vec![long]);
+        let taken = st.take();
+        assert_eq!(taken.len(), MAX_PENDING_PER_NODE + 2);
+        assert_eq!(taken["t1"].0, "good");
+        assert!(taken["t1"].1.message.is_empty());
+        assert!(taken["t2"].1.message.len() <= MAX_STATUS_MESSAGE);
+        // Taken: the node may report again.
+        assert_eq!(st.report("rogue", vec![status("again".into())]), 0);
+    }
 
     #[test]
     fn reported_addresses_are_kept_and_never_cleared() {

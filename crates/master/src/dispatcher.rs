@@ -255,6 +255,32 @@ fn rejected(error: JoinError, message: impl Into<String>) -> Option<master_frame
     }))
 }
 
+/// The shortest time between two certificate renewals of one node (an agent renews at 50-80%
+/// of its certificate's lifetime: a minute at the shortest lifetime, 45 days by default).
+const MIN_RENEW_INTERVAL: Duration = Duration::from_secs(10);
+
+/// When each node last renewed, on this master (renewals sign with the CA's key: a node may not
+/// make the leader do that in a loop).
+static RENEWALS: RenewalLimiter = RenewalLimiter { last: std::sync::Mutex::new(BTreeMap::new()) };
+
+struct RenewalLimiter {
+    last: std::sync::Mutex<BTreeMap<String, std::time::Instant>>,
+}
+
+impl RenewalLimiter {
+    fn allow(&self, node: &str, now: std::time::Instant) -> bool {
+        let mut last = self.last.lock().expect("renewals lock");
+        if last.get(node).is_some_and(|t| now.saturating_duration_since(*t) < MIN_RENEW_INTERVAL) {
+            return false;
+        }
+        if last.len() >= 100_000 {
+            last.retain(|_, t| now.saturating_duration_since(*t) < MIN_RENEW_INTERVAL);
+        }
+        last.insert(node.to_string(), now);
+        true
+    }
+}
+
 /// What a join with an unknown token id or a wrong secret is told (the same for both).
 pub(crate) const TOKEN_NOT_VALID: &str = "the token is not valid (no token has this id and secret): copy the whole \
      token again, or create one with `berth token create`";
@@ -512,7 +538,10 @@ async fn session(
         conn.close(close::SHUTDOWN, b"the leader is still loading its tasks; retry");
         return;
     }
-    ctx.statuses.report(&node_id, hello.tasks);
+    let dropped = ctx.statuses.report(&node_id, hello.tasks);
+    if dropped > 0 {
+        warn!(node = %node_id, dropped, "dropped task states from a Hello: the node has too many waiting");
+    }
     ctx.assignments.set_conn(&node_id, conn.clone());
     // Streams the agent opens besides the session's: image blob requests.
     {
@@ -651,7 +680,10 @@ async fn session(
                 Some(master_frame::Body::HeartbeatAck(HeartbeatAck { seq: hb.seq, term }))
             }
             agent_frame::Body::Status(report) => {
-                ctx.statuses.report(&node_id, report.tasks);
+                let dropped = ctx.statuses.report(&node_id, report.tasks);
+                if dropped > 0 {
+                    warn!(node = %node_id, dropped, "dropped task states: the node has too many waiting to be committed");
+                }
                 if !report.volumes.is_empty() {
                     tokio::spawn(record_volume_usage(ctx.clone(), node_id.clone(), report.volumes));
                 }
@@ -691,6 +723,10 @@ async fn session(
             }
             agent_frame::Body::BlobRequest(_) => {
                 break (close::MALFORMED_FRAME, "blob requests belong on a stream of their own".to_string());
+            }
+            agent_frame::Body::Renew(_) if !RENEWALS.allow(&node_id, std::time::Instant::now()) => {
+                warn!(node = %node_id, "refused a certificate renewal: the node renewed less than {MIN_RENEW_INTERVAL:?} ago");
+                None
             }
             agent_frame::Body::Renew(req) => match ctx.pki.ca() {
                 Some(ca) => match ca.sign_csr(&req.csr_pem, &Identity::agent(&node_id), ctx.cert_validity) {
@@ -1022,6 +1058,16 @@ async fn send_network_update(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn renewals_are_rate_limited_per_node() {
+        let l = RenewalLimiter { last: std::sync::Mutex::new(BTreeMap::new()) };
+        let t0 = std::time::Instant::now();
+        assert!(l.allow("a", t0));
+        assert!(!l.allow("a", t0 + Duration::from_secs(1)));
+        assert!(l.allow("b", t0 + Duration::from_secs(1)));
+        assert!(l.allow("a", t0 + MIN_RENEW_INTERVAL));
+    }
 
     #[test]
     fn what_a_joining_agent_says_is_checked() {
