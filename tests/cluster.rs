@@ -64,6 +64,24 @@ fn wiped_follower_rejoins_under_new_id_by_snapshot() -> Result<()> {
     let new = c.add_entry(4).endpoint.clone();
     // The new master's credentials come from the cluster; its CA key arrives through Raft.
     let creds = c.dir.path().join("pki-4");
+    // A member's id gets no certificate (it would give its identity away), a removed one neither.
+    let member = (1..=3).find(|id| *id != follower).unwrap().to_string();
+    let taken = c.dir.path().join("pki-taken");
+    let out =
+        c.berth(&["member", "certificate", "--id", &member, "--endpoint", &new, "--out", taken.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("is a member of the cluster"), "{err}");
+    let out = c.berth(&[
+        "member",
+        "certificate",
+        "--id",
+        &follower.to_string(),
+        "--endpoint",
+        &new,
+        "--out",
+        taken.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("removed earlier"));
     let out = c.berth(&["member", "certificate", "--id", "4", "--endpoint", &new, "--out", creds.to_str().unwrap()]);
     assert!(out.status.success(), "member certificate: {}", String::from_utf8_lossy(&out.stderr));
     c.spawn(4, &["--id", "4", "--join", "--pki-dir", creds.to_str().unwrap()])?;

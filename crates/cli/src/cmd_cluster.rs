@@ -205,12 +205,14 @@ pub async fn run_member(cmd: MemberCmd, g: &Global) -> Result<()> {
             print_members(g, r.leader, r.members);
         }
         MemberCmd::Certificate { id, endpoint, out } => {
+            // The key is made here and never sent: the master signs its CSR.
+            let (csr_pem, key_pem) = berth_pki::generate_csr(&format!("master/{id}"))?;
             let r = client
                 .call(Call::Idempotent, |ch| {
-                    let endpoint = endpoint.clone();
+                    let (endpoint, csr_pem) = (endpoint.clone(), csr_pem.clone());
                     async move {
                         Client::cluster(ch)
-                            .member_certificate(pb::MemberCertificateRequest { id, endpoint })
+                            .member_certificate(pb::MemberCertificateRequest { id, endpoint, csr_pem })
                             .await
                             .map(|r| r.into_inner())
                     }
@@ -218,7 +220,7 @@ pub async fn run_member(cmd: MemberCmd, g: &Global) -> Result<()> {
                 .await?;
             crate::cmd_pki::write_files(
                 &out,
-                &[("ca.crt", &r.ca_pem, false), ("master.crt", &r.cert_pem, false), ("master.key", &r.key_pem, true)],
+                &[("ca.crt", &r.ca_pem, false), ("master.crt", &r.cert_pem, false), ("master.key", &key_pem, true)],
             )?;
             println!("wrote the credentials of master {id} into {}", out.display());
         }

@@ -185,16 +185,38 @@ impl cluster_server::Cluster for ClusterService {
                 r.id
             )));
         }
+        // A member's certificate renews itself on that member: minting another one for its id
+        // would give its identity to whoever asked.
+        let membership = self.ctx.metrics().membership_config.membership().clone();
+        if membership.nodes().any(|(id, _)| *id == r.id) {
+            return Err(Status::failed_precondition(format!(
+                "master {} is a member of the cluster: its certificate renews itself; a new master needs a new id",
+                r.id
+            )));
+        }
+        if r.csr_pem.trim().is_empty() {
+            return Err(Status::invalid_argument(
+                "no certificate signing request: the new master's key is made where it will run \
+                 (`berth member certificate` does that), and only its CSR is sent",
+            ));
+        }
         let Some(ca) = self.ctx.pki.ca() else {
             return Err(berth_api::not_applied("this master does not hold the CA key yet; ask another master"));
         };
-        let cert = crate::tls::issue_master(&ca, r.id, addr, self.ctx.cert_validity)
-            .map_err(|e| Status::internal(e.to_string()))?;
+        let ips = if addr.ip().is_unspecified() { vec![] } else { vec![addr.ip()] };
+        let cert_pem = ca
+            .sign_csr_with(
+                &r.csr_pem,
+                &berth_pki::Identity::master(r.id),
+                &[berth_pki::MASTER_SERVER_NAME.to_string()],
+                &ips,
+                self.ctx.cert_validity,
+            )
+            .map_err(|e| Status::invalid_argument(format!("the certificate signing request: {e}")))?;
         Ok(Response::new(pb::MemberCertificateResponse {
             header: Some(self.ctx.header()),
             ca_pem: self.ctx.pki.ca_pem().to_string(),
-            cert_pem: cert.cert_pem,
-            key_pem: cert.key_pem,
+            cert_pem,
         }))
     }
 

@@ -272,6 +272,19 @@ impl CertificateAuthority {
     /// self-signature is checked, so the requester proves it holds the key. Returns the
     /// certificate, PEM.
     pub fn sign_csr(&self, csr_pem: &str, identity: &Identity, validity: Duration) -> Result<String, PkiError> {
+        self.sign_csr_with(csr_pem, identity, &[], &[], validity)
+    }
+
+    /// [`CertificateAuthority::sign_csr`] with extra subject alternative names chosen by the
+    /// signer (a master's listen address).
+    pub fn sign_csr_with(
+        &self,
+        csr_pem: &str,
+        identity: &Identity,
+        dns_names: &[String],
+        ips: &[IpAddr],
+        validity: Duration,
+    ) -> Result<String, PkiError> {
         identity.validate()?;
         let der = CertificateSigningRequestDer::from_pem_slice(csr_pem.as_bytes()).map_err(|e| PkiError::Pem {
             what: "certificate signing request",
@@ -287,7 +300,7 @@ impl CertificateAuthority {
             .map_err(|e| PkiError::InvalidCsr {
                 reason: format!("its public key is of an unsupported kind ({e}); use ECDSA P-256"),
             })?;
-        let sans = subject_alt_names(identity, &[], &[])?;
+        let sans = subject_alt_names(identity, dns_names, ips)?;
         let params = self.leaf_params(identity, sans, validity)?;
         let cert = params
             .signed_by(&public_key, &self.inner.issuer)
