@@ -254,6 +254,10 @@ fn api_and_raft_refuse_foreign_certificates() -> Result<()> {
     }
     // An agent's certificate is refused by Raft and reflection before the body is read.
     berth_tests::agent_refused_before_the_body(&c.endpoints(), &c.pki_dir())?;
+    // One client's watches are bounded (and a closed one frees its place).
+    let open = berth_tests::watches_are_bounded_per_client(&c.endpoints(), &c.pki_dir())?;
+    eprintln!("watches: the master refused one client's watch with {open} open");
+    assert_eq!(open, 256);
     // Malformed and oversized frames close their connection; the master keeps serving.
     berth_tests::bad_frames_close_the_session(&c.endpoints(), &c.pki_dir())?;
     let t = token(&c, &[])?;

@@ -281,3 +281,63 @@ pub fn pre_auth_flood(
         Ok(flood)
     })
 }
+
+/// One admin opens watches until the master refuses one: it must refuse the 257th (and say why),
+/// and take a new one once an open one is closed. Returns how many were open when it refused.
+pub fn watches_are_bounded_per_client(endpoints: &str, pki: &Path) -> Result<usize> {
+    use berth_api::pb::{WatchRequest, kv_client::KvClient};
+    berth_pki::tls::install_crypto_provider();
+    let endpoint = endpoints.split(',').next().unwrap_or_default().to_string();
+    let ca_pem = read(&pki.join("ca.crt"))?;
+    let admin = CertifiedKey { cert_pem: read(&pki.join("admin.crt"))?, key_pem: read(&pki.join("admin.key"))? };
+    let tls = berth_master::client_tls(&TlsFiles { ca_pem, cert: admin });
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(async {
+        // Several connections: one HTTP/2 connection carries a bounded number of streams.
+        let mut channels = Vec::new();
+        for _ in 0..4 {
+            channels.push(
+                tonic::transport::Channel::from_shared(format!("https://{endpoint}"))?
+                    .tls_config(tls.clone())?
+                    .connect()
+                    .await?,
+            );
+        }
+        let mut open = Vec::new();
+        for i in 0..1000 {
+            let mut kv = KvClient::new(channels[i % channels.len()].clone());
+            let req = WatchRequest { key: format!("watch-limit/{i}").into_bytes(), ..Default::default() };
+            match tokio::time::timeout(Duration::from_secs(10), kv.watch(req)).await {
+                Ok(Ok(r)) => {
+                    let mut s = r.into_inner();
+                    // Established once the master confirmed it.
+                    s.message().await?.ok_or_else(|| anyhow::anyhow!("watch {i} ended at once"))?;
+                    open.push(s);
+                }
+                Ok(Err(status)) if status.code() == tonic::Code::ResourceExhausted => {
+                    if !status.message().contains("close some first") {
+                        bail!("refused without saying why: {}", status.message());
+                    }
+                    let n = open.len();
+                    open.pop();
+                    // The place is freed once the master has seen the stream go.
+                    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+                    loop {
+                        let mut kv = KvClient::new(channels[0].clone());
+                        let req = WatchRequest { key: b"watch-limit/again".to_vec(), ..Default::default() };
+                        match kv.watch(req).await {
+                            Ok(_) => return Ok(n),
+                            Err(e) if tokio::time::Instant::now() > deadline => {
+                                bail!("a closed watch did not free its place: {e}")
+                            }
+                            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                        }
+                    }
+                }
+                Ok(Err(status)) => bail!("watch {i}: {status}"),
+                Err(_) => bail!("watch {i}: no answer within 10 s"),
+            }
+        }
+        bail!("1000 watches of one client were all accepted")
+    })
+}

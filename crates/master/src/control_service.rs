@@ -474,6 +474,7 @@ impl ControlService for ControlSvc {
         &self,
         r: Request<pb::WatchServicesRequest>,
     ) -> Result<Response<Self::WatchServicesStream>, Status> {
+        let slot = self.ctx.streams.open(&r, "watch", crate::streams::MAX_WATCHES)?;
         let r = r.into_inner();
         let ctx = self.ctx.clone();
         ctx.read_barrier().await?;
@@ -489,6 +490,7 @@ impl ControlService for ControlSvc {
             .watch(b"/berth/".to_vec(), berth_types::prefix_end(b"/berth/"), 0)
             .map_err(|e| Status::internal(e.to_string()))?;
         let out = async_stream::try_stream! {
+            let _slot = slot;
             let mut last: HashMap<String, ServiceView> = HashMap::new();
             loop {
                 let mut now: HashMap<String, ServiceView> = HashMap::new();
@@ -646,6 +648,7 @@ impl ControlService for ControlSvc {
     type LogsStream = Stream_<pb::LogEntry>;
 
     async fn logs(&self, r: Request<pb::LogsRequest>) -> Result<Response<Self::LogsStream>, Status> {
+        let slot = self.ctx.streams.open(&r, "log", crate::streams::MAX_LOG_STREAMS)?;
         let req = r.into_inner();
         let ctx = self.ctx.clone();
         if !ctx.is_leader() {
@@ -654,7 +657,7 @@ impl ControlService for ControlSvc {
             let ch = ctx.peers.channel(&addr).map_err(Status::unavailable)?;
             let mut client = pb::control_service_client::ControlServiceClient::new(ch);
             let stream = client.logs(req).await?.into_inner();
-            return Ok(Response::new(Box::pin(stream)));
+            return Ok(Response::new(Box::pin(crate::streams::holding(stream, slot))));
         }
         let ns = if req.namespace.is_empty() { spec::DEFAULT_NAMESPACE.to_string() } else { req.namespace.clone() };
         let targets: Vec<Task> = match objects::get::<Task>(&ctx.reader, &tasks::task_key(&req.target))? {
@@ -689,7 +692,7 @@ impl ControlService for ControlSvc {
             });
         }
         drop(tx);
-        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(crate::streams::holding(tokio_stream::wrappers::ReceiverStream::new(rx), slot))))
     }
 }
 

@@ -201,6 +201,7 @@ impl kv_server::Kv for KvService {
     type WatchStream = WatchStream;
 
     async fn watch(&self, r: Request<pb::WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+        let slot = self.ctx.streams.open(&r, "watch", crate::streams::MAX_WATCHES)?;
         let r = r.into_inner();
         if r.start_revision < 0 {
             return Err(Status::invalid_argument("start_revision must be >= 0"));
@@ -210,6 +211,8 @@ impl kv_server::Kv for KvService {
         let ctx = self.ctx.clone();
         let want_prev = r.prev_kv;
         let stream = async_stream::try_stream! {
+            // Held as long as the stream lives.
+            let _slot = slot;
             // The first message confirms the watch and names the revision it starts after.
             yield pb::WatchResponse {
                 header: Some(ctx.header_at(watcher.last_revision())),

@@ -28,6 +28,7 @@ mod raft_service;
 mod route;
 mod routes;
 mod secrets;
+mod streams;
 mod tasks;
 mod tls;
 mod updater;

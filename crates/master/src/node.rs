@@ -62,6 +62,8 @@ pub(crate) struct Ctx {
     pub secrets: crate::secrets::Keys,
     /// The domains route hosts must fall under (empty: any).
     pub route_domains: Vec<String>,
+    /// Long-lived streams each client holds open here.
+    pub streams: Arc<crate::streams::ClientStreams>,
 }
 
 impl Ctx {
@@ -258,6 +260,7 @@ pub async fn run_master(cfg: MasterConfig, shutdown: CancellationToken) -> Resul
         network_update_part_bytes: cfg.network_update_part_bytes.max(1),
         secrets: crate::secrets::Keys::new(kek),
         route_domains: cfg.route_domains.iter().map(|d| d.trim_end_matches('.').to_ascii_lowercase()).collect(),
+        streams: Default::default(),
     });
     ctx.refresh_removed();
     let quic = crate::dispatcher::bind(&ctx, local_addr)?;
