@@ -124,6 +124,9 @@ fn refused_joins_say_why_and_leave_nothing() -> Result<()> {
     let out = c.berth(&["token", "create", "--uses", &u64::MAX.to_string()]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("more than 1000000"), "{err}");
+    let out = c.berth(&["token", "create", "--ttl", "300000years"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("more than 10 years"), "{err}");
 
     let parts: Vec<&str> = good.splitn(4, '-').collect();
     let other_ca = format!("{}-{}-{}-{}", parts[0], parts[1], "0".repeat(64), parts[3]);
