@@ -369,3 +369,29 @@ fn pre_auth_quic_floods_leave_the_master_bounded() -> Result<()> {
     wait_status(&c, "after", "ready", Duration::from_secs(30))?;
     Ok(())
 }
+
+// Revoking an agent's identity ends its session within a heartbeat, and its reconnections are
+// refused, saying why.
+#[test]
+fn a_revoked_agent_is_cut_off() -> Result<()> {
+    let c = Cluster::start(1, &[])?;
+    let t = token(&c, &[])?;
+    let dir = c.dir.path().join("revoked-agent");
+    let _a = spawn_agent(&c, &dir, "doomed", Some(&t), &[])?;
+    let n = wait_status(&c, "doomed", "ready", Duration::from_secs(30))?;
+    let id = n["id"].as_str().unwrap_or_default().to_string();
+    assert!(!id.is_empty(), "{n}");
+    let out = c.berth(&["cert", "revoke", &format!("agent/{id}"), "--reason", "host decommissioned"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let revoked = Instant::now();
+    wait_for(Duration::from_secs(10), "the revoked agent's session to end", || {
+        let ns = nodes(&c).ok()?;
+        node(&ns, "doomed").filter(|n| n["connected"] == false).map(|_| ())
+    })?;
+    eprintln!("revoked agent disconnected {:.1}s after the revocation", revoked.elapsed().as_secs_f64());
+    wait_for(Duration::from_secs(15), "the agent to be told why", || {
+        let log = std::fs::read_to_string(dir.with_extension("log")).ok()?;
+        log.contains("revoked").then_some(())
+    })?;
+    Ok(())
+}

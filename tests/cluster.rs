@@ -1,6 +1,10 @@
 //! Cross-crate tests against real `berth master` processes, driven by the real `berth` CLI.
 
-use std::time::{Duration, Instant};
+use std::{
+    path::Path,
+    process::Command,
+    time::{Duration, Instant},
+};
 
 use anyhow::Result;
 use berth_tests::{Cluster, wait_for};
@@ -58,6 +62,14 @@ fn wiped_follower_rejoins_under_new_id_by_snapshot() -> Result<()> {
     c.kill9(follower);
     let out = c.berth(&["member", "remove", &follower.to_string()]);
     assert!(out.status.success(), "member remove: {}", String::from_utf8_lossy(&out.stderr));
+    // The removed master's certificate no longer opens the client API, on any master.
+    let removed_pem = c.dir.path().join("removed-master.pem");
+    std::fs::copy(c.masters[&follower].data_dir.join("pki/master.pem"), &removed_pem)?;
+    for m in c.masters.values().filter(|m| m.id != follower) {
+        let out = berth_as(&c, &m.endpoint, &removed_pem, &removed_pem, &["kv", "get", "bench/0", "--prefix"]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains("was removed from the cluster"), "{err}");
+    }
     std::fs::remove_dir_all(&c.masters[&follower].data_dir)?;
     c.masters.remove(&follower);
 
@@ -373,5 +385,87 @@ fn a_master_whose_fsync_fails_exits_and_recovers_on_restart() -> Result<()> {
         let n = v["kvs"].as_array()?.len();
         (n == acked.len()).then_some(())
     })?;
+    Ok(())
+}
+
+/// `berth` at one master with the credentials `cert`/`key` (and the cluster's CA).
+fn berth_as(c: &Cluster, endpoint: &str, cert: &Path, key: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(berth_tests::berth_bin())
+        .args(args)
+        .args(["--endpoints", endpoint])
+        .env("BERTH_CA_CERT", c.pki_dir().join("ca.crt"))
+        .env("BERTH_CERT", cert)
+        .env("BERTH_KEY", key)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("running the berth CLI")
+}
+
+// A second admin, revoked by identity, is refused by every master within a second of the
+// revocation (on connections made before it too, and new ones); one revoked by serial likewise;
+// an admin may not revoke itself; the revocations are listed.
+#[test]
+fn revoked_certificates_are_refused_on_every_master_within_a_second() -> Result<()> {
+    use berth_pki::rustls_pki_types::{CertificateDer, pem::PemObject};
+    let c = Cluster::start(3, &[])?;
+    c.wait_leader(Duration::from_secs(10))?;
+    let pki = c.pki_dir();
+    let ca = berth_pki::CertificateAuthority::from_pem(
+        &std::fs::read_to_string(pki.join("ca.crt"))?,
+        &std::fs::read_to_string(pki.join("ca.key"))?,
+    )?;
+    let issue = |name: &str| -> Result<(std::path::PathBuf, std::path::PathBuf, String)> {
+        let k = ca.issue(&berth_pki::Identity::admin(name), &[], &[], Duration::from_secs(3600))?;
+        let (cert, key) = (c.dir.path().join(format!("{name}.crt")), c.dir.path().join(format!("{name}.key")));
+        std::fs::write(&cert, &k.cert_pem)?;
+        std::fs::write(&key, &k.key_pem)?;
+        let der = CertificateDer::from_pem_slice(k.cert_pem.as_bytes())?;
+        Ok((cert, key, berth_pki::cert_info_of_der(der.as_ref())?.serial))
+    };
+    let out = c.berth(&["kv", "put", "x", "1"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let endpoints: Vec<String> = c.masters.values().map(|m| m.endpoint.clone()).collect();
+    let works = |cert: &Path, key: &Path, ep: &str| {
+        let out = berth_as(&c, ep, cert, key, &["kv", "get", "x"]);
+        if !out.status.success() {
+            eprintln!("kv get at {ep} with {}: {}", cert.display(), String::from_utf8_lossy(&out.stderr));
+        }
+        out.status.success()
+    };
+    let (alice_crt, alice_key, _) = issue("alice")?;
+    let (bob_crt, bob_key, bob_serial) = issue("bob")?;
+    for ep in &endpoints {
+        assert!(works(&alice_crt, &alice_key, ep) && works(&bob_crt, &bob_key, ep), "a new admin works at {ep}");
+    }
+    // Revoking yourself is refused.
+    let out = berth_as(&c, &endpoints[0], &alice_crt, &alice_key, &["cert", "revoke", "admin/alice"]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("lock you out"));
+
+    for (what, cert, key) in [("admin/alice", &alice_crt, &alice_key), (bob_serial.as_str(), &bob_crt, &bob_key)] {
+        let out = c.berth(&["cert", "revoke", what, "--reason", "left the team"]);
+        assert!(out.status.success(), "revoke {what}: {}", String::from_utf8_lossy(&out.stderr));
+        let revoked = std::time::Instant::now();
+        for ep in &endpoints {
+            let refused = wait_for(Duration::from_secs(5), &format!("{what} refused at {ep}"), || {
+                let out = berth_as(&c, ep, cert, key, &["kv", "get", "x"]);
+                let err = String::from_utf8_lossy(&out.stderr).into_owned();
+                (!out.status.success()).then_some(err)
+            })?;
+            assert!(refused.contains("revoked"), "{refused}");
+        }
+        let took = revoked.elapsed();
+        eprintln!(
+            "{what}: refused by all {} masters {:.0} ms after the revocation",
+            endpoints.len(),
+            took.as_secs_f64() * 1000.0
+        );
+        assert!(took < Duration::from_secs(1), "{what} was still accepted {took:?} after its revocation");
+    }
+    let list = c.berth_json(&["cert", "revoked"])?;
+    let text = list.to_string();
+    assert!(text.contains("identity admin/alice") && text.contains(&format!("serial {bob_serial}")), "{text}");
+    assert!(text.contains("left the team") && text.contains("admin/admin"), "{text}");
+    // The admin itself still works.
+    assert!(c.berth(&["kv", "get", "x"]).status.success());
     Ok(())
 }

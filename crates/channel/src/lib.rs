@@ -38,8 +38,12 @@ pub const PRE_AUTH_FRAME: usize = 64 * 1024;
 /// The identity in the peer's certificate (the first certificate it presented), if it presented
 /// one that carries a berth identity.
 pub fn peer_identity(conn: &quinn::Connection) -> Option<berth_pki::Identity> {
+    berth_pki::identity_of_der(&peer_certificate(conn)?).ok()
+}
+
+/// The peer's certificate (DER), if it presented one.
+pub fn peer_certificate(conn: &quinn::Connection) -> Option<Vec<u8>> {
     let any = conn.peer_identity()?;
     let chain = any.downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>().ok()?;
-    let leaf = chain.first()?;
-    berth_pki::identity_of_der(leaf.as_ref()).ok()
+    Some(chain.first()?.as_ref().to_vec())
 }

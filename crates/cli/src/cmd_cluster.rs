@@ -341,3 +341,69 @@ pub async fn run_snapshot(cmd: SnapshotCmd, g: &Global) -> Result<()> {
     }
     Ok(())
 }
+
+#[derive(Subcommand)]
+pub enum CertCmd {
+    /// Revoke one certificate (SERIAL, hex as `openssl x509 -noout -serial` prints it) or every
+    /// certificate of an identity issued until now (ROLE/ID, e.g. admin/alice). Every master
+    /// refuses it from then on, on connections already open too.
+    Revoke {
+        target: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// The revocations: what, when, by whom, why.
+    Revoked,
+}
+
+pub async fn run_cert(cmd: CertCmd, g: &Global) -> Result<()> {
+    let client = crate::config::client(g)?;
+    match cmd {
+        CertCmd::Revoke { target, reason } => {
+            let r = client
+                .call(Call::Idempotent, |ch| {
+                    let req = pb::RevokeCertificateRequest { target: target.clone(), reason: reason.clone() };
+                    async move { Client::cluster(ch).revoke_certificate(req).await.map(|r| r.into_inner()) }
+                })
+                .await?;
+            if r.revoked {
+                println!("revoked {target}");
+            } else {
+                println!("{target} was revoked already");
+            }
+        }
+        CertCmd::Revoked => {
+            let r = client
+                .call(Call::Idempotent, |ch| async move {
+                    Client::cluster(ch).list_revoked(pb::ListRevokedRequest {}).await.map(|r| r.into_inner())
+                })
+                .await?;
+            #[derive(Serialize)]
+            struct Out {
+                target: String,
+                at: String,
+                by: String,
+                reason: String,
+            }
+            let out: Vec<Out> = r
+                .revocations
+                .into_iter()
+                .map(|v| Out {
+                    target: v.target,
+                    at: humantime::format_rfc3339_seconds(
+                        std::time::UNIX_EPOCH + std::time::Duration::from_millis(v.at_ms.max(0) as u64),
+                    )
+                    .to_string(),
+                    by: v.by,
+                    reason: v.reason,
+                })
+                .collect();
+            output::print(g.output, &out, |o| {
+                let rows: Vec<Vec<String>> =
+                    o.iter().map(|v| vec![v.target.clone(), v.at.clone(), v.by.clone(), v.reason.clone()]).collect();
+                output::table(&["REVOKED", "AT", "BY", "REASON"], &rows);
+            });
+        }
+    }
+    Ok(())
+}

@@ -119,6 +119,9 @@ enum Cmd {
     /// Master membership.
     #[command(subcommand)]
     Member(cmd_cluster::MemberCmd),
+    /// Certificates: revoke one, or an identity's; list the revocations.
+    #[command(subcommand)]
+    Cert(cmd_cluster::CertCmd),
     /// Backups and disaster recovery.
     #[command(subcommand)]
     Snapshot(cmd_cluster::SnapshotCmd),
@@ -460,6 +463,7 @@ fn main() {
             Cmd::Kv(c) => cmd_kv::run(c, &cli.global).await,
             Cmd::Cluster(c) => cmd_cluster::run_cluster(c, &cli.global).await,
             Cmd::Member(c) => cmd_cluster::run_member(c, &cli.global).await,
+            Cmd::Cert(c) => cmd_cluster::run_cert(c, &cli.global).await,
             Cmd::Snapshot(c) => cmd_cluster::run_snapshot(c, &cli.global).await,
             Cmd::Bench(c) => bench::run(c, &cli.global).await,
         }

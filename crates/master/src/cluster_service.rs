@@ -220,6 +220,49 @@ impl cluster_server::Cluster for ClusterService {
         }))
     }
 
+    async fn revoke_certificate(
+        &self,
+        r: Request<pb::RevokeCertificateRequest>,
+    ) -> Result<Response<pb::RevokeCertificateResponse>, Status> {
+        let caller = crate::tls::peer_identity(&r).map(|i| i.to_string()).unwrap_or_default();
+        let r = r.into_inner();
+        let target = crate::revocation::Target::parse(&r.target).map_err(Status::invalid_argument)?;
+        if r.reason.len() > 256 {
+            return Err(Status::invalid_argument("the reason is longer than 256 characters"));
+        }
+        if let crate::revocation::Target::Identity(ident) = &target {
+            if ident.to_string() == caller {
+                return Err(Status::failed_precondition(format!(
+                    "{caller} is the identity of this request: revoking it would lock you out; revoke it with \
+                     another admin's certificate"
+                )));
+            }
+            if let Some(id) = ident.master_id()
+                && self.members().iter().any(|m| m.id == id)
+            {
+                return Err(Status::failed_precondition(format!(
+                    "master {id} is a member: revoking its certificates would cut it off the cluster; remove it \
+                     with `berth member remove {id}` (that ends its access to the API)"
+                )));
+            }
+        }
+        let revoked = crate::revocation::revoke(&self.ctx, &target, &caller, &r.reason).await?;
+        Ok(Response::new(pb::RevokeCertificateResponse { header: Some(self.ctx.header()), revoked }))
+    }
+
+    async fn list_revoked(
+        &self,
+        _r: Request<pb::ListRevokedRequest>,
+    ) -> Result<Response<pb::ListRevokedResponse>, Status> {
+        self.ctx.read_barrier().await?;
+        let revocations = crate::revocation::list(&self.ctx.reader)
+            .map_err(Status::internal)?
+            .into_iter()
+            .map(|(target, rec)| pb::Revocation { target, at_ms: rec.at_ms, by: rec.by, reason: rec.reason })
+            .collect();
+        Ok(Response::new(pb::ListRevokedResponse { header: Some(self.ctx.header()), revocations }))
+    }
+
     async fn member_promote(
         &self,
         r: Request<pb::MemberPromoteRequest>,

@@ -183,6 +183,13 @@ async fn handle_connection(
     // (a joining agent) keeps the pre-authentication bounds, and a first frame of at most
     // PRE_AUTH_FRAME bytes, until it has its answer.
     let peer = berth_channel::peer_identity(&conn);
+    if let Some(der) = berth_channel::peer_certificate(&conn)
+        && let Err(e) = ctx.revoked.check_der(&der)
+    {
+        info!(%remote, "refused a connection: {e}");
+        conn.close(close::UNAUTHENTICATED, format!("{e}: join again with a new token").as_bytes());
+        return;
+    }
     let mut slot = Some(slot);
     if peer.is_some() {
         berth_channel::authenticated(&conn);
@@ -484,6 +491,8 @@ async fn session(
     hello: Hello,
     shutdown: CancellationToken,
 ) {
+    // What revocation checks of this node's certificate, read once.
+    let cert = berth_channel::peer_certificate(&conn).and_then(|der| berth_pki::cert_info_of_der(&der).ok());
     let masters = master_endpoints(&ctx);
     if !ctx.is_leader() {
         let leader = ctx.leader().map(|(_, a)| a).unwrap_or_default();
@@ -677,6 +686,11 @@ async fn session(
         ctx.liveness.seen(&node_id);
         let reply = match body {
             agent_frame::Body::Heartbeat(hb) => {
+                // A revocation ends the sessions it covers within a heartbeat.
+                if let Some(Err(e)) = cert.as_ref().map(|c| ctx.revoked.check(c)) {
+                    info!(node = %node_id, "closing the session: {e}");
+                    break (close::UNAUTHENTICATED, format!("{e}: join again with a new token"));
+                }
                 Some(master_frame::Body::HeartbeatAck(HeartbeatAck { seq: hb.seq, term }))
             }
             agent_frame::Body::Status(report) => {

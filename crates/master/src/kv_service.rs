@@ -33,19 +33,27 @@ pub(crate) async fn serve(
     let kv = kv_server::KvServer::new(KvService { ctx: ctx.clone() })
         .max_decoding_message_size(CLIENT_MESSAGE_LIMIT)
         .max_encoding_message_size(CLIENT_MESSAGE_LIMIT);
-    let kv = InterceptedService::new(kv, require_client);
+    let require_client = {
+        let ctx = ctx.clone();
+        move |req: Request<()>| authorize(&ctx, req, false)
+    };
+    let require_master = {
+        let ctx = ctx.clone();
+        move |req: Request<()>| authorize(&ctx, req, true)
+    };
+    let kv = InterceptedService::new(kv, require_client.clone());
     let cluster = pb::cluster_server::ClusterServer::new(ClusterService { ctx: ctx.clone() })
         .max_decoding_message_size(CLIENT_MESSAGE_LIMIT);
-    let cluster = InterceptedService::new(cluster, require_client);
+    let cluster = InterceptedService::new(cluster, require_client.clone());
     let nodes = InterceptedService::new(
         pb::nodes_server::NodesServer::new(crate::nodes_service::NodesService { ctx: ctx.clone() }),
-        require_client,
+        require_client.clone(),
     );
     let control = InterceptedService::new(
         pb::control_service_server::ControlServiceServer::new(crate::control_service::ControlSvc { ctx: ctx.clone() })
             .max_decoding_message_size(CLIENT_MESSAGE_LIMIT)
             .max_encoding_message_size(CLIENT_MESSAGE_LIMIT),
-        require_client,
+        require_client.clone(),
     );
     let pki = ctx.pki.clone();
     // Raft messages may be large (RAFT_MESSAGE_LIMIT): the certificate is checked from the
@@ -56,7 +64,7 @@ pub(crate) async fn serve(
             .max_encoding_message_size(RAFT_MESSAGE_LIMIT),
         require_master,
     );
-    let reflection_v1 = InterceptedService::new(reflection_v1, require_client);
+    let reflection_v1 = InterceptedService::new(reflection_v1, require_client.clone());
     let reflection_v1alpha = InterceptedService::new(reflection_v1alpha, require_client);
     // Every connection is TLS 1.3 with a client certificate from the cluster CA (checked in the
     // handshake); which services a certificate may use is checked per request. TCP_NODELAY is set
@@ -78,27 +86,46 @@ pub(crate) async fn serve(
         .map_err(|e| MasterError::Serve(e.to_string()))
 }
 
-/// The client APIs are for admins (and masters forwarding on a client's behalf); agents have
-/// their own protocol over QUIC.
-fn require_client(req: Request<()>) -> Result<Request<()>, Status> {
-    match crate::tls::peer_identity(&req) {
-        Some(i) if matches!(i.role, berth_pki::Role::Admin | berth_pki::Role::Master) => Ok(req),
-        Some(i) => Err(Status::permission_denied(format!(
-            "certificate {i} may not use the client API: use an admin certificate (see `berth pki init`)"
-        ))),
-        None => Err(Status::unauthenticated("no client certificate from the cluster CA")),
+/// Who may use a service, checked from the request's head (before its body is read) on every
+/// request, so that a revocation applies to connections already open: the client APIs are for
+/// admins (and masters forwarding on a client's behalf; agents have their own protocol over
+/// QUIC), Raft for masters only; a revoked certificate and a removed master's are refused.
+fn authorize(ctx: &crate::node::Ctx, req: Request<()>, masters_only: bool) -> Result<Request<()>, Status> {
+    let leaf = req.peer_certs().and_then(|c| c.first().map(|c| c.as_ref().to_vec()));
+    let Some(leaf) = leaf else {
+        return Err(Status::unauthenticated("no client certificate from the cluster CA"));
+    };
+    let Ok(ident) = berth_pki::identity_of_der(&leaf) else {
+        return Err(Status::unauthenticated("the client certificate carries no berth identity"));
+    };
+    match ident.role {
+        berth_pki::Role::Master => {}
+        berth_pki::Role::Admin if !masters_only => {}
+        _ if masters_only => {
+            return Err(Status::permission_denied(format!(
+                "the Raft service is for masters only, and this client's certificate is {ident}"
+            )));
+        }
+        _ => {
+            return Err(Status::permission_denied(format!(
+                "certificate {ident} may not use the client API: use an admin certificate (see `berth pki init`)"
+            )));
+        }
     }
-}
-
-/// The Raft service is for masters only.
-fn require_master(req: Request<()>) -> Result<Request<()>, Status> {
-    match crate::tls::peer_identity(&req) {
-        Some(i) if matches!(i.role, berth_pki::Role::Master) => Ok(req),
-        Some(i) => Err(Status::permission_denied(format!(
-            "the Raft service is for masters only, and this client's certificate is {i}"
-        ))),
-        None => Err(Status::unauthenticated("no client certificate from the cluster CA")),
+    // (Not on Raft: openraft decides what a removed member's messages are worth, and a leader
+    // removing itself still replicates that change.)
+    if !masters_only
+        && let Some(id) = ident.master_id()
+        && ctx.is_removed(id)
+    {
+        return Err(Status::permission_denied(format!(
+            "master {id} was removed from the cluster: its certificate no longer opens any API"
+        )));
     }
+    ctx.revoked
+        .check_der(&leaf)
+        .map_err(|e| Status::permission_denied(format!("{e}: ask an admin for a new certificate")))?;
+    Ok(req)
 }
 
 pub(crate) struct KvService {

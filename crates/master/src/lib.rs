@@ -25,6 +25,7 @@ mod objects;
 mod ports;
 mod proposer;
 mod raft_service;
+mod revocation;
 mod route;
 mod routes;
 mod secrets;

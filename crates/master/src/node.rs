@@ -64,6 +64,8 @@ pub(crate) struct Ctx {
     pub route_domains: Vec<String>,
     /// Long-lived streams each client holds open here.
     pub streams: Arc<crate::streams::ClientStreams>,
+    /// Revoked certificates and identities, as this master last applied them.
+    pub revoked: Arc<crate::revocation::Revoked>,
 }
 
 impl Ctx {
@@ -261,8 +263,12 @@ pub async fn run_master(cfg: MasterConfig, shutdown: CancellationToken) -> Resul
         secrets: crate::secrets::Keys::new(kek),
         route_domains: cfg.route_domains.iter().map(|d| d.trim_end_matches('.').to_ascii_lowercase()).collect(),
         streams: Default::default(),
+        revoked: Default::default(),
     });
     ctx.refresh_removed();
+    // Revocations are known before the first connection is accepted, and followed from then on.
+    crate::revocation::refresh(&ctx);
+    let revocations = tokio::spawn(crate::revocation::follow(ctx.clone(), shutdown.clone()));
     let quic = crate::dispatcher::bind(&ctx, local_addr)?;
     let _ = ctx.quic.set(quic.clone());
     let dispatcher = tokio::spawn(crate::dispatcher::run(ctx.clone(), quic, shutdown.clone()));
@@ -315,6 +321,7 @@ pub async fn run_master(cfg: MasterConfig, shutdown: CancellationToken) -> Resul
     watcher.abort();
     renewer.abort();
     guard_dir.abort();
+    revocations.abort();
     ctx.liveness.step_down();
     server_token.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(2), dispatcher).await;

@@ -360,6 +360,39 @@ pub fn generate_csr(common_name: &str) -> Result<(String, String), PkiError> {
     Ok((csr_pem, key.serialize_pem()))
 }
 
+/// What revocation looks at in a certificate: its identity, serial number and start of validity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertInfo {
+    pub identity: Identity,
+    /// The serial number in lowercase hex, without leading zeros (see [`normalize_serial`]).
+    pub serial: String,
+    /// When it became valid, milliseconds since the Unix epoch.
+    pub not_before_ms: i64,
+}
+
+/// A certificate serial as an operator may type it (`3A:5F:...`, `0x3a5f...`, `3A5F...`), in the
+/// one form berth stores and compares: lowercase hex without separators or leading zeros. None
+/// when it is not hex.
+pub fn normalize_serial(text: &str) -> Option<String> {
+    let t = text.trim();
+    let t = t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")).unwrap_or(t);
+    let hex: String = t.chars().filter(|c| *c != ':').collect::<String>().to_ascii_lowercase();
+    if hex.is_empty() || hex.len() > 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    let trimmed = hex.trim_start_matches('0');
+    Some(if trimmed.is_empty() { "0".to_string() } else { trimmed.to_string() })
+}
+
+/// Identity, serial and start of validity of a certificate (DER) the TLS layer has verified.
+pub fn cert_info_of_der(cert_der: &[u8]) -> Result<CertInfo, PkiError> {
+    let identity = identity_of_der(cert_der)?;
+    let cert = parse_cert(cert_der, "peer")?;
+    let hex: String = cert.raw_serial().iter().map(|b| format!("{b:02x}")).collect();
+    let serial = normalize_serial(&hex).unwrap_or_else(|| "0".to_string());
+    Ok(CertInfo { identity, serial, not_before_ms: cert.validity().not_before.timestamp().saturating_mul(1000) })
+}
+
 /// The identity a certificate carries: its `berth://<role>/<id>` URI SAN, or failing that its
 /// `<role>/<id>` common name. This says nothing about whether the certificate is trustworthy:
 /// call it on certificates the TLS layer has verified against the cluster CA.
