@@ -1068,19 +1068,44 @@ pub enum DisconnectPolicy {
 /// Empty documents are skipped; a file with no document, or two documents defining the same
 /// kind and `namespace/name`, is an error.
 pub fn parse_all(text: &str) -> Result<Vec<Document>, SpecError> {
-    // First pass: each document's `kind`, so the second can deserialize it into its own type
+    // First pass: each document's size in YAML nodes with its aliases expanded (a document
+    // whose aliases expand exponentially, a "billion laughs", is refused before anything
+    // expands it), then its `kind`, so the second pass can deserialize it into its own type
     // straight from the text (keeping serde_yaml's lines and columns in errors).
+    //
+    // serde_yaml's document iterator repeats a syntax error forever instead of ending: every
+    // pass stops after the first document that does not load (the second pass reports it).
+    let mut loaded = 0;
+    for (i, d) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let nodes = std::cell::Cell::new(0);
+        match serde::de::DeserializeSeed::deserialize(NodeBudget(&nodes), d) {
+            Ok(()) => loaded += 1,
+            Err(e) if !e.to_string().contains(TOO_MANY_NODES) => break,
+            Err(_) => {
+                return Err(SpecError::Parse {
+                    document: i + 1,
+                    path: ".".into(),
+                    line: None,
+                    column: None,
+                    message: format!(
+                        "the document expands to more than {MAX_YAML_NODES} YAML nodes (are its aliases \
+                     nested?): write it out, or split it"
+                    ),
+                });
+            }
+        }
+    }
+    #[derive(Deserialize)]
+    struct KindOnly {
+        kind: Option<String>,
+    }
     let kinds: Vec<Option<String>> = serde_yaml::Deserializer::from_str(text)
-        .map(|d| {
-            Option::<serde_yaml::Value>::deserialize(d)
-                .ok()
-                .flatten()
-                .and_then(|v| v.get("kind").and_then(|k| k.as_str()).map(str::to_string))
-        })
+        .take(loaded)
+        .map(|d| Option::<KindOnly>::deserialize(d).ok().flatten().and_then(|k| k.kind))
         .collect();
     let mut documents: Vec<Document> = Vec::new();
     let mut first_seen: BTreeMap<(Kind, String), usize> = BTreeMap::new();
-    for (i, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
+    for (i, document) in serde_yaml::Deserializer::from_str(text).enumerate().take(loaded + 1) {
         let n = i + 1;
         let kind = kinds.get(i).and_then(|k| k.as_deref());
         let parsed = if kind == Some("Network") {
@@ -1119,6 +1144,90 @@ pub fn parse_all(text: &str) -> Result<Vec<Document>, SpecError> {
         return Err(SpecError::Empty);
     }
     Ok(documents)
+}
+
+/// The most YAML nodes one document may expand to, its aliases included. A service spec has a
+/// few hundred at most.
+pub const MAX_YAML_NODES: usize = 100_000;
+const TOO_MANY_NODES: &str = "berth: too many YAML nodes";
+
+/// Walks a document, counting its nodes (each alias expanded where it is used, as every
+/// deserializer sees it), and fails once there are more than [`MAX_YAML_NODES`].
+struct NodeBudget<'a>(&'a std::cell::Cell<usize>);
+
+impl NodeBudget<'_> {
+    fn take<E: serde::de::Error>(&self) -> Result<(), E> {
+        let n = self.0.get() + 1;
+        self.0.set(n);
+        if n > MAX_YAML_NODES { Err(E::custom(TOO_MANY_NODES)) } else { Ok(()) }
+    }
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for NodeBudget<'_> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+macro_rules! count_scalar {
+    ($($name:ident: $t:ty),*) => {
+        $(fn $name<E: serde::de::Error>(self, _: $t) -> Result<(), E> {
+            self.take()
+        })*
+    };
+}
+
+impl<'de> serde::de::Visitor<'de> for NodeBudget<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("any YAML node")
+    }
+
+    count_scalar!(visit_bool: bool, visit_i64: i64, visit_u64: u64, visit_i128: i128, visit_u128: u128,
+        visit_f64: f64, visit_str: &str, visit_bytes: &[u8]);
+
+    fn visit_none<E: serde::de::Error>(self) -> Result<(), E> {
+        self.take()
+    }
+
+    fn visit_unit<E: serde::de::Error>(self) -> Result<(), E> {
+        self.take()
+    }
+
+    fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        self.take()?;
+        serde::de::DeserializeSeed::deserialize(NodeBudget(self.0), d)
+    }
+
+    fn visit_newtype_struct<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        self.take()?;
+        serde::de::DeserializeSeed::deserialize(NodeBudget(self.0), d)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        self.take()?;
+        while seq.next_element_seed(NodeBudget(self.0))?.is_some() {}
+        Ok(())
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        self.take()?;
+        while map.next_key_seed(NodeBudget(self.0))?.is_some() {
+            map.next_value_seed(NodeBudget(self.0))?;
+        }
+        Ok(())
+    }
+
+    fn visit_enum<A: serde::de::EnumAccess<'de>>(self, data: A) -> Result<(), A::Error> {
+        // A tagged node (`!tag value`): its value counts like any other.
+        use serde::de::VariantAccess;
+        self.take()?;
+        let (_, variant) = data.variant_seed(NodeBudget(self.0))?;
+        variant.newtype_variant_seed(NodeBudget(self.0))
+    }
 }
 
 /// [`parse_all`] for input that must hold only services: a `kind: Network` document is an error.

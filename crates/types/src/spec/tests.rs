@@ -489,3 +489,40 @@ fn networks_endpoint_mode_and_port_names_are_checked() {
     let json = plain.canonical_json();
     assert!(!json.contains("networks") && !json.contains("endpoint_mode") && !json.contains("\"name\":null"), "{json}");
 }
+
+/// A document whose aliases expand exponentially (a "billion laughs") is refused quickly,
+/// without being expanded; one with an ordinary alias is fine.
+#[test]
+fn alias_bombs_are_refused_before_they_expand() {
+    let mut bomb = String::from("kind: Service\nmetadata: {name: bomb}\nx0: &a0 [1, 2]\n");
+    for i in 1..40 {
+        bomb.push_str(&format!("x{i}: &a{i} [*a{}, *a{}]\n", i - 1, i - 1));
+    }
+    let started = std::time::Instant::now();
+    parse_all(&bomb).unwrap_err();
+    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+    // Under serde_yaml's own repetition limit (100 alias uses per event), a document can still
+    // expand far: the node budget stops it.
+    let mut wide = String::from("kind: Service\nmetadata: {name: wide}\nspec:\n  task:\n    env: &e [");
+    wide.push_str(&vec!["x"; 2000].join(", "));
+    wide.push_str("]\n    x: [");
+    wide.push_str(&vec!["*e"; 200].join(", "));
+    wide.push_str("]\n");
+    let err = parse_all(&wide).unwrap_err().to_string();
+    assert!(err.contains("more than 100000 YAML nodes"), "{err}");
+    let ok = "kind: Service\nmetadata: {name: web}\nspec:\n  replicas: 1\n  task: &t {runtime: process, command: [/bin/true]}\n";
+    parse_all(ok).unwrap();
+}
+
+/// A syntax error after a document ends the parse with that error (serde_yaml's document
+/// iterator repeats it forever: the parser used to loop, growing until the OOM killer came).
+#[test]
+fn a_syntax_error_ends_the_parse() {
+    let started = std::time::Instant::now();
+    let err = parse_all("kind: Service\nkind: Service\n  replicas: 1\n").unwrap_err().to_string();
+    assert!(err.contains("mapping values are not allowed") || err.contains("duplicate"), "{err}");
+    let two = "kind: Service\nmetadata: {name: a}\nspec: {replicas: 1, task: {runtime: process, command: [/bin/true]}}\n---\nkind: Service\n  x: 1\n";
+    let err = parse_all(two).unwrap_err().to_string();
+    assert!(err.contains("document 2"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
