@@ -23,7 +23,7 @@ pub use endpoint::{
     EndpointError, IDLE_TIMEOUT, INCOMING_BUFFER_TOTAL, KEEP_ALIVE, MAX_INCOMING, PRE_AUTH_WINDOW, SESSION_STREAMS,
     SESSION_WINDOW, authenticated, client_config, client_endpoint, server_config, server_endpoint, transport_config,
 };
-pub use frame::{FrameError, FrameReader, FrameWriter};
+pub use frame::{FrameError, FrameReader, FrameWriter, GROW_STEP};
 
 /// The ALPN protocol of master <-> agent connections.
 pub const ALPN: &[u8] = b"berth-agent/1";

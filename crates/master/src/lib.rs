@@ -43,5 +43,6 @@ pub use endpoints::PART_BYTES as NETWORK_UPDATE_PART_BYTES;
 pub use error::MasterError;
 pub use identity::{IDENTITY_FILE, Identity};
 pub use ipam::Pools;
+pub use network::{WIRE_LIMIT as RAFT_WIRE_LIMIT, decode as decode_raft_message};
 pub use node::run_master;
 pub use tls::{MasterPki, client_tls, issue_master};

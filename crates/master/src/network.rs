@@ -24,7 +24,7 @@ use tonic::transport::{Channel, Endpoint};
 
 /// Bound on one decoded Raft message. AppendEntries carries at most a few hundred entries of at
 /// most ~1 MiB each; anything bigger is corrupt or hostile.
-const WIRE_LIMIT: usize = 512 * 1024 * 1024;
+pub const WIRE_LIMIT: usize = 512 * 1024 * 1024;
 /// Snapshot data is streamed in chunks of this size, never as one message.
 pub(crate) const SNAPSHOT_CHUNK: usize = 1024 * 1024;
 /// Bound on opening a ProposeStream to the leader (connecting included). The request is sent
@@ -35,7 +35,8 @@ pub(crate) fn encode<T: Serialize>(v: &T) -> Vec<u8> {
     bincode::serde::encode_to_vec(v, bincode::config::standard()).expect("bincode encoding to a Vec")
 }
 
-pub(crate) fn decode<T: DeserializeOwned>(b: &[u8]) -> Result<T, String> {
+/// Decodes a Raft wire message (bincode, at most `WIRE_LIMIT` bytes allocated).
+pub fn decode<T: DeserializeOwned>(b: &[u8]) -> Result<T, String> {
     bincode::serde::decode_from_slice(b, bincode::config::standard().with_limit::<WIRE_LIMIT>())
         .map(|(v, _)| v)
         .map_err(|e| format!("undecodable Raft message: {e}"))

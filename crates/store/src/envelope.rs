@@ -10,7 +10,7 @@ pub const RECORD_FORMAT: u8 = 1;
 
 /// Bound on what one decode may allocate. Records are our own, but a corrupt length prefix must
 /// not make us allocate gigabytes.
-const DECODE_LIMIT: usize = 256 * 1024 * 1024;
+pub const DECODE_LIMIT: usize = 256 * 1024 * 1024;
 
 fn config() -> impl bincode::config::Config {
     bincode::config::standard().with_limit::<DECODE_LIMIT>()

@@ -11,6 +11,8 @@
 
 mod db;
 mod envelope;
+/// The stored-record envelope (a format byte, then bincode with a decode limit).
+pub use envelope::{DECODE_LIMIT, decode as decode_record, encode as encode_record};
 mod error;
 mod log_store;
 mod mvcc;
