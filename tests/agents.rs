@@ -247,6 +247,13 @@ fn api_and_raft_refuse_foreign_certificates() -> Result<()> {
     assert!(!out.status.success(), "a foreign admin certificate was accepted");
     let out = c.berth(&["kv", "put", "x", "1"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // berth's own records cannot be forged or deleted through KV.
+    for args in [["kv", "put", "/berth/tokens/forged", "x"].as_slice(), ["kv", "del", "/berth/", "--prefix"].as_slice()]
+    {
+        let out = c.berth(args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains("berth's own records"), "{args:?}: {err}");
+    }
     berth_tests::tls_checks(&c.endpoints(), &c.pki_dir(), &other)?;
     // The data dir (the CA's key, RocksDB's files) is the master's alone, and so is its key.
     for m in c.masters.values() {

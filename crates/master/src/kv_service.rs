@@ -139,8 +139,43 @@ fn store_err(e: berth_store::StoreError) -> Status {
     }
 }
 
+/// berth's own records live under this prefix; only the masters write them.
+const RESERVED: &[u8] = b"/berth/";
+
+/// Refuses a KV write that would touch berth's own records (`/berth/`): a put of such a key, or
+/// a delete whose range overlaps the prefix. The masters write them through their own commands;
+/// through KV, a client could forge a node, a token or a task.
+fn refuse_reserved(txn: &Txn) -> Result<(), Status> {
+    let end = berth_types::prefix_end(RESERVED);
+    for op in txn.success.iter().chain(txn.failure.iter()) {
+        let touched = match op {
+            RequestOp::Put(p) => p.key.starts_with(RESERVED).then(|| p.key.clone()),
+            RequestOp::DeleteRange(d) => {
+                // [key, range_end): empty range_end is the key alone, "\0" is every key from it.
+                let overlaps = if d.range_end.is_empty() {
+                    d.key.starts_with(RESERVED)
+                } else {
+                    let to_end = d.range_end == [0];
+                    d.key.as_slice() < end.as_slice() && (to_end || d.range_end.as_slice() > RESERVED)
+                };
+                overlaps.then(|| d.key.clone())
+            }
+            RequestOp::Range(_) => None,
+        };
+        if let Some(key) = touched {
+            return Err(Status::permission_denied(format!(
+                "{:?} is under /berth/, berth's own records: they change only through berth's commands \
+                 (apply, node, token, ...), never through KV writes",
+                String::from_utf8_lossy(&key)
+            )));
+        }
+    }
+    Ok(())
+}
+
 impl KvService {
     async fn txn(&self, txn: Txn) -> Result<berth_types::TxnResult, Status> {
+        refuse_reserved(&txn)?;
         match self.ctx.write(Command::Txn(txn)).await? {
             CommandResult::Txn(r) => Ok(r),
             other => Err(Status::internal(format!("unexpected result {other:?} for a transaction"))),
@@ -287,5 +322,44 @@ impl kv_server::Kv for KvService {
             }
         };
         Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use berth_types::{DeleteRange, Put, RequestOp, Txn};
+
+    use super::refuse_reserved;
+
+    fn put(key: &str) -> Txn {
+        Txn {
+            success: vec![RequestOp::Put(Put { key: key.into(), value: vec![], prev_kv: false })],
+            ..Default::default()
+        }
+    }
+
+    fn del(key: &str, end: &[u8]) -> Txn {
+        Txn {
+            failure: vec![RequestOp::DeleteRange(DeleteRange {
+                key: key.into(),
+                range_end: end.to_vec(),
+                prev_kv: false,
+            })],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn kv_writes_cannot_touch_berths_records() {
+        assert!(refuse_reserved(&put("/berth/tokens/x")).unwrap_err().message().contains("berth's own records"));
+        assert!(refuse_reserved(&put("/berthday")).is_ok());
+        assert!(refuse_reserved(&put("app/x")).is_ok());
+        assert!(refuse_reserved(&del("/berth/nodes/a", b"")).is_err());
+        assert!(refuse_reserved(&del("/a", b"/c")).is_err(), "a range over the prefix");
+        assert!(refuse_reserved(&del("/", b"\0")).is_err(), "everything from '/'");
+        assert!(refuse_reserved(&del("/berth/", b"/berth0")).is_err());
+        assert!(refuse_reserved(&del("app/", b"app0")).is_ok());
+        assert!(refuse_reserved(&del("/berth0", b"\0")).is_ok(), "after the prefix");
+        assert!(refuse_reserved(&del("/a", b"/berth/")).is_ok(), "ends where the prefix starts");
     }
 }
