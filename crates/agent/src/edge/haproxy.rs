@@ -387,6 +387,24 @@ mod tests {
         }
     }
 
+    /// True (and says so) when HAProxy is not installed: the tests that run it are skipped.
+    fn haproxy_missing() -> bool {
+        let missing = Command::new("haproxy").arg("-v").output().is_err();
+        if missing {
+            eprintln!("SKIPPED: haproxy is not installed (apt-get install haproxy)");
+        }
+        missing
+    }
+
+    /// Kills the process group of a HAProxy a test started, when the test ends (or fails).
+    struct Stop(i32);
+
+    impl Drop for Stop {
+        fn drop(&mut self) {
+            let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(self.0), nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+
     fn listen() -> Listen {
         Listen { http: "0.0.0.0:80".parse().unwrap(), https: "0.0.0.0:443".parse().unwrap(), run_dir: "/run/e".into() }
     }
@@ -410,8 +428,7 @@ mod tests {
     /// The rendered configuration is one HAProxy accepts, certificates included.
     #[test]
     fn haproxy_accepts_the_configuration() {
-        if Command::new("haproxy").arg("-v").output().is_err() {
-            eprintln!("SKIPPED: haproxy is not installed (apt-get install haproxy)");
+        if haproxy_missing() {
             return;
         }
         let dir = tempfile::tempdir().unwrap();
@@ -454,8 +471,7 @@ mod tests {
     /// the one served.
     #[test]
     fn rapid_reloads_all_take_effect() {
-        if Command::new("haproxy").arg("-v").output().is_err() {
-            eprintln!("SKIPPED: haproxy is not installed (apt-get install haproxy)");
+        if haproxy_missing() {
             return;
         }
         let dir = tempfile::tempdir().unwrap();
@@ -477,12 +493,6 @@ mod tests {
             s.read_to_string(&mut text).ok()?;
             Some(text)
         };
-        struct Stop(i32);
-        impl Drop for Stop {
-            fn drop(&mut self) {
-                let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(self.0), nix::sys::signal::Signal::SIGKILL);
-            }
-        }
         std::fs::write(&file, config(0)).unwrap();
         p.start_or_reload().unwrap();
         let _stop = Stop(p.pid().unwrap());
@@ -507,8 +517,7 @@ mod tests {
     #[test]
     fn only_idempotent_requests_are_sent_again() {
         use std::io::{Read, Write};
-        if Command::new("haproxy").arg("-v").output().is_err() {
-            eprintln!("SKIPPED: haproxy is not installed (apt-get install haproxy)");
+        if haproxy_missing() {
             return;
         }
         // The endpoint: reads a request's head, notes its method, closes without answering.
@@ -546,12 +555,6 @@ mod tests {
         std::fs::write(&file, &cfg).unwrap();
         let mut p = Process::new("haproxy".into(), file, dir.path().join("pid"), dir.path().join("log"));
         p.start_or_reload().unwrap_or_else(|e| panic!("{e}\n{cfg}"));
-        struct Stop(i32);
-        impl Drop for Stop {
-            fn drop(&mut self) {
-                let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(self.0), nix::sys::signal::Signal::SIGKILL);
-            }
-        }
         let _stop = Stop(p.pid().unwrap());
         let status = |request: &str| -> String {
             let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
