@@ -91,13 +91,15 @@ pub(crate) async fn serve(
 /// admins (and masters forwarding on a client's behalf; agents have their own protocol over
 /// QUIC), Raft for masters only; a revoked certificate and a removed master's are refused.
 fn authorize(ctx: &crate::node::Ctx, req: Request<()>, masters_only: bool) -> Result<Request<()>, Status> {
-    let leaf = req.peer_certs().and_then(|c| c.first().map(|c| c.as_ref().to_vec()));
-    let Some(leaf) = leaf else {
+    // One parse of the certificate per request: identity, serial and start of validity.
+    let certs = req.peer_certs();
+    let Some(leaf) = certs.as_ref().and_then(|c| c.first()) else {
         return Err(Status::unauthenticated("no client certificate from the cluster CA"));
     };
-    let Ok(ident) = berth_pki::identity_of_der(&leaf) else {
+    let Ok(info) = berth_pki::cert_info_of_der(leaf.as_ref()) else {
         return Err(Status::unauthenticated("the client certificate carries no berth identity"));
     };
+    let ident = &info.identity;
     match ident.role {
         berth_pki::Role::Master => {}
         berth_pki::Role::Admin if !masters_only => {}
@@ -123,7 +125,7 @@ fn authorize(ctx: &crate::node::Ctx, req: Request<()>, masters_only: bool) -> Re
         )));
     }
     ctx.revoked
-        .check_der(&leaf)
+        .check(&info)
         .map_err(|e| Status::permission_denied(format!("{e}: ask an admin for a new certificate")))?;
     Ok(req)
 }
