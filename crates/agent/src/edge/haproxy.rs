@@ -76,7 +76,7 @@ fn http_rules(out: &mut String, routes: &[&RenderRoute], redirect: bool) {
     sorted.sort_by(|a, b| b.path.len().cmp(&a.path.len()).then(a.key.cmp(&b.key)));
     let cond = |r: &RenderRoute| {
         format!(
-            "{{ var(txn.host) -m str {} }}{}",
+            "{{ req.hdr(host),field(1,:) -i {} }}{}",
             acl_value(&r.host),
             if r.path == "/" { String::new() } else { format!(" {{ path_beg {} }}", acl_value(&r.path)) }
         )
@@ -125,7 +125,6 @@ pub fn render(listen: &Listen, routes: &[RenderRoute]) -> (String, String) {
         "frontend http\n\
          \x20   bind {}\n\
          \x20   option forwardfor\n\
-         \x20   http-request set-var(txn.host) req.hdr(host),field(1,:),lower\n\
          \x20   http-request set-header X-Forwarded-Proto http\n\
          \x20   http-request set-header X-Forwarded-Host %[req.hdr(host)]\n\
          \x20   {IDEMPOTENT_ONLY}\n",
@@ -183,8 +182,7 @@ pub fn render(listen: &Listen, routes: &[RenderRoute]) -> (String, String) {
             "frontend https-term\n\
              \x20   bind {tls_bind} ssl crt-list {run}/crt-list alpn h2,http/1.1\n\
              \x20   option forwardfor\n\
-             \x20   http-request set-var(txn.host) req.hdr(host),field(1,:),lower\n\
-             \x20   http-request set-header X-Forwarded-Proto https\n\
+                 \x20   http-request set-header X-Forwarded-Proto https\n\
              \x20   http-request set-header X-Forwarded-Host %[req.hdr(host)]\n\
              \x20   {IDEMPOTENT_ONLY}\n"
         );
@@ -418,8 +416,10 @@ mod tests {
         assert!(crt.is_empty());
         assert!(!cfg.contains("frontend https"), "{cfg}");
         // The longer prefix first.
-        let b = cfg.find("use_backend r-default-b if { var(txn.host) -m str a.apps.test } { path_beg /api }").unwrap();
-        let a = cfg.find("use_backend r-default-a if { var(txn.host) -m str a.apps.test }\n").unwrap();
+        let b = cfg
+            .find("use_backend r-default-b if { req.hdr(host),field(1,:) -i a.apps.test } { path_beg /api }")
+            .unwrap();
+        let a = cfg.find("use_backend r-default-a if { req.hdr(host),field(1,:) -i a.apps.test }\n").unwrap();
         assert!(b < a, "{cfg}");
         assert!(cfg.contains("    server e1 198.18.2.11:8080\n"), "{cfg}");
         assert!(cfg.contains("retry-on conn-failure"), "{cfg}");
@@ -593,7 +593,9 @@ mod tests {
         let re = route("default/re", "re.apps.test", "/", "reencrypt");
         let (cfg, crt) = render(&listen(), &[edge, pass, re]);
         assert!(
-            cfg.contains("http-request redirect scheme https code 301 if { var(txn.host) -m str shop.apps.test }"),
+            cfg.contains(
+                "http-request redirect scheme https code 301 if { req.hdr(host),field(1,:) -i shop.apps.test }"
+            ),
             "{cfg}"
         );
         assert!(cfg.contains("use_backend p-default-db if { req.ssl_sni -m str db.apps.test }"), "{cfg}");
