@@ -182,10 +182,11 @@ async fn handle_connection(
     // A peer with a certificate from the cluster CA is known from the handshake; one without
     // (a joining agent) keeps the pre-authentication bounds, and a first frame of at most
     // PRE_AUTH_FRAME bytes, until it has its answer.
-    let peer = berth_channel::peer_identity(&conn);
-    if let Some(der) = berth_channel::peer_certificate(&conn)
-        && let Err(e) = ctx.revoked.check_der(&der)
-    {
+    // The peer's certificate, read once: who it is, and what revocation checks (here, and at
+    // each heartbeat of a session).
+    let cert = berth_channel::peer_certificate(&conn).and_then(|der| berth_pki::cert_info_of_der(&der).ok());
+    let peer = cert.as_ref().map(|c| c.identity.clone());
+    if let Some(Err(e)) = cert.as_ref().map(|c| ctx.revoked.check(c)) {
         info!(%remote, "refused a connection: {e}");
         conn.close(close::UNAUTHENTICATED, format!("{e}: join again with a new token").as_bytes());
         return;
@@ -236,16 +237,16 @@ async fn handle_connection(
             drop(slot);
         }
         Some(agent_frame::Body::Hello(hello)) => {
-            let node_id = match peer {
-                Some(Identity { role: Role::Agent, id }) if id == hello.node_id => id,
+            match peer {
+                Some(Identity { role: Role::Agent, id }) if id == hello.node_id => {}
                 other => {
                     let who = other.map_or("no certificate".to_string(), |i| i.to_string());
                     info!(%remote, claimed = %hello.node_id, "refused a session: the certificate is {who}");
                     conn.close(close::UNAUTHENTICATED, b"a session needs the node certificate of the node it names");
                     return;
                 }
-            };
-            session(ctx, conn, writer, reader, node_id, hello, shutdown).await;
+            }
+            session(ctx, conn, cert, writer, reader, hello, shutdown).await;
         }
         _ => {
             info!(%remote, "closing an agent connection: the first frame must be Join or Hello");
@@ -485,14 +486,14 @@ fn validate_name(name: &str) -> Result<(), String> {
 async fn session(
     ctx: Arc<Ctx>,
     conn: quinn::Connection,
+    cert: Option<berth_pki::CertInfo>,
     mut writer: FrameWriter,
     mut reader: FrameReader,
-    node_id: String,
     hello: Hello,
     shutdown: CancellationToken,
 ) {
-    // What revocation checks of this node's certificate, read once.
-    let cert = berth_channel::peer_certificate(&conn).and_then(|der| berth_pki::cert_info_of_der(&der).ok());
+    // The caller checked that the certificate is this node's.
+    let node_id = hello.node_id.clone();
     let masters = master_endpoints(&ctx);
     if !ctx.is_leader() {
         let leader = ctx.leader().map(|(_, a)| a).unwrap_or_default();

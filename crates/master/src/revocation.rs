@@ -52,15 +52,7 @@ struct Sets {
 }
 
 impl Revoked {
-    /// Why `cert` (DER) may not be used, or Ok. A certificate that does not parse is left to
-    /// the TLS layer and the identity checks.
-    pub(crate) fn check_der(&self, der: &[u8]) -> Result<(), String> {
-        match berth_pki::cert_info_of_der(der) {
-            Ok(info) => self.check(&info),
-            Err(_) => Ok(()),
-        }
-    }
-
+    /// Why the certificate `info` describes may not be used, or Ok.
     pub(crate) fn check(&self, info: &CertInfo) -> Result<(), String> {
         let sets = self.sets.read().expect("revoked lock");
         if sets.serials.contains(&info.serial) {
