@@ -15,6 +15,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "berth/v1/agent.proto",
         "berth/v1/nodes.proto",
         "berth/v1/control.proto",
+        "berth/v1/access.proto",
     ]
     .map(|p| proto_root.join(p));
     let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);

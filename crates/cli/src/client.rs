@@ -309,6 +309,10 @@ impl Client {
         ClusterClient::new(ch).max_decoding_message_size(MESSAGE_LIMIT).max_encoding_message_size(MESSAGE_LIMIT)
     }
 
+    pub fn access(ch: Conn) -> berth_api::pb::access_client::AccessClient<Conn> {
+        berth_api::pb::access_client::AccessClient::new(ch).max_decoding_message_size(MESSAGE_LIMIT)
+    }
+
     pub fn nodes(ch: Conn) -> NodesClient<Conn> {
         NodesClient::new(ch).max_decoding_message_size(64 << 20)
     }

@@ -5,6 +5,7 @@ mod bench;
 mod bench_cluster;
 mod bench_overlay;
 mod client;
+mod cmd_access;
 mod cmd_cluster;
 mod cmd_images;
 mod cmd_kv;
@@ -125,6 +126,14 @@ enum Cmd {
     /// Backups and disaster recovery.
     #[command(subcommand)]
     Snapshot(cmd_cluster::SnapshotCmd),
+    /// Users: add one with a role (its certificate from a key made here), list, remove.
+    #[command(subcommand)]
+    User(cmd_access::UserCmd),
+    /// Roles and their bindings (applied as `kind: Role` / `kind: RoleBinding` documents).
+    #[command(subcommand)]
+    Role(cmd_access::RoleCmd),
+    /// The audit log: every change and every refused call, who made it and what came of it.
+    Audit(cmd_access::AuditArgs),
     /// Benchmarks.
     #[command(subcommand)]
     Bench(bench::BenchCmd),
@@ -465,6 +474,9 @@ fn main() {
             Cmd::Member(c) => cmd_cluster::run_member(c, &cli.global).await,
             Cmd::Cert(c) => cmd_cluster::run_cert(c, &cli.global).await,
             Cmd::Snapshot(c) => cmd_cluster::run_snapshot(c, &cli.global).await,
+            Cmd::User(c) => cmd_access::run_user(c, &cli.global).await,
+            Cmd::Role(c) => cmd_access::run_role(c, &cli.global).await,
+            Cmd::Audit(a) => cmd_access::run_audit(a, &cli.global).await,
             Cmd::Bench(c) => bench::run(c, &cli.global).await,
         }
     });

@@ -4,6 +4,7 @@ use std::{collections::BTreeSet, pin::Pin, sync::Arc, time::Duration};
 
 use berth_api::pb::{self, cluster_server};
 use berth_types::Command;
+use berth_types::spec::access::{Resource, Verb};
 use futures::Stream;
 use openraft::{BasicNode, ChangeMembers};
 use sha2::{Digest, Sha256};
@@ -73,54 +74,8 @@ impl ClusterService {
 
 type SnapshotStream = Pin<Box<dyn Stream<Item = Result<pb::SnapshotResponse, Status>> + Send>>;
 
-#[tonic::async_trait]
-impl cluster_server::Cluster for ClusterService {
-    async fn status(&self, _r: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {
-        let m = self.ctx.metrics();
-        let mut members = self.members();
-        // Ask every member for its own figures, in parallel and briefly.
-        let asks = members.iter().map(|mem| {
-            let ctx = self.ctx.clone();
-            let (id, ep) = (mem.id, mem.endpoint.clone());
-            async move {
-                if id == ctx.id {
-                    return Ok(ctx.local_status());
-                }
-                let ch = ctx.peers.channel(&ep).map_err(Status::unavailable)?;
-                let mut client = pb::raft::raft_client::RaftClient::new(ch);
-                let mut req = Request::new(pb::raft::LocalStatusRequest {});
-                req.set_timeout(Duration::from_millis(800));
-                match tokio::time::timeout(Duration::from_secs(1), client.local_status(req)).await {
-                    Ok(r) => r.map(Response::into_inner),
-                    Err(_) => Err(Status::deadline_exceeded("no answer within 1s")),
-                }
-            }
-        });
-        let answers = futures::future::join_all(asks).await;
-        for (mem, ans) in members.iter_mut().zip(answers) {
-            match ans {
-                Ok(s) => {
-                    mem.last_log_index = s.last_log_index;
-                    mem.applied_index = s.applied_index;
-                    mem.db_size_bytes = s.db_size_bytes;
-                    // The member's own view of its role is the authoritative one.
-                    mem.role = s.role;
-                }
-                Err(e) => {
-                    mem.role = "unreachable".into();
-                    mem.error = e.message().to_string();
-                }
-            }
-        }
-        Ok(Response::new(pb::StatusResponse {
-            header: Some(self.ctx.header()),
-            leader: m.current_leader.unwrap_or(0),
-            term: m.current_term,
-            members,
-        }))
-    }
-
-    async fn member_list(
+impl ClusterService {
+    async fn member_list_call(
         &self,
         _r: Request<pb::MemberListRequest>,
     ) -> Result<Response<pb::MemberListResponse>, Status> {
@@ -132,7 +87,10 @@ impl cluster_server::Cluster for ClusterService {
         }))
     }
 
-    async fn member_add(&self, r: Request<pb::MemberAddRequest>) -> Result<Response<pb::MemberAddResponse>, Status> {
+    async fn member_add_call(
+        &self,
+        r: Request<pb::MemberAddRequest>,
+    ) -> Result<Response<pb::MemberAddResponse>, Status> {
         let r = r.into_inner();
         self.require_leader()?;
         if r.id == 0 {
@@ -167,7 +125,7 @@ impl cluster_server::Cluster for ClusterService {
         Ok(Response::new(pb::MemberAddResponse { header: Some(self.ctx.header()), members: self.members() }))
     }
 
-    async fn member_certificate(
+    async fn member_certificate_call(
         &self,
         r: Request<pb::MemberCertificateRequest>,
     ) -> Result<Response<pb::MemberCertificateResponse>, Status> {
@@ -220,7 +178,7 @@ impl cluster_server::Cluster for ClusterService {
         }))
     }
 
-    async fn revoke_certificate(
+    async fn revoke_certificate_call(
         &self,
         r: Request<pb::RevokeCertificateRequest>,
     ) -> Result<Response<pb::RevokeCertificateResponse>, Status> {
@@ -250,7 +208,7 @@ impl cluster_server::Cluster for ClusterService {
         Ok(Response::new(pb::RevokeCertificateResponse { header: Some(self.ctx.header()), revoked }))
     }
 
-    async fn list_revoked(
+    async fn list_revoked_call(
         &self,
         _r: Request<pb::ListRevokedRequest>,
     ) -> Result<Response<pb::ListRevokedResponse>, Status> {
@@ -263,7 +221,7 @@ impl cluster_server::Cluster for ClusterService {
         Ok(Response::new(pb::ListRevokedResponse { header: Some(self.ctx.header()), revocations }))
     }
 
-    async fn member_promote(
+    async fn member_promote_call(
         &self,
         r: Request<pb::MemberPromoteRequest>,
     ) -> Result<Response<pb::MemberPromoteResponse>, Status> {
@@ -304,7 +262,7 @@ impl cluster_server::Cluster for ClusterService {
         Ok(Response::new(pb::MemberPromoteResponse { header: Some(self.ctx.header()), members: self.members() }))
     }
 
-    async fn member_remove(
+    async fn member_remove_call(
         &self,
         r: Request<pb::MemberRemoveRequest>,
     ) -> Result<Response<pb::MemberRemoveResponse>, Status> {
@@ -326,10 +284,14 @@ impl cluster_server::Cluster for ClusterService {
             ChangeMembers::RemoveNodes(BTreeSet::from([id]))
         };
         self.ctx.raft.change_membership(change, false).await.map_err(|e| self.membership_error(e))?;
+        // Its certificates go with it (the API already refuses a removed master's; this makes
+        // the refusal explicit in `berth cert revoked` and on every handshake).
+        let target = crate::revocation::Target::Identity(berth_pki::Identity::master(id));
+        crate::revocation::revoke(&self.ctx, &target, "berth member remove", "the master was removed").await?;
         Ok(Response::new(pb::MemberRemoveResponse { header: Some(self.ctx.header()), members: self.members() }))
     }
 
-    async fn transfer_leader(
+    async fn transfer_leader_call(
         &self,
         r: Request<pb::TransferLeaderRequest>,
     ) -> Result<Response<pb::TransferLeaderResponse>, Status> {
@@ -360,9 +322,7 @@ impl cluster_server::Cluster for ClusterService {
         }))
     }
 
-    type SnapshotStream = SnapshotStream;
-
-    async fn snapshot(&self, _r: Request<pb::SnapshotRequest>) -> Result<Response<Self::SnapshotStream>, Status> {
+    async fn snapshot_call(&self, _r: Request<pb::SnapshotRequest>) -> Result<Response<SnapshotStream>, Status> {
         let reader = self.ctx.reader.clone();
         let dir = self.ctx.data_dir.join("backups");
         let (path, _) = tokio::task::spawn_blocking(move || reader.backup(&dir))
@@ -394,5 +354,179 @@ impl cluster_server::Cluster for ClusterService {
             let _ = tokio::fs::remove_file(&path).await;
         };
         Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+#[tonic::async_trait]
+impl cluster_server::Cluster for ClusterService {
+    async fn status(&self, _r: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {
+        let m = self.ctx.metrics();
+        let mut members = self.members();
+        // Ask every member for its own figures, in parallel and briefly.
+        let asks = members.iter().map(|mem| {
+            let ctx = self.ctx.clone();
+            let (id, ep) = (mem.id, mem.endpoint.clone());
+            async move {
+                if id == ctx.id {
+                    return Ok(ctx.local_status());
+                }
+                let ch = ctx.peers.channel(&ep).map_err(Status::unavailable)?;
+                let mut client = pb::raft::raft_client::RaftClient::new(ch);
+                let mut req = Request::new(pb::raft::LocalStatusRequest {});
+                req.set_timeout(Duration::from_millis(800));
+                match tokio::time::timeout(Duration::from_secs(1), client.local_status(req)).await {
+                    Ok(r) => r.map(Response::into_inner),
+                    Err(_) => Err(Status::deadline_exceeded("no answer within 1s")),
+                }
+            }
+        });
+        let answers = futures::future::join_all(asks).await;
+        for (mem, ans) in members.iter_mut().zip(answers) {
+            match ans {
+                Ok(s) => {
+                    mem.last_log_index = s.last_log_index;
+                    mem.applied_index = s.applied_index;
+                    mem.db_size_bytes = s.db_size_bytes;
+                    // The member's own view of its role is the authoritative one.
+                    mem.role = s.role;
+                }
+                Err(e) => {
+                    mem.role = "unreachable".into();
+                    mem.error = e.message().to_string();
+                }
+            }
+        }
+        Ok(Response::new(pb::StatusResponse {
+            header: Some(self.ctx.header()),
+            leader: m.current_leader.unwrap_or(0),
+            term: m.current_term,
+            members,
+        }))
+    }
+
+    async fn member_list(&self, r: Request<pb::MemberListRequest>) -> Result<Response<pb::MemberListResponse>, Status> {
+        let caller = crate::authz::Caller::of(&r)?;
+        crate::audit::authorize(&self.ctx, &caller, Verb::List, Resource::Members, None, "")?;
+        self.member_list_call(r).await
+    }
+
+    async fn member_add(&self, r: Request<pb::MemberAddRequest>) -> Result<Response<pb::MemberAddResponse>, Status> {
+        let caller = crate::authz::Caller::of(&r)?;
+        let name: String = r.get_ref().id.to_string();
+        crate::audit::mutate(&self.ctx, &caller, Verb::Create, Resource::Members, None, &name, self.member_add_call(r))
+            .await
+    }
+
+    async fn member_certificate(
+        &self,
+        r: Request<pb::MemberCertificateRequest>,
+    ) -> Result<Response<pb::MemberCertificateResponse>, Status> {
+        let caller = crate::authz::Caller::of(&r)?;
+        let name: String = r.get_ref().id.to_string();
+        crate::audit::mutate(
+            &self.ctx,
+            &caller,
+            Verb::Create,
+            Resource::Members,
+            None,
+            &name,
+            self.member_certificate_call(r),
+        )
+        .await
+    }
+
+    async fn revoke_certificate(
+        &self,
+        r: Request<pb::RevokeCertificateRequest>,
+    ) -> Result<Response<pb::RevokeCertificateResponse>, Status> {
+        let caller = crate::authz::Caller::of(&r)?;
+        let name: String = r.get_ref().target.clone();
+        crate::audit::mutate(
+            &self.ctx,
+            &caller,
+            Verb::Create,
+            Resource::Certificates,
+            None,
+            &name,
+            self.revoke_certificate_call(r),
+        )
+        .await
+    }
+
+    async fn list_revoked(
+        &self,
+        r: Request<pb::ListRevokedRequest>,
+    ) -> Result<Response<pb::ListRevokedResponse>, Status> {
+        let caller = crate::authz::Caller::of(&r)?;
+        crate::audit::authorize(&self.ctx, &caller, Verb::List, Resource::Certificates, None, "")?;
+        self.list_revoked_call(r).await
+    }
+
+    async fn member_promote(
+        &self,
+        r: Request<pb::MemberPromoteRequest>,
+    ) -> Result<Response<pb::MemberPromoteResponse>, Status> {
+        let caller = crate::authz::Caller::of(&r)?;
+        let name: String = r.get_ref().id.to_string();
+        crate::audit::mutate(
+            &self.ctx,
+            &caller,
+            Verb::Update,
+            Resource::Members,
+            None,
+            &name,
+            self.member_promote_call(r),
+        )
+        .await
+    }
+
+    async fn member_remove(
+        &self,
+        r: Request<pb::MemberRemoveRequest>,
+    ) -> Result<Response<pb::MemberRemoveResponse>, Status> {
+        let caller = crate::authz::Caller::of(&r)?;
+        let name: String = r.get_ref().id.to_string();
+        crate::audit::mutate(
+            &self.ctx,
+            &caller,
+            Verb::Delete,
+            Resource::Members,
+            None,
+            &name,
+            self.member_remove_call(r),
+        )
+        .await
+    }
+
+    async fn transfer_leader(
+        &self,
+        r: Request<pb::TransferLeaderRequest>,
+    ) -> Result<Response<pb::TransferLeaderResponse>, Status> {
+        let caller = crate::authz::Caller::of(&r)?;
+        let name: String = r.get_ref().target.to_string();
+        crate::audit::mutate(
+            &self.ctx,
+            &caller,
+            Verb::Update,
+            Resource::Members,
+            None,
+            &name,
+            self.transfer_leader_call(r),
+        )
+        .await
+    }
+
+    type SnapshotStream = SnapshotStream;
+
+    async fn snapshot(&self, r: Request<pb::SnapshotRequest>) -> Result<Response<Self::SnapshotStream>, Status> {
+        let caller = crate::authz::Caller::of(&r)?;
+        if !self.ctx.rbac.is_cluster_admin(&caller) {
+            crate::audit::authorize(&self.ctx, &caller, Verb::Get, Resource::Kv, None, "backup")?;
+            return Err(Status::permission_denied(format!(
+                "{} may not take a backup: it holds every record and key of the cluster, so only a cluster-admin may",
+                caller.identity
+            )));
+        }
+        self.snapshot_call(r).await
     }
 }

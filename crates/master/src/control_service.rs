@@ -24,7 +24,10 @@ use tokio::sync::mpsc;
 use tonic::{Request, Response, Status};
 use tracing::info;
 
+use berth_types::spec::access::{Resource, Verb};
+
 use crate::{
+    authz::{Caller, Namespaces},
     networks,
     node::Ctx,
     objects::{self, Versioned},
@@ -156,123 +159,116 @@ impl ControlSvc {
     }
 }
 
-#[tonic::async_trait]
-impl ControlService for ControlSvc {
-    async fn list_networks(
+/// The namespace a request names, `default` when it names none.
+fn ns_of(ns: &str) -> &str {
+    if ns.is_empty() { spec::DEFAULT_NAMESPACE } else { ns }
+}
+
+/// The resource a document of `apply` is, and its namespace (None for the cluster's).
+fn document_scope(doc: &Document) -> (Resource, Option<&str>) {
+    match doc {
+        Document::Service(s) => (Resource::Services, Some(&s.metadata.namespace)),
+        Document::Network(n) => (Resource::Networks, Some(&n.metadata.namespace)),
+        Document::Volume(v) => (Resource::Volumes, Some(&v.metadata.namespace)),
+        Document::Route(r) => (Resource::Routes, Some(&r.metadata.namespace)),
+        Document::Role(_) | Document::RoleBinding(_) => (Resource::Roles, None),
+    }
+}
+
+fn file_resource(kind: spec::FileKind) -> Resource {
+    match kind {
+        spec::FileKind::Secret => Resource::Secrets,
+        spec::FileKind::Config => Resource::Configs,
+    }
+}
+
+impl ControlSvc {
+    async fn scale_call(&self, r: pb::ScaleRequest) -> Result<Response<pb::ServiceResponse>, Status> {
+        let s = r.service.unwrap_or_default();
+        self.ctx.read_barrier().await?;
+        let rec = load_service(&self.ctx, &s.namespace, &s.name)?;
+        let svc = parse(&rec)?;
+        if svc.spec.spec.mode == ServiceMode::Global {
+            return Err(Status::failed_precondition(format!(
+                "service {} is global (one task per eligible node); only replicated services scale",
+                svc.key()
+            )));
+        }
+        if r.replicas > spec::MAX_REPLICAS {
+            return Err(Status::invalid_argument(format!(
+                "replicas {} is over the limit of {}",
+                r.replicas,
+                spec::MAX_REPLICAS
+            )));
+        }
+        if svc.spec.spec.replicas != Some(r.replicas) {
+            let mut n = svc.spec.clone();
+            n.spec.replicas = Some(r.replicas);
+            self.change_spec(&rec, &n, &format!("scaled to {}", r.replicas)).await?;
+        }
+        self.respond(&rec.obj.namespace, &rec.obj.name).await
+    }
+
+    async fn rollout_call(&self, r: pb::RolloutRequest) -> Result<Response<pb::ServiceResponse>, Status> {
+        let s = r.service.unwrap_or_default();
+        self.ctx.read_barrier().await?;
+        let rec = load_service(&self.ctx, &s.namespace, &s.name)?;
+        let now = objects::now_ms();
+        let state = rec.obj.rollout.as_ref().map_or(RolloutState::Unspecified, |r| r.state());
+        match RolloutAction::try_from(r.action).unwrap_or(RolloutAction::Unspecified) {
+            RolloutAction::Status | RolloutAction::Unspecified => {}
+            // Pausing a paused rollout and resuming a running one change nothing, so that a
+            // client may send either again when it did not hear the first answer.
+            RolloutAction::Pause if state == RolloutState::Paused => {}
+            RolloutAction::Resume if matches!(state, RolloutState::Updating | RolloutState::RollingBack) => {}
+            RolloutAction::Pause => {
+                if !matches!(state, RolloutState::Updating | RolloutState::RollingBack) {
+                    return Err(Status::failed_precondition(
+                        "no rollout is in progress to pause: see `berth rollout status NAME`",
+                    ));
+                }
+                let mut n = rec.obj.clone();
+                if let Some(ro) = n.rollout.as_mut() {
+                    ro.state = RolloutState::Paused as i32;
+                    ro.message = "paused by `berth rollout pause`".into();
+                    ro.updated_at_ms = now;
+                }
+                self.write_record(&n, rec.mod_revision).await?;
+            }
+            RolloutAction::Resume => {
+                if state != RolloutState::Paused {
+                    return Err(Status::failed_precondition(
+                        "the rollout is not paused, so there is nothing to resume: see `berth rollout status NAME`",
+                    ));
+                }
+                let mut n = rec.obj.clone();
+                n.rollout =
+                    new_rollout(now, RolloutState::Updating, format!("resumed: rolling out version {}", n.version));
+                self.write_record(&n, rec.mod_revision).await?;
+            }
+            RolloutAction::Undo => {
+                if rec.obj.previous_spec_json.is_empty() {
+                    return Err(Status::failed_precondition("the service has no previous version to go back to"));
+                }
+                let mut n = rec.obj.clone();
+                std::mem::swap(&mut n.spec_json, &mut n.previous_spec_json);
+                std::mem::swap(&mut n.file_versions, &mut n.previous_file_versions);
+                n.previous_version = n.version;
+                n.version += 1;
+                n.updated_at_ms = now;
+                n.rollout = new_rollout(now, RolloutState::RollingBack, "undo: back to the previous spec".into());
+                self.write_record(&n, rec.mod_revision).await?;
+            }
+        }
+        self.respond(&rec.obj.namespace, &rec.obj.name).await
+    }
+
+    async fn apply_call(
         &self,
-        r: Request<pb::ListNetworksRequest>,
-    ) -> Result<Response<pb::ListNetworksResponse>, Status> {
-        let r = r.into_inner();
-        self.ctx.read_barrier().await?;
-        let networks = networks::list(&self.ctx.reader, &r.namespace)?;
-        Ok(Response::new(pb::ListNetworksResponse { header: Some(self.ctx.header()), networks }))
-    }
-
-    async fn get_network(&self, r: Request<pb::NetworkRef>) -> Result<Response<pb::NetworkResponse>, Status> {
-        let r = r.into_inner();
-        let ns = if r.namespace.is_empty() { spec::DEFAULT_NAMESPACE } else { &r.namespace };
-        self.ctx.read_barrier().await?;
-        let rec = networks::load(&self.ctx.reader, ns, &r.name)?;
-        let network = networks::view(&self.ctx.reader, rec)?;
-        Ok(Response::new(pb::NetworkResponse { header: Some(self.ctx.header()), network: Some(network) }))
-    }
-
-    async fn list_volumes(
-        &self,
-        r: Request<pb::ListVolumesRequest>,
-    ) -> Result<Response<pb::ListVolumesResponse>, Status> {
-        let r = r.into_inner();
-        self.ctx.read_barrier().await?;
-        let volumes = crate::volumes::list(&self.ctx.reader, &r.namespace)?;
-        Ok(Response::new(pb::ListVolumesResponse { header: Some(self.ctx.header()), volumes }))
-    }
-
-    async fn get_volume(&self, r: Request<pb::VolumeRef>) -> Result<Response<pb::VolumeResponse>, Status> {
-        let r = r.into_inner();
-        self.ctx.read_barrier().await?;
-        let volume = crate::volumes::get(&self.ctx.reader, &r.namespace, &r.name)?;
-        Ok(Response::new(pb::VolumeResponse { header: Some(self.ctx.header()), volume: Some(volume) }))
-    }
-
-    async fn delete_volume(&self, r: Request<pb::VolumeRef>) -> Result<Response<pb::VolumeResponse>, Status> {
-        let r = r.into_inner();
-        let volume = crate::volumes::delete(&self.ctx, &r.namespace, &r.name).await?;
-        Ok(Response::new(pb::VolumeResponse { header: Some(self.ctx.header()), volume: Some(volume) }))
-    }
-
-    async fn put_file(&self, r: Request<pb::PutFileRequest>) -> Result<Response<pb::FileResponse>, Status> {
-        let file = crate::secrets::put(&self.ctx, r.into_inner()).await?;
-        Ok(Response::new(pb::FileResponse { header: Some(self.ctx.header()), file: Some(file) }))
-    }
-
-    async fn list_files(&self, r: Request<pb::ListFilesRequest>) -> Result<Response<pb::ListFilesResponse>, Status> {
-        let r = r.into_inner();
-        let kind = crate::secrets::kind_of(r.kind)?;
-        self.ctx.read_barrier().await?;
-        let files = crate::secrets::list(&self.ctx.reader, kind, &r.namespace)?;
-        Ok(Response::new(pb::ListFilesResponse { header: Some(self.ctx.header()), files }))
-    }
-
-    async fn delete_file(&self, r: Request<pb::FileRef>) -> Result<Response<pb::FileResponse>, Status> {
-        let r = r.into_inner();
-        let kind = crate::secrets::kind_of(r.kind)?;
-        let file = crate::secrets::delete(&self.ctx, kind, &r.namespace, &r.name).await?;
-        Ok(Response::new(pb::FileResponse { header: Some(self.ctx.header()), file: Some(file) }))
-    }
-
-    async fn put_image_blob(
-        &self,
-        r: Request<tonic::Streaming<pb::ImageBlobChunk>>,
-    ) -> Result<Response<pb::ImageBlobResponse>, Status> {
-        Ok(Response::new(crate::images::put_blob(self.ctx.clone(), r.into_inner()).await?))
-    }
-
-    async fn put_image(&self, r: Request<pb::PutImageRequest>) -> Result<Response<pb::ImagesResponse>, Status> {
-        let images = crate::images::put_image(&self.ctx, r.into_inner()).await?;
-        Ok(Response::new(pb::ImagesResponse { header: Some(self.ctx.header()), images }))
-    }
-
-    async fn list_images(&self, _r: Request<pb::ListImagesRequest>) -> Result<Response<pb::ImagesResponse>, Status> {
-        self.ctx.read_barrier().await?;
-        let images = crate::images::list(&self.ctx.reader)?;
-        Ok(Response::new(pb::ImagesResponse { header: Some(self.ctx.header()), images }))
-    }
-
-    async fn delete_image(&self, r: Request<pb::ImageRef>) -> Result<Response<pb::ImagesResponse>, Status> {
-        let image = crate::images::delete(&self.ctx, &r.into_inner().reference).await?;
-        Ok(Response::new(pb::ImagesResponse { header: Some(self.ctx.header()), images: vec![image] }))
-    }
-
-    async fn delete_network(&self, r: Request<pb::NetworkRef>) -> Result<Response<pb::NetworkResponse>, Status> {
-        let r = r.into_inner();
-        let ns = if r.namespace.is_empty() { spec::DEFAULT_NAMESPACE } else { &r.namespace };
-        let network = networks::delete(&self.ctx, ns, &r.name).await?;
-        Ok(Response::new(pb::NetworkResponse { header: Some(self.ctx.header()), network: Some(network) }))
-    }
-
-    async fn list_routes(&self, r: Request<pb::ListRoutesRequest>) -> Result<Response<pb::ListRoutesResponse>, Status> {
-        let r = r.into_inner();
-        self.ctx.read_barrier().await?;
-        let routes = crate::routes::list(&self.ctx.reader, &r.namespace)?;
-        Ok(Response::new(pb::ListRoutesResponse { header: Some(self.ctx.header()), routes }))
-    }
-
-    async fn get_route(&self, r: Request<pb::RouteRef>) -> Result<Response<pb::RouteResponse>, Status> {
-        let r = r.into_inner();
-        self.ctx.read_barrier().await?;
-        let route = crate::routes::get(&self.ctx.reader, &r.namespace, &r.name)?;
-        Ok(Response::new(pb::RouteResponse { header: Some(self.ctx.header()), route: Some(route) }))
-    }
-
-    async fn delete_route(&self, r: Request<pb::RouteRef>) -> Result<Response<pb::RouteResponse>, Status> {
-        let r = r.into_inner();
-        let route = crate::routes::delete(&self.ctx, &r.namespace, &r.name).await?;
-        Ok(Response::new(pb::RouteResponse { header: Some(self.ctx.header()), route: Some(route) }))
-    }
-
-    async fn apply(&self, r: Request<pb::ApplyRequest>) -> Result<Response<pb::ApplyResponse>, Status> {
-        let r = r.into_inner();
-        let documents = spec::parse_all(&r.documents).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        caller: &Caller,
+        r: pb::ApplyRequest,
+        documents: Vec<Document>,
+    ) -> Result<Response<pb::ApplyResponse>, Status> {
         if r.expected_revision != 0 && documents.len() != 1 {
             return Err(Status::invalid_argument("expected_revision needs exactly one document"));
         }
@@ -280,6 +276,32 @@ impl ControlService for ControlSvc {
         let now = objects::now_ms();
         let mut results = Vec::new();
         let mut parts = Vec::new();
+        // Roles and bindings depend on nothing else in the apply.
+        let roles: Vec<&spec::access::Role> =
+            documents.iter().filter_map(|d| if let Document::Role(r) = d { Some(r) } else { None }).collect();
+        let bindings: Vec<&spec::access::RoleBinding> =
+            documents.iter().filter_map(|d| if let Document::RoleBinding(b) = d { Some(b) } else { None }).collect();
+        if !roles.is_empty() || !bindings.is_empty() {
+            if r.expected_revision != 0 {
+                return Err(Status::invalid_argument("expected_revision applies to a Service document only"));
+            }
+            let access = crate::authz::plan_access(&self.ctx, caller, &roles, &bindings)?;
+            for (kind, name, action) in access.results {
+                let action = if r.dry_run { format!("would be {action}") } else { action.to_string() };
+                results.push(pb::ApplyResult {
+                    namespace: String::new(),
+                    name,
+                    action,
+                    version: 0,
+                    revision: 0,
+                    changes: vec![],
+                    kind: kind.into(),
+                });
+            }
+            if !r.dry_run {
+                parts.extend(access.parts);
+            }
+        }
         // Networks first, so that services of the same apply may join them.
         let mut plan = networks::Plan::new(&self.ctx.reader)?;
         for doc in &documents {
@@ -431,8 +453,225 @@ impl ControlService for ControlSvc {
         Ok(Response::new(pb::ApplyResponse { header: Some(self.ctx.header()), results }))
     }
 
-    async fn get_service(&self, r: Request<pb::ServiceRef>) -> Result<Response<pb::GetServiceResponse>, Status> {
+    /// Checks a read of one object; a denial is audited.
+    fn allow(&self, caller: &Caller, verb: Verb, res: Resource, ns: &str, name: &str) -> Result<(), Status> {
+        crate::audit::authorize(&self.ctx, caller, verb, res, Some(ns_of(ns)), name)
+    }
+
+    /// For a list or watch: the namespaces its results may show (a request that names one
+    /// namespace is checked for it; one that names none shows the namespaces the caller may read).
+    fn scope(&self, caller: &Caller, verb: Verb, res: Resource, ns: &str) -> Result<Namespaces, Status> {
+        if ns.is_empty() {
+            crate::audit::namespaces(&self.ctx, caller, verb, res)
+        } else {
+            crate::audit::authorize(&self.ctx, caller, verb, res, Some(ns), "")?;
+            Ok(Namespaces::All)
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl ControlService for ControlSvc {
+    async fn list_networks(
+        &self,
+        r: Request<pb::ListNetworksRequest>,
+    ) -> Result<Response<pb::ListNetworksResponse>, Status> {
+        let caller = Caller::of(&r)?;
         let r = r.into_inner();
+        let scope = self.scope(&caller, Verb::List, Resource::Networks, &r.namespace)?;
+        self.ctx.read_barrier().await?;
+        let mut networks = networks::list(&self.ctx.reader, &r.namespace)?;
+        networks.retain(|n| n.record.as_ref().is_some_and(|r| scope.allows(&r.namespace)));
+        Ok(Response::new(pb::ListNetworksResponse { header: Some(self.ctx.header()), networks }))
+    }
+
+    async fn get_network(&self, r: Request<pb::NetworkRef>) -> Result<Response<pb::NetworkResponse>, Status> {
+        let caller = Caller::of(&r)?;
+        let r = r.into_inner();
+        self.allow(&caller, Verb::Get, Resource::Networks, &r.namespace, &r.name)?;
+        let ns = if r.namespace.is_empty() { spec::DEFAULT_NAMESPACE } else { &r.namespace };
+        self.ctx.read_barrier().await?;
+        let rec = networks::load(&self.ctx.reader, ns, &r.name)?;
+        let network = networks::view(&self.ctx.reader, rec)?;
+        Ok(Response::new(pb::NetworkResponse { header: Some(self.ctx.header()), network: Some(network) }))
+    }
+
+    async fn list_volumes(
+        &self,
+        r: Request<pb::ListVolumesRequest>,
+    ) -> Result<Response<pb::ListVolumesResponse>, Status> {
+        let caller = Caller::of(&r)?;
+        let r = r.into_inner();
+        let scope = self.scope(&caller, Verb::List, Resource::Volumes, &r.namespace)?;
+        self.ctx.read_barrier().await?;
+        let mut volumes = crate::volumes::list(&self.ctx.reader, &r.namespace)?;
+        volumes.retain(|v| v.record.as_ref().is_some_and(|r| scope.allows(&r.namespace)));
+        Ok(Response::new(pb::ListVolumesResponse { header: Some(self.ctx.header()), volumes }))
+    }
+
+    async fn get_volume(&self, r: Request<pb::VolumeRef>) -> Result<Response<pb::VolumeResponse>, Status> {
+        let caller = Caller::of(&r)?;
+        let r = r.into_inner();
+        self.allow(&caller, Verb::Get, Resource::Volumes, &r.namespace, &r.name)?;
+        self.ctx.read_barrier().await?;
+        let volume = crate::volumes::get(&self.ctx.reader, &r.namespace, &r.name)?;
+        Ok(Response::new(pb::VolumeResponse { header: Some(self.ctx.header()), volume: Some(volume) }))
+    }
+
+    async fn delete_volume(&self, r: Request<pb::VolumeRef>) -> Result<Response<pb::VolumeResponse>, Status> {
+        let caller = Caller::of(&r)?;
+        let r = r.into_inner();
+        let ns = Some(ns_of(&r.namespace));
+        let volume = crate::audit::mutate(&self.ctx, &caller, Verb::Delete, Resource::Volumes, ns, &r.name, async {
+            crate::volumes::delete(&self.ctx, &r.namespace, &r.name).await
+        })
+        .await?;
+        Ok(Response::new(pb::VolumeResponse { header: Some(self.ctx.header()), volume: Some(volume) }))
+    }
+
+    async fn put_file(&self, r: Request<pb::PutFileRequest>) -> Result<Response<pb::FileResponse>, Status> {
+        let caller = Caller::of(&r)?;
+        let r = r.into_inner();
+        let res = file_resource(crate::secrets::kind_of(r.kind)?);
+        let (ns, name) = (ns_of(&r.namespace).to_string(), r.name.clone());
+        // Create or update: a new version either way.
+        let file = crate::audit::mutate(&self.ctx, &caller, Verb::Update, res, Some(&ns), &name, async {
+            crate::secrets::put(&self.ctx, r).await
+        })
+        .await?;
+        Ok(Response::new(pb::FileResponse { header: Some(self.ctx.header()), file: Some(file) }))
+    }
+
+    async fn list_files(&self, r: Request<pb::ListFilesRequest>) -> Result<Response<pb::ListFilesResponse>, Status> {
+        let caller = Caller::of(&r)?;
+        let r = r.into_inner();
+        let kind = crate::secrets::kind_of(r.kind)?;
+        let scope = self.scope(&caller, Verb::List, file_resource(kind), &r.namespace)?;
+        self.ctx.read_barrier().await?;
+        let mut files = crate::secrets::list(&self.ctx.reader, kind, &r.namespace)?;
+        files.retain(|f| scope.allows(&f.namespace));
+        Ok(Response::new(pb::ListFilesResponse { header: Some(self.ctx.header()), files }))
+    }
+
+    async fn delete_file(&self, r: Request<pb::FileRef>) -> Result<Response<pb::FileResponse>, Status> {
+        let caller = Caller::of(&r)?;
+        let r = r.into_inner();
+        let kind = crate::secrets::kind_of(r.kind)?;
+        let ns = Some(ns_of(&r.namespace));
+        let file = crate::audit::mutate(&self.ctx, &caller, Verb::Delete, file_resource(kind), ns, &r.name, async {
+            crate::secrets::delete(&self.ctx, kind, &r.namespace, &r.name).await
+        })
+        .await?;
+        Ok(Response::new(pb::FileResponse { header: Some(self.ctx.header()), file: Some(file) }))
+    }
+
+    async fn put_image_blob(
+        &self,
+        r: Request<tonic::Streaming<pb::ImageBlobChunk>>,
+    ) -> Result<Response<pb::ImageBlobResponse>, Status> {
+        let caller = Caller::of(&r)?;
+        let res = crate::audit::mutate(&self.ctx, &caller, Verb::Create, Resource::Images, None, "blob", async {
+            crate::images::put_blob(self.ctx.clone(), r.into_inner()).await
+        })
+        .await?;
+        Ok(Response::new(res))
+    }
+
+    async fn put_image(&self, r: Request<pb::PutImageRequest>) -> Result<Response<pb::ImagesResponse>, Status> {
+        let caller = Caller::of(&r)?;
+        let r = r.into_inner();
+        let name = r.references.first().cloned().unwrap_or_else(|| r.digest.clone());
+        let images = crate::audit::mutate(&self.ctx, &caller, Verb::Create, Resource::Images, None, &name, async {
+            crate::images::put_image(&self.ctx, r).await
+        })
+        .await?;
+        Ok(Response::new(pb::ImagesResponse { header: Some(self.ctx.header()), images }))
+    }
+
+    async fn list_images(&self, r: Request<pb::ListImagesRequest>) -> Result<Response<pb::ImagesResponse>, Status> {
+        let caller = Caller::of(&r)?;
+        crate::audit::authorize(&self.ctx, &caller, Verb::List, Resource::Images, None, "")?;
+        self.ctx.read_barrier().await?;
+        let images = crate::images::list(&self.ctx.reader)?;
+        Ok(Response::new(pb::ImagesResponse { header: Some(self.ctx.header()), images }))
+    }
+
+    async fn delete_image(&self, r: Request<pb::ImageRef>) -> Result<Response<pb::ImagesResponse>, Status> {
+        let caller = Caller::of(&r)?;
+        let reference = r.into_inner().reference;
+        let image = crate::audit::mutate(&self.ctx, &caller, Verb::Delete, Resource::Images, None, &reference, async {
+            crate::images::delete(&self.ctx, &reference).await
+        })
+        .await?;
+        Ok(Response::new(pb::ImagesResponse { header: Some(self.ctx.header()), images: vec![image] }))
+    }
+
+    async fn delete_network(&self, r: Request<pb::NetworkRef>) -> Result<Response<pb::NetworkResponse>, Status> {
+        let caller = Caller::of(&r)?;
+        let r = r.into_inner();
+        let ns = ns_of(&r.namespace);
+        let network =
+            crate::audit::mutate(&self.ctx, &caller, Verb::Delete, Resource::Networks, Some(ns), &r.name, async {
+                networks::delete(&self.ctx, ns, &r.name).await
+            })
+            .await?;
+        Ok(Response::new(pb::NetworkResponse { header: Some(self.ctx.header()), network: Some(network) }))
+    }
+
+    async fn list_routes(&self, r: Request<pb::ListRoutesRequest>) -> Result<Response<pb::ListRoutesResponse>, Status> {
+        let caller = Caller::of(&r)?;
+        let r = r.into_inner();
+        let scope = self.scope(&caller, Verb::List, Resource::Routes, &r.namespace)?;
+        self.ctx.read_barrier().await?;
+        let mut routes = crate::routes::list(&self.ctx.reader, &r.namespace)?;
+        routes.retain(|rt| rt.record.as_ref().is_some_and(|r| scope.allows(&r.namespace)));
+        Ok(Response::new(pb::ListRoutesResponse { header: Some(self.ctx.header()), routes }))
+    }
+
+    async fn get_route(&self, r: Request<pb::RouteRef>) -> Result<Response<pb::RouteResponse>, Status> {
+        let caller = Caller::of(&r)?;
+        let r = r.into_inner();
+        self.allow(&caller, Verb::Get, Resource::Routes, &r.namespace, &r.name)?;
+        self.ctx.read_barrier().await?;
+        let route = crate::routes::get(&self.ctx.reader, &r.namespace, &r.name)?;
+        Ok(Response::new(pb::RouteResponse { header: Some(self.ctx.header()), route: Some(route) }))
+    }
+
+    async fn delete_route(&self, r: Request<pb::RouteRef>) -> Result<Response<pb::RouteResponse>, Status> {
+        let caller = Caller::of(&r)?;
+        let r = r.into_inner();
+        let ns = Some(ns_of(&r.namespace));
+        let route = crate::audit::mutate(&self.ctx, &caller, Verb::Delete, Resource::Routes, ns, &r.name, async {
+            crate::routes::delete(&self.ctx, &r.namespace, &r.name).await
+        })
+        .await?;
+        Ok(Response::new(pb::RouteResponse { header: Some(self.ctx.header()), route: Some(route) }))
+    }
+
+    async fn apply(&self, r: Request<pb::ApplyRequest>) -> Result<Response<pb::ApplyResponse>, Status> {
+        let caller = Caller::of(&r)?;
+        let r = r.into_inner();
+        let documents = spec::parse_all(&r.documents).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        // Apply creates or updates: each document needs both rights where it lives.
+        for doc in &documents {
+            let (res, ns) = document_scope(doc);
+            for verb in [Verb::Create, Verb::Update] {
+                crate::audit::authorize(&self.ctx, &caller, verb, res, ns, &doc.key())?;
+            }
+        }
+        let (res, ns) = document_scope(&documents[0]);
+        let ns = ns.map(str::to_string);
+        let names: Vec<String> = documents.iter().map(|d| format!("{:?} {}", d.kind(), d.key())).collect();
+        crate::audit::mutate(&self.ctx, &caller, Verb::Update, res, ns.as_deref(), &names.join(", "), async {
+            self.apply_call(&caller, r, documents).await
+        })
+        .await
+    }
+
+    async fn get_service(&self, r: Request<pb::ServiceRef>) -> Result<Response<pb::GetServiceResponse>, Status> {
+        let caller = Caller::of(&r)?;
+        let r = r.into_inner();
+        self.allow(&caller, Verb::Get, Resource::Services, &r.namespace, &r.name)?;
         self.ctx.read_barrier().await?;
         let rec = load_service(&self.ctx, &r.namespace, &r.name)?;
         let svc = parse(&rec)?;
@@ -446,7 +685,9 @@ impl ControlService for ControlSvc {
         &self,
         r: Request<pb::ListServicesRequest>,
     ) -> Result<Response<pb::ListServicesResponse>, Status> {
+        let caller = Caller::of(&r)?;
         let r = r.into_inner();
+        let scope = self.scope(&caller, Verb::List, Resource::Services, &r.namespace)?;
         self.ctx.read_barrier().await?;
         let prefix = if r.namespace.is_empty() {
             SERVICES_PREFIX.to_string()
@@ -461,6 +702,9 @@ impl ControlService for ControlSvc {
         }
         let mut services = Vec::new();
         for rec in objects::list::<ServiceRecord>(&self.ctx.reader, &prefix)? {
+            if !scope.allows(&rec.obj.namespace) {
+                continue;
+            }
             let svc = parse(&rec)?;
             let list = by_service.remove(&(svc.record.namespace.clone(), svc.record.name.clone())).unwrap_or_default();
             services.push(view(&self.ctx, &svc, Some(&list))?);
@@ -474,8 +718,10 @@ impl ControlService for ControlSvc {
         &self,
         r: Request<pb::WatchServicesRequest>,
     ) -> Result<Response<Self::WatchServicesStream>, Status> {
+        let caller = Caller::of(&r)?;
         let slot = self.ctx.streams.open(&r, "watch", crate::streams::MAX_WATCHES)?;
         let r = r.into_inner();
+        let scope = self.scope(&caller, Verb::Watch, Resource::Services, &r.namespace)?;
         let ctx = self.ctx.clone();
         ctx.read_barrier().await?;
         let prefix = if r.namespace.is_empty() {
@@ -495,6 +741,9 @@ impl ControlService for ControlSvc {
             loop {
                 let mut now: HashMap<String, ServiceView> = HashMap::new();
                 for rec in objects::list::<ServiceRecord>(&ctx.reader, &prefix)? {
+                    if !scope.allows(&rec.obj.namespace) {
+                        continue;
+                    }
                     let svc = parse(&rec)?;
                     now.insert(svc.key(), view(&ctx, &svc, None)?);
                 }
@@ -526,110 +775,66 @@ impl ControlService for ControlSvc {
     }
 
     async fn delete_service(&self, r: Request<pb::ServiceRef>) -> Result<Response<pb::ServiceResponse>, Status> {
+        let caller = Caller::of(&r)?;
         let r = r.into_inner();
-        self.ctx.read_barrier().await?;
-        let rec = load_service(&self.ctx, &r.namespace, &r.name)?;
-        if !rec.obj.deleting {
-            let mut n = rec.obj.clone();
-            n.deleting = true;
-            n.updated_at_ms = objects::now_ms();
-            self.write_record(&n, rec.mod_revision).await?;
-            info!(service = %format!("{}/{}", n.namespace, n.name), "service deleting");
-        }
-        self.respond(&rec.obj.namespace, &rec.obj.name).await
+        let ns = Some(ns_of(&r.namespace));
+        crate::audit::mutate(&self.ctx, &caller, Verb::Delete, Resource::Services, ns, &r.name, async {
+            self.ctx.read_barrier().await?;
+            let rec = load_service(&self.ctx, &r.namespace, &r.name)?;
+            if !rec.obj.deleting {
+                let mut n = rec.obj.clone();
+                n.deleting = true;
+                n.updated_at_ms = objects::now_ms();
+                self.write_record(&n, rec.mod_revision).await?;
+                info!(service = %format!("{}/{}", n.namespace, n.name), "service deleting");
+            }
+            self.respond(&rec.obj.namespace, &rec.obj.name).await
+        })
+        .await
     }
 
     async fn scale(&self, r: Request<pb::ScaleRequest>) -> Result<Response<pb::ServiceResponse>, Status> {
+        let caller = Caller::of(&r)?;
         let r = r.into_inner();
-        let s = r.service.unwrap_or_default();
-        self.ctx.read_barrier().await?;
-        let rec = load_service(&self.ctx, &s.namespace, &s.name)?;
-        let svc = parse(&rec)?;
-        if svc.spec.spec.mode == ServiceMode::Global {
-            return Err(Status::failed_precondition(format!(
-                "service {} is global (one task per eligible node); only replicated services scale",
-                svc.key()
-            )));
-        }
-        if r.replicas > spec::MAX_REPLICAS {
-            return Err(Status::invalid_argument(format!(
-                "replicas {} is over the limit of {}",
-                r.replicas,
-                spec::MAX_REPLICAS
-            )));
-        }
-        if svc.spec.spec.replicas != Some(r.replicas) {
-            let mut n = svc.spec.clone();
-            n.spec.replicas = Some(r.replicas);
-            self.change_spec(&rec, &n, &format!("scaled to {}", r.replicas)).await?;
-        }
-        self.respond(&rec.obj.namespace, &rec.obj.name).await
+        let s = r.service.clone().unwrap_or_default();
+        let ns = Some(ns_of(&s.namespace));
+        crate::audit::mutate(&self.ctx, &caller, Verb::Update, Resource::Services, ns, &s.name, self.scale_call(r))
+            .await
     }
 
     async fn rollout(&self, r: Request<pb::RolloutRequest>) -> Result<Response<pb::ServiceResponse>, Status> {
+        let caller = Caller::of(&r)?;
         let r = r.into_inner();
-        let s = r.service.unwrap_or_default();
-        self.ctx.read_barrier().await?;
-        let rec = load_service(&self.ctx, &s.namespace, &s.name)?;
-        let now = objects::now_ms();
-        let state = rec.obj.rollout.as_ref().map_or(RolloutState::Unspecified, |r| r.state());
-        match RolloutAction::try_from(r.action).unwrap_or(RolloutAction::Unspecified) {
-            RolloutAction::Status | RolloutAction::Unspecified => {}
-            // Pausing a paused rollout and resuming a running one change nothing, so that a
-            // client may send either again when it did not hear the first answer.
-            RolloutAction::Pause if state == RolloutState::Paused => {}
-            RolloutAction::Resume if matches!(state, RolloutState::Updating | RolloutState::RollingBack) => {}
-            RolloutAction::Pause => {
-                if !matches!(state, RolloutState::Updating | RolloutState::RollingBack) {
-                    return Err(Status::failed_precondition(
-                        "no rollout is in progress to pause: see `berth rollout status NAME`",
-                    ));
-                }
-                let mut n = rec.obj.clone();
-                if let Some(ro) = n.rollout.as_mut() {
-                    ro.state = RolloutState::Paused as i32;
-                    ro.message = "paused by `berth rollout pause`".into();
-                    ro.updated_at_ms = now;
-                }
-                self.write_record(&n, rec.mod_revision).await?;
-            }
-            RolloutAction::Resume => {
-                if state != RolloutState::Paused {
-                    return Err(Status::failed_precondition(
-                        "the rollout is not paused, so there is nothing to resume: see `berth rollout status NAME`",
-                    ));
-                }
-                let mut n = rec.obj.clone();
-                n.rollout =
-                    new_rollout(now, RolloutState::Updating, format!("resumed: rolling out version {}", n.version));
-                self.write_record(&n, rec.mod_revision).await?;
-            }
-            RolloutAction::Undo => {
-                if rec.obj.previous_spec_json.is_empty() {
-                    return Err(Status::failed_precondition("the service has no previous version to go back to"));
-                }
-                let mut n = rec.obj.clone();
-                std::mem::swap(&mut n.spec_json, &mut n.previous_spec_json);
-                std::mem::swap(&mut n.file_versions, &mut n.previous_file_versions);
-                n.previous_version = n.version;
-                n.version += 1;
-                n.updated_at_ms = now;
-                n.rollout = new_rollout(now, RolloutState::RollingBack, "undo: back to the previous spec".into());
-                self.write_record(&n, rec.mod_revision).await?;
-            }
+        let s = r.service.clone().unwrap_or_default();
+        let ns = ns_of(&s.namespace);
+        let action = RolloutAction::try_from(r.action).unwrap_or(RolloutAction::Unspecified);
+        if matches!(action, RolloutAction::Status | RolloutAction::Unspecified) {
+            self.allow(&caller, Verb::Get, Resource::Services, ns, &s.name)?;
+            return self.rollout_call(r).await;
         }
-        self.respond(&rec.obj.namespace, &rec.obj.name).await
+        crate::audit::mutate(
+            &self.ctx,
+            &caller,
+            Verb::Update,
+            Resource::Services,
+            Some(ns),
+            &s.name,
+            self.rollout_call(r),
+        )
+        .await
     }
 
     async fn list_tasks(&self, r: Request<pb::ListTasksRequest>) -> Result<Response<pb::ListTasksResponse>, Status> {
+        let caller = Caller::of(&r)?;
         let r = r.into_inner();
+        let scope = self.scope(&caller, Verb::List, Resource::Tasks, &r.namespace)?;
         self.ctx.read_barrier().await?;
         let prefix =
             if r.service.is_empty() { TASKS_PREFIX.to_string() } else { format!("{TASKS_PREFIX}{}.", r.service) };
         let mut list: Vec<Task> = objects::list::<Task>(&self.ctx.reader, &prefix)?
             .into_iter()
             .map(|t| t.obj)
-            .filter(|t| r.namespace.is_empty() || t.namespace == r.namespace)
+            .filter(|t| (r.namespace.is_empty() || t.namespace == r.namespace) && scope.allows(&t.namespace))
             .filter(|t| r.service.is_empty() || t.service == r.service)
             .filter(|t| r.all || tasks::desired_of(t) == TaskState::Running || !tasks::is_terminal(tasks::state_of(t)))
             .collect();
@@ -648,9 +853,13 @@ impl ControlService for ControlSvc {
     type LogsStream = Stream_<pb::LogEntry>;
 
     async fn logs(&self, r: Request<pb::LogsRequest>) -> Result<Response<Self::LogsStream>, Status> {
+        let caller = Caller::of(&r)?;
         let slot = self.ctx.streams.open(&r, "log", crate::streams::MAX_LOG_STREAMS)?;
         let req = r.into_inner();
         let ctx = self.ctx.clone();
+        // A task id names its namespace; a service name is in the request's.
+        let task_ns = objects::get::<Task>(&ctx.reader, &tasks::task_key(&req.target))?.map(|t| t.obj.namespace);
+        self.allow(&caller, Verb::Get, Resource::Tasks, task_ns.as_deref().unwrap_or(&req.namespace), &req.target)?;
         if !ctx.is_leader() {
             // Only the leader holds the agents' sessions: relay through it.
             let (_, addr) = ctx.leader().ok_or_else(|| berth_api::not_applied("no leader is known yet; retry"))?;

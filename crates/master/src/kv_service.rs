@@ -4,7 +4,10 @@ use std::{path::PathBuf, pin::Pin, sync::Arc};
 
 use berth_api::pb::{self, kv_server};
 use berth_store::WatchEvents;
-use berth_types::{Command, CommandResult, DeleteRange, Put, RequestOp, Txn};
+use berth_types::{
+    Command, CommandResult, DeleteRange, Put, RequestOp, Txn,
+    spec::access::{Resource, Verb},
+};
 use futures::Stream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, service::interceptor::InterceptedService};
@@ -55,6 +58,10 @@ pub(crate) async fn serve(
             .max_encoding_message_size(CLIENT_MESSAGE_LIMIT),
         require_client.clone(),
     );
+    let access = InterceptedService::new(
+        pb::access_server::AccessServer::new(crate::access_service::AccessService { ctx: ctx.clone() }),
+        require_client.clone(),
+    );
     let pki = ctx.pki.clone();
     // Raft messages may be large (RAFT_MESSAGE_LIMIT): the certificate is checked from the
     // request's head, before any of its body is read, so only a master can make a master read one.
@@ -78,6 +85,7 @@ pub(crate) async fn serve(
         .add_service(cluster)
         .add_service(nodes)
         .add_service(control)
+        .add_service(access)
         .add_service(raft)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -88,9 +96,11 @@ pub(crate) async fn serve(
 
 /// Who may use a service, checked from the request's head (before its body is read) on every
 /// request, so that a revocation applies to connections already open: the client APIs are for
-/// admins (and masters forwarding on a client's behalf; agents have their own protocol over
-/// QUIC), Raft for masters only; a revoked certificate and a removed master's are refused.
-fn authorize(ctx: &crate::node::Ctx, req: Request<()>, masters_only: bool) -> Result<Request<()>, Status> {
+/// admins, users (what each call may do is then checked by its handler, `authz`) and masters
+/// forwarding on a client's behalf; agents have their own protocol over QUIC. Raft is for
+/// masters only. A revoked certificate and a removed master's are refused. The caller's
+/// identity is handed to the handlers as a request extension.
+fn authorize(ctx: &crate::node::Ctx, mut req: Request<()>, masters_only: bool) -> Result<Request<()>, Status> {
     // One parse of the certificate per request: identity, serial and start of validity.
     let certs = req.peer_certs();
     let Some(leaf) = certs.as_ref().and_then(|c| c.first()) else {
@@ -102,7 +112,7 @@ fn authorize(ctx: &crate::node::Ctx, req: Request<()>, masters_only: bool) -> Re
     let ident = &info.identity;
     match ident.role {
         berth_pki::Role::Master => {}
-        berth_pki::Role::Admin if !masters_only => {}
+        berth_pki::Role::Admin | berth_pki::Role::User if !masters_only => {}
         _ if masters_only => {
             return Err(Status::permission_denied(format!(
                 "the Raft service is for masters only, and this client's certificate is {ident}"
@@ -110,7 +120,8 @@ fn authorize(ctx: &crate::node::Ctx, req: Request<()>, masters_only: bool) -> Re
         }
         _ => {
             return Err(Status::permission_denied(format!(
-                "certificate {ident} may not use the client API: use an admin certificate (see `berth pki init`)"
+                "certificate {ident} may not use the client API: agents speak QUIC; use an admin certificate \
+                 (`berth pki init`) or a user's (`berth user add`)"
             )));
         }
     }
@@ -127,6 +138,7 @@ fn authorize(ctx: &crate::node::Ctx, req: Request<()>, masters_only: bool) -> Re
     ctx.revoked
         .check(&info)
         .map_err(|e| Status::permission_denied(format!("{e}: ask an admin for a new certificate")))?;
+    req.extensions_mut().insert(crate::authz::Caller { identity: info.identity });
     Ok(req)
 }
 
@@ -144,43 +156,89 @@ fn store_err(e: berth_store::StoreError) -> Status {
 /// berth's own records live under this prefix; only the masters write them.
 const RESERVED: &[u8] = b"/berth/";
 
-/// Refuses a KV write that would touch berth's own records (`/berth/`): a put of such a key, or
-/// a delete whose range overlaps the prefix. The masters write them through their own commands;
-/// through KV, a client could forge a node, a token or a task.
-fn refuse_reserved(txn: &Txn) -> Result<(), Status> {
+/// Whether the range [key, range_end) (etcd's conventions: empty end is the key alone, "\0" is
+/// every key from it) overlaps berth's own records.
+fn overlaps_reserved(key: &[u8], range_end: &[u8]) -> bool {
+    if range_end.is_empty() {
+        return key.starts_with(RESERVED);
+    }
     let end = berth_types::prefix_end(RESERVED);
+    let to_end = range_end == [0];
+    key < end.as_slice() && (to_end || range_end > RESERVED)
+}
+
+fn reserved_write(key: &[u8]) -> Status {
+    Status::permission_denied(format!(
+        "{:?} is under /berth/, berth's own records: they change only through berth's commands (apply, node, \
+         token, ...), never through KV writes",
+        String::from_utf8_lossy(key)
+    ))
+}
+
+fn reserved_read(caller: &crate::authz::Caller, key: &[u8]) -> Status {
+    Status::permission_denied(format!(
+        "{} may not read {:?}: keys under /berth/ are berth's own records (tokens, users, secrets' metadata), \
+         readable through KV by a cluster-admin only; use berth's commands (get, describe, ...) instead",
+        caller.identity,
+        String::from_utf8_lossy(key)
+    ))
+}
+
+/// Refuses a KV transaction that would touch berth's own records (`/berth/`): a put of such a
+/// key or a delete whose range overlaps the prefix, always (the masters write them through their
+/// own commands; through KV, a client could forge a node, a token or a task); a read of them
+/// unless `may_read` (a cluster-admin).
+fn refuse_reserved(txn: &Txn, caller: &crate::authz::Caller, may_read: bool) -> Result<(), Status> {
     for op in txn.success.iter().chain(txn.failure.iter()) {
-        let touched = match op {
-            RequestOp::Put(p) => p.key.starts_with(RESERVED).then(|| p.key.clone()),
-            RequestOp::DeleteRange(d) => {
-                // [key, range_end): empty range_end is the key alone, "\0" is every key from it.
-                let overlaps = if d.range_end.is_empty() {
-                    d.key.starts_with(RESERVED)
-                } else {
-                    let to_end = d.range_end == [0];
-                    d.key.as_slice() < end.as_slice() && (to_end || d.range_end.as_slice() > RESERVED)
-                };
-                overlaps.then(|| d.key.clone())
+        match op {
+            RequestOp::Put(p) if p.key.starts_with(RESERVED) => return Err(reserved_write(&p.key)),
+            RequestOp::DeleteRange(d) if overlaps_reserved(&d.key, &d.range_end) => return Err(reserved_write(&d.key)),
+            RequestOp::Range(q) if !may_read && overlaps_reserved(&q.key, &q.range_end) => {
+                return Err(reserved_read(caller, &q.key));
             }
-            RequestOp::Range(_) => None,
-        };
-        if let Some(key) = touched {
-            return Err(Status::permission_denied(format!(
-                "{:?} is under /berth/, berth's own records: they change only through berth's commands \
-                 (apply, node, token, ...), never through KV writes",
-                String::from_utf8_lossy(&key)
-            )));
+            _ => {}
         }
     }
     Ok(())
 }
 
+/// What a transaction does, for authorization: `update` when it writes, `get` when it only
+/// reads; and the first key it names.
+fn txn_verb(txn: &Txn) -> (Verb, Vec<u8>) {
+    let writes = txn.success.iter().chain(txn.failure.iter()).any(|op| !matches!(op, RequestOp::Range(_)));
+    let first = txn.success.iter().chain(txn.failure.iter()).next().map(|op| match op {
+        RequestOp::Put(p) => p.key.clone(),
+        RequestOp::DeleteRange(d) => d.key.clone(),
+        RequestOp::Range(q) => q.key.clone(),
+    });
+    (if writes { Verb::Update } else { Verb::Get }, first.unwrap_or_default())
+}
+
+fn key_name(key: &[u8]) -> String {
+    String::from_utf8_lossy(key).into_owned()
+}
+
 impl KvService {
-    async fn txn(&self, txn: Txn) -> Result<berth_types::TxnResult, Status> {
-        refuse_reserved(&txn)?;
-        match self.ctx.write(Command::Txn(txn)).await? {
-            CommandResult::Txn(r) => Ok(r),
-            other => Err(Status::internal(format!("unexpected result {other:?} for a transaction"))),
+    /// Checks and commits a transaction on `caller`'s behalf; one that writes is audited.
+    async fn txn(&self, caller: &crate::authz::Caller, verb: Verb, txn: Txn) -> Result<berth_types::TxnResult, Status> {
+        let (txn_verb, key) = txn_verb(&txn);
+        let verb = if txn_verb == Verb::Get { Verb::Get } else { verb };
+        let name = key_name(&key);
+        if !verb.mutates() {
+            crate::audit::authorize(&self.ctx, caller, verb, Resource::Kv, None, &name)?;
+        }
+        let check = || refuse_reserved(&txn, caller, self.ctx.rbac.is_cluster_admin(caller));
+        let commit = async {
+            check()?;
+            match self.ctx.write(Command::Txn(txn.clone())).await? {
+                CommandResult::Txn(r) => Ok(r),
+                other => Err(Status::internal(format!("unexpected result {other:?} for a transaction"))),
+            }
+        };
+        if verb.mutates() {
+            crate::audit::mutate(&self.ctx, caller, verb, Resource::Kv, None, &name, commit).await
+        } else {
+            commit.await
         }
     }
 
@@ -194,8 +252,13 @@ type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchResponse, Status>> 
 #[tonic::async_trait]
 impl kv_server::Kv for KvService {
     async fn range(&self, r: Request<pb::RangeRequest>) -> Result<Response<pb::RangeResponse>, Status> {
+        let caller = crate::authz::Caller::of(&r)?;
         let r = r.into_inner();
         let q = berth_api::range_query_from_pb(&r)?;
+        crate::audit::authorize(&self.ctx, &caller, Verb::Get, Resource::Kv, None, &key_name(&q.key))?;
+        if overlaps_reserved(&q.key, &q.range_end) && !self.ctx.rbac.is_cluster_admin(&caller) {
+            return Err(reserved_read(&caller, &q.key));
+        }
         self.ctx.limits.check_key(&q.key).map_err(|e| Status::invalid_argument(e.to_string()))?;
         if !r.serializable {
             self.ctx.read_barrier().await?;
@@ -209,12 +272,13 @@ impl kv_server::Kv for KvService {
     }
 
     async fn put(&self, r: Request<pb::PutRequest>) -> Result<Response<pb::PutResponse>, Status> {
+        let caller = crate::authz::Caller::of(&r)?;
         let r = r.into_inner();
         let txn = Txn {
             success: vec![RequestOp::Put(Put { key: r.key, value: r.value, prev_kv: r.prev_kv })],
             ..Default::default()
         };
-        let res = self.txn(txn).await?;
+        let res = self.txn(&caller, Verb::Update, txn).await?;
         let prev_kv = match res.responses.into_iter().next() {
             Some(berth_types::OpResult::Put(p)) => p.prev_kv.map(Into::into),
             _ => None,
@@ -226,6 +290,7 @@ impl kv_server::Kv for KvService {
         &self,
         r: Request<pb::DeleteRangeRequest>,
     ) -> Result<Response<pb::DeleteRangeResponse>, Status> {
+        let caller = crate::authz::Caller::of(&r)?;
         let r = r.into_inner();
         let txn = Txn {
             success: vec![RequestOp::DeleteRange(DeleteRange {
@@ -235,7 +300,7 @@ impl kv_server::Kv for KvService {
             })],
             ..Default::default()
         };
-        let res = self.txn(txn).await?;
+        let res = self.txn(&caller, Verb::Delete, txn).await?;
         let header = self.header_at(res.revision);
         match res.responses.into_iter().next() {
             Some(berth_types::OpResult::DeleteRange(d)) => Ok(Response::new(pb::DeleteRangeResponse {
@@ -250,23 +315,39 @@ impl kv_server::Kv for KvService {
     async fn txn(&self, r: Request<pb::TxnRequest>) -> Result<Response<pb::TxnResponse>, Status> {
         // Every transaction, read-only ones included, goes through the log: that alone makes it
         // linearizable, so no read-index round is needed on top.
+        let caller = crate::authz::Caller::of(&r)?;
         let txn = berth_api::txn_from_pb(r.into_inner())?;
-        let res = self.txn(txn).await?;
+        let res = self.txn(&caller, Verb::Update, txn).await?;
         let header = self.header_at(res.revision);
         Ok(Response::new(berth_api::txn_result_to_pb(res, &header)))
     }
 
     async fn compact(&self, r: Request<pb::CompactionRequest>) -> Result<Response<pb::CompactionResponse>, Status> {
+        let caller = crate::authz::Caller::of(&r)?;
         let revision = r.into_inner().revision;
-        self.ctx.write(Command::Compact { revision }).await?;
+        crate::audit::mutate(
+            &self.ctx,
+            &caller,
+            Verb::Delete,
+            Resource::Kv,
+            None,
+            &format!("history to {revision}"),
+            async { self.ctx.write(Command::Compact { revision }).await },
+        )
+        .await?;
         Ok(Response::new(pb::CompactionResponse { header: Some(self.ctx.header()) }))
     }
 
     type WatchStream = WatchStream;
 
     async fn watch(&self, r: Request<pb::WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+        let caller = crate::authz::Caller::of(&r)?;
         let slot = self.ctx.streams.open(&r, "watch", crate::streams::MAX_WATCHES)?;
         let r = r.into_inner();
+        crate::audit::authorize(&self.ctx, &caller, Verb::Watch, Resource::Kv, None, &key_name(&r.key))?;
+        if overlaps_reserved(&r.key, &r.range_end) && !self.ctx.rbac.is_cluster_admin(&caller) {
+            return Err(reserved_read(&caller, &r.key));
+        }
         if r.start_revision < 0 {
             return Err(Status::invalid_argument("start_revision must be >= 0"));
         }
@@ -329,9 +410,14 @@ impl kv_server::Kv for KvService {
 
 #[cfg(test)]
 mod tests {
-    use berth_types::{DeleteRange, Put, RequestOp, Txn};
+    use berth_types::{DeleteRange, Put, RangeQuery, RequestOp, Txn};
 
-    use super::refuse_reserved;
+    use super::refuse_reserved as refuse;
+    use crate::authz::Caller;
+
+    fn refuse_reserved(txn: &Txn) -> Result<(), tonic::Status> {
+        refuse(txn, &Caller { identity: berth_pki::Identity::user("u") }, false)
+    }
 
     fn put(key: &str) -> Txn {
         Txn {
@@ -363,5 +449,27 @@ mod tests {
         assert!(refuse_reserved(&del("app/", b"app0")).is_ok());
         assert!(refuse_reserved(&del("/berth0", b"\0")).is_ok(), "after the prefix");
         assert!(refuse_reserved(&del("/a", b"/berth/")).is_ok(), "ends where the prefix starts");
+    }
+
+    #[test]
+    fn only_a_cluster_admin_reads_berths_records() {
+        let read = |key: &str, end: &[u8]| Txn {
+            success: vec![RequestOp::Range(RangeQuery {
+                key: key.into(),
+                range_end: end.to_vec(),
+                ..Default::default()
+            })],
+            ..Default::default()
+        };
+        let user = Caller { identity: berth_pki::Identity::user("u") };
+        let e = refuse(&read("/berth/tokens/", b"/berth/tokens0"), &user, false).unwrap_err();
+        assert!(
+            e.message().contains("user/u may not read") && e.message().contains("cluster-admin"),
+            "{}",
+            e.message()
+        );
+        assert!(refuse(&read("/", b"\0"), &user, false).is_err(), "everything from '/'");
+        assert!(refuse(&read("app/x", b""), &user, false).is_ok());
+        assert!(refuse(&read("/berth/tokens/", b"/berth/tokens0"), &user, true).is_ok());
     }
 }

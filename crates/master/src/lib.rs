@@ -4,7 +4,10 @@
 //! The service library takes a plain [`MasterConfig`]; it knows nothing of clap or the CLI.
 //! It may depend on every lower crate (types, api, store); nothing depends on it but the CLI.
 
+mod access_service;
 mod assign;
+mod audit;
+mod authz;
 mod cluster_service;
 mod config;
 mod control_service;

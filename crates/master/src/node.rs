@@ -66,6 +66,10 @@ pub(crate) struct Ctx {
     pub streams: Arc<crate::streams::ClientStreams>,
     /// Revoked certificates and identities, as this master last applied them.
     pub revoked: Arc<crate::revocation::Revoked>,
+    /// Users, roles and bindings, as this master last applied them.
+    pub rbac: Arc<crate::authz::Rbac>,
+    /// The audit log's queue and key numbering.
+    pub audit: crate::audit::AuditLog,
 }
 
 impl Ctx {
@@ -264,11 +268,17 @@ pub async fn run_master(cfg: MasterConfig, shutdown: CancellationToken) -> Resul
         route_domains: cfg.route_domains.iter().map(|d| d.trim_end_matches('.').to_ascii_lowercase()).collect(),
         streams: Default::default(),
         revoked: Default::default(),
+        rbac: Default::default(),
+        audit: crate::audit::AuditLog::new(),
     });
     ctx.refresh_removed();
     // Revocations are known before the first connection is accepted, and followed from then on.
     crate::revocation::refresh(&ctx);
     let revocations = tokio::spawn(crate::revocation::follow(ctx.clone(), shutdown.clone()));
+    crate::authz::refresh(&ctx);
+    let rbac = tokio::spawn(crate::authz::follow(ctx.clone(), shutdown.clone()));
+    let audit_queue = tokio::spawn(crate::audit::run_queue(ctx.clone(), shutdown.clone()));
+    let audit_file = tokio::spawn(crate::audit::follow_file(ctx.clone(), shutdown.clone()));
     let quic = crate::dispatcher::bind(&ctx, local_addr)?;
     let _ = ctx.quic.set(quic.clone());
     let dispatcher = tokio::spawn(crate::dispatcher::run(ctx.clone(), quic, shutdown.clone()));
@@ -322,9 +332,13 @@ pub async fn run_master(cfg: MasterConfig, shutdown: CancellationToken) -> Resul
     renewer.abort();
     guard_dir.abort();
     revocations.abort();
+    rbac.abort();
+    audit_file.abort();
     ctx.liveness.step_down();
     server_token.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(2), dispatcher).await;
+    // Denials and failed calls queued before the stop get their chance to be committed.
+    let _ = tokio::time::timeout(Duration::from_secs(1), audit_queue).await;
     if let Err(e) = raft.shutdown().await {
         warn!("raft shutdown: {e}");
     }
@@ -474,6 +488,7 @@ async fn watch_state(ctx: Arc<Ctx>, shutdown: CancellationToken) {
             tokio::spawn(crate::endpoints::index(ctx.clone(), token.clone()));
             tokio::spawn(crate::assign::commit_statuses(ctx.clone(), token.clone()));
             tokio::spawn(crate::controller::run(ctx.clone(), token.clone()));
+            tokio::spawn(crate::audit::retain(ctx.clone(), token.clone()));
             tokio::spawn(record_ca(ctx.clone()));
             tokio::spawn(crate::networks::record_pools(ctx.clone()));
             leading = Some(token);

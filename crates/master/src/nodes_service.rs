@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use berth_api::pb::{self, JoinTokenRecord, Node, NodeAvailability, NodeStatus, nodes_server::Nodes};
 use berth_pki::token::JoinToken;
+use berth_types::spec::access::{Resource, Verb};
 use berth_types::{Command, CommandResult};
 use tonic::{Request, Response, Status};
 use tracing::info;
@@ -47,9 +48,8 @@ pub(crate) const MAX_TOKEN_USES: u64 = 1_000_000;
 /// The longest a token may stay valid: 10 years.
 pub(crate) const MAX_TOKEN_TTL_SECONDS: u64 = 10 * 366 * 24 * 3600;
 
-#[tonic::async_trait]
-impl Nodes for NodesService {
-    async fn token_create(
+impl NodesService {
+    async fn token_create_call(
         &self,
         r: Request<pb::TokenCreateRequest>,
     ) -> Result<Response<pb::TokenCreateResponse>, Status> {
@@ -97,7 +97,10 @@ impl Nodes for NodesService {
         }))
     }
 
-    async fn token_list(&self, _r: Request<pb::TokenListRequest>) -> Result<Response<pb::TokenListResponse>, Status> {
+    async fn token_list_call(
+        &self,
+        _r: Request<pb::TokenListRequest>,
+    ) -> Result<Response<pb::TokenListResponse>, Status> {
         self.ctx.read_barrier().await?;
         let tokens = objects::list::<JoinTokenRecord>(&self.ctx.reader, TOKENS_PREFIX)?
             .into_iter()
@@ -106,7 +109,7 @@ impl Nodes for NodesService {
         Ok(Response::new(pb::TokenListResponse { header: Some(self.ctx.header()), tokens }))
     }
 
-    async fn token_revoke(
+    async fn token_revoke_call(
         &self,
         r: Request<pb::TokenRevokeRequest>,
     ) -> Result<Response<pb::TokenRevokeResponse>, Status> {
@@ -126,7 +129,7 @@ impl Nodes for NodesService {
         Ok(Response::new(pb::TokenRevokeResponse { header: Some(self.ctx.header()) }))
     }
 
-    async fn node_list(&self, r: Request<pb::NodeListRequest>) -> Result<Response<pb::NodeListResponse>, Status> {
+    async fn node_list_call(&self, r: Request<pb::NodeListRequest>) -> Result<Response<pb::NodeListResponse>, Status> {
         // Heartbeat ages live in the leader's memory: ask the leader.
         if !self.ctx.is_leader()
             && let Some((_, addr)) = self.ctx.leader()
@@ -147,7 +150,10 @@ impl Nodes for NodesService {
         Ok(Response::new(pb::NodeListResponse { header: Some(self.ctx.header()), nodes }))
     }
 
-    async fn node_update(&self, r: Request<pb::NodeUpdateRequest>) -> Result<Response<pb::NodeUpdateResponse>, Status> {
+    async fn node_update_call(
+        &self,
+        r: Request<pb::NodeUpdateRequest>,
+    ) -> Result<Response<pb::NodeUpdateResponse>, Status> {
         let r = r.into_inner();
         for (k, v) in &r.label_add {
             validate_label(k, v)?;
@@ -178,7 +184,10 @@ impl Nodes for NodesService {
         Ok(Response::new(pb::NodeUpdateResponse { header: Some(self.ctx.header()), node: Some(node) }))
     }
 
-    async fn node_remove(&self, r: Request<pb::NodeRemoveRequest>) -> Result<Response<pb::NodeRemoveResponse>, Status> {
+    async fn node_remove_call(
+        &self,
+        r: Request<pb::NodeRemoveRequest>,
+    ) -> Result<Response<pb::NodeRemoveResponse>, Status> {
         let r = r.into_inner();
         self.ctx.read_barrier().await?;
         let Some(n) = objects::find_node(&self.ctx.reader, &r.node)? else {
@@ -200,5 +209,54 @@ impl Nodes for NodesService {
         crate::dispatcher::end_session(&self.ctx, &n.obj.id);
         info!(node = %n.obj.id, name = %n.obj.name, "node removed");
         Ok(Response::new(pb::NodeRemoveResponse { header: Some(self.ctx.header()) }))
+    }
+}
+
+#[tonic::async_trait]
+impl Nodes for NodesService {
+    async fn token_create(
+        &self,
+        r: Request<pb::TokenCreateRequest>,
+    ) -> Result<Response<pb::TokenCreateResponse>, Status> {
+        let caller = crate::authz::Caller::of(&r)?;
+        let name: String = String::new();
+        crate::audit::mutate(&self.ctx, &caller, Verb::Create, Resource::Tokens, None, &name, self.token_create_call(r))
+            .await
+    }
+
+    async fn token_list(&self, r: Request<pb::TokenListRequest>) -> Result<Response<pb::TokenListResponse>, Status> {
+        let caller = crate::authz::Caller::of(&r)?;
+        crate::audit::authorize(&self.ctx, &caller, Verb::List, Resource::Tokens, None, "")?;
+        self.token_list_call(r).await
+    }
+
+    async fn token_revoke(
+        &self,
+        r: Request<pb::TokenRevokeRequest>,
+    ) -> Result<Response<pb::TokenRevokeResponse>, Status> {
+        let caller = crate::authz::Caller::of(&r)?;
+        let name: String = r.get_ref().id.clone();
+        crate::audit::mutate(&self.ctx, &caller, Verb::Delete, Resource::Tokens, None, &name, self.token_revoke_call(r))
+            .await
+    }
+
+    async fn node_list(&self, r: Request<pb::NodeListRequest>) -> Result<Response<pb::NodeListResponse>, Status> {
+        let caller = crate::authz::Caller::of(&r)?;
+        crate::audit::authorize(&self.ctx, &caller, Verb::List, Resource::Nodes, None, "")?;
+        self.node_list_call(r).await
+    }
+
+    async fn node_update(&self, r: Request<pb::NodeUpdateRequest>) -> Result<Response<pb::NodeUpdateResponse>, Status> {
+        let caller = crate::authz::Caller::of(&r)?;
+        let name: String = r.get_ref().node.clone();
+        crate::audit::mutate(&self.ctx, &caller, Verb::Update, Resource::Nodes, None, &name, self.node_update_call(r))
+            .await
+    }
+
+    async fn node_remove(&self, r: Request<pb::NodeRemoveRequest>) -> Result<Response<pb::NodeRemoveResponse>, Status> {
+        let caller = crate::authz::Caller::of(&r)?;
+        let name: String = r.get_ref().node.clone();
+        crate::audit::mutate(&self.ctx, &caller, Verb::Delete, Resource::Nodes, None, &name, self.node_remove_call(r))
+            .await
     }
 }

@@ -162,7 +162,7 @@ impl Target {
         })
     }
 
-    fn key(&self) -> String {
+    pub(crate) fn key(&self) -> String {
         match self {
             Target::Serial(s) => format!("{SERIALS}{s}"),
             Target::Identity(i) => format!("{IDENTITIES}{i}"),

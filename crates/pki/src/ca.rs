@@ -336,7 +336,7 @@ impl CertificateAuthority {
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = match identity.role {
             Role::Master => vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth],
-            Role::Agent | Role::Admin => vec![ExtendedKeyUsagePurpose::ClientAuth],
+            Role::Agent | Role::Admin | Role::User => vec![ExtendedKeyUsagePurpose::ClientAuth],
         };
         params.use_authority_key_identifier_extension = true;
         params.serial_number = Some(random_serial());

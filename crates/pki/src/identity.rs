@@ -11,7 +11,11 @@ const MAX_ID_LEN: usize = 128;
 pub enum Role {
     Master,
     Agent,
+    /// The bootstrap administrator from `berth pki init`: every right, like Kubernetes'
+    /// `system:masters`.
     Admin,
+    /// A user from `berth user add`: the rights of its role bindings.
+    User,
 }
 
 impl Role {
@@ -21,6 +25,7 @@ impl Role {
             Role::Master => "master",
             Role::Agent => "agent",
             Role::Admin => "admin",
+            Role::User => "user",
         }
     }
 
@@ -30,6 +35,7 @@ impl Role {
             "master" => Some(Role::Master),
             "agent" => Some(Role::Agent),
             "admin" => Some(Role::Admin),
+            "user" => Some(Role::User),
             _ => None,
         }
     }
@@ -60,6 +66,10 @@ impl Identity {
 
     pub fn admin(name: &str) -> Self {
         Identity { role: Role::Admin, id: name.to_string() }
+    }
+
+    pub fn user(name: &str) -> Self {
+        Identity { role: Role::User, id: name.to_string() }
     }
 
     /// The raft id of a master identity; `None` for other roles or a non-numeric id.
@@ -107,7 +117,7 @@ impl Identity {
         })?;
         let role = Role::parse(role).ok_or_else(|| PkiError::InvalidIdentity {
             value: s.to_string(),
-            reason: format!("unknown role {role:?}: expected master, agent or admin"),
+            reason: format!("unknown role {role:?}: expected master, agent, admin or user"),
         })?;
         let identity = Identity { role, id: id.to_string() };
         identity.validate()?;

@@ -8,6 +8,7 @@
 //! Defaults are filled in while parsing, so two specs that differ only in omitted defaults are equal, and
 //! [`Service::canonical_json`] gives a stable string to detect an unchanged re-apply.
 
+pub mod access;
 pub mod network;
 mod placement;
 mod quantity;
@@ -356,6 +357,10 @@ pub enum Kind {
     Volume,
     /// A host name served by the edge routers.
     Route,
+    /// Verbs on resources (`spec::access`).
+    Role,
+    /// A role given to users.
+    RoleBinding,
 }
 
 /// One document of an `apply`.
@@ -369,6 +374,10 @@ pub enum Document {
     Volume(Volume),
     /// `kind: Route`.
     Route(route::Route),
+    /// `kind: Role`.
+    Role(access::Role),
+    /// `kind: RoleBinding`.
+    RoleBinding(access::RoleBinding),
 }
 
 impl Document {
@@ -379,6 +388,8 @@ impl Document {
             Document::Network(_) => Kind::Network,
             Document::Volume(_) => Kind::Volume,
             Document::Route(_) => Kind::Route,
+            Document::Role(_) => Kind::Role,
+            Document::RoleBinding(_) => Kind::RoleBinding,
         }
     }
 
@@ -389,6 +400,8 @@ impl Document {
             Document::Network(n) => n.key(),
             Document::Volume(v) => v.key(),
             Document::Route(r) => r.key(),
+            Document::Role(r) => r.metadata.name.clone(),
+            Document::RoleBinding(b) => b.metadata.name.clone(),
         }
     }
 }
@@ -1123,12 +1136,26 @@ pub fn parse_all(text: &str) -> Result<Vec<Document>, SpecError> {
             let Some(route) = parsed else { continue };
             route.validate().map_err(|e| e.in_document(n, text))?;
             Document::Route(route)
+        } else if kind == Some("Role") {
+            let parsed = Option::<access::Role>::deserialize(document).map_err(|e| SpecError::from_yaml(n, &e))?;
+            let Some(role) = parsed else { continue };
+            role.validate().map_err(|e| e.in_document(n, text))?;
+            Document::Role(role)
+        } else if kind == Some("RoleBinding") {
+            let parsed =
+                Option::<access::RoleBinding>::deserialize(document).map_err(|e| SpecError::from_yaml(n, &e))?;
+            let Some(binding) = parsed else { continue };
+            binding.validate().map_err(|e| e.in_document(n, text))?;
+            Document::RoleBinding(binding)
         } else {
             let parsed = Option::<Service>::deserialize(document).map_err(|e| SpecError::from_yaml(n, &e))?;
             let Some(service) = parsed else { continue };
             if service.kind != Kind::Service {
-                return Err(SpecError::invalid("kind", "expected `Service`, `Network`, `Volume` or `Route`")
-                    .in_document(n, text));
+                return Err(SpecError::invalid(
+                    "kind",
+                    "expected `Service`, `Network`, `Volume`, `Route`, `Role` or `RoleBinding`",
+                )
+                .in_document(n, text));
             }
             service.validate().map_err(|e| e.in_document(n, text))?;
             Document::Service(Box::new(service))
@@ -1237,7 +1264,11 @@ pub fn parse_documents(text: &str) -> Result<Vec<Service>, SpecError> {
         .enumerate()
         .map(|(i, d)| match d {
             Document::Service(s) => Ok(*s),
-            Document::Network(_) | Document::Volume(_) | Document::Route(_) => {
+            Document::Network(_)
+            | Document::Volume(_)
+            | Document::Route(_)
+            | Document::Role(_)
+            | Document::RoleBinding(_) => {
                 Err(SpecError::invalid("kind", "only `kind: Service` documents are allowed here")
                     .in_document(i + 1, text))
             }

@@ -1,0 +1,364 @@
+//! `berth user`, `berth role` and `berth audit`: who may do what, and what was done.
+
+use std::{path::PathBuf, time::Duration};
+
+use anyhow::{Context, Result, bail};
+use berth_api::pb;
+use clap::Subcommand;
+use serde::Serialize;
+
+use crate::{
+    Global,
+    client::{Call, Client},
+    output,
+};
+
+#[derive(Subcommand)]
+pub enum UserCmd {
+    /// Add a user with a role, and write its credentials: a key made here (or your own, with
+    /// --csr), its certificate, the cluster CA and a berth.toml that uses them.
+    Add {
+        /// A DNS label; the certificate names user/NAME.
+        name: String,
+        /// cluster-admin, admin, edit, view, or a `kind: Role` of your own.
+        #[arg(long)]
+        role: String,
+        /// Where the role applies (admin, edit and view are meant for one namespace); omitted:
+        /// everywhere.
+        #[arg(long, short = 'n')]
+        namespace: Option<String>,
+        /// The user's own certificate signing request (PEM): its key never leaves the user.
+        #[arg(long)]
+        csr: Option<PathBuf>,
+        /// Directory for the credentials (default ./NAME).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Lifetime of the certificate.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "365d")]
+        validity: Duration,
+    },
+    /// The users, their roles and their certificates.
+    Ls,
+    /// Remove a user: its certificates are revoked and its own bindings deleted.
+    Rm { name: String },
+}
+
+#[derive(Subcommand)]
+pub enum RoleCmd {
+    /// The roles (built-in and applied) and their bindings.
+    Ls,
+    /// Delete a role (not bound anywhere), or a binding with --binding.
+    Rm {
+        name: String,
+        #[arg(long)]
+        binding: bool,
+    },
+}
+
+#[derive(clap::Args)]
+pub struct AuditArgs {
+    /// Records from this long ago (e.g. 1h) or from this time (RFC 3339); default: all kept.
+    #[arg(long)]
+    pub since: Option<String>,
+    /// Only this identity's records (ROLE/ID, e.g. user/alice).
+    #[arg(long)]
+    pub identity: Option<String>,
+    /// Keep printing new records.
+    #[arg(long, short = 'f')]
+    pub follow: bool,
+}
+
+fn time_of(ms: i64) -> String {
+    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64)).to_string()
+}
+
+/// The endpoints this command used, for the new user's berth.toml.
+fn endpoints(g: &Global) -> Vec<String> {
+    if !g.endpoints.is_empty() {
+        return g.endpoints.clone();
+    }
+    g.config.as_deref().and_then(|p| crate::config::ClientConfig::load(p).ok()).map(|c| c.endpoints).unwrap_or_default()
+}
+
+pub async fn run_user(cmd: UserCmd, g: &Global) -> Result<()> {
+    let client = crate::config::client(g)?;
+    match cmd {
+        UserCmd::Add { name, role, namespace, csr, out, validity } => {
+            let (csr_pem, key_pem) = match &csr {
+                Some(p) => {
+                    (std::fs::read_to_string(p).with_context(|| format!("cannot read the CSR {}", p.display()))?, None)
+                }
+                None => {
+                    let (csr, key) = berth_pki::generate_csr(&format!("user/{name}"))?;
+                    (csr, Some(key))
+                }
+            };
+            let out = out.unwrap_or_else(|| PathBuf::from(&name));
+            if out.join(format!("{name}.crt")).exists() {
+                bail!("{} already holds {name}.crt: give another --out", out.display());
+            }
+            let req = pb::UserAddRequest {
+                name: name.clone(),
+                role: role.clone(),
+                namespace: namespace.clone().unwrap_or_default(),
+                csr_pem,
+                validity_secs: validity.as_secs(),
+            };
+            // Not repeated blindly: a second add of the same name is refused as existing.
+            let r = client
+                .call(Call::Once, |ch| {
+                    let req = req.clone();
+                    async move { Client::access(ch).user_add(req).await.map(|r| r.into_inner()) }
+                })
+                .await?;
+            let crt = format!("{name}.crt");
+            let key = format!("{name}.key");
+            let toml = toml::to_string(&crate::config::ClientConfig {
+                endpoints: endpoints(g),
+                ca_cert: Some("ca.crt".into()),
+                cert: Some(crt.clone().into()),
+                key: Some(key.clone().into()),
+            })?;
+            let mut files = vec![("ca.crt", r.ca_pem.as_str(), false), (crt.as_str(), r.cert_pem.as_str(), false)];
+            if let Some(k) = &key_pem {
+                files.push((key.as_str(), k.as_str(), true));
+            }
+            files.push(("berth.toml", toml.as_str(), false));
+            crate::cmd_pki::write_files(&out, &files)?;
+            let scope = namespace.map_or("everywhere".to_string(), |ns| format!("in namespace {ns}"));
+            println!(
+                "user {name} added with role {role} {scope} (binding {}, certificate serial {}); its credentials are \
+                 in {}{}: use them with `berth --config {}/berth.toml ...`",
+                r.binding,
+                r.serial,
+                out.display(),
+                if key_pem.is_none() { " (with the key you made the CSR from)" } else { "" },
+                out.display()
+            );
+        }
+        UserCmd::Ls => {
+            let r = client
+                .call(Call::Idempotent, |ch| async move {
+                    Client::access(ch).user_list(pb::UserListRequest {}).await.map(|r| r.into_inner())
+                })
+                .await?;
+            #[derive(Serialize)]
+            struct Out {
+                name: String,
+                roles: Vec<String>,
+                created: String,
+                by: String,
+                serials: Vec<String>,
+            }
+            let out: Vec<Out> = r
+                .users
+                .into_iter()
+                .map(|u| Out {
+                    roles: u
+                        .bindings
+                        .iter()
+                        .map(|b| {
+                            if b.namespace.is_empty() {
+                                b.role.clone()
+                            } else {
+                                format!("{} in {}", b.role, b.namespace)
+                            }
+                        })
+                        .collect(),
+                    name: u.name,
+                    created: time_of(u.created_ms),
+                    by: u.by,
+                    serials: u.serials,
+                })
+                .collect();
+            output::print(g.output, &out, |o| {
+                let rows: Vec<Vec<String>> = o
+                    .iter()
+                    .map(|u| vec![u.name.clone(), u.roles.join(", "), u.created.clone(), u.by.clone()])
+                    .collect();
+                output::table(&["USER", "ROLES", "CREATED", "BY"], &rows);
+            });
+        }
+        UserCmd::Rm { name } => {
+            let r = client
+                .call(Call::Once, |ch| {
+                    let req = pb::UserRemoveRequest { name: name.clone() };
+                    async move { Client::access(ch).user_remove(req).await.map(|r| r.into_inner()) }
+                })
+                .await?;
+            println!(
+                "user {name} removed; certificates revoked: {}; bindings deleted: {}",
+                if r.revoked.is_empty() { "none".into() } else { r.revoked.join(", ") },
+                if r.bindings.is_empty() { "none".into() } else { r.bindings.join(", ") }
+            );
+        }
+    }
+    Ok(())
+}
+
+pub async fn run_role(cmd: RoleCmd, g: &Global) -> Result<()> {
+    let client = crate::config::client(g)?;
+    match cmd {
+        RoleCmd::Ls => {
+            let r = client
+                .call(Call::Idempotent, |ch| async move {
+                    Client::access(ch).role_list(pb::RoleListRequest {}).await.map(|r| r.into_inner())
+                })
+                .await?;
+            #[derive(Serialize)]
+            struct Rule {
+                verbs: Vec<String>,
+                resources: Vec<String>,
+            }
+            #[derive(Serialize)]
+            struct Role {
+                name: String,
+                builtin: bool,
+                rules: Vec<Rule>,
+            }
+            #[derive(Serialize)]
+            struct Binding {
+                name: String,
+                role: String,
+                users: Vec<String>,
+                namespace: String,
+            }
+            #[derive(Serialize)]
+            struct Out {
+                roles: Vec<Role>,
+                bindings: Vec<Binding>,
+            }
+            let out = Out {
+                roles: r
+                    .roles
+                    .into_iter()
+                    .map(|r| Role {
+                        name: r.name,
+                        builtin: r.builtin,
+                        rules: r.rules.into_iter().map(|x| Rule { verbs: x.verbs, resources: x.resources }).collect(),
+                    })
+                    .collect(),
+                bindings: r
+                    .bindings
+                    .into_iter()
+                    .map(|b| Binding { name: b.name, role: b.role, users: b.users, namespace: b.namespace })
+                    .collect(),
+            };
+            output::print(g.output, &out, |o| {
+                let rows: Vec<Vec<String>> = o
+                    .roles
+                    .iter()
+                    .map(|r| {
+                        let rules: Vec<String> = r
+                            .rules
+                            .iter()
+                            .map(|x| format!("{} {}", x.verbs.join(","), x.resources.join(",")))
+                            .collect();
+                        vec![r.name.clone(), if r.builtin { "built-in" } else { "applied" }.into(), rules.join("; ")]
+                    })
+                    .collect();
+                output::table(&["ROLE", "KIND", "RULES"], &rows);
+                println!();
+                let rows: Vec<Vec<String>> = o
+                    .bindings
+                    .iter()
+                    .map(|b| {
+                        let ns = if b.namespace.is_empty() { "(everywhere)".to_string() } else { b.namespace.clone() };
+                        vec![b.name.clone(), b.role.clone(), ns, b.users.join(", ")]
+                    })
+                    .collect();
+                output::table(&["BINDING", "ROLE", "NAMESPACE", "USERS"], &rows);
+            });
+        }
+        RoleCmd::Rm { name, binding } => {
+            let kind = if binding { "RoleBinding" } else { "Role" };
+            client
+                .call(Call::Idempotent, |ch| {
+                    let req = pb::RoleDeleteRequest { kind: kind.into(), name: name.clone() };
+                    async move { Client::access(ch).role_delete(req).await.map(|r| r.into_inner()) }
+                })
+                .await?;
+            println!("{kind} {name} deleted");
+        }
+    }
+    Ok(())
+}
+
+/// `--since`: a duration ago, or an RFC 3339 time.
+fn since_ms(text: &str) -> Result<i64> {
+    let now = std::time::SystemTime::now();
+    let at = match humantime::parse_duration(text) {
+        Ok(d) => now.checked_sub(d).unwrap_or(std::time::UNIX_EPOCH),
+        Err(_) => humantime::parse_rfc3339_weak(text).with_context(|| {
+            format!("--since {text:?} is neither a duration (e.g. 1h) nor a time (e.g. 2026-12-07T10:00:00Z)")
+        })?,
+    };
+    Ok(at.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64))
+}
+
+pub async fn run_audit(a: AuditArgs, g: &Global) -> Result<()> {
+    let client = crate::config::client(g)?;
+    let req = pb::AuditRequest {
+        since_ms: a.since.as_deref().map(since_ms).transpose()?.unwrap_or(0),
+        identity: a.identity.clone().unwrap_or_default(),
+        follow: a.follow,
+    };
+    let mut stream = client
+        .call(Call::Idempotent, |ch| {
+            let req = req.clone();
+            async move { Client::access(ch).audit(req).await.map(|r| r.into_inner()) }
+        })
+        .await?;
+    let json = matches!(g.output, output::Format::Json);
+    if !json {
+        println!("{:<20}  {:<24}  {:<7}  {:<28}  {:>9}  OUTCOME", "TIME", "IDENTITY", "VERB", "RESOURCE", "REVISION");
+    }
+    while let Some(e) =
+        stream.message().await.map_err(|s| anyhow::anyhow!("the audit stream ended: {}", s.message()))?
+    {
+        if json {
+            #[derive(Serialize)]
+            struct Out<'a> {
+                at: String,
+                identity: &'a str,
+                verb: &'a str,
+                resource: &'a str,
+                namespace: &'a str,
+                name: &'a str,
+                outcome: &'a str,
+                revision: i64,
+                master: u64,
+            }
+            let o = Out {
+                at: time_of(e.at_ms),
+                identity: &e.identity,
+                verb: &e.verb,
+                resource: &e.resource,
+                namespace: &e.namespace,
+                name: &e.name,
+                outcome: &e.outcome,
+                revision: e.revision,
+                master: e.master,
+            };
+            println!("{}", serde_json::to_string(&o)?);
+        } else {
+            let mut what = e.resource.clone();
+            if !e.namespace.is_empty() {
+                what = format!("{what}/{}", e.namespace);
+            }
+            if !e.name.is_empty() {
+                what = format!("{what}/{}", e.name);
+            }
+            println!(
+                "{:<20}  {:<24}  {:<7}  {:<28}  {:>9}  {}",
+                time_of(e.at_ms),
+                e.identity,
+                e.verb,
+                what,
+                e.revision,
+                e.outcome
+            );
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,402 @@
+//! The Access API: users (`berth user add|ls|rm`), roles and bindings (`berth role ls|rm`; they
+//! are applied as documents), and the audit log (`berth audit`).
+
+use std::{pin::Pin, sync::Arc, time::Duration};
+
+use berth_api::pb::{self, access_server::Access};
+use berth_types::{
+    Command, CommandResult, DeleteRange, RequestOp,
+    spec::access::{self, Resource, Verb},
+};
+use futures::Stream;
+use tonic::{Request, Response, Status};
+use tracing::info;
+
+use crate::{
+    audit,
+    authz::{self, BINDINGS, Caller, ROLES, USERS, UserRecord},
+    node::Ctx,
+};
+
+pub(crate) struct AccessService {
+    pub ctx: Arc<Ctx>,
+}
+
+/// A user's certificate lives a year unless asked otherwise; at most ten.
+const DEFAULT_USER_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
+const MAX_USER_VALIDITY: Duration = Duration::from_secs(10 * 366 * 24 * 3600);
+
+/// The binding `berth user add` makes for a user's role.
+fn user_binding(name: &str) -> String {
+    format!("user-{name}")
+}
+
+fn txn_ok(r: CommandResult, what: &str) -> Result<i64, Status> {
+    match r {
+        CommandResult::Txn(t) if t.succeeded => Ok(t.revision),
+        CommandResult::Txn(_) => Err(Status::aborted(format!("{what} changed concurrently; run the command again"))),
+        other => Err(Status::internal(format!("unexpected result {other:?}"))),
+    }
+}
+
+impl AccessService {
+    async fn user_add_call(&self, caller: &Caller, r: pb::UserAddRequest) -> Result<pb::UserAddResponse, Status> {
+        access::check_user_name("name", &r.name).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let namespace = (!r.namespace.is_empty()).then(|| r.namespace.clone());
+        let binding = access::RoleBinding {
+            kind: berth_types::spec::Kind::RoleBinding,
+            metadata: access::ClusterMetadata { name: user_binding(&r.name) },
+            spec: access::BindingSpec { role: r.role.clone(), users: vec![r.name.clone()], namespace },
+        };
+        binding.validate().map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if r.csr_pem.trim().is_empty() {
+            return Err(Status::invalid_argument(
+                "no certificate signing request: the user's key is made where the user works (`berth user add` \
+                 does that, or give --csr FILE), and only its CSR is sent",
+            ));
+        }
+        let validity = match r.validity_secs {
+            0 => DEFAULT_USER_VALIDITY,
+            s => Duration::from_secs(s),
+        };
+        if validity > MAX_USER_VALIDITY {
+            return Err(Status::invalid_argument("a user's certificate is valid for 10 years at most"));
+        }
+        self.ctx.read_barrier().await?;
+        let user_key = format!("{USERS}{}", r.name);
+        if self.ctx.reader.get(user_key.as_bytes()).map_err(|e| Status::internal(e.to_string()))?.is_some() {
+            return Err(Status::already_exists(format!(
+                "user {} exists: remove it first (`berth user rm {}`), or bind it to more roles with a `kind: \
+                 RoleBinding`",
+                r.name, r.name
+            )));
+        }
+        // The role must exist, and the caller must hold what it gives (checked as for a binding).
+        let plan = authz::plan_access(&self.ctx, caller, &[], &[&binding])?;
+        let Some(ca) = self.ctx.pki.ca() else {
+            return Err(berth_api::not_applied("this master does not hold the CA key yet; ask another master"));
+        };
+        let identity = berth_pki::Identity::user(&r.name);
+        let cert_pem = ca
+            .sign_csr_with(&r.csr_pem, &identity, &[], &[], validity)
+            .map_err(|e| Status::invalid_argument(format!("the certificate signing request: {e}")))?;
+        let der = berth_pki::CertifiedKey::new(cert_pem.clone(), String::new())
+            .cert_der()
+            .map_err(|e| Status::internal(e.to_string()))?;
+        let serial = berth_pki::cert_info_of_der(&der).map_err(|e| Status::internal(e.to_string()))?.serial;
+        let rec = UserRecord {
+            name: r.name.clone(),
+            created_ms: crate::objects::now_ms(),
+            by: caller.identity.to_string(),
+            serials: vec![serial.clone()],
+        };
+        let mut parts = vec![crate::objects::cas_put(
+            user_key.into_bytes(),
+            0,
+            serde_json::to_vec(&rec).expect("a user record serializes"),
+        )];
+        parts.extend(plan.parts);
+        let txn = crate::objects::txn_of(parts);
+        txn_ok(self.ctx.write(Command::Txn(txn)).await?, "the user or its binding")?;
+        info!(user = r.name, role = r.role, namespace = r.namespace, serial, "user added");
+        Ok(pb::UserAddResponse {
+            header: Some(self.ctx.header()),
+            cert_pem,
+            ca_pem: self.ctx.pki.ca_pem().to_string(),
+            serial,
+            binding: binding.metadata.name,
+        })
+    }
+
+    async fn user_remove_call(&self, r: pb::UserRemoveRequest) -> Result<pb::UserRemoveResponse, Status> {
+        self.ctx.read_barrier().await?;
+        let key = format!("{USERS}{}", r.name);
+        let Some(kv) = self.ctx.reader.get(key.as_bytes()).map_err(|e| Status::internal(e.to_string()))? else {
+            return Err(Status::not_found(format!("there is no user {:?} (see `berth user ls`)", r.name)));
+        };
+        let rec: UserRecord = serde_json::from_slice(&kv.value)
+            .map_err(|e| Status::data_loss(format!("the record of user {} does not parse: {e}", r.name)))?;
+        let mut parts = vec![(
+            berth_types::Compare {
+                key: key.clone().into_bytes(),
+                op: berth_types::CompareOp::Equal,
+                target: berth_types::CompareTarget::ModRevision(kv.mod_revision),
+            },
+            RequestOp::DeleteRange(DeleteRange { key: key.into_bytes(), range_end: vec![], prev_kv: false }),
+        )];
+        // Its certificates are revoked by serial (not by identity, so that the name can be given
+        // to someone new later), in the same transaction.
+        let now = crate::objects::now_ms();
+        for serial in &rec.serials {
+            let rev = crate::revocation::Revocation {
+                at_ms: now,
+                by: "berth user rm".into(),
+                reason: format!("user {} was removed", rec.name),
+            };
+            let target = crate::revocation::Target::Serial(serial.clone());
+            parts.push(crate::objects::cas_put(
+                target.key().into_bytes(),
+                0,
+                serde_json::to_vec(&rev).expect("a revocation serializes"),
+            ));
+        }
+        // Bindings that named only this user go; the others lose the name.
+        let (_, bindings) = authz::read_documents(&self.ctx.reader).map_err(Status::internal)?;
+        let mut gone = Vec::new();
+        for mut b in bindings.into_iter().filter(|b| b.spec.users.contains(&rec.name)) {
+            let bkey = format!("{BINDINGS}{}", b.metadata.name).into_bytes();
+            let Some(cur) = self.ctx.reader.get(&bkey).map_err(|e| Status::internal(e.to_string()))? else {
+                continue;
+            };
+            b.spec.users.retain(|u| u != &rec.name);
+            let cmp = berth_types::Compare {
+                key: bkey.clone(),
+                op: berth_types::CompareOp::Equal,
+                target: berth_types::CompareTarget::ModRevision(cur.mod_revision),
+            };
+            if b.spec.users.is_empty() {
+                gone.push(b.metadata.name.clone());
+                parts.push((cmp, RequestOp::DeleteRange(DeleteRange { key: bkey, range_end: vec![], prev_kv: false })));
+            } else {
+                parts.push((
+                    cmp,
+                    RequestOp::Put(berth_types::Put {
+                        key: bkey,
+                        value: b.canonical_json().into_bytes(),
+                        prev_kv: false,
+                    }),
+                ));
+            }
+        }
+        // A serial already revoked by hand keeps its record: compare it with "absent" only when
+        // absent.
+        let mut txn = crate::objects::txn_of(parts);
+        let revoked_prefix = "/berth/revoked/serial/".as_bytes();
+        let mut keep = Vec::new();
+        for (cmp, op) in txn.compare.drain(..).zip(txn.success.drain(..)) {
+            let exists = cmp.key.starts_with(revoked_prefix)
+                && self.ctx.reader.get(&cmp.key).map_err(|e| Status::internal(e.to_string()))?.is_some();
+            if !exists {
+                keep.push((cmp, op));
+            }
+        }
+        let txn = crate::objects::txn_of(keep);
+        txn_ok(self.ctx.write(Command::Txn(txn)).await?, "the user")?;
+        info!(user = rec.name, revoked = ?rec.serials, "user removed");
+        Ok(pb::UserRemoveResponse { header: Some(self.ctx.header()), revoked: rec.serials, bindings: gone })
+    }
+
+    async fn role_delete_call(&self, r: pb::RoleDeleteRequest) -> Result<pb::RoleDeleteResponse, Status> {
+        let prefix = match r.kind.as_str() {
+            "Role" | "role" => ROLES,
+            "RoleBinding" | "rolebinding" | "binding" => BINDINGS,
+            other => {
+                return Err(Status::invalid_argument(format!("kind {other:?}: expected Role or RoleBinding")));
+            }
+        };
+        if prefix == ROLES && access::BUILTIN_ROLES.contains(&r.name.as_str()) {
+            return Err(Status::invalid_argument(format!("{} is a built-in role: it cannot be deleted", r.name)));
+        }
+        if prefix == ROLES {
+            let (_, bindings) = authz::read_documents(&self.ctx.reader).map_err(Status::internal)?;
+            let users: Vec<&str> =
+                bindings.iter().filter(|b| b.spec.role == r.name).map(|b| b.metadata.name.as_str()).collect();
+            if !users.is_empty() {
+                return Err(Status::failed_precondition(format!(
+                    "role {} is bound by {}: delete or change those bindings first",
+                    r.name,
+                    users.join(", ")
+                )));
+            }
+        }
+        let key = format!("{prefix}{}", r.name).into_bytes();
+        let txn = berth_types::Txn {
+            compare: vec![],
+            success: vec![RequestOp::DeleteRange(DeleteRange { key, range_end: vec![], prev_kv: false })],
+            failure: vec![],
+        };
+        let deleted = match self.ctx.write(Command::Txn(txn)).await? {
+            CommandResult::Txn(t) => {
+                matches!(t.responses.first(), Some(berth_types::OpResult::DeleteRange(d)) if d.deleted > 0)
+            }
+            other => return Err(Status::internal(format!("unexpected result {other:?}"))),
+        };
+        if !deleted {
+            return Err(Status::not_found(format!("there is no {} {:?} (see `berth role ls`)", r.kind, r.name)));
+        }
+        Ok(pb::RoleDeleteResponse { header: Some(self.ctx.header()), deleted })
+    }
+}
+
+fn rule_view(rule: &access::Rule) -> pb::RoleRule {
+    pb::RoleRule { verbs: rule.verbs.clone(), resources: rule.resources.clone() }
+}
+
+fn entry(rec: audit::AuditRecord) -> pb::AuditEntry {
+    pb::AuditEntry {
+        at_ms: rec.at_ms,
+        identity: rec.identity,
+        verb: rec.verb,
+        resource: rec.resource,
+        namespace: rec.namespace,
+        name: rec.name,
+        outcome: rec.outcome,
+        revision: rec.revision,
+        master: rec.master,
+    }
+}
+
+type AuditStream = Pin<Box<dyn Stream<Item = Result<pb::AuditEntry, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Access for AccessService {
+    async fn user_add(&self, r: Request<pb::UserAddRequest>) -> Result<Response<pb::UserAddResponse>, Status> {
+        let caller = Caller::of(&r)?;
+        let r = r.into_inner();
+        let name = r.name.clone();
+        audit::mutate(&self.ctx, &caller, Verb::Create, Resource::Users, None, &name, self.user_add_call(&caller, r))
+            .await
+            .map(Response::new)
+    }
+
+    async fn user_list(&self, r: Request<pb::UserListRequest>) -> Result<Response<pb::UserListResponse>, Status> {
+        let caller = Caller::of(&r)?;
+        audit::authorize(&self.ctx, &caller, Verb::List, Resource::Users, None, "")?;
+        self.ctx.read_barrier().await?;
+        let users = authz::read_users(&self.ctx.reader)
+            .map_err(Status::internal)?
+            .into_iter()
+            .map(|u| pb::UserView {
+                bindings: self
+                    .ctx
+                    .rbac
+                    .bindings_of(&u.name)
+                    .into_iter()
+                    .map(|(binding, role, ns)| pb::UserBinding { binding, role, namespace: ns.unwrap_or_default() })
+                    .collect(),
+                name: u.name,
+                created_ms: u.created_ms,
+                by: u.by,
+                serials: u.serials,
+            })
+            .collect();
+        Ok(Response::new(pb::UserListResponse { header: Some(self.ctx.header()), users }))
+    }
+
+    async fn user_remove(&self, r: Request<pb::UserRemoveRequest>) -> Result<Response<pb::UserRemoveResponse>, Status> {
+        let caller = Caller::of(&r)?;
+        let r = r.into_inner();
+        if caller.identity == berth_pki::Identity::user(&r.name) {
+            return Err(Status::failed_precondition(format!(
+                "{} is the identity of this request: removing it would lock you out; remove it with another \
+                 cluster-admin's certificate",
+                caller.identity
+            )));
+        }
+        let name = r.name.clone();
+        audit::mutate(&self.ctx, &caller, Verb::Delete, Resource::Users, None, &name, self.user_remove_call(r))
+            .await
+            .map(Response::new)
+    }
+
+    async fn role_list(&self, r: Request<pb::RoleListRequest>) -> Result<Response<pb::RoleListResponse>, Status> {
+        let caller = Caller::of(&r)?;
+        audit::authorize(&self.ctx, &caller, Verb::List, Resource::Roles, None, "")?;
+        self.ctx.read_barrier().await?;
+        let (custom, bindings) = authz::read_documents(&self.ctx.reader).map_err(Status::internal)?;
+        let mut roles: Vec<pb::RoleView> = access::BUILTIN_ROLES
+            .iter()
+            .map(|n| pb::RoleView {
+                name: n.to_string(),
+                builtin: true,
+                rules: authz::builtin(n).unwrap_or_default().iter().map(rule_view).collect(),
+            })
+            .collect();
+        roles.extend(custom.iter().map(|r| pb::RoleView {
+            name: r.metadata.name.clone(),
+            builtin: false,
+            rules: r.spec.rules.iter().map(rule_view).collect(),
+        }));
+        let bindings = bindings
+            .into_iter()
+            .map(|b| pb::BindingView {
+                name: b.metadata.name,
+                role: b.spec.role,
+                users: b.spec.users,
+                namespace: b.spec.namespace.unwrap_or_default(),
+            })
+            .collect();
+        Ok(Response::new(pb::RoleListResponse { header: Some(self.ctx.header()), roles, bindings }))
+    }
+
+    async fn role_delete(&self, r: Request<pb::RoleDeleteRequest>) -> Result<Response<pb::RoleDeleteResponse>, Status> {
+        let caller = Caller::of(&r)?;
+        let r = r.into_inner();
+        let name = format!("{} {}", r.kind, r.name);
+        audit::mutate(&self.ctx, &caller, Verb::Delete, Resource::Roles, None, &name, self.role_delete_call(r))
+            .await
+            .map(Response::new)
+    }
+
+    type AuditStream = AuditStream;
+
+    async fn audit(&self, r: Request<pb::AuditRequest>) -> Result<Response<Self::AuditStream>, Status> {
+        let caller = Caller::of(&r)?;
+        let slot = self.ctx.streams.open(&r, "watch", crate::streams::MAX_WATCHES)?;
+        let r = r.into_inner();
+        // A namespace's admins read its records; the cluster's own need rights everywhere.
+        let scope = audit::namespaces(&self.ctx, &caller, Verb::List, Resource::Audit)?;
+        if !r.identity.is_empty() {
+            r.identity
+                .parse::<berth_pki::Identity>()
+                .map_err(|e| Status::invalid_argument(format!("--identity {:?}: {e}", r.identity)))?;
+        }
+        self.ctx.read_barrier().await?;
+        let (records, revision) = audit::read(&self.ctx.reader, r.since_ms)?;
+        let wanted = move |rec: &audit::AuditRecord| {
+            rec.at_ms >= r.since_ms
+                && (r.identity.is_empty() || rec.identity == r.identity)
+                && match &scope {
+                    authz::Namespaces::All => true,
+                    only => !rec.namespace.is_empty() && only.allows(&rec.namespace),
+                }
+        };
+        let follow = r.follow;
+        let mut watcher = if follow {
+            let prefix = audit::PREFIX.as_bytes().to_vec();
+            Some(
+                self.ctx
+                    .reader
+                    .watch(prefix.clone(), berth_types::prefix_end(&prefix), revision + 1)
+                    .map_err(|e| Status::internal(e.to_string()))?,
+            )
+        } else {
+            None
+        };
+        let out = async_stream::try_stream! {
+            let _slot = slot;
+            for rec in records.into_iter().filter(|r| wanted(r)) {
+                yield entry(rec);
+            }
+            if let Some(w) = watcher.as_mut() {
+                loop {
+                    match w.next().await {
+                        Ok(berth_store::WatchEvents::Events(events)) => {
+                            for (_, e) in events {
+                                if e.kind != berth_types::EventKind::Put {
+                                    continue;
+                                }
+                                if let Some(rec) = audit::decode(&e.kv).filter(|r| wanted(r)) {
+                                    yield entry(rec);
+                                }
+                            }
+                        }
+                        Ok(_) => Err(Status::data_loss("the audit watch fell behind the history window: run `berth audit -f` again"))?,
+                        Err(e) => Err(Status::internal(e.to_string()))?,
+                    }
+                }
+            }
+        };
+        Ok(Response::new(Box::pin(out)))
+    }
+}
