@@ -15,7 +15,7 @@ pub enum Format {
 pub fn print<T: Serialize>(format: Format, value: &T, table: impl FnOnce(&T)) {
     match format {
         Format::Json => println!("{}", serde_json::to_string_pretty(value).expect("serializable output")),
-        Format::Yaml => print!("{}", serde_yaml::to_string(value).expect("serializable output")),
+        Format::Yaml => print!("{}", serde_yaml_ng::to_string(value).expect("serializable output")),
         Format::Table | Format::Wide => table(value),
     }
 }
@@ -91,7 +91,7 @@ pub fn emit<T: Serialize>(format: Format, value: &T, table: impl FnOnce(&T)) {
     use std::io::Write;
     let text = match format {
         Format::Json => serde_json::to_string_pretty(value).expect("serializable output") + "\n",
-        Format::Yaml => serde_yaml::to_string(value).expect("serializable output"),
+        Format::Yaml => serde_yaml_ng::to_string(value).expect("serializable output"),
         Format::Table | Format::Wide => return table(value),
     };
     let mut out = std::io::stdout().lock();

@@ -141,7 +141,7 @@ impl SpecError {
         }
     }
 
-    fn from_yaml(document: usize, err: &serde_yaml::Error) -> SpecError {
+    fn from_yaml(document: usize, err: &serde_yaml_ng::Error) -> SpecError {
         let location = err.location();
         let mut text = err.to_string();
         if let Some(loc) = &location {
@@ -258,7 +258,7 @@ fn check_dns_label(path: &str, what: &str, value: &str) -> Result<(), SpecError>
     }
 }
 
-/// A visitor that parses a string with a function. Errors are raised inside the visitor so that serde_yaml
+/// A visitor that parses a string with a function. Errors are raised inside the visitor so that serde_yaml_ng
 /// attributes them to the field itself (path, line and column), not to the enclosing mapping.
 struct ParseStr<F> {
     expecting: &'static str,
@@ -1084,12 +1084,12 @@ pub fn parse_all(text: &str) -> Result<Vec<Document>, SpecError> {
     // First pass: each document's size in YAML nodes with its aliases expanded (a document
     // whose aliases expand exponentially, a "billion laughs", is refused before anything
     // expands it), then its `kind`, so the second pass can deserialize it into its own type
-    // straight from the text (keeping serde_yaml's lines and columns in errors).
+    // straight from the text (keeping serde_yaml_ng's lines and columns in errors).
     //
-    // serde_yaml's document iterator repeats a syntax error forever instead of ending: every
+    // serde_yaml_ng's document iterator repeats a syntax error forever instead of ending: every
     // pass stops after the first document that does not load (the second pass reports it).
     let mut loaded = 0;
-    for (i, d) in serde_yaml::Deserializer::from_str(text).enumerate() {
+    for (i, d) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
         let nodes = std::cell::Cell::new(0);
         match serde::de::DeserializeSeed::deserialize(NodeBudget(&nodes), d) {
             Ok(()) => loaded += 1,
@@ -1112,13 +1112,13 @@ pub fn parse_all(text: &str) -> Result<Vec<Document>, SpecError> {
     struct KindOnly {
         kind: Option<String>,
     }
-    let kinds: Vec<Option<String>> = serde_yaml::Deserializer::from_str(text)
+    let kinds: Vec<Option<String>> = serde_yaml_ng::Deserializer::from_str(text)
         .take(loaded)
         .map(|d| Option::<KindOnly>::deserialize(d).ok().flatten().and_then(|k| k.kind))
         .collect();
     let mut documents: Vec<Document> = Vec::new();
     let mut first_seen: BTreeMap<(Kind, String), usize> = BTreeMap::new();
-    for (i, document) in serde_yaml::Deserializer::from_str(text).enumerate().take(loaded + 1) {
+    for (i, document) in serde_yaml_ng::Deserializer::from_str(text).enumerate().take(loaded + 1) {
         let n = i + 1;
         let kind = kinds.get(i).and_then(|k| k.as_deref());
         let parsed = if kind == Some("Network") {

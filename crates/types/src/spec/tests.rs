@@ -292,7 +292,7 @@ fn serialization_round_trips() {
     assert_eq!(back, s);
     let again = parse_documents(&json).unwrap();
     assert_eq!(again, std::slice::from_ref(&s));
-    let yaml = serde_yaml::to_string(&s).unwrap();
+    let yaml = serde_yaml_ng::to_string(&s).unwrap();
     assert_eq!(parse_documents(&yaml).unwrap(), std::slice::from_ref(&s));
     assert_eq!(back.canonical_json(), s.canonical_json());
     assert!(json.contains("\"cpu\":\"1500m\""), "{json}");
@@ -501,7 +501,7 @@ fn alias_bombs_are_refused_before_they_expand() {
     let started = std::time::Instant::now();
     parse_all(&bomb).unwrap_err();
     assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
-    // Under serde_yaml's own repetition limit (100 alias uses per event), a document can still
+    // Under serde_yaml_ng's own repetition limit (100 alias uses per event), a document can still
     // expand far: the node budget stops it.
     let mut wide = String::from("kind: Service\nmetadata: {name: wide}\nspec:\n  task:\n    env: &e [");
     wide.push_str(&vec!["x"; 2000].join(", "));
@@ -514,7 +514,7 @@ fn alias_bombs_are_refused_before_they_expand() {
     parse_all(ok).unwrap();
 }
 
-/// A syntax error after a document ends the parse with that error (serde_yaml's document
+/// A syntax error after a document ends the parse with that error (serde_yaml_ng's document
 /// iterator repeats it forever: the parser used to loop, growing until the OOM killer came).
 #[test]
 fn a_syntax_error_ends_the_parse() {
