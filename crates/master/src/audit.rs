@@ -209,8 +209,10 @@ pub(crate) fn stamp(ctx: &Ctx, cmd: Command) -> (Command, bool) {
     ok.at_ms = crate::objects::now_ms();
     let key = ctx.audit.key(&ok);
     ok.outcome = "ok".into();
-    let mut conflict = ok.clone();
-    conflict.outcome = "conflict: the state changed since it was read; nothing was written".into();
+    let conflict = AuditRecord {
+        outcome: "conflict: the state changed since it was read; nothing was written".into(),
+        ..ok.clone()
+    };
     let put = |rec: &AuditRecord| {
         RequestOp::Put(Put {
             key: key.clone(),
@@ -219,7 +221,10 @@ pub(crate) fn stamp(ctx: &Ctx, cmd: Command) -> (Command, bool) {
         })
     };
     txn.success.push(put(&ok));
-    txn.failure.push(put(&conflict));
+    // Without compares the failure branch never runs: no second copy in the log.
+    if !txn.compare.is_empty() {
+        txn.failure.push(put(&conflict));
+    }
     call.written.store(true, Ordering::Relaxed);
     (Command::Txn(txn), true)
 }
@@ -418,11 +423,10 @@ async fn follow_file_once(ctx: &Ctx, path: &Path, token: &CancellationToken) -> 
             match next {
                 Ok(berth_store::WatchEvents::Events(events)) => {
                     for (_, e) in events.iter().filter(|(_, e)| e.kind == berth_types::EventKind::Put) {
-                        if let Some(rec) = decode(&e.kv)
-                            && rec.revision > last
-                        {
-                            file.append(&rec).map_err(|e| format!("cannot write: {e}"))?;
-                            last = rec.revision;
+                        if e.kv.mod_revision > last {
+                            file.append_stored(&e.kv.value, e.kv.mod_revision)
+                                .map_err(|e| format!("cannot write: {e}"))?;
+                            last = e.kv.mod_revision;
                         }
                     }
                     file.flush().map_err(|e| format!("cannot write: {e}"))?;
@@ -462,17 +466,37 @@ impl AuditFile {
         Ok(AuditFile { path, out: std::io::BufWriter::new(f), len })
     }
 
-    fn append(&mut self, rec: &AuditRecord) -> std::io::Result<()> {
+    fn rotate_if_full(&mut self) -> std::io::Result<()> {
         if self.len >= ROTATE_BYTES {
             self.out.flush()?;
             let old = self.path.with_extension("log.1");
             std::fs::rename(&self.path, old)?;
             *self = AuditFile::open(self.path.clone())?;
         }
+        Ok(())
+    }
+
+    fn append(&mut self, rec: &AuditRecord) -> std::io::Result<()> {
+        self.rotate_if_full()?;
         let mut line = serde_json::to_vec(rec).expect("an audit record serializes");
         line.push(b'\n');
         self.out.write_all(&line)?;
         self.len += line.len() as u64;
+        Ok(())
+    }
+
+    /// Appends a record as stored (a JSON object without its revision) with `"revision":REV`
+    /// added, without decoding it: the file keeps up with every write of the cluster.
+    fn append_stored(&mut self, stored: &[u8], revision: i64) -> std::io::Result<()> {
+        let Some(body) = stored.strip_prefix(b"{").filter(|b| b.ends_with(b"}") && b.len() > 1) else {
+            return Ok(());
+        };
+        self.rotate_if_full()?;
+        let head = format!("{{\"revision\":{revision},");
+        self.out.write_all(head.as_bytes())?;
+        self.out.write_all(body)?;
+        self.out.write_all(b"\n")?;
+        self.len += (head.len() + body.len() + 1) as u64;
         Ok(())
     }
 
@@ -501,6 +525,10 @@ mod tests {
         f.flush().unwrap();
         assert_eq!(last_revision(&path).unwrap(), 4);
         assert_eq!(last_revision(&path.with_extension("log.1")).unwrap(), 3);
+        let stored = serde_json::to_vec(&AuditRecord { outcome: "ok".into(), ..Default::default() }).unwrap();
+        f.append_stored(&stored, 9).unwrap();
+        f.flush().unwrap();
+        assert_eq!(last_revision(&path).unwrap(), 9);
         use std::os::unix::fs::PermissionsExt;
         assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
     }
