@@ -228,3 +228,77 @@ fn users_are_held_to_their_roles_and_every_attempt_is_audited() -> Result<()> {
     assert!(!users.contains("viewer"), "{users}");
     Ok(())
 }
+
+fn service_with(ns: &str, name: &str, replicas: u32, cpu: &str) -> String {
+    format!(
+        "kind: Service\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n  replicas: {replicas}\n  task:\n    runtime: process\n    command: [sleep, '3600']\n    resources: {{cpu: {cpu}}}\n"
+    )
+}
+
+// A namespace's quota holds at apply, at scale and at secret creation, with an error that gives
+// the usage and the limit; `get namespaces` shows usage against quota; a tenant cannot raise
+// its own quota; the refusals are audited.
+#[test]
+fn namespace_quotas_hold_at_apply_scale_and_secret_create() -> Result<()> {
+    let c = Cluster::start(3, &[])?;
+    c.wait_leader(Duration::from_secs(10))?;
+    let root = c.dir.path().to_path_buf();
+    let apply = |name: &str, yaml: &str| -> Output {
+        let f = root.join(format!("{name}.yaml"));
+        std::fs::write(&f, yaml).expect("writing a spec");
+        c.berth(&["apply", "-f", f.to_str().unwrap()])
+    };
+    let ns = "kind: Namespace\nmetadata: {name: shop}\nspec:\n  quota: {cpu: 1, tasks: 3, services: 2, secrets: 1}\n";
+    ok(&apply("ns", ns), "the namespace")?;
+    ok(&apply("web", &service_with("shop", "web", 2, "250m")), "web within the quota")?;
+    let err = refused(&apply("api", &service_with("shop", "api", 2, "250m")), "api past the task quota")?;
+    assert!(err.contains("namespace shop's quota: tasks would be 4 (now 2), over the quota of 3"), "{err}");
+    let err = refused(&apply("big", &service_with("shop", "big", 1, "1")), "big past the CPU quota")?;
+    assert!(err.contains("cpu would be 1500m (now 500m), over the quota of 1000m"), "{err}");
+    let err = refused(&c.berth(&["scale", "web=4", "-n", "shop"]), "scaling past the quota")?;
+    assert!(err.contains("tasks would be 4 (now 2)"), "{err}");
+    ok(&c.berth(&["scale", "web=3", "-n", "shop"]), "scaling to the quota")?;
+    // Other namespaces have no quota.
+    ok(&apply("free", &service_with("default", "free", 50, "1")), "a namespace without a quota")?;
+    let value = root.join("v.txt");
+    std::fs::write(&value, "x")?;
+    ok(&c.berth(&["secret", "create", "one", "--from-file", value.to_str().unwrap(), "-n", "shop"]), "a first secret")?;
+    let err = refused(
+        &c.berth(&["secret", "create", "two", "--from-file", value.to_str().unwrap(), "-n", "shop"]),
+        "secret 2",
+    )?;
+    assert!(err.contains("secrets would be 2 (now 1), over the quota of 1"), "{err}");
+    // A new version of an existing secret is not one more.
+    ok(
+        &c.berth(&["secret", "update", "one", "--from-file", root.join("ns.yaml").to_str().unwrap(), "-n", "shop"]),
+        "update",
+    )?;
+
+    let list = berth_ok(&c, &["get", "namespaces", "-o", "json"])?;
+    let v: serde_json::Value = serde_json::from_str(&list)?;
+    let shop = v.as_array().and_then(|a| a.iter().find(|n| n["name"] == "shop")).cloned().unwrap_or_default();
+    assert_eq!(shop["usage"]["tasks"], 3, "{list}");
+    assert_eq!(shop["quota"]["tasks"], 3, "{list}");
+    assert_eq!(shop["usage"]["cpu"], 750, "{list}");
+    let table = berth_ok(&c, &["get", "namespaces"])?;
+    assert!(table.contains("3/3") && table.contains("750m/1000m"), "{table}");
+
+    // A tenant admin cannot raise its own quota.
+    let boss = root.join("users/boss");
+    berth_ok(&c, &["user", "add", "boss", "--role", "admin", "-n", "shop", "--out", boss.to_str().unwrap()])?;
+    let raise = root.join("raise.yaml");
+    std::fs::write(&raise, ns.replace("tasks: 3", "tasks: 300"))?;
+    let err = refused(&as_user(&boss, None, &["apply", "-f", raise.to_str().unwrap()]), "the boss raises its quota")?;
+    assert!(err.contains("user/boss may not create namespaces"), "{err}");
+    // The boss sees its namespace, not the others.
+    let mine = ok(&as_user(&boss, None, &["get", "namespaces", "-o", "json"]), "the boss lists namespaces")?;
+    assert!(mine.contains("\"shop\"") && !mine.contains("\"default\""), "{mine}");
+    let recs = wait_for(Duration::from_secs(5), "the refused apply in the audit log", || {
+        let r = audit_of(&c, "admin/admin").ok()?;
+        r.iter()
+            .any(|x| x["outcome"].as_str().is_some_and(|o| o.contains("ResourceExhausted") && o.contains("shop")))
+            .then_some(())
+    });
+    assert!(recs.is_ok(), "the quota refusal is audited");
+    Ok(())
+}

@@ -362,3 +362,54 @@ pub async fn run_audit(a: AuditArgs, g: &Global) -> Result<()> {
     }
     Ok(())
 }
+
+/// `berth get namespaces`: usage against quota, "used/limit" (or just "used" without a limit).
+pub async fn run_get_namespaces(g: &Global) -> Result<()> {
+    use berth_types::spec::{
+        Cpu, Memory,
+        namespace::{Quota, Usage},
+    };
+    let client = crate::config::client(g)?;
+    let r = client
+        .call(Call::Idempotent, |ch| async move {
+            Client::control(ch).list_namespaces(pb::ListNamespacesRequest {}).await.map(|r| r.into_inner())
+        })
+        .await?;
+    #[derive(Serialize)]
+    struct Out {
+        name: String,
+        declared: bool,
+        quota: Quota,
+        usage: Usage,
+    }
+    let mut out = Vec::new();
+    for n in r.namespaces {
+        let quota: Quota =
+            if n.quota_json.is_empty() { Quota::default() } else { serde_json::from_str(&n.quota_json)? };
+        let usage: Usage = serde_json::from_str(&n.usage_json)?;
+        out.push(Out { name: n.name, declared: n.declared, quota, usage });
+    }
+    output::print(g.output, &out, |o| {
+        let of = |used: String, limit: Option<String>| match limit {
+            Some(l) => format!("{used}/{l}"),
+            None => used,
+        };
+        let rows: Vec<Vec<String>> = o
+            .iter()
+            .map(|n| {
+                let (q, u) = (&n.quota, &n.usage);
+                vec![
+                    n.name.clone(),
+                    of(Cpu(u.cpu).to_string(), q.cpu.map(|c| c.to_string())),
+                    of(Memory(u.memory).to_string(), q.memory.map(|m| m.to_string())),
+                    of(u.tasks.to_string(), q.tasks.map(|x| x.to_string())),
+                    of(u.services.to_string(), q.services.map(|x| x.to_string())),
+                    of(u.volumes.to_string(), q.volumes.map(|x| x.to_string())),
+                    of(u.secrets.to_string(), q.secrets.map(|x| x.to_string())),
+                ]
+            })
+            .collect();
+        output::table(&["NAMESPACE", "CPU", "MEMORY", "TASKS", "SERVICES", "VOLUMES", "SECRETS"], &rows);
+    });
+    Ok(())
+}

@@ -97,6 +97,10 @@ pub enum GetCmd {
         #[arg(short = 'n', long)]
         namespace: Option<String>,
     },
+    /// Namespaces: what each holds (CPU, memory, tasks, services, volumes, secrets) against its
+    /// quota.
+    #[command(visible_aliases = ["namespace", "ns"])]
+    Namespaces,
 }
 
 #[derive(Subcommand)]
@@ -1164,6 +1168,7 @@ pub async fn run_get(cmd: GetCmd, g: &Global) -> Result<()> {
         GetCmd::Networks { namespace } => crate::cmd_networks::run_get(namespace.as_deref(), g).await,
         GetCmd::Volumes { namespace } => crate::cmd_storage::run_get_volumes(namespace.as_deref(), g).await,
         GetCmd::Routes { namespace } => crate::cmd_routes::run_get(namespace.as_deref(), g).await,
+        GetCmd::Namespaces => crate::cmd_access::run_get_namespaces(g).await,
         GetCmd::Services { namespace } => {
             let client = crate::config::client(g)?;
             let views = list_services(&client, namespace.as_deref().unwrap_or("")).await?;

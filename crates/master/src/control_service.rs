@@ -172,6 +172,7 @@ fn document_scope(doc: &Document) -> (Resource, Option<&str>) {
         Document::Volume(v) => (Resource::Volumes, Some(&v.metadata.namespace)),
         Document::Route(r) => (Resource::Routes, Some(&r.metadata.namespace)),
         Document::Role(_) | Document::RoleBinding(_) => (Resource::Roles, None),
+        Document::Namespace(_) => (Resource::Namespaces, None),
     }
 }
 
@@ -204,6 +205,7 @@ impl ControlSvc {
         if svc.spec.spec.replicas != Some(r.replicas) {
             let mut n = svc.spec.clone();
             n.spec.replicas = Some(r.replicas);
+            crate::quotas::check_service_change(&self.ctx.reader, &svc.spec, &n)?;
             self.change_spec(&rec, &n, &format!("scaled to {}", r.replicas)).await?;
         }
         self.respond(&rec.obj.namespace, &rec.obj.name).await
@@ -276,6 +278,34 @@ impl ControlSvc {
         let now = objects::now_ms();
         let mut results = Vec::new();
         let mut parts = Vec::new();
+        // Namespaces (and their quotas) first: the apply's other documents count against them.
+        for doc in &documents {
+            let Document::Namespace(n) = doc else { continue };
+            if r.expected_revision != 0 {
+                return Err(Status::invalid_argument("expected_revision applies to a Service document only"));
+            }
+            let key = crate::quotas::key(&n.metadata.name);
+            let json = n.canonical_json();
+            let existing = self.ctx.reader.get(&key).map_err(|e| Status::internal(e.to_string()))?;
+            let action = match &existing {
+                Some(kv) if kv.value == json.as_bytes() => "unchanged",
+                Some(_) => "updated",
+                None => "created",
+            };
+            if action != "unchanged" && !r.dry_run {
+                parts.push(objects::cas_put(key, existing.map_or(0, |kv| kv.mod_revision), json.into_bytes()));
+            }
+            results.push(pb::ApplyResult {
+                namespace: String::new(),
+                name: n.metadata.name.clone(),
+                action: if r.dry_run { format!("would be {action}") } else { action.to_string() },
+                version: 0,
+                revision: 0,
+                changes: vec![],
+                kind: "Namespace".into(),
+            });
+        }
+        crate::quotas::check_apply(&self.ctx.reader, &documents)?;
         // Roles and bindings depend on nothing else in the apply.
         let roles: Vec<&spec::access::Role> =
             documents.iter().filter_map(|d| if let Document::Role(r) = d { Some(r) } else { None }).collect();
@@ -536,6 +566,10 @@ impl ControlService for ControlSvc {
         let (ns, name) = (ns_of(&r.namespace).to_string(), r.name.clone());
         // Create or update: a new version either way.
         let file = crate::audit::mutate(&self.ctx, &caller, Verb::Update, res, Some(&ns), &name, async {
+            if res == Resource::Secrets {
+                self.ctx.read_barrier().await?;
+                crate::quotas::check_new_secret(&self.ctx.reader, &ns, &name)?;
+            }
             crate::secrets::put(&self.ctx, r).await
         })
         .await?;
@@ -848,6 +882,29 @@ impl ControlService for ControlSvc {
             ))
         });
         Ok(Response::new(pb::ListTasksResponse { header: Some(self.ctx.header()), tasks: list }))
+    }
+
+    async fn list_namespaces(
+        &self,
+        r: Request<pb::ListNamespacesRequest>,
+    ) -> Result<Response<pb::ListNamespacesResponse>, Status> {
+        let caller = Caller::of(&r)?;
+        // Everyone sees the namespaces whose services they may list; a cluster-admin, all.
+        let scope = self.scope(&caller, Verb::List, Resource::Services, "")?;
+        self.ctx.read_barrier().await?;
+        let namespaces = crate::quotas::overview(&self.ctx.reader)?
+            .into_iter()
+            .filter(|(name, _, _)| scope.allows(name))
+            .map(|(name, usage, doc)| pb::NamespaceView {
+                name,
+                declared: doc.is_some(),
+                quota_json: doc
+                    .map(|d| serde_json::to_string(&d.spec.quota).expect("a quota serializes"))
+                    .unwrap_or_default(),
+                usage_json: serde_json::to_string(&usage).expect("a usage serializes"),
+            })
+            .collect();
+        Ok(Response::new(pb::ListNamespacesResponse { header: Some(self.ctx.header()), namespaces }))
     }
 
     type LogsStream = Stream_<pb::LogEntry>;

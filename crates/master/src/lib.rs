@@ -27,6 +27,7 @@ mod nodes_service;
 mod objects;
 mod ports;
 mod proposer;
+mod quotas;
 mod raft_service;
 mod revocation;
 mod route;

@@ -9,6 +9,7 @@
 //! [`Service::canonical_json`] gives a stable string to detect an unchanged re-apply.
 
 pub mod access;
+pub mod namespace;
 pub mod network;
 mod placement;
 mod quantity;
@@ -361,6 +362,8 @@ pub enum Kind {
     Role,
     /// A role given to users.
     RoleBinding,
+    /// A tenant's namespace and its quota (`spec::namespace`).
+    Namespace,
 }
 
 /// One document of an `apply`.
@@ -378,6 +381,8 @@ pub enum Document {
     Role(access::Role),
     /// `kind: RoleBinding`.
     RoleBinding(access::RoleBinding),
+    /// `kind: Namespace`.
+    Namespace(namespace::Namespace),
 }
 
 impl Document {
@@ -390,6 +395,7 @@ impl Document {
             Document::Route(_) => Kind::Route,
             Document::Role(_) => Kind::Role,
             Document::RoleBinding(_) => Kind::RoleBinding,
+            Document::Namespace(_) => Kind::Namespace,
         }
     }
 
@@ -402,6 +408,7 @@ impl Document {
             Document::Route(r) => r.key(),
             Document::Role(r) => r.metadata.name.clone(),
             Document::RoleBinding(b) => b.metadata.name.clone(),
+            Document::Namespace(n) => n.metadata.name.clone(),
         }
     }
 }
@@ -1147,13 +1154,19 @@ pub fn parse_all(text: &str) -> Result<Vec<Document>, SpecError> {
             let Some(binding) = parsed else { continue };
             binding.validate().map_err(|e| e.in_document(n, text))?;
             Document::RoleBinding(binding)
+        } else if kind == Some("Namespace") {
+            let parsed =
+                Option::<namespace::Namespace>::deserialize(document).map_err(|e| SpecError::from_yaml(n, &e))?;
+            let Some(ns) = parsed else { continue };
+            ns.validate().map_err(|e| e.in_document(n, text))?;
+            Document::Namespace(ns)
         } else {
             let parsed = Option::<Service>::deserialize(document).map_err(|e| SpecError::from_yaml(n, &e))?;
             let Some(service) = parsed else { continue };
             if service.kind != Kind::Service {
                 return Err(SpecError::invalid(
                     "kind",
-                    "expected `Service`, `Network`, `Volume`, `Route`, `Role` or `RoleBinding`",
+                    "expected `Service`, `Network`, `Volume`, `Route`, `Role`, `RoleBinding` or `Namespace`",
                 )
                 .in_document(n, text));
             }
@@ -1268,7 +1281,8 @@ pub fn parse_documents(text: &str) -> Result<Vec<Service>, SpecError> {
             | Document::Volume(_)
             | Document::Route(_)
             | Document::Role(_)
-            | Document::RoleBinding(_) => {
+            | Document::RoleBinding(_)
+            | Document::Namespace(_) => {
                 Err(SpecError::invalid("kind", "only `kind: Service` documents are allowed here")
                     .in_document(i + 1, text))
             }

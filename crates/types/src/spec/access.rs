@@ -89,11 +89,12 @@ pub enum Resource {
     Roles,
     Images,
     Certificates,
+    Namespaces,
     Audit,
 }
 
 impl Resource {
-    pub const ALL: [Resource; 16] = [
+    pub const ALL: [Resource; 17] = [
         Resource::Services,
         Resource::Tasks,
         Resource::Networks,
@@ -109,6 +110,7 @@ impl Resource {
         Resource::Roles,
         Resource::Images,
         Resource::Certificates,
+        Resource::Namespaces,
         Resource::Audit,
     ];
     /// The resources that live in a namespace (the rest belong to the cluster). The audit log is
@@ -141,6 +143,7 @@ impl Resource {
             Resource::Roles => "roles",
             Resource::Images => "images",
             Resource::Certificates => "certificates",
+            Resource::Namespaces => "namespaces",
             Resource::Audit => "audit",
         }
     }
