@@ -591,13 +591,46 @@ impl<D: Driver> Agent<D> {
 
     /// Fencing and bookkeeping for an Accepted answer.
     async fn accept(&mut self, conn: &quinn::Connection, addr: &str, a: &Accepted) -> Result<(), SessionEnd> {
-        if a.term < self.state.highest_term {
-            let reason = format!("leader term {} is older than term {} already seen", a.term, self.state.highest_term);
+        let master = berth_channel::peer_identity(conn).and_then(|i| i.master_id());
+        // Removals are permanent (an id is never reused): learned from any master.
+        let learned = a.removed_masters.iter().any(|id| self.state.removed_masters.insert(*id));
+        if let Some(id) = master
+            && self.state.removed_masters.contains(&id)
+        {
+            let reason = format!("master {id} was removed from the cluster");
             warn!(master = %addr, "refusing the session: {reason}");
             conn.close(close::FENCED, reason.as_bytes());
+            if learned {
+                self.persist().await.ok();
+            }
             return Err(SessionEnd::lost(reason));
         }
+        if a.term < self.state.highest_term {
+            // A term given by a master since removed proves nothing (a removed or rogue master
+            // can claim any term, even u64::MAX): it is dropped, not obeyed.
+            match self.state.highest_term_from {
+                Some(from) if self.state.removed_masters.contains(&from) => {
+                    warn!(
+                        master = %addr,
+                        term = a.term,
+                        dropped = self.state.highest_term,
+                        "dropping the term master {from} gave: it was removed from the cluster"
+                    );
+                }
+                _ => {
+                    let reason =
+                        format!("leader term {} is older than term {} already seen", a.term, self.state.highest_term);
+                    warn!(master = %addr, "refusing the session: {reason}");
+                    conn.close(close::FENCED, reason.as_bytes());
+                    if learned {
+                        self.persist().await.ok();
+                    }
+                    return Err(SessionEnd::lost(reason));
+                }
+            }
+        }
         self.state.highest_term = a.term;
+        self.state.highest_term_from = master;
         if !a.masters.is_empty() {
             self.state.masters = a.masters.clone();
         }
@@ -760,8 +793,20 @@ impl<D: Driver> Agent<D> {
     ) -> Result<(), SessionEnd> {
         match frame_in.body {
             Some(master_frame::Body::HeartbeatAck(ack)) => {
+                let master = berth_channel::peer_identity(conn).and_then(|i| i.master_id());
+                if ack.removed_masters.iter().any(|id| self.state.removed_masters.insert(*id)) {
+                    self.dirty = true;
+                }
+                if let Some(id) = master
+                    && self.state.removed_masters.contains(&id)
+                {
+                    let reason = format!("master {id} was removed from the cluster");
+                    conn.close(close::FENCED, reason.as_bytes());
+                    return Err(SessionEnd::lost(reason));
+                }
                 if ack.term > self.state.highest_term {
                     self.state.highest_term = ack.term;
+                    self.state.highest_term_from = master;
                     self.dirty = true;
                 } else if ack.term < self.state.highest_term && ack.term != 0 {
                     debug!(term = ack.term, highest = self.state.highest_term, "heartbeat ack from an older term");
@@ -885,6 +930,7 @@ impl<D: Driver> Agent<D> {
         }
         if a.term > self.state.highest_term {
             self.state.highest_term = a.term;
+            self.state.highest_term_from = berth_channel::peer_identity(conn).and_then(|i| i.master_id());
             self.dirty = true;
         }
         let mut stopped: Vec<String> = Vec::new();

@@ -40,6 +40,13 @@ pub struct AgentState {
     /// The highest leader term seen (fencing).
     #[serde(default)]
     pub highest_term: u64,
+    /// The master (raft id, from its certificate) that gave `highest_term`.
+    #[serde(default)]
+    pub highest_term_from: Option<u64>,
+    /// Masters removed from the cluster, as the masters said (ids are never reused): refused
+    /// from then on.
+    #[serde(default)]
+    pub removed_masters: std::collections::BTreeSet<u64>,
     /// Version of the assignment set held in `assignments`.
     #[serde(default)]
     pub assignments_version: u64,
@@ -145,6 +152,8 @@ impl AgentState {
             masters,
             last_leader: None,
             highest_term: 0,
+            highest_term_from: None,
+            removed_masters: Default::default(),
             assignments_version: 0,
             assignments: BTreeMap::new(),
             statuses: BTreeMap::new(),

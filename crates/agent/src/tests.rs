@@ -52,11 +52,23 @@ struct Knobs {
     redirect: Option<String>,
     /// Masters to announce (default: this one).
     masters: Vec<String>,
+    /// This master's raft id (its certificate's identity).
+    master_id: u64,
+    /// Masters it says were removed.
+    removed: Vec<u64>,
 }
 
 impl Default for Knobs {
     fn default() -> Self {
-        Knobs { join: JoinReply::Accept, term: 5, join_validity: HOUR, redirect: None, masters: vec![] }
+        Knobs {
+            join: JoinReply::Accept,
+            term: 5,
+            join_validity: HOUR,
+            redirect: None,
+            masters: vec![],
+            master_id: 1,
+            removed: vec![],
+        }
     }
 }
 
@@ -103,8 +115,8 @@ impl Drop for TestMaster {
 
 impl TestMaster {
     async fn start(cluster: &Cluster, knobs: Knobs) -> TestMaster {
-        let files =
-            TlsFiles::new(cluster.ca.cert_pem(), cluster.ca.issue(&Identity::master(1), &[], &[], HOUR).unwrap());
+        let id = Identity::master(knobs.master_id);
+        let files = TlsFiles::new(cluster.ca.cert_pem(), cluster.ca.issue(&id, &[], &[], HOUR).unwrap());
         let tls = berth_pki::tls::server_config_client_auth_optional(&files, &[ALPN]).unwrap();
         let endpoint = berth_channel::server_endpoint("127.0.0.1:0".parse().unwrap(), tls).unwrap();
         let addr = endpoint.local_addr().unwrap().to_string();
@@ -232,7 +244,12 @@ async fn serve(conn: quinn::Connection, sh: Arc<Shared>) {
                 let _ = tokio::time::timeout(Duration::from_secs(10), conn.closed()).await;
                 return;
             }
-            let accepted = Accepted { term: knobs.term, heartbeat_interval_ms: 100, masters };
+            let accepted = Accepted {
+                term: knobs.term,
+                heartbeat_interval_ms: 100,
+                masters,
+                removed_masters: knobs.removed.clone(),
+            };
             if w.send(&MasterFrame { body: Some(master_frame::Body::Accepted(accepted)) }).await.is_err() {
                 return;
             }
@@ -255,7 +272,7 @@ async fn serve(conn: quinn::Connection, sh: Arc<Shared>) {
                         match &body {
                             agent_frame::Body::Heartbeat(hb) => {
                                 sh.events.send(Event::Frame { node_id: node_id.clone(), body: body.clone() }).ok();
-                                let ack = HeartbeatAck { seq: hb.seq, term: knobs.term };
+                                let ack = HeartbeatAck { seq: hb.seq, term: knobs.term, removed_masters: knobs.removed.clone() };
                                 let body = master_frame::Body::HeartbeatAck(ack);
                                 if w.send(&MasterFrame { body: Some(body) }).await.is_err() {
                                     break;
@@ -608,6 +625,45 @@ async fn assignments_from_an_older_term_are_refused() {
     assert_eq!(hello.highest_term, 6);
     master.wait_for("the fenced session to end", |e| matches!(e, Event::SessionEnded).then_some(())).await;
     agent.stop().await.unwrap();
+}
+
+// Hole 8: a removed (or rogue) master that gave the agent a term of u64::MAX does not fence the
+// real leader off: the leader's session names it as removed, the agent drops the term it gave
+// and refuses that master from then on. Without this, the agent refused every real leader.
+#[tokio::test]
+async fn a_term_from_a_removed_master_is_dropped_and_the_master_refused() {
+    let cl = cluster();
+    let tmp = tempfile::tempdir().unwrap();
+    let rogue_knobs = || Knobs { term: u64::MAX, master_id: 4, ..Knobs::default() };
+    let mut rogue = TestMaster::start(&cl, rogue_knobs()).await;
+    let agent = spawn_agent(config(&rogue, Some(cl.token.encode()), tmp.path()));
+    rogue.hello().await;
+    rogue.wait_for("a heartbeat to the rogue", |e| matches!(e, Event::Frame { .. }).then_some(())).await;
+    agent.stop().await.unwrap();
+    let state = AgentState::load(tmp.path()).unwrap().unwrap();
+    assert_eq!((state.highest_term, state.highest_term_from), (u64::MAX, Some(4)));
+    drop(rogue);
+
+    // The real leader, at a lower term, says master 4 was removed: its session is accepted.
+    let mut leader = TestMaster::start(&cl, Knobs { term: 7, removed: vec![4], ..Knobs::default() }).await;
+    let agent = spawn_agent(config(&leader, None, tmp.path()));
+    let hello = leader.hello().await;
+    assert_eq!(hello.highest_term, u64::MAX);
+    leader.wait_for("a heartbeat to the real leader", |e| matches!(e, Event::Frame { .. }).then_some(())).await;
+    agent.stop().await.unwrap();
+    let state = AgentState::load(tmp.path()).unwrap().unwrap();
+    assert_eq!((state.highest_term, state.highest_term_from), (7, Some(1)));
+    assert!(state.removed_masters.contains(&4));
+    drop(leader);
+
+    // The removed master comes back: refused, whatever term it claims.
+    let mut rogue = TestMaster::start(&cl, rogue_knobs()).await;
+    let agent = spawn_agent(config(&rogue, None, tmp.path()));
+    rogue.hello().await;
+    rogue.wait_for("the removed master's session to end", |e| matches!(e, Event::SessionEnded).then_some(())).await;
+    agent.stop().await.unwrap();
+    let state = AgentState::load(tmp.path()).unwrap().unwrap();
+    assert_eq!(state.highest_term, 7, "the removed master's term was not taken");
 }
 
 #[tokio::test]

@@ -540,7 +540,12 @@ async fn session(
     if hello_changes(&node.obj, &caps).is_some() {
         tokio::spawn(record_hello(ctx.clone(), node_id.clone(), caps));
     }
-    let accepted = Accepted { term, heartbeat_interval_ms: ctx.agent_heartbeat_interval.as_millis() as u64, masters };
+    let accepted = Accepted {
+        term,
+        heartbeat_interval_ms: ctx.agent_heartbeat_interval.as_millis() as u64,
+        masters,
+        removed_masters: ctx.removed_ids(),
+    };
     // Never send a set before the index holds this term's tasks: an empty or stale COMPLETE set
     // would make the agent stop what it runs.
     if !ctx.assignments.wait_ready(Duration::from_secs(10)).await {
@@ -692,7 +697,11 @@ async fn session(
                     info!(node = %node_id, "closing the session: {e}");
                     break (close::UNAUTHENTICATED, format!("{e}: join again with a new token"));
                 }
-                Some(master_frame::Body::HeartbeatAck(HeartbeatAck { seq: hb.seq, term }))
+                Some(master_frame::Body::HeartbeatAck(HeartbeatAck {
+                    seq: hb.seq,
+                    term,
+                    removed_masters: ctx.removed_ids(),
+                }))
             }
             agent_frame::Body::Status(report) => {
                 let dropped = ctx.statuses.report(&node_id, report.tasks);

@@ -95,6 +95,11 @@ impl Ctx {
         self.removed.lock().expect("removed lock").contains(&id)
     }
 
+    /// The ids of masters removed from the cluster (never reused).
+    pub fn removed_ids(&self) -> Vec<u64> {
+        self.removed.lock().expect("removed lock").iter().copied().collect()
+    }
+
     pub fn refresh_removed(&self) {
         if let Ok(set) = self.reader.removed_members() {
             *self.removed.lock().expect("removed lock") = set;
