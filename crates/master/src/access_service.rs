@@ -386,7 +386,7 @@ impl Access for AccessService {
                                 if e.kind != berth_types::EventKind::Put {
                                     continue;
                                 }
-                                if let Some(rec) = audit::decode(&e.kv).filter(|r| wanted(r)) {
+                                for rec in audit::decode(&e.kv).into_iter().filter(|r| wanted(r)) {
                                     yield entry(rec);
                                 }
                             }

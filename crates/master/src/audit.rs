@@ -1,10 +1,11 @@
 //! The audit log: every mutating client call and every denied one, with who made it, the verb,
 //! the resource, its namespace and name, the outcome and the revision it made.
 //!
-//! - A call that writes records itself in the same transaction as its change
-//!   (`/berth/audit/<ms>-<master>-<seq>`, put in both branches of the transaction, so a lost
-//!   compare is recorded as a conflict): the record is committed exactly when the change is, in
-//!   the same Raft entry, and carries its revision. An acknowledged change always has its record.
+//! - A call that writes sends its transactions as `Command::Audited`, with its record: applying
+//!   them adds each record's revision and outcome (`ok`, or `conflict` when a compare failed)
+//!   and writes the records of one apply round under one key (`/berth/audit/<ms>-r<revision>`,
+//!   JSON lines), in the same RocksDB write as the changes. An acknowledged change always has its
+//!   record, and a round of many writes costs one key.
 //! - A call that writes nothing (denied, invalid, unchanged) is queued and committed in batches
 //!   by each master (`run_queue`); under a flood of denied calls the queue is bounded and counts
 //!   what it had to drop, in a record of its own.
@@ -35,8 +36,8 @@ use tracing::{debug, warn};
 
 use crate::{authz::Caller, node::Ctx};
 
-pub(crate) const PREFIX: &str = "/berth/audit/";
-/// The most records kept; the oldest beyond go.
+pub(crate) const PREFIX: &str = berth_types::AUDIT_PREFIX;
+/// The most audit keys kept (a round of changes shares one); the oldest beyond go.
 pub(crate) const MAX_RECORDS: usize = 100_000;
 /// How long records are kept.
 pub(crate) const RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
@@ -58,7 +59,8 @@ pub(crate) struct AuditRecord {
     pub namespace: String,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub name: String,
-    /// `ok`, `conflict: ...`, `denied: ...` or `error: ...`.
+    /// `ok`, `conflict: ...`, `denied: ...` or `error: ...` (added when applied, for a change).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub outcome: String,
     /// The master that took the call.
     pub master: u64,
@@ -200,40 +202,15 @@ pub(crate) async fn mutate<T>(
     out
 }
 
-/// Adds the current call's record to a write made on its behalf: `ok` in the success branch,
-/// `conflict` in the failure branch. Returns whether it did (see [`unstamp`]).
-pub(crate) fn stamp(ctx: &Ctx, cmd: Command) -> (Command, bool) {
-    let Ok(call) = CALL.try_with(Arc::clone) else { return (cmd, false) };
-    let Command::Txn(mut txn) = cmd else { return (cmd, false) };
-    let mut ok = call.record.clone();
-    ok.at_ms = crate::objects::now_ms();
-    let key = ctx.audit.key(&ok);
-    ok.outcome = "ok".into();
-    let conflict = AuditRecord {
-        outcome: "conflict: the state changed since it was read; nothing was written".into(),
-        ..ok.clone()
-    };
-    let put = |rec: &AuditRecord| {
-        RequestOp::Put(Put {
-            key: key.clone(),
-            value: serde_json::to_vec(rec).expect("an audit record serializes"),
-            prev_kv: false,
-        })
-    };
-    txn.success.push(put(&ok));
-    // Without compares the failure branch never runs: no second copy in the log.
-    if !txn.compare.is_empty() {
-        txn.failure.push(put(&conflict));
-    }
+/// Makes a write made on the current call's behalf carry the call's record
+/// (`Command::Audited`); applying it adds the revision and the outcome.
+pub(crate) fn stamp(cmd: Command) -> Command {
+    let Ok(call) = CALL.try_with(Arc::clone) else { return cmd };
+    let Command::Txn(txn) = cmd else { return cmd };
+    let mut rec = call.record.clone();
+    rec.at_ms = crate::objects::now_ms();
     call.written.store(true, Ordering::Relaxed);
-    (Command::Txn(txn), true)
-}
-
-/// Takes the audit record's own result out of a stamped write's, so the caller sees its own.
-pub(crate) fn unstamp(res: &mut CommandResult) {
-    if let CommandResult::Txn(t) = res {
-        t.responses.pop();
-    }
+    Command::Audited { txn, at_ms: rec.at_ms, record: serde_json::to_vec(&rec).expect("an audit record serializes") }
 }
 
 /// Commits the queued records in batches, until `token`.
@@ -306,15 +283,35 @@ pub(crate) fn read(reader: &berth_store::KvReader, since_ms: i64) -> Result<(Vec
         ..Default::default()
     };
     let (res, counters) = reader.range(&q).map_err(|e| Status::internal(e.to_string()))?;
-    let mut out: Vec<AuditRecord> = res.kvs.iter().filter_map(decode).collect();
+    let mut out: Vec<AuditRecord> = res.kvs.iter().flat_map(decode).collect();
     out.sort_by_key(|r| (r.revision, r.at_ms));
     Ok((out, counters.revision))
 }
 
-pub(crate) fn decode(kv: &berth_types::KeyValue) -> Option<AuditRecord> {
-    let mut rec: AuditRecord = serde_json::from_slice(&kv.value).ok()?;
-    rec.revision = kv.mod_revision;
-    Some(rec)
+/// Whether a stored value is a round's records (JSON lines, each with its revision) rather than
+/// one record of a call that changed nothing (a JSON object, whose revision is its key's).
+fn is_round(value: &[u8]) -> bool {
+    value.ends_with(b"\n")
+}
+
+/// The records one key holds.
+pub(crate) fn decode(kv: &berth_types::KeyValue) -> Vec<AuditRecord> {
+    if is_round(&kv.value) {
+        return kv
+            .value
+            .split(|b| *b == b'\n')
+            .filter(|l| !l.is_empty())
+            .filter_map(|l| serde_json::from_slice::<AuditRecord>(l).ok())
+            .collect();
+    }
+    serde_json::from_slice::<AuditRecord>(&kv.value)
+        .ok()
+        .map(|mut rec| {
+            rec.revision = kv.mod_revision;
+            rec
+        })
+        .into_iter()
+        .collect()
 }
 
 /// On the leader: deletes records past the retention or the count bound, every minute, until
@@ -406,7 +403,7 @@ async fn follow_file_once(ctx: &Ctx, path: &Path, token: &CancellationToken) -> 
         for rec in records {
             if rec.revision > last {
                 file.append(&rec).map_err(|e| format!("cannot write: {e}"))?;
-                last = rec.revision;
+                last = last.max(rec.revision);
             }
         }
         file.flush().map_err(|e| format!("cannot write: {e}"))?;
@@ -423,11 +420,17 @@ async fn follow_file_once(ctx: &Ctx, path: &Path, token: &CancellationToken) -> 
             match next {
                 Ok(berth_store::WatchEvents::Events(events)) => {
                     for (_, e) in events.iter().filter(|(_, e)| e.kind == berth_types::EventKind::Put) {
-                        if e.kv.mod_revision > last {
+                        // A key's revision is above every record it holds.
+                        if e.kv.mod_revision <= last {
+                            continue;
+                        }
+                        if is_round(&e.kv.value) {
+                            file.append_lines(&e.kv.value).map_err(|e| format!("cannot write: {e}"))?;
+                        } else {
                             file.append_stored(&e.kv.value, e.kv.mod_revision)
                                 .map_err(|e| format!("cannot write: {e}"))?;
-                            last = e.kv.mod_revision;
                         }
+                        last = e.kv.mod_revision;
                     }
                     file.flush().map_err(|e| format!("cannot write: {e}"))?;
                 }
@@ -482,6 +485,14 @@ impl AuditFile {
         line.push(b'\n');
         self.out.write_all(&line)?;
         self.len += line.len() as u64;
+        Ok(())
+    }
+
+    /// Appends a round's records as stored: JSON lines that carry their revisions.
+    fn append_lines(&mut self, lines: &[u8]) -> std::io::Result<()> {
+        self.rotate_if_full()?;
+        self.out.write_all(lines)?;
+        self.len += lines.len() as u64;
         Ok(())
     }
 

@@ -42,20 +42,23 @@ pub(crate) struct Proposer {
 
 fn approx_size(cmd: &Command) -> usize {
     match cmd {
-        Command::Txn(t) => {
-            t.success
-                .iter()
-                .chain(&t.failure)
-                .map(|op| match op {
-                    RequestOp::Put(p) => p.key.len() + p.value.len() + 16,
-                    RequestOp::Range(r) => r.key.len() + r.range_end.len() + 16,
-                    RequestOp::DeleteRange(d) => d.key.len() + d.range_end.len() + 16,
-                })
-                .sum::<usize>()
-                + t.compare.len() * 32
-        }
+        Command::Txn(t) => txn_size(t),
+        Command::Audited { txn, record, .. } => txn_size(txn) + record.len() + 16,
         _ => 32,
     }
+}
+
+fn txn_size(t: &berth_types::Txn) -> usize {
+    t.success
+        .iter()
+        .chain(&t.failure)
+        .map(|op| match op {
+            RequestOp::Put(p) => p.key.len() + p.value.len() + 16,
+            RequestOp::Range(r) => r.key.len() + r.range_end.len() + 16,
+            RequestOp::DeleteRange(d) => d.key.len() + d.range_end.len() + 16,
+        })
+        .sum::<usize>()
+        + t.compare.len() * 32
 }
 
 impl Proposer {

@@ -195,7 +195,7 @@ impl Ctx {
     pub async fn write(&self, cmd: Command) -> Result<CommandResult, Status> {
         self.limits.check_command(&cmd).map_err(|e| Status::invalid_argument(e.to_string()))?;
         // A write made on a client's behalf carries that call's audit record.
-        let (cmd, stamped) = crate::audit::stamp(self, cmd);
+        let cmd = crate::audit::stamp(cmd);
         let deadline = self.route_deadline();
         let mut hint = None;
         loop {
@@ -219,12 +219,7 @@ impl Ctx {
                 Route::Leader(lid, addr) => self.forward(lid, &addr, &cmd).await?,
             };
             match res {
-                Ok(mut r) => {
-                    if stamped && let Ok(r) = &mut r {
-                        crate::audit::unstamp(r);
-                    }
-                    return command_result(r);
-                }
+                Ok(r) => return command_result(r),
                 Err(ProposeError::NotLeader { leader }) => {
                     hint = leader.or(hint);
                     let left = deadline.saturating_duration_since(Instant::now());

@@ -262,6 +262,10 @@ pub(crate) struct Apply<'a> {
     /// Read lazily: only a `SetClusterId` needs it, and that happens once per cluster.
     cluster_id: Option<Option<String>>,
     removed_pending: std::collections::BTreeSet<u64>,
+    /// The audit records of this round's audited transactions (JSON lines) and the earliest
+    /// `at_ms` among them; written as one key by [`Apply::flush_audit`].
+    audit: Vec<u8>,
+    audit_at: Option<i64>,
 }
 
 impl<'a> Apply<'a> {
@@ -274,6 +278,8 @@ impl<'a> Apply<'a> {
             counters: read_counters(db)?,
             cluster_id: None,
             removed_pending: Default::default(),
+            audit: Vec::new(),
+            audit_at: None,
         })
     }
 
@@ -309,6 +315,16 @@ impl<'a> Apply<'a> {
     pub fn command(&mut self, cmd: Command) -> Result<Result<CommandResult, CommandError>, StoreError> {
         Ok(match cmd {
             Command::Txn(txn) => self.txn(txn)?.map(CommandResult::Txn),
+            Command::Audited { txn, at_ms, record } => {
+                let res = self.txn(txn)?;
+                let (revision, outcome) = match &res {
+                    Ok(r) if r.succeeded => (r.revision, "ok".to_string()),
+                    Ok(r) => (r.revision, "conflict: the state changed since it was read; nothing was written".into()),
+                    Err(e) => (self.counters.revision, format!("error: {e}")),
+                };
+                self.add_audit(at_ms, &record, revision, &outcome);
+                res.map(CommandResult::Txn)
+            }
             Command::Compact { revision } => self.compact(revision).map(|()| CommandResult::Compacted { revision }),
             Command::SetClusterId { cluster_id } => match self.current_cluster_id()? {
                 Some(existing) if existing != cluster_id => Err(CommandError::ClusterIdAlreadySet { existing }),
@@ -419,6 +435,27 @@ impl<'a> Apply<'a> {
     }
 
     /// Stages the counters; the caller adds the applied log id and writes the batch.
+    /// Adds one record: `record` (a JSON object) with `revision` and `outcome` put first.
+    fn add_audit(&mut self, at_ms: i64, record: &[u8], revision: Revision, outcome: &str) {
+        let Some(body) = record.strip_prefix(b"{").filter(|b| b.ends_with(b"}")) else { return };
+        let outcome = serde_json::to_string(outcome).expect("a string serializes");
+        let sep = if body.len() > 1 { "," } else { "" };
+        self.audit.extend_from_slice(format!("{{\"revision\":{revision},\"outcome\":{outcome}{sep}").as_bytes());
+        self.audit.extend_from_slice(body);
+        self.audit.push(b'\n');
+        self.audit_at = Some(self.audit_at.map_or(at_ms, |a| a.min(at_ms)));
+    }
+
+    /// Writes this round's audit records, if any, as one key (see `Command::Audited`), at a
+    /// revision of its own.
+    pub fn flush_audit(&mut self) -> Result<(), StoreError> {
+        let Some(at) = self.audit_at.take() else { return Ok(()) };
+        let value = std::mem::take(&mut self.audit);
+        let key = format!("{}{:013}-r{:020}", berth_types::AUDIT_PREFIX, at.max(0), self.counters.revision + 1);
+        let _ = self.txn(Txn::put(key, value))?;
+        Ok(())
+    }
+
     pub fn finish(&mut self) {
         self.batch.put_cf(cf(self.db, CF_SM), SM_COUNTERS, encode(&self.counters));
     }
@@ -433,6 +470,7 @@ mod tests {
     fn apply(db: &DB, cmds: Vec<Command>) -> Vec<Result<CommandResult, CommandError>> {
         let mut a = Apply::new(db).unwrap();
         let out = cmds.into_iter().map(|c| a.command(c).unwrap()).collect();
+        a.flush_audit().unwrap();
         a.finish();
         db.write(std::mem::take(&mut a.batch)).unwrap();
         out
@@ -445,6 +483,52 @@ mod tests {
     fn get(db: &DB, k: &str, rev: Revision) -> Result<Option<KeyValue>, StoreError> {
         let q = RangeQuery { key: k.into(), revision: rev, ..Default::default() };
         Ok(range(&SnapView::new(db), &q)?.0.kvs.pop())
+    }
+
+    // Audited transactions apply as transactions, and their records (with each one's revision and
+    // outcome) go into one key for the round, written at a revision of its own.
+    #[test]
+    fn audited_transactions_share_one_record_key_per_round() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = crate::db::open(dir.path()).unwrap();
+        let audited = |txn: Txn, at_ms: i64, who: &str| Command::Audited {
+            txn,
+            at_ms,
+            record: format!("{{\"identity\":\"{who}\"}}").into_bytes(),
+        };
+        let conflict = Txn {
+            compare: vec![Compare { key: b"a".to_vec(), op: CompareOp::Equal, target: CompareTarget::ModRevision(99) }],
+            ..Default::default()
+        };
+        let out =
+            apply(&db, vec![audited(Txn::put("a", "1"), 20, "user/x"), put("b", "1"), audited(conflict, 10, "user/y")]);
+        assert!(
+            matches!(&out[0], Ok(CommandResult::Txn(t)) if t.succeeded && t.revision == 1 && t.responses.len() == 1)
+        );
+        assert!(matches!(&out[2], Ok(CommandResult::Txn(t)) if !t.succeeded));
+        let q = RangeQuery {
+            key: berth_types::AUDIT_PREFIX.as_bytes().to_vec(),
+            range_end: prefix_end(berth_types::AUDIT_PREFIX.as_bytes()),
+            ..Default::default()
+        };
+        let (res, counters) = range(&SnapView::new(&db), &q).unwrap();
+        assert_eq!(res.kvs.len(), 1, "one key for the round");
+        let kv = &res.kvs[0];
+        assert_eq!(String::from_utf8_lossy(&kv.key), "/berth/audit/0000000000010-r00000000000000000003");
+        assert_eq!((kv.mod_revision, counters.revision), (3, 3));
+        let lines: Vec<serde_json::Value> = kv
+            .value
+            .split(|b| *b == b'\n')
+            .filter(|l| !l.is_empty())
+            .map(|l| serde_json::from_slice(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 2);
+        assert_eq!((lines[0]["revision"].as_i64(), lines[0]["outcome"].as_str()), (Some(1), Some("ok")));
+        assert_eq!(lines[0]["identity"], "user/x");
+        assert!(lines[1]["outcome"].as_str().unwrap().starts_with("conflict"), "{lines:?}");
+        // A round without audited transactions writes no record.
+        apply(&db, vec![put("c", "1")]);
+        assert_eq!(range(&SnapView::new(&db), &q).unwrap().0.kvs.len(), 1);
     }
 
     #[test]

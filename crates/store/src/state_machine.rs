@@ -102,6 +102,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 responders.push((r, resp));
             }
         }
+        apply.flush_audit().map_err(|e| io::Error::other(format!("applying to the state machine failed: {e}")))?;
         apply.finish();
         let sm = cf(db, CF_SM);
         apply.batch.put_cf(sm, SM_APPLIED, encode(&applied));

@@ -1,6 +1,6 @@
 //! Size limits for client requests, checked before anything is proposed.
 
-use crate::{Command, RequestOp, Txn};
+use crate::{AUDIT_PREFIX, Command, RequestOp, Txn};
 
 /// Limits on what a client may write. The defaults follow etcd's (1.5 MiB requests).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -100,6 +100,16 @@ impl Limits {
     pub fn check_command(&self, cmd: &Command) -> Result<(), ValidationError> {
         match cmd {
             Command::Txn(t) => self.check_txn(t),
+            Command::Audited { txn, record, .. } => {
+                if record.len() > self.max_value_bytes / 16 {
+                    return Err(ValidationError::ValueTooLarge {
+                        key: AUDIT_PREFIX.to_string(),
+                        size: record.len(),
+                        limit: self.max_value_bytes / 16,
+                    });
+                }
+                self.check_txn(txn)
+            }
             Command::Compact { revision } if *revision <= 0 => Err(ValidationError::BadCompactRevision(*revision)),
             Command::Compact { .. }
             | Command::SetClusterId { .. }
