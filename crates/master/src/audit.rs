@@ -412,10 +412,22 @@ async fn follow_file_once(ctx: &Ctx, path: &Path, token: &CancellationToken) -> 
             .reader
             .watch(prefix.clone(), berth_types::prefix_end(&prefix), revision + 1)
             .map_err(|e| format!("cannot watch the audit records: {e}"))?;
+        // Written out at most every 200 ms (and at a stop), not once per applied round.
+        let mut tick = tokio::time::interval(Duration::from_millis(200));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut dirty = false;
         loop {
             let next = tokio::select! {
                 n = watcher.next() => n,
-                _ = token.cancelled() => return Ok(()),
+                _ = tick.tick(), if dirty => {
+                    file.flush().map_err(|e| format!("cannot write: {e}"))?;
+                    dirty = false;
+                    continue;
+                }
+                _ = token.cancelled() => {
+                    file.flush().map_err(|e| format!("cannot write: {e}"))?;
+                    return Ok(());
+                }
             };
             match next {
                 Ok(berth_store::WatchEvents::Events(events)) => {
@@ -431,10 +443,13 @@ async fn follow_file_once(ctx: &Ctx, path: &Path, token: &CancellationToken) -> 
                                 .map_err(|e| format!("cannot write: {e}"))?;
                         }
                         last = e.kv.mod_revision;
+                        dirty = true;
                     }
-                    file.flush().map_err(|e| format!("cannot write: {e}"))?;
                 }
-                Ok(_) | Err(_) => break,
+                Ok(_) | Err(_) => {
+                    file.flush().map_err(|e| format!("cannot write: {e}"))?;
+                    break;
+                }
             }
         }
     }

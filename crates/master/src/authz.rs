@@ -364,10 +364,10 @@ pub(crate) fn refresh(ctx: &Ctx) {
     }
 }
 
-/// Keeps `ctx.rbac` equal to the replicated state, until `token`.
+/// Keeps `ctx.rbac` and `ctx.revoked` equal to the replicated state, until `token`: one watch
+/// (one task woken per applied round, not two) over /berth/bindings/ .. /berth/users/, which
+/// holds the bindings, the revocations, the roles and the users.
 pub(crate) async fn follow(ctx: Arc<Ctx>, token: CancellationToken) {
-    // One watch over /berth/bindings/ .. /berth/users/ covers the three prefixes (and what sorts
-    // between them, which is read again too: cheap, and rarely written).
     let from = BINDINGS.as_bytes().to_vec();
     let to = berth_types::prefix_end(USERS.as_bytes());
     loop {
@@ -382,6 +382,7 @@ pub(crate) async fn follow(ctx: Arc<Ctx>, token: CancellationToken) {
             }
         };
         refresh(&ctx);
+        crate::revocation::refresh(&ctx);
         loop {
             let next = tokio::select! {
                 n = watcher.next() => n,
@@ -389,13 +390,16 @@ pub(crate) async fn follow(ctx: Arc<Ctx>, token: CancellationToken) {
             };
             match next {
                 Ok(berth_store::WatchEvents::Events(events)) => {
-                    let relevant = events.iter().any(|(_, e)| {
-                        let k = &e.kv.key;
+                    let keys = || events.iter().map(|(_, e)| e.kv.key.as_slice());
+                    if keys().any(|k| k.starts_with(crate::revocation::PREFIX.as_bytes())) {
+                        crate::revocation::refresh(&ctx);
+                    }
+                    let rbac = keys().any(|k| {
                         k.starts_with(USERS.as_bytes())
                             || k.starts_with(ROLES.as_bytes())
                             || k.starts_with(BINDINGS.as_bytes())
                     });
-                    if relevant {
+                    if rbac {
                         refresh(&ctx);
                     }
                 }

@@ -279,8 +279,8 @@ pub async fn run_master(cfg: MasterConfig, shutdown: CancellationToken) -> Resul
     ctx.refresh_removed();
     // Revocations are known before the first connection is accepted, and followed from then on.
     crate::revocation::refresh(&ctx);
-    let revocations = tokio::spawn(crate::revocation::follow(ctx.clone(), shutdown.clone()));
     crate::authz::refresh(&ctx);
+    // Revocations, users, roles and bindings: one watch.
     let rbac = tokio::spawn(crate::authz::follow(ctx.clone(), shutdown.clone()));
     let audit_queue = tokio::spawn(crate::audit::run_queue(ctx.clone(), shutdown.clone()));
     let audit_file = tokio::spawn(crate::audit::follow_file(ctx.clone(), shutdown.clone()));
@@ -336,7 +336,6 @@ pub async fn run_master(cfg: MasterConfig, shutdown: CancellationToken) -> Resul
     watcher.abort();
     renewer.abort();
     guard_dir.abort();
-    revocations.abort();
     rbac.abort();
     audit_file.abort();
     ctx.liveness.step_down();

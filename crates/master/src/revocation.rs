@@ -7,18 +7,18 @@
 //!   revocation (a removed master's, a removed user's). One issued later (the same name given to
 //!   someone new) is valid.
 //!
-//! Each master follows the prefix with a watch (`follow`) and swaps its copy on every change:
+//! Each master follows the prefix with a watch (`authz::follow`, which also follows users,
+//! roles and bindings) and swaps its copy on every change:
 //! a revocation committed by the leader applies on a master as soon as that master applies it.
 
 use std::{
     collections::{HashMap, HashSet},
-    sync::{Arc, RwLock},
+    sync::RwLock,
 };
 
 use berth_pki::{CertInfo, Identity};
 use berth_types::{Command, CommandResult};
 use serde::{Deserialize, Serialize};
-use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::node::Ctx;
@@ -112,35 +112,6 @@ pub(crate) fn refresh(ctx: &Ctx) {
     match load(&ctx.reader) {
         Ok(sets) => ctx.revoked.replace(sets),
         Err(e) => warn!("cannot read the revocations: {e}"),
-    }
-}
-
-/// Keeps `ctx.revoked` equal to the replicated state: read now, then again at every change of
-/// the prefix, until `token`.
-pub(crate) async fn follow(ctx: Arc<Ctx>, token: CancellationToken) {
-    loop {
-        // Watch first, then read: nothing committed in between is missed.
-        let mut watcher =
-            match ctx.reader.watch(PREFIX.as_bytes().to_vec(), berth_types::prefix_end(PREFIX.as_bytes()), 0) {
-                Ok(w) => w,
-                Err(e) => {
-                    warn!("cannot watch the revocations: {e}; retrying");
-                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-                    continue;
-                }
-            };
-        refresh(&ctx);
-        loop {
-            let next = tokio::select! {
-                n = watcher.next() => n,
-                _ = token.cancelled() => return,
-            };
-            match next {
-                Ok(berth_store::WatchEvents::Events(_)) => refresh(&ctx),
-                // Compacted or replaced by a snapshot: watch again and read everything.
-                Ok(_) | Err(_) => break,
-            }
-        }
     }
 }
 

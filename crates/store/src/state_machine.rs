@@ -112,12 +112,14 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let events = std::mem::take(&mut apply.events);
         db.write(std::mem::take(&mut apply.batch))
             .map_err(|e| io::Error::other(format!("applying to the state machine failed: {e}")))?;
+        // The writers hear first, the watchers after: waking every watcher (controllers, the
+        // audit file, clients' watches) before the answer put them ahead of it on a busy host.
+        for (r, resp) in responders {
+            r.send(resp);
+        }
         if !events.is_empty() {
             let events = events.into_iter().map(|(rev, _, e)| (rev, e)).collect();
             let _ = self.shared.watch_tx.send(Arc::new(WatchBatch { events, reset: false }));
-        }
-        for (r, resp) in responders {
-            r.send(resp);
         }
         Ok(())
     }
