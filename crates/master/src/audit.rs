@@ -3,9 +3,9 @@
 //!
 //! - A call that writes sends its transactions as `Command::Audited`, with its record: applying
 //!   them adds each record's revision and outcome (`ok`, or `conflict` when a compare failed)
-//!   and writes the records of one apply round under one key (`/berth/audit/<ms>-r<revision>`,
+//!   and writes the records of one Raft log entry under one key (`/berth/audit/<ms>-r<revision>`,
 //!   JSON lines), in the same RocksDB write as the changes. An acknowledged change always has its
-//!   record, and a round of many writes costs one key.
+//!   record, and an entry of many writes (the proposer packs them) costs one key.
 //! - A call that writes nothing (denied, invalid, unchanged) is queued and committed in batches
 //!   by each master (`run_queue`); under a flood of denied calls the queue is bounded and counts
 //!   what it had to drop, in a record of its own.
@@ -37,7 +37,7 @@ use tracing::{debug, warn};
 use crate::{authz::Caller, node::Ctx};
 
 pub(crate) const PREFIX: &str = berth_types::AUDIT_PREFIX;
-/// The most audit keys kept (a round of changes shares one); the oldest beyond go.
+/// The most audit keys kept (the changes of one log entry share one); the oldest beyond go.
 pub(crate) const MAX_RECORDS: usize = 100_000;
 /// How long records are kept.
 pub(crate) const RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
@@ -288,15 +288,15 @@ pub(crate) fn read(reader: &berth_store::KvReader, since_ms: i64) -> Result<(Vec
     Ok((out, counters.revision))
 }
 
-/// Whether a stored value is a round's records (JSON lines, each with its revision) rather than
+/// Whether a stored value is an entry.s records (JSON lines, each with its revision) rather than
 /// one record of a call that changed nothing (a JSON object, whose revision is its key's).
-fn is_round(value: &[u8]) -> bool {
+fn is_entry(value: &[u8]) -> bool {
     value.ends_with(b"\n")
 }
 
 /// The records one key holds.
 pub(crate) fn decode(kv: &berth_types::KeyValue) -> Vec<AuditRecord> {
-    if is_round(&kv.value) {
+    if is_entry(&kv.value) {
         return kv
             .value
             .split(|b| *b == b'\n')
@@ -412,7 +412,7 @@ async fn follow_file_once(ctx: &Ctx, path: &Path, token: &CancellationToken) -> 
             .reader
             .watch(prefix.clone(), berth_types::prefix_end(&prefix), revision + 1)
             .map_err(|e| format!("cannot watch the audit records: {e}"))?;
-        // Written out at most every 200 ms (and at a stop), not once per applied round.
+        // Written out at most every 200 ms (and at a stop), not once per applied entry.
         let mut tick = tokio::time::interval(Duration::from_millis(200));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut dirty = false;
@@ -436,7 +436,7 @@ async fn follow_file_once(ctx: &Ctx, path: &Path, token: &CancellationToken) -> 
                         if e.kv.mod_revision <= last {
                             continue;
                         }
-                        if is_round(&e.kv.value) {
+                        if is_entry(&e.kv.value) {
                             file.append_lines(&e.kv.value).map_err(|e| format!("cannot write: {e}"))?;
                         } else {
                             file.append_stored(&e.kv.value, e.kv.mod_revision)
@@ -503,7 +503,7 @@ impl AuditFile {
         Ok(())
     }
 
-    /// Appends a round's records as stored: JSON lines that carry their revisions.
+    /// Appends an entry.s records as stored: JSON lines that carry their revisions.
     fn append_lines(&mut self, lines: &[u8]) -> std::io::Result<()> {
         self.rotate_if_full()?;
         self.out.write_all(lines)?;

@@ -262,7 +262,7 @@ pub(crate) struct Apply<'a> {
     /// Read lazily: only a `SetClusterId` needs it, and that happens once per cluster.
     cluster_id: Option<Option<String>>,
     removed_pending: std::collections::BTreeSet<u64>,
-    /// The audit records of this round's audited transactions (JSON lines) and the earliest
+    /// The audit records of this entry's audited transactions (JSON lines) and the earliest
     /// `at_ms` among them; written as one key by [`Apply::flush_audit`].
     audit: Vec<u8>,
     audit_at: Option<i64>,
@@ -435,6 +435,18 @@ impl<'a> Apply<'a> {
     }
 
     /// Stages the counters; the caller adds the applied log id and writes the batch.
+    /// Applies the commands of one log entry, then writes its audit records (one key per entry:
+    /// entries are the same on every replica, while how many of them one apply call gets is not;
+    /// a key per call made the replicas' revisions diverge, found by the chaos suite).
+    pub fn entry(&mut self, commands: Vec<Command>) -> Result<Vec<Result<CommandResult, CommandError>>, StoreError> {
+        let mut results = Vec::with_capacity(commands.len());
+        for c in commands {
+            results.push(self.command(c)?);
+        }
+        self.flush_audit()?;
+        Ok(results)
+    }
+
     /// Adds one record: `record` (a JSON object) with `revision` and `outcome` put first.
     fn add_audit(&mut self, at_ms: i64, record: &[u8], revision: Revision, outcome: &str) {
         let Some(body) = record.strip_prefix(b"{").filter(|b| b.ends_with(b"}")) else { return };
@@ -446,9 +458,9 @@ impl<'a> Apply<'a> {
         self.audit_at = Some(self.audit_at.map_or(at_ms, |a| a.min(at_ms)));
     }
 
-    /// Writes this round's audit records, if any, as one key (see `Command::Audited`), at a
+    /// Writes the entry's audit records, if any, as one key (see `Command::Audited`), at a
     /// revision of its own.
-    pub fn flush_audit(&mut self) -> Result<(), StoreError> {
+    fn flush_audit(&mut self) -> Result<(), StoreError> {
         let Some(at) = self.audit_at.take() else { return Ok(()) };
         let value = std::mem::take(&mut self.audit);
         let key = format!("{}{:013}-r{:020}", berth_types::AUDIT_PREFIX, at.max(0), self.counters.revision + 1);
@@ -469,8 +481,7 @@ mod tests {
 
     fn apply(db: &DB, cmds: Vec<Command>) -> Vec<Result<CommandResult, CommandError>> {
         let mut a = Apply::new(db).unwrap();
-        let out = cmds.into_iter().map(|c| a.command(c).unwrap()).collect();
-        a.flush_audit().unwrap();
+        let out = a.entry(cmds).unwrap();
         a.finish();
         db.write(std::mem::take(&mut a.batch)).unwrap();
         out
@@ -526,9 +537,35 @@ mod tests {
         assert_eq!((lines[0]["revision"].as_i64(), lines[0]["outcome"].as_str()), (Some(1), Some("ok")));
         assert_eq!(lines[0]["identity"], "user/x");
         assert!(lines[1]["outcome"].as_str().unwrap().starts_with("conflict"), "{lines:?}");
-        // A round without audited transactions writes no record.
+        // An entry without audited transactions writes no record.
         apply(&db, vec![put("c", "1")]);
         assert_eq!(range(&SnapView::new(&db), &q).unwrap().0.kvs.len(), 1);
+
+        // Replicas group entries into apply calls differently: the revisions must not depend
+        // on it (regression: one audit key per call made them diverge).
+        let entries = || {
+            vec![
+                vec![audited(Txn::put("x", "1"), 1, "a")],
+                vec![audited(Txn::put("y", "1"), 2, "b")],
+                vec![put("z", "1")],
+            ]
+        };
+        let one_call = tempfile::tempdir().unwrap();
+        let one_call = crate::db::open(one_call.path()).unwrap();
+        let mut a = Apply::new(&one_call).unwrap();
+        for e in entries() {
+            a.entry(e).unwrap();
+        }
+        a.finish();
+        one_call.write(std::mem::take(&mut a.batch)).unwrap();
+        let call_each = tempfile::tempdir().unwrap();
+        let call_each = crate::db::open(call_each.path()).unwrap();
+        for e in entries() {
+            apply(&call_each, e);
+        }
+        let revs = |db: &DB| read_counters(db).unwrap().revision;
+        assert_eq!(revs(&one_call), revs(&call_each));
+        assert_eq!(revs(&one_call), 5, "x, its audit key, y, its audit key, z");
     }
 
     #[test]

@@ -85,13 +85,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         while let Some((entry, responder)) = entries.try_next().await? {
             let resp = match entry.payload {
                 EntryPayload::Blank => BatchResponse::default(),
-                EntryPayload::Normal(batch) => {
-                    let mut results = Vec::with_capacity(batch.commands.len());
-                    for c in batch.commands {
-                        results.push(apply.command(c)?);
-                    }
-                    BatchResponse { results }
-                }
+                EntryPayload::Normal(batch) => BatchResponse { results: apply.entry(batch.commands)? },
                 EntryPayload::Membership(m) => {
                     membership = Some(StoredMembership::new(Some(entry.log_id), m));
                     BatchResponse::default()
@@ -102,7 +96,6 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 responders.push((r, resp));
             }
         }
-        apply.flush_audit().map_err(|e| io::Error::other(format!("applying to the state machine failed: {e}")))?;
         apply.finish();
         let sm = cf(db, CF_SM);
         apply.batch.put_cf(sm, SM_APPLIED, encode(&applied));

@@ -221,10 +221,11 @@ pub enum Command {
     },
     /// A transaction made on a client's behalf, with the audit record of that call: a JSON
     /// object without `revision` and `outcome`, which applying adds. Every audited transaction
-    /// of one apply round shares one key, `AUDIT_PREFIX<ms>-r<revision>` (the earliest `at_ms`,
+    /// of one log entry shares one key, `AUDIT_PREFIX<ms>-r<revision>` (the earliest `at_ms`,
     /// the revision the key itself is written at), holding their records as JSON lines: the
-    /// records commit with their changes, at a cost of one key per round instead of one per
-    /// write. Added last, so logs written before it still decode.
+    /// records commit with their changes, at a cost of one key per entry (the proposer packs
+    /// many writes into one) instead of one per write. Added last, so logs written before it
+    /// still decode.
     Audited {
         txn: Txn,
         at_ms: i64,
