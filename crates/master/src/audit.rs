@@ -147,11 +147,14 @@ pub(crate) fn authorize(
     ns: Option<&str>,
     name: &str,
 ) -> Result<(), Status> {
-    ctx.rbac.check(caller, verb, res, ns).inspect_err(|e| {
-        let mut rec = record(ctx, caller, verb, res, ns.unwrap_or(""), name);
-        rec.outcome = format!("denied: {}", e.message());
-        ctx.audit.queue(rec);
-    })
+    ctx.rbac.check(caller, verb, res, ns).inspect_err(|e| denied(ctx, caller, verb, res, ns.unwrap_or(""), name, e))
+}
+
+/// Records a refused call.
+fn denied(ctx: &Ctx, caller: &Caller, verb: Verb, res: Resource, ns: &str, name: &str, e: &Status) {
+    let mut rec = record(ctx, caller, verb, res, ns, name);
+    rec.outcome = format!("denied: {}", e.message());
+    ctx.audit.queue(rec);
 }
 
 /// Which namespaces a list or watch across namespaces may show; a refusal is recorded.
@@ -161,11 +164,7 @@ pub(crate) fn namespaces(
     verb: Verb,
     res: Resource,
 ) -> Result<crate::authz::Namespaces, Status> {
-    ctx.rbac.namespaces(caller, verb, res).inspect_err(|e| {
-        let mut rec = record(ctx, caller, verb, res, "", "");
-        rec.outcome = format!("denied: {}", e.message());
-        ctx.audit.queue(rec);
-    })
+    ctx.rbac.namespaces(caller, verb, res).inspect_err(|e| denied(ctx, caller, verb, res, "", "", e))
 }
 
 /// Serves a mutating call: checks it, runs it with its writes stamped with its record, and

@@ -426,24 +426,11 @@ pub(crate) fn plan_access(
     bindings: &[&access::RoleBinding],
 ) -> Result<AccessPlan, Status> {
     let mut plan = AccessPlan { results: Vec::new(), parts: Vec::new() };
-    let stored = |key: &str| -> Result<Option<(Vec<u8>, i64)>, Status> {
-        let kv = ctx.reader.get(key.as_bytes()).map_err(|e| Status::internal(e.to_string()))?;
-        Ok(kv.map(|kv| (kv.value, kv.mod_revision)))
-    };
     let (stored_roles, _) = read_documents(&ctx.reader).map_err(Status::internal)?;
     for role in roles {
-        let key = format!("{ROLES}{}", role.metadata.name);
-        let json = role.canonical_json();
-        let existing = stored(&key)?;
-        let action = match &existing {
-            Some((v, _)) if v == json.as_bytes() => "unchanged",
-            Some(_) => "updated",
-            None => "created",
-        };
-        if action != "unchanged" {
-            let expected = existing.map_or(0, |(_, rev)| rev);
-            plan.parts.push(crate::objects::cas_put(key.into_bytes(), expected, json.into_bytes()));
-        }
+        let key = format!("{ROLES}{}", role.metadata.name).into_bytes();
+        let (action, part) = crate::objects::plan_document(&ctx.reader, key, role.canonical_json())?;
+        plan.parts.extend(part);
         plan.results.push(("Role", role.metadata.name.clone(), action));
     }
     for b in bindings {
@@ -477,18 +464,9 @@ pub(crate) fn plan_access(
                 }
             }
         }
-        let key = format!("{BINDINGS}{}", b.metadata.name);
-        let json = b.canonical_json();
-        let existing = stored(&key)?;
-        let action = match &existing {
-            Some((v, _)) if v == json.as_bytes() => "unchanged",
-            Some(_) => "updated",
-            None => "created",
-        };
-        if action != "unchanged" {
-            let expected = existing.map_or(0, |(_, rev)| rev);
-            plan.parts.push(crate::objects::cas_put(key.into_bytes(), expected, json.into_bytes()));
-        }
+        let key = format!("{BINDINGS}{}", b.metadata.name).into_bytes();
+        let (action, part) = crate::objects::plan_document(&ctx.reader, key, b.canonical_json())?;
+        plan.parts.extend(part);
         plan.results.push(("RoleBinding", b.metadata.name.clone(), action));
     }
     Ok(plan)

@@ -285,15 +285,9 @@ impl ControlSvc {
                 return Err(Status::invalid_argument("expected_revision applies to a Service document only"));
             }
             let key = crate::quotas::key(&n.metadata.name);
-            let json = n.canonical_json();
-            let existing = self.ctx.reader.get(&key).map_err(|e| Status::internal(e.to_string()))?;
-            let action = match &existing {
-                Some(kv) if kv.value == json.as_bytes() => "unchanged",
-                Some(_) => "updated",
-                None => "created",
-            };
-            if action != "unchanged" && !r.dry_run {
-                parts.push(objects::cas_put(key, existing.map_or(0, |kv| kv.mod_revision), json.into_bytes()));
+            let (action, part) = objects::plan_document(&self.ctx.reader, key, n.canonical_json())?;
+            if !r.dry_run {
+                parts.extend(part);
             }
             results.push(pb::ApplyResult {
                 namespace: String::new(),

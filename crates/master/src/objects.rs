@@ -69,6 +69,24 @@ pub(crate) fn cas_put(key: Vec<u8>, expected: Revision, value: Vec<u8>) -> (Comp
     )
 }
 
+/// A compare and the write it guards.
+pub(crate) type GuardedOp = (Compare, RequestOp);
+
+/// A document stored as its canonical JSON at `key`, planned for an apply: `created`,
+/// `updated` or `unchanged`, and the compare-and-put to make unless unchanged.
+pub(crate) fn plan_document(
+    reader: &KvReader,
+    key: Vec<u8>,
+    json: String,
+) -> Result<(&'static str, Option<GuardedOp>), Status> {
+    let existing = reader.get(&key).map_err(store_err)?;
+    Ok(match existing {
+        Some(kv) if kv.value == json.as_bytes() => ("unchanged", None),
+        Some(kv) => ("updated", Some(cas_put(key, kv.mod_revision, json.into_bytes()))),
+        None => ("created", Some(cas_put(key, 0, json.into_bytes()))),
+    })
+}
+
 /// One transaction out of several compare-and-puts: all happen or none.
 pub(crate) fn txn_of(parts: Vec<(Compare, RequestOp)>) -> Txn {
     let (compare, success) = parts.into_iter().unzip();
