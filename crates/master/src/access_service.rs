@@ -133,12 +133,11 @@ impl AccessService {
                 by: "berth user rm".into(),
                 reason: format!("user {} was removed", rec.name),
             };
-            let target = crate::revocation::Target::Serial(serial.clone());
-            parts.push(crate::objects::cas_put(
-                target.key().into_bytes(),
-                0,
-                serde_json::to_vec(&rev).expect("a revocation serializes"),
-            ));
+            let key = crate::revocation::Target::Serial(serial.clone()).key().into_bytes();
+            // A serial already revoked by hand keeps its record.
+            if self.ctx.reader.get(&key).map_err(|e| Status::internal(e.to_string()))?.is_none() {
+                parts.push(crate::objects::cas_put(key, 0, serde_json::to_vec(&rev).expect("a revocation serializes")));
+            }
         }
         // Bindings that named only this user go; the others lose the name.
         let (_, bindings) = authz::read_documents(&self.ctx.reader).map_err(Status::internal)?;
@@ -168,19 +167,7 @@ impl AccessService {
                 ));
             }
         }
-        // A serial already revoked by hand keeps its record: compare it with "absent" only when
-        // absent.
-        let mut txn = crate::objects::txn_of(parts);
-        let revoked_prefix = "/berth/revoked/serial/".as_bytes();
-        let mut keep = Vec::new();
-        for (cmp, op) in txn.compare.drain(..).zip(txn.success.drain(..)) {
-            let exists = cmp.key.starts_with(revoked_prefix)
-                && self.ctx.reader.get(&cmp.key).map_err(|e| Status::internal(e.to_string()))?.is_some();
-            if !exists {
-                keep.push((cmp, op));
-            }
-        }
-        let txn = crate::objects::txn_of(keep);
+        let txn = crate::objects::txn_of(parts);
         txn_ok(self.ctx.write(Command::Txn(txn)).await?, "the user")?;
         info!(user = rec.name, revoked = ?rec.serials, "user removed");
         Ok(pb::UserRemoveResponse { header: Some(self.ctx.header()), revoked: rec.serials, bindings: gone })

@@ -90,16 +90,7 @@ fn rule(verbs: &[Verb], resources: &[Resource]) -> access::Rule {
     }
 }
 
-/// The namespaced resources a tenant works with.
-const WORKLOADS: [Resource; 7] = [
-    Resource::Services,
-    Resource::Tasks,
-    Resource::Networks,
-    Resource::Volumes,
-    Resource::Secrets,
-    Resource::Configs,
-    Resource::Routes,
-];
+const WORKLOADS: [Resource; 7] = Resource::WORKLOADS;
 
 /// The rules of a built-in role, as Kubernetes defines its user-facing roles:
 /// - `cluster-admin`: everything, everywhere (and reading berth's own keys through KV);

@@ -26,13 +26,12 @@ pub(crate) fn key(name: &str) -> Vec<u8> {
 }
 
 /// Every namespace document, by name.
-pub(crate) fn list(reader: &berth_store::KvReader) -> Result<BTreeMap<String, (Namespace, i64)>, Status> {
+pub(crate) fn list(reader: &berth_store::KvReader) -> Result<BTreeMap<String, Namespace>, Status> {
     let mut out = BTreeMap::new();
     for (name, value) in crate::authz::range_prefix(reader, PREFIX).map_err(Status::internal)? {
         let ns: Namespace = serde_json::from_slice(&value)
             .map_err(|e| Status::data_loss(format!("namespace record {name} does not parse: {e}")))?;
-        let rev = reader.get(&key(&name)).map_err(|e| Status::internal(e.to_string()))?.map_or(0, |kv| kv.mod_revision);
-        out.insert(name, (ns, rev));
+        out.insert(name, ns);
     }
     Ok(out)
 }
@@ -82,14 +81,7 @@ pub(crate) fn sub(a: &mut Usage, b: &Usage) {
 
 /// The nodes a global service runs on at most.
 pub(crate) fn node_count(reader: &berth_store::KvReader) -> Result<u64, Status> {
-    let q = berth_types::RangeQuery {
-        key: objects::NODES_PREFIX.as_bytes().to_vec(),
-        range_end: berth_types::prefix_end(objects::NODES_PREFIX.as_bytes()),
-        count_only: true,
-        ..Default::default()
-    };
-    let (res, _) = reader.range(&q).map_err(|e| Status::internal(e.to_string()))?;
-    Ok(u64::try_from(res.count).unwrap_or(0))
+    count(reader, objects::NODES_PREFIX)
 }
 
 fn count(reader: &berth_store::KvReader, prefix: &str) -> Result<u64, Status> {
@@ -238,7 +230,7 @@ pub(crate) fn overview(reader: &berth_store::KvReader) -> Result<Vec<(String, Us
     let mut out = Vec::new();
     for name in names {
         let u = usage(reader, &name, nodes)?;
-        out.push((name.clone(), u, declared.get(&name).map(|(n, _)| n.clone())));
+        out.push((name.clone(), u, declared.get(&name).cloned()));
     }
     Ok(out)
 }

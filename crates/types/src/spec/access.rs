@@ -113,8 +113,19 @@ impl Resource {
         Resource::Namespaces,
         Resource::Audit,
     ];
-    /// The resources that live in a namespace (the rest belong to the cluster). The audit log is
-    /// here too: a record of a namespaced call belongs to that namespace.
+    /// What a tenant runs and stores in its namespace (the built-in admin, edit and view roles
+    /// are about these).
+    pub const WORKLOADS: [Resource; 7] = [
+        Resource::Services,
+        Resource::Tasks,
+        Resource::Networks,
+        Resource::Volumes,
+        Resource::Secrets,
+        Resource::Configs,
+        Resource::Routes,
+    ];
+    /// The resources that live in a namespace (the rest belong to the cluster): the workloads,
+    /// and the audit log (a record of a namespaced call belongs to that namespace).
     pub const NAMESPACED: [Resource; 8] = [
         Resource::Services,
         Resource::Tasks,
