@@ -131,6 +131,15 @@ impl CertifiedKey {
         identity_of_der(&self.cert_der()?)
     }
 
+    /// Whether the CA certificate `ca_pem` signed this certificate.
+    pub fn issued_by(&self, ca_pem: &str) -> bool {
+        let (Ok(der), Ok(ca_der)) = (self.cert_der(), cert_der_from_pem(ca_pem, "CA certificate")) else {
+            return false;
+        };
+        let (Ok(cert), Ok(ca)) = (parse_cert(&der, "leaf"), parse_cert(&ca_der, "CA")) else { return false };
+        cert.issuer() == ca.subject() && cert.verify_signature(Some(ca.public_key())).is_ok()
+    }
+
     /// A random instant between 50% and 80% of the validity period (jitter so renewals spread out).
     pub fn renew_at(&self) -> Result<SystemTime, PkiError> {
         let (not_before, not_after) = self.validity()?;
@@ -176,13 +185,34 @@ impl CertificateAuthority {
     /// A new CA for the cluster `cluster_name`: ECDSA P-256, valid for ten years, CA:true with
     /// path length 0 (it signs only leaf certificates), key usage certificate and CRL signing.
     pub fn generate(cluster_name: &str) -> Result<Self, PkiError> {
+        Self::generate_named(cluster_name, format!("berth CA {cluster_name}"))
+    }
+
+    /// A new CA to replace this one (`berth ca rotate`): the same cluster name, and a common name
+    /// of its own (`berth CA <cluster> <unix seconds>`), so that while both are trusted a
+    /// certificate's issuer names the one that signed it.
+    pub fn successor(&self) -> Result<Self, PkiError> {
+        let der = cert_der_from_pem(&self.inner.cert_pem, "CA certificate")?;
+        let cert = parse_cert(&der, "CA")?;
+        let cluster = cert
+            .subject()
+            .iter_organizational_unit()
+            .next()
+            .and_then(|ou| ou.as_str().ok())
+            .unwrap_or("berth")
+            .to_string();
+        let secs = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or_default();
+        Self::generate_named(&cluster, format!("berth CA {cluster} {secs}"))
+    }
+
+    fn generate_named(cluster_name: &str, common_name: String) -> Result<Self, PkiError> {
         validate_cluster_name(cluster_name)?;
         let key =
             KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(|e| PkiError::crypto("generate the CA key", e))?;
         let now = SystemTime::now();
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, format!("berth CA {cluster_name}"));
+        dn.push(DnType::CommonName, common_name);
         dn.push(DnType::OrganizationName, ORGANIZATION);
         dn.push(DnType::OrganizationalUnitName, cluster_name);
         params.distinguished_name = dn;
@@ -226,6 +256,22 @@ impl CertificateAuthority {
                 issuer,
             }),
         })
+    }
+
+    /// Loads the CA whose key is `key_pem` from a trust bundle (`ca.crt` while a rotation trusts
+    /// two CAs): the certificate that certifies that key.
+    pub fn from_bundle(bundle_pem: &str, key_pem: &str) -> Result<Self, PkiError> {
+        let key = KeyPair::from_pem(key_pem).map_err(|e| PkiError::Pem {
+            what: "CA private key",
+            expected: "PRIVATE KEY",
+            reason: e.to_string(),
+        })?;
+        for der in certs_from_pem(bundle_pem, "CA certificates")? {
+            if parse_cert(&der, "CA")?.public_key().raw == key.subject_public_key_info().as_slice() {
+                return Self::from_pem(&pem_encode_cert(&der), key_pem);
+            }
+        }
+        Err(PkiError::KeyMismatch)
     }
 
     /// The CA certificate, PEM (normalised: exactly one certificate).
@@ -344,6 +390,21 @@ impl CertificateAuthority {
         params.not_after = to_asn1_time(not_after, validity)?;
         Ok(params)
     }
+}
+
+/// The certificates of a trust bundle (PEM), each as its own PEM, in order.
+pub fn bundle_certs(bundle_pem: &str) -> Result<Vec<String>, PkiError> {
+    Ok(certs_from_pem(bundle_pem, "CA certificates")?.iter().map(|d| pem_encode_cert(d)).collect())
+}
+
+/// One digest for a trust bundle, whatever the order of its certificates: the SHA-256 of their
+/// sorted digests. Agents report it; a master sends its bundle to an agent whose digest differs.
+pub fn bundle_digest(bundle_pem: &str) -> Result<CaDigest, PkiError> {
+    let mut digests: Vec<String> =
+        certs_from_pem(bundle_pem, "CA certificates")?.iter().map(|d| CaDigest::of_der(d).0).collect();
+    digests.sort();
+    digests.dedup();
+    Ok(CaDigest::of_der(digests.join("\n").as_bytes()))
 }
 
 /// A fresh ECDSA P-256 key pair and a CSR for it with subject CN `common_name`: the agent keeps

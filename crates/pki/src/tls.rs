@@ -20,10 +20,11 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::server::WebPkiClientVerifier;
-use rustls::{CertificateError, DigitallySignedStruct, OtherError, RootCertStore, SignatureScheme};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, OtherError, RootCertStore, SignatureScheme};
 
 use crate::ca::{certs_from_pem, pem_encode_cert};
-use crate::{CaDigest, CertifiedKey, Identity, MASTER_SERVER_NAME, PkiError, Role, identity_of_der};
+use crate::{CaDigest, CertInfo, CertifiedKey, Identity, MASTER_SERVER_NAME, PkiError, Role, identity_of_der};
 
 /// What a process holds: the cluster CA certificate and its own certificate and key.
 #[derive(Clone, Debug)]
@@ -80,7 +81,31 @@ pub fn server_config_client_auth_optional(files: &TlsFiles, alpn: &[&[u8]]) -> R
     build_server_config(files, alpn, true)
 }
 
+/// Asks whether a certificate the chain check accepted is revoked: `Err(why)` refuses it. The
+/// masters pass their copy of the replicated revocation list, agents the list the masters sent.
+pub type RevocationCheck = Arc<dyn Fn(&CertInfo) -> Result<(), String> + Send + Sync>;
+
+/// [`server_config`] or [`server_config_client_auth_optional`] (`optional`) that also refuses a
+/// revoked client certificate in the handshake, with TLS's `certificate_revoked` alert.
+pub fn server_config_checked(
+    files: &TlsFiles,
+    alpn: &[&[u8]],
+    optional: bool,
+    check: RevocationCheck,
+) -> Result<rustls::ServerConfig, PkiError> {
+    build_server_config_with(files, alpn, optional, Some(check))
+}
+
 fn build_server_config(files: &TlsFiles, alpn: &[&[u8]], optional: bool) -> Result<rustls::ServerConfig, PkiError> {
+    build_server_config_with(files, alpn, optional, None)
+}
+
+fn build_server_config_with(
+    files: &TlsFiles,
+    alpn: &[&[u8]],
+    optional: bool,
+    check: Option<RevocationCheck>,
+) -> Result<rustls::ServerConfig, PkiError> {
     let provider = crypto_provider();
     let ca_certs = certs_from_pem(&files.ca_pem, "CA certificate")?;
     let roots = Arc::new(root_store(&ca_certs)?);
@@ -88,7 +113,11 @@ fn build_server_config(files: &TlsFiles, alpn: &[&[u8]], optional: bool) -> Resu
     if optional {
         builder = builder.allow_unauthenticated();
     }
-    let verifier = builder.build().map_err(|e| PkiError::Verifier { reason: e.to_string() })?;
+    let webpki = builder.build().map_err(|e| PkiError::Verifier { reason: e.to_string() })?;
+    let verifier: Arc<dyn ClientCertVerifier> = match check {
+        Some(check) => Arc::new(CheckedClientVerifier { inner: webpki, check }),
+        None => webpki,
+    };
     let mut chain = vec![files.cert.cert_der()?];
     chain.extend(ca_certs);
     let tls_err = |source| PkiError::Tls { side: "server", source };
@@ -105,12 +134,29 @@ fn build_server_config(files: &TlsFiles, alpn: &[&[u8]], optional: bool) -> Resu
 /// Client side with a client certificate; verifies the server against the CA and
 /// [`MASTER_SERVER_NAME`], and requires it to be a master.
 pub fn client_config(files: &TlsFiles, alpn: &[&[u8]]) -> Result<rustls::ClientConfig, PkiError> {
+    build_client_config(files, alpn, None)
+}
+
+/// [`client_config`] that also refuses a revoked master certificate in the handshake.
+pub fn client_config_checked(
+    files: &TlsFiles,
+    alpn: &[&[u8]],
+    check: RevocationCheck,
+) -> Result<rustls::ClientConfig, PkiError> {
+    build_client_config(files, alpn, Some(check))
+}
+
+fn build_client_config(
+    files: &TlsFiles,
+    alpn: &[&[u8]],
+    check: Option<RevocationCheck>,
+) -> Result<rustls::ClientConfig, PkiError> {
     let provider = crypto_provider();
     let roots = Arc::new(root_store(&certs_from_pem(&files.ca_pem, "CA certificate")?)?);
     let inner = WebPkiServerVerifier::builder_with_provider(roots, provider.clone())
         .build()
         .map_err(|e| PkiError::Verifier { reason: e.to_string() })?;
-    let verifier = Arc::new(MasterVerifier { inner });
+    let verifier = Arc::new(MasterVerifier { inner, check });
     let tls_err = |source| PkiError::Tls { side: "client", source };
     let mut config = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -170,11 +216,86 @@ fn require_master(end_entity: &CertificateDer<'_>) -> Result<(), rustls::Error> 
     Ok(())
 }
 
+/// The revocation check on a leaf the chain check accepted: a revoked one is refused with
+/// [`CertificateError::Revoked`], which rustls sends as the `certificate_revoked` alert.
+fn check_revocation(check: &RevocationCheck, end_entity: &CertificateDer<'_>) -> Result<(), rustls::Error> {
+    let info = crate::cert_info_of_der(end_entity).map_err(rejected)?;
+    check(&info).map_err(|why| {
+        tracing::info!("refused a revoked certificate in the TLS handshake: {why}");
+        rustls::Error::InvalidCertificate(CertificateError::Revoked)
+    })
+}
+
+/// webpki's client verification plus the revocation check.
+struct CheckedClientVerifier {
+    inner: Arc<dyn ClientCertVerifier>,
+    check: RevocationCheck,
+}
+
+impl fmt::Debug for CheckedClientVerifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CheckedClientVerifier").field("inner", &self.inner).finish_non_exhaustive()
+    }
+}
+
+impl ClientCertVerifier for CheckedClientVerifier {
+    fn offer_client_auth(&self) -> bool {
+        self.inner.offer_client_auth()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.inner.client_auth_mandatory()
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let verified = self.inner.verify_client_cert(end_entity, intermediates, now)?;
+        check_revocation(&self.check, end_entity)?;
+        Ok(verified)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
 /// webpki verification against the cluster CA, always for [`MASTER_SERVER_NAME`], plus a master
-/// identity check.
-#[derive(Debug)]
+/// identity check and, when given, the revocation check.
 struct MasterVerifier {
     inner: Arc<WebPkiServerVerifier>,
+    check: Option<RevocationCheck>,
+}
+
+impl fmt::Debug for MasterVerifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MasterVerifier").field("inner", &self.inner).finish_non_exhaustive()
+    }
 }
 
 impl ServerCertVerifier for MasterVerifier {
@@ -189,6 +310,9 @@ impl ServerCertVerifier for MasterVerifier {
         let verified =
             self.inner.verify_server_cert(end_entity, intermediates, &master_server_name(), ocsp_response, now)?;
         require_master(end_entity)?;
+        if let Some(check) = &self.check {
+            check_revocation(check, end_entity)?;
+        }
         Ok(verified)
     }
 
@@ -421,6 +545,84 @@ mod tests {
             let err = handshake(client_config(&intruder, ALPN).unwrap(), server, MASTER_SERVER_NAME).unwrap_err();
             assert!(matches!(err, Failed::Server(rustls::Error::InvalidCertificate(_))), "{err:?}");
         }
+    }
+
+    fn revoking(serial_of: &TlsFiles) -> RevocationCheck {
+        let serial = crate::cert_info_of_der(&serial_of.cert.cert_der().unwrap()).unwrap().serial;
+        Arc::new(
+            move |info: &CertInfo| {
+                if info.serial == serial { Err(format!("certificate {} was revoked", info.serial)) } else { Ok(()) }
+            },
+        )
+    }
+
+    /// A revoked client certificate is refused in the handshake, with the `certificate_revoked`
+    /// reason, by both kinds of server; another certificate of the same CA still gets in.
+    #[test]
+    fn a_revoked_client_certificate_is_refused_in_the_handshake() {
+        let cl = cluster();
+        let revoked = files(&cl.ca, Identity::admin("mallory"));
+        let fine = files(&cl.ca, Identity::admin("alice"));
+        for optional in [false, true] {
+            let server = || server_config_checked(&cl.master, ALPN, optional, revoking(&revoked)).unwrap();
+            let err = handshake(client_config(&revoked, ALPN).unwrap(), server(), MASTER_SERVER_NAME).unwrap_err();
+            assert!(
+                matches!(err, Failed::Server(rustls::Error::InvalidCertificate(CertificateError::Revoked))),
+                "{err:?}"
+            );
+            handshake(client_config(&fine, ALPN).unwrap(), server(), MASTER_SERVER_NAME).unwrap();
+        }
+    }
+
+    /// An agent refuses a master whose certificate was revoked.
+    #[test]
+    fn a_revoked_master_is_refused_by_the_client() {
+        let cl = cluster();
+        let agent = files(&cl.ca, Identity::agent("n1"));
+        let client = client_config_checked(&agent, ALPN, revoking(&cl.master)).unwrap();
+        let err = handshake(client, server_config(&cl.master, ALPN).unwrap(), MASTER_SERVER_NAME).unwrap_err();
+        assert!(matches!(err, Failed::Client(rustls::Error::InvalidCertificate(CertificateError::Revoked))), "{err:?}");
+        let other = files(&cl.ca, Identity::master(2));
+        handshake(
+            client_config_checked(&agent, ALPN, revoking(&cl.master)).unwrap(),
+            server_config(&other, ALPN).unwrap(),
+            MASTER_SERVER_NAME,
+        )
+        .unwrap();
+    }
+
+    /// A rotation's trust bundle: while both CAs are trusted, certificates of either are accepted
+    /// both ways; once the old one is dropped, its certificates are refused.
+    #[test]
+    fn a_bundle_of_two_cas_trusts_both_until_the_old_one_is_dropped() {
+        let old = CertificateAuthority::generate("test").unwrap();
+        let new = old.successor().unwrap();
+        assert_ne!(old.digest(), new.digest());
+        let bundle = format!("{}{}", new.cert_pem(), old.cert_pem());
+        let with = |ca: &CertificateAuthority, ident: Identity, trust: &str| {
+            TlsFiles::new(trust, ca.issue(&ident, &[], &[], HOUR).unwrap())
+        };
+        for (master_ca, agent_ca) in [(&old, &new), (&new, &old), (&new, &new)] {
+            let master = with(master_ca, Identity::master(1), &bundle);
+            let agent = with(agent_ca, Identity::agent("n1"), &bundle);
+            handshake(client_config(&agent, ALPN).unwrap(), server_config(&master, ALPN).unwrap(), MASTER_SERVER_NAME)
+                .unwrap();
+        }
+        let master = with(&new, Identity::master(1), new.cert_pem());
+        let stale = with(&old, Identity::agent("n1"), &bundle);
+        let err =
+            handshake(client_config(&stale, ALPN).unwrap(), server_config(&master, ALPN).unwrap(), MASTER_SERVER_NAME)
+                .unwrap_err();
+        assert!(matches!(err, Failed::Server(rustls::Error::InvalidCertificate(_))), "{err:?}");
+        // What the masters and agents use to tell the CAs apart.
+        let leaf = new.issue(&Identity::agent("n1"), &[], &[], HOUR).unwrap();
+        assert!(leaf.issued_by(new.cert_pem()) && !leaf.issued_by(old.cert_pem()));
+        let reversed = format!("{}{}", old.cert_pem(), new.cert_pem());
+        assert_eq!(crate::bundle_digest(&bundle).unwrap(), crate::bundle_digest(&reversed).unwrap());
+        assert_ne!(crate::bundle_digest(&bundle).unwrap(), crate::bundle_digest(new.cert_pem()).unwrap());
+        let loaded = CertificateAuthority::from_bundle(&reversed, new.key_pem()).unwrap();
+        assert_eq!(loaded.digest(), new.digest());
+        assert!(CertificateAuthority::from_bundle(old.cert_pem(), new.key_pem()).is_err());
     }
 
     #[test]
