@@ -65,10 +65,66 @@ pub fn load(dir: &Path, node_id: &str) -> Result<TlsFiles, AgentError> {
     Ok(files)
 }
 
-/// The QUIC mTLS client configuration for `files`.
-pub fn client_config(files: &TlsFiles) -> Result<quinn::ClientConfig, AgentError> {
-    let tls = berth_pki::tls::client_config(files, &[berth_channel::ALPN])?;
+/// What the masters last said is revoked, shared with the handshake check of every connection.
+pub type SharedRevoked = std::sync::Arc<std::sync::RwLock<Revoked>>;
+
+/// Revoked serials, and identities revoked up to a time (ms).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Revoked {
+    pub serials: std::collections::BTreeSet<String>,
+    pub identities: std::collections::BTreeMap<String, i64>,
+}
+
+impl Revoked {
+    pub fn from_masters(list: &berth_api::pb::agent::Revocations) -> Self {
+        Revoked {
+            serials: list.serials.iter().cloned().collect(),
+            identities: list.identities.iter().map(|i| (i.identity.clone(), i.at_ms)).collect(),
+        }
+    }
+
+    /// Why a master's certificate may not be used, or Ok.
+    pub fn check(&self, info: &berth_pki::CertInfo) -> Result<(), String> {
+        if self.serials.contains(&info.serial) {
+            return Err(format!("certificate {} of {} was revoked", info.serial, info.identity));
+        }
+        if self.identities.get(&info.identity.to_string()).is_some_and(|at| info.not_before_ms <= *at) {
+            return Err(format!("the certificates of {} were revoked", info.identity));
+        }
+        Ok(())
+    }
+}
+
+/// The QUIC mTLS client configuration for `files`; the handshake refuses a master whose
+/// certificate `revoked` lists.
+pub fn client_config(files: &TlsFiles, revoked: &SharedRevoked) -> Result<quinn::ClientConfig, AgentError> {
+    let revoked = revoked.clone();
+    let check: berth_pki::tls::RevocationCheck =
+        std::sync::Arc::new(move |info| revoked.read().expect("revoked lock").check(info));
+    let tls = berth_pki::tls::client_config_checked(files, &[berth_channel::ALPN], check)?;
     Ok(berth_channel::client_config(tls)?)
+}
+
+/// What an agent reports of its CAs in heartbeats: the digest of the CAs it trusts, and of the
+/// one that issued its certificate (empty if none of them did).
+pub fn ca_report(files: &TlsFiles) -> (String, String) {
+    let bundle = berth_pki::bundle_digest(&files.ca_pem).map(|d| d.to_string()).unwrap_or_default();
+    let issuer = berth_pki::bundle_certs(&files.ca_pem)
+        .unwrap_or_default()
+        .into_iter()
+        .find(|c| files.cert.issued_by(c))
+        .and_then(|c| berth_pki::CaDigest::of_cert_pem(&c).ok())
+        .map(|d| d.to_string())
+        .unwrap_or_default();
+    (bundle, issuer)
+}
+
+/// Replaces the CA certificates (a CA rotation's trust list).
+pub fn replace_ca(dir: &Path, ca_pem: &str) -> Result<(), AgentError> {
+    berth_pki::bundle_certs(ca_pem)?;
+    state::write_atomic(dir, CA_FILE, ca_pem.as_bytes(), 0o644)?;
+    info!("now trusting the CA certificates the masters sent (a CA rotation)");
+    Ok(())
 }
 
 /// Replaces the node certificate and key (and the CA certificate if it changed): both new files

@@ -350,7 +350,11 @@ pub(crate) async fn run_agent<D: Driver>(
     tracing::Span::current().record("node", state.node_id.as_str());
     driver.identify(&state.node_id);
     let files = certs::load(&spec.dir, &state.node_id)?;
-    let tls = certs::client_config(&files)?;
+    let revoked: certs::SharedRevoked = std::sync::Arc::new(std::sync::RwLock::new(certs::Revoked {
+        serials: state.revoked_serials.clone(),
+        identities: state.revoked_identities.clone(),
+    }));
+    let tls = certs::client_config(&files, &revoked)?;
     let renew_at = certs::renew_at(&files);
     let usage = driver.volume_usage();
     let mut agent = Agent {
@@ -362,7 +366,9 @@ pub(crate) async fn run_agent<D: Driver>(
         resources: shared.resources,
         fallback: spec.join.clone(),
         tls,
+        ca_report: certs::ca_report(&files),
         files,
+        revoked,
         renew_at,
         renewing: None,
         endpoints: shared.endpoints.clone(),

@@ -108,6 +108,10 @@ pub(crate) struct Agent<D> {
     pub tls: quinn::ClientConfig,
     /// The CA, node certificate and key `tls` was built from.
     pub files: TlsFiles,
+    /// What heartbeats say of `files`' CAs (see [`crate::certs::ca_report`]).
+    pub ca_report: (String, String),
+    /// What the masters said is revoked; `tls` checks masters against it.
+    pub revoked: crate::certs::SharedRevoked,
     /// When to ask the leader for a fresh certificate.
     pub renew_at: SystemTime,
     /// The key of the renewal request in flight, if any.
@@ -629,6 +633,15 @@ impl<D: Driver> Agent<D> {
                 }
             }
         }
+        if let Some(list) = &a.revoked {
+            self.learn_revoked(list);
+            if let Err(why) = self.master_revoked(conn) {
+                warn!(master = %addr, "refusing the session: {why}");
+                conn.close(close::FENCED, why.as_bytes());
+                self.persist().await.ok();
+                return Err(SessionEnd::lost(why));
+            }
+        }
         self.state.highest_term = a.term;
         self.state.highest_term_from = master;
         if !a.masters.is_empty() {
@@ -699,10 +712,11 @@ impl<D: Driver> Agent<D> {
                     last_heard = Instant::now();
                     self.driver.leader_contact();
                     let renewed = matches!(frame.body, Some(master_frame::Body::Renewed(_)));
+                    let renew_at = self.renew_at;
                     if let Err(end) = self.on_frame(frame, &mut writer, conn).await {
                         return end;
                     }
-                    if renewed && self.renewing.is_none() {
+                    if (renewed || self.renew_at != renew_at) && self.renewing.is_none() {
                         renew.as_mut().reset(instant_of(self.renew_at));
                     }
                 }
@@ -734,7 +748,9 @@ impl<D: Driver> Agent<D> {
                         return SessionEnd::lost(reason);
                     }
                     seq += 1;
-                    if let Err(e) = writer.send(&frame(agent_frame::Body::Heartbeat(Heartbeat { seq }))).await {
+                    let (ca_digest, cert_ca_digest) = self.ca_report.clone();
+                    let hb = Heartbeat { seq, ca_digest, cert_ca_digest };
+                    if let Err(e) = writer.send(&frame(agent_frame::Body::Heartbeat(hb))).await {
                         return SessionEnd::from_frame_error(e, conn);
                     }
                 }
@@ -810,6 +826,20 @@ impl<D: Driver> Agent<D> {
                     self.dirty = true;
                 } else if ack.term < self.state.highest_term && ack.term != 0 {
                     debug!(term = ack.term, highest = self.state.highest_term, "heartbeat ack from an older term");
+                }
+                if let Some(list) = &ack.revoked {
+                    self.learn_revoked(list);
+                    if let Err(why) = self.master_revoked(conn) {
+                        conn.close(close::FENCED, why.as_bytes());
+                        return Err(SessionEnd::lost(why));
+                    }
+                }
+                if !ack.ca_pem.is_empty() {
+                    self.take_ca(ack.ca_pem).await;
+                }
+                if ack.renew && self.renewing.is_none() && self.renew_at > SystemTime::now() {
+                    info!("the masters sign with a new CA: renewing the node certificate onto it");
+                    self.renew_at = SystemTime::now();
                 }
                 Ok(())
             }
@@ -1028,6 +1058,48 @@ impl<D: Driver> Agent<D> {
         Ok(())
     }
 
+    /// Keeps the revocation list the masters sent (in memory, for handshakes, and in the state).
+    fn learn_revoked(&mut self, list: &berth_api::pb::agent::Revocations) {
+        let fresh = crate::certs::Revoked::from_masters(list);
+        let mut held = self.revoked.write().expect("revoked lock");
+        if *held != fresh {
+            self.state.revoked_serials = fresh.serials.clone();
+            self.state.revoked_identities = fresh.identities.clone();
+            *held = fresh;
+            self.dirty = true;
+        }
+    }
+
+    /// Whether the master of `conn` presented a certificate revoked since the handshake.
+    fn master_revoked(&self, conn: &quinn::Connection) -> Result<(), String> {
+        let Some(info) = berth_channel::peer_certificate(conn).and_then(|der| berth_pki::cert_info_of_der(&der).ok())
+        else {
+            return Ok(());
+        };
+        self.revoked.read().expect("revoked lock").check(&info)
+    }
+
+    /// Trusts the CAs the masters sent (a CA rotation adds one, then retires the old one): new
+    /// connections use them.
+    async fn take_ca(&mut self, ca_pem: String) {
+        let new = TlsFiles::new(ca_pem, self.files.cert.clone());
+        let tls = match crate::certs::client_config(&new, &self.revoked) {
+            Ok(tls) => tls,
+            Err(e) => return error!("refusing the CA certificates the masters sent: {e}"),
+        };
+        let dir = self.dir.clone();
+        let pem = new.ca_pem.clone();
+        match tokio::task::spawn_blocking(move || crate::certs::replace_ca(&dir, &pem)).await {
+            Ok(Ok(())) => {
+                self.ca_report = crate::certs::ca_report(&new);
+                self.files = new;
+                self.tls = tls;
+            }
+            Ok(Err(e)) => error!("cannot store the CA certificates the masters sent: {e}"),
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        }
+    }
+
     /// Sends RenewCertificate with a CSR for a fresh key.
     async fn request_renewal(&mut self, writer: &mut FrameWriter, conn: &quinn::Connection) -> Result<(), SessionEnd> {
         let (csr_pem, key_pem) = match berth_pki::generate_csr(&self.state.name) {
@@ -1068,7 +1140,7 @@ impl<D: Driver> Agent<D> {
                     })
                 }
             })
-            .and_then(|()| crate::certs::client_config(&new));
+            .and_then(|()| crate::certs::client_config(&new, &self.revoked));
         let tls = match checked {
             Ok(tls) => tls,
             Err(e) => {
@@ -1083,6 +1155,7 @@ impl<D: Driver> Agent<D> {
         match written {
             Ok(Ok(())) => {
                 self.renew_at = crate::certs::renew_at(&new);
+                self.ca_report = crate::certs::ca_report(&new);
                 self.files = new;
                 self.tls = tls;
             }

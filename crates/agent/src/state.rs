@@ -47,6 +47,12 @@ pub struct AgentState {
     /// from then on.
     #[serde(default)]
     pub removed_masters: std::collections::BTreeSet<u64>,
+    /// Revoked certificate serials and identities (identity -> revoked up to, ms), as the masters
+    /// last said: a master presenting one is refused in the handshake.
+    #[serde(default)]
+    pub revoked_serials: std::collections::BTreeSet<String>,
+    #[serde(default)]
+    pub revoked_identities: BTreeMap<String, i64>,
     /// Version of the assignment set held in `assignments`.
     #[serde(default)]
     pub assignments_version: u64,
@@ -154,6 +160,8 @@ impl AgentState {
             highest_term: 0,
             highest_term_from: None,
             removed_masters: Default::default(),
+            revoked_serials: Default::default(),
+            revoked_identities: BTreeMap::new(),
             assignments_version: 0,
             assignments: BTreeMap::new(),
             statuses: BTreeMap::new(),

@@ -56,6 +56,8 @@ struct Knobs {
     master_id: u64,
     /// Masters it says were removed.
     removed: Vec<u64>,
+    /// The revocation list it sends in Accepted.
+    revoked: Option<berth_api::pb::agent::Revocations>,
 }
 
 impl Default for Knobs {
@@ -68,6 +70,7 @@ impl Default for Knobs {
             masters: vec![],
             master_id: 1,
             removed: vec![],
+            revoked: None,
         }
     }
 }
@@ -249,6 +252,7 @@ async fn serve(conn: quinn::Connection, sh: Arc<Shared>) {
                 heartbeat_interval_ms: 100,
                 masters,
                 removed_masters: knobs.removed.clone(),
+                revoked: knobs.revoked.clone(),
             };
             if w.send(&MasterFrame { body: Some(master_frame::Body::Accepted(accepted)) }).await.is_err() {
                 return;
@@ -272,7 +276,12 @@ async fn serve(conn: quinn::Connection, sh: Arc<Shared>) {
                         match &body {
                             agent_frame::Body::Heartbeat(hb) => {
                                 sh.events.send(Event::Frame { node_id: node_id.clone(), body: body.clone() }).ok();
-                                let ack = HeartbeatAck { seq: hb.seq, term: knobs.term, removed_masters: knobs.removed.clone() };
+                                let ack = HeartbeatAck {
+                                    seq: hb.seq,
+                                    term: knobs.term,
+                                    removed_masters: knobs.removed.clone(),
+                                    ..Default::default()
+                                };
                                 let body = master_frame::Body::HeartbeatAck(ack);
                                 if w.send(&MasterFrame { body: Some(body) }).await.is_err() {
                                     break;
@@ -664,6 +673,45 @@ async fn a_term_from_a_removed_master_is_dropped_and_the_master_refused() {
     agent.stop().await.unwrap();
     let state = AgentState::load(tmp.path()).unwrap().unwrap();
     assert_eq!(state.highest_term, 7, "the removed master's term was not taken");
+}
+
+/// A master whose certificate the masters revoked: the agent ends its session, keeps the list,
+/// and its next handshake with that master fails (the `certificate_revoked` check of its TLS
+/// client), while a master with another certificate is accepted.
+#[tokio::test]
+async fn a_revoked_master_is_refused_in_the_handshake() {
+    let cl = cluster();
+    let tmp = tempfile::tempdir().unwrap();
+    let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+    let list = berth_api::pb::agent::Revocations {
+        serials: vec![],
+        identities: vec![berth_api::pb::agent::RevokedIdentity { identity: "master/4".into(), at_ms: now_ms + 60_000 }],
+    };
+    let mut rogue = TestMaster::start(&cl, Knobs { master_id: 4, revoked: Some(list), ..Knobs::default() }).await;
+    let agent = spawn_agent(config(&rogue, Some(cl.token.encode()), tmp.path()));
+    rogue.hello().await;
+    rogue.wait_for("the revoked master's session to end", |e| matches!(e, Event::SessionEnded).then_some(())).await;
+    agent.stop().await.unwrap();
+    let state = AgentState::load(tmp.path()).unwrap().unwrap();
+    assert!(state.revoked_identities.contains_key("master/4"), "{:?}", state.revoked_identities);
+
+    let files = crate::certs::load(tmp.path(), &state.node_id).unwrap();
+    let revoked = Arc::new(std::sync::RwLock::new(crate::certs::Revoked {
+        serials: state.revoked_serials.clone(),
+        identities: state.revoked_identities.clone(),
+    }));
+    let connect = |addr: String| {
+        let cfg = crate::certs::client_config(&files, &revoked).unwrap();
+        async move {
+            let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+            ep.set_default_client_config(cfg);
+            ep.connect(addr.parse().unwrap(), berth_pki::MASTER_SERVER_NAME).unwrap().await
+        }
+    };
+    let err = connect(rogue.addr.clone()).await.unwrap_err();
+    assert!(err.to_string().to_lowercase().contains("revoked"), "{err}");
+    let other = TestMaster::start(&cl, Knobs { master_id: 2, ..Knobs::default() }).await;
+    connect(other.addr.clone()).await.unwrap();
 }
 
 #[tokio::test]

@@ -204,6 +204,25 @@ fn detail(s: &Status) -> String {
 }
 
 /// `e` and its causes, `a: b: c`.
+/// A refusal in the TLS handshake is final: another try, or another master, gets the same
+/// answer. Each one says what is wrong with which certificate and what to do.
+fn tls_refusal(text: &str) -> Option<Status> {
+    let why = if text.contains("CertificateRevoked") {
+        "the masters refused this client's certificate: it was revoked (`berth cert revoked` lists the \
+         revocations); ask an administrator for a new one"
+    } else if text.contains("UnknownCA") || text.contains("BadCertificate") {
+        "the masters do not accept this client's certificate: it is not from a CA they trust (a CA rotation \
+         retired its CA, or it belongs to another cluster); ask an administrator for a new one (`berth user add \
+         NAME --renew`)"
+    } else if text.contains("UnknownIssuer") {
+        "this client does not trust the masters' certificate: its CA file is not the cluster's CA (after `berth \
+         ca rotate`, use the ca.crt it wrote)"
+    } else {
+        return None;
+    };
+    Some(Status::unauthenticated(format!("{why} (TLS: {text})")))
+}
+
 fn chain(e: &dyn StdError) -> String {
     let mut s = e.to_string();
     let mut cause = e.source();
@@ -265,11 +284,17 @@ impl Client {
         })?;
         match tokio::time::timeout(self.connect_timeout, ep.connect()).await {
             Ok(Ok(ch)) => Ok(InterceptedService::new(ch, Deadline(Some(self.attempt_timeout)))),
-            Ok(Err(e)) => Err(Failed {
-                failure: Failure::NotApplied,
-                status: Status::unavailable(format!("cannot connect: {}", chain(&e))),
-                notable: false,
-            }),
+            Ok(Err(e)) => {
+                let text = chain(&e);
+                Err(match tls_refusal(&text) {
+                    Some(status) => Failed { failure: Failure::Final, status, notable: false },
+                    None => Failed {
+                        failure: Failure::NotApplied,
+                        status: Status::unavailable(format!("cannot connect: {text}")),
+                        notable: false,
+                    },
+                })
+            }
             Err(_) => Err(Failed {
                 failure: Failure::NotApplied,
                 status: Status::unavailable(format!(
@@ -290,6 +315,10 @@ impl Client {
         match tokio::time::timeout(self.attempt_timeout, f(ch)).await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(status)) => {
+                if let Some(refused) = tls_refusal(&detail(&status)) {
+                    // The server refused the certificate before it read the request.
+                    return Err(Failed { failure: Failure::Final, status: refused, notable: false });
+                }
                 let failure = classify(&status);
                 Err(Failed { failure, notable: failure == Failure::Unknown, status })
             }

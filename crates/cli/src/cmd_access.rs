@@ -21,8 +21,12 @@ pub enum UserCmd {
         /// A DNS label; the certificate names user/NAME.
         name: String,
         /// cluster-admin, admin, edit, view, or a `kind: Role` of your own.
-        #[arg(long)]
-        role: String,
+        #[arg(long, required_unless_present = "renew")]
+        role: Option<String>,
+        /// Issue an existing user another certificate, from the CA that signs now (after `berth
+        /// ca rotate`, or before the old one expires); its roles stay as they are.
+        #[arg(long, conflicts_with_all = ["role", "namespace"])]
+        renew: bool,
         /// Where the role applies (admin, edit and view are meant for one namespace); omitted:
         /// everywhere.
         #[arg(long, short = 'n')]
@@ -41,6 +45,27 @@ pub enum UserCmd {
     Ls,
     /// Remove a user: its certificates are revoked and its own bindings deleted.
     Rm { name: String },
+}
+
+#[derive(Subcommand)]
+pub enum CaCmd {
+    /// Replace the cluster CA: the new one is trusted beside the old one while masters and agents
+    /// renew onto it (no task restarts, no session closes), then the old one is retired. You
+    /// get a certificate of the new CA in --out; other users need `berth user add NAME --renew`
+    /// before the old CA is retired, and join tokens must be made again.
+    Rotate {
+        /// Directory for your new credentials (key, certificate, CAs, berth.toml).
+        #[arg(long, default_value = "ca-rotated")]
+        out: PathBuf,
+        /// Return once the rotation has started, without waiting for it to finish.
+        #[arg(long)]
+        detach: bool,
+        /// How long to wait for the rotation to finish.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "10m")]
+        timeout: Duration,
+    },
+    /// Where a CA rotation stands: its phase and what it waits for.
+    Status,
 }
 
 #[derive(Subcommand)]
@@ -83,7 +108,7 @@ fn endpoints(g: &Global) -> Vec<String> {
 pub async fn run_user(cmd: UserCmd, g: &Global) -> Result<()> {
     let client = crate::config::client(g)?;
     match cmd {
-        UserCmd::Add { name, role, namespace, csr, out, validity } => {
+        UserCmd::Add { name, role, renew, namespace, csr, out, validity } => {
             let (csr_pem, key_pem) = match &csr {
                 Some(p) => {
                     (std::fs::read_to_string(p).with_context(|| format!("cannot read the CSR {}", p.display()))?, None)
@@ -99,10 +124,11 @@ pub async fn run_user(cmd: UserCmd, g: &Global) -> Result<()> {
             }
             let req = pb::UserAddRequest {
                 name: name.clone(),
-                role: role.clone(),
+                role: role.clone().unwrap_or_default(),
                 namespace: namespace.clone().unwrap_or_default(),
                 csr_pem,
                 validity_secs: validity.as_secs(),
+                renew,
             };
             // Not repeated blindly: a second add of the same name is refused as existing.
             let r = client
@@ -125,6 +151,18 @@ pub async fn run_user(cmd: UserCmd, g: &Global) -> Result<()> {
             }
             files.push(("berth.toml", toml.as_str(), false));
             crate::cmd_pki::write_files(&out, &files)?;
+            if renew {
+                println!(
+                    "user {name} has a new certificate (serial {}); its credentials are in {}{}: use them with `berth \
+                     --config {}/berth.toml ...`",
+                    r.serial,
+                    out.display(),
+                    if key_pem.is_none() { " (with the key you made the CSR from)" } else { "" },
+                    out.display()
+                );
+                return Ok(());
+            }
+            let role = role.unwrap_or_default();
             let scope = namespace.map_or("everywhere".to_string(), |ns| format!("in namespace {ns}"));
             println!(
                 "user {name} added with role {role} {scope} (binding {}, certificate serial {}); its credentials are \
@@ -191,6 +229,146 @@ pub async fn run_user(cmd: UserCmd, g: &Global) -> Result<()> {
                 if r.revoked.is_empty() { "none".into() } else { r.revoked.join(", ") },
                 if r.bindings.is_empty() { "none".into() } else { r.bindings.join(", ") }
             );
+        }
+    }
+    Ok(())
+}
+
+async fn ca_status(client: &Client) -> Result<pb::CaStatusResponse> {
+    Ok(client
+        .call(Call::Idempotent, |ch| async move {
+            Client::access(ch).ca_status(pb::CaStatusRequest {}).await.map(|r| r.into_inner())
+        })
+        .await?)
+}
+
+fn short(digest: &str) -> &str {
+    &digest[..digest.len().min(16)]
+}
+
+pub async fn run_ca(cmd: CaCmd, g: &Global) -> Result<()> {
+    let client = crate::config::client(g)?;
+    match cmd {
+        CaCmd::Rotate { out, detach, timeout } => {
+            if out.join("client.crt").exists() {
+                bail!("{} already holds client.crt: give another --out", out.display());
+            }
+            let (csr_pem, key_pem) = berth_pki::generate_csr("berth-client")?;
+            // Not repeated blindly: a second call while one rotation runs is refused.
+            let r = client
+                .call(Call::Once, |ch| {
+                    let req = pb::CaRotateRequest { csr_pem: csr_pem.clone() };
+                    async move { Client::access(ch).ca_rotate(req).await.map(|r| r.into_inner()) }
+                })
+                .await?;
+            let toml = toml::to_string(&crate::config::ClientConfig {
+                endpoints: endpoints(g),
+                ca_cert: Some("ca.crt".into()),
+                cert: Some("client.crt".into()),
+                key: Some("client.key".into()),
+            })?;
+            crate::cmd_pki::write_files(
+                &out,
+                &[
+                    ("ca.crt", r.ca_pem.as_str(), false),
+                    ("client.crt", r.cert_pem.as_str(), false),
+                    ("client.key", key_pem.as_str(), true),
+                    ("berth.toml", toml.as_str(), false),
+                ],
+            )?;
+            println!(
+                "CA rotation started: the new CA is {}. Your credentials from it are in {}: use `berth --config \
+                 {}/berth.toml ...`; the old ones stop working when the old CA is retired.",
+                r.ca_digest,
+                out.display(),
+                out.display()
+            );
+            if detach {
+                println!("follow it with `berth ca status`");
+                return Ok(());
+            }
+            // From here on with the new credentials: they trust both CAs, and the masters
+            // present certificates of the new one once they switch.
+            let fresh =
+                Global { config: Some(out.join("berth.toml")), ca_cert: None, cert: None, key: None, ..g.clone() };
+            let client = crate::config::client(&fresh)?;
+            let deadline = std::time::Instant::now() + timeout;
+            let mut last = String::new();
+            loop {
+                let s = match ca_status(&client).await {
+                    Ok(s) => s,
+                    // A master may not trust the new CA for a moment (it has not applied the
+                    // rotation yet): asked again.
+                    Err(e) => {
+                        if std::time::Instant::now() > deadline {
+                            return Err(e);
+                        }
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                        continue;
+                    }
+                };
+                let line = if s.pending.is_empty() {
+                    format!("phase {}", s.phase)
+                } else {
+                    format!("phase {}: waiting for {}", s.phase, s.pending.join(", "))
+                };
+                if line != last {
+                    println!("{line}");
+                    last = line;
+                }
+                if s.phase == "done" {
+                    println!(
+                        "CA rotation done: the old CA is retired; every master and agent uses {}. Make join tokens \
+                         again (`berth token create`) and renew users (`berth user add NAME --renew`).",
+                        short(&s.signing_digest)
+                    );
+                    return Ok(());
+                }
+                if std::time::Instant::now() > deadline {
+                    bail!(
+                        "the rotation did not finish within {}; it goes on: see `berth ca status` (a master or \
+                         node that is down holds it back: bring it back, or remove it)",
+                        humantime::format_duration(timeout)
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+        CaCmd::Status => {
+            let s = ca_status(&client).await?;
+            #[derive(Serialize)]
+            struct Out {
+                phase: String,
+                signing: String,
+                trusted: Vec<String>,
+                started: Option<String>,
+                finished: Option<String>,
+                by: String,
+                pending: Vec<String>,
+            }
+            let o = Out {
+                phase: if s.phase.is_empty() { "never rotated".into() } else { s.phase.clone() },
+                signing: s.signing_digest.clone(),
+                trusted: s.trusted_digests.clone(),
+                started: (s.started_ms > 0).then(|| time_of(s.started_ms)),
+                finished: (s.finished_ms > 0).then(|| time_of(s.finished_ms)),
+                by: s.by.clone(),
+                pending: s.pending.clone(),
+            };
+            output::print(g.output, &o, |o| {
+                println!("phase:       {}", o.phase);
+                println!("signing CA:  {}", o.signing);
+                println!("trusted CAs: {}", o.trusted.join(", "));
+                if let Some(st) = &o.started {
+                    println!("started:     {st} by {}", o.by);
+                }
+                if let Some(f) = &o.finished {
+                    println!("old CA retired: {f}");
+                }
+                if !o.pending.is_empty() {
+                    println!("waiting for: {}", o.pending.join(", "));
+                }
+            });
         }
     }
     Ok(())

@@ -132,6 +132,9 @@ enum Cmd {
     /// Roles and their bindings (applied as `kind: Role` / `kind: RoleBinding` documents).
     #[command(subcommand)]
     Role(cmd_access::RoleCmd),
+    /// The cluster CA: rotate it (a new CA, the old one retired once everything moved).
+    #[command(subcommand)]
+    Ca(cmd_access::CaCmd),
     /// The audit log: every change and every refused call, who made it and what came of it.
     Audit(cmd_access::AuditArgs),
     /// Benchmarks.
@@ -475,6 +478,7 @@ fn main() {
             Cmd::Cert(c) => cmd_cluster::run_cert(c, &cli.global).await,
             Cmd::Snapshot(c) => cmd_cluster::run_snapshot(c, &cli.global).await,
             Cmd::User(c) => cmd_access::run_user(c, &cli.global).await,
+            Cmd::Ca(c) => cmd_access::run_ca(c, &cli.global).await,
             Cmd::Role(c) => cmd_access::run_role(c, &cli.global).await,
             Cmd::Audit(a) => cmd_access::run_audit(a, &cli.global).await,
             Cmd::Bench(c) => bench::run(c, &cli.global).await,

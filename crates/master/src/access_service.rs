@@ -39,7 +39,55 @@ fn txn_ok(r: CommandResult, what: &str) -> Result<i64, Status> {
     }
 }
 
+/// The serial of a certificate (PEM) the masters just issued.
+fn serial_of(cert_pem: &str) -> Result<String, Status> {
+    let der = berth_pki::CertifiedKey::new(cert_pem.to_string(), String::new())
+        .cert_der()
+        .map_err(|e| Status::internal(e.to_string()))?;
+    Ok(berth_pki::cert_info_of_der(&der).map_err(|e| Status::internal(e.to_string()))?.serial)
+}
+
+/// The write that adds a certificate's serial to user `name`'s record (so that `berth user rm`
+/// revokes it too), comparing the record as read now.
+pub(crate) fn add_serial(ctx: &Ctx, name: &str, cert_pem: &str) -> Result<(berth_types::Compare, RequestOp), Status> {
+    let key = format!("{USERS}{name}");
+    let Some(kv) = ctx.reader.get(key.as_bytes()).map_err(|e| Status::internal(e.to_string()))? else {
+        return Err(Status::not_found(format!("there is no user {name:?} (see `berth user ls`)")));
+    };
+    let mut rec: UserRecord = serde_json::from_slice(&kv.value)
+        .map_err(|e| Status::data_loss(format!("the record of user {name} does not parse: {e}")))?;
+    rec.serials.push(serial_of(cert_pem)?);
+    Ok(crate::objects::cas_put(
+        key.into_bytes(),
+        kv.mod_revision,
+        serde_json::to_vec(&rec).expect("a user record serializes"),
+    ))
+}
+
 impl AccessService {
+    /// `berth user add NAME --renew`: another certificate for an existing user, from the CA that
+    /// signs now; its bindings stay as they are.
+    async fn user_renew_call(&self, r: pb::UserAddRequest, validity: Duration) -> Result<pb::UserAddResponse, Status> {
+        self.ctx.read_barrier().await?;
+        let Some(ca) = self.ctx.pki.ca() else {
+            return Err(berth_api::not_applied("this master does not hold the CA key yet; ask another master"));
+        };
+        let cert_pem = ca
+            .sign_csr_with(&r.csr_pem, &berth_pki::Identity::user(&r.name), &[], &[], validity)
+            .map_err(|e| Status::invalid_argument(format!("the certificate signing request: {e}")))?;
+        let part = add_serial(&self.ctx, &r.name, &cert_pem)?;
+        txn_ok(self.ctx.write(Command::Txn(crate::objects::txn_of(vec![part]))).await?, "the user")?;
+        let serial = serial_of(&cert_pem)?;
+        info!(user = r.name, serial, "user certificate renewed");
+        Ok(pb::UserAddResponse {
+            header: Some(self.ctx.header()),
+            cert_pem,
+            ca_pem: self.ctx.pki.ca_pem(),
+            serial,
+            binding: String::new(),
+        })
+    }
+
     async fn user_add_call(&self, caller: &Caller, r: pb::UserAddRequest) -> Result<pb::UserAddResponse, Status> {
         access::check_user_name("name", &r.name).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let namespace = (!r.namespace.is_empty()).then(|| r.namespace.clone());
@@ -62,6 +110,9 @@ impl AccessService {
         if validity > MAX_USER_VALIDITY {
             return Err(Status::invalid_argument("a user's certificate is valid for 10 years at most"));
         }
+        if r.renew {
+            return self.user_renew_call(r, validity).await;
+        }
         self.ctx.read_barrier().await?;
         let user_key = format!("{USERS}{}", r.name);
         if self.ctx.reader.get(user_key.as_bytes()).map_err(|e| Status::internal(e.to_string()))?.is_some() {
@@ -80,10 +131,7 @@ impl AccessService {
         let cert_pem = ca
             .sign_csr_with(&r.csr_pem, &identity, &[], &[], validity)
             .map_err(|e| Status::invalid_argument(format!("the certificate signing request: {e}")))?;
-        let der = berth_pki::CertifiedKey::new(cert_pem.clone(), String::new())
-            .cert_der()
-            .map_err(|e| Status::internal(e.to_string()))?;
-        let serial = berth_pki::cert_info_of_der(&der).map_err(|e| Status::internal(e.to_string()))?.serial;
+        let serial = serial_of(&cert_pem)?;
         let rec = UserRecord {
             name: r.name.clone(),
             created_ms: crate::objects::now_ms(),
@@ -102,7 +150,7 @@ impl AccessService {
         Ok(pb::UserAddResponse {
             header: Some(self.ctx.header()),
             cert_pem,
-            ca_pem: self.ctx.pki.ca_pem().to_string(),
+            ca_pem: self.ctx.pki.ca_pem(),
             serial,
             binding: binding.metadata.name,
         })
@@ -244,6 +292,22 @@ impl Access for AccessService {
         audit::mutate(&self.ctx, &caller, Verb::Create, Resource::Users, None, &name, self.user_add_call(&caller, r))
             .await
             .map(Response::new)
+    }
+
+    async fn ca_rotate(&self, r: Request<pb::CaRotateRequest>) -> Result<Response<pb::CaRotateResponse>, Status> {
+        let caller = Caller::of(&r)?;
+        let r = r.into_inner();
+        let call = crate::ca_rotation::start(&self.ctx, &caller, &r.csr_pem);
+        audit::mutate(&self.ctx, &caller, Verb::Create, Resource::Certificates, None, "ca", call)
+            .await
+            .map(Response::new)
+    }
+
+    async fn ca_status(&self, r: Request<pb::CaStatusRequest>) -> Result<Response<pb::CaStatusResponse>, Status> {
+        let caller = Caller::of(&r)?;
+        audit::authorize(&self.ctx, &caller, Verb::Get, Resource::Certificates, None, "ca")?;
+        self.ctx.read_barrier().await?;
+        crate::ca_rotation::status(&self.ctx).map(Response::new)
     }
 
     async fn user_list(&self, r: Request<pb::UserListRequest>) -> Result<Response<pb::UserListResponse>, Status> {

@@ -374,6 +374,7 @@ pub(crate) async fn follow(ctx: Arc<Ctx>, token: CancellationToken) {
         };
         refresh(&ctx);
         crate::revocation::refresh(&ctx);
+        crate::ca_rotation::sync(&ctx);
         loop {
             let next = tokio::select! {
                 n = watcher.next() => n,
@@ -384,6 +385,9 @@ pub(crate) async fn follow(ctx: Arc<Ctx>, token: CancellationToken) {
                     let keys = || events.iter().map(|(_, e)| e.kv.key.as_slice());
                     if keys().any(|k| k.starts_with(crate::revocation::PREFIX.as_bytes())) {
                         crate::revocation::refresh(&ctx);
+                    }
+                    if keys().any(|k| k.starts_with(crate::ca_rotation::PREFIX.as_bytes())) {
+                        crate::ca_rotation::sync(&ctx);
                     }
                     let rbac = keys().any(|k| {
                         k.starts_with(USERS.as_bytes())

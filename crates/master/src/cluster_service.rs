@@ -173,7 +173,7 @@ impl ClusterService {
             .map_err(|e| Status::invalid_argument(format!("the certificate signing request: {e}")))?;
         Ok(Response::new(pb::MemberCertificateResponse {
             header: Some(self.ctx.header()),
-            ca_pem: self.ctx.pki.ca_pem().to_string(),
+            ca_pem: self.ctx.pki.ca_pem(),
             cert_pem,
         }))
     }

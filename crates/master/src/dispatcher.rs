@@ -43,6 +43,9 @@ struct LivenessInner {
     /// When this master last became leader: every node's grace starts no earlier.
     leader_since: Option<Instant>,
     last_seen: HashMap<String, Instant>,
+    /// What each node's last heartbeat said of its CAs: (trust bundle digest, digest of the CA
+    /// of its certificate). A CA rotation waits on it.
+    ca: HashMap<String, (String, String)>,
     /// Open sessions: node id -> (session number, cancel token of that session).
     sessions: HashMap<String, (u64, CancellationToken)>,
     next_session: u64,
@@ -59,6 +62,7 @@ impl Liveness {
         self.with(|l| {
             l.leader_since = Some(Instant::now());
             l.last_seen.clear();
+            l.ca.clear();
         });
     }
 
@@ -68,6 +72,19 @@ impl Liveness {
             l.leader_since = None;
             for (_, (_, t)) in l.sessions.drain() {
                 t.cancel();
+            }
+        });
+    }
+
+    /// What `node` last said of its CAs (see [`LivenessInner::ca`]).
+    pub fn ca_report(&self, node: &str) -> Option<(String, String)> {
+        self.with(|l| l.ca.get(node).cloned())
+    }
+
+    fn report_ca(&self, node: &str, bundle: &str, cert_ca: &str) {
+        self.with(|l| {
+            if l.ca.get(node).is_none_or(|(b, c)| b != bundle || c != cert_ca) {
+                l.ca.insert(node.to_string(), (bundle.to_string(), cert_ca.to_string()));
             }
         });
     }
@@ -311,7 +328,7 @@ async fn handle_join(ctx: &Ctx, req: berth_api::pb::agent::JoinRequest) -> Optio
         Ok(t) => t,
         Err(e) => return rejected(JoinError::TokenInvalid, format!("the token is malformed: {e}")),
     };
-    if &token.ca_digest != ctx.pki.digest() {
+    if !ctx.pki.trusts(&token.ca_digest) {
         return rejected(JoinError::TokenInvalid, "the token was made for another cluster (its CA digest differs)");
     }
     if let Err(msg) = validate_name(&req.name) {
@@ -417,9 +434,37 @@ async fn handle_join(ctx: &Ctx, req: berth_api::pb::agent::JoinRequest) -> Optio
     Some(master_frame::Body::JoinAccepted(JoinAccepted {
         node_id,
         cert_pem,
-        ca_pem: ctx.pki.ca_pem().to_string(),
+        ca_pem: ctx.pki.ca_pem(),
         masters: master_endpoints(ctx),
     }))
+}
+
+/// The answer to a heartbeat: the term and removed masters, and what the agent lacks: the
+/// masters' trust list when its own differs (a CA rotation), a renewal when its certificate is
+/// not from the CA that signs, the revocation list when it changed since this session sent it.
+fn heartbeat_ack(
+    ctx: &Ctx,
+    node_id: &str,
+    hb: berth_api::pb::agent::Heartbeat,
+    term: u64,
+    revoked_sent: &mut u64,
+) -> HeartbeatAck {
+    let mut ack = HeartbeatAck { seq: hb.seq, term, removed_masters: ctx.removed_ids(), ..Default::default() };
+    // An agent too old to report its CAs is left alone.
+    if !hb.ca_digest.is_empty() {
+        ctx.liveness.report_ca(node_id, &hb.ca_digest, &hb.cert_ca_digest);
+        let bundle = ctx.pki.ca_pem();
+        if berth_pki::bundle_digest(&bundle).is_ok_and(|d| d.as_str() != hb.ca_digest) {
+            ack.ca_pem = bundle;
+        }
+        ack.renew = hb.cert_ca_digest != ctx.pki.digest().as_str();
+    }
+    let generation = ctx.revoked.generation();
+    if generation != *revoked_sent {
+        *revoked_sent = generation;
+        ack.revoked = Some(ctx.revoked.to_agents());
+    }
+    ack
 }
 
 /// Most labels a joining agent may give its node.
@@ -545,7 +590,9 @@ async fn session(
         heartbeat_interval_ms: ctx.agent_heartbeat_interval.as_millis() as u64,
         masters,
         removed_masters: ctx.removed_ids(),
+        revoked: Some(ctx.revoked.to_agents()),
     };
+    let mut revoked_sent = ctx.revoked.generation();
     // Never send a set before the index holds this term's tasks: an empty or stale COMPLETE set
     // would make the agent stop what it runs.
     if !ctx.assignments.wait_ready(Duration::from_secs(10)).await {
@@ -697,11 +744,7 @@ async fn session(
                     info!(node = %node_id, "closing the session: {e}");
                     break (close::UNAUTHENTICATED, format!("{e}: join again with a new token"));
                 }
-                Some(master_frame::Body::HeartbeatAck(HeartbeatAck {
-                    seq: hb.seq,
-                    term,
-                    removed_masters: ctx.removed_ids(),
-                }))
+                Some(master_frame::Body::HeartbeatAck(heartbeat_ack(&ctx, &node_id, hb, term, &mut revoked_sent)))
             }
             agent_frame::Body::Status(report) => {
                 let dropped = ctx.statuses.report(&node_id, report.tasks);
@@ -756,10 +799,7 @@ async fn session(
                 Some(ca) => match ca.sign_csr(&req.csr_pem, &Identity::agent(&node_id), ctx.cert_validity) {
                     Ok(cert_pem) => {
                         info!(node = %node_id, "renewed the node certificate");
-                        Some(master_frame::Body::Renewed(CertificateRenewed {
-                            cert_pem,
-                            ca_pem: ctx.pki.ca_pem().to_string(),
-                        }))
+                        Some(master_frame::Body::Renewed(CertificateRenewed { cert_pem, ca_pem: ctx.pki.ca_pem() }))
                     }
                     Err(e) => {
                         warn!(node = %node_id, "refused a renewal: {e}");

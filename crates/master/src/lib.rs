@@ -8,6 +8,7 @@ mod access_service;
 mod assign;
 mod audit;
 mod authz;
+mod ca_rotation;
 mod cluster_service;
 mod config;
 mod control_service;

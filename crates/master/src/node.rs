@@ -280,6 +280,9 @@ pub async fn run_master(cfg: MasterConfig, shutdown: CancellationToken) -> Resul
     // Revocations are known before the first connection is accepted, and followed from then on.
     crate::revocation::refresh(&ctx);
     crate::authz::refresh(&ctx);
+    // Every handshake of the gRPC and QUIC servers checks the revocation list.
+    let revoked = ctx.revoked.clone();
+    ctx.pki.set_revocation_check(Arc::new(move |info| revoked.check(info)))?;
     // Revocations, users, roles and bindings: one watch.
     let rbac = tokio::spawn(crate::authz::follow(ctx.clone(), shutdown.clone()));
     let audit_queue = tokio::spawn(crate::audit::run_queue(ctx.clone(), shutdown.clone()));
@@ -400,17 +403,7 @@ async fn renew_certificates(ctx: Arc<Ctx>, shutdown: CancellationToken) {
             _ = shutdown.cancelled() => return,
         }
         match ctx.pki.renew_if_due() {
-            Ok(true) => {
-                ctx.peers.reset_channels();
-                if let Some(ep) = ctx.quic.get() {
-                    match ctx.pki.quic_server_config().and_then(|tls| {
-                        berth_channel::server_config(tls).map_err(|e| crate::MasterError::Pki(e.to_string()))
-                    }) {
-                        Ok(cfg) => ep.set_server_config(Some(cfg)),
-                        Err(e) => warn!("the agents' endpoint keeps its old certificate: {e}"),
-                    }
-                }
-            }
+            Ok(true) => crate::ca_rotation::reload_tls(&ctx),
             Ok(false) => {}
             Err(e) => warn!("renewing this master's certificate failed: {e}"),
         }
@@ -494,6 +487,7 @@ async fn watch_state(ctx: Arc<Ctx>, shutdown: CancellationToken) {
             tokio::spawn(crate::controller::run(ctx.clone(), token.clone()));
             tokio::spawn(crate::audit::retain(ctx.clone(), token.clone()));
             tokio::spawn(record_ca(ctx.clone()));
+            tokio::spawn(crate::ca_rotation::drive(ctx.clone(), token.clone()));
             tokio::spawn(crate::networks::record_pools(ctx.clone()));
             leading = Some(token);
         } else if !is_leader && let Some(token) = leading.take() {

@@ -72,7 +72,7 @@ impl NodesService {
                 r.ttl_seconds
             )));
         }
-        let token = JoinToken::generate(self.ctx.pki.digest().clone());
+        let token = JoinToken::generate(self.ctx.pki.digest());
         let now = objects::now_ms();
         // Both fit: checked above.
         let ttl_ms = i64::try_from(r.ttl_seconds).unwrap_or(i64::MAX).saturating_mul(1000);

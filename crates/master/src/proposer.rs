@@ -44,6 +44,7 @@ fn approx_size(cmd: &Command) -> usize {
     match cmd {
         Command::Txn(t) => txn_size(t),
         Command::Audited { txn, record, .. } => txn_size(txn) + record.len() + 16,
+        Command::RotateCa { ca, txn, .. } => txn_size(txn) + ca.cert_pem.len() * 2 + ca.key_pem.len(),
         _ => 32,
     }
 }

@@ -42,6 +42,8 @@ pub(crate) struct Revocation {
 #[derive(Default)]
 pub(crate) struct Revoked {
     sets: RwLock<Sets>,
+    /// Counts the changes: a session sends agents the list again when it moved.
+    generation: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Default, Debug, Clone, PartialEq, Eq)]
@@ -67,7 +69,33 @@ impl Revoked {
     }
 
     fn replace(&self, sets: Sets) {
-        *self.sets.write().expect("revoked lock") = sets;
+        let mut current = self.sets.write().expect("revoked lock");
+        if *current != sets {
+            *current = sets;
+            self.generation.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// Which version of the list this master holds (see [`Revoked::to_agents`]).
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The list as agents get it, to check masters' certificates in their handshakes.
+    pub(crate) fn to_agents(&self) -> berth_api::pb::agent::Revocations {
+        let sets = self.sets.read().expect("revoked lock");
+        let mut serials: Vec<String> = sets.serials.iter().cloned().collect();
+        serials.sort();
+        let mut identities: Vec<_> = sets
+            .identities
+            .iter()
+            .map(|(identity, at_ms)| berth_api::pb::agent::RevokedIdentity {
+                identity: identity.clone(),
+                at_ms: *at_ms,
+            })
+            .collect();
+        identities.sort_by(|a, b| a.identity.cmp(&b.identity));
+        berth_api::pb::agent::Revocations { serials, identities }
     }
 }
 

@@ -30,20 +30,44 @@ pub(crate) const CA_KEY: &str = "ca.key";
 pub(crate) const MASTER_CERT: &str = "master.crt";
 pub(crate) const MASTER_KEY: &str = "master.key";
 
-/// A master's credentials, swappable on renewal.
+/// A master's credentials, swappable on renewal and by a CA rotation.
 pub struct MasterPki {
     dir: PathBuf,
     id: u64,
     listen: SocketAddr,
     validity: Duration,
-    digest: CaDigest,
-    ca_pem: String,
+    /// The CAs this master trusts (`ca.crt`: one, or two while a rotation is under way) and the
+    /// digest of the one that signs (what new join tokens pin).
+    trust: RwLock<Trust>,
     cert: RwLock<CertifiedKey>,
     /// The certificate's renewal point, drawn once per certificate (a random 50-80% of its
     /// lifetime): drawn again at every look, a point already passed could read as not yet due.
     renew_point: RwLock<SystemTime>,
     ca: RwLock<Option<CertificateAuthority>>,
     grpc_server: RwLock<Arc<rustls::ServerConfig>>,
+    /// The revocation list, checked in every handshake of the gRPC and QUIC servers; set once
+    /// the master's context exists.
+    check: std::sync::OnceLock<tls::RevocationCheck>,
+}
+
+#[derive(Clone)]
+struct Trust {
+    bundle: String,
+    signing: CaDigest,
+}
+
+/// What [`MasterPki::sync`] changed.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct Synced {
+    pub trust: bool,
+    pub signing: bool,
+    pub cert: bool,
+}
+
+impl Synced {
+    pub fn any(&self) -> bool {
+        self.trust || self.signing || self.cert
+    }
 }
 
 impl std::fmt::Debug for MasterPki {
@@ -145,7 +169,7 @@ impl MasterPki {
         }
         let ca_pem = read(&dir.join(CA_CERT))?;
         let ca = if dir.join(CA_KEY).exists() {
-            Some(CertificateAuthority::from_pem(&ca_pem, &read(&dir.join(CA_KEY))?).map_err(pki_err)?)
+            Some(CertificateAuthority::from_bundle(&ca_pem, &read(&dir.join(CA_KEY))?).map_err(pki_err)?)
         } else {
             None
         };
@@ -157,7 +181,18 @@ impl MasterPki {
                 dir.join(MASTER_BUNDLE).display()
             )));
         }
-        let digest = CaDigest::of_cert_pem(&ca_pem).map_err(pki_err)?;
+        // The signing CA: the one whose key this master holds, else the one that issued its
+        // certificate (a master added later, before the key reaches it).
+        let signing = match &ca {
+            Some(ca) => ca.digest(),
+            None => berth_pki::bundle_certs(&ca_pem)
+                .map_err(pki_err)?
+                .iter()
+                .find(|c| cert.issued_by(c))
+                .map(|c| CaDigest::of_cert_pem(c))
+                .unwrap_or_else(|| CaDigest::of_cert_pem(&ca_pem))
+                .map_err(pki_err)?,
+        };
         let files = TlsFiles { ca_pem: ca_pem.clone(), cert: cert.clone() };
         let grpc = tls::server_config(&files, &[b"h2"]).map_err(pki_err)?;
         let renew_point = cert.renew_at().unwrap_or_else(|_| SystemTime::now());
@@ -166,12 +201,12 @@ impl MasterPki {
             id,
             listen,
             validity,
-            digest,
-            ca_pem,
+            trust: RwLock::new(Trust { bundle: ca_pem, signing }),
             cert: RwLock::new(cert),
             renew_point: RwLock::new(renew_point),
             ca: RwLock::new(ca),
             grpc_server: RwLock::new(Arc::new(grpc)),
+            check: std::sync::OnceLock::new(),
         });
         // A certificate already past its renewal point (the master was down) is renewed now.
         pki.renew_if_due()?;
@@ -215,12 +250,91 @@ impl MasterPki {
         self.id
     }
 
-    pub fn digest(&self) -> &CaDigest {
-        &self.digest
+    /// The digest of the CA that signs: what join tokens pin.
+    pub fn digest(&self) -> CaDigest {
+        self.trust.read().expect("trust lock").signing.clone()
     }
 
-    pub fn ca_pem(&self) -> &str {
-        &self.ca_pem
+    /// Whether `digest` names a CA this master trusts (a join token made before a rotation pins
+    /// the old CA, which stays good until the rotation retires it).
+    pub fn trusts(&self, digest: &CaDigest) -> bool {
+        berth_pki::bundle_certs(&self.ca_pem())
+            .is_ok_and(|certs| certs.iter().any(|c| CaDigest::of_cert_pem(c).is_ok_and(|d| d == *digest)))
+    }
+
+    /// The CAs this master trusts, PEM: what it gives agents and users as `ca.crt`.
+    pub fn ca_pem(&self) -> String {
+        self.trust.read().expect("trust lock").bundle.clone()
+    }
+
+    /// Checks revocations in every handshake from now on (the gRPC and QUIC servers).
+    pub(crate) fn set_revocation_check(&self, check: tls::RevocationCheck) -> Result<(), MasterError> {
+        let _ = self.check.set(check);
+        self.rebuild_grpc()
+    }
+
+    fn rebuild_grpc(&self) -> Result<(), MasterError> {
+        let files = self.files();
+        let grpc = match self.check.get() {
+            Some(check) => tls::server_config_checked(&files, &[b"h2"], false, check.clone()),
+            None => tls::server_config(&files, &[b"h2"]),
+        }
+        .map_err(pki_err)?;
+        *self.grpc_server.write().expect("server config lock") = Arc::new(grpc);
+        Ok(())
+    }
+
+    /// Follows the CA state a rotation committed: `bundle` is what to trust, `signing` the CA
+    /// recorded in the replicated state (its key included), and `present_signing` whether this
+    /// master must now present a certificate of the signing CA (it reissues its own if not).
+    /// Files are written before memory changes: a crash in between leaves the new state on disk,
+    /// which the next start reads.
+    pub(crate) fn sync(
+        &self,
+        bundle: &str,
+        signing: &berth_types::ClusterCa,
+        present_signing: bool,
+    ) -> Result<Synced, MasterError> {
+        let mut synced = Synced::default();
+        let current = self.trust.read().expect("trust lock").clone();
+        let trusted = berth_pki::bundle_digest(bundle).map_err(pki_err)?;
+        if berth_pki::bundle_digest(&current.bundle).map_err(pki_err)? != trusted {
+            write_atomic(&self.dir.join(CA_CERT), bundle.as_bytes(), false)?;
+            self.trust.write().expect("trust lock").bundle = bundle.to_string();
+            synced.trust = true;
+            info!(ca_digest = %trusted, "now trusting the CAs of the rotation's bundle");
+        }
+        let ca = CertificateAuthority::from_pem(&signing.cert_pem, &signing.key_pem).map_err(pki_err)?;
+        if self.ca().is_none_or(|held| held.digest() != ca.digest()) {
+            write_atomic(&self.dir.join(CA_KEY), signing.key_pem.as_bytes(), true)?;
+            self.trust.write().expect("trust lock").signing = ca.digest();
+            *self.ca.write().expect("ca lock") = Some(ca.clone());
+            synced.signing = true;
+            info!(ca = %ca.digest(), "signing with the cluster CA recorded in the replicated state");
+        }
+        if present_signing && !self.cert.read().expect("cert lock").issued_by(ca.cert_pem()) {
+            let cert = issue_master(&ca, self.id, self.listen, self.validity)?;
+            write_bundle(&self.dir, &cert)?;
+            *self.renew_point.write().expect("renew point lock") =
+                cert.renew_at().unwrap_or_else(|_| SystemTime::now());
+            *self.cert.write().expect("cert lock") = cert;
+            synced.cert = true;
+            info!(ca = %ca.digest(), "this master now presents a certificate of the new CA");
+        }
+        if synced.trust || synced.cert {
+            self.rebuild_grpc()?;
+        }
+        Ok(synced)
+    }
+
+    /// The digest of the CA that issued this master's certificate, among those it trusts.
+    pub(crate) fn cert_ca_digest(&self) -> Option<CaDigest> {
+        let cert = self.cert.read().expect("cert lock").clone();
+        berth_pki::bundle_certs(&self.ca_pem())
+            .ok()?
+            .iter()
+            .find(|c| cert.issued_by(c))
+            .and_then(|c| CaDigest::of_cert_pem(c).ok())
     }
 
     /// The CA (with its key), if this master has it.
@@ -233,18 +347,20 @@ impl MasterPki {
         if self.ca().is_some() {
             return Ok(());
         }
-        if ca.cert_pem.trim() != self.ca_pem.trim() {
-            return Err(pki_err("the CA in the replicated state is not the CA of this master's certificate"));
-        }
         let parsed = CertificateAuthority::from_pem(&ca.cert_pem, &ca.key_pem).map_err(pki_err)?;
+        let trusted = berth_pki::bundle_certs(&self.ca_pem()).map_err(pki_err)?;
+        if !trusted.iter().any(|c| CaDigest::of_cert_pem(c).is_ok_and(|d| d == parsed.digest())) {
+            return Err(pki_err("the CA in the replicated state is not one this master trusts"));
+        }
         write_atomic(&self.dir.join(CA_KEY), ca.key_pem.as_bytes(), true)?;
+        self.trust.write().expect("trust lock").signing = parsed.digest();
         *self.ca.write().expect("ca lock") = Some(parsed);
         info!("received the cluster CA key through the replicated state");
         Ok(())
     }
 
     pub fn files(&self) -> TlsFiles {
-        TlsFiles { ca_pem: self.ca_pem.clone(), cert: self.cert.read().expect("cert lock").clone() }
+        TlsFiles { ca_pem: self.ca_pem(), cert: self.cert.read().expect("cert lock").clone() }
     }
 
     /// The gRPC server configuration (mTLS, TLS 1.3, h2) as of now.
@@ -255,7 +371,11 @@ impl MasterPki {
     /// The QUIC server configuration: client certificates are optional at the TLS level so that
     /// joining agents (which have none yet) can connect; the dispatcher checks identities itself.
     pub fn quic_server_config(&self) -> Result<rustls::ServerConfig, MasterError> {
-        tls::server_config_client_auth_optional(&self.files(), &[berth_channel::ALPN]).map_err(pki_err)
+        match self.check.get() {
+            Some(check) => tls::server_config_checked(&self.files(), &[berth_channel::ALPN], true, check.clone()),
+            None => tls::server_config_client_auth_optional(&self.files(), &[berth_channel::ALPN]),
+        }
+        .map_err(pki_err)
     }
 
     /// TLS for this master's gRPC clients (Raft, forwarding).
@@ -278,12 +398,10 @@ impl MasterPki {
             return Ok(false);
         };
         let cert = issue_master(&ca, self.id, self.listen, self.validity)?;
-        let files = TlsFiles { ca_pem: self.ca_pem.clone(), cert: cert.clone() };
-        let grpc = tls::server_config(&files, &[b"h2"]).map_err(pki_err)?;
         write_bundle(&self.dir, &cert)?;
         *self.renew_point.write().expect("renew point lock") = cert.renew_at().unwrap_or_else(|_| SystemTime::now());
         *self.cert.write().expect("cert lock") = cert;
-        *self.grpc_server.write().expect("server config lock") = Arc::new(grpc);
+        self.rebuild_grpc()?;
         info!(renew_at = ?self.renew_at(), "renewed this master's certificate");
         Ok(true)
     }

@@ -262,6 +262,8 @@ pub(crate) struct Apply<'a> {
     /// Read lazily: only a `SetClusterId` needs it, and that happens once per cluster.
     cluster_id: Option<Option<String>>,
     removed_pending: std::collections::BTreeSet<u64>,
+    /// The CA as this batch left it, read lazily (`SetCa` and `RotateCa` need it).
+    ca: Option<Option<berth_types::ClusterCa>>,
     /// The audit records of this entry's audited transactions (JSON lines) and the earliest
     /// `at_ms` among them; written as one key by [`Apply::flush_audit`].
     audit: Vec<u8>,
@@ -278,6 +280,7 @@ impl<'a> Apply<'a> {
             counters: read_counters(db)?,
             cluster_id: None,
             removed_pending: Default::default(),
+            ca: None,
             audit: Vec::new(),
             audit_at: None,
         })
@@ -288,6 +291,14 @@ impl<'a> Apply<'a> {
             self.cluster_id = Some(read_cluster_id(self.db)?);
         }
         Ok(self.cluster_id.clone().flatten())
+    }
+
+    /// The CA as of this point of the batch (a command earlier in it may have replaced it).
+    fn current_ca(&mut self) -> Result<Option<berth_types::ClusterCa>, StoreError> {
+        if self.ca.is_none() {
+            self.ca = Some(read_ca(self.db)?);
+        }
+        Ok(self.ca.clone().flatten())
     }
 
     fn get(&self, key: &[u8]) -> Result<Option<KeyValue>, StoreError> {
@@ -342,13 +353,27 @@ impl<'a> Apply<'a> {
                 self.batch.put_cf(cf(self.db, CF_SM), SM_REMOVED, encode(&removed));
                 Ok(CommandResult::MemberRemoved)
             }
-            Command::SetCa { ca } => match read_ca(self.db)? {
+            Command::SetCa { ca } => match self.current_ca()? {
                 Some(existing) => Ok(CommandResult::Ca { cert_pem: existing.cert_pem }),
                 None => {
                     self.batch.put_cf(cf(self.db, CF_SM), SM_CA, encode(&ca));
-                    Ok(CommandResult::Ca { cert_pem: ca.cert_pem })
+                    let cert_pem = ca.cert_pem.clone();
+                    self.ca = Some(Some(ca));
+                    Ok(CommandResult::Ca { cert_pem })
                 }
             },
+            Command::RotateCa { ca, expect_cert_pem, txn } => {
+                let current = self.current_ca()?.map(|c| c.cert_pem);
+                if current.as_deref() != Some(expect_cert_pem.as_str()) {
+                    return Ok(Ok(CommandResult::Ca { cert_pem: current.unwrap_or_default() }));
+                }
+                let res = self.txn(txn)?;
+                if matches!(&res, Ok(r) if r.succeeded) {
+                    self.batch.put_cf(cf(self.db, CF_SM), SM_CA, encode(&ca));
+                    self.ca = Some(Some(ca));
+                }
+                res.map(CommandResult::Txn)
+            }
         })
     }
 
@@ -566,6 +591,44 @@ mod tests {
         let revs = |db: &DB| read_counters(db).unwrap().revision;
         assert_eq!(revs(&one_call), revs(&call_each));
         assert_eq!(revs(&one_call), 5, "x, its audit key, y, its audit key, z");
+    }
+
+    // RotateCa replaces the CA only from the CA it expects, and only with its transaction:
+    // both or neither, also when two of them share one batch.
+    #[test]
+    fn rotate_ca_is_a_compare_and_swap_with_its_transaction() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = crate::db::open(dir.path()).unwrap();
+        let ca = |n: &str| berth_types::ClusterCa { cert_pem: format!("cert {n}"), key_pem: format!("key {n}") };
+        let rotate = |to: &str, from: &str, txn: Txn| Command::RotateCa {
+            ca: ca(to),
+            expect_cert_pem: format!("cert {from}"),
+            txn,
+        };
+        apply(&db, vec![Command::SetCa { ca: ca("1") }]);
+        let out = apply(
+            &db,
+            vec![
+                rotate("2", "1", Txn::put("/berth/ca/rotation", "2")),
+                rotate("3", "1", Txn::put("/berth/ca/rotation", "3")),
+            ],
+        );
+        assert!(matches!(&out[0], Ok(CommandResult::Txn(t)) if t.succeeded));
+        assert!(matches!(&out[1], Ok(CommandResult::Ca { cert_pem }) if cert_pem == "cert 2"), "{out:?}");
+        assert_eq!(read_ca(&*db).unwrap().unwrap().cert_pem, "cert 2");
+        assert_eq!(get(&db, "/berth/ca/rotation", 0).unwrap().unwrap().value, b"2");
+        let conflict = Txn {
+            compare: vec![Compare {
+                key: b"/berth/ca/rotation".to_vec(),
+                op: CompareOp::Equal,
+                target: CompareTarget::ModRevision(99),
+            }],
+            success: Txn::put("/berth/ca/rotation", "4").success,
+            ..Default::default()
+        };
+        let out = apply(&db, vec![rotate("4", "2", conflict)]);
+        assert!(matches!(&out[0], Ok(CommandResult::Txn(t)) if !t.succeeded));
+        assert_eq!(read_ca(&*db).unwrap().unwrap().cert_pem, "cert 2", "a failed transaction leaves the CA");
     }
 
     #[test]

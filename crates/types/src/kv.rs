@@ -231,6 +231,15 @@ pub enum Command {
         at_ms: i64,
         record: Vec<u8>,
     },
+    /// `berth ca rotate`: the CA that signs from now on replaces the recorded one, if the
+    /// recorded one is still `expect_cert_pem`, together with `txn` (the rotation's record, with
+    /// the trust bundle), all or nothing: if the CA changed meanwhile or `txn`'s compares fail,
+    /// nothing changes. Added last, so logs written before it still decode.
+    RotateCa {
+        ca: ClusterCa,
+        expect_cert_pem: String,
+        txn: Txn,
+    },
 }
 
 /// Where applied audit records are kept (see [`Command::Audited`]).

@@ -110,6 +110,7 @@ impl Limits {
                 }
                 self.check_txn(txn)
             }
+            Command::RotateCa { txn, .. } => self.check_txn(txn),
             Command::Compact { revision } if *revision <= 0 => Err(ValidationError::BadCompactRevision(*revision)),
             Command::Compact { .. }
             | Command::SetClusterId { .. }
