@@ -221,9 +221,11 @@ async fn keep(
     if accepted.node_id.is_empty() {
         return Err(protocol("JoinAccepted has an empty node_id".to_string()));
     }
-    let ca_digest = CaDigest::of_cert_pem(&accepted.ca_pem)
+    // One CA, or two while a CA rotation runs: the pinned one must be among them (the rest came
+    // over the connection that CA authenticated).
+    let cas = berth_pki::bundle_certs(&accepted.ca_pem)
         .map_err(|e| protocol(format!("JoinAccepted carries an unusable CA certificate: {e}")))?;
-    if !ca_digest.0.eq_ignore_ascii_case(&digest.0) {
+    if !cas.iter().any(|c| CaDigest::of_cert_pem(c).is_ok_and(|d| d.0.eq_ignore_ascii_case(&digest.0))) {
         return Err(AgentError::CaMismatch {
             addr: addr.to_string(),
             detail: "the CA certificate in JoinAccepted is not the one pinned by the token".to_string(),

@@ -48,6 +48,10 @@ pub struct MasterPki {
     /// The revocation list, checked in every handshake of the gRPC and QUIC servers; set once
     /// the master's context exists.
     check: std::sync::OnceLock<tls::RevocationCheck>,
+    /// A CA rotation's `trust` phase: this master holds only the new CA's key, and a certificate
+    /// of it would be refused by agents that do not trust it yet, so renewal waits for `switch`
+    /// (the current certificate still has at least a fifth of its life).
+    hold_renewal: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Clone)]
@@ -207,6 +211,7 @@ impl MasterPki {
             ca: RwLock::new(ca),
             grpc_server: RwLock::new(Arc::new(grpc)),
             check: std::sync::OnceLock::new(),
+            hold_renewal: Default::default(),
         });
         // A certificate already past its renewal point (the master was down) is renewed now.
         pki.renew_if_due()?;
@@ -295,6 +300,7 @@ impl MasterPki {
         signing: &berth_types::ClusterCa,
         present_signing: bool,
     ) -> Result<Synced, MasterError> {
+        self.hold_renewal.store(!present_signing, std::sync::atomic::Ordering::Relaxed);
         let mut synced = Synced::default();
         let current = self.trust.read().expect("trust lock").clone();
         let trusted = berth_pki::bundle_digest(bundle).map_err(pki_err)?;
@@ -390,7 +396,7 @@ impl MasterPki {
 
     /// Renews this master's certificate if its renewal point has passed and the CA is at hand.
     pub fn renew_if_due(&self) -> Result<bool, MasterError> {
-        if SystemTime::now() < self.renew_at() {
+        if SystemTime::now() < self.renew_at() || self.hold_renewal.load(std::sync::atomic::Ordering::Relaxed) {
             return Ok(false);
         }
         let Some(ca) = self.ca() else {
