@@ -305,14 +305,14 @@ impl Access for AccessService {
 
     async fn ca_status(&self, r: Request<pb::CaStatusRequest>) -> Result<Response<pb::CaStatusResponse>, Status> {
         let caller = Caller::of(&r)?;
-        audit::authorize(&self.ctx, &caller, Verb::Get, Resource::Certificates, None, "ca")?;
+        audit::authorize(&self.ctx, &caller, Verb::Get, Resource::Certificates, None, "ca").await?;
         self.ctx.read_barrier().await?;
         crate::ca_rotation::status(&self.ctx).map(Response::new)
     }
 
     async fn user_list(&self, r: Request<pb::UserListRequest>) -> Result<Response<pb::UserListResponse>, Status> {
         let caller = Caller::of(&r)?;
-        audit::authorize(&self.ctx, &caller, Verb::List, Resource::Users, None, "")?;
+        audit::authorize(&self.ctx, &caller, Verb::List, Resource::Users, None, "").await?;
         self.ctx.read_barrier().await?;
         let users = authz::read_users(&self.ctx.reader)
             .map_err(Status::internal)?
@@ -352,7 +352,7 @@ impl Access for AccessService {
 
     async fn role_list(&self, r: Request<pb::RoleListRequest>) -> Result<Response<pb::RoleListResponse>, Status> {
         let caller = Caller::of(&r)?;
-        audit::authorize(&self.ctx, &caller, Verb::List, Resource::Roles, None, "")?;
+        audit::authorize(&self.ctx, &caller, Verb::List, Resource::Roles, None, "").await?;
         self.ctx.read_barrier().await?;
         let (custom, bindings) = authz::read_documents(&self.ctx.reader).map_err(Status::internal)?;
         let mut roles: Vec<pb::RoleView> = access::BUILTIN_ROLES
@@ -396,7 +396,7 @@ impl Access for AccessService {
         let slot = self.ctx.streams.open(&r, "watch", crate::streams::MAX_WATCHES)?;
         let r = r.into_inner();
         // A namespace's admins read its records; the cluster's own need rights everywhere.
-        let scope = audit::namespaces(&self.ctx, &caller, Verb::List, Resource::Audit)?;
+        let scope = audit::namespaces(&self.ctx, &caller, Verb::List, Resource::Audit).await?;
         if !r.identity.is_empty() {
             r.identity
                 .parse::<berth_pki::Identity>()

@@ -139,7 +139,7 @@ fn truncate(s: &str, max: usize) -> String {
 }
 
 /// Checks a call that only reads; a denial is recorded.
-pub(crate) fn authorize(
+pub(crate) async fn authorize(
     ctx: &Ctx,
     caller: &Caller,
     verb: Verb,
@@ -147,7 +147,20 @@ pub(crate) fn authorize(
     ns: Option<&str>,
     name: &str,
 ) -> Result<(), Status> {
+    if ctx.rbac.check(caller, verb, res, ns).is_ok() {
+        return Ok(());
+    }
+    fresh_rbac(ctx).await;
     ctx.rbac.check(caller, verb, res, ns).inspect_err(|e| denied(ctx, caller, verb, res, ns.unwrap_or(""), name, e))
+}
+
+/// Before a refusal: this master may not have applied a grant the caller already holds (a user
+/// added through another master a moment ago), so a denial is decided on roles and bindings read
+/// after a read barrier (everything the leader had committed), not on the copy the watch keeps.
+async fn fresh_rbac(ctx: &Ctx) {
+    if ctx.read_barrier().await.is_ok() {
+        crate::authz::refresh(ctx);
+    }
 }
 
 /// Records a refused call.
@@ -158,12 +171,16 @@ fn denied(ctx: &Ctx, caller: &Caller, verb: Verb, res: Resource, ns: &str, name:
 }
 
 /// Which namespaces a list or watch across namespaces may show; a refusal is recorded.
-pub(crate) fn namespaces(
+pub(crate) async fn namespaces(
     ctx: &Ctx,
     caller: &Caller,
     verb: Verb,
     res: Resource,
 ) -> Result<crate::authz::Namespaces, Status> {
+    if let Ok(n) = ctx.rbac.namespaces(caller, verb, res) {
+        return Ok(n);
+    }
+    fresh_rbac(ctx).await;
     ctx.rbac.namespaces(caller, verb, res).inspect_err(|e| denied(ctx, caller, verb, res, "", "", e))
 }
 
@@ -178,7 +195,7 @@ pub(crate) async fn mutate<T>(
     name: &str,
     call: impl Future<Output = Result<T, Status>>,
 ) -> Result<T, Status> {
-    authorize(ctx, caller, verb, res, ns, name)?;
+    authorize(ctx, caller, verb, res, ns, name).await?;
     let rec = record(ctx, caller, verb, res, ns.unwrap_or(""), name);
     let c = Arc::new(Call { record: rec, written: AtomicBool::new(false) });
     let out = CALL.scope(c.clone(), call).await;

@@ -406,7 +406,7 @@ impl cluster_server::Cluster for ClusterService {
 
     async fn member_list(&self, r: Request<pb::MemberListRequest>) -> Result<Response<pb::MemberListResponse>, Status> {
         let caller = crate::authz::Caller::of(&r)?;
-        crate::audit::authorize(&self.ctx, &caller, Verb::List, Resource::Members, None, "")?;
+        crate::audit::authorize(&self.ctx, &caller, Verb::List, Resource::Members, None, "").await?;
         self.member_list_call(r).await
     }
 
@@ -458,7 +458,7 @@ impl cluster_server::Cluster for ClusterService {
         r: Request<pb::ListRevokedRequest>,
     ) -> Result<Response<pb::ListRevokedResponse>, Status> {
         let caller = crate::authz::Caller::of(&r)?;
-        crate::audit::authorize(&self.ctx, &caller, Verb::List, Resource::Certificates, None, "")?;
+        crate::audit::authorize(&self.ctx, &caller, Verb::List, Resource::Certificates, None, "").await?;
         self.list_revoked_call(r).await
     }
 
@@ -521,7 +521,7 @@ impl cluster_server::Cluster for ClusterService {
     async fn snapshot(&self, r: Request<pb::SnapshotRequest>) -> Result<Response<Self::SnapshotStream>, Status> {
         let caller = crate::authz::Caller::of(&r)?;
         if !self.ctx.rbac.is_cluster_admin(&caller) {
-            crate::audit::authorize(&self.ctx, &caller, Verb::Get, Resource::Kv, None, "backup")?;
+            crate::audit::authorize(&self.ctx, &caller, Verb::Get, Resource::Kv, None, "backup").await?;
             return Err(Status::permission_denied(format!(
                 "{} may not take a backup: it holds every record and key of the cluster, so only a cluster-admin may",
                 caller.identity

@@ -478,17 +478,17 @@ impl ControlSvc {
     }
 
     /// Checks a read of one object; a denial is audited.
-    fn allow(&self, caller: &Caller, verb: Verb, res: Resource, ns: &str, name: &str) -> Result<(), Status> {
-        crate::audit::authorize(&self.ctx, caller, verb, res, Some(ns_of(ns)), name)
+    async fn allow(&self, caller: &Caller, verb: Verb, res: Resource, ns: &str, name: &str) -> Result<(), Status> {
+        crate::audit::authorize(&self.ctx, caller, verb, res, Some(ns_of(ns)), name).await
     }
 
     /// For a list or watch: the namespaces its results may show (a request that names one
     /// namespace is checked for it; one that names none shows the namespaces the caller may read).
-    fn scope(&self, caller: &Caller, verb: Verb, res: Resource, ns: &str) -> Result<Namespaces, Status> {
+    async fn scope(&self, caller: &Caller, verb: Verb, res: Resource, ns: &str) -> Result<Namespaces, Status> {
         if ns.is_empty() {
-            crate::audit::namespaces(&self.ctx, caller, verb, res)
+            crate::audit::namespaces(&self.ctx, caller, verb, res).await
         } else {
-            crate::audit::authorize(&self.ctx, caller, verb, res, Some(ns), "")?;
+            crate::audit::authorize(&self.ctx, caller, verb, res, Some(ns), "").await?;
             Ok(Namespaces::All)
         }
     }
@@ -502,7 +502,7 @@ impl ControlService for ControlSvc {
     ) -> Result<Response<pb::ListNetworksResponse>, Status> {
         let caller = Caller::of(&r)?;
         let r = r.into_inner();
-        let scope = self.scope(&caller, Verb::List, Resource::Networks, &r.namespace)?;
+        let scope = self.scope(&caller, Verb::List, Resource::Networks, &r.namespace).await?;
         self.ctx.read_barrier().await?;
         let mut networks = networks::list(&self.ctx.reader, &r.namespace)?;
         networks.retain(|n| n.record.as_ref().is_some_and(|r| scope.allows(&r.namespace)));
@@ -512,7 +512,7 @@ impl ControlService for ControlSvc {
     async fn get_network(&self, r: Request<pb::NetworkRef>) -> Result<Response<pb::NetworkResponse>, Status> {
         let caller = Caller::of(&r)?;
         let r = r.into_inner();
-        self.allow(&caller, Verb::Get, Resource::Networks, &r.namespace, &r.name)?;
+        self.allow(&caller, Verb::Get, Resource::Networks, &r.namespace, &r.name).await?;
         let ns = if r.namespace.is_empty() { spec::DEFAULT_NAMESPACE } else { &r.namespace };
         self.ctx.read_barrier().await?;
         let rec = networks::load(&self.ctx.reader, ns, &r.name)?;
@@ -526,7 +526,7 @@ impl ControlService for ControlSvc {
     ) -> Result<Response<pb::ListVolumesResponse>, Status> {
         let caller = Caller::of(&r)?;
         let r = r.into_inner();
-        let scope = self.scope(&caller, Verb::List, Resource::Volumes, &r.namespace)?;
+        let scope = self.scope(&caller, Verb::List, Resource::Volumes, &r.namespace).await?;
         self.ctx.read_barrier().await?;
         let mut volumes = crate::volumes::list(&self.ctx.reader, &r.namespace)?;
         volumes.retain(|v| v.record.as_ref().is_some_and(|r| scope.allows(&r.namespace)));
@@ -536,7 +536,7 @@ impl ControlService for ControlSvc {
     async fn get_volume(&self, r: Request<pb::VolumeRef>) -> Result<Response<pb::VolumeResponse>, Status> {
         let caller = Caller::of(&r)?;
         let r = r.into_inner();
-        self.allow(&caller, Verb::Get, Resource::Volumes, &r.namespace, &r.name)?;
+        self.allow(&caller, Verb::Get, Resource::Volumes, &r.namespace, &r.name).await?;
         self.ctx.read_barrier().await?;
         let volume = crate::volumes::get(&self.ctx.reader, &r.namespace, &r.name)?;
         Ok(Response::new(pb::VolumeResponse { header: Some(self.ctx.header()), volume: Some(volume) }))
@@ -574,7 +574,7 @@ impl ControlService for ControlSvc {
         let caller = Caller::of(&r)?;
         let r = r.into_inner();
         let kind = crate::secrets::kind_of(r.kind)?;
-        let scope = self.scope(&caller, Verb::List, file_resource(kind), &r.namespace)?;
+        let scope = self.scope(&caller, Verb::List, file_resource(kind), &r.namespace).await?;
         self.ctx.read_barrier().await?;
         let mut files = crate::secrets::list(&self.ctx.reader, kind, &r.namespace)?;
         files.retain(|f| scope.allows(&f.namespace));
@@ -618,7 +618,7 @@ impl ControlService for ControlSvc {
 
     async fn list_images(&self, r: Request<pb::ListImagesRequest>) -> Result<Response<pb::ImagesResponse>, Status> {
         let caller = Caller::of(&r)?;
-        crate::audit::authorize(&self.ctx, &caller, Verb::List, Resource::Images, None, "")?;
+        crate::audit::authorize(&self.ctx, &caller, Verb::List, Resource::Images, None, "").await?;
         self.ctx.read_barrier().await?;
         let images = crate::images::list(&self.ctx.reader)?;
         Ok(Response::new(pb::ImagesResponse { header: Some(self.ctx.header()), images }))
@@ -649,7 +649,7 @@ impl ControlService for ControlSvc {
     async fn list_routes(&self, r: Request<pb::ListRoutesRequest>) -> Result<Response<pb::ListRoutesResponse>, Status> {
         let caller = Caller::of(&r)?;
         let r = r.into_inner();
-        let scope = self.scope(&caller, Verb::List, Resource::Routes, &r.namespace)?;
+        let scope = self.scope(&caller, Verb::List, Resource::Routes, &r.namespace).await?;
         self.ctx.read_barrier().await?;
         let mut routes = crate::routes::list(&self.ctx.reader, &r.namespace)?;
         routes.retain(|rt| rt.record.as_ref().is_some_and(|r| scope.allows(&r.namespace)));
@@ -659,7 +659,7 @@ impl ControlService for ControlSvc {
     async fn get_route(&self, r: Request<pb::RouteRef>) -> Result<Response<pb::RouteResponse>, Status> {
         let caller = Caller::of(&r)?;
         let r = r.into_inner();
-        self.allow(&caller, Verb::Get, Resource::Routes, &r.namespace, &r.name)?;
+        self.allow(&caller, Verb::Get, Resource::Routes, &r.namespace, &r.name).await?;
         self.ctx.read_barrier().await?;
         let route = crate::routes::get(&self.ctx.reader, &r.namespace, &r.name)?;
         Ok(Response::new(pb::RouteResponse { header: Some(self.ctx.header()), route: Some(route) }))
@@ -684,7 +684,7 @@ impl ControlService for ControlSvc {
         for doc in &documents {
             let (res, ns) = document_scope(doc);
             for verb in [Verb::Create, Verb::Update] {
-                crate::audit::authorize(&self.ctx, &caller, verb, res, ns, &doc.key())?;
+                crate::audit::authorize(&self.ctx, &caller, verb, res, ns, &doc.key()).await?;
             }
         }
         let (res, ns) = document_scope(&documents[0]);
@@ -699,7 +699,7 @@ impl ControlService for ControlSvc {
     async fn get_service(&self, r: Request<pb::ServiceRef>) -> Result<Response<pb::GetServiceResponse>, Status> {
         let caller = Caller::of(&r)?;
         let r = r.into_inner();
-        self.allow(&caller, Verb::Get, Resource::Services, &r.namespace, &r.name)?;
+        self.allow(&caller, Verb::Get, Resource::Services, &r.namespace, &r.name).await?;
         self.ctx.read_barrier().await?;
         let rec = load_service(&self.ctx, &r.namespace, &r.name)?;
         let svc = parse(&rec)?;
@@ -715,7 +715,7 @@ impl ControlService for ControlSvc {
     ) -> Result<Response<pb::ListServicesResponse>, Status> {
         let caller = Caller::of(&r)?;
         let r = r.into_inner();
-        let scope = self.scope(&caller, Verb::List, Resource::Services, &r.namespace)?;
+        let scope = self.scope(&caller, Verb::List, Resource::Services, &r.namespace).await?;
         self.ctx.read_barrier().await?;
         let prefix = if r.namespace.is_empty() {
             SERVICES_PREFIX.to_string()
@@ -749,7 +749,7 @@ impl ControlService for ControlSvc {
         let caller = Caller::of(&r)?;
         let slot = self.ctx.streams.open(&r, "watch", crate::streams::MAX_WATCHES)?;
         let r = r.into_inner();
-        let scope = self.scope(&caller, Verb::Watch, Resource::Services, &r.namespace)?;
+        let scope = self.scope(&caller, Verb::Watch, Resource::Services, &r.namespace).await?;
         let ctx = self.ctx.clone();
         ctx.read_barrier().await?;
         let prefix = if r.namespace.is_empty() {
@@ -837,7 +837,7 @@ impl ControlService for ControlSvc {
         let ns = ns_of(&s.namespace);
         let action = RolloutAction::try_from(r.action).unwrap_or(RolloutAction::Unspecified);
         if matches!(action, RolloutAction::Status | RolloutAction::Unspecified) {
-            self.allow(&caller, Verb::Get, Resource::Services, ns, &s.name)?;
+            self.allow(&caller, Verb::Get, Resource::Services, ns, &s.name).await?;
             return self.rollout_call(r).await;
         }
         crate::audit::mutate(
@@ -855,7 +855,7 @@ impl ControlService for ControlSvc {
     async fn list_tasks(&self, r: Request<pb::ListTasksRequest>) -> Result<Response<pb::ListTasksResponse>, Status> {
         let caller = Caller::of(&r)?;
         let r = r.into_inner();
-        let scope = self.scope(&caller, Verb::List, Resource::Tasks, &r.namespace)?;
+        let scope = self.scope(&caller, Verb::List, Resource::Tasks, &r.namespace).await?;
         self.ctx.read_barrier().await?;
         let prefix =
             if r.service.is_empty() { TASKS_PREFIX.to_string() } else { format!("{TASKS_PREFIX}{}.", r.service) };
@@ -884,7 +884,7 @@ impl ControlService for ControlSvc {
     ) -> Result<Response<pb::ListNamespacesResponse>, Status> {
         let caller = Caller::of(&r)?;
         // Everyone sees the namespaces whose services they may list; a cluster-admin, all.
-        let scope = self.scope(&caller, Verb::List, Resource::Services, "")?;
+        let scope = self.scope(&caller, Verb::List, Resource::Services, "").await?;
         self.ctx.read_barrier().await?;
         let namespaces = crate::quotas::overview(&self.ctx.reader)?
             .into_iter()
@@ -910,7 +910,8 @@ impl ControlService for ControlSvc {
         let ctx = self.ctx.clone();
         // A task id names its namespace; a service name is in the request's.
         let task_ns = objects::get::<Task>(&ctx.reader, &tasks::task_key(&req.target))?.map(|t| t.obj.namespace);
-        self.allow(&caller, Verb::Get, Resource::Tasks, task_ns.as_deref().unwrap_or(&req.namespace), &req.target)?;
+        self.allow(&caller, Verb::Get, Resource::Tasks, task_ns.as_deref().unwrap_or(&req.namespace), &req.target)
+            .await?;
         if !ctx.is_leader() {
             // Only the leader holds the agents' sessions: relay through it.
             let (_, addr) = ctx.leader().ok_or_else(|| berth_api::not_applied("no leader is known yet; retry"))?;

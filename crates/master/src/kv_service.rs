@@ -225,7 +225,7 @@ impl KvService {
         let verb = if txn_verb == Verb::Get { Verb::Get } else { verb };
         let name = key_name(&key);
         if !verb.mutates() {
-            crate::audit::authorize(&self.ctx, caller, verb, Resource::Kv, None, &name)?;
+            crate::audit::authorize(&self.ctx, caller, verb, Resource::Kv, None, &name).await?;
         }
         let check = || refuse_reserved(&txn, caller, self.ctx.rbac.is_cluster_admin(caller));
         let commit = async {
@@ -255,7 +255,7 @@ impl kv_server::Kv for KvService {
         let caller = crate::authz::Caller::of(&r)?;
         let r = r.into_inner();
         let q = berth_api::range_query_from_pb(&r)?;
-        crate::audit::authorize(&self.ctx, &caller, Verb::Get, Resource::Kv, None, &key_name(&q.key))?;
+        crate::audit::authorize(&self.ctx, &caller, Verb::Get, Resource::Kv, None, &key_name(&q.key)).await?;
         if overlaps_reserved(&q.key, &q.range_end) && !self.ctx.rbac.is_cluster_admin(&caller) {
             return Err(reserved_read(&caller, &q.key));
         }
@@ -344,7 +344,7 @@ impl kv_server::Kv for KvService {
         let caller = crate::authz::Caller::of(&r)?;
         let slot = self.ctx.streams.open(&r, "watch", crate::streams::MAX_WATCHES)?;
         let r = r.into_inner();
-        crate::audit::authorize(&self.ctx, &caller, Verb::Watch, Resource::Kv, None, &key_name(&r.key))?;
+        crate::audit::authorize(&self.ctx, &caller, Verb::Watch, Resource::Kv, None, &key_name(&r.key)).await?;
         if overlaps_reserved(&r.key, &r.range_end) && !self.ctx.rbac.is_cluster_admin(&caller) {
             return Err(reserved_read(&caller, &r.key));
         }

@@ -226,7 +226,7 @@ impl Nodes for NodesService {
 
     async fn token_list(&self, r: Request<pb::TokenListRequest>) -> Result<Response<pb::TokenListResponse>, Status> {
         let caller = crate::authz::Caller::of(&r)?;
-        crate::audit::authorize(&self.ctx, &caller, Verb::List, Resource::Tokens, None, "")?;
+        crate::audit::authorize(&self.ctx, &caller, Verb::List, Resource::Tokens, None, "").await?;
         self.token_list_call(r).await
     }
 
@@ -242,7 +242,7 @@ impl Nodes for NodesService {
 
     async fn node_list(&self, r: Request<pb::NodeListRequest>) -> Result<Response<pb::NodeListResponse>, Status> {
         let caller = crate::authz::Caller::of(&r)?;
-        crate::audit::authorize(&self.ctx, &caller, Verb::List, Resource::Nodes, None, "")?;
+        crate::audit::authorize(&self.ctx, &caller, Verb::List, Resource::Nodes, None, "").await?;
         self.node_list_call(r).await
     }
 
