@@ -223,10 +223,37 @@ pub(crate) async fn mutate<T>(
 pub(crate) fn stamp(cmd: Command) -> Command {
     let Ok(call) = CALL.try_with(Arc::clone) else { return cmd };
     let Command::Txn(txn) = cmd else { return cmd };
-    let mut rec = call.record.clone();
-    rec.at_ms = crate::objects::now_ms();
+    let at_ms = crate::objects::now_ms();
     call.written.store(true, Ordering::Relaxed);
-    Command::Audited { txn, at_ms: rec.at_ms, record: serde_json::to_vec(&rec).expect("an audit record serializes") }
+    Command::Audited { txn, at_ms, record: stamped_json(&call.record, at_ms) }
+}
+
+/// A change's record as it travels (every write pays for it): `rec`'s JSON with `at_ms`, and
+/// without outcome and revision, which applying adds. Serialized from borrowed fields, not from
+/// a copy of the record.
+fn stamped_json(rec: &AuditRecord, at_ms: i64) -> Vec<u8> {
+    #[derive(Serialize)]
+    struct Stamped<'a> {
+        at_ms: i64,
+        identity: &'a str,
+        verb: &'a str,
+        resource: &'a str,
+        #[serde(skip_serializing_if = "str::is_empty")]
+        namespace: &'a str,
+        #[serde(skip_serializing_if = "str::is_empty")]
+        name: &'a str,
+        master: u64,
+    }
+    let s = Stamped {
+        at_ms,
+        identity: &rec.identity,
+        verb: &rec.verb,
+        resource: &rec.resource,
+        namespace: &rec.namespace,
+        name: &rec.name,
+        master: rec.master,
+    };
+    serde_json::to_vec(&s).expect("an audit record serializes")
 }
 
 /// Commits the queued records in batches, until `token`.
@@ -550,6 +577,24 @@ impl AuditFile {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The record a write carries is the record's own JSON (with its time), field for field.
+    #[test]
+    fn a_stamped_record_is_the_records_json() {
+        let mut rec = AuditRecord {
+            at_ms: 5,
+            identity: "user/a".into(),
+            verb: "update".into(),
+            resource: "kv".into(),
+            name: "k".into(),
+            master: 2,
+            ..Default::default()
+        };
+        for ns in ["", "prod"] {
+            rec.namespace = ns.into();
+            assert_eq!(stamped_json(&rec, 5), serde_json::to_vec(&rec).unwrap(), "namespace {ns:?}");
+        }
+    }
 
     #[test]
     fn the_file_resumes_after_its_last_line_and_rotates() {
