@@ -200,9 +200,8 @@ pub(crate) fn sync(ctx: &Arc<Ctx>) {
         Ok(_) => {}
         Err(e) => return warn!("cannot follow the CA rotation: {e}"),
     }
-    let Ok(trusts) = berth_pki::bundle_digest(&ctx.pki.ca_pem()) else { return };
     let mine = MasterState {
-        trusts: trusts.to_string(),
+        trusts: ctx.pki.bundle_digest(),
         presents: ctx.pki.cert_ca_digest().map(|d| d.to_string()).unwrap_or_default(),
     };
     let key = format!("{MASTERS}{}", ctx.id);

@@ -453,9 +453,8 @@ fn heartbeat_ack(
     // An agent too old to report its CAs is left alone.
     if !hb.ca_digest.is_empty() {
         ctx.liveness.report_ca(node_id, &hb.ca_digest, &hb.cert_ca_digest);
-        let bundle = ctx.pki.ca_pem();
-        if berth_pki::bundle_digest(&bundle).is_ok_and(|d| d.as_str() != hb.ca_digest) {
-            ack.ca_pem = bundle;
+        if ctx.pki.bundle_digest() != hb.ca_digest {
+            ack.ca_pem = ctx.pki.ca_pem();
         }
         ack.renew = hb.cert_ca_digest != ctx.pki.digest().as_str();
     }

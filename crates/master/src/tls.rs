@@ -57,6 +57,8 @@ pub struct MasterPki {
 #[derive(Clone)]
 struct Trust {
     bundle: String,
+    /// `bundle_digest` of `bundle`: every agent heartbeat compares its own with it.
+    bundle_digest: String,
     signing: CaDigest,
 }
 
@@ -205,7 +207,11 @@ impl MasterPki {
             id,
             listen,
             validity,
-            trust: RwLock::new(Trust { bundle: ca_pem, signing }),
+            trust: RwLock::new(Trust {
+                bundle_digest: berth_pki::bundle_digest(&ca_pem).map_err(pki_err)?.to_string(),
+                bundle: ca_pem,
+                signing,
+            }),
             cert: RwLock::new(cert),
             renew_point: RwLock::new(renew_point),
             ca: RwLock::new(ca),
@@ -267,6 +273,11 @@ impl MasterPki {
             .is_ok_and(|certs| certs.iter().any(|c| CaDigest::of_cert_pem(c).is_ok_and(|d| d == *digest)))
     }
 
+    /// The digest of the CAs this master trusts (`berth_pki::bundle_digest`).
+    pub fn bundle_digest(&self) -> String {
+        self.trust.read().expect("trust lock").bundle_digest.clone()
+    }
+
     /// The CAs this master trusts, PEM: what it gives agents and users as `ca.crt`.
     pub fn ca_pem(&self) -> String {
         self.trust.read().expect("trust lock").bundle.clone()
@@ -304,9 +315,12 @@ impl MasterPki {
         let mut synced = Synced::default();
         let current = self.trust.read().expect("trust lock").clone();
         let trusted = berth_pki::bundle_digest(bundle).map_err(pki_err)?;
-        if berth_pki::bundle_digest(&current.bundle).map_err(pki_err)? != trusted {
+        if current.bundle_digest != trusted.as_str() {
             write_atomic(&self.dir.join(CA_CERT), bundle.as_bytes(), false)?;
-            self.trust.write().expect("trust lock").bundle = bundle.to_string();
+            let mut trust = self.trust.write().expect("trust lock");
+            trust.bundle = bundle.to_string();
+            trust.bundle_digest = trusted.to_string();
+            drop(trust);
             synced.trust = true;
             info!(ca_digest = %trusted, "now trusting the CAs of the rotation's bundle");
         }
