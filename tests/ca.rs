@@ -115,7 +115,7 @@ fn ca_rotation_moves_everything_without_a_restart() -> Result<()> {
             for _ in 0..600 {
                 let mut cmd = Command::new(berth_bin());
                 cmd.args(["get", "nodes", "-o", "json", "--endpoints", &endpoints]);
-                if out_dir.join("berth.toml").exists() {
+                if out_dir.join("client.crt").exists() {
                     cmd.arg("--config").arg(out_dir.join("berth.toml"));
                     for var in ["BERTH_CONFIG", "BERTH_CA_CERT", "BERTH_CERT", "BERTH_KEY"] {
                         cmd.env_remove(var);

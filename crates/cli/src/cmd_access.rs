@@ -254,13 +254,8 @@ pub async fn run_ca(cmd: CaCmd, g: &Global) -> Result<()> {
                 bail!("{} already holds client.crt: give another --out", out.display());
             }
             let (csr_pem, key_pem) = berth_pki::generate_csr("berth-client")?;
-            // Not repeated blindly: a second call while one rotation runs is refused.
-            let r = client
-                .call(Call::Once, |ch| {
-                    let req = pb::CaRotateRequest { csr_pem: csr_pem.clone() };
-                    async move { Client::access(ch).ca_rotate(req).await.map(|r| r.into_inner()) }
-                })
-                .await?;
+            // The key and the config are written first: once the rotation has started, a
+            // failure to write them (a full disk) would leave a certificate with no key.
             let toml = toml::to_string(&crate::config::ClientConfig {
                 endpoints: endpoints(g),
                 ca_cert: Some("ca.crt".into()),
@@ -269,13 +264,25 @@ pub async fn run_ca(cmd: CaCmd, g: &Global) -> Result<()> {
             })?;
             crate::cmd_pki::write_files(
                 &out,
-                &[
-                    ("ca.crt", r.ca_pem.as_str(), false),
-                    ("client.crt", r.cert_pem.as_str(), false),
-                    ("client.key", key_pem.as_str(), true),
-                    ("berth.toml", toml.as_str(), false),
-                ],
+                &[("client.key", key_pem.as_str(), true), ("berth.toml", toml.as_str(), false)],
             )?;
+            // Not repeated blindly: a second call while one rotation runs is refused.
+            let r = client
+                .call(Call::Once, |ch| {
+                    let req = pb::CaRotateRequest { csr_pem: csr_pem.clone() };
+                    async move { Client::access(ch).ca_rotate(req).await.map(|r| r.into_inner()) }
+                })
+                .await?;
+            crate::cmd_pki::write_files(
+                &out,
+                &[("ca.crt", r.ca_pem.as_str(), false), ("client.crt", r.cert_pem.as_str(), false)],
+            )
+            .with_context(|| {
+                format!(
+                    "the rotation has started, but your new certificate could not be written; it is:\n{}",
+                    r.cert_pem
+                )
+            })?;
             println!(
                 "CA rotation started: the new CA is {}. Your credentials from it are in {}: use `berth --config \
                  {}/berth.toml ...`; the old ones stop working when the old CA is retired.",
