@@ -9,7 +9,7 @@ use std::{
 };
 
 use anyhow::{Result, bail};
-use berth_pki::{CaDigest, CertifiedKey, bundle_certs};
+use berth_pki::{CertifiedKey, bundle_cert_digests};
 use berth_tests::{Cluster, apply, berth_bin, cluster_with_agents, spawn_agent, tasks, wait_for};
 use serde_json::Value;
 
@@ -46,7 +46,7 @@ fn ok(out: Output, what: &str) -> Result<String> {
 /// Digests of the CA certificates in a PEM file.
 fn digests(path: &Path) -> Result<Vec<String>> {
     let pem = std::fs::read_to_string(path)?;
-    Ok(bundle_certs(&pem)?.iter().map(|c| CaDigest::of_cert_pem(c).map(|d| d.to_string())).collect::<Result<_, _>>()?)
+    Ok(bundle_cert_digests(&pem)?.iter().map(|d| d.to_string()).collect())
 }
 
 /// (task id, pid) of the running tasks in `tasks` (`berth get tasks -o json`).

@@ -109,13 +109,7 @@ pub fn client_config(files: &TlsFiles, revoked: &SharedRevoked) -> Result<quinn:
 /// one that issued its certificate (empty if none of them did).
 pub fn ca_report(files: &TlsFiles) -> (String, String) {
     let bundle = berth_pki::bundle_digest(&files.ca_pem).map(|d| d.to_string()).unwrap_or_default();
-    let issuer = berth_pki::bundle_certs(&files.ca_pem)
-        .unwrap_or_default()
-        .into_iter()
-        .find(|c| files.cert.issued_by(c))
-        .and_then(|c| berth_pki::CaDigest::of_cert_pem(&c).ok())
-        .map(|d| d.to_string())
-        .unwrap_or_default();
+    let issuer = files.cert.issuer_in(&files.ca_pem).map(|d| d.to_string()).unwrap_or_default();
     (bundle, issuer)
 }
 

@@ -223,9 +223,9 @@ async fn keep(
     }
     // One CA, or two while a CA rotation runs: the pinned one must be among them (the rest came
     // over the connection that CA authenticated).
-    let cas = berth_pki::bundle_certs(&accepted.ca_pem)
+    let cas = berth_pki::bundle_cert_digests(&accepted.ca_pem)
         .map_err(|e| protocol(format!("JoinAccepted carries an unusable CA certificate: {e}")))?;
-    if !cas.iter().any(|c| CaDigest::of_cert_pem(c).is_ok_and(|d| d.0.eq_ignore_ascii_case(&digest.0))) {
+    if !cas.iter().any(|d| d.0.eq_ignore_ascii_case(&digest.0)) {
         return Err(AgentError::CaMismatch {
             addr: addr.to_string(),
             detail: "the CA certificate in JoinAccepted is not the one pinned by the token".to_string(),

@@ -20,7 +20,7 @@
 use std::{sync::Arc, time::Duration};
 
 use berth_api::pb;
-use berth_pki::{CaDigest, CertificateAuthority, Role};
+use berth_pki::{CertificateAuthority, Role};
 use berth_types::{ClusterCa, Command, CommandResult};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
@@ -165,10 +165,10 @@ pub(crate) async fn start(ctx: &Ctx, caller: &Caller, csr_pem: &str) -> Result<p
 
 pub(crate) fn status(ctx: &Ctx) -> Result<pb::CaStatusResponse, Status> {
     let signing_digest = ctx.pki.digest().to_string();
-    let trusted_digests = berth_pki::bundle_certs(&ctx.pki.ca_pem())
+    let trusted_digests = berth_pki::bundle_cert_digests(&ctx.pki.ca_pem())
         .map_err(|e| Status::internal(e.to_string()))?
         .iter()
-        .filter_map(|c| CaDigest::of_cert_pem(c).ok().map(|d| d.to_string()))
+        .map(|d| d.to_string())
         .collect();
     let mut out =
         pb::CaStatusResponse { header: Some(ctx.header()), signing_digest, trusted_digests, ..Default::default() };

@@ -191,13 +191,10 @@ impl MasterPki {
         // certificate (a master added later, before the key reaches it).
         let signing = match &ca {
             Some(ca) => ca.digest(),
-            None => berth_pki::bundle_certs(&ca_pem)
-                .map_err(pki_err)?
-                .iter()
-                .find(|c| cert.issued_by(c))
-                .map(|c| CaDigest::of_cert_pem(c))
-                .unwrap_or_else(|| CaDigest::of_cert_pem(&ca_pem))
-                .map_err(pki_err)?,
+            None => match cert.issuer_in(&ca_pem) {
+                Some(d) => d,
+                None => CaDigest::of_cert_pem(&ca_pem).map_err(pki_err)?,
+            },
         };
         let files = TlsFiles { ca_pem: ca_pem.clone(), cert: cert.clone() };
         let grpc = tls::server_config(&files, &[b"h2"]).map_err(pki_err)?;
@@ -269,8 +266,7 @@ impl MasterPki {
     /// Whether `digest` names a CA this master trusts (a join token made before a rotation pins
     /// the old CA, which stays good until the rotation retires it).
     pub fn trusts(&self, digest: &CaDigest) -> bool {
-        berth_pki::bundle_certs(&self.ca_pem())
-            .is_ok_and(|certs| certs.iter().any(|c| CaDigest::of_cert_pem(c).is_ok_and(|d| d == *digest)))
+        berth_pki::bundle_cert_digests(&self.ca_pem()).is_ok_and(|ds| ds.contains(digest))
     }
 
     /// The digest of the CAs this master trusts (`berth_pki::bundle_digest`).
@@ -349,12 +345,7 @@ impl MasterPki {
 
     /// The digest of the CA that issued this master's certificate, among those it trusts.
     pub(crate) fn cert_ca_digest(&self) -> Option<CaDigest> {
-        let cert = self.cert.read().expect("cert lock").clone();
-        berth_pki::bundle_certs(&self.ca_pem())
-            .ok()?
-            .iter()
-            .find(|c| cert.issued_by(c))
-            .and_then(|c| CaDigest::of_cert_pem(c).ok())
+        self.cert.read().expect("cert lock").issuer_in(&self.ca_pem())
     }
 
     /// The CA (with its key), if this master has it.
@@ -368,8 +359,7 @@ impl MasterPki {
             return Ok(());
         }
         let parsed = CertificateAuthority::from_pem(&ca.cert_pem, &ca.key_pem).map_err(pki_err)?;
-        let trusted = berth_pki::bundle_certs(&self.ca_pem()).map_err(pki_err)?;
-        if !trusted.iter().any(|c| CaDigest::of_cert_pem(c).is_ok_and(|d| d == parsed.digest())) {
+        if !self.trusts(&parsed.digest()) {
             return Err(pki_err("the CA in the replicated state is not one this master trusts"));
         }
         write_atomic(&self.dir.join(CA_KEY), ca.key_pem.as_bytes(), true)?;

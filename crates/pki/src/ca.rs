@@ -140,6 +140,11 @@ impl CertifiedKey {
         cert.issuer() == ca.subject() && cert.verify_signature(Some(ca.public_key())).is_ok()
     }
 
+    /// The digest of the CA of `bundle_pem` that signed this certificate, if one did.
+    pub fn issuer_in(&self, bundle_pem: &str) -> Option<CaDigest> {
+        bundle_certs(bundle_pem).ok()?.iter().find(|c| self.issued_by(c)).and_then(|c| CaDigest::of_cert_pem(c).ok())
+    }
+
     /// A random instant between 50% and 80% of the validity period (jitter so renewals spread out).
     pub fn renew_at(&self) -> Result<SystemTime, PkiError> {
         let (not_before, not_after) = self.validity()?;
@@ -395,6 +400,11 @@ impl CertificateAuthority {
 /// The certificates of a trust bundle (PEM), each as its own PEM, in order.
 pub fn bundle_certs(bundle_pem: &str) -> Result<Vec<String>, PkiError> {
     Ok(certs_from_pem(bundle_pem, "CA certificates")?.iter().map(|d| pem_encode_cert(d)).collect())
+}
+
+/// The digest of each certificate of a trust bundle, in order.
+pub fn bundle_cert_digests(bundle_pem: &str) -> Result<Vec<CaDigest>, PkiError> {
+    Ok(certs_from_pem(bundle_pem, "CA certificates")?.iter().map(|d| CaDigest::of_der(d)).collect())
 }
 
 /// One digest for a trust bundle, whatever the order of its certificates: the SHA-256 of their

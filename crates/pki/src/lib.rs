@@ -25,8 +25,8 @@ pub mod tls;
 pub mod token;
 
 pub use ca::{
-    CA_VALIDITY, CLOCK_SKEW_ALLOWANCE, CaDigest, CertInfo, CertificateAuthority, CertifiedKey, bundle_certs,
-    bundle_digest, cert_info_of_der, generate_csr, identity_of_der, normalize_serial,
+    CA_VALIDITY, CLOCK_SKEW_ALLOWANCE, CaDigest, CertInfo, CertificateAuthority, CertifiedKey, bundle_cert_digests,
+    bundle_certs, bundle_digest, cert_info_of_der, generate_csr, identity_of_der, normalize_serial,
 };
 pub use error::PkiError;
 pub use identity::{Identity, Role};
