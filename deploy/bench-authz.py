@@ -7,8 +7,9 @@ audit record.
 
     python3 deploy/bench-authz.py --before /tmp/berth-before --after target/release/berth --rounds 3
 
-Prints one JSON line per measurement and a summary: per round the AFTER/BEFORE ratio of ops/s and
-of p50 (ratios taken in one round are what to compare on a shared machine), and their medians.
+Prints one JSON line per measurement and a summary: per round the AFTER/BEFORE ratio of ops/s, of
+p50 and of the masters' CPU time per write (utime+stime of the cluster's processes over the run;
+ratios taken in one round are what to compare on a shared machine), and their medians.
 """
 
 import argparse
@@ -78,6 +79,24 @@ class DevCluster:
         self.log.close()
 
 
+def cluster_cpu_seconds(pgid):
+    """utime+stime of every process of the dev cluster (its process group: the masters)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        # After the command name: state ppid pgrp ... utime (14th field) stime (15th).
+        if int(fields[2]) == pgid:
+            total += int(fields[11]) + int(fields[12])
+    return total / tick
+
+
 def bench(berth, config, endpoints, clients, ops):
     out = run(
         [berth, "bench", "kv", "--config", config, "--endpoints", ",".join(endpoints), "--clients", str(clients),
@@ -98,8 +117,10 @@ def measure(label, berth, as_user, single_ops, many_ops):
             config = os.path.join(user_dir, "berth.toml")
         results = []
         for clients, ops, eps, via in [(1, single_ops, [c.leader], "leader"), (64, many_ops, c.endpoints, "all")]:
+            cpu0 = cluster_cpu_seconds(c.proc.pid)
             r = bench(berth, config, eps, clients, ops)
-            r.update({"build": label, "via": via})
+            cpu = cluster_cpu_seconds(c.proc.pid) - cpu0
+            r.update({"build": label, "via": via, "masters_cpu_ms_per_op": round(cpu * 1000 / ops, 4)})
             print(json.dumps(r), flush=True)
             results.append(r)
         return results
@@ -117,7 +138,7 @@ def main():
     ap.add_argument("--many-ops", type=int, default=20000)
     a = ap.parse_args()
     print(f"# machine: {os.cpu_count()} cores, {os.uname().release}", flush=True)
-    ratios = {"leader": {"ops": [], "p50": []}, "all": {"ops": [], "p50": []}}
+    ratios = {"leader": {"ops": [], "p50": [], "cpu": []}, "all": {"ops": [], "p50": [], "cpu": []}}
     for rnd in range(a.rounds):
         order = [("before", a.before, False), ("after", a.after, True)]
         if rnd % 2:
@@ -128,12 +149,15 @@ def main():
         for b, x in zip(got["before"], got["after"]):
             ratios[b["via"]]["ops"].append(x["ops_per_sec"] / b["ops_per_sec"])
             ratios[b["via"]]["p50"].append(x["p50_ms"] / b["p50_ms"])
+            ratios[b["via"]]["cpu"].append(x["masters_cpu_ms_per_op"] / max(b["masters_cpu_ms_per_op"], 1e-9))
     summary = {
         via: {
             "ops_per_sec_ratio_per_round": [round(v, 3) for v in r["ops"]],
             "p50_ratio_per_round": [round(v, 3) for v in r["p50"]],
             "ops_per_sec_ratio_median": round(statistics.median(r["ops"]), 3),
             "p50_ratio_median": round(statistics.median(r["p50"]), 3),
+            "masters_cpu_per_op_ratio_per_round": [round(v, 3) for v in r["cpu"]],
+            "masters_cpu_per_op_ratio_median": round(statistics.median(r["cpu"]), 3),
         }
         for via, r in ratios.items()
     }
@@ -141,7 +165,8 @@ def main():
     for via, s in summary.items():
         print(
             f"# {via}: after/before ops/s median {s['ops_per_sec_ratio_median']}x "
-            f"(rounds {s['ops_per_sec_ratio_per_round']}), p50 {s['p50_ratio_median']}x"
+            f"(rounds {s['ops_per_sec_ratio_per_round']}), p50 {s['p50_ratio_median']}x, "
+            f"masters' CPU per write {s['masters_cpu_per_op_ratio_median']}x"
         )
 
 

@@ -181,7 +181,9 @@ fn users_are_held_to_their_roles_and_every_attempt_is_audited() -> Result<()> {
     let everything = berth_ok(&c, &["audit", "-o", "json"])?;
     assert!(!everything.contains(secret_value), "a secret's value is in the audit log");
     assert!(everything.contains("\"identity\":\"admin/admin\""), "the admin's own calls are there too");
-    // Each master writes it as JSON lines.
+    // Each master writes it as JSON lines, numbered by `seq` in the order applied: the same
+    // record under the same number on every master.
+    let mut by_seq = std::collections::BTreeMap::<u64, String>::new();
     for m in c.masters.values() {
         let file = m.data_dir.join("audit.log");
         let text = wait_for(Duration::from_secs(10), &format!("master {}'s audit.log", m.id), || {
@@ -189,8 +191,14 @@ fn users_are_held_to_their_roles_and_every_attempt_is_audited() -> Result<()> {
             t.contains("/berth/tokens/forged").then_some(t)
         })?;
         assert!(!text.contains(secret_value), "a secret's value is in {}", file.display());
+        let mut last = None;
         for line in text.lines() {
-            serde_json::from_str::<serde_json::Value>(line)?;
+            let v: serde_json::Value = serde_json::from_str(line)?;
+            let seq = v["seq"].as_u64().ok_or_else(|| anyhow::anyhow!("no seq in {line}"))?;
+            assert!(last.is_none_or(|l| seq == l + 1), "master {}: seq {seq} after {last:?}", m.id);
+            last = Some(seq);
+            let first = by_seq.entry(seq).or_insert_with(|| line.to_string());
+            assert_eq!(first, line, "master {} has another record under seq {seq}", m.id);
         }
     }
     // A namespace admin reads its namespace's records only.

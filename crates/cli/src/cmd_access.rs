@@ -513,6 +513,7 @@ pub async fn run_audit(a: AuditArgs, g: &Global) -> Result<()> {
                 outcome: &'a str,
                 revision: i64,
                 master: u64,
+                seq: u64,
             }
             let o = Out {
                 at: time_of(e.at_ms),
@@ -524,6 +525,7 @@ pub async fn run_audit(a: AuditArgs, g: &Global) -> Result<()> {
                 outcome: &e.outcome,
                 revision: e.revision,
                 master: e.master,
+                seq: e.seq,
             };
             println!("{}", serde_json::to_string(&o)?);
         } else {

@@ -267,7 +267,7 @@ fn rule_view(rule: &access::Rule) -> pb::RoleRule {
     pb::RoleRule { verbs: rule.verbs.clone(), resources: rule.resources.clone() }
 }
 
-fn entry(rec: audit::AuditRecord) -> pb::AuditEntry {
+fn entry(rec: berth_types::AuditRecord) -> pb::AuditEntry {
     pb::AuditEntry {
         at_ms: rec.at_ms,
         identity: rec.identity,
@@ -278,6 +278,7 @@ fn entry(rec: audit::AuditRecord) -> pb::AuditEntry {
         outcome: rec.outcome,
         revision: rec.revision,
         master: rec.master,
+        seq: rec.seq,
     }
 }
 
@@ -403,8 +404,12 @@ impl Access for AccessService {
                 .map_err(|e| Status::invalid_argument(format!("--identity {:?}: {e}", r.identity)))?;
         }
         self.ctx.read_barrier().await?;
-        let (records, revision) = audit::read(&self.ctx.reader, r.since_ms)?;
-        let wanted = move |rec: &audit::AuditRecord| {
+        // Told of every record applied from here on, before the records so far are read.
+        let mut moved = r.follow.then(|| self.ctx.reader.audit_subscribe());
+        let (_, next) = self.ctx.reader.audit_bounds().map_err(|e| Status::internal(e.to_string()))?;
+        let records = audit::read(&self.ctx.reader, r.since_ms)?;
+        let mut next = records.last().map_or(next, |l| next.max(l.seq + 1));
+        let wanted = move |rec: &berth_types::AuditRecord| {
             rec.at_ms >= r.since_ms
                 && (r.identity.is_empty() || rec.identity == r.identity)
                 && match &scope {
@@ -412,38 +417,25 @@ impl Access for AccessService {
                     only => !rec.namespace.is_empty() && only.allows(&rec.namespace),
                 }
         };
-        let follow = r.follow;
-        let mut watcher = if follow {
-            let prefix = audit::PREFIX.as_bytes().to_vec();
-            Some(
-                self.ctx
-                    .reader
-                    .watch(prefix.clone(), berth_types::prefix_end(&prefix), revision + 1)
-                    .map_err(|e| Status::internal(e.to_string()))?,
-            )
-        } else {
-            None
-        };
+        let reader = self.ctx.reader.clone();
         let out = async_stream::try_stream! {
             let _slot = slot;
             for rec in records.into_iter().filter(|r| wanted(r)) {
                 yield entry(rec);
             }
-            if let Some(w) = watcher.as_mut() {
+            if let Some(moved) = moved.as_mut() {
                 loop {
-                    match w.next().await {
-                        Ok(berth_store::WatchEvents::Events(events)) => {
-                            for (_, e) in events {
-                                if e.kind != berth_types::EventKind::Put {
-                                    continue;
-                                }
-                                for rec in audit::decode(&e.kv).into_iter().filter(|r| wanted(r)) {
-                                    yield entry(rec);
-                                }
-                            }
+                    moved.borrow_and_update();
+                    loop {
+                        let records = audit::read_from(&reader, next, 4096)?;
+                        let Some(last) = records.last() else { break };
+                        next = last.seq + 1;
+                        for rec in records.into_iter().filter(|r| wanted(r)) {
+                            yield entry(rec);
                         }
-                        Ok(_) => Err(Status::data_loss("the audit watch fell behind the history window: run `berth audit -f` again"))?,
-                        Err(e) => Err(Status::internal(e.to_string()))?,
+                    }
+                    if moved.changed().await.is_err() {
+                        Err(Status::unavailable("this master is stopping: run `berth audit -f` again"))?;
                     }
                 }
             }

@@ -68,12 +68,6 @@ pub(crate) async fn run(ctx: Arc<Ctx>, leading: CancellationToken) {
         tokio::select! {
             _ = leading.cancelled() => break,
             r = watcher.next() => {
-                // The audit log's own records change nothing a round looks at.
-                if let Ok(berth_store::WatchEvents::Events(ev)) = &r
-                    && crate::audit::only_audit(ev)
-                {
-                    continue;
-                }
                 // The watch fell behind compaction, the state was replaced by a snapshot, or it
                 // broke: start a fresh one from now (a round reads everything anyway).
                 if !matches!(r, Ok(berth_store::WatchEvents::Events(_))) {

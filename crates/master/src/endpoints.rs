@@ -1128,14 +1128,7 @@ async fn index_once(ctx: &Ctx, leading: &CancellationToken) -> Result<(), String
     }
     let prefix = b"/berth/".to_vec();
     let q = RangeQuery { key: prefix.clone(), range_end: prefix_end(&prefix), ..Default::default() };
-    // Everything under /berth/ but the audit log (up to 100,000 records the index ignores),
-    // read in two ranges at one revision.
-    let audit = crate::audit::PREFIX.as_bytes();
-    let before = RangeQuery { range_end: audit.to_vec(), ..q.clone() };
-    let (mut res, counters) = ctx.reader.range(&before).map_err(|e| e.to_string())?;
-    let after = RangeQuery { key: prefix_end(audit), revision: counters.revision, ..q.clone() };
-    let (rest, _) = ctx.reader.range(&after).map_err(|e| e.to_string())?;
-    res.kvs.extend(rest.kvs);
+    let (res, counters) = ctx.reader.range(&q).map_err(|e| e.to_string())?;
     let mut watcher =
         ctx.reader.watch(q.key.clone(), q.range_end.clone(), counters.revision + 1).map_err(|e| e.to_string())?;
     let base = ctx.endpoints.version();

@@ -44,9 +44,15 @@ fn approx_size(cmd: &Command) -> usize {
     match cmd {
         Command::Txn(t) => txn_size(t),
         Command::Audited { txn, record, .. } => txn_size(txn) + record.len() + 16,
+        Command::Stamped { txn, record } => txn_size(txn) + record_size(record),
+        Command::Audit { records } => records.iter().map(record_size).sum(),
         Command::RotateCa { ca, txn, .. } => txn_size(txn) + ca.cert_pem.len() * 2 + ca.key_pem.len(),
         _ => 32,
     }
+}
+
+fn record_size(r: &berth_types::AuditRecord) -> usize {
+    r.identity.len() + r.verb.len() + r.resource.len() + r.namespace.len() + r.name.len() + r.outcome.len() + 32
 }
 
 fn txn_size(t: &berth_types::Txn) -> usize {

@@ -7,6 +7,7 @@
 //! | kv     | user key                         | current KeyValue              |
 //! | hist   | revision (u64 BE) + sub (u32 BE) | Event, with its prev_kv       |
 //! | sm     | "applied", "membership", ...     | state machine metadata        |
+//! | audit  | seq of its first record, u64 BE  | one log entry's audit records |
 
 use std::{path::Path, sync::Arc};
 
@@ -19,7 +20,8 @@ pub(crate) const CF_RAFT: &str = "raft";
 pub(crate) const CF_KV: &str = "kv";
 pub(crate) const CF_HIST: &str = "hist";
 pub(crate) const CF_SM: &str = "sm";
-const ALL_CFS: [&str; 5] = [CF_LOG, CF_RAFT, CF_KV, CF_HIST, CF_SM];
+pub(crate) const CF_AUDIT: &str = "audit";
+const ALL_CFS: [&str; 6] = [CF_LOG, CF_RAFT, CF_KV, CF_HIST, CF_SM, CF_AUDIT];
 
 pub(crate) fn open(path: &Path) -> Result<Arc<DB>, StoreError> {
     let mut opts = Options::default();
@@ -72,6 +74,10 @@ pub(crate) fn hist_key_rev(k: &[u8]) -> i64 {
     let mut b = [0u8; 8];
     b.copy_from_slice(&k[..8]);
     u64::from_be_bytes(b) as i64
+}
+
+pub(crate) fn audit_key(seq: u64) -> [u8; 8] {
+    seq.to_be_bytes()
 }
 
 pub(crate) fn log_key(index: u64) -> [u8; 8] {

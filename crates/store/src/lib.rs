@@ -9,6 +9,7 @@
 //! synced on their own: the log they come from is durable, and every later synced write flushes
 //! them, so a crash at worst re-applies committed entries, which the applied log id makes exact.
 
+mod audit;
 mod db;
 mod envelope;
 /// The stored-record envelope (a format byte, then bincode with a decode limit).

@@ -6,15 +6,15 @@
 use std::collections::BTreeMap;
 
 use berth_types::{
-    Command, CommandError, CommandResult, DeleteResult, Event, EventKind, KeyValue, OpResult, PutResult, RangeQuery,
-    RangeResult, RequestOp, Revision, Txn, TxnResult, key_in_range,
+    AuditRecord, Command, CommandError, CommandResult, DeleteResult, Event, EventKind, KeyValue, OpResult, PutResult,
+    RangeQuery, RangeResult, RequestOp, Revision, Txn, TxnResult, key_in_range,
 };
 use rocksdb::{DB, Direction, IteratorMode, SnapshotWithThreadMode, WriteBatch};
 use serde::{Deserialize, Serialize};
 
 use crate::{
     StoreError,
-    db::{CF_HIST, CF_KV, CF_SM, cf, hist_key},
+    db::{CF_AUDIT, CF_HIST, CF_KV, CF_SM, audit_key, cf, hist_key},
     envelope::{decode, encode},
 };
 
@@ -116,6 +116,31 @@ pub(crate) fn read_removed(v: &dyn View) -> Result<std::collections::BTreeSet<u6
 
 pub(crate) fn read_ca(v: &dyn View) -> Result<Option<berth_types::ClusterCa>, StoreError> {
     v.get(CF_SM, SM_CA)?.map(|b| decode(&b, "cluster CA")).transpose()
+}
+
+/// The audit record of a log written before [`Command::Stamped`]: a JSON object.
+fn legacy_record(at_ms: i64, json: &[u8]) -> AuditRecord {
+    #[derive(Deserialize, Default)]
+    #[serde(default)]
+    struct Legacy {
+        identity: String,
+        verb: String,
+        resource: String,
+        namespace: String,
+        name: String,
+        master: u64,
+    }
+    let l: Legacy = serde_json::from_slice(json).unwrap_or_default();
+    AuditRecord {
+        at_ms,
+        identity: l.identity,
+        verb: l.verb,
+        resource: l.resource,
+        namespace: l.namespace,
+        name: l.name,
+        master: l.master,
+        ..Default::default()
+    }
 }
 
 pub(crate) fn read_cluster_id(v: &dyn View) -> Result<Option<String>, StoreError> {
@@ -264,10 +289,12 @@ pub(crate) struct Apply<'a> {
     removed_pending: std::collections::BTreeSet<u64>,
     /// The CA as this batch left it, read lazily (`SetCa` and `RotateCa` need it).
     ca: Option<Option<berth_types::ClusterCa>>,
-    /// The audit records of this entry's audited transactions (JSON lines) and the earliest
-    /// `at_ms` among them; written as one key by [`Apply::flush_audit`].
-    audit: Vec<u8>,
-    audit_at: Option<i64>,
+    /// The audit records of this entry, written together by [`Apply::flush_audit`].
+    audit: Vec<AuditRecord>,
+    /// The `seq` of the next audit record, read lazily.
+    audit_next: Option<u64>,
+    /// Whether this batch added audit records (their readers are told).
+    pub audit_appended: bool,
 }
 
 impl<'a> Apply<'a> {
@@ -282,7 +309,8 @@ impl<'a> Apply<'a> {
             removed_pending: Default::default(),
             ca: None,
             audit: Vec::new(),
-            audit_at: None,
+            audit_next: None,
+            audit_appended: false,
         })
     }
 
@@ -326,15 +354,16 @@ impl<'a> Apply<'a> {
     pub fn command(&mut self, cmd: Command) -> Result<Result<CommandResult, CommandError>, StoreError> {
         Ok(match cmd {
             Command::Txn(txn) => self.txn(txn)?.map(CommandResult::Txn),
-            Command::Audited { txn, at_ms, record } => {
-                let res = self.txn(txn)?;
-                let (revision, outcome) = match &res {
-                    Ok(r) if r.succeeded => (r.revision, "ok".to_string()),
-                    Ok(r) => (r.revision, "conflict: the state changed since it was read; nothing was written".into()),
-                    Err(e) => (self.counters.revision, format!("error: {e}")),
-                };
-                self.add_audit(at_ms, &record, revision, &outcome);
-                res.map(CommandResult::Txn)
+            Command::Stamped { txn, record } => self.stamped(txn, record)?,
+            Command::Audited { txn, at_ms, record } => self.stamped(txn, legacy_record(at_ms, &record))?,
+            Command::Audit { records } => {
+                let revision = self.counters.revision;
+                self.audit.extend(records.into_iter().map(|r| AuditRecord { revision, ..r }));
+                Ok(CommandResult::Txn(TxnResult { succeeded: true, responses: vec![], revision }))
+            }
+            Command::TrimAudit { below_seq } => {
+                self.batch.delete_range_cf(cf(self.db, CF_AUDIT), audit_key(0), audit_key(below_seq));
+                Ok(CommandResult::AuditTrimmed)
             }
             Command::Compact { revision } => self.compact(revision).map(|()| CommandResult::Compacted { revision }),
             Command::SetClusterId { cluster_id } => match self.current_cluster_id()? {
@@ -375,6 +404,19 @@ impl<'a> Apply<'a> {
                 res.map(CommandResult::Txn)
             }
         })
+    }
+
+    /// Applies a transaction made on a client's behalf and adds its audit record, with the
+    /// revision it made and its outcome.
+    fn stamped(&mut self, txn: Txn, record: AuditRecord) -> Result<Result<CommandResult, CommandError>, StoreError> {
+        let res = self.txn(txn)?;
+        let (revision, outcome) = match &res {
+            Ok(r) if r.succeeded => (r.revision, "ok".to_string()),
+            Ok(r) => (r.revision, "conflict: the state changed since it was read; nothing was written".into()),
+            Err(e) => (self.counters.revision, format!("error: {e}")),
+        };
+        self.audit.push(AuditRecord { revision, outcome, ..record });
+        Ok(res.map(CommandResult::Txn))
     }
 
     fn txn(&mut self, txn: Txn) -> Result<Result<TxnResult, CommandError>, StoreError> {
@@ -459,10 +501,7 @@ impl<'a> Apply<'a> {
         Ok(())
     }
 
-    /// Stages the counters; the caller adds the applied log id and writes the batch.
-    /// Applies the commands of one log entry, then writes its audit records (one key per entry:
-    /// entries are the same on every replica, while how many of them one apply call gets is not;
-    /// a key per call made the replicas' revisions diverge, found by the chaos suite).
+    /// Applies the commands of one log entry, then writes its audit records.
     pub fn entry(&mut self, commands: Vec<Command>) -> Result<Vec<Result<CommandResult, CommandError>>, StoreError> {
         let mut results = Vec::with_capacity(commands.len());
         for c in commands {
@@ -472,27 +511,31 @@ impl<'a> Apply<'a> {
         Ok(results)
     }
 
-    /// Adds one record: `record` (a JSON object) with `revision` and `outcome` put first.
-    fn add_audit(&mut self, at_ms: i64, record: &[u8], revision: Revision, outcome: &str) {
-        let Some(body) = record.strip_prefix(b"{").filter(|b| b.ends_with(b"}")) else { return };
-        let outcome = serde_json::to_string(outcome).expect("a string serializes");
-        let sep = if body.len() > 1 { "," } else { "" };
-        self.audit.extend_from_slice(format!("{{\"revision\":{revision},\"outcome\":{outcome}{sep}").as_bytes());
-        self.audit.extend_from_slice(body);
-        self.audit.push(b'\n');
-        self.audit_at = Some(self.audit_at.map_or(at_ms, |a| a.min(at_ms)));
-    }
-
-    /// Writes the entry's audit records, if any, as one key (see `Command::Audited`), at a
-    /// revision of its own.
+    /// Writes the entry's audit records, if any, under the `seq` of the first. Per entry, not
+    /// per apply call: entries are the same on every replica, while how many of them one call
+    /// gets is not.
     fn flush_audit(&mut self) -> Result<(), StoreError> {
-        let Some(at) = self.audit_at.take() else { return Ok(()) };
-        let value = std::mem::take(&mut self.audit);
-        let key = format!("{}{:013}-r{:020}", berth_types::AUDIT_PREFIX, at.max(0), self.counters.revision + 1);
-        let _ = self.txn(Txn::put(key, value))?;
+        if self.audit.is_empty() {
+            return Ok(());
+        }
+        let first = match self.audit_next {
+            Some(n) => n,
+            None => crate::audit::read_next(self.db)?,
+        };
+        let mut next = first;
+        for r in &mut self.audit {
+            r.seq = next;
+            next += 1;
+        }
+        self.batch.put_cf(cf(self.db, CF_AUDIT), audit_key(first), encode(&self.audit));
+        self.batch.put_cf(cf(self.db, CF_SM), crate::audit::SM_AUDIT_NEXT, encode(&next));
+        self.audit.clear();
+        self.audit_next = Some(next);
+        self.audit_appended = true;
         Ok(())
     }
 
+    /// Stages the counters; the caller adds the applied log id and writes the batch.
     pub fn finish(&mut self) {
         self.batch.put_cf(cf(self.db, CF_SM), SM_COUNTERS, encode(&self.counters));
     }
@@ -501,6 +544,7 @@ impl<'a> Apply<'a> {
 #[cfg(test)]
 mod tests {
     use berth_types::{Compare, CompareOp, CompareTarget, DeleteRange, Put, prefix_end};
+    use sha2::Digest;
 
     use super::*;
 
@@ -521,57 +565,72 @@ mod tests {
         Ok(range(&SnapView::new(db), &q)?.0.kvs.pop())
     }
 
-    // Audited transactions apply as transactions, and their records (with each one's revision and
-    // outcome) go into one key for the round, written at a revision of its own.
+    fn stamped(txn: Txn, at_ms: i64, who: &str) -> Command {
+        let record = AuditRecord { at_ms, identity: who.into(), verb: "update".into(), ..Default::default() };
+        Command::Stamped { txn, record }
+    }
+
+    fn audit_log(db: &DB) -> Vec<AuditRecord> {
+        crate::audit::read_from(db, 0, usize::MAX).unwrap()
+    }
+
+    // Stamped transactions apply as transactions; their records (each with its revision and
+    // outcome), and those of calls that changed nothing, are stored together for the entry,
+    // outside the key space: no key, no history, no watch event, no revision of their own.
     #[test]
-    fn audited_transactions_share_one_record_key_per_round() {
+    fn an_entrys_audit_records_are_stored_once_outside_the_key_space() {
         let dir = tempfile::tempdir().unwrap();
         let db = crate::db::open(dir.path()).unwrap();
-        let audited = |txn: Txn, at_ms: i64, who: &str| Command::Audited {
-            txn,
-            at_ms,
-            record: format!("{{\"identity\":\"{who}\"}}").into_bytes(),
-        };
         let conflict = Txn {
             compare: vec![Compare { key: b"a".to_vec(), op: CompareOp::Equal, target: CompareTarget::ModRevision(99) }],
             ..Default::default()
         };
-        let out =
-            apply(&db, vec![audited(Txn::put("a", "1"), 20, "user/x"), put("b", "1"), audited(conflict, 10, "user/y")]);
+        let denied =
+            AuditRecord { at_ms: 30, identity: "user/z".into(), outcome: "denied: no".into(), ..Default::default() };
+        let mut a = Apply::new(&db).unwrap();
+        let out = a
+            .entry(vec![
+                stamped(Txn::put("a", "1"), 20, "user/x"),
+                put("b", "1"),
+                stamped(conflict, 10, "user/y"),
+                Command::Audit { records: vec![denied] },
+            ])
+            .unwrap();
+        assert_eq!(a.events.len(), 2, "only a and b are watch events");
+        assert!(a.audit_appended);
+        a.finish();
+        db.write(std::mem::take(&mut a.batch)).unwrap();
         assert!(
             matches!(&out[0], Ok(CommandResult::Txn(t)) if t.succeeded && t.revision == 1 && t.responses.len() == 1)
         );
         assert!(matches!(&out[2], Ok(CommandResult::Txn(t)) if !t.succeeded));
-        let q = RangeQuery {
-            key: berth_types::AUDIT_PREFIX.as_bytes().to_vec(),
-            range_end: prefix_end(berth_types::AUDIT_PREFIX.as_bytes()),
-            ..Default::default()
-        };
-        let (res, counters) = range(&SnapView::new(&db), &q).unwrap();
-        assert_eq!(res.kvs.len(), 1, "one key for the round");
-        let kv = &res.kvs[0];
-        assert_eq!(String::from_utf8_lossy(&kv.key), "/berth/audit/0000000000010-r00000000000000000003");
-        assert_eq!((kv.mod_revision, counters.revision), (3, 3));
-        let lines: Vec<serde_json::Value> = kv
-            .value
-            .split(|b| *b == b'\n')
-            .filter(|l| !l.is_empty())
-            .map(|l| serde_json::from_slice(l).unwrap())
-            .collect();
-        assert_eq!(lines.len(), 2);
-        assert_eq!((lines[0]["revision"].as_i64(), lines[0]["outcome"].as_str()), (Some(1), Some("ok")));
-        assert_eq!(lines[0]["identity"], "user/x");
-        assert!(lines[1]["outcome"].as_str().unwrap().starts_with("conflict"), "{lines:?}");
-        // An entry without audited transactions writes no record.
+        let everything = RangeQuery { key: vec![0], range_end: vec![0xff], ..Default::default() };
+        let (res, counters) = range(&SnapView::new(&db), &everything).unwrap();
+        assert_eq!(res.kvs.len(), 2, "a and b, and no audit key");
+        assert_eq!(counters.revision, 2, "the records take no revision");
+        let log = audit_log(&db);
+        let got: Vec<_> = log.iter().map(|r| (r.seq, r.identity.as_str(), r.revision, r.outcome.as_str())).collect();
+        assert_eq!(got[..2], [(0, "user/x", 1, "ok"), (1, "user/y", 2, got[1].3)]);
+        assert!(got[1].3.starts_with("conflict"), "{got:?}");
+        assert_eq!(got[2], (2, "user/z", 2, "denied: no"));
+        // An entry without records stores none; the next one continues the numbering, and
+        // retention drops whole entries from the oldest.
         apply(&db, vec![put("c", "1")]);
-        assert_eq!(range(&SnapView::new(&db), &q).unwrap().0.kvs.len(), 1);
+        apply(&db, vec![stamped(Txn::put("d", "1"), 40, "user/x")]);
+        assert_eq!(audit_log(&db).iter().map(|r| r.seq).collect::<Vec<_>>(), [0, 1, 2, 3]);
+        assert_eq!(crate::audit::bounds(&db).unwrap(), (0, 4));
+        assert_eq!(crate::audit::read_since(&db, 35).unwrap().iter().map(|r| r.seq).collect::<Vec<_>>(), [3]);
+        assert_eq!(crate::audit::first_entry_since(&db, 35).unwrap(), 3);
+        assert!(matches!(apply(&db, vec![Command::TrimAudit { below_seq: 3 }])[0], Ok(CommandResult::AuditTrimmed)));
+        assert_eq!(audit_log(&db).iter().map(|r| r.seq).collect::<Vec<_>>(), [3]);
+        assert_eq!(crate::audit::bounds(&db).unwrap(), (3, 4));
 
-        // Replicas group entries into apply calls differently: the revisions must not depend
-        // on it (regression: one audit key per call made them diverge).
+        // Replicas group entries into apply calls differently: the numbering must not depend
+        // on it.
         let entries = || {
             vec![
-                vec![audited(Txn::put("x", "1"), 1, "a")],
-                vec![audited(Txn::put("y", "1"), 2, "b")],
+                vec![stamped(Txn::put("x", "1"), 1, "a")],
+                vec![stamped(Txn::put("y", "1"), 2, "b")],
                 vec![put("z", "1")],
             ]
         };
@@ -588,9 +647,73 @@ mod tests {
         for e in entries() {
             apply(&call_each, e);
         }
-        let revs = |db: &DB| read_counters(db).unwrap().revision;
-        assert_eq!(revs(&one_call), revs(&call_each));
-        assert_eq!(revs(&one_call), 5, "x, its audit key, y, its audit key, z");
+        assert_eq!(audit_log(&one_call), audit_log(&call_each));
+        assert_eq!(read_counters(&*one_call).unwrap(), read_counters(&*call_each).unwrap());
+        assert_eq!(crate::audit::bounds(&one_call).unwrap(), (0, 2));
+    }
+
+    // A log written before `Stamped` carries its records as JSON: they apply alike.
+    #[test]
+    fn a_legacy_audited_transaction_is_recorded_as_a_stamped_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = crate::db::open(dir.path()).unwrap();
+        let record = br#"{"at_ms":7,"identity":"user/x","verb":"update","resource":"kv","name":"a","master":2}"#;
+        apply(&db, vec![Command::Audited { txn: Txn::put("a", "1"), at_ms: 7, record: record.to_vec() }]);
+        let want = AuditRecord {
+            seq: 0,
+            at_ms: 7,
+            identity: "user/x".into(),
+            verb: "update".into(),
+            resource: "kv".into(),
+            name: "a".into(),
+            outcome: "ok".into(),
+            master: 2,
+            revision: 1,
+            ..Default::default()
+        };
+        assert_eq!(audit_log(&db), [want]);
+    }
+
+    // Snapshots (and backups) carry the audit log and its numbering; the first snapshot format,
+    // without them, still loads.
+    #[test]
+    fn snapshots_carry_the_audit_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = crate::db::open(&dir.path().join("a")).unwrap();
+        apply(&db, vec![stamped(Txn::put("a", "1"), 1, "user/x"), stamped(Txn::put("b", "1"), 2, "user/y")]);
+        apply(&db, vec![Command::TrimAudit { below_seq: 2 }]);
+        apply(&db, vec![stamped(Txn::put("c", "1"), 3, "user/z")]);
+        let (path, _) = crate::snapshot::write_snapshot(
+            &SnapView::new(&db),
+            &dir.path().join("snaps"),
+            crate::snapshot::Purpose::Replication,
+        )
+        .unwrap();
+        let other = crate::db::open(&dir.path().join("b")).unwrap();
+        apply(&other, vec![stamped(Txn::put("old", "1"), 1, "user/old")]);
+        crate::snapshot::load_into_db(&other, &path, None, Default::default(), None).unwrap();
+        assert_eq!(audit_log(&other), audit_log(&db));
+        assert_eq!(audit_log(&other).iter().map(|r| r.seq).collect::<Vec<_>>(), [2]);
+        apply(&other, vec![stamped(Txn::put("d", "1"), 4, "user/z")]);
+        assert_eq!(crate::audit::bounds(&other).unwrap(), (2, 4), "the numbering goes on from the snapshot's");
+
+        // The first format: the same file without the audit section, under the old magic.
+        let bytes = std::fs::read(&path).unwrap();
+        let header_len = u32::from_be_bytes(bytes[8..12].try_into().unwrap()) as usize;
+        let mut at = 12 + header_len;
+        while u32::from_be_bytes(bytes[at..at + 4].try_into().unwrap()) != 0 {
+            at += 4 + u32::from_be_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
+        }
+        let mut v1 = b"BERTHSNP".to_vec();
+        v1.extend_from_slice(&bytes[8..at + 4 + 8]);
+        let digest = sha2::Sha256::digest(&v1);
+        v1.extend_from_slice(&digest);
+        let v1_path = dir.path().join("v1.snap");
+        std::fs::write(&v1_path, v1).unwrap();
+        let third = crate::db::open(&dir.path().join("c")).unwrap();
+        crate::snapshot::load_into_db(&third, &v1_path, None, Default::default(), None).unwrap();
+        assert_eq!(get(&third, "c", 0).unwrap().map(|kv| kv.value), Some(b"1".to_vec()));
+        assert!(audit_log(&third).is_empty());
     }
 
     // RotateCa replaces the CA only from the CA it expects, and only with its transaction:

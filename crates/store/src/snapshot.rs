@@ -1,7 +1,9 @@
 //! Snapshot files: a consistent copy of the current key-values plus the metadata openraft needs.
 //!
-//! Layout: `BERTHSNP` | u32 header length | header record | (u32 length | KeyValue record)* |
-//! u32 0 | u64 key count | SHA-256 of every preceding byte. Files are written to a temporary
+//! Layout: `BERTHSN2` | u32 header length | header record | (u32 length | KeyValue record)* |
+//! u32 0 | u64 key count | (u32 length | audit key + audit records)* | u32 0 | u64 next audit
+//! seq | SHA-256 of every preceding byte. Files of the first format (`BERTHSNP`) end after the
+//! key count, with no audit log, and are still read. Files are written to a temporary
 //! name, fsynced, renamed into place and the directory fsynced, so a crash never leaves half a
 //! snapshot under a real name. The same format is the backup that `berth snapshot save` writes.
 
@@ -19,7 +21,7 @@ use sha2::{Digest, Sha256};
 
 use crate::{
     StoreError, TypeConfig,
-    db::{CF_HIST, CF_KV, CF_SM, cf},
+    db::{CF_AUDIT, CF_HIST, CF_KV, CF_SM, cf},
     envelope::{decode, encode},
     mvcc::{
         Counters, SM_CA, SM_CLUSTER_ID, SM_COUNTERS, SM_HISTORY_FLOOR, SM_REMOVED, View, read_ca, read_cluster_id,
@@ -27,7 +29,9 @@ use crate::{
     },
 };
 
-const MAGIC: &[u8; 8] = b"BERTHSNP";
+const MAGIC: &[u8; 8] = b"BERTHSN2";
+/// The first format: no audit section.
+const MAGIC_V1: &[u8; 8] = b"BERTHSNP";
 pub(crate) const SM_APPLIED: &[u8] = b"applied";
 pub(crate) const SM_MEMBERSHIP: &[u8] = b"membership";
 /// No record in a snapshot may be larger than this (a key-value is at most ~1 MiB + 4 KiB).
@@ -131,6 +135,21 @@ pub(crate) fn write_snapshot(
     }
     w.write_all(&0u32.to_be_bytes())?;
     w.write_all(&count.to_be_bytes())?;
+    view.scan(CF_AUDIT, &[], &mut |k, v| {
+        let mut rec = Vec::with_capacity(k.len() + v.len());
+        rec.extend_from_slice(k);
+        rec.extend_from_slice(v);
+        if let Err(e) = write_record(&mut w, &rec) {
+            err = Some(e);
+            return Ok(false);
+        }
+        Ok(true)
+    })?;
+    if let Some(e) = err {
+        return Err(e.into());
+    }
+    w.write_all(&0u32.to_be_bytes())?;
+    w.write_all(&crate::audit::read_next(view)?.to_be_bytes())?;
     let digest = w.hasher.finalize_reset();
     let mut inner = w.inner;
     inner.write_all(&digest)?;
@@ -181,18 +200,27 @@ impl<R: Read> HashingReader<R> {
     }
 }
 
-/// Reads a snapshot, calling `f` with every key-value, and checks its trailer and checksum.
-/// Nothing should be committed from `f`'s results before this returns Ok.
+/// What a snapshot holds besides its header and key-values.
+#[derive(Default)]
+struct Contents {
+    /// The `seq` of the next audit record.
+    audit_next: u64,
+}
+
+/// Reads a snapshot, calling `f` with every key-value and `audit` with every stored group of
+/// audit records (its key and value), and checks its trailer and checksum. Nothing should be
+/// committed from their results before this returns Ok.
 fn read_snapshot(
     path: &Path,
     mut f: impl FnMut(&[u8], KeyValue) -> Result<(), StoreError>,
-) -> Result<SnapshotHeader, StoreError> {
+    mut audit: impl FnMut(&[u8], &[u8]) -> Result<(), StoreError>,
+) -> Result<(SnapshotHeader, Contents), StoreError> {
     let bad = |reason: String| StoreError::BadSnapshot { path: path.display().to_string(), reason };
     let file = File::open(path).map_err(|e| bad(format!("cannot open: {e}")))?;
     let mut r = HashingReader { inner: BufReader::with_capacity(1 << 20, file), hasher: Sha256::new() };
     let mut magic = [0u8; 8];
     r.exact(&mut magic).map_err(|e| bad(format!("too short to be a snapshot: {e}")))?;
-    if &magic != MAGIC {
+    if &magic != MAGIC && &magic != MAGIC_V1 {
         return Err(bad("not a berth snapshot (wrong magic bytes)".into()));
     }
     let read_rec = |r: &mut HashingReader<_>, len: u32| -> Result<Vec<u8>, StoreError> {
@@ -221,18 +249,37 @@ fn read_snapshot(
     if u64::from_be_bytes(n) != count {
         return Err(bad(format!("trailer says {} keys, found {count}", u64::from_be_bytes(n))));
     }
+    let mut contents = Contents::default();
+    if &magic == MAGIC {
+        let mut groups = 0u64;
+        loop {
+            let len = r.u32().map_err(|e| bad(format!("truncated after {groups} audit groups: {e}")))?;
+            if len == 0 {
+                break;
+            }
+            let rec = read_rec(&mut r, len)?;
+            let Some((key, value)) = rec.split_first_chunk::<8>() else {
+                return Err(bad(format!("audit group of {len} bytes has no key")));
+            };
+            crate::audit::decode_entry(value)?;
+            audit(key, value)?;
+            groups += 1;
+        }
+        r.exact(&mut n).map_err(|e| bad(format!("truncated audit trailer: {e}")))?;
+        contents.audit_next = u64::from_be_bytes(n);
+    }
     let digest = r.hasher.finalize_reset();
     let mut stored = [0u8; 32];
     r.inner.read_exact(&mut stored).map_err(|e| bad(format!("missing checksum: {e}")))?;
     if stored[..] != digest[..] {
         return Err(bad("checksum mismatch: the file is corrupt".into()));
     }
-    Ok(header)
+    Ok((header, contents))
 }
 
 /// Reads only the header of a snapshot file (and validates the whole file).
 pub fn read_header(path: &Path) -> Result<SnapshotHeader, StoreError> {
-    read_snapshot(path, |_, _| Ok(()))
+    Ok(read_snapshot(path, |_, _| Ok(()), |_, _| Ok(()))?.0)
 }
 
 /// Replaces the whole state machine in `db` with the snapshot's contents, in one synced
@@ -250,10 +297,23 @@ pub(crate) fn load_into_db(
     // Keys are at most 4 KiB (validated on write), so this bound is above every key.
     batch.delete_range_cf(kv_cf, Vec::<u8>::new(), vec![0xffu8; 64 * 1024]);
     batch.delete_range_cf(cf(db, CF_HIST), vec![0u8; 12], vec![0xffu8; 13]);
-    let header = read_snapshot(path, |rec, kv| {
-        batch.put_cf(kv_cf, &kv.key, rec);
-        Ok(())
-    })?;
+    let audit_cf = cf(db, CF_AUDIT);
+    batch.delete_range_cf(audit_cf, vec![0u8; 8], vec![0xffu8; 9]);
+    let mut audit = Vec::new();
+    let (header, contents) = read_snapshot(
+        path,
+        |rec, kv| {
+            batch.put_cf(kv_cf, &kv.key, rec);
+            Ok(())
+        },
+        |key, value| {
+            audit.push((key.to_vec(), value.to_vec()));
+            Ok(())
+        },
+    )?;
+    for (key, value) in audit {
+        batch.put_cf(audit_cf, key, value);
+    }
     // The cluster's compaction point comes with the snapshot, so that later `Compact` commands
     // apply here as on the other masters; the history before the snapshot is gone all the same.
     let sm = cf(db, CF_SM);
@@ -262,6 +322,7 @@ pub(crate) fn load_into_db(
     batch.put_cf(sm, SM_APPLIED, encode(&applied));
     batch.put_cf(sm, SM_MEMBERSHIP, encode(&membership));
     batch.put_cf(sm, SM_REMOVED, encode(&header.removed_members));
+    batch.put_cf(sm, crate::audit::SM_AUDIT_NEXT, encode(&contents.audit_next));
     // A restore seeds a new cluster, which has its own CA: only a snapshot install keeps one.
     match (&header.ca, restoring) {
         (Some(ca), false) => batch.put_cf(sm, SM_CA, encode(ca)),

@@ -36,6 +36,8 @@ struct Shared {
     db: Arc<DB>,
     snap_dir: PathBuf,
     watch_tx: broadcast::Sender<Arc<WatchBatch>>,
+    /// The `seq` of the next audit record, told to the audit log's readers as it moves.
+    audit_tx: tokio::sync::watch::Sender<u64>,
 }
 
 /// The state machine handed to openraft.
@@ -54,7 +56,8 @@ impl StateMachine {
         std::fs::create_dir_all(&snap_dir)?;
         snapshot::list(&snap_dir)?; // clears temp files a crash may have left
         let (watch_tx, _) = broadcast::channel(1024);
-        Ok(StateMachine { shared: Arc::new(Shared { db, snap_dir, watch_tx }) })
+        let (audit_tx, _) = tokio::sync::watch::channel(crate::audit::read_next(&*db)?);
+        Ok(StateMachine { shared: Arc::new(Shared { db, snap_dir, watch_tx, audit_tx }) })
     }
 
     pub fn reader(&self) -> KvReader {
@@ -105,6 +108,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let events = std::mem::take(&mut apply.events);
         db.write(std::mem::take(&mut apply.batch))
             .map_err(|e| io::Error::other(format!("applying to the state machine failed: {e}")))?;
+        if apply.audit_appended {
+            self.shared.audit_tx.send_replace(crate::audit::read_next(db)?);
+        }
         // The writers hear first, the watchers after: waking every watcher (controllers, the
         // audit file, clients' watches) before the answer put them ahead of it on a busy host.
         for (r, resp) in responders {
@@ -143,6 +149,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         .await
         .map_err(io::Error::other)??;
         let _ = self.shared.watch_tx.send(Arc::new(WatchBatch { events: vec![], reset: true }));
+        self.shared.audit_tx.send_replace(crate::audit::read_next(&*self.shared.db)?);
         Ok(())
     }
 
@@ -312,6 +319,34 @@ impl KvReader {
     /// The cluster CA, once the first leader has recorded it.
     pub fn ca(&self) -> Result<Option<berth_types::ClusterCa>, StoreError> {
         mvcc::read_ca(&*self.shared.db)
+    }
+
+    /// The audit records from `from` on, oldest first: whole log entries' worth, until at
+    /// least `limit` of them (see [`berth_types::Command::Stamped`]).
+    pub fn audit_from(&self, from: u64, limit: usize) -> Result<Vec<berth_types::AuditRecord>, StoreError> {
+        crate::audit::read_from(&self.shared.db, from, limit)
+    }
+
+    /// The audit records made at or after `since_ms`, oldest first.
+    pub fn audit_since(&self, since_ms: i64) -> Result<Vec<berth_types::AuditRecord>, StoreError> {
+        crate::audit::read_since(&self.shared.db, since_ms)
+    }
+
+    /// The `seq` of the oldest audit record kept, and of the next one to come.
+    pub fn audit_bounds(&self) -> Result<(u64, u64), StoreError> {
+        crate::audit::bounds(&self.shared.db)
+    }
+
+    /// The `seq` that begins the oldest stored group of audit records holding one made at or
+    /// after `ms`: retention may drop everything below it.
+    pub fn audit_first_since(&self, ms: i64) -> Result<u64, StoreError> {
+        crate::audit::first_entry_since(&self.shared.db, ms)
+    }
+
+    /// The `seq` of the next audit record, as it moves (records were applied, or a snapshot
+    /// was installed).
+    pub fn audit_subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.shared.audit_tx.subscribe()
     }
 
     /// Ids of masters removed from the cluster; they are never accepted again.

@@ -219,13 +219,9 @@ pub enum Command {
     SetCa {
         ca: ClusterCa,
     },
-    /// A transaction made on a client's behalf, with the audit record of that call: a JSON
-    /// object without `revision` and `outcome`, which applying adds. Every audited transaction
-    /// of one log entry shares one key, `AUDIT_PREFIX<ms>-r<revision>` (the earliest `at_ms`,
-    /// the revision the key itself is written at), holding their records as JSON lines: the
-    /// records commit with their changes, at a cost of one key per entry (the proposer packs
-    /// many writes into one) instead of one per write. Added last, so logs written before it
-    /// still decode.
+    /// Superseded by [`Command::Stamped`], whose record is compact: a transaction with its
+    /// audit record as a JSON object. Logs written before the change still decode, and apply as
+    /// `Stamped` does.
     Audited {
         txn: Txn,
         at_ms: i64,
@@ -240,10 +236,51 @@ pub enum Command {
         expect_cert_pem: String,
         txn: Txn,
     },
+    /// A transaction made on a client's behalf, with the audit record of that call, whose
+    /// `seq`, `revision` and `outcome` applying gives. The records commit with their changes,
+    /// in the same RocksDB write, but outside the key space: the records of one log entry are
+    /// stored once, together, in the audit log (no history copy, no watch event). Added last,
+    /// so logs written before it still decode.
+    Stamped {
+        txn: Txn,
+        record: AuditRecord,
+    },
+    /// Records of calls that changed nothing (refused, invalid, unchanged), each with its
+    /// outcome; applying gives them their `seq` and the current revision.
+    Audit {
+        records: Vec<AuditRecord>,
+    },
+    /// Retention, decided by the leader: drops the audit log's entries that begin below
+    /// `below_seq`.
+    TrimAudit {
+        below_seq: u64,
+    },
 }
 
-/// Where applied audit records are kept (see [`Command::Audited`]).
+/// Where earlier versions kept applied audit records in the key space; the audit log has its
+/// own place now, and retention deletes what is left here.
 pub const AUDIT_PREFIX: &str = "/berth/audit/";
+
+/// One record of the audit log: who made a call, what it did and to what, and what came of it.
+/// Stored and replicated with bincode, so no field may be skipped (the JSON form is the
+/// master's).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditRecord {
+    /// Its place in the audit log, the same on every master: given when applied.
+    pub seq: u64,
+    pub at_ms: i64,
+    pub identity: String,
+    pub verb: String,
+    pub resource: String,
+    pub namespace: String,
+    pub name: String,
+    /// `ok`, `conflict: ...`, `denied: ...` or `error: ...`.
+    pub outcome: String,
+    /// The master that took the call.
+    pub master: u64,
+    /// The revision of the change (the current one, for a call that changed nothing).
+    pub revision: Revision,
+}
 
 /// The cluster CA's certificate and private key, PEM.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -272,6 +309,7 @@ pub enum CommandResult {
     Ca {
         cert_pem: String,
     },
+    AuditTrimmed,
 }
 
 /// Deterministic failures of a command: every replica reaches the same one.

@@ -11,9 +11,9 @@ pub mod spec;
 pub mod task;
 
 pub use kv::{
-    AUDIT_PREFIX, ClusterCa, Command, CommandError, CommandResult, Compare, CompareOp, CompareTarget, DeleteRange,
-    DeleteResult, Event, EventKind, KeyValue, OpResult, Put, PutResult, RangeQuery, RangeResult, RequestOp, Txn,
-    TxnResult, key_in_range, prefix_end,
+    AUDIT_PREFIX, AuditRecord, ClusterCa, Command, CommandError, CommandResult, Compare, CompareOp, CompareTarget,
+    DeleteRange, DeleteResult, Event, EventKind, KeyValue, OpResult, Put, PutResult, RangeQuery, RangeResult,
+    RequestOp, Txn, TxnResult, key_in_range, prefix_end,
 };
 pub use limits::{Limits, ValidationError};
 

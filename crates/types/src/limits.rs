@@ -1,6 +1,6 @@
 //! Size limits for client requests, checked before anything is proposed.
 
-use crate::{AUDIT_PREFIX, Command, RequestOp, Txn};
+use crate::{AUDIT_PREFIX, AuditRecord, Command, RequestOp, Txn};
 
 /// Limits on what a client may write. The defaults follow etcd's (1.5 MiB requests).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,6 +62,19 @@ impl Limits {
         Ok(())
     }
 
+    /// An audit record is small: its text is at most a sixteenth of a value.
+    pub fn check_record(&self, r: &AuditRecord) -> Result<(), ValidationError> {
+        let size = [&r.identity, &r.verb, &r.resource, &r.namespace, &r.name, &r.outcome].iter().map(|s| s.len()).sum();
+        if size > self.max_value_bytes / 16 {
+            return Err(ValidationError::ValueTooLarge {
+                key: "an audit record".to_string(),
+                size,
+                limit: self.max_value_bytes / 16,
+            });
+        }
+        Ok(())
+    }
+
     pub fn check_txn(&self, txn: &Txn) -> Result<(), ValidationError> {
         let count = txn.compare.len() + txn.success.len() + txn.failure.len();
         if count > self.max_txn_ops {
@@ -110,12 +123,18 @@ impl Limits {
                 }
                 self.check_txn(txn)
             }
+            Command::Stamped { txn, record } => {
+                self.check_record(record)?;
+                self.check_txn(txn)
+            }
+            Command::Audit { records } => records.iter().try_for_each(|r| self.check_record(r)),
             Command::RotateCa { txn, .. } => self.check_txn(txn),
             Command::Compact { revision } if *revision <= 0 => Err(ValidationError::BadCompactRevision(*revision)),
             Command::Compact { .. }
             | Command::SetClusterId { .. }
             | Command::MemberRemoved { .. }
-            | Command::SetCa { .. } => Ok(()),
+            | Command::SetCa { .. }
+            | Command::TrimAudit { .. } => Ok(()),
         }
     }
 }
