@@ -201,6 +201,32 @@ fn users_are_held_to_their_roles_and_every_attempt_is_audited() -> Result<()> {
             assert_eq!(first, line, "master {} has another record under seq {seq}", m.id);
         }
     }
+    // `berth audit -f` goes on with every record committed after it started, through any
+    // master: a write through one master shows up on a follow of another.
+    let mut follow = std::process::Command::new(berth_tests::berth_bin())
+        .args(["audit", "-f", "-o", "json", "--identity", "admin/admin", "--endpoints", &c.masters[&1].endpoint])
+        .envs(berth_tests::admin_env(&c.pki_dir()))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let stdout = follow.stdout.take().expect("piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let followed = wait_for(Duration::from_secs(10), "a write through master 3 in `audit -f` on master 1", || {
+        c.berth_at(&c.masters[&3].endpoint, &["kv", "put", "app/followed", "1"]);
+        rx.try_iter().find(|l| l.contains("app/followed"))
+    });
+    let _ = follow.kill();
+    let _ = follow.wait();
+    let followed: serde_json::Value = serde_json::from_str(&followed?)?;
+    assert_eq!((followed["verb"].as_str(), followed["outcome"].as_str()), (Some("update"), Some("ok")), "{followed}");
     // A namespace admin reads its namespace's records only.
     berth_ok(&c, &["user", "add", "boss", "--role", "admin", "-n", "a", "--out", creds("boss").to_str().unwrap()])?;
     let recs = wait_for(Duration::from_secs(5), "the boss reads the audit", || {

@@ -404,11 +404,13 @@ impl Access for AccessService {
                 .map_err(|e| Status::invalid_argument(format!("--identity {:?}: {e}", r.identity)))?;
         }
         self.ctx.read_barrier().await?;
-        // Told of every record applied from here on, before the records so far are read.
-        let mut moved = r.follow.then(|| self.ctx.reader.audit_subscribe());
+        // Following from before the records so far are read, so that none falls between.
         let (_, next) = self.ctx.reader.audit_bounds().map_err(|e| Status::internal(e.to_string()))?;
+        let mut follower = r.follow.then(|| audit::Follower::new(&self.ctx.reader, next));
         let records = audit::read(&self.ctx.reader, r.since_ms)?;
-        let mut next = records.last().map_or(next, |l| next.max(l.seq + 1));
+        if let (Some(f), Some(last)) = (follower.as_mut(), records.last()) {
+            f.skip_to(last.seq + 1);
+        }
         let wanted = move |rec: &berth_types::AuditRecord| {
             rec.at_ms >= r.since_ms
                 && (r.identity.is_empty() || rec.identity == r.identity)
@@ -417,25 +419,19 @@ impl Access for AccessService {
                     only => !rec.namespace.is_empty() && only.allows(&rec.namespace),
                 }
         };
-        let reader = self.ctx.reader.clone();
         let out = async_stream::try_stream! {
             let _slot = slot;
             for rec in records.into_iter().filter(|r| wanted(r)) {
                 yield entry(rec);
             }
-            if let Some(moved) = moved.as_mut() {
+            if let Some(follower) = follower.as_mut() {
                 loop {
-                    moved.borrow_and_update();
-                    loop {
-                        let records = audit::read_from(&reader, next, 4096)?;
-                        let Some(last) = records.last() else { break };
-                        next = last.seq + 1;
-                        for rec in records.into_iter().filter(|r| wanted(r)) {
-                            yield entry(rec);
-                        }
-                    }
-                    if moved.changed().await.is_err() {
+                    let Some(records) = follower.next().await? else {
                         Err(Status::unavailable("this master is stopping: run `berth audit -f` again"))?;
+                        break;
+                    };
+                    for rec in records.iter().filter(|r| wanted(r)) {
+                        yield entry(rec.clone());
                     }
                 }
             }

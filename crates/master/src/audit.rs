@@ -285,6 +285,75 @@ pub(crate) fn read_from(reader: &berth_store::KvReader, seq: u64, limit: usize) 
     reader.audit_from(seq, limit).map_err(|e| Status::internal(format!("cannot read the audit log: {e}")))
 }
 
+/// Follows the audit log from a `seq` on: every new record once, in order, as the state machine
+/// hands them over, or read from the store when this follower missed some (it lagged, it started
+/// behind, or a snapshot replaced the log).
+pub(crate) struct Follower {
+    rx: tokio::sync::broadcast::Receiver<Arc<berth_store::AuditAppended>>,
+    reader: berth_store::KvReader,
+    next: u64,
+    behind: bool,
+}
+
+/// Records a [`Follower`] hands over: shared with the state machine, or read from the store.
+pub(crate) enum Records {
+    Applied(Arc<berth_store::AuditAppended>, usize),
+    Read(Vec<AuditRecord>),
+}
+
+impl Records {
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &AuditRecord> {
+        let (applied, read) = match self {
+            Records::Applied(a, skip) => (&a.records[*skip..], &[][..]),
+            Records::Read(r) => (&[][..], &r[..]),
+        };
+        applied.iter().chain(read)
+    }
+}
+
+impl Follower {
+    /// Subscribes first, so that nothing applied from here on is missed; what was applied
+    /// before is read from the store.
+    pub(crate) fn new(reader: &berth_store::KvReader, next: u64) -> Follower {
+        Follower { rx: reader.audit_subscribe(), reader: reader.clone(), next, behind: true }
+    }
+
+    /// Goes on from `seq`, when that is further on.
+    pub(crate) fn skip_to(&mut self, seq: u64) {
+        self.next = self.next.max(seq);
+    }
+
+    /// The next records, waiting for them; `None` when the master is stopping.
+    pub(crate) async fn next(&mut self) -> Result<Option<Records>, Status> {
+        use tokio::sync::broadcast::error::RecvError;
+        loop {
+            if self.behind {
+                let read = read_from(&self.reader, self.next, 4096)?;
+                if let Some(last) = read.last() {
+                    self.next = last.seq + 1;
+                    return Ok(Some(Records::Read(read)));
+                }
+                self.behind = false;
+            }
+            match self.rx.recv().await {
+                Ok(a) if a.next <= self.next => {}
+                Ok(a) => {
+                    let first = a.records.first().map_or(a.next, |r| r.seq);
+                    if first > self.next {
+                        self.behind = true;
+                        continue;
+                    }
+                    let skip = usize::try_from(self.next - first).unwrap_or(usize::MAX).min(a.records.len());
+                    self.next = a.next;
+                    return Ok(Some(Records::Applied(a, skip)));
+                }
+                Err(RecvError::Lagged(_)) => self.behind = true,
+                Err(RecvError::Closed) => return Ok(None),
+            }
+        }
+    }
+}
+
 /// On the leader: deletes records past the retention or the count bound, every minute, until
 /// `leading` is cancelled.
 pub(crate) async fn retain(ctx: Arc<Ctx>, leading: CancellationToken) {
@@ -351,31 +420,27 @@ pub(crate) async fn follow_file(ctx: Arc<Ctx>, token: CancellationToken) {
 }
 
 async fn follow_file_once(ctx: &Ctx, path: &Path, token: &CancellationToken) -> Result<(), String> {
-    let mut next = last_seq(path).map_err(|e| format!("cannot read its last line: {e}"))?.map_or(0, |s| s + 1);
+    let next = last_seq(path).map_err(|e| format!("cannot read its last line: {e}"))?.map_or(0, |s| s + 1);
     let mut file = AuditFile::open(path.to_path_buf()).map_err(|e| format!("cannot open it: {e}"))?;
-    let mut moved = ctx.reader.audit_subscribe();
+    let mut follower = Follower::new(&ctx.reader, next);
     // Written out at most every 200 ms (and at a stop), not once per applied entry.
     let mut tick = tokio::time::interval(Duration::from_millis(200));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut dirty = false;
     loop {
-        moved.borrow_and_update();
-        loop {
-            let records = read_from(&ctx.reader, next, 4096).map_err(|e| e.message().to_string())?;
-            let Some(last) = records.last() else { break };
-            next = last.seq + 1;
-            for rec in &records {
-                file.append(rec).map_err(|e| format!("cannot write: {e}"))?;
-            }
-            dirty = true;
-        }
         tokio::select! {
-            r = moved.changed() => {
-                if r.is_err() {
+            r = follower.next() => match r.map_err(|e| e.message().to_string())? {
+                Some(records) => {
+                    for rec in records.iter() {
+                        file.append(rec).map_err(|e| format!("cannot write: {e}"))?;
+                    }
+                    dirty = true;
+                }
+                None => {
                     file.flush().map_err(|e| format!("cannot write: {e}"))?;
                     return Ok(());
                 }
-            }
+            },
             _ = tick.tick(), if dirty => {
                 file.flush().map_err(|e| format!("cannot write: {e}"))?;
                 dirty = false;

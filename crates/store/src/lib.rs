@@ -27,7 +27,7 @@ pub use error::StoreError;
 pub use log_store::LogStore;
 pub use mvcc::{Counters, HISTORY_WINDOW};
 pub use snapshot::{SnapshotFile, SnapshotHeader, read_header, restore_into};
-pub use state_machine::{KvReader, StateMachine, WatchBatch, WatchEvents};
+pub use state_machine::{AuditAppended, KvReader, StateMachine, WatchBatch, WatchEvents};
 
 use berth_types::{Command, CommandError, CommandResult};
 use serde::{Deserialize, Serialize};

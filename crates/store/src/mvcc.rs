@@ -293,8 +293,8 @@ pub(crate) struct Apply<'a> {
     audit: Vec<AuditRecord>,
     /// The `seq` of the next audit record, read lazily.
     audit_next: Option<u64>,
-    /// Whether this batch added audit records (their readers are told).
-    pub audit_appended: bool,
+    /// The audit records this apply call stored, in order (handed to the audit log's readers).
+    pub audit_appended: Vec<AuditRecord>,
 }
 
 impl<'a> Apply<'a> {
@@ -310,7 +310,7 @@ impl<'a> Apply<'a> {
             ca: None,
             audit: Vec::new(),
             audit_next: None,
-            audit_appended: false,
+            audit_appended: Vec::new(),
         })
     }
 
@@ -529,10 +529,14 @@ impl<'a> Apply<'a> {
         }
         self.batch.put_cf(cf(self.db, CF_AUDIT), audit_key(first), encode(&self.audit));
         self.batch.put_cf(cf(self.db, CF_SM), crate::audit::SM_AUDIT_NEXT, encode(&next));
-        self.audit.clear();
+        self.audit_appended.append(&mut self.audit);
         self.audit_next = Some(next);
-        self.audit_appended = true;
         Ok(())
+    }
+
+    /// The `seq` of the next audit record, once this call has stored some.
+    pub fn audit_next(&self) -> Option<u64> {
+        self.audit_next
     }
 
     /// Stages the counters; the caller adds the applied log id and writes the batch.
@@ -597,7 +601,8 @@ mod tests {
             ])
             .unwrap();
         assert_eq!(a.events.len(), 2, "only a and b are watch events");
-        assert!(a.audit_appended);
+        assert_eq!(a.audit_appended.len(), 3);
+        assert_eq!(a.audit_next(), Some(3));
         a.finish();
         db.write(std::mem::take(&mut a.batch)).unwrap();
         assert!(

@@ -36,8 +36,17 @@ struct Shared {
     db: Arc<DB>,
     snap_dir: PathBuf,
     watch_tx: broadcast::Sender<Arc<WatchBatch>>,
-    /// The `seq` of the next audit record, told to the audit log's readers as it moves.
-    audit_tx: tokio::sync::watch::Sender<u64>,
+    /// Audit records as they are applied, for the audit log's followers.
+    audit_tx: broadcast::Sender<Arc<AuditAppended>>,
+}
+
+/// Audit records an apply call stored (none after a snapshot install), and the `seq` of the
+/// next one: a follower that missed some (it lagged, or a snapshot replaced the log) reads them
+/// from the store.
+#[derive(Debug)]
+pub struct AuditAppended {
+    pub records: Vec<berth_types::AuditRecord>,
+    pub next: u64,
 }
 
 /// The state machine handed to openraft.
@@ -56,7 +65,7 @@ impl StateMachine {
         std::fs::create_dir_all(&snap_dir)?;
         snapshot::list(&snap_dir)?; // clears temp files a crash may have left
         let (watch_tx, _) = broadcast::channel(1024);
-        let (audit_tx, _) = tokio::sync::watch::channel(crate::audit::read_next(&*db)?);
+        let (audit_tx, _) = broadcast::channel(256);
         Ok(StateMachine { shared: Arc::new(Shared { db, snap_dir, watch_tx, audit_tx }) })
     }
 
@@ -108,8 +117,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let events = std::mem::take(&mut apply.events);
         db.write(std::mem::take(&mut apply.batch))
             .map_err(|e| io::Error::other(format!("applying to the state machine failed: {e}")))?;
-        if apply.audit_appended {
-            self.shared.audit_tx.send_replace(crate::audit::read_next(db)?);
+        if let Some(next) = apply.audit_next() {
+            let records = std::mem::take(&mut apply.audit_appended);
+            let _ = self.shared.audit_tx.send(Arc::new(AuditAppended { records, next }));
         }
         // The writers hear first, the watchers after: waking every watcher (controllers, the
         // audit file, clients' watches) before the answer put them ahead of it on a busy host.
@@ -149,7 +159,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         .await
         .map_err(io::Error::other)??;
         let _ = self.shared.watch_tx.send(Arc::new(WatchBatch { events: vec![], reset: true }));
-        self.shared.audit_tx.send_replace(crate::audit::read_next(&*self.shared.db)?);
+        let next = crate::audit::read_next(&*self.shared.db)?;
+        let _ = self.shared.audit_tx.send(Arc::new(AuditAppended { records: vec![], next }));
         Ok(())
     }
 
@@ -343,9 +354,8 @@ impl KvReader {
         crate::audit::first_entry_since(&self.shared.db, ms)
     }
 
-    /// The `seq` of the next audit record, as it moves (records were applied, or a snapshot
-    /// was installed).
-    pub fn audit_subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+    /// The audit records as they are applied (see [`AuditAppended`]).
+    pub fn audit_subscribe(&self) -> broadcast::Receiver<Arc<AuditAppended>> {
         self.shared.audit_tx.subscribe()
     }
 
