@@ -65,7 +65,8 @@ struct Line<'a> {
     revision: i64,
 }
 
-fn json_line(r: &AuditRecord) -> Vec<u8> {
+/// Writes `r`'s JSON line into `out` (emptied first).
+fn json_line(r: &AuditRecord, out: &mut Vec<u8>) {
     let line = Line {
         seq: r.seq,
         at_ms: r.at_ms,
@@ -78,9 +79,9 @@ fn json_line(r: &AuditRecord) -> Vec<u8> {
         master: r.master,
         revision: r.revision,
     };
-    let mut out = serde_json::to_vec(&line).expect("an audit record serializes");
+    out.clear();
+    serde_json::to_writer(&mut *out, &line).expect("an audit record serializes");
     out.push(b'\n');
-    out
 }
 
 /// The audit state of one master: its queue of records of calls that changed nothing.
@@ -483,6 +484,8 @@ struct AuditFile {
     path: PathBuf,
     out: std::io::BufWriter<std::fs::File>,
     len: u64,
+    /// The line being written (kept, so that a line costs no allocation).
+    line: Vec<u8>,
 }
 
 impl AuditFile {
@@ -490,7 +493,7 @@ impl AuditFile {
         use std::os::unix::fs::OpenOptionsExt;
         let f = std::fs::OpenOptions::new().create(true).append(true).mode(0o600).open(&path)?;
         let len = f.metadata()?.len();
-        Ok(AuditFile { path, out: std::io::BufWriter::new(f), len })
+        Ok(AuditFile { path, out: std::io::BufWriter::new(f), len, line: Vec::with_capacity(512) })
     }
 
     fn rotate_if_full(&mut self) -> std::io::Result<()> {
@@ -505,9 +508,9 @@ impl AuditFile {
 
     fn append(&mut self, rec: &AuditRecord) -> std::io::Result<()> {
         self.rotate_if_full()?;
-        let line = json_line(rec);
-        self.out.write_all(&line)?;
-        self.len += line.len() as u64;
+        json_line(rec, &mut self.line);
+        self.out.write_all(&self.line)?;
+        self.len += self.line.len() as u64;
         Ok(())
     }
 
@@ -542,14 +545,18 @@ mod tests {
         assert_eq!(last_seq(&path).unwrap(), Some(4));
         use std::os::unix::fs::PermissionsExt;
         assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
-        let line: serde_json::Value = serde_json::from_slice(&json_line(&AuditRecord {
-            seq: 9,
-            identity: "user/a".into(),
-            namespace: String::new(),
-            revision: 7,
-            ..Default::default()
-        }))
-        .unwrap();
+        let mut buf = Vec::new();
+        json_line(
+            &AuditRecord {
+                seq: 9,
+                identity: "user/a".into(),
+                namespace: String::new(),
+                revision: 7,
+                ..Default::default()
+            },
+            &mut buf,
+        );
+        let line: serde_json::Value = serde_json::from_slice(&buf).unwrap();
         assert_eq!(
             (line["seq"].as_u64(), line["identity"].as_str(), line["revision"].as_i64()),
             (Some(9), Some("user/a"), Some(7))
