@@ -37,7 +37,7 @@ use tracing::{debug, warn};
 use crate::{authz::Caller, node::Ctx};
 
 pub(crate) const PREFIX: &str = berth_types::AUDIT_PREFIX;
-/// The most audit keys kept (the changes of one log entry share one); the oldest beyond go.
+/// The most audit records kept; the oldest beyond go (whole log entries' worth).
 pub(crate) const MAX_RECORDS: usize = 100_000;
 /// How long records are kept.
 pub(crate) const RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
