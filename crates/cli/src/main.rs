@@ -140,6 +140,55 @@ enum Cmd {
     /// Benchmarks.
     #[command(subcommand)]
     Bench(bench::BenchCmd),
+    /// Print the shell completion script: `berth completion bash > /etc/bash_completion.d/berth`,
+    /// `berth completion zsh > "${fpath[1]}/_berth"`, `berth completion fish >
+    /// ~/.config/fish/completions/berth.fish`.
+    Completion(CompletionArgs),
+    /// Write the man pages (berth.1, and berth-SUBCOMMAND.1 for each subcommand) into a
+    /// directory: `berth man --out /usr/local/share/man/man1`.
+    Man(ManArgs),
+}
+
+#[derive(Args)]
+struct CompletionArgs {
+    /// The shell: bash, zsh, fish (or elvish, powershell).
+    #[arg(value_enum)]
+    shell: clap_complete::Shell,
+}
+
+#[derive(Args)]
+struct ManArgs {
+    /// The directory to write them into (created if missing).
+    #[arg(long, default_value = "man")]
+    out: PathBuf,
+}
+
+/// Writes `shell`'s completion script for berth's commands and flags into `out`.
+fn completion(shell: clap_complete::Shell, out: &mut dyn std::io::Write) {
+    use clap::CommandFactory;
+    clap_complete::generate(shell, &mut Cli::command(), "berth", out);
+}
+
+/// Prints `shell`'s completion script. A reader that stops early (`| head`) is not an error.
+fn print_completion(shell: clap_complete::Shell) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut script = Vec::new();
+    completion(shell, &mut script);
+    match std::io::stdout().lock().write_all(&script) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(anyhow::anyhow!("cannot write the completion script to standard output: {e}"))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Writes berth's man pages into `dir`: one for berth, one for each subcommand at every depth.
+fn man_pages(dir: &std::path::Path) -> anyhow::Result<()> {
+    use anyhow::Context;
+    use clap::CommandFactory;
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    clap_mangen::generate_to(Cli::command(), dir)
+        .with_context(|| format!("cannot write the man pages into {}", dir.display()))
 }
 
 #[derive(Subcommand)]
@@ -482,6 +531,8 @@ fn main() {
             Cmd::Role(c) => cmd_access::run_role(c, &cli.global).await,
             Cmd::Audit(a) => cmd_access::run_audit(a, &cli.global).await,
             Cmd::Bench(c) => bench::run(c, &cli.global).await,
+            Cmd::Completion(a) => print_completion(a.shell),
+            Cmd::Man(a) => man_pages(&a.out).map(|()| println!("wrote the man pages into {}", a.out.display())),
         }
     });
     if let Err(e) = res {
@@ -489,5 +540,55 @@ fn main() {
         // A write that may or may not have been applied: neither success nor plain failure.
         let unknown = e.downcast_ref::<client::OutcomeUnknown>().is_some();
         std::process::exit(if unknown { 3 } else { 1 });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn script(shell: clap_complete::Shell) -> String {
+        let mut out = Vec::new();
+        completion(shell, &mut out);
+        String::from_utf8(out).expect("a completion script is text")
+    }
+
+    // Each shell's script completes berth's subcommands and their flags, and the shell itself
+    // accepts it (bash and zsh check its syntax, where they are installed).
+    #[test]
+    fn completion_scripts_name_the_subcommands_and_parse() {
+        let bash = script(clap_complete::Shell::Bash);
+        assert!(bash.contains("complete -F _berth") && bash.contains("rollout") && bash.contains("--endpoints"));
+        let zsh = script(clap_complete::Shell::Zsh);
+        assert!(zsh.starts_with("#compdef berth") && zsh.contains("audit"));
+        let fish = script(clap_complete::Shell::Fish);
+        assert!(fish.contains("complete -c berth") && fish.contains("snapshot"));
+        for (shell, text) in [("bash", &bash), ("zsh", &zsh)] {
+            let dir = tempfile::tempdir().unwrap();
+            let file = dir.path().join("berth-completion");
+            std::fs::write(&file, text).unwrap();
+            match std::process::Command::new(shell).arg("-n").arg(&file).output() {
+                Ok(out) => assert!(out.status.success(), "{shell} -n: {}", String::from_utf8_lossy(&out.stderr)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => eprintln!("{shell} is not installed"),
+                Err(e) => panic!("{shell}: {e}"),
+            }
+        }
+    }
+
+    #[test]
+    fn man_pages_cover_every_subcommand() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("man1");
+        man_pages(&out).unwrap();
+        let page = std::fs::read_to_string(out.join("berth.1")).unwrap();
+        assert!(page.contains(".TH berth 1") && page.contains("rollout"), "{page}");
+        for sub in ["berth-get.1", "berth-rollout-undo.1", "berth-audit.1", "berth-completion.1"] {
+            assert!(out.join(sub).exists(), "{sub} is missing");
+        }
+        // A file where the directory should be: a clear error.
+        let file = dir.path().join("file");
+        std::fs::write(&file, "x").unwrap();
+        let err = man_pages(&file).unwrap_err();
+        assert!(format!("{err:#}").contains("cannot create"), "{err:#}");
     }
 }
