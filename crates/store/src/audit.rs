@@ -66,15 +66,17 @@ pub(crate) fn read_since(db: &DB, since_ms: i64) -> Result<Vec<AuditRecord>, Sto
     Ok(entries.into_iter().rev().flatten().filter(|r| r.at_ms >= since_ms).collect())
 }
 
+/// The `seq` an entry's key names: its first record's.
+fn key_seq(key: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(key.try_into().ok()?))
+}
+
 /// The `seq` of the oldest record kept (the next one's when there is none), and the next one's.
 pub(crate) fn bounds(db: &DB) -> Result<(u64, u64), StoreError> {
     let next = read_next(db)?;
     let mut it = db.raw_iterator_cf(cf(db, CF_AUDIT));
     it.seek_to_first();
-    let first = match it.value() {
-        Some(v) => decode_entry(v)?.first().map_or(next, |r| r.seq),
-        None => next,
-    };
+    let first = it.key().and_then(key_seq).unwrap_or(next);
     it.status()?;
     Ok((first, next))
 }
@@ -84,10 +86,9 @@ pub(crate) fn bounds(db: &DB) -> Result<(u64, u64), StoreError> {
 pub(crate) fn first_entry_since(db: &DB, ms: i64) -> Result<u64, StoreError> {
     let mut it = db.raw_iterator_cf(cf(db, CF_AUDIT));
     it.seek_to_first();
-    while let Some(value) = it.value() {
-        let records = decode_entry(value)?;
-        if records.iter().any(|r| r.at_ms >= ms) {
-            return Ok(records.first().map_or(0, |r| r.seq));
+    while let (Some(key), Some(value)) = (it.key(), it.value()) {
+        if decode_entry(value)?.iter().any(|r| r.at_ms >= ms) {
+            return Ok(key_seq(key).unwrap_or(0));
         }
         it.next();
     }
