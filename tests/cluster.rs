@@ -266,6 +266,13 @@ fn foreign_data_dir_is_refused() -> Result<()> {
 #[test]
 fn kv_semantics_through_the_cli() -> Result<()> {
     let c = Cluster::start(3, &[])?;
+    // `berth version`: the client's, and each master's as it reports it.
+    let v = c.berth_json(&["version"])?;
+    let client = v["client"].as_str().unwrap_or_default().to_string();
+    assert!(!client.is_empty(), "{v}");
+    let masters = v["masters"].as_array().cloned().unwrap_or_default();
+    assert_eq!(masters.len(), 3, "{v}");
+    assert!(masters.iter().all(|m| m["version"] == client.as_str()), "every master runs this build: {v}");
     let put =
         |k: &str, v: &str| -> Result<i64> { Ok(c.berth_json(&["kv", "put", k, v])?["revision"].as_i64().unwrap()) };
     let r1 = put("a", "1")?;

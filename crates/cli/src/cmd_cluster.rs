@@ -88,6 +88,8 @@ struct MemberOut {
     applied_index: u64,
     db_size_bytes: u64,
     #[serde(skip_serializing_if = "String::is_empty")]
+    version: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
     error: String,
 }
 
@@ -101,6 +103,7 @@ impl From<pb::Member> for MemberOut {
             last_log_index: m.last_log_index,
             applied_index: m.applied_index,
             db_size_bytes: m.db_size_bytes,
+            version: m.version,
             error: m.error,
         }
     }
@@ -140,6 +143,42 @@ fn print_members(g: &Global, leader: u64, members: Vec<pb::Member>) {
             .collect();
         output::table(&["ID", "ENDPOINT", "ROLE", "VOTER"], &rows);
     });
+}
+
+/// `berth version`: this client's version, then every master's, as the cluster reports them.
+pub async fn run_version(g: &Global) -> Result<()> {
+    #[derive(Serialize)]
+    struct VersionOut {
+        client: &'static str,
+        masters: Vec<MemberOut>,
+    }
+    let client_version = env!("CARGO_PKG_VERSION");
+    let status = match crate::config::client(g) {
+        Ok(client) => client
+            .call(Call::Idempotent, |ch| async move {
+                Client::cluster(ch).status(pb::StatusRequest {}).await.map(|r| r.into_inner())
+            })
+            .await
+            .map_err(anyhow::Error::from),
+        Err(e) => Err(e),
+    };
+    let r = match status {
+        Ok(r) => r,
+        Err(e) => {
+            // The client's own version is known whatever the cluster says.
+            println!("client: {client_version}");
+            return Err(e.context("cannot ask the cluster for its masters' versions"));
+        }
+    };
+    let out = VersionOut { client: client_version, masters: r.members.into_iter().map(Into::into).collect() };
+    output::print(g.output, &out, |o| {
+        println!("client: {}", o.client);
+        for m in &o.masters {
+            let version = if m.version.is_empty() { format!("unknown ({})", m.error) } else { m.version.clone() };
+            println!("master {} ({}, {}): {version}", m.id, m.endpoint, m.role);
+        }
+    });
+    Ok(())
 }
 
 pub async fn run_cluster(cmd: ClusterCmd, g: &Global) -> Result<()> {

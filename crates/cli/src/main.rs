@@ -140,6 +140,8 @@ enum Cmd {
     /// Benchmarks.
     #[command(subcommand)]
     Bench(bench::BenchCmd),
+    /// This client's version and every master's.
+    Version,
     /// Print the shell completion script: `berth completion bash > /etc/bash_completion.d/berth`,
     /// `berth completion zsh > "${fpath[1]}/_berth"`, `berth completion fish >
     /// ~/.config/fish/completions/berth.fish`.
@@ -531,6 +533,7 @@ fn main() {
             Cmd::Role(c) => cmd_access::run_role(c, &cli.global).await,
             Cmd::Audit(a) => cmd_access::run_audit(a, &cli.global).await,
             Cmd::Bench(c) => bench::run(c, &cli.global).await,
+            Cmd::Version => cmd_cluster::run_version(&cli.global).await,
             Cmd::Completion(a) => print_completion(a.shell),
             Cmd::Man(a) => man_pages(&a.out).map(|()| println!("wrote the man pages into {}", a.out.display())),
         }

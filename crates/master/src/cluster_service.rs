@@ -387,6 +387,7 @@ impl cluster_server::Cluster for ClusterService {
                     mem.last_log_index = s.last_log_index;
                     mem.applied_index = s.applied_index;
                     mem.db_size_bytes = s.db_size_bytes;
+                    mem.version = s.version;
                     // The member's own view of its role is the authoritative one.
                     mem.role = s.role;
                 }

@@ -146,6 +146,7 @@ impl Ctx {
             applied_index: m.last_applied.as_ref().map_or(0, |l| l.index),
             db_size_bytes: self.reader.db_size(),
             cluster_id: self.cluster_id(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
         }
     }
 }
