@@ -145,6 +145,15 @@ fn print_members(g: &Global, leader: u64, members: Vec<pb::Member>) {
     });
 }
 
+/// The cluster's status: leader, term, and every member's figures as it reports them.
+async fn status(client: &Client) -> Result<pb::StatusResponse> {
+    Ok(client
+        .call(Call::Idempotent, |ch| async move {
+            Client::cluster(ch).status(pb::StatusRequest {}).await.map(|r| r.into_inner())
+        })
+        .await?)
+}
+
 /// `berth version`: this client's version, then every master's, as the cluster reports them.
 pub async fn run_version(g: &Global) -> Result<()> {
     #[derive(Serialize)]
@@ -154,12 +163,7 @@ pub async fn run_version(g: &Global) -> Result<()> {
     }
     let client_version = env!("CARGO_PKG_VERSION");
     let status = match crate::config::client(g) {
-        Ok(client) => client
-            .call(Call::Idempotent, |ch| async move {
-                Client::cluster(ch).status(pb::StatusRequest {}).await.map(|r| r.into_inner())
-            })
-            .await
-            .map_err(anyhow::Error::from),
+        Ok(client) => status(&client).await,
         Err(e) => Err(e),
     };
     let r = match status {
@@ -185,11 +189,7 @@ pub async fn run_cluster(cmd: ClusterCmd, g: &Global) -> Result<()> {
     let client = crate::config::client(g)?;
     match cmd {
         ClusterCmd::Status => {
-            let r = client
-                .call(Call::Idempotent, |ch| async move {
-                    Client::cluster(ch).status(pb::StatusRequest {}).await.map(|r| r.into_inner())
-                })
-                .await?;
+            let r = status(&client).await?;
             let out = StatusOut {
                 leader: r.leader,
                 term: r.term,

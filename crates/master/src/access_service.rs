@@ -405,7 +405,7 @@ impl Access for AccessService {
         }
         self.ctx.read_barrier().await?;
         // Following from before the records so far are read, so that none falls between.
-        let (_, next) = self.ctx.reader.audit_bounds().map_err(|e| Status::internal(e.to_string()))?;
+        let next = self.ctx.reader.audit_next().map_err(|e| Status::internal(e.to_string()))?;
         let mut follower = r.follow.then(|| audit::Follower::new(&self.ctx.reader, next));
         let records = audit::read(&self.ctx.reader, r.since_ms)?;
         if let (Some(f), Some(last)) = (follower.as_mut(), records.last()) {

@@ -254,6 +254,7 @@ pub(crate) async fn run_queue(ctx: Arc<Ctx>, token: CancellationToken) {
                 ..Default::default()
             });
         }
+        let count = batch.len();
         let cmd = Command::Audit { records: std::mem::take(&mut batch) };
         // A few tries over a leader change; then the batch is given up (logged), as a write of
         // the client's own would be after its deadline.
@@ -267,8 +268,7 @@ pub(crate) async fn run_queue(ctx: Arc<Ctx>, token: CancellationToken) {
                     tokio::time::sleep(Duration::from_millis(200 * tries)).await;
                 }
                 Err(e) => {
-                    let Command::Audit { records } = &cmd else { unreachable!("built above") };
-                    warn!(records = records.len(), "audit records could not be committed: {}", e.message());
+                    warn!(records = count, "audit records could not be committed: {}", e.message());
                     break;
                 }
             }

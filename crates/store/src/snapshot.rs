@@ -299,21 +299,20 @@ pub(crate) fn load_into_db(
     batch.delete_range_cf(cf(db, CF_HIST), vec![0u8; 12], vec![0xffu8; 13]);
     let audit_cf = cf(db, CF_AUDIT);
     batch.delete_range_cf(audit_cf, vec![0u8; 8], vec![0xffu8; 9]);
-    let mut audit = Vec::new();
+    // Both readers put into the one batch (no copy of the audit log on the side).
+    let batch = std::cell::RefCell::new(batch);
     let (header, contents) = read_snapshot(
         path,
         |rec, kv| {
-            batch.put_cf(kv_cf, &kv.key, rec);
+            batch.borrow_mut().put_cf(kv_cf, &kv.key, rec);
             Ok(())
         },
         |key, value| {
-            audit.push((key.to_vec(), value.to_vec()));
+            batch.borrow_mut().put_cf(audit_cf, key, value);
             Ok(())
         },
     )?;
-    for (key, value) in audit {
-        batch.put_cf(audit_cf, key, value);
-    }
+    let mut batch = batch.into_inner();
     // The cluster's compaction point comes with the snapshot, so that later `Compact` commands
     // apply here as on the other masters; the history before the snapshot is gone all the same.
     let sm = cf(db, CF_SM);

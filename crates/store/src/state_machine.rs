@@ -343,6 +343,11 @@ impl KvReader {
         crate::audit::read_since(&self.shared.db, since_ms)
     }
 
+    /// The `seq` of the next audit record.
+    pub fn audit_next(&self) -> Result<u64, StoreError> {
+        crate::audit::read_next(&*self.shared.db)
+    }
+
     /// The `seq` of the oldest audit record kept, and of the next one to come.
     pub fn audit_bounds(&self) -> Result<(u64, u64), StoreError> {
         crate::audit::bounds(&self.shared.db)
