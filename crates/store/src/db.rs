@@ -63,6 +63,13 @@ pub fn db_size(db: &DB) -> u64 {
     total
 }
 
+/// RocksDB's estimate of the keys in the key space (`kv`), from its table properties.
+pub(crate) fn estimate_keys(db: &DB) -> u64 {
+    db.cf_handle(CF_KV)
+        .and_then(|h| db.property_int_value_cf(h, rocksdb::properties::ESTIMATE_NUM_KEYS).ok().flatten())
+        .unwrap_or(0)
+}
+
 pub(crate) fn hist_key(rev: i64, sub: u32) -> [u8; 12] {
     let mut k = [0u8; 12];
     k[..8].copy_from_slice(&(rev as u64).to_be_bytes());

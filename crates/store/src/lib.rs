@@ -16,6 +16,7 @@ mod envelope;
 pub use envelope::{DECODE_LIMIT, decode as decode_record, encode as encode_record};
 mod error;
 mod log_store;
+mod metrics;
 mod mvcc;
 mod snapshot;
 mod state_machine;
@@ -25,6 +26,7 @@ use std::{fmt, path::Path};
 pub use db::db_size;
 pub use error::StoreError;
 pub use log_store::LogStore;
+pub use metrics::StoreMetrics;
 pub use mvcc::{Counters, HISTORY_WINDOW};
 pub use snapshot::{SnapshotFile, SnapshotHeader, read_header, restore_into};
 pub use state_machine::{AuditAppended, KvReader, StateMachine, WatchBatch, WatchEvents};
@@ -65,8 +67,9 @@ pub type Raft = openraft::Raft<TypeConfig, StateMachine>;
 /// Opens (or creates) the store under `dir`: RocksDB in `dir/db`, snapshots in `dir/snapshots`.
 pub fn open(dir: &Path) -> Result<(LogStore, StateMachine), StoreError> {
     let db = db::open(&dir.join("db"))?;
-    let log = LogStore::new(db.clone())?;
-    let sm = StateMachine::new(db, dir.join("snapshots"))?;
+    let metrics = StoreMetrics::default();
+    let log = LogStore::new(db.clone(), metrics.clone())?;
+    let sm = StateMachine::new(db, dir.join("snapshots"), metrics)?;
     Ok((log, sm))
 }
 

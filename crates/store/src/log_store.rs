@@ -11,7 +11,7 @@ use openraft::{
 use rocksdb::{DB, Direction, IteratorMode, WriteBatch, WriteOptions};
 
 use crate::{
-    StoreError, TypeConfig,
+    StoreError, StoreMetrics, TypeConfig,
     db::{CF_LOG, CF_RAFT, cf, log_key, log_key_index},
     envelope::{decode, encode},
 };
@@ -32,6 +32,7 @@ const KEY_PURGED: &[u8] = b"purged";
 #[derive(Clone)]
 pub struct LogStore {
     db: Arc<DB>,
+    metrics: StoreMetrics,
     syncer: std::sync::mpsc::Sender<IOFlushed<TypeConfig>>,
 }
 
@@ -40,16 +41,19 @@ pub struct LogStore {
 /// It holds the DB only weakly (and strongly only while syncing), so the DB closes when its
 /// owners drop it, not whenever this thread gets round to it: a RocksDB still open while the
 /// process exits aborts in its static destructors.
-fn run_syncer(db: std::sync::Weak<DB>, rx: std::sync::mpsc::Receiver<IOFlushed<TypeConfig>>) {
+fn run_syncer(db: std::sync::Weak<DB>, rx: std::sync::mpsc::Receiver<IOFlushed<TypeConfig>>, metrics: StoreMetrics) {
     while let Ok(first) = rx.recv() {
         let mut waiting = vec![first];
         while let Ok(cb) = rx.try_recv() {
             waiting.push(cb);
         }
+        let started = std::time::Instant::now();
         let res = match db.upgrade() {
             Some(db) => db.flush_wal(true).map_err(|e| e.to_string()),
             None => Err("the database was closed".to_string()),
         };
+        metrics.log_fsync_seconds.observe(started.elapsed().as_secs_f64());
+        metrics.log_fsync_appends.observe(waiting.len() as f64);
         for cb in waiting {
             cb.io_completed(
                 res.clone().map_err(|e| io::Error::other(format!("syncing the Raft log to disk failed: {e}"))),
@@ -65,11 +69,14 @@ fn synced() -> WriteOptions {
 }
 
 impl LogStore {
-    pub(crate) fn new(db: Arc<DB>) -> Result<Self, StoreError> {
+    pub(crate) fn new(db: Arc<DB>, metrics: StoreMetrics) -> Result<Self, StoreError> {
         let (syncer, rx) = std::sync::mpsc::channel();
         let sync_db = Arc::downgrade(&db);
-        std::thread::Builder::new().name("raft-log-sync".into()).spawn(move || run_syncer(sync_db, rx))?;
-        Ok(LogStore { db, syncer })
+        let sync_metrics = metrics.clone();
+        std::thread::Builder::new()
+            .name("raft-log-sync".into())
+            .spawn(move || run_syncer(sync_db, rx, sync_metrics))?;
+        Ok(LogStore { db, metrics, syncer })
     }
 
     fn get_meta<T: serde::de::DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, StoreError> {
@@ -172,7 +179,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         }
         // Readable as soon as this returns; durable (and acknowledged) once the syncer has synced
         // the WAL.
+        let started = std::time::Instant::now();
         self.db.write(b).map_err(|e| io::Error::other(format!("writing the Raft log failed: {e}")))?;
+        self.metrics.log_append_seconds.observe(started.elapsed().as_secs_f64());
         self.syncer.send(callback).map_err(|_| io::Error::other("the Raft log syncer thread has stopped"))?;
         Ok(())
     }

@@ -17,7 +17,7 @@ use rocksdb::DB;
 use tokio::sync::{broadcast, oneshot};
 
 use crate::{
-    BatchResponse, StoreError, TypeConfig,
+    BatchResponse, StoreError, StoreMetrics, TypeConfig,
     db::{CF_SM, cf},
     envelope::encode,
     mvcc::{self, Apply, Counters, SnapView},
@@ -38,6 +38,7 @@ struct Shared {
     watch_tx: broadcast::Sender<Arc<WatchBatch>>,
     /// Audit records as they are applied, for the audit log's followers.
     audit_tx: broadcast::Sender<Arc<AuditAppended>>,
+    metrics: StoreMetrics,
 }
 
 /// Audit records an apply call stored (none after a snapshot install), and the `seq` of the
@@ -61,12 +62,12 @@ pub struct KvReader {
 }
 
 impl StateMachine {
-    pub(crate) fn new(db: Arc<DB>, snap_dir: PathBuf) -> Result<Self, StoreError> {
+    pub(crate) fn new(db: Arc<DB>, snap_dir: PathBuf, metrics: StoreMetrics) -> Result<Self, StoreError> {
         std::fs::create_dir_all(&snap_dir)?;
         snapshot::list(&snap_dir)?; // clears temp files a crash may have left
         let (watch_tx, _) = broadcast::channel(1024);
         let (audit_tx, _) = broadcast::channel(256);
-        Ok(StateMachine { shared: Arc::new(Shared { db, snap_dir, watch_tx, audit_tx }) })
+        Ok(StateMachine { shared: Arc::new(Shared { db, snap_dir, watch_tx, audit_tx, metrics }) })
     }
 
     pub fn reader(&self) -> KvReader {
@@ -90,6 +91,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         Strm: futures::Stream<Item = Result<EntryResponder<TypeConfig>, io::Error>> + Unpin + OptionalSend,
     {
         let db = &*self.shared.db;
+        let started = std::time::Instant::now();
         let mut apply = Apply::new(db)?;
         let mut applied = None;
         let mut membership = None;
@@ -97,7 +99,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         while let Some((entry, responder)) = entries.try_next().await? {
             let resp = match entry.payload {
                 EntryPayload::Blank => BatchResponse::default(),
-                EntryPayload::Normal(batch) => BatchResponse { results: apply.entry(batch.commands)? },
+                EntryPayload::Normal(batch) => {
+                    self.shared.metrics.applied_commands.inc_by(batch.commands.len() as u64);
+                    BatchResponse { results: apply.entry(batch.commands)? }
+                }
                 EntryPayload::Membership(m) => {
                     membership = Some(StoredMembership::new(Some(entry.log_id), m));
                     BatchResponse::default()
@@ -117,6 +122,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let events = std::mem::take(&mut apply.events);
         db.write(std::mem::take(&mut apply.batch))
             .map_err(|e| io::Error::other(format!("applying to the state machine failed: {e}")))?;
+        self.shared.metrics.apply_seconds.observe(started.elapsed().as_secs_f64());
         if let Some(next) = apply.audit_next() {
             let records = std::mem::take(&mut apply.audit_appended);
             let _ = self.shared.audit_tx.send(Arc::new(AuditAppended { records, next }));
@@ -152,8 +158,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 meta.last_membership.clone(),
                 None,
             )?;
-            snapshot::adopt(&snapshot.path, &shared.snap_dir, &header)?;
+            let adopted = snapshot::adopt(&snapshot.path, &shared.snap_dir, &header)?;
             snapshot::prune(&shared.snap_dir)?;
+            shared.metrics.snapshots_installed.inc();
+            if let Ok(m) = std::fs::metadata(&adopted) {
+                shared.metrics.snapshot_bytes.set(m.len() as i64);
+            }
             Ok(())
         })
         .await
@@ -178,6 +188,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 pub struct SnapshotBuilder {
     result: Option<oneshot::Receiver<Result<(PathBuf, SnapshotHeader), StoreError>>>,
     snap_dir: PathBuf,
+    metrics: StoreMetrics,
 }
 
 impl SnapshotBuilder {
@@ -185,6 +196,7 @@ impl SnapshotBuilder {
         let (taken_tx, taken_rx) = std::sync::mpsc::channel();
         let (done_tx, done_rx) = oneshot::channel();
         let snap_dir = shared.snap_dir.clone();
+        let metrics = shared.metrics.clone();
         std::thread::Builder::new()
             .name("snapshot-builder".into())
             .spawn(move || {
@@ -196,7 +208,7 @@ impl SnapshotBuilder {
             .expect("spawning the snapshot builder thread");
         // Wait until the RocksDB snapshot exists: from here on, apply may continue.
         let _ = taken_rx.recv();
-        SnapshotBuilder { result: Some(done_rx), snap_dir }
+        SnapshotBuilder { result: Some(done_rx), snap_dir, metrics }
     }
 }
 
@@ -207,6 +219,10 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         let rx = self.result.take().ok_or_else(|| io::Error::other("snapshot builder used twice"))?;
         let (path, header) = rx.await.map_err(|_| io::Error::other("snapshot builder thread died"))??;
         snapshot::prune(&self.snap_dir)?;
+        self.metrics.snapshots_built.inc();
+        if let Ok(m) = std::fs::metadata(&path) {
+            self.metrics.snapshot_bytes.set(m.len() as i64);
+        }
         Ok(Snapshot { meta: header.meta, snapshot: SnapshotFile { path } })
     }
 }
@@ -379,6 +395,16 @@ impl KvReader {
 
     pub fn db_size(&self) -> u64 {
         crate::db::db_size(&self.shared.db)
+    }
+
+    /// RocksDB's estimate of the live keys in the key space (cheap: no scan).
+    pub fn estimate_keys(&self) -> u64 {
+        crate::db::estimate_keys(&self.shared.db)
+    }
+
+    /// The store's latency and snapshot figures, to register with a metrics endpoint.
+    pub fn metrics(&self) -> &StoreMetrics {
+        &self.shared.metrics
     }
 
     /// Starts a watch on `[key, range_end)` from `start_revision` (0 = from now on).
