@@ -48,6 +48,8 @@ struct Inner {
     by_node: HashMap<String, BTreeMap<String, Assignment>>,
     node_of: HashMap<String, String>,
     changed: HashMap<String, watch::Sender<u64>>,
+    /// When each node's set first changed since its session last read it (assignment lag).
+    changed_at: HashMap<String, std::time::Instant>,
     /// Agents' connections, for log streams: node id -> connection.
     conns: HashMap<String, quinn::Connection>,
 }
@@ -76,7 +78,12 @@ impl Assignments {
 
     /// The node's current set.
     pub fn current(&self, node: &str) -> BTreeMap<String, Assignment> {
-        self.with(|i| i.by_node.get(node).cloned().unwrap_or_default())
+        self.current_since(node).0
+    }
+
+    /// The node's current set, and when it first changed since the last read (None: unchanged).
+    pub fn current_since(&self, node: &str) -> (BTreeMap<String, Assignment>, Option<std::time::Instant>) {
+        self.with(|i| (i.by_node.get(node).cloned().unwrap_or_default(), i.changed_at.remove(node)))
     }
 
     /// A receiver that changes whenever the node's set may have changed.
@@ -87,6 +94,7 @@ impl Assignments {
     fn bump(i: &mut Inner, node: &str) {
         if let Some(tx) = i.changed.get(node) {
             tx.send_modify(|v| *v += 1);
+            i.changed_at.entry(node.to_string()).or_insert_with(std::time::Instant::now);
         }
     }
 
@@ -334,6 +342,11 @@ impl Statuses {
     fn is_empty(&self) -> bool {
         self.pending.lock().expect("statuses lock").reports.is_empty()
     }
+
+    /// Reports waiting to be committed.
+    pub fn len(&self) -> usize {
+        self.pending.lock().expect("statuses lock").reports.len()
+    }
 }
 
 /// How often reported states are committed.
@@ -355,6 +368,7 @@ pub(crate) async fn commit_statuses(ctx: Arc<Ctx>, leading: CancellationToken) {
         if batch.is_empty() {
             continue;
         }
+        let started = std::time::Instant::now();
         // Reading the tasks and building the writes is synchronous: off the async workers. If
         // that fails as a whole (a panic, a runtime shutting down), the batch goes back in the
         // queue: a status report is retried, never dropped.
@@ -410,7 +424,9 @@ pub(crate) async fn commit_statuses(ctx: Arc<Ctx>, leading: CancellationToken) {
         let n = writes.len();
         for (id, node, s, r) in futures::future::join_all(writes).await {
             match r {
-                Ok(CommandResult::Txn(r)) if r.succeeded => {}
+                Ok(CommandResult::Txn(r)) if r.succeeded => {
+                    ctx.meters.status_committed.inc();
+                }
                 // The task changed meanwhile (a controller wrote it): apply the status again.
                 Ok(_) => ctx.statuses.requeue(id, (node, s)),
                 Err(e) => {
@@ -419,6 +435,7 @@ pub(crate) async fn commit_statuses(ctx: Arc<Ctx>, leading: CancellationToken) {
                 }
             }
         }
+        ctx.meters.status_batch_seconds.observe(started.elapsed().as_secs_f64());
         if n > 0 {
             debug!(tasks = n, "task states committed");
             if !ctx.statuses.is_empty() {

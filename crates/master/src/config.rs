@@ -45,6 +45,8 @@ pub struct MasterConfig {
     /// Route hosts must fall under one of these domains (`--apps-domain`, then the domains a
     /// cluster admin allows besides with `--allow-route-domain`); empty: any host.
     pub route_domains: Vec<String>,
+    /// Serve `/metrics`, `/healthz` and `/readyz` over plain HTTP here (`--metrics-listen`).
+    pub metrics_listen: Option<String>,
 }
 
 /// SwarmKit declares a node down after ~15 s of silence (5 s heartbeats x 3); with 1 s
@@ -84,6 +86,7 @@ impl MasterConfig {
             pools: None,
             route_domains: Vec::new(),
             network_update_part_bytes: crate::endpoints::PART_BYTES,
+            metrics_listen: None,
         }
     }
 

@@ -197,15 +197,43 @@ impl World {
 #[derive(Default)]
 struct Plan {
     txns: Vec<Txn>,
+    /// What each of `txns` does, for the metrics (same order).
+    tags: Vec<Tag>,
+    /// Tasks no node could take this round.
+    unplaced: usize,
     touched: HashSet<String>,
     /// Tasks created this round (so the scheduler can count them next round).
     log: Vec<String>,
 }
 
+/// What a decision counts as once committed.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Tag {
+    Other,
+    /// Places this many tasks.
+    Placements(u64),
+    /// Replaces a task under its restart policy.
+    Restart,
+}
+
 impl Plan {
     fn push(&mut self, parts: Vec<(Compare, RequestOp)>, what: String) {
+        self.push_tagged(parts, what, Tag::Other);
+    }
+
+    fn push_tagged(&mut self, parts: Vec<(Compare, RequestOp)>, what: String, tag: Tag) {
         self.txns.push(objects::txn_of(parts));
+        self.tags.push(tag);
         self.log.push(what);
+    }
+
+    /// Marks the decision pushed last (if one was pushed since `before` decisions).
+    fn tag_since(&mut self, before: usize, tag: Tag) {
+        if self.tags.len() > before
+            && let Some(t) = self.tags.last_mut()
+        {
+            *t = tag;
+        }
     }
 
     fn touch(&mut self, id: &str) -> bool {
@@ -218,6 +246,13 @@ fn put_task(t: &Task, expected: i64) -> (Compare, RequestOp) {
 }
 
 async fn round(ctx: &Arc<Ctx>) -> Result<usize, String> {
+    let started = std::time::Instant::now();
+    let r = decide_and_commit(ctx).await;
+    ctx.meters.round_seconds.observe(started.elapsed().as_secs_f64());
+    r
+}
+
+async fn decide_and_commit(ctx: &Arc<Ctx>) -> Result<usize, String> {
     // Reading and deciding is synchronous CPU work over every task: off the async workers, so
     // that heartbeats and Raft traffic never wait behind it.
     let c = ctx.clone();
@@ -238,6 +273,7 @@ async fn round(ctx: &Arc<Ctx>) -> Result<usize, String> {
     })
     .await
     .map_err(|e| format!("the controller round panicked: {e}"))??;
+    ctx.meters.pending_tasks.set(plan.unplaced as i64);
     if plan.txns.is_empty() {
         return Ok(0);
     }
@@ -247,10 +283,21 @@ async fn round(ctx: &Arc<Ctx>) -> Result<usize, String> {
     let n = plan.txns.len();
     let writes = plan.txns.into_iter().map(|t| ctx.write(Command::Txn(t)));
     let mut conflicts = 0;
-    for r in futures::future::join_all(writes).await {
+    for (r, tag) in futures::future::join_all(writes).await.into_iter().zip(plan.tags) {
         match r {
-            Ok(CommandResult::Txn(r)) if r.succeeded => {}
-            Ok(_) => conflicts += 1,
+            Ok(CommandResult::Txn(r)) if r.succeeded => match tag {
+                Tag::Placements(k) => {
+                    ctx.meters.placements.inc_by(k);
+                }
+                Tag::Restart => {
+                    ctx.meters.restarts.inc();
+                }
+                Tag::Other => {}
+            },
+            Ok(_) => {
+                conflicts += 1;
+                ctx.meters.conflicts.inc();
+            }
             Err(s) => return Err(format!("writing controller decisions failed: {}", s.message())),
         }
     }
@@ -434,7 +481,9 @@ fn orchestrate(w: &World, svc: &Svc, fence_ms: u64, plan: &mut Plan) {
             nt.message = format!("restart {attempt} of the slot after {}", describe_end(t));
             // Keep the template the slot had: restarts are not updates.
             keep_template(&mut nt, t);
+            let before = plan.tags.len();
             replace_in_slot(w, svc, plan, slot_name, nt, Some(cur), false, "restart policy");
+            plan.tag_since(before, Tag::Restart);
             continue;
         }
         if let Some(why) = node_gone(w, t) {
@@ -823,6 +872,7 @@ fn schedule(w: &World, plan: &mut Plan) {
     let mut with_blocks = Vec::new();
     let mut grown: BTreeMap<String, NetworkRecord> = BTreeMap::new();
     let mut deferred = 0usize;
+    let mut placed_with_blocks = 0u64;
     for p in placements {
         let Some(t) = by_id.get(p.task_id.as_str()) else { continue };
         // That one transaction is bounded: placements past what it holds wait for the next round
@@ -871,12 +921,13 @@ fn schedule(w: &World, plan: &mut Plan) {
         if needs_block {
             with_blocks.push(put_task(&u, t.mod_revision));
             with_blocks.extend(pins);
+            placed_with_blocks += 1;
         } else if !pins.is_empty() {
             let mut txn = vec![put_task(&u, t.mod_revision)];
             txn.extend(pins);
-            plan.push(txn, format!("scheduler: {} placed with its new volumes", u.id));
+            plan.push_tagged(txn, format!("scheduler: {} placed with its new volumes", u.id), Tag::Placements(1));
         } else {
-            parts.push(put_task(&u, t.mod_revision));
+            parts.push((put_task(&u, t.mod_revision), Tag::Placements(1)));
         }
     }
     if !with_blocks.is_empty() {
@@ -887,11 +938,16 @@ fn schedule(w: &World, plan: &mut Plan) {
                 with_blocks.push(objects::cas_put(key, current.mod_revision, rec.encode_to_vec()));
             }
         }
-        plan.push(with_blocks, "scheduler: placements with new address blocks".into());
+        plan.push_tagged(
+            with_blocks,
+            "scheduler: placements with new address blocks".into(),
+            Tag::Placements(placed_with_blocks),
+        );
     }
     if deferred > 0 {
         debug!(deferred, "placements that need new address blocks wait for the next round");
     }
+    plan.unplaced = unplaced.len() + deferred;
     for u in unplaced {
         let Some(t) = by_id.get(u.task_id.as_str()) else { continue };
         if t.obj.pending_reason == u.reason {
@@ -902,13 +958,13 @@ fn schedule(w: &World, plan: &mut Plan) {
         n.message = "no node can take it yet".into();
         n.updated_at_ms = w.now;
         plan.touch(&n.id);
-        parts.push(put_task(&n, t.mod_revision));
+        parts.push((put_task(&n, t.mod_revision), Tag::Other));
     }
     // Placements are independent: one compare each, packed many to a transaction would make one
     // conflict fail the lot, so each is its own transaction (the proposer batches them anyway).
     let count = parts.len();
-    for p in parts {
-        plan.push(vec![p], String::new());
+    for (p, tag) in parts {
+        plan.push_tagged(vec![p], String::new(), tag);
     }
     if count > 0 {
         plan.log.push(format!("scheduler: {count} placement decisions"));

@@ -126,6 +126,14 @@ impl Liveness {
         });
     }
 
+    /// Open sessions, and the longest any of their nodes has been silent.
+    pub fn session_stats(&self) -> (usize, Duration) {
+        self.with(|l| {
+            let oldest = l.sessions.keys().filter_map(|n| l.last_seen.get(n)).map(|t| t.elapsed()).max();
+            (l.sessions.len(), oldest.unwrap_or_default())
+        })
+    }
+
     /// (milliseconds since last heard, connected) for the node list.
     pub fn info(&self, node: &str) -> (i64, bool) {
         self.with(|l| {
@@ -669,7 +677,7 @@ async fn session(
                 if r.is_err() {
                     continue;
                 }
-                let set = ctx.assignments.current(&node_id);
+                let (set, changed_at) = ctx.assignments.current_since(&node_id);
                 let out = if complete_wanted && ctx.assignments.is_ready() {
                     complete_wanted = false;
                     sent.complete(term, set)
@@ -681,6 +689,9 @@ async fn session(
                 if let Err(e) = writer.send(&MasterFrame { body: Some(master_frame::Body::Assignments(out)) }).await {
                     lost(&e);
                     return;
+                }
+                if let Some(at) = changed_at {
+                    ctx.meters.assignment_lag.observe(at.elapsed().as_secs_f64());
                 }
                 continue;
             }
@@ -746,6 +757,7 @@ async fn session(
                 Some(master_frame::Body::HeartbeatAck(heartbeat_ack(&ctx, &node_id, hb, term, &mut revoked_sent)))
             }
             agent_frame::Body::Status(report) => {
+                ctx.meters.status_reports.inc_by(report.tasks.len() as u64);
                 let dropped = ctx.statuses.report(&node_id, report.tasks);
                 if dropped > 0 {
                     warn!(node = %node_id, dropped, "dropped task states: the node has too many waiting to be committed");

@@ -33,6 +33,7 @@ pub(crate) async fn serve(
         .register_encoded_file_descriptor_set(berth_api::FILE_DESCRIPTOR_SET)
         .build_v1alpha()
         .map_err(|e| MasterError::Serve(e.to_string()))?;
+    let request_metrics = crate::metrics::RequestMetricsLayer::new(&ctx.meters);
     let kv = kv_server::KvServer::new(KvService { ctx: ctx.clone() })
         .max_decoding_message_size(CLIENT_MESSAGE_LIMIT)
         .max_encoding_message_size(CLIENT_MESSAGE_LIMIT);
@@ -78,6 +79,7 @@ pub(crate) async fn serve(
     // on every accepted socket: Nagle plus delayed ACKs would stall small request/response pairs.
     let incoming = crate::tls::tls_incoming(listener, pki, token.clone());
     tonic::transport::Server::builder()
+        .layer(request_metrics)
         .layer(crate::deadline::DeadlineLayer)
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(5)))

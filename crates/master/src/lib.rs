@@ -21,6 +21,7 @@ mod identity;
 mod images;
 mod ipam;
 mod kv_service;
+mod metrics;
 mod network;
 mod networks;
 mod node;

@@ -70,6 +70,8 @@ pub(crate) struct Ctx {
     pub rbac: Arc<crate::authz::Rbac>,
     /// The audit log's queue and key numbering.
     pub audit: crate::audit::AuditLog,
+    /// What `/metrics` shows.
+    pub meters: crate::metrics::Metrics,
 }
 
 impl Ctx {
@@ -205,6 +207,12 @@ fn raft_config(cfg: &MasterConfig) -> Result<Arc<Config>, MasterError> {
 /// voter before exiting.
 pub async fn run_master(cfg: MasterConfig, shutdown: CancellationToken) -> Result<(), MasterError> {
     cfg.validate()?;
+    // The metrics address is checked before anything starts, so that a wrong one is a clear
+    // error at once.
+    let metrics_listener = match &cfg.metrics_listen {
+        Some(addr) => Some(berth_metrics::bind(addr, "--metrics-listen").await.map_err(MasterError::Config)?),
+        None => None,
+    };
     crate::identity::secure_data_dir(&cfg.data_dir)?;
     let (ident, _first_start) = Identity::resolve(&cfg)?;
     let listen: SocketAddr = ident
@@ -246,12 +254,13 @@ pub async fn run_master(cfg: MasterConfig, shutdown: CancellationToken) -> Resul
         .map_err(|e| MasterError::Listen { addr: listen.to_string(), source: e })?;
     let local_addr = listener.local_addr()?;
 
+    let meters = crate::metrics::Metrics::default();
     let ctx = Arc::new(Ctx {
         id: ident.id,
         raft: raft.clone(),
         reader: reader.clone(),
         peers,
-        proposer: Proposer::start(raft.clone()),
+        proposer: Proposer::start(raft.clone(), &meters),
         limits: Limits { max_value_bytes: cfg.max_value_bytes, ..Limits::default() },
         election_timeout: cfg.election_timeout,
         heartbeat_interval: cfg.heartbeat_interval,
@@ -276,6 +285,7 @@ pub async fn run_master(cfg: MasterConfig, shutdown: CancellationToken) -> Resul
         revoked: Default::default(),
         rbac: Default::default(),
         audit: crate::audit::AuditLog::new(),
+        meters,
     });
     ctx.refresh_removed();
     // Revocations are known before the first connection is accepted, and followed from then on.
@@ -293,6 +303,10 @@ pub async fn run_master(cfg: MasterConfig, shutdown: CancellationToken) -> Resul
     let dispatcher = tokio::spawn(crate::dispatcher::run(ctx.clone(), quic, shutdown.clone()));
     let renewer = tokio::spawn(renew_certificates(ctx.clone(), shutdown.clone()));
     let guard_dir = tokio::spawn(keep_data_dir_private(cfg.data_dir.clone(), shutdown.clone()));
+    let metrics_token = CancellationToken::new();
+    let metrics = metrics_listener.map(|l| {
+        tokio::spawn(crate::metrics::serve(Arc::downgrade(&ctx), reader.metrics().clone(), l, metrics_token.clone()))
+    });
 
     let server_token = CancellationToken::new();
     let server = tokio::spawn(crate::kv_service::serve(
@@ -344,6 +358,10 @@ pub async fn run_master(cfg: MasterConfig, shutdown: CancellationToken) -> Resul
     audit_file.abort();
     ctx.liveness.step_down();
     server_token.cancel();
+    metrics_token.cancel();
+    if let Some(m) = metrics {
+        let _ = tokio::time::timeout(Duration::from_secs(2), m).await;
+    }
     let _ = tokio::time::timeout(Duration::from_secs(2), dispatcher).await;
     // Denials and failed calls queued before the stop get their chance to be committed.
     let _ = tokio::time::timeout(Duration::from_secs(1), audit_queue).await;
@@ -447,8 +465,19 @@ async fn watch_state(ctx: Arc<Ctx>, shutdown: CancellationToken) {
     let mut cluster_id_known = false;
     let mut leading: Option<CancellationToken> = None;
     let mut ca_adopted = ctx.pki.ca().is_some();
+    let mut last_leader = None;
     loop {
         let m = rx.borrow_watched().clone();
+        // A new leader, as etcd counts them: the first one a master learns of after it starts
+        // is not a change, and neither is a leaderless interval.
+        if let Some(l) = m.current_leader
+            && last_leader != Some(l)
+        {
+            if last_leader.is_some() {
+                ctx.meters.leader_changes.inc();
+            }
+            last_leader = Some(l);
+        }
         if !cluster_id_known && m.last_applied.is_some() {
             // Reads the state machine until the id is there, then it is cached.
             let cid = ctx.cluster_id();

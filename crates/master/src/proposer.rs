@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 
+use berth_metrics::prometheus_client::metrics::histogram::Histogram;
 use berth_store::{Batch, Raft};
 use berth_types::{Command, CommandError, CommandResult, RequestOp};
 use openraft::errors::ClientWriteError;
@@ -69,10 +70,10 @@ fn txn_size(t: &berth_types::Txn) -> usize {
 }
 
 impl Proposer {
-    pub fn start(raft: Raft) -> Self {
+    pub fn start(raft: Raft, meters: &crate::metrics::Metrics) -> Self {
         let (tx, rx) = mpsc::channel(65536);
         // Ends when every Proposer handle is dropped (the channel closes).
-        tokio::spawn(run(raft, rx));
+        tokio::spawn(run(raft, rx, meters.proposal_commands.clone(), meters.proposal_seconds.clone()));
         Proposer { tx }
     }
 
@@ -86,7 +87,7 @@ impl Proposer {
     }
 }
 
-async fn run(raft: Raft, mut rx: mpsc::Receiver<Pending>) {
+async fn run(raft: Raft, mut rx: mpsc::Receiver<Pending>, batch_commands: Histogram, commit_seconds: Histogram) {
     let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     while let Some(first) = rx.recv().await {
         let Ok(permit) = slots.clone().acquire_owned().await else { return };
@@ -103,11 +104,15 @@ async fn run(raft: Raft, mut rx: mpsc::Receiver<Pending>) {
             }
         }
         let raft = raft.clone();
+        batch_commands.observe(batch.len() as f64);
+        let commit_seconds = commit_seconds.clone();
         tokio::spawn(async move {
             let _permit = permit;
             let (commands, replies): (Vec<_>, Vec<_>) = batch.into_iter().map(|p| (p.cmd, p.reply)).unzip();
+            let started = std::time::Instant::now();
             match raft.client_write(Batch { commands }).await {
                 Ok(resp) => {
+                    commit_seconds.observe(started.elapsed().as_secs_f64());
                     let mut results = resp.data.results.into_iter();
                     for reply in replies {
                         let r = results

@@ -110,6 +110,16 @@ impl Ctx {
         has_quorum_contact(sole_voter, acked_ago, self.election_timeout * 2)
     }
 
+    /// The live leader right now, without waiting: this master if it leads with a majority's
+    /// recent acknowledgement, else the leader it heard from within the contact window.
+    pub(crate) fn live_leader_now(&self) -> Option<u64> {
+        if self.leads_with_quorum() {
+            return Some(self.id);
+        }
+        let (id, _) = self.leader()?;
+        (id != self.id && is_live(self.leader_contact.last(), id, Instant::now(), self.contact_window())).then_some(id)
+    }
+
     fn route_wait(&self) -> Duration {
         self.election_timeout * ROUTE_WAIT_ELECTIONS
     }
