@@ -1,11 +1,15 @@
 #!/usr/bin/env python3
-"""The cost of authorization and audit on KV writes: the same `berth bench kv` against a 3-master
-`berth dev` cluster (no agents) of two builds, BEFORE (no authorization, no audit log) and AFTER,
-taking turns round by round so that both see the same machine. AFTER writes as a user with a
-role binding (not the bootstrap admin), so every put goes through the role check and carries its
-audit record.
+"""The cost of a feature on KV writes: the same `berth bench kv` against a 3-master `berth dev`
+cluster (no agents) of two builds, BEFORE and AFTER, taking turns round by round so that both see
+the same machine. Made for authorization and audit (AFTER writes as a user with a role binding,
+not the bootstrap admin, so every put goes through the role check and carries its audit record;
+--after-as-admin skips that), and used for metrics with --scrape: a scraper reads every master's
+/metrics (the addresses `berth dev` records in cluster.json; a build without metrics has none)
+every SECONDS while the writes run, as Prometheus would.
 
     python3 deploy/bench-authz.py --before /tmp/berth-before --after target/release/berth --rounds 3
+    python3 deploy/bench-authz.py --before /tmp/berth-nometrics --after target/release/berth \
+        --after-as-admin --scrape 1
 
 Prints one JSON line per measurement and a summary: per round the AFTER/BEFORE ratio of ops/s, of
 p50 and of the masters' CPU time per write (utime+stime of the cluster's processes over the run;
@@ -21,7 +25,9 @@ import socket
 import statistics
 import subprocess
 import tempfile
+import threading
 import time
+import urllib.request
 
 
 def free_base_port():
@@ -97,6 +103,34 @@ def cluster_cpu_seconds(pgid):
     return total / tick
 
 
+class Scraper:
+    """GETs every master's /metrics every `every` seconds until stopped."""
+
+    def __init__(self, cluster_dir, every):
+        with open(os.path.join(cluster_dir, "cluster.json")) as f:
+            self.urls = [f"http://{m['metrics']}/metrics" for m in json.load(f)["masters"] if m.get("metrics")]
+        self.every = every
+        self.scrapes = 0
+        self.failures = 0
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def run(self):
+        while self.urls and not self.done.wait(self.every):
+            for u in self.urls:
+                try:
+                    with urllib.request.urlopen(u, timeout=5) as r:
+                        r.read()
+                    self.scrapes += 1
+                except OSError:
+                    self.failures += 1
+
+    def stop(self):
+        self.done.set()
+        self.thread.join()
+
+
 def bench(berth, config, endpoints, clients, ops):
     out = run(
         [berth, "bench", "kv", "--config", config, "--endpoints", ",".join(endpoints), "--clients", str(clients),
@@ -105,7 +139,7 @@ def bench(berth, config, endpoints, clients, ops):
     return json.loads(out.stdout)
 
 
-def measure(label, berth, as_user, single_ops, many_ops):
+def measure(label, berth, as_user, single_ops, many_ops, scrape=0):
     work = tempfile.mkdtemp(prefix=f"berth-bench-authz-{label}-")
     c = DevCluster(berth, work)
     try:
@@ -117,10 +151,14 @@ def measure(label, berth, as_user, single_ops, many_ops):
             config = os.path.join(user_dir, "berth.toml")
         results = []
         for clients, ops, eps, via in [(1, single_ops, [c.leader], "leader"), (64, many_ops, c.endpoints, "all")]:
+            scraper = Scraper(c.dir, scrape) if scrape else None
             cpu0 = cluster_cpu_seconds(c.proc.pid)
             r = bench(berth, config, eps, clients, ops)
             cpu = cluster_cpu_seconds(c.proc.pid) - cpu0
             r.update({"build": label, "via": via, "masters_cpu_ms_per_op": round(cpu * 1000 / ops, 4)})
+            if scraper:
+                scraper.stop()
+                r.update({"scrapes": scraper.scrapes, "scrape_failures": scraper.failures})
             print(json.dumps(r), flush=True)
             results.append(r)
         return results
@@ -141,6 +179,13 @@ def main():
         action="store_true",
         help="AFTER writes as the bootstrap admin (no role lookup): the audit record's cost alone",
     )
+    ap.add_argument(
+        "--scrape",
+        type=float,
+        default=0,
+        metavar="SECONDS",
+        help="scrape every master's /metrics this often during the writes (builds that serve them)",
+    )
     a = ap.parse_args()
     print(f"# machine: {os.cpu_count()} cores, {os.uname().release}", flush=True)
     ratios = {"leader": {"ops": [], "p50": [], "cpu": []}, "all": {"ops": [], "p50": [], "cpu": []}}
@@ -150,7 +195,7 @@ def main():
             order.reverse()
         got = {}
         for label, berth, as_user in order:
-            got[label] = measure(label, berth, as_user, a.single_ops, a.many_ops)
+            got[label] = measure(label, berth, as_user, a.single_ops, a.many_ops, a.scrape)
         for b, x in zip(got["before"], got["after"]):
             ratios[b["via"]]["ops"].append(x["ops_per_sec"] / b["ops_per_sec"])
             ratios[b["via"]]["p50"].append(x["p50_ms"] / b["p50_ms"])

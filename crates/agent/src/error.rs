@@ -108,6 +108,10 @@ pub enum AgentError {
     #[error("{0}")]
     BadHostPath(String),
 
+    /// A flag that cannot be used as given.
+    #[error("{0}")]
+    Config(String),
+
     /// Some simulated agents failed (the others ran until shutdown).
     #[error("{failed} of {total} simulated agents failed; first error: {first}")]
     Simulation { failed: usize, total: usize, first: Box<AgentError> },

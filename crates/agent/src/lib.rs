@@ -16,6 +16,7 @@ pub mod edge;
 mod error;
 pub mod image;
 mod join;
+mod metrics;
 mod net;
 pub mod overlay;
 pub mod probe;
@@ -96,6 +97,8 @@ pub struct AgentConfig {
     pub image_gc_threshold: Option<u64>,
     /// The edge router.
     pub edge: EdgeSettings,
+    /// Serve `/metrics`, `/healthz` and `/readyz` over plain HTTP here (`--metrics-listen`).
+    pub metrics_listen: Option<String>,
 }
 
 /// How an edge node serves routes (the router starts when the leader sends routes: on an agent
@@ -191,6 +194,16 @@ fn docker_can_bind(ip: IpAddr) -> bool {
 pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), AgentError> {
     berth_pki::tls::install_crypto_provider();
     volume::paths::normalize_prefixes(&cfg.allow_host_paths).map_err(AgentError::BadHostPath)?;
+    // The metrics address is checked first, so that a wrong one is a clear error at once.
+    let metrics_listener = match (&cfg.metrics_listen, cfg.simulate) {
+        (Some(_), Some(_)) => {
+            return Err(AgentError::Config(
+                "--metrics-listen serves one agent's figures: it cannot be combined with --simulate".into(),
+            ));
+        }
+        (Some(addr), None) => Some(berth_metrics::bind(addr, "--metrics-listen").await.map_err(AgentError::Config)?),
+        (None, _) => None,
+    };
     match cfg.simulate {
         Some(n) => run_simulated(cfg, n, shutdown).await,
         None => {
@@ -231,7 +244,14 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
             if let Some(o) = &overlay {
                 manager.set_overlay(o.clone());
             }
-            run_agent_with(cfg, manager, statuses, shutdown, overlay).await
+            let metrics = metrics_listener.map(|l| {
+                tokio::spawn(metrics::serve(l, overlay.clone(), manager.volume_usage(), shutdown.child_token()))
+            });
+            let r = run_agent_with(cfg, manager, statuses, shutdown, overlay).await;
+            if let Some(m) = metrics {
+                m.abort();
+            }
+            r
         }
     }
 }

@@ -446,6 +446,14 @@ impl<D: Driver> Agent<D> {
         self.state.statuses.insert(s.task_id.clone(), stored);
         self.dirty = true;
         self.pending.insert(s.task_id.clone(), s);
+        self.count_tasks();
+    }
+
+    /// The metrics' task counts, when an endpoint serves them (simulated agents serve none).
+    fn count_tasks(&self) {
+        if crate::metrics::enabled() {
+            crate::metrics::METRICS.set_tasks(self.state.statuses.values().map(|s| s.state));
+        }
     }
 
     async fn persist(&mut self) -> Result<(), AgentError> {
@@ -583,7 +591,9 @@ impl<D: Driver> Agent<D> {
         if let Some(images) = &images {
             images.set_connection(Some(conn.clone()));
         }
+        crate::metrics::METRICS.set_session(true);
         let end = self.established(conn, addr, &accepted, writer, reader, shutdown).await;
+        crate::metrics::METRICS.set_session(false);
         if let Some(images) = &images {
             images.set_connection(None);
         }
@@ -797,7 +807,9 @@ impl<D: Driver> Agent<D> {
         if let Err(e) = writer.send(&frame(agent_frame::Body::Status(StatusReport { tasks, volumes }))).await {
             return Err(SessionEnd::from_frame_error(e, conn));
         }
+        crate::metrics::METRICS.status_reports.inc_by(ids.len() as u64);
         self.prune(ids);
+        self.count_tasks();
         Ok(())
     }
 

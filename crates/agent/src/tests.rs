@@ -352,6 +352,7 @@ fn config(master: &TestMaster, token: Option<String>, dir: &Path) -> AgentConfig
         insecure_registries: Vec::new(),
         image_gc_threshold: None,
         edge: Default::default(),
+        metrics_listen: None,
     }
 }
 

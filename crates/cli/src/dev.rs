@@ -67,6 +67,9 @@ pub struct AgentEntry {
     /// Its host's underlay address, when it runs in a host of its own.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub address: Option<String>,
+    /// Where it serves /metrics, /healthz and /readyz (HOST:PORT).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -75,6 +78,18 @@ pub struct MasterEntry {
     pub endpoint: String,
     pub pid: u32,
     pub data_dir: PathBuf,
+    /// Where it serves /metrics, /healthz and /readyz (HOST:PORT).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<String>,
+}
+
+/// The port an agent in a host of its own serves metrics on (each host has its own addresses).
+const HOST_METRICS_PORT: u16 = 9101;
+
+/// A free TCP port on `addr` (bound and released), for a process's metrics endpoint.
+fn free_metrics_addr(addr: &str) -> Result<String> {
+    let l = std::net::TcpListener::bind((addr, 0)).with_context(|| format!("cannot find a free port on {addr}"))?;
+    Ok(format!("{addr}:{}", l.local_addr()?.port()))
 }
 
 fn write_atomic(path: &Path, text: &str) -> Result<()> {
@@ -198,10 +213,29 @@ pub async fn run(a: DevArgs, _g: &Global) -> Result<()> {
         key: pki.join("admin.key"),
     };
 
+    // Every process gets a metrics endpoint: the one it had, or a free port.
+    let mut master_metrics: BTreeMap<u64, String> = BTreeMap::new();
+    for id in plan.keys() {
+        let had =
+            previous.as_ref().and_then(|p| p.masters.iter().find(|m| m.id == *id)).and_then(|m| m.metrics.clone());
+        master_metrics.insert(
+            *id,
+            match had {
+                Some(m) => m,
+                None => free_metrics_addr(&master_addr)?,
+            },
+        );
+    }
     let mut children: BTreeMap<u64, Child> = BTreeMap::new();
     for (id, (ep, mdir)) in &plan {
         fs::create_dir_all(mdir)?;
-        let mut args = vec!["master".to_string(), "--data-dir".into(), mdir.display().to_string()];
+        let mut args = vec![
+            "master".to_string(),
+            "--data-dir".into(),
+            mdir.display().to_string(),
+            "--metrics-listen".into(),
+            master_metrics[id].clone(),
+        ];
         if !mdir.join(berth_master::IDENTITY_FILE).exists() {
             args.extend([
                 "--id".into(),
@@ -270,11 +304,20 @@ pub async fn run(a: DevArgs, _g: &Global) -> Result<()> {
     } else {
         None
     };
-    let mut agent_children: Vec<(String, PathBuf, Child, Option<String>)> = Vec::new();
+    let mut agent_children: Vec<(String, PathBuf, Child, Option<String>, String)> = Vec::new();
     for (i, (name, adir)) in agent_plan.iter().enumerate() {
         fs::create_dir_all(adir)?;
+        let had =
+            previous.as_ref().and_then(|p| p.agents.iter().find(|g| &g.name == name)).and_then(|g| g.metrics.clone());
+        let metrics = match had {
+            Some(m) => m,
+            None if hosts => format!("{}:{HOST_METRICS_PORT}", crate::dev_hosts::addr(i + 1)),
+            None => free_metrics_addr("127.0.0.1")?,
+        };
         let mut args = vec![
             "agent".to_string(),
+            "--metrics-listen".into(),
+            metrics.clone(),
             "--join".into(),
             endpoints.join(","),
             "--data-dir".into(),
@@ -307,7 +350,7 @@ pub async fn run(a: DevArgs, _g: &Global) -> Result<()> {
         } else {
             (spawn_logged(&exe, &args, &adir.join("agent.log"))?, None)
         };
-        agent_children.push((name.clone(), adir.clone(), child.0, child.1));
+        agent_children.push((name.clone(), adir.clone(), child.0, child.1, metrics));
     }
     let file = ClusterFile {
         endpoints: endpoints.clone(),
@@ -318,15 +361,17 @@ pub async fn run(a: DevArgs, _g: &Global) -> Result<()> {
                 endpoint: ep.clone(),
                 pid: children[id].id(),
                 data_dir: d.clone(),
+                metrics: Some(master_metrics[id].clone()),
             })
             .collect(),
         agents: agent_children
             .iter()
-            .map(|(name, d, c, address)| AgentEntry {
+            .map(|(name, d, c, address, metrics)| AgentEntry {
                 name: name.clone(),
                 pid: c.id(),
                 data_dir: d.clone(),
                 address: address.clone(),
+                metrics: Some(metrics.clone()),
             })
             .collect(),
         hosts,
@@ -343,14 +388,22 @@ pub async fn run(a: DevArgs, _g: &Global) -> Result<()> {
 
     println!("berth dev: {} masters up, leader is master {leader}", plan.len());
     for m in &file.masters {
-        println!("  master {}  {}  pid {}  log {}", m.id, m.endpoint, m.pid, m.data_dir.join("master.log").display());
+        let metrics = m.metrics.as_ref().map(|a| format!("  metrics http://{a}/metrics")).unwrap_or_default();
+        println!(
+            "  master {}  {}  pid {}  log {}{metrics}",
+            m.id,
+            m.endpoint,
+            m.pid,
+            m.data_dir.join("master.log").display()
+        );
     }
     println!();
     println!("Use it from another shell:");
     println!("  export BERTH_CONFIG={}", toml_path.display());
     for g in &file.agents {
         let on = g.address.as_ref().map(|a| format!("  host {a}")).unwrap_or_default();
-        println!("  agent {}{on}  pid {}  log {}", g.name, g.pid, g.data_dir.join("agent.log").display());
+        let metrics = g.metrics.as_ref().map(|a| format!("  metrics http://{a}/metrics")).unwrap_or_default();
+        println!("  agent {}{on}  pid {}  log {}{metrics}", g.name, g.pid, g.data_dir.join("agent.log").display());
     }
     if hosts {
         println!(
@@ -385,7 +438,7 @@ pub async fn run(a: DevArgs, _g: &Global) -> Result<()> {
                 reported.insert(*id);
             }
         }
-        for (name, adir, child, _) in agent_children.iter_mut() {
+        for (name, adir, child, _, _) in agent_children.iter_mut() {
             let key = u64::MAX - child.id() as u64;
             if !reported.contains(&key)
                 && let Ok(Some(status)) = child.try_wait()
@@ -401,7 +454,7 @@ pub async fn run(a: DevArgs, _g: &Global) -> Result<()> {
     }
     eprintln!("berth dev: stopping the agents and the masters");
     let mut agents: BTreeMap<u64, Child> =
-        agent_children.into_iter().enumerate().map(|(i, (_, _, c, _))| (i as u64, c)).collect();
+        agent_children.into_iter().enumerate().map(|(i, (_, _, c, _, _))| (i as u64, c)).collect();
     stop_all(&mut agents);
     stop_all(&mut children);
     Ok(())

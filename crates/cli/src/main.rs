@@ -274,6 +274,10 @@ struct AgentArgs {
     /// The HAProxy program the edge router runs.
     #[arg(long, value_name = "PATH", default_value = "haproxy")]
     haproxy: PathBuf,
+    /// Serve /metrics (Prometheus), /healthz and /readyz (in session with the leader) over
+    /// plain HTTP on IP:PORT; bind it where only your monitoring reaches.
+    #[arg(long, value_name = "IP:PORT")]
+    metrics_listen: Option<String>,
 }
 
 fn parse_size(s: &str) -> std::result::Result<u64, String> {
@@ -361,6 +365,10 @@ struct MasterArgs {
     /// allowance; repeatable).
     #[arg(long = "allow-route-domain", requires = "apps_domain")]
     allow_route_domains: Vec<String>,
+    /// Serve /metrics (Prometheus), /healthz and /readyz (a live leader, and applied up to its
+    /// commit index) over plain HTTP on IP:PORT; bind it where only your monitoring reaches.
+    #[arg(long, value_name = "IP:PORT")]
+    metrics_listen: Option<String>,
 }
 
 fn init_tracing() {
@@ -410,6 +418,7 @@ async fn run_master(a: MasterArgs) -> Result<()> {
     cfg.agent_heartbeat_interval = a.agent_heartbeat_interval;
     cfg.network_update_part_bytes = a.network_update_part_bytes;
     cfg.route_domains = a.apps_domain.into_iter().chain(a.allow_route_domains).collect();
+    cfg.metrics_listen = a.metrics_listen;
     if let (Some(address), Some(vip)) = (a.address_pool, a.vip_pool) {
         cfg.pools = Some(
             berth_master::Pools::new(address, a.network_size, vip)
@@ -476,6 +485,7 @@ async fn run_agent(a: AgentArgs) -> Result<()> {
             dns: a.apps_dns,
             haproxy: a.haproxy,
         },
+        metrics_listen: a.metrics_listen,
     };
     berth_agent::run(cfg, shutdown_on_signals()).await?;
     Ok(())

@@ -696,10 +696,14 @@ impl TaskManager {
                 }
             }
         }
+        let started = std::time::Instant::now();
+        let runtime = crate::metrics::RuntimeLabel { runtime: crate::metrics::runtime_name(kind) };
         if let Err(e) = self.call(kind, |rt| rt.start_with(&id, &spec, &binds)).await {
+            crate::metrics::METRICS.start_failures.get_or_create(&runtime).inc();
             self.fail_before_start(&id, format!("could not start: {e}")).await;
             return;
         }
+        crate::metrics::METRICS.start_seconds.get_or_create(&runtime).observe(started.elapsed().as_secs_f64());
         if kind == RuntimeKind::Docker && spec.attachment.is_some() {
             // A container that has already ended has nothing to plug: the loop below reports it.
             if let Ok(Observed::Running { pid: Some(pid), .. }) = self.call(kind, |rt| rt.inspect(&id)).await {
@@ -754,6 +758,11 @@ impl TaskManager {
                             me.call(kind, |rt| rt.exec(&tid, &argv, timeout)).await
                         })
                         .await;
+                        let label = if result.is_ok() { "success" } else { "failure" };
+                        crate::metrics::METRICS
+                            .probes
+                            .get_or_create(&crate::metrics::ProbeLabel { result: label })
+                            .inc();
                         if let Some(Health::Unhealthy) = t.record(Instant::now(), result) {
                             let why = t.last_error().unwrap_or("probe failed").to_string();
                             warn!(task = %id, "unhealthy: {why}");

@@ -270,6 +270,11 @@ impl Overlay {
         Ok(o)
     }
 
+    /// Networks this node has attached.
+    pub fn network_count(&self) -> usize {
+        self.stored.view.networks.len()
+    }
+
     pub fn view(&self) -> &View {
         &self.stored.view
     }
