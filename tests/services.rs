@@ -165,6 +165,14 @@ fn lost_agents_replace_and_at_most_once_fences() -> Result<()> {
     wait_for(LONG, "the old copy stopped", || (!alive(old_pid)).then_some(()))?;
     let stale = std::mem::replace(&mut agents[idx], back);
     drop(stale);
+    // The node's fall and return are events, in order.
+    wait_for(LONG, "NodeDown then NodeUp events for the lost node", || {
+        let evs = c.berth_json(&["events", "--type", "NodeDown", "--type", "nodeup"]).ok()?;
+        let kinds: Vec<&str> =
+            evs.as_array()?.iter().filter(|e| e["name"] == host.as_str()).filter_map(|e| e["type"].as_str()).collect();
+        let down = kinds.iter().position(|k| *k == "NodeDown")?;
+        kinds[down..].contains(&"NodeUp").then_some(())
+    })?;
 
     // at-most-once: freeze the agent running it; the task must be gone before its replacement runs.
     apply(&c, &dir, "ledger", &one("ledger", "  disconnect: at-most-once\n"))?;

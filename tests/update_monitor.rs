@@ -120,6 +120,26 @@ fn tasks_that_fail_within_monitor_roll_the_update_back() -> Result<()> {
         reason.as_deref().is_some_and(|r| r.contains("after turning ready")) || logged >= 1,
         "the rollback's reason names a task that ended after turning ready: {reason:?}"
     );
+    // The rollout's story is in the events, and `describe` shows it.
+    let evs = c.berth_json(&["events"])?;
+    let kinds: Vec<&str> = evs
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["object"] == "service" && e["name"] == "mon")
+        .filter_map(|e| e["type"].as_str())
+        .collect();
+    for k in ["RolloutStarted", "RolloutCompleted", "RollbackStarted", "RolledBack"] {
+        assert!(kinds.contains(&k), "a {k} event for the service: {kinds:?}");
+    }
+    let failed = c.berth_json(&["events", "--type", "TaskFailed"])?;
+    assert!(
+        failed.as_array().unwrap().iter().any(|e| e["name"].as_str().is_some_and(|n| n.starts_with("mon."))),
+        "the task that died has a TaskFailed event: {failed}"
+    );
+    let described = c.berth(&["describe", "service", "mon"]);
+    let text = String::from_utf8_lossy(&described.stdout);
+    assert!(text.contains("Events:") && text.contains("RolledBack"), "{text}");
     let back = wait_for(LONG, "version 3 healthy", || healthy_task(&c, 3))?;
     let s = service(&c).expect("the service");
     assert_eq!(s["spec"]["spec"]["task"]["command"][2], SERVE.replace("\\\"", "\""), "version 3 runs version 1's spec");

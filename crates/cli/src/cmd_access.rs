@@ -470,7 +470,7 @@ pub async fn run_role(cmd: RoleCmd, g: &Global) -> Result<()> {
 }
 
 /// `--since`: a duration ago, or an RFC 3339 time.
-fn since_ms(text: &str) -> Result<i64> {
+pub(crate) fn since_ms(text: &str) -> Result<i64> {
     let now = std::time::SystemTime::now();
     let at = match humantime::parse_duration(text) {
         Ok(d) => now.checked_sub(d).unwrap_or(std::time::UNIX_EPOCH),

@@ -564,7 +564,12 @@ pub struct ApplyOut {
 struct DescribeOut {
     service: ServiceOut,
     tasks: Vec<TaskOut>,
+    /// The service's and its tasks' recent events, oldest first.
+    events: Vec<berth_types::event::ClusterEvent>,
 }
+
+/// The most recent events `describe` shows.
+const DESCRIBE_EVENTS: usize = 20;
 
 // ---------------------------------------------------------------------------------------------
 // Table rows
@@ -1242,10 +1247,19 @@ pub async fn run_describe(cmd: DescribeCmd, g: &Global) -> Result<()> {
     let resp = get_service(&client, &namespace, &name).await?;
     let names = node_names(&client).await;
     let view = resp.service.unwrap_or_default();
-    let out = DescribeOut {
-        service: ServiceOut::from_view(&view),
-        tasks: resp.tasks.iter().map(|t| TaskOut::from_task(t, &names)).collect(),
+    let service = ServiceOut::from_view(&view);
+    // Events are shown when this identity may read them (they live in the key space).
+    let (events, events_note) = match crate::cmd_events::list(&client, 0).await {
+        Ok((all, _)) => {
+            let mut mine: Vec<_> =
+                all.into_iter().filter(|e| e.concerns("service", &service.namespace, &service.name)).collect();
+            let skip = mine.len().saturating_sub(DESCRIBE_EVENTS);
+            (mine.split_off(skip), None)
+        }
+        Err(e) => (Vec::new(), Some(output::describe(&e))),
     };
+    let out =
+        DescribeOut { service, tasks: resp.tasks.iter().map(|t| TaskOut::from_task(t, &names)).collect(), events };
     let now = now_ms();
     output::emit(g.output, &out, |d| {
         for l in describe_lines(&d.service, now) {
@@ -1267,6 +1281,16 @@ pub async fn run_describe(cmd: DescribeCmd, g: &Global) -> Result<()> {
                 let reason = if t.pending_reason.is_empty() { "waiting to be scheduled" } else { &t.pending_reason };
                 let slot = if t.slot == 0 { String::new() } else { format!(" (slot {})", t.slot) };
                 out_line(&format!("Pending: {}{slot}: {reason}", t.id));
+            }
+        }
+        out_line("");
+        match (&events_note, d.events.is_empty()) {
+            (Some(why), _) => out_line(&format!("Events: cannot be read: {why}")),
+            (None, true) => out_line("Events: none in the last hour"),
+            (None, false) => {
+                out_line("Events:");
+                let rows = crate::cmd_events::rows(&d.events.iter().collect::<Vec<_>>());
+                out_line(output::render_table(&crate::cmd_events::HEADERS, &rows).trim_end());
             }
         }
     });

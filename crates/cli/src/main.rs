@@ -7,6 +7,7 @@ mod bench_overlay;
 mod client;
 mod cmd_access;
 mod cmd_cluster;
+mod cmd_events;
 mod cmd_images;
 mod cmd_kv;
 mod cmd_networks;
@@ -137,6 +138,9 @@ enum Cmd {
     Ca(cmd_access::CaCmd),
     /// The audit log: every change and every refused call, who made it and what came of it.
     Audit(cmd_access::AuditArgs),
+    /// Cluster events: nodes up and down, task failures, rollouts, leader elections, members,
+    /// tokens used (kept an hour, at most 10,000).
+    Events(cmd_events::EventsArgs),
     /// Benchmarks.
     #[command(subcommand)]
     Bench(bench::BenchCmd),
@@ -542,6 +546,7 @@ fn main() {
             Cmd::Ca(c) => cmd_access::run_ca(c, &cli.global).await,
             Cmd::Role(c) => cmd_access::run_role(c, &cli.global).await,
             Cmd::Audit(a) => cmd_access::run_audit(a, &cli.global).await,
+            Cmd::Events(a) => cmd_events::run(a, &cli.global).await,
             Cmd::Bench(c) => bench::run(c, &cli.global).await,
             Cmd::Version => cmd_cluster::run_version(&cli.global).await,
             Cmd::Completion(a) => print_completion(a.shell),

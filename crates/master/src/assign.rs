@@ -396,6 +396,10 @@ pub(crate) async fn commit_statuses(ctx: Arc<Ctx>, leading: CancellationToken) {
                     cur.mod_revision,
                     updated.encode_to_vec(),
                 )]);
+                let txn = match failure_event(c.id, &updated) {
+                    Some(e) => crate::events::with(txn, &[e]),
+                    None => txn,
+                };
                 out.push((id, node, s, txn));
             }
             out
@@ -443,6 +447,21 @@ pub(crate) async fn commit_statuses(ctx: Arc<Ctx>, leading: CancellationToken) {
             }
         }
     }
+}
+
+/// The event of a task that has just failed (apply_status never returns a task that had
+/// already ended): fenced by the at-most-once fence, or failed.
+fn failure_event(master: u64, t: &Task) -> Option<berth_types::event::ClusterEvent> {
+    if tasks::state_of(t) != TaskState::Failed {
+        return None;
+    }
+    let kind = if berth_types::task::is_fence_stop(&t.message) {
+        berth_types::event::TASK_FENCED
+    } else {
+        berth_types::event::TASK_FAILED
+    };
+    let on = if t.node_id.is_empty() { String::new() } else { format!(" on node {}", t.node_id) };
+    Some(crate::events::new(master, kind, "task", &t.namespace, &t.id, format!("{}{on}", t.message)))
 }
 
 /// The task with the reported state applied, or None when nothing changes.

@@ -414,8 +414,23 @@ impl cluster_server::Cluster for ClusterService {
     async fn member_add(&self, r: Request<pb::MemberAddRequest>) -> Result<Response<pb::MemberAddResponse>, Status> {
         let caller = crate::authz::Caller::of(&r)?;
         let name: String = r.get_ref().id.to_string();
-        crate::audit::mutate(&self.ctx, &caller, Verb::Create, Resource::Members, None, &name, self.member_add_call(r))
-            .await
+        let endpoint = r.get_ref().endpoint.clone();
+        let res = crate::audit::mutate(
+            &self.ctx,
+            &caller,
+            Verb::Create,
+            Resource::Members,
+            None,
+            &name,
+            self.member_add_call(r),
+        )
+        .await;
+        if res.is_ok() {
+            let message = format!("master {name} at {endpoint} added as a learner");
+            let e = crate::events::new(self.ctx.id, berth_types::event::MEMBER_ADDED, "master", "", &name, message);
+            crate::events::emit(&self.ctx, e).await;
+        }
+        res
     }
 
     async fn member_certificate(
@@ -487,7 +502,7 @@ impl cluster_server::Cluster for ClusterService {
     ) -> Result<Response<pb::MemberRemoveResponse>, Status> {
         let caller = crate::authz::Caller::of(&r)?;
         let name: String = r.get_ref().id.to_string();
-        crate::audit::mutate(
+        let res = crate::audit::mutate(
             &self.ctx,
             &caller,
             Verb::Delete,
@@ -496,7 +511,13 @@ impl cluster_server::Cluster for ClusterService {
             &name,
             self.member_remove_call(r),
         )
-        .await
+        .await;
+        if res.is_ok() {
+            let message = format!("master {name} removed from the cluster (its id is never reused)");
+            let e = crate::events::new(self.ctx.id, berth_types::event::MEMBER_REMOVED, "master", "", &name, message);
+            crate::events::emit(&self.ctx, e).await;
+        }
+        res
     }
 
     async fn transfer_leader(

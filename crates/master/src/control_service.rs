@@ -15,7 +15,7 @@ use berth_api::pb::{
 };
 use berth_channel::{FrameReader, FrameWriter};
 use berth_types::{
-    Command, CommandResult,
+    Command, CommandResult, event,
     spec::{self, Document, Service, ServiceMode},
 };
 use futures::Stream;
@@ -131,8 +131,19 @@ fn new_rollout(now: i64, state: RolloutState, message: String) -> Option<Rollout
 
 impl ControlSvc {
     async fn write_record(&self, r: &ServiceRecord, expected: i64) -> Result<i64, Status> {
+        self.write_record_with(r, expected, None).await
+    }
+
+    /// Writes the record and, with `event`, records that event of its rollout (with the
+    /// rollout's message) in the same transaction.
+    async fn write_record_with(&self, r: &ServiceRecord, expected: i64, event: Option<&str>) -> Result<i64, Status> {
         let key = tasks::service_key(&r.namespace, &r.name);
-        let txn = objects::txn_of(vec![objects::cas_put(key, expected, r.encode_to_vec())]);
+        let mut txn = objects::txn_of(vec![objects::cas_put(key, expected, r.encode_to_vec())]);
+        if let Some(kind) = event {
+            let message = r.rollout.as_ref().map(|ro| ro.message.clone()).unwrap_or_default();
+            let e = crate::events::new(self.ctx.id, kind, "service", &r.namespace, &r.name, message);
+            txn = crate::events::with(txn, &[e]);
+        }
         check_txn(self.ctx.write(Command::Txn(txn)).await?, &format!("service {}/{}", r.namespace, r.name))
     }
 
@@ -155,7 +166,7 @@ impl ControlSvc {
         r.version += 1;
         r.updated_at_ms = now;
         r.rollout = new_rollout(now, RolloutState::Updating, format!("{why} (version {})", r.version));
-        self.write_record(&r, rec.mod_revision).await.map(|_| ())
+        self.write_record_with(&r, rec.mod_revision, Some(event::ROLLOUT_STARTED)).await.map(|_| ())
     }
 }
 
@@ -235,7 +246,7 @@ impl ControlSvc {
                     ro.message = "paused by `berth rollout pause`".into();
                     ro.updated_at_ms = now;
                 }
-                self.write_record(&n, rec.mod_revision).await?;
+                self.write_record_with(&n, rec.mod_revision, Some(event::ROLLOUT_PAUSED)).await?;
             }
             RolloutAction::Resume => {
                 if state != RolloutState::Paused {
@@ -246,7 +257,7 @@ impl ControlSvc {
                 let mut n = rec.obj.clone();
                 n.rollout =
                     new_rollout(now, RolloutState::Updating, format!("resumed: rolling out version {}", n.version));
-                self.write_record(&n, rec.mod_revision).await?;
+                self.write_record_with(&n, rec.mod_revision, Some(event::ROLLOUT_RESUMED)).await?;
             }
             RolloutAction::Undo => {
                 if rec.obj.previous_spec_json.is_empty() {
@@ -259,7 +270,7 @@ impl ControlSvc {
                 n.version += 1;
                 n.updated_at_ms = now;
                 n.rollout = new_rollout(now, RolloutState::RollingBack, "undo: back to the previous spec".into());
-                self.write_record(&n, rec.mod_revision).await?;
+                self.write_record_with(&n, rec.mod_revision, Some(event::ROLLBACK_STARTED)).await?;
             }
         }
         self.respond(&rec.obj.namespace, &rec.obj.name).await
@@ -278,6 +289,7 @@ impl ControlSvc {
         let now = objects::now_ms();
         let mut results = Vec::new();
         let mut parts = Vec::new();
+        let mut events = Vec::new();
         // Namespaces (and their quotas) first: the apply's other documents count against them.
         for doc in &documents {
             let Document::Namespace(n) = doc else { continue };
@@ -426,6 +438,14 @@ impl ControlSvc {
                 rec.vip = vip;
                 rec.rollout = new_rollout(now, RolloutState::Updating, format!("rolling out version {version}"));
                 parts.push(objects::cas_put(key, expected, rec.encode_to_vec()));
+                events.push(crate::events::new(
+                    self.ctx.id,
+                    event::ROLLOUT_STARTED,
+                    "service",
+                    ns,
+                    name,
+                    format!("rolling out version {version} ({action})"),
+                ));
             }
             let action = if r.dry_run { format!("would be {action}") } else { action.to_string() };
             results.push(pb::ApplyResult {
@@ -466,7 +486,13 @@ impl ControlSvc {
         }
         let writes = parts.iter().any(|(_, op)| !matches!(op, berth_types::RequestOp::Range(_)));
         if writes {
-            let rev = check_txn(self.ctx.write(Command::Txn(objects::txn_of(parts))).await?, "a service or network")?;
+            let mut txn = objects::txn_of(parts);
+            // The rollouts' events commit with them, unless they would take the transaction
+            // past its size limit (the apply itself matters more than its record).
+            if txn.compare.len() + txn.success.len() + events.len() <= self.ctx.limits.max_txn_ops {
+                txn = crate::events::with(txn, &events);
+            }
+            let rev = check_txn(self.ctx.write(Command::Txn(txn)).await?, "a service or network")?;
             for res in &mut results {
                 res.revision = rev;
                 if !res.action.starts_with("unchanged") {

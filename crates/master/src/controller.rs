@@ -112,6 +112,8 @@ pub(crate) async fn run(ctx: Arc<Ctx>, leading: CancellationToken) {
 /// What one round read.
 struct World {
     reader: berth_store::KvReader,
+    /// This master, for the events it records.
+    me: u64,
     now: i64,
     nodes: HashMap<String, Node>,
     services: Vec<Svc>,
@@ -170,6 +172,7 @@ fn load(ctx: &Ctx) -> Result<World, String> {
     }
     Ok(World {
         reader: ctx.reader.clone(),
+        me: ctx.id,
         now: objects::now_ms(),
         nodes: nodes.into_iter().map(|n| (n.obj.id.clone(), n.obj)).collect(),
         services: svcs,
@@ -222,7 +225,11 @@ impl Plan {
     }
 
     fn push_tagged(&mut self, parts: Vec<(Compare, RequestOp)>, what: String, tag: Tag) {
-        self.txns.push(objects::txn_of(parts));
+        self.push_txn(objects::txn_of(parts), what, tag);
+    }
+
+    fn push_txn(&mut self, txn: Txn, what: String, tag: Tag) {
+        self.txns.push(txn);
         self.tags.push(tag);
         self.log.push(what);
     }
@@ -603,10 +610,16 @@ fn set_rollout(w: &World, svc: &Svc, plan: &mut Plan, state: RolloutState, messa
         failures,
     });
     let key = tasks::service_key(&r.namespace, &r.name);
-    plan.push(
-        vec![objects::cas_put(key, svc.mod_revision, r.encode_to_vec())],
-        format!("{}: rollout {:?}", svc.key(), state),
-    );
+    let mut txn = objects::txn_of(vec![objects::cas_put(key, svc.mod_revision, r.encode_to_vec())]);
+    // An event when the state changes (not for a new message or failure count).
+    if old.state != state as i32
+        && let Some(kind) = crate::events::rollout_kind(state)
+    {
+        let message = r.rollout.as_ref().map(|ro| ro.message.clone()).unwrap_or_default();
+        let e = crate::events::new(w.me, kind, "service", &r.namespace, &r.name, message);
+        txn = crate::events::with(txn, &[e]);
+    }
+    plan.push_txn(txn, format!("{}: rollout {:?}", svc.key(), state), Tag::Other);
 }
 
 fn update(w: &World, svc: &Svc, fence_ms: u64, plan: &mut Plan) {
@@ -718,7 +731,17 @@ fn rollback(w: &World, svc: &Svc, plan: &mut Plan, why: &str) {
     });
     warn!(service = %svc.key(), "rolling back: {why}");
     let key = tasks::service_key(&r.namespace, &r.name);
-    plan.push(vec![objects::cas_put(key, svc.mod_revision, r.encode_to_vec())], format!("{}: rollback", svc.key()));
+    let e = crate::events::new(
+        w.me,
+        berth_types::event::ROLLBACK_STARTED,
+        "service",
+        &r.namespace,
+        &r.name,
+        format!("rolling back to the previous spec as version {}: {why}", r.version),
+    );
+    let txn =
+        crate::events::with(objects::txn_of(vec![objects::cas_put(key, svc.mod_revision, r.encode_to_vec())]), &[e]);
+    plan.push_txn(txn, format!("{}: rollback", svc.key()), Tag::Other);
 }
 
 /// The slot a task fills: namespace, service, slot number and, for a global service, its node.

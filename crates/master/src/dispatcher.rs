@@ -22,7 +22,7 @@ use berth_api::pb::{
 };
 use berth_channel::{FrameReader, FrameWriter, close};
 use berth_pki::{Identity, Role, token::JoinToken};
-use berth_types::{Command, CommandResult};
+use berth_types::{Command, CommandResult, event};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -427,11 +427,22 @@ async fn handle_join(ctx: &Ctx, req: berth_api::pb::agent::JoinRequest) -> Optio
     if token_rec.uses_left > 0 {
         token_rec.uses_left -= 1;
     }
-    let txn = objects::txn_of(vec![
-        objects::cas_put(objects::token_key(&token.id), rec.mod_revision, objects::encode_token(&token_rec)),
-        objects::cas_put(objects::node_key(&node_id), 0, objects::encode_node(&node)),
-        objects::cas_put(objects::node_name_key(&req.name), 0, node_id.clone().into_bytes()),
-    ]);
+    let used = crate::events::new(
+        ctx.id,
+        event::TOKEN_USED,
+        "token",
+        "",
+        &token.id,
+        format!("node {} ({node_id}) joined; {} use(s) left", req.name, token_rec.uses_left),
+    );
+    let txn = crate::events::with(
+        objects::txn_of(vec![
+            objects::cas_put(objects::token_key(&token.id), rec.mod_revision, objects::encode_token(&token_rec)),
+            objects::cas_put(objects::node_key(&node_id), 0, objects::encode_node(&node)),
+            objects::cas_put(objects::node_name_key(&req.name), 0, node_id.clone().into_bytes()),
+        ]),
+        &[used],
+    );
     match ctx.write(Command::Txn(txn)).await {
         Ok(CommandResult::Txn(r)) if r.succeeded => {}
         Ok(_) if matches!(ctx.reader.get(&objects::node_name_key(&req.name)), Ok(Some(_))) => return name_taken(),
@@ -1090,7 +1101,23 @@ async fn monitor_once(ctx: &Ctx) -> Result<(), String> {
                 objects::cas_put(objects::node_key(&node.id), n.mod_revision, objects::encode_node(&node))
             })
             .collect();
-        async move { (chunk, ctx.write(Command::Txn(objects::txn_of(parts))).await) }
+        // Each transition's event commits with it.
+        let events: Vec<_> = chunk
+            .iter()
+            .map(|(n, status, msg)| {
+                let kind = if *status == NodeStatus::Down { event::NODE_DOWN } else { event::NODE_UP };
+                crate::events::new(
+                    ctx.id,
+                    kind,
+                    "node",
+                    "",
+                    &n.obj.name,
+                    format!("{} ({}): {msg}", n.obj.name, n.obj.id),
+                )
+            })
+            .collect();
+        let txn = crate::events::with(objects::txn_of(parts), &events);
+        async move { (chunk, ctx.write(Command::Txn(txn)).await) }
     });
     let mut failed = None;
     for (chunk, res) in futures::future::join_all(writes).await {
@@ -1107,8 +1134,9 @@ async fn monitor_once(ctx: &Ctx) -> Result<(), String> {
     failed.map_or(Ok(()), Err)
 }
 
-/// Node transitions per transaction (a compare and a put each; transactions allow 128 ops).
-const TRANSITIONS_PER_TXN: usize = 60;
+/// Node transitions per transaction (a compare, a put and an event each; transactions allow 128
+/// ops).
+const TRANSITIONS_PER_TXN: usize = 40;
 
 /// Binds the agents' QUIC endpoint on the gRPC port number, over UDP.
 pub(crate) fn bind(ctx: &Ctx, addr: SocketAddr) -> Result<quinn::Endpoint, crate::MasterError> {

@@ -17,6 +17,7 @@ mod deadline;
 mod dispatcher;
 mod endpoints;
 mod error;
+mod events;
 mod identity;
 mod images;
 mod ipam;

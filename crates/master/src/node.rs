@@ -516,6 +516,20 @@ async fn watch_state(ctx: Arc<Ctx>, shutdown: CancellationToken) {
             tokio::spawn(crate::assign::commit_statuses(ctx.clone(), token.clone()));
             tokio::spawn(crate::controller::run(ctx.clone(), token.clone()));
             tokio::spawn(crate::audit::retain(ctx.clone(), token.clone()));
+            tokio::spawn(crate::events::retain(ctx.clone(), token.clone()));
+            let c = ctx.clone();
+            let term = m.current_term;
+            tokio::spawn(async move {
+                let e = crate::events::new(
+                    c.id,
+                    berth_types::event::LEADER_ELECTED,
+                    "master",
+                    "",
+                    &c.id.to_string(),
+                    format!("master {} leads in term {term}", c.id),
+                );
+                crate::events::emit(&c, e).await;
+            });
             tokio::spawn(record_ca(ctx.clone()));
             tokio::spawn(crate::ca_rotation::drive(ctx.clone(), token.clone()));
             tokio::spawn(crate::networks::record_pools(ctx.clone()));

@@ -4,6 +4,7 @@
 //! This crate does no I/O and must not depend on any runtime crate (tokio, tonic, rocksdb, quinn).
 //! Everything here is plain data plus pure functions, so that every other crate can share it.
 
+pub mod event;
 pub mod image;
 mod kv;
 mod limits;
