@@ -18,6 +18,8 @@ fi
 command -v strip >/dev/null 2>&1 || need+=(binutils)
 # etcd-client (the etcd side of `berth bench kv --target etcd`) compiles etcd's protos with protoc.
 command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
+# The deploy tests check the systemd units with systemd-analyze.
+command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing build prerequisites: ${need[*]}" >&2
   SUDO=""

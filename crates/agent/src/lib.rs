@@ -368,6 +368,11 @@ pub(crate) async fn run_agent<D: Driver>(
         }
     };
     tracing::Span::current().record("node", state.node_id.as_str());
+    // Joined (or restarted from its state): it runs its tasks whether or not a master answers, so
+    // it is started; /readyz tells whether it has a session.
+    if let Err(e) = berth_metrics::notify_ready(&format!("node {} ({}) started", spec.name, state.node_id)) {
+        warn!("telling the service manager this agent is ready failed: {e}");
+    }
     driver.identify(&state.node_id);
     let files = certs::load(&spec.dir, &state.node_id)?;
     let revoked: certs::SharedRevoked = std::sync::Arc::new(std::sync::RwLock::new(certs::Revoked {

@@ -328,6 +328,12 @@ pub async fn run_master(cfg: MasterConfig, shutdown: CancellationToken) -> Resul
     }
     let mut watcher = tokio::spawn(watch_state(ctx.clone(), shutdown.clone()));
     info!(id = ident.id, %local_addr, data_dir = %cfg.data_dir.display(), "master started");
+    // Serving: a supervisor (systemd Type=notify) may go on. Whether it has a leader is /readyz's
+    // question: a master must not wait for its peers to count as started, or a cluster whose
+    // masters start one by one never would.
+    if let Err(e) = berth_metrics::notify_ready(&format!("master {} serving on {local_addr}", ident.id)) {
+        warn!("telling the service manager this master is ready failed: {e}");
+    }
 
     // Raft stops by itself only on a storage error (a failed write or fsync, a full disk). Such a
     // master must not linger, answering every request with an error: it exits non-zero so that

@@ -141,6 +141,28 @@ async fn readyz(State(s): State<Arc<Shared>>) -> Response {
     }
 }
 
+/// Tells the service manager (systemd's `Type=notify`, through `$NOTIFY_SOCKET`) that the
+/// process is ready, with a status line; does nothing when there is none. A failure is returned
+/// for the caller to log: readiness is a courtesy to the supervisor, never a reason to stop.
+pub fn notify_ready(status: &str) -> std::io::Result<()> {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else { return Ok(()) };
+    let sock = std::os::unix::net::UnixDatagram::unbound()?;
+    let msg = format!("READY=1\nSTATUS={}\n", status.replace('\n', " "));
+    let bytes = path.as_encoded_bytes();
+    match bytes.strip_prefix(b"@") {
+        // An abstract socket (systemd's default in containers and for user managers).
+        Some(name) => {
+            use std::os::linux::net::SocketAddrExt;
+            let addr = std::os::unix::net::SocketAddr::from_abstract_name(name)?;
+            sock.send_to_addr(msg.as_bytes(), &addr)?;
+        }
+        None => {
+            sock.send_to(msg.as_bytes(), std::path::Path::new(&path))?;
+        }
+    }
+    Ok(())
+}
+
 /// The process's own figures, from /proc/self, refreshed at every scrape (the names node
 /// exporters and Prometheus' client libraries use).
 struct ProcessMetrics {
@@ -294,6 +316,35 @@ mod tests {
 
         stop.cancel();
         tokio::time::timeout(Duration::from_secs(5), server).await.unwrap().unwrap().unwrap();
+    }
+
+    /// The service manager's side: this test binds the socket and runs `notify_child` in a
+    /// child process with NOTIFY_SOCKET set (the environment of this process stays untouched).
+    #[test]
+    fn readiness_reaches_the_service_manager() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("notify");
+        let manager = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "tests::notify_child"])
+            .env("NOTIFY_SOCKET", &path)
+            .env("BERTH_NOTIFY_CHILD", "1")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+        manager.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut buf = [0u8; 256];
+        let n = manager.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"READY=1\nSTATUS=serving on 127.0.0.1:7001\n");
+    }
+
+    #[test]
+    fn notify_child() {
+        if std::env::var_os("BERTH_NOTIFY_CHILD").is_some() {
+            notify_ready("serving on\n127.0.0.1:7001").unwrap();
+        } else {
+            assert!(notify_ready("no manager").is_ok(), "without NOTIFY_SOCKET it does nothing");
+        }
     }
 
     #[tokio::test]

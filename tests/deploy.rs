@@ -1,0 +1,90 @@
+//! The deployment files in deploy/: the systemd units are valid (systemd-analyze verify, no
+//! warning), the master's hardening stays strict (systemd-analyze security), and the agent's unit
+//! keeps tasks alive across an agent restart (KillMode=process).
+
+use std::{path::PathBuf, process::Command};
+
+use anyhow::{Context, Result, bail};
+use berth_tests::berth_bin;
+
+fn unit(name: &str) -> Result<String> {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/systemd").join(name);
+    std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))
+}
+
+/// The unit with its ExecStart pointing at the binary under test, written to `dir`.
+fn installed(dir: &std::path::Path, name: &str) -> Result<PathBuf> {
+    let text = unit(name)?.replace("/usr/local/bin/berth", &berth_bin().display().to_string());
+    let path = dir.join(name);
+    std::fs::write(&path, text)?;
+    Ok(path)
+}
+
+fn analyze(args: &[&str]) -> Result<(bool, String, String)> {
+    let out = Command::new("systemd-analyze")
+        .args(args)
+        .output()
+        .context("running systemd-analyze (Debian's systemd package; deploy/prereqs.sh installs it)")?;
+    Ok((out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into()))
+}
+
+#[test]
+fn the_systemd_units_are_valid_and_the_master_is_hardened() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let master = installed(dir.path(), "berth-master.service")?;
+    let agent = installed(dir.path(), "berth-agent.service")?;
+    for u in [&master, &agent] {
+        let (ok, _, err) = analyze(&["verify", "--man=no", &u.display().to_string()])?;
+        if !ok || !err.trim().is_empty() {
+            bail!("systemd-analyze verify {}: {err}", u.display());
+        }
+    }
+    // systemd's exposure score: 0 (locked down) to 10 (exposed); "OK" is below 5.
+    let (_, out, err) = analyze(&["security", "--offline=true", &master.display().to_string()])?;
+    let level: f64 = out
+        .lines()
+        .chain(err.lines())
+        .find_map(|l| l.split("exposure level for berth-master.service: ").nth(1))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .with_context(|| format!("no exposure level in: {out}{err}"))?;
+    assert!(level <= 2.0, "the master's unit is hardened (exposure {level}, at most 2.0 expected)");
+    let m = unit("berth-master.service")?;
+    for must in ["Type=notify", "Restart=always", "NoNewPrivileges=yes", "ProtectSystem=strict", "User=berth"] {
+        assert!(m.lines().any(|l| l == must), "berth-master.service has {must}");
+    }
+    let a = unit("berth-agent.service")?;
+    for must in ["Type=notify", "Restart=always", "KillMode=process", "Delegate=yes"] {
+        assert!(a.lines().any(|l| l == must), "berth-agent.service has {must}");
+    }
+    Ok(())
+}
+
+/// The master tells its service manager when it serves (Type=notify), through $NOTIFY_SOCKET.
+#[test]
+fn a_master_notifies_its_service_manager_once_it_serves() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let sock_path = dir.path().join("notify");
+    let manager = std::os::unix::net::UnixDatagram::bind(&sock_path)?;
+    manager.set_read_timeout(Some(std::time::Duration::from_secs(60)))?;
+    let ep = format!("127.0.0.1:{}", berth_tests::free_port());
+    berth_tests::pki_init(&dir.path().join("pki"))?;
+    let mut child = Command::new(berth_bin())
+        .args(["master", "--id", "1", "--listen", &ep, "--initial-cluster", &format!("1={ep}")])
+        .arg("--pki-dir")
+        .arg(dir.path().join("pki"))
+        .arg("--data-dir")
+        .arg(dir.path().join("m1"))
+        .env("NOTIFY_SOCKET", &sock_path)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let mut buf = [0u8; 512];
+    let got = manager.recv(&mut buf);
+    let _ = child.kill();
+    let _ = child.wait();
+    let n = got.context("no readiness message within 60 s")?;
+    let msg = String::from_utf8_lossy(&buf[..n]);
+    assert!(msg.starts_with("READY=1\n") && msg.contains(&format!("serving on {ep}")), "{msg}");
+    Ok(())
+}
