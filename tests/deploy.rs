@@ -1,6 +1,7 @@
 //! The deployment files in deploy/: the systemd units are valid (systemd-analyze verify, no
-//! warning), the master's hardening stays strict (systemd-analyze security), and the agent's unit
-//! keeps tasks alive across an agent restart (KillMode=process).
+//! warning), the master's hardening stays strict (systemd-analyze security), the agent's unit
+//! keeps tasks alive across an agent restart (KillMode=process), a master tells systemd when it
+//! serves, and the backup unit's commands save snapshots and keep the seven newest.
 
 use std::{path::PathBuf, process::Command};
 
@@ -33,7 +34,9 @@ fn the_systemd_units_are_valid_and_the_master_is_hardened() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let master = installed(dir.path(), "berth-master.service")?;
     let agent = installed(dir.path(), "berth-agent.service")?;
-    for u in [&master, &agent] {
+    let backup = installed(dir.path(), "berth-backup.service")?;
+    let timer = installed(dir.path(), "berth-backup.timer")?;
+    for u in [&master, &agent, &backup, &timer] {
         let (ok, _, err) = analyze(&["verify", "--man=no", &u.display().to_string()])?;
         if !ok || !err.trim().is_empty() {
             bail!("systemd-analyze verify {}: {err}", u.display());
@@ -86,5 +89,64 @@ fn a_master_notifies_its_service_manager_once_it_serves() -> Result<()> {
     let n = got.context("no readiness message within 60 s")?;
     let msg = String::from_utf8_lossy(&buf[..n]);
     assert!(msg.starts_with("READY=1\n") && msg.contains(&format!("serving on {ep}")), "{msg}");
+    Ok(())
+}
+
+/// The shell command of a unit's `Exec...=/bin/sh -c '...'` line, as systemd would run it.
+fn shell_of(unit_text: &str, key: &str) -> Option<String> {
+    let line = unit_text.lines().find(|l| l.starts_with(&format!("{key}=/bin/sh -c '")))?;
+    let cmd = line.split_once("-c '")?.1.strip_suffix('\'')?;
+    Some(cmd.replace("%%", "%"))
+}
+
+/// berth-backup.service's own commands against a real cluster: a snapshot file appears, and only
+/// the seven newest are kept.
+#[test]
+fn the_backup_unit_saves_snapshots_and_keeps_seven() -> Result<()> {
+    let c = berth_tests::Cluster::start(1, &[])?;
+    assert!(c.put("backup/k", "v"));
+    let text = unit("berth-backup.service")?;
+    let pki = c.pki_dir();
+    let toml = c.dir.path().join("berth.toml");
+    std::fs::write(
+        &toml,
+        format!(
+            "endpoints = [\"{}\"]\nca_cert = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+            c.endpoints(),
+            pki.join("ca.crt").display(),
+            pki.join("admin.crt").display(),
+            pki.join("admin.key").display()
+        ),
+    )?;
+    let state = c.dir.path().join("backups");
+    std::fs::create_dir_all(&state)?;
+    // Eight older backups.
+    for i in 0..8 {
+        let f = state.join(format!("berth-2026010{i}T000000Z.snap"));
+        std::fs::write(&f, b"old")?;
+        let when = format!("2026-01-0{} 00:00:00", i + 1);
+        assert!(Command::new("touch").args(["-d", &when]).arg(&f).status()?.success());
+    }
+    let run = |key: &str| -> Result<()> {
+        let cmd = shell_of(&text, key)
+            .with_context(|| format!("berth-backup.service has no {key}=/bin/sh -c '...'"))?
+            .replace("/usr/local/bin/berth", &berth_bin().display().to_string())
+            .replace("/etc/berth/berth.toml", &toml.display().to_string());
+        let out = Command::new("/bin/sh").args(["-c", &cmd]).env("STATE_DIRECTORY", &state).output()?;
+        if !out.status.success() {
+            bail!("{key}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(())
+    };
+    run("ExecStart")?;
+    run("ExecStartPost")?;
+    let mut kept: Vec<String> =
+        std::fs::read_dir(&state)?.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    kept.sort();
+    assert_eq!(kept.len(), 7, "the seven newest are kept: {kept:?}");
+    let newest = kept.last().unwrap();
+    assert!(newest.starts_with("berth-20") && !newest.starts_with("berth-202601"), "{kept:?}");
+    assert!(std::fs::metadata(state.join(newest))?.len() > 100, "a real snapshot, not an empty file");
+    assert!(!kept.contains(&"berth-20260100T000000Z.snap".to_string()), "the oldest went: {kept:?}");
     Ok(())
 }
