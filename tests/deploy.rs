@@ -150,3 +150,29 @@ fn the_backup_unit_saves_snapshots_and_keeps_seven() -> Result<()> {
     assert!(!kept.contains(&"berth-20260100T000000Z.snap".to_string()), "the oldest went: {kept:?}");
     Ok(())
 }
+
+/// The version-skew policy on the wire: the leader refuses a join from an agent newer than the
+/// masters or more than one minor version behind, with what to upgrade, and takes one a minor
+/// version behind.
+#[test]
+fn agents_outside_the_version_skew_are_refused_with_what_to_upgrade() -> Result<()> {
+    let c = berth_tests::Cluster::start(3, &[])?;
+    let token = berth_tests::token(&c, &["--uses", "5"])?;
+    let this = berth_api::version::Version::this();
+    let newer = format!("{}.{}.0", this.major, this.minor + 1);
+    let why = berth_tests::join_as_version(&c.endpoints(), &c.pki_dir(), &token, &newer)?.unwrap_err();
+    assert!(why.contains("upgrade the masters first"), "{why}");
+    if this.minor >= 2 {
+        let older = format!("{}.{}.0", this.major, this.minor - 2);
+        let why = berth_tests::join_as_version(&c.endpoints(), &c.pki_dir(), &token, &older)?.unwrap_err();
+        assert!(why.contains("upgrade this agent"), "{why}");
+    }
+    let other_major = format!("{}.{}.0", this.major + 1, this.minor);
+    let why = berth_tests::join_as_version(&c.endpoints(), &c.pki_dir(), &token, &other_major)?.unwrap_err();
+    assert!(why.contains("version"), "{why}");
+    // Refusals used no token use; this build's own version is taken (the token's CSR check is
+    // what stops this hand-made join, after the version check).
+    let same = berth_tests::join_as_version(&c.endpoints(), &c.pki_dir(), &token, berth_api::version::VERSION)?;
+    assert!(same.as_ref().is_err_and(|m| !m.contains("version")), "{same:?}");
+    Ok(())
+}

@@ -18,8 +18,8 @@ pub mod gluster;
 #[path = "tls_checks.rs"]
 mod tls_checks;
 pub use tls_checks::{
-    Flood, agent_refused_before_the_body, bad_frames_close_the_session, pre_auth_flood, rss_kib, tls_checks,
-    watches_are_bounded_per_client,
+    Flood, agent_refused_before_the_body, bad_frames_close_the_session, join_as_version, pre_auth_flood, rss_kib,
+    tls_checks, watches_are_bounded_per_client,
 };
 
 /// The `berth` binary: `$BERTH_BIN`, or `target/<profile>/berth` next to this test binary.

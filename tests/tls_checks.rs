@@ -72,6 +72,46 @@ async fn quic_hello(endpoint: &str, ca_pem: &str, client: Option<CertifiedKey>) 
     }
 }
 
+/// A join as an agent of version `version` would make it (with a real token); the master's
+/// answer: Ok(JoinAccepted's node id) or Err(JoinRejected's message, or what went wrong).
+pub fn join_as_version(endpoints: &str, pki: &Path, token: &str, version: &str) -> Result<Result<String, String>> {
+    use berth_api::pb::agent::{JoinRequest, master_frame};
+    berth_pki::tls::install_crypto_provider();
+    let ca_pem = read(&pki.join("ca.crt"))?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    Ok(rt.block_on(async {
+        // The leader takes joins; the others answer NotLeader.
+        let mut last = String::new();
+        for endpoint in endpoints.split(',') {
+            let (_ep, conn) = quic_connect(endpoint, &ca_pem, None).await?;
+            let (send, recv) = conn.open_bi().await.map_err(|e| format!("open stream: {e}"))?;
+            let mut w = berth_channel::FrameWriter::new(send);
+            let mut r = berth_channel::FrameReader::new(recv);
+            let join = JoinRequest {
+                token: token.into(),
+                name: "skewed".into(),
+                agent_version: version.into(),
+                ..Default::default()
+            };
+            w.send(&AgentFrame { body: Some(agent_frame::Body::Join(join)) })
+                .await
+                .map_err(|e| format!("send: {e}"))?;
+            match tokio::time::timeout(Duration::from_secs(10), r.recv::<MasterFrame>()).await {
+                Ok(Ok(Some(MasterFrame { body: Some(master_frame::Body::JoinAccepted(a)) }))) => return Ok(a.node_id),
+                Ok(Ok(Some(MasterFrame { body: Some(master_frame::Body::JoinRejected(j)) }))) => {
+                    if j.error == berth_api::pb::agent::JoinError::NotLeader as i32 {
+                        last = j.message;
+                        continue;
+                    }
+                    return Err(j.message);
+                }
+                other => return Err(format!("unexpected answer: {other:?}")),
+            }
+        }
+        Err(format!("no master took the join: {last}"))
+    }))
+}
+
 /// Sends raw bytes as the first frame of a join connection and returns how the master closed it.
 async fn raw_first_frame(endpoint: &str, ca_pem: &str, bytes: &[u8]) -> Result<String, String> {
     let (_ep, conn) = quic_connect(endpoint, ca_pem, None).await?;

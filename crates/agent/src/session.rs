@@ -79,6 +79,10 @@ impl SessionEnd {
             close::Closed::Other { code: Some(code), reason } if code == close::UNAUTHENTICATED => {
                 SessionEnd::Refused { reason }
             }
+            // Outside the version-skew policy: this agent or the masters must be upgraded first.
+            close::Closed::Other { code: Some(code), reason } if code == close::VERSION_SKEW => {
+                SessionEnd::Refused { reason }
+            }
             other => SessionEnd::lost(other.to_string()),
         }
     }

@@ -5,6 +5,7 @@
 
 mod convert;
 mod status;
+pub mod version;
 
 /// Generated protobuf and gRPC code. Nothing else in this crate is generated.
 pub mod pb {

@@ -19,6 +19,9 @@ pub const UNAUTHENTICATED: VarInt = VarInt::from_u32(4);
 pub const SUPERSEDED: VarInt = VarInt::from_u32(5);
 /// The peer's leader term is older than one already seen (fencing).
 pub const FENCED: VarInt = VarInt::from_u32(6);
+/// The peer's version is outside the version-skew policy (`berth_api::version`). Reason: what to
+/// upgrade.
+pub const VERSION_SKEW: VarInt = VarInt::from_u32(7);
 
 /// A short name for a close code, for logs.
 pub fn code_name(code: VarInt) -> &'static str {
@@ -30,6 +33,7 @@ pub fn code_name(code: VarInt) -> &'static str {
         4 => "unauthenticated",
         5 => "superseded",
         6 => "fenced",
+        7 => "version skew",
         _ => "unknown code",
     }
 }

@@ -518,6 +518,7 @@ fn validate_join(req: &berth_api::pb::agent::JoinRequest) -> Result<(), String> 
     if req.agent_version.len() > 64 || req.agent_version.chars().any(|c| c.is_control()) {
         return Err("the agent's version is not a version string (64 printable characters at most)".into());
     }
+    berth_api::version::agent_allowed(&req.agent_version, &berth_api::version::Version::this())?;
     Ok(())
 }
 
@@ -579,6 +580,12 @@ async fn session(
             return;
         }
     };
+    // Versions too far apart are refused, never misread (the skew policy in berth_api::version).
+    if let Err(why) = berth_api::version::agent_allowed(&hello.agent_version, &berth_api::version::Version::this()) {
+        info!(node = %node_id, "refused a session: {why}");
+        conn.close(close::VERSION_SKEW, why.as_bytes());
+        return;
+    }
     let term = ctx.metrics().current_term;
     let session_token = shutdown.child_token();
     let Some(n) = ctx.liveness.open_session(&node_id, session_token.clone()) else {

@@ -235,7 +235,12 @@ impl Peers {
     }
 
     pub fn header(&self, to: u64) -> RaftHeader {
-        RaftHeader { cluster_id: self.cluster_id.get(), from: self.self_id, to }
+        RaftHeader {
+            cluster_id: self.cluster_id.get(),
+            from: self.self_id,
+            to,
+            version: berth_api::version::VERSION.to_string(),
+        }
     }
 }
 

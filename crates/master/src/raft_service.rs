@@ -90,6 +90,12 @@ impl RaftService {
                 h.from, h.cluster_id
             )));
         }
+        // Versions too far apart are refused, never misread (the skew policy in berth_api::version).
+        if h.version != berth_api::version::VERSION
+            && let Err(why) = berth_api::version::master_allowed(&h.version, &berth_api::version::Version::this())
+        {
+            return Err(Status::failed_precondition(format!("refusing Raft messages from master {}: {why}", h.from)));
+        }
         if self.ctx.is_removed(h.from) {
             return Err(Status::permission_denied(format!(
                 "master {} was removed from this cluster and its id can never rejoin: wipe its data \
