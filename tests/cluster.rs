@@ -307,11 +307,25 @@ fn kv_semantics_through_the_cli() -> Result<()> {
         .collect();
     assert_eq!(values, ["1", "2", "3"]);
 
-    let out = c.berth(&["kv", "compact", &r2.to_string()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // Commands that change something answer in JSON when asked (-o json everywhere).
+    assert_eq!(c.berth_json(&["kv", "compact", &r2.to_string()])?["compacted"], r2);
     let out = c.berth(&["kv", "get", "a", "--revision", &r1.to_string()]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("compacted"), "{err}");
+    let token = c.berth_json(&["token", "create"])?["token"].as_str().unwrap_or_default().to_string();
+    assert!(token.starts_with("BERTH-"), "{token}");
+    let id = c.berth_json(&["token", "list"])?[0]["id"].as_str().unwrap_or_default().to_string();
+    assert_eq!(c.berth_json(&["token", "revoke", &id])?["revoked"], id.as_str());
+    let plain = c.berth(&["token", "create"]);
+    assert!(String::from_utf8_lossy(&plain.stdout).trim().starts_with("BERTH-"), "the table form is the token alone");
+    let backup = c.dir.path().join("json.snap");
+    let saved = c.berth_json(&["snapshot", "save", backup.to_str().unwrap()])?;
+    assert!(
+        saved["bytes"].as_u64().unwrap_or(0) > 0 && saved["sha256"].as_str().is_some_and(|s| s.len() == 64),
+        "{saved}"
+    );
+    let moved = c.berth_json(&["cluster", "transfer-leader"])?;
+    assert!(moved["leader"].as_u64().unwrap_or(0) > 0, "{moved}");
     Ok(())
 }
 

@@ -152,27 +152,40 @@ pub async fn run_user(cmd: UserCmd, g: &Global) -> Result<()> {
             files.push(("berth.toml", toml.as_str(), false));
             crate::cmd_pki::write_files(&out, &files)?;
             if renew {
-                println!(
-                    "user {name} has a new certificate (serial {}); its credentials are in {}{}: use them with `berth \
-                     --config {}/berth.toml ...`",
+                let value = serde_json::json!({ "user": name, "serial": r.serial, "dir": out, "renewed": true });
+                output::done(g.output, value, || {
+                    format!(
+                        "user {name} has a new certificate (serial {}); its credentials are in {}{}: use them with \
+                         `berth --config {}/berth.toml ...`",
+                        r.serial,
+                        out.display(),
+                        if key_pem.is_none() { " (with the key you made the CSR from)" } else { "" },
+                        out.display()
+                    )
+                });
+                return Ok(());
+            }
+            let role = role.unwrap_or_default();
+            let value = serde_json::json!({
+                "user": name,
+                "role": role,
+                "namespace": namespace,
+                "binding": r.binding,
+                "serial": r.serial,
+                "dir": out,
+            });
+            let scope = namespace.map_or("everywhere".to_string(), |ns| format!("in namespace {ns}"));
+            output::done(g.output, value, || {
+                format!(
+                    "user {name} added with role {role} {scope} (binding {}, certificate serial {}); its credentials \
+                     are in {}{}: use them with `berth --config {}/berth.toml ...`",
+                    r.binding,
                     r.serial,
                     out.display(),
                     if key_pem.is_none() { " (with the key you made the CSR from)" } else { "" },
                     out.display()
-                );
-                return Ok(());
-            }
-            let role = role.unwrap_or_default();
-            let scope = namespace.map_or("everywhere".to_string(), |ns| format!("in namespace {ns}"));
-            println!(
-                "user {name} added with role {role} {scope} (binding {}, certificate serial {}); its credentials are \
-                 in {}{}: use them with `berth --config {}/berth.toml ...`",
-                r.binding,
-                r.serial,
-                out.display(),
-                if key_pem.is_none() { " (with the key you made the CSR from)" } else { "" },
-                out.display()
-            );
+                )
+            });
         }
         UserCmd::Ls => {
             let r = client
@@ -224,11 +237,14 @@ pub async fn run_user(cmd: UserCmd, g: &Global) -> Result<()> {
                     async move { Client::access(ch).user_remove(req).await.map(|r| r.into_inner()) }
                 })
                 .await?;
-            println!(
-                "user {name} removed; certificates revoked: {}; bindings deleted: {}",
-                if r.revoked.is_empty() { "none".into() } else { r.revoked.join(", ") },
-                if r.bindings.is_empty() { "none".into() } else { r.bindings.join(", ") }
-            );
+            let value = serde_json::json!({ "removed": name, "revoked": r.revoked, "bindings_deleted": r.bindings });
+            output::done(g.output, value, || {
+                format!(
+                    "user {name} removed; certificates revoked: {}; bindings deleted: {}",
+                    if r.revoked.is_empty() { "none".into() } else { r.revoked.join(", ") },
+                    if r.bindings.is_empty() { "none".into() } else { r.bindings.join(", ") }
+                )
+            });
         }
     }
     Ok(())
@@ -463,7 +479,9 @@ pub async fn run_role(cmd: RoleCmd, g: &Global) -> Result<()> {
                     async move { Client::access(ch).role_delete(req).await.map(|r| r.into_inner()) }
                 })
                 .await?;
-            println!("{kind} {name} deleted");
+            output::done(g.output, serde_json::json!({ "kind": kind, "deleted": name }), || {
+                format!("{kind} {name} deleted")
+            });
         }
     }
     Ok(())

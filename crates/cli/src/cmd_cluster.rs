@@ -226,7 +226,9 @@ pub async fn run_cluster(cmd: ClusterCmd, g: &Global) -> Result<()> {
                 })
                 .await
                 .map_err(|s| explain(s, "see who leads with `berth cluster status`"))?;
-            println!("leader is now master {}", r.leader);
+            output::done(g.output, serde_json::json!({ "leader": r.leader }), || {
+                format!("leader is now master {}", r.leader)
+            });
         }
     }
     Ok(())
@@ -261,7 +263,9 @@ pub async fn run_member(cmd: MemberCmd, g: &Global) -> Result<()> {
                 &out,
                 &[("ca.crt", &r.ca_pem, false), ("master.crt", &r.cert_pem, false), ("master.key", &key_pem, true)],
             )?;
-            println!("wrote the credentials of master {id} into {}", out.display());
+            output::done(g.output, serde_json::json!({ "id": id, "dir": out }), || {
+                format!("wrote the credentials of master {id} into {}", out.display())
+            });
         }
         MemberCmd::Add { id, endpoint, promote } => {
             // Catching up may take a while on a big state.
@@ -342,12 +346,20 @@ pub async fn run_snapshot(cmd: SnapshotCmd, g: &Global) -> Result<()> {
             out.sync_all()?;
             std::fs::rename(&tmp, &file)?;
             let header = berth_store::read_header(&file)?;
-            println!(
-                "saved {} ({}) at revision {}, sha256 {got}",
-                file.display(),
-                human_bytes(total),
-                header.counters.revision
-            );
+            let value = serde_json::json!({
+                "file": file,
+                "bytes": total,
+                "revision": header.counters.revision,
+                "sha256": got,
+            });
+            output::done(g.output, value, || {
+                format!(
+                    "saved {} ({}) at revision {}, sha256 {got}",
+                    file.display(),
+                    human_bytes(total),
+                    header.counters.revision
+                )
+            });
         }
         SnapshotCmd::Restore(a) => {
             let ic = berth_master::parse_initial_cluster(&a.initial_cluster)?;
@@ -369,13 +381,22 @@ pub async fn run_snapshot(cmd: SnapshotCmd, g: &Global) -> Result<()> {
             let ident =
                 berth_master::Identity { format: 1, id: a.id, listen: ic[&a.id].clone(), initial_cluster: Some(ic) };
             ident.store(&a.data_dir)?;
-            println!(
-                "restored the state at revision {} into {} as master {} of new cluster {cluster_id}; start it with: berth master --data-dir {}",
-                header.counters.revision,
-                a.data_dir.display(),
-                a.id,
-                a.data_dir.display()
-            );
+            let value = serde_json::json!({
+                "revision": header.counters.revision,
+                "data_dir": a.data_dir,
+                "id": a.id,
+                "cluster_id": cluster_id,
+            });
+            output::done(g.output, value, || {
+                format!(
+                    "restored the state at revision {} into {} as master {} of new cluster {cluster_id}; start it with: \
+                     berth master --data-dir {}",
+                    header.counters.revision,
+                    a.data_dir.display(),
+                    a.id,
+                    a.data_dir.display()
+                )
+            });
         }
     }
     Ok(())
@@ -405,11 +426,10 @@ pub async fn run_cert(cmd: CertCmd, g: &Global) -> Result<()> {
                     async move { Client::cluster(ch).revoke_certificate(req).await.map(|r| r.into_inner()) }
                 })
                 .await?;
-            if r.revoked {
-                println!("revoked {target}");
-            } else {
-                println!("{target} was revoked already");
-            }
+            let value = serde_json::json!({ "target": target, "newly_revoked": r.revoked });
+            output::done(g.output, value, || {
+                if r.revoked { format!("revoked {target}") } else { format!("{target} was revoked already") }
+            });
         }
         CertCmd::Revoked => {
             let r = client

@@ -68,9 +68,12 @@ pub async fn run(cmd: ImageCmd, g: &Global) -> Result<()> {
             let refs = local_store(&data_dir)
                 .import(&file)
                 .map_err(|e| anyhow::anyhow!("importing {} into this node: {e}", file.display()))?;
-            for r in refs {
-                println!("imported {r} into this node");
-            }
+            let refs: Vec<String> = refs.iter().map(|r| r.to_string()).collect();
+            crate::output::print(g.output, &serde_json::json!({ "imported": refs }), |_| {
+                for r in &refs {
+                    println!("imported {r} into this node");
+                }
+            });
             Ok(())
         }
         ImageCmd::Import { file, local: false, .. } => import(&file, g).await,
@@ -103,6 +106,7 @@ pub async fn run(cmd: ImageCmd, g: &Global) -> Result<()> {
         ImageCmd::Rm { references } => {
             let client = crate::config::client(g)?;
             let mut failed = 0;
+            let mut removed = Vec::new();
             for reference in references {
                 let req = pb::ImageRef { reference: reference.clone() };
                 let res = client
@@ -112,17 +116,18 @@ pub async fn run(cmd: ImageCmd, g: &Global) -> Result<()> {
                     })
                     .await;
                 match res {
-                    Ok(images) => {
-                        for i in images {
-                            println!("removed {}", i.reference);
-                        }
-                    }
+                    Ok(images) => removed.extend(images.into_iter().map(|i| i.reference)),
                     Err(e) => {
                         eprintln!("error: {reference}: {}", e.message());
                         failed += 1;
                     }
                 }
             }
+            crate::output::print(g.output, &serde_json::json!({ "removed": removed }), |_| {
+                for r in &removed {
+                    println!("removed {r}");
+                }
+            });
             if failed > 0 {
                 bail!("{failed} image(s) not removed");
             }
@@ -216,15 +221,18 @@ async fn import(file: &Path, g: &Global) -> Result<()> {
             })
             .await
             .with_context(|| format!("recording {}", img.references.join(", ")))?;
-        for i in images {
-            println!(
-                "imported {} ({}, {} layers, {}) into the cluster",
-                i.reference,
-                i.digest,
-                i.layers.len(),
-                human_bytes(i.size)
-            );
-        }
+        let out: Vec<ImageOut> = images.iter().map(out_of).collect();
+        crate::output::print(g.output, &out, |_| {
+            for i in &images {
+                println!(
+                    "imported {} ({}, {} layers, {}) into the cluster",
+                    i.reference,
+                    i.digest,
+                    i.layers.len(),
+                    human_bytes(i.size)
+                );
+            }
+        });
     }
     Ok(())
 }

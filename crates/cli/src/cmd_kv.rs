@@ -240,7 +240,9 @@ pub async fn run(cmd: KvCmd, g: &Global) -> Result<()> {
                 })
                 .await
                 .map_err(|s| explain(s, "running the compaction again is refused harmlessly if it was applied"))?;
-            println!("compacted up to revision {}", a.revision);
+            output::done(g.output, serde_json::json!({ "compacted": a.revision }), || {
+                format!("compacted up to revision {}", a.revision)
+            });
         }
     }
     Ok(())

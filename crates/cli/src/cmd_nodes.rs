@@ -129,8 +129,8 @@ pub async fn run_token(cmd: TokenCmd, g: &Global) -> Result<()> {
                         "a token may have been created: see `berth token list`, and revoke an unwanted one",
                     )
                 })?;
-            // Not `-o`-formatted on purpose: the one line is meant for `--token $(...)`.
-            println!("{}", r.token);
+            // The table form is the token alone, for `--token $(...)`.
+            output::done(g.output, serde_json::json!({ "token": r.token }), || r.token.clone());
         }
         TokenCmd::List => {
             let r = client
@@ -160,7 +160,7 @@ pub async fn run_token(cmd: TokenCmd, g: &Global) -> Result<()> {
                     async move { Client::nodes(ch).token_revoke(pb::TokenRevokeRequest { id }).await }
                 })
                 .await?;
-            println!("token {id} revoked");
+            output::done(g.output, serde_json::json!({ "revoked": id }), || format!("token {id} revoked"));
         }
     }
     Ok(())
@@ -293,7 +293,9 @@ pub async fn run_node(cmd: NodeCmd, g: &Global) -> Result<()> {
                 })
                 .await?;
             if let Some(n) = r.node {
-                println!("node {} updated", n.name);
+                output::done(g.output, serde_json::json!({ "updated": n.name, "id": n.id }), || {
+                    format!("node {} updated", n.name)
+                });
             }
         }
         NodeCmd::Rm { node, force } => {
@@ -303,7 +305,7 @@ pub async fn run_node(cmd: NodeCmd, g: &Global) -> Result<()> {
                     async move { Client::nodes(ch).node_remove(pb::NodeRemoveRequest { node, force }).await }
                 })
                 .await?;
-            println!("node {node} removed");
+            output::done(g.output, serde_json::json!({ "removed": node }), || format!("node {node} removed"));
         }
     }
     Ok(())

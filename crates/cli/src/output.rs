@@ -20,6 +20,12 @@ pub fn print<T: Serialize>(format: Format, value: &T, table: impl FnOnce(&T)) {
     }
 }
 
+/// What a command that changes something did: `value` (an object) for `-o json|yaml`, else the
+/// one line `text` makes, so every command answers in the format asked for.
+pub fn done(format: Format, value: serde_json::Value, text: impl FnOnce() -> String) {
+    print(format, &value, |_| println!("{}", text()));
+}
+
 /// Left-aligned columns.
 pub fn table(headers: &[&str], rows: &[Vec<String>]) {
     let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
