@@ -20,6 +20,8 @@ command -v strip >/dev/null 2>&1 || need+=(binutils)
 command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
 # The deploy tests check the systemd units with systemd-analyze.
 command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
+# ...and bring up deploy/compose.yaml with docker-compose.
+command -v docker-compose >/dev/null 2>&1 || need+=(docker-compose)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing build prerequisites: ${need[*]}" >&2
   SUDO=""

@@ -176,3 +176,104 @@ fn agents_outside_the_version_skew_are_refused_with_what_to_upgrade() -> Result<
     assert!(same.as_ref().is_err_and(|m| !m.contains("version")), "{same:?}");
     Ok(())
 }
+
+/// `deploy/compose.sh down` when dropped, so a failing test leaves no containers behind.
+struct Compose {
+    env: Vec<(&'static str, String)>,
+}
+
+impl Compose {
+    fn script(&self, args: &[&str]) -> Result<std::process::Output> {
+        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/compose.sh");
+        Ok(Command::new("bash").arg(script).args(args).envs(self.env.iter().map(|(k, v)| (*k, v))).output()?)
+    }
+}
+
+impl Drop for Compose {
+    fn drop(&mut self) {
+        if let Ok(out) = self.script(&["down"])
+            && !out.status.success()
+        {
+            eprintln!("compose.sh down: {}", String::from_utf8_lossy(&out.stderr));
+        }
+    }
+}
+
+/// deploy/compose.yaml through deploy/compose.sh: 3 masters and 3 agents as containers, each with
+/// its own address; a service's tasks keep running, with the same ids, when the leader's container
+/// is killed; and `down` removes it all.
+#[test]
+fn compose_cluster_keeps_its_tasks_when_the_leader_container_dies() -> Result<()> {
+    let task_image = berth_tests::docker_test_image()?;
+    let dir = tempfile::tempdir()?;
+    let project = format!("berthtest{}", std::process::id());
+    let compose = Compose {
+        env: vec![
+            ("BERTH_COMPOSE_DIR", dir.path().display().to_string()),
+            ("BERTH_PROJECT", project.clone()),
+            ("BERTH_IMAGE", "berth-test/berth:compose".to_string()),
+        ],
+    };
+    let up = compose.script(&["up", &berth_bin().display().to_string()])?;
+    if !up.status.success() {
+        bail!("compose.sh up: {}{}", String::from_utf8_lossy(&up.stdout), String::from_utf8_lossy(&up.stderr));
+    }
+    let config = dir.path().join("berth.toml");
+    let berth = |args: &[&str]| Command::new(berth_bin()).args(args).env("BERTH_CONFIG", &config).output();
+    let json = |args: &[&str]| -> Result<serde_json::Value> {
+        let mut a = args.to_vec();
+        a.extend(["-o", "json"]);
+        let out = berth(&a)?;
+        if !out.status.success() {
+            bail!("berth {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(serde_json::from_slice(&out.stdout)?)
+    };
+    let spec = dir.path().join("sleepers.yaml");
+    std::fs::write(
+        &spec,
+        format!(
+            "kind: Service\nmetadata: {{name: sleepers}}\nspec:\n  replicas: 3\n  task:\n    runtime: docker\n    \
+             image: {task_image}\n    command: [\"/bin/busybox\", \"sleep\", \"100000\"]\n"
+        ),
+    )?;
+    let out = berth(&["apply", "-f", &spec.display().to_string(), "--wait"])?;
+    assert!(out.status.success(), "apply: {}", String::from_utf8_lossy(&out.stderr));
+    let running = || -> Option<Vec<String>> {
+        let tasks = json(&["get", "tasks", "--service", "sleepers"]).ok()?;
+        let mut ids: Vec<String> = tasks
+            .as_array()?
+            .iter()
+            .filter(|t| t["state"] == "running")
+            .filter_map(|t| t["id"].as_str().map(str::to_string))
+            .collect();
+        ids.sort();
+        Some(ids)
+    };
+    let before = berth_tests::wait_for(std::time::Duration::from_secs(60), "3 running tasks", || {
+        running().filter(|ids| ids.len() == 3)
+    })?;
+    let leader = json(&["cluster", "status"])?["leader"].as_u64().context("a leader")?;
+    let killed = Command::new("docker").args(["kill", &format!("{project}_master-{leader}_1")]).output()?;
+    assert!(killed.status.success(), "docker kill: {}", String::from_utf8_lossy(&killed.stderr));
+    berth_tests::wait_for(std::time::Duration::from_secs(30), "a new leader", || {
+        let l = json(&["cluster", "status"]).ok()?["leader"].as_u64()?;
+        (l != 0 && l != leader).then_some(())
+    })?;
+    let after =
+        berth_tests::wait_for(std::time::Duration::from_secs(30), "the tasks seen through the new leader", || {
+            running().filter(|ids| ids.len() == 3)
+        })?;
+    assert_eq!(before, after, "the same tasks keep running: nothing was restarted or replaced");
+    for id in &after {
+        let state =
+            Command::new("docker").args(["inspect", "-f", "{{.State.Running}}", &format!("berth-{id}")]).output()?;
+        assert_eq!(String::from_utf8_lossy(&state.stdout).trim(), "true", "task container of {id} runs");
+    }
+    drop(compose);
+    let left = Command::new("docker")
+        .args(["ps", "-aq", "--filter", &format!("label=berth.owner=/data/{project}/agent-1")])
+        .output()?;
+    assert!(left.stdout.is_empty(), "down removed the agents' tasks");
+    Ok(())
+}

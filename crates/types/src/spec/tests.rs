@@ -365,6 +365,7 @@ fn shipped_examples_are_valid() {
         ("global.yaml", include_str!("../../../../examples/global.yaml")),
         ("stateful.yaml", include_str!("../../../../examples/stateful.yaml")),
         ("docker-web.yaml", include_str!("../../../../examples/docker-web.yaml")),
+        ("compose-web.yaml", include_str!("../../../../examples/compose-web.yaml")),
     ] {
         let parsed = parse_documents(text);
         assert!(parsed.is_ok(), "examples/{name}: {}", parsed.unwrap_err());
