@@ -176,7 +176,8 @@ fn backup_restores_into_a_new_cluster() -> Result<()> {
     assert!(out.status.success(), "snapshot save: {}", String::from_utf8_lossy(&out.stderr));
     let old_id = c.berth_json(&["cluster", "status"])?["cluster_id"].clone();
 
-    let mut n = Cluster { dir: tempfile::tempdir()?, masters: Default::default(), extra_args: vec![] };
+    let mut n =
+        Cluster { dir: tempfile::tempdir()?, masters: Default::default(), extra_args: vec![], master_bin: None };
     berth_tests::pki_init(&n.pki_dir())?;
     let pki = n.pki_dir().display().to_string();
     for id in 1..=3 {

@@ -94,6 +94,9 @@ pub struct Cluster {
     pub dir: tempfile::TempDir,
     pub masters: BTreeMap<u64, MasterProc>,
     pub extra_args: Vec<String>,
+    /// The binary masters are started from (None: [`berth_bin`]); the upgrade test starts an
+    /// earlier release's, then this one's.
+    pub master_bin: Option<PathBuf>,
 }
 
 impl Cluster {
@@ -116,7 +119,7 @@ impl Cluster {
         let m = self.masters.get_mut(&id).ok_or_else(|| anyhow!("no master {id}"))?;
         std::fs::create_dir_all(&m.data_dir)?;
         let log = std::fs::OpenOptions::new().create(true).append(true).open(m.data_dir.join("master.log"))?;
-        let child = Command::new(berth_bin())
+        let child = Command::new(self.master_bin.clone().unwrap_or_else(berth_bin))
             .arg("master")
             .arg("--data-dir")
             .arg(&m.data_dir)
@@ -407,9 +410,21 @@ pub fn refused(c: &Cluster, dir: &Path, name: &str, yaml: &str) -> Result<String
 
 /// Starts `berth agent` joining `c` (with `token` on its first start), output in `<dir>.log`.
 pub fn spawn_agent(c: &Cluster, dir: &Path, name: &str, token: Option<&str>, extra: &[&str]) -> Result<AgentProc> {
+    spawn_agent_from(&berth_bin(), c, dir, name, token, extra)
+}
+
+/// [`spawn_agent`] from the binary `bin`.
+pub fn spawn_agent_from(
+    bin: &Path,
+    c: &Cluster,
+    dir: &Path,
+    name: &str,
+    token: Option<&str>,
+    extra: &[&str],
+) -> Result<AgentProc> {
     std::fs::create_dir_all(dir)?;
     let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.with_extension("log"))?;
-    let mut cmd = Command::new(berth_bin());
+    let mut cmd = Command::new(bin);
     cmd.args(["agent", "--join", &c.endpoints(), "--data-dir"]).arg(dir).args(["--name", name]).args(extra);
     if let Some(t) = token {
         cmd.env("BERTH_JOIN_TOKEN", t);
@@ -568,10 +583,23 @@ impl Cluster {
     /// Starts `n` masters (ids 1..=n) listening on `addr` (loopback, or the root namespace's
     /// address on test hosts' switch) as a new cluster and waits for a leader.
     pub fn start_on(n: u64, addr: &str, extra_args: &[&str]) -> Result<Self> {
+        Cluster::start_from(n, addr, extra_args, None)
+    }
+
+    /// Starts `n` masters on loopback from the binary `bin` (the upgrade test's earlier release).
+    pub fn start_with_bin(n: u64, bin: &Path) -> Result<Self> {
+        Cluster::start_from(n, "127.0.0.1", &[], Some(bin.to_path_buf()))
+    }
+
+    fn start_from(n: u64, addr: &str, extra_args: &[&str], master_bin: Option<PathBuf>) -> Result<Self> {
         let dir = tempfile::Builder::new().prefix("berth-test-").tempdir()?;
         pki_init(&dir.path().join("pki"))?;
-        let mut c =
-            Cluster { dir, masters: BTreeMap::new(), extra_args: extra_args.iter().map(|s| s.to_string()).collect() };
+        let mut c = Cluster {
+            dir,
+            masters: BTreeMap::new(),
+            extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+            master_bin,
+        };
         for id in 1..=n {
             let endpoint = format!("{addr}:{}", free_port());
             let data_dir = c.dir.path().join(format!("master-{id}"));

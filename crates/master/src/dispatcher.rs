@@ -606,6 +606,8 @@ async fn session(
             .cloned()
             .collect(),
         edge: hello.edge,
+        // Checked above against the skew policy (so at most 64 printable characters).
+        agent_version: hello.agent_version.clone(),
     };
     if hello_changes(&node.obj, &caps).is_some() {
         tokio::spawn(record_hello(ctx.clone(), node_id.clone(), caps));
@@ -883,6 +885,8 @@ struct Caps {
     host_paths: Vec<String>,
     /// It runs an edge router (--edge).
     edge: bool,
+    /// The version it runs (an upgraded agent reports its new one); empty: unknown.
+    agent_version: String,
 }
 
 /// The node record as the agent's Hello says it should be, or None when it already is: whether
@@ -895,6 +899,9 @@ fn hello_changes(node: &Node, caps: &Caps) -> Option<Node> {
     n.networks = networks;
     n.host_paths = caps.host_paths.clone();
     n.edge = caps.edge;
+    if !caps.agent_version.is_empty() {
+        n.agent_version = caps.agent_version.clone();
+    }
     if !underlay.is_empty() {
         match advertise_problem(underlay) {
             Ok(()) if underlay.parse::<std::net::Ipv4Addr>().is_ok() => n.advertise_addr = underlay.to_string(),
@@ -1226,6 +1233,7 @@ mod tests {
             underlay: underlay.into(),
             host_paths: vec![],
             edge: false,
+            agent_version: String::new(),
         };
         // Nothing new: no write.
         assert!(hello_changes(&node, &hello(false, "")).is_none());
@@ -1246,5 +1254,10 @@ mod tests {
         // The host paths an agent allows.
         let paths = Caps { host_paths: vec!["/srv".into()], ..hello(false, "") };
         assert_eq!(hello_changes(&node, &paths).expect("a change").host_paths, vec!["/srv".to_string()]);
+        // An upgraded agent's version.
+        let upgraded = Caps { agent_version: "0.2.0".into(), ..hello(false, "") };
+        assert_eq!(hello_changes(&node, &upgraded).expect("a change").agent_version, "0.2.0");
+        let same = Node { agent_version: "0.2.0".into(), ..node.clone() };
+        assert!(hello_changes(&same, &upgraded).is_none());
     }
 }
