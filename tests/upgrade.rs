@@ -1,6 +1,6 @@
 //! A rolling upgrade from the previous release to this build: 3 masters and 2 agents of the
-//! previous release (tag [`PREVIOUS`], built by this test into a target dir of its own, kept
-//! between runs) run a service under a steady stream of writes; each master in turn is stopped
+//! previous release (deploy/previous-release: its tag and commit; built by this test from the
+//! commit into a target dir of its own, kept between runs) run a service under a steady stream of writes; each master in turn is stopped
 //! (SIGTERM: the leader hands over first) and started again from this build on the same data dir,
 //! then each agent. No task is restarted (same ids, same processes) and no write fails.
 
@@ -18,16 +18,27 @@ use anyhow::{Context, Result, bail};
 use berth_tests::{AgentProc, Cluster, alive, apply, berth_bin, signal, spawn_agent_from, token, wait_for};
 use serde_json::Value;
 
-/// The release this build upgrades from.
-const PREVIOUS: &str = "v0.1.0";
 const LONG: Duration = Duration::from_secs(60);
 
-/// The previous release's `berth`, built from its tag (git archive, then cargo) once per target
-/// dir.
+/// The release this build upgrades from: (tag, commit), from deploy/previous-release.
+fn previous_release(repo: &Path) -> Result<(String, String)> {
+    let path = repo.join("deploy/previous-release");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let line = text.lines().find(|l| !l.trim().is_empty() && !l.starts_with('#')).context("no release named")?;
+    let mut words = line.split_whitespace();
+    match (words.next(), words.next()) {
+        (Some(tag), Some(commit)) => Ok((tag.to_string(), commit.to_string())),
+        _ => bail!("{}: expected `TAG COMMIT`, got {line:?}", path.display()),
+    }
+}
+
+/// The previous release's `berth`, built from its commit (git archive, then cargo) once per
+/// target dir.
 fn previous_build() -> Result<PathBuf> {
     let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let (tag, commit) = previous_release(&repo)?;
     let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| repo.join("target"), PathBuf::from);
-    let home = std::path::absolute(target.join("previous-release").join(PREVIOUS))?;
+    let home = std::path::absolute(target.join("previous-release").join(&tag))?;
     let bin = home.join("berth");
     if bin.exists() {
         return Ok(bin);
@@ -35,26 +46,30 @@ fn previous_build() -> Result<PathBuf> {
     let src = home.join("src");
     let _ = std::fs::remove_dir_all(&src);
     std::fs::create_dir_all(&src)?;
-    let archive = Command::new("sh")
+    let archive = Command::new("bash")
         .arg("-c")
-        .arg(format!("git -C '{}' archive --format=tar '{PREVIOUS}' | tar -x -C '{}'", repo.display(), src.display()))
+        .arg(format!(
+            "set -o pipefail; git -C '{}' archive --format=tar '{commit}' | tar -x -C '{}'",
+            repo.display(),
+            src.display()
+        ))
         .output()?;
     if !archive.status.success() {
         bail!(
-            "cannot extract the previous release {PREVIOUS} (the upgrade test needs the repository's tags: `git fetch \
-             --tags`): {}",
+            "cannot extract the previous release {tag} (commit {commit}; the upgrade test needs the repository's \
+             history, not a shallow clone): {}",
             String::from_utf8_lossy(&archive.stderr)
         );
     }
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    eprintln!("building berth {PREVIOUS} into {} (once; a few minutes)", home.display());
+    eprintln!("building berth {tag} ({commit}) into {} (once; a few minutes)", home.display());
     let built = Command::new(cargo)
         .args(["build", "--locked", "-p", "berth-cli", "--bin", "berth"])
         .current_dir(&src)
         .env("CARGO_TARGET_DIR", home.join("target"))
         .output()?;
     if !built.status.success() {
-        bail!("building {PREVIOUS} failed: {}", String::from_utf8_lossy(&built.stderr));
+        bail!("building {tag} failed: {}", String::from_utf8_lossy(&built.stderr));
     }
     std::fs::copy(home.join("target/debug/berth"), &bin)?;
     let _ = std::fs::remove_dir_all(&src);
