@@ -1,7 +1,7 @@
 //! `berth events`: the cluster's events (node up and down, task failures and fences, rollouts,
 //! leader elections, members, tokens), read from the replicated state, and followed with a watch.
 
-use anyhow::{Result, anyhow, bail};
+use anyhow::Result;
 use berth_api::pb;
 use berth_types::event::{self, ClusterEvent, EVENT_TYPES, EVENTS_PREFIX};
 use clap::Args;
@@ -109,51 +109,22 @@ pub async fn run(a: EventsArgs, g: &Global) -> Result<()> {
 
 /// Prints every new event from `from` on, resuming after a master fails without missing or
 /// repeating one.
-async fn follow(client: &Client, mut from: i64, format: Format, wanted: &dyn Fn(&ClusterEvent) -> bool) -> Result<()> {
-    loop {
-        let req = pb::WatchRequest {
-            key: EVENTS_PREFIX.as_bytes().to_vec(),
-            range_end: berth_types::prefix_end(EVENTS_PREFIX.as_bytes()),
-            start_revision: from,
-            prev_kv: false,
-        };
-        let mut stream = client
-            .call(Call::Idempotent, |ch| {
-                let req = req.clone();
-                async move { Client::kv(ch).watch(req).await.map(|r| r.into_inner()) }
-            })
-            .await?;
-        loop {
-            let msg = match stream.message().await {
-                Ok(Some(m)) => m,
-                Ok(None) | Err(_) => break,
-            };
-            if msg.canceled {
-                if msg.compact_revision > 0 {
-                    bail!(
-                        "the events from revision {from} were compacted away while following; run `berth events -f` again"
-                    );
-                }
-                return Err(anyhow!("watch canceled: {}", msg.cancel_reason));
-            }
-            for e in msg.events {
-                let kv = e.kv.unwrap_or_default();
-                from = from.max(kv.mod_revision + 1);
-                // Deletions are retention trimming old events: nothing to show.
-                if e.r#type == pb::event::EventType::Delete as i32 {
-                    continue;
-                }
-                let Some(ev) = decode(&kv.key, &kv.value).filter(|ev| wanted(ev)) else { continue };
-                match format {
-                    Format::Table | Format::Wide => {
-                        println!("{}", rows(&[&ev]).remove(0).join("  "));
-                    }
-                    _ => println!("{}", serde_json::to_string(&ev)?),
-                }
-            }
+async fn follow(client: &Client, from: i64, format: Format, wanted: &dyn Fn(&ClusterEvent) -> bool) -> Result<()> {
+    let (key, end) = (EVENTS_PREFIX.as_bytes().to_vec(), berth_types::prefix_end(EVENTS_PREFIX.as_bytes()));
+    crate::cmd_kv::follow(client, key, end, from, |e| {
+        // Deletions are retention trimming old events: nothing to show.
+        if e.r#type == pb::event::EventType::Delete as i32 {
+            return Ok(());
         }
-        eprintln!("event stream ended; resuming from revision {from}");
-    }
+        let kv = e.kv.unwrap_or_default();
+        let Some(ev) = decode(&kv.key, &kv.value).filter(|ev| wanted(ev)) else { return Ok(()) };
+        match format {
+            Format::Table | Format::Wide => println!("{}", rows(&[&ev]).remove(0).join("  ")),
+            _ => println!("{}", serde_json::to_string(&ev)?),
+        }
+        Ok(())
+    })
+    .await
 }
 
 #[cfg(test)]

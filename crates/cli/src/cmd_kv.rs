@@ -249,45 +249,60 @@ pub async fn run(cmd: KvCmd, g: &Global) -> Result<()> {
 }
 
 async fn watch(client: &Client, a: WatchArgs, format: Format) -> Result<()> {
-    let mut from = a.from_revision;
+    follow(client, a.key.clone().into_bytes(), range_end(&a.key, a.prefix), a.from_revision, |e| {
+        let kind = if e.r#type == pb::event::EventType::Delete as i32 { "DELETE" } else { "PUT" };
+        let kv = KvOut::from(e.kv.unwrap_or_default());
+        match format {
+            Format::Table => println!("{kind} {} {} (revision {})", kv.key, kv.value, kv.mod_revision),
+            _ => {
+                #[derive(Serialize)]
+                struct Ev<'a> {
+                    r#type: &'a str,
+                    #[serde(flatten)]
+                    kv: KvOut,
+                }
+                println!("{}", serde_json::to_string(&Ev { r#type: kind, kv })?);
+            }
+        }
+        Ok(())
+    })
+    .await
+}
+
+/// Calls `on_event` for every change of `[key, range_end)` from revision `from` on (0: from now),
+/// forever: after a master fails the watch resumes from the last revision seen, so nothing is
+/// missed or repeated. Ends with an error when the watch is canceled (compacted past `from`).
+pub(crate) async fn follow(
+    client: &Client,
+    key: Vec<u8>,
+    range_end: Vec<u8>,
+    mut from: i64,
+    mut on_event: impl FnMut(pb::Event) -> Result<()>,
+) -> Result<()> {
     loop {
-        let req = pb::WatchRequest {
-            key: a.key.clone().into_bytes(),
-            range_end: range_end(&a.key, a.prefix),
-            start_revision: from,
-            prev_kv: false,
-        };
+        let req =
+            pb::WatchRequest { key: key.clone(), range_end: range_end.clone(), start_revision: from, prev_kv: false };
         let mut stream = client
             .call(Call::Idempotent, |ch| {
                 let req = req.clone();
                 async move { Client::kv(ch).watch(req).await.map(|r| r.into_inner()) }
             })
             .await?;
-        // Resume after a master failure from the last revision seen, so nothing is missed or repeated.
         loop {
             let msg = match stream.message().await {
                 Ok(Some(m)) => m,
                 Ok(None) | Err(_) => break,
             };
             if msg.canceled {
-                return Err(anyhow!("watch canceled: {}", msg.cancel_reason));
+                return Err(anyhow!(
+                    "watch canceled: {}{}",
+                    msg.cancel_reason,
+                    if msg.compact_revision > 0 { "; run the command again to start from now" } else { "" }
+                ));
             }
             for e in msg.events {
-                let kind = if e.r#type == pb::event::EventType::Delete as i32 { "DELETE" } else { "PUT" };
-                let kv = KvOut::from(e.kv.unwrap_or_default());
-                from = kv.mod_revision + 1;
-                match format {
-                    Format::Table => println!("{kind} {} {} (revision {})", kv.key, kv.value, kv.mod_revision),
-                    _ => {
-                        #[derive(Serialize)]
-                        struct Ev<'a> {
-                            r#type: &'a str,
-                            #[serde(flatten)]
-                            kv: KvOut,
-                        }
-                        println!("{}", serde_json::to_string(&Ev { r#type: kind, kv })?);
-                    }
-                }
+                from = from.max(e.kv.as_ref().map_or(0, |kv| kv.mod_revision) + 1);
+                on_event(e)?;
             }
             if from == 0
                 && let Some(h) = msg.header

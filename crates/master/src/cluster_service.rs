@@ -87,6 +87,11 @@ impl ClusterService {
         }))
     }
 
+    /// Records a membership change as an event (after it happened).
+    async fn member_event(&self, kind: &str, id: &str, message: String) {
+        crate::events::emit(&self.ctx, crate::events::new(self.ctx.id, kind, "master", "", id, message)).await;
+    }
+
     async fn member_add_call(
         &self,
         r: Request<pb::MemberAddRequest>,
@@ -427,8 +432,7 @@ impl cluster_server::Cluster for ClusterService {
         .await;
         if res.is_ok() {
             let message = format!("master {name} at {endpoint} added as a learner");
-            let e = crate::events::new(self.ctx.id, berth_types::event::MEMBER_ADDED, "master", "", &name, message);
-            crate::events::emit(&self.ctx, e).await;
+            self.member_event(berth_types::event::MEMBER_ADDED, &name, message).await;
         }
         res
     }
@@ -514,8 +518,7 @@ impl cluster_server::Cluster for ClusterService {
         .await;
         if res.is_ok() {
             let message = format!("master {name} removed from the cluster (its id is never reused)");
-            let e = crate::events::new(self.ctx.id, berth_types::event::MEMBER_REMOVED, "master", "", &name, message);
-            crate::events::emit(&self.ctx, e).await;
+            self.member_event(berth_types::event::MEMBER_REMOVED, &name, message).await;
         }
         res
     }
