@@ -87,21 +87,6 @@ const STATES: [TaskState; 9] = [
     TaskState::Orphaned,
 ];
 
-pub(crate) fn state_name(s: TaskState) -> &'static str {
-    match s {
-        TaskState::Unspecified => "unspecified",
-        TaskState::New => "new",
-        TaskState::Pending => "pending",
-        TaskState::Assigned => "assigned",
-        TaskState::Starting => "starting",
-        TaskState::Running => "running",
-        TaskState::Complete => "complete",
-        TaskState::Failed => "failed",
-        TaskState::Shutdown => "shutdown",
-        TaskState::Orphaned => "orphaned",
-    }
-}
-
 impl AgentMetrics {
     /// The session with the leader opened (true) or ended (false).
     pub fn set_session(&self, open: bool) {
@@ -122,7 +107,7 @@ impl AgentMetrics {
             }
         }
         for (k, n) in STATES.iter().zip(counts) {
-            self.tasks.get_or_create(&StateLabel { state: state_name(*k) }).set(n);
+            self.tasks.get_or_create(&StateLabel { state: berth_api::task_state_name(*k as i32) }).set(n);
         }
     }
 

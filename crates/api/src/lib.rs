@@ -24,6 +24,23 @@ pub mod pb {
     }
 }
 
+/// A task state's name as people read it (`berth get tasks`, the agents' metrics).
+pub fn task_state_name(s: i32) -> &'static str {
+    use pb::agent::TaskState;
+    match TaskState::try_from(s).unwrap_or(TaskState::Unspecified) {
+        TaskState::Unspecified => "unknown",
+        TaskState::New => "new",
+        TaskState::Pending => "pending",
+        TaskState::Assigned => "assigned",
+        TaskState::Starting => "starting",
+        TaskState::Running => "running",
+        TaskState::Complete => "complete",
+        TaskState::Failed => "failed",
+        TaskState::Shutdown => "shutdown",
+        TaskState::Orphaned => "orphaned",
+    }
+}
+
 /// The encoded descriptor set of every berth proto, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("berth_descriptor");
 

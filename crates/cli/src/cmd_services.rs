@@ -293,20 +293,7 @@ pub fn parse_since(s: &str, now_ms: i64) -> Result<i64, String> {
     }
 }
 
-pub fn task_state_name(s: i32) -> &'static str {
-    match TaskState::try_from(s).unwrap_or(TaskState::Unspecified) {
-        TaskState::Unspecified => "unknown",
-        TaskState::New => "new",
-        TaskState::Pending => "pending",
-        TaskState::Assigned => "assigned",
-        TaskState::Starting => "starting",
-        TaskState::Running => "running",
-        TaskState::Complete => "complete",
-        TaskState::Failed => "failed",
-        TaskState::Shutdown => "shutdown",
-        TaskState::Orphaned => "orphaned",
-    }
-}
+pub use berth_api::task_state_name;
 
 pub fn health_name(h: i32) -> &'static str {
     match TaskHealth::try_from(h).unwrap_or(TaskHealth::Unknown) {
