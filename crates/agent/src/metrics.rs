@@ -39,7 +39,6 @@ pub(crate) struct ProbeLabel {
 }
 
 pub(crate) struct AgentMetrics {
-    session: AtomicBool,
     pub session_connected: Gauge,
     pub sessions_opened: Counter,
     pub tasks: Family<StateLabel, Gauge>,
@@ -61,7 +60,6 @@ pub(crate) fn enabled() -> bool {
 
 /// This process's agent figures.
 pub(crate) static METRICS: LazyLock<AgentMetrics> = LazyLock::new(|| AgentMetrics {
-    session: AtomicBool::new(false),
     session_connected: Gauge::default(),
     sessions_opened: Counter::default(),
     tasks: Family::default(),
@@ -90,12 +88,10 @@ const STATES: [TaskState; 9] = [
 impl AgentMetrics {
     /// The session with the leader opened (true) or ended (false).
     pub fn set_session(&self, open: bool) {
-        if open && !self.session.swap(true, Ordering::Relaxed) {
+        let was_open = self.session_connected.set(open as i64) == 1;
+        if open && !was_open {
             self.sessions_opened.inc();
-        } else if !open {
-            self.session.store(false, Ordering::Relaxed);
         }
-        self.session_connected.set(open as i64);
     }
 
     /// The tasks this node knows, by their last state.
@@ -203,7 +199,7 @@ impl Health for AgentHealth {
 
     fn ready(&self) -> BoxFuture<'_, Result<String, String>> {
         Box::pin(async move {
-            if METRICS.session.load(Ordering::Relaxed) {
+            if METRICS.session_connected.get() == 1 {
                 Ok("in session with the leader".to_string())
             } else {
                 Err("no session with the leader (joining, reconnecting, or no master reachable)".to_string())

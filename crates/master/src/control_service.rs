@@ -491,6 +491,8 @@ impl ControlSvc {
             // past its size limit (the apply itself matters more than its record).
             if txn.compare.len() + txn.success.len() + events.len() <= self.ctx.limits.max_txn_ops {
                 txn = crate::events::with(txn, &events);
+            } else if !events.is_empty() {
+                info!(events = events.len(), "apply: the rollouts' events are not recorded (the transaction is full)");
             }
             let rev = check_txn(self.ctx.write(Command::Txn(txn)).await?, "a service or network")?;
             for res in &mut results {
