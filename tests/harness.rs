@@ -166,13 +166,7 @@ impl Cluster {
 
     /// Runs the CLI and parses its JSON output; fails with its stderr when it exits non-zero.
     pub fn berth_json(&self, args: &[&str]) -> Result<Value> {
-        let mut a = args.to_vec();
-        a.extend(["-o", "json"]);
-        let out = self.berth(&a);
-        if !out.status.success() {
-            bail!("berth {:?} failed: {}", args, String::from_utf8_lossy(&out.stderr));
-        }
-        Ok(serde_json::from_slice(&out.stdout)?)
+        json_output(args, |a| self.berth(a))
     }
 
     pub fn leader(&self) -> Option<u64> {
@@ -675,4 +669,98 @@ pub fn docker_test_image() -> Result<&'static str> {
         Ok(()) => Ok("berth-test/busybox:1"),
         Err(e) => bail!("the test image could not be built: {e}"),
     }
+}
+
+/// A `berth dev` cluster, stopped (SIGTERM: it stops its masters and agents) when dropped.
+pub struct Dev {
+    pub dir: tempfile::TempDir,
+    child: Child,
+}
+
+impl Dev {
+    /// Starts `berth dev --no-hosts` with `agents` agents (temp dir named after `prefix`) and
+    /// waits until every agent is a ready node.
+    pub fn start(prefix: &str, agents: usize) -> Result<Dev> {
+        let dir = tempfile::Builder::new().prefix(prefix).tempdir()?;
+        // Three consecutive free ports for the masters.
+        let base = wait_for(Duration::from_secs(10), "three consecutive free ports", || {
+            let p = free_port();
+            (p < 65000 && (1..3).all(|i| std::net::TcpListener::bind(("127.0.0.1", p + i)).is_ok())).then_some(p)
+        })?;
+        let log = std::fs::File::create(dir.path().join("dev.log"))?;
+        let child = Command::new(berth_bin())
+            .args(["dev", "--no-hosts", "--agents", &agents.to_string(), "--base-port", &base.to_string()])
+            .arg("--data-dir")
+            .arg(dir.path().join("cluster"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting berth dev")?;
+        let dev = Dev { dir, child };
+        wait_for(Duration::from_secs(90), "berth dev to write cluster.json and its agents to be ready", || {
+            let c = dev.cluster().ok()?;
+            let nodes = dev.berth_json(&["get", "nodes"]).ok()?;
+            let ready = nodes.as_array()?.iter().filter(|n| n["status"] == "ready").count();
+            (c["agents"].as_array()?.len() == agents && ready == agents).then_some(())
+        })
+        .map_err(|e| anyhow!("{e}; berth dev said:\n{}", dev.log()))?;
+        Ok(dev)
+    }
+
+    pub fn root(&self) -> PathBuf {
+        self.dir.path().join("cluster")
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("dev.log")).unwrap_or_default()
+    }
+
+    pub fn cluster(&self) -> Result<Value> {
+        Ok(serde_json::from_str(&std::fs::read_to_string(self.root().join("cluster.json"))?)?)
+    }
+
+    pub fn berth(&self, args: &[&str]) -> std::process::Output {
+        Command::new(berth_bin())
+            .args(args)
+            .env("BERTH_CONFIG", self.root().join("berth.toml"))
+            .stdin(Stdio::null())
+            .output()
+            .expect("running the berth CLI")
+    }
+
+    pub fn berth_json(&self, args: &[&str]) -> Result<Value> {
+        json_output(args, |a| self.berth(a))
+    }
+}
+
+impl Drop for Dev {
+    fn drop(&mut self) {
+        // Its own child: SIGTERM makes it stop the masters and agents it started.
+        signal(self.child.id() as i64, "TERM");
+        let stopped = wait_for(Duration::from_secs(30), "berth dev to stop", || self.child.try_wait().ok().flatten());
+        if stopped.is_err() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        // Tasks outlive their agents (as in production): the harness's agent handles end them.
+        for name in ["agent-1", "agent-2", "agent-3"] {
+            drop(AgentProc { child: None, dir: self.root().join(name) });
+        }
+        if std::thread::panicking() {
+            eprintln!("--- berth dev output ---\n{}", self.log());
+        }
+    }
+}
+
+/// Runs `berth ARGS -o json` through `run` and parses its output; fails with its stderr when it
+/// exits non-zero.
+fn json_output(args: &[&str], run: impl FnOnce(&[&str]) -> Output) -> Result<Value> {
+    let mut a = args.to_vec();
+    a.extend(["-o", "json"]);
+    let out = run(&a);
+    if !out.status.success() {
+        bail!("berth {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(serde_json::from_slice(&out.stdout)?)
 }

@@ -7,100 +7,13 @@ use std::{
     collections::BTreeMap,
     io::{Read, Write},
     net::TcpStream,
-    path::PathBuf,
-    process::{Child, Command, Stdio},
+    process::Command,
     time::Duration,
 };
 
 use anyhow::{Context, Result, anyhow, bail};
-use berth_tests::{AgentProc, berth_bin, free_port, signal, wait_for};
+use berth_tests::{Dev, berth_bin, free_port, signal, wait_for};
 use serde_json::Value;
-
-/// A `berth dev` cluster, stopped (SIGTERM: it stops its masters and agents) when dropped.
-struct Dev {
-    dir: tempfile::TempDir,
-    child: Child,
-}
-
-impl Dev {
-    fn start(agents: usize) -> Result<Dev> {
-        let dir = tempfile::Builder::new().prefix("berth-metrics-").tempdir()?;
-        // Three consecutive free ports for the masters.
-        let base = wait_for(Duration::from_secs(10), "three consecutive free ports", || {
-            let p = free_port();
-            (p < 65000 && (1..3).all(|i| std::net::TcpListener::bind(("127.0.0.1", p + i)).is_ok())).then_some(p)
-        })?;
-        let log = std::fs::File::create(dir.path().join("dev.log"))?;
-        let child = Command::new(berth_bin())
-            .args(["dev", "--no-hosts", "--agents", &agents.to_string(), "--base-port", &base.to_string()])
-            .arg("--data-dir")
-            .arg(dir.path().join("cluster"))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("starting berth dev")?;
-        let dev = Dev { dir, child };
-        wait_for(Duration::from_secs(90), "berth dev to write cluster.json and its agents to be ready", || {
-            let c = dev.cluster().ok()?;
-            let nodes = dev.berth_json(&["get", "nodes"]).ok()?;
-            let ready = nodes.as_array()?.iter().filter(|n| n["status"] == "ready").count();
-            (c["agents"].as_array()?.len() == agents && ready == agents).then_some(())
-        })
-        .map_err(|e| anyhow!("{e}; berth dev said:\n{}", dev.log()))?;
-        Ok(dev)
-    }
-
-    fn root(&self) -> PathBuf {
-        self.dir.path().join("cluster")
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("dev.log")).unwrap_or_default()
-    }
-
-    fn cluster(&self) -> Result<Value> {
-        Ok(serde_json::from_str(&std::fs::read_to_string(self.root().join("cluster.json"))?)?)
-    }
-
-    fn berth(&self, args: &[&str]) -> std::process::Output {
-        Command::new(berth_bin())
-            .args(args)
-            .env("BERTH_CONFIG", self.root().join("berth.toml"))
-            .stdin(Stdio::null())
-            .output()
-            .expect("running the berth CLI")
-    }
-
-    fn berth_json(&self, args: &[&str]) -> Result<Value> {
-        let mut a = args.to_vec();
-        a.extend(["-o", "json"]);
-        let out = self.berth(&a);
-        if !out.status.success() {
-            bail!("berth {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        }
-        Ok(serde_json::from_slice(&out.stdout)?)
-    }
-}
-
-impl Drop for Dev {
-    fn drop(&mut self) {
-        // Its own child: SIGTERM makes it stop the masters and agents it started.
-        signal(self.child.id() as i64, "TERM");
-        let stopped = wait_for(Duration::from_secs(30), "berth dev to stop", || self.child.try_wait().ok().flatten());
-        if stopped.is_err() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-        // Tasks outlive their agents (as in production): the harness's agent handles end them.
-        for name in ["agent-1", "agent-2", "agent-3"] {
-            drop(AgentProc { child: None, dir: self.root().join(name) });
-        }
-        if std::thread::panicking() {
-            eprintln!("--- berth dev output ---\n{}", self.log());
-        }
-    }
-}
 
 /// `GET path` over HTTP/1.1: (status code, body).
 fn http_get(addr: &str, path: &str) -> Result<(u16, String)> {
@@ -220,7 +133,7 @@ const AGENT_SERIES: &[&str] = &[
 
 #[test]
 fn every_process_serves_metrics_that_move_and_readiness_follows_the_quorum() -> Result<()> {
-    let dev = Dev::start(2)?;
+    let dev = Dev::start("berth-metrics-", 2)?;
     let c = dev.cluster()?;
     let ms = masters(&c);
     assert_eq!(ms.len(), 3);

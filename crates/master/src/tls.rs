@@ -388,6 +388,19 @@ impl MasterPki {
         .map_err(pki_err)
     }
 
+    /// The web console's server configuration: this master's certificate, HTTP/1.1, and a client
+    /// certificate optional (a browser without one logs in with a token); one it presents must
+    /// chain to the cluster CA and not be revoked.
+    pub(crate) fn console_server_config(&self) -> Result<Arc<rustls::ServerConfig>, MasterError> {
+        let alpn: &[&[u8]] = &[b"http/1.1"];
+        match self.check.get() {
+            Some(check) => tls::server_config_checked(&self.files(), alpn, true, check.clone()),
+            None => tls::server_config_client_auth_optional(&self.files(), alpn),
+        }
+        .map(Arc::new)
+        .map_err(pki_err)
+    }
+
     /// TLS for this master's gRPC clients (Raft, forwarding).
     pub fn client_tls(&self) -> tonic::transport::ClientTlsConfig {
         client_tls(&self.files())
@@ -443,6 +456,26 @@ pub(crate) fn peer_identity<T>(req: &tonic::Request<T>) -> Option<Identity> {
     berth_pki::identity_of_der(certs.first()?.as_ref()).ok()
 }
 
+/// The next connection on `listener`, or None once `token` fires. A failed accept (out of file
+/// descriptors, say) is logged and retried after 50 ms rather than ending the server.
+pub(crate) async fn accept(
+    listener: &tokio::net::TcpListener,
+    token: &tokio_util::sync::CancellationToken,
+) -> Option<(tokio::net::TcpStream, SocketAddr)> {
+    loop {
+        tokio::select! {
+            r = listener.accept() => match r {
+                Ok(c) => return Some(c),
+                Err(e) => {
+                    warn!("accepting a connection failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            _ = token.cancelled() => return None,
+        }
+    }
+}
+
 /// Accepts TCP connections and completes TLS handshakes concurrently, yielding the streams tonic
 /// serves. A failed handshake (no certificate, another CA) is logged and dropped.
 pub(crate) fn tls_incoming(
@@ -454,18 +487,7 @@ pub(crate) fn tls_incoming(
 > {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     tokio::spawn(async move {
-        loop {
-            let (tcp, peer) = tokio::select! {
-                r = listener.accept() => match r {
-                    Ok(c) => c,
-                    Err(e) => {
-                        warn!("accepting a connection failed: {e}");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-                _ = token.cancelled() => return,
-            };
+        while let Some((tcp, peer)) = accept(&listener, &token).await {
             let _ = tcp.set_nodelay(true);
             let acceptor = tokio_rustls::TlsAcceptor::from(pki.grpc_server_config());
             let tx = tx.clone();

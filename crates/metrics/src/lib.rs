@@ -67,7 +67,7 @@ pub async fn bind(addr: &str, flag: &str) -> Result<tokio::net::TcpListener, Str
         addr.parse().map_err(|e| format!("{flag} {addr:?} is not IP:PORT ({e}); for example {flag} 127.0.0.1:9101"))?;
     tokio::net::TcpListener::bind(sock)
         .await
-        .map_err(|e| format!("cannot listen on {addr} for metrics ({flag}): {e}; pick another address or port"))
+        .map_err(|e| format!("cannot listen on {addr} ({flag}): {e}; pick another address or port"))
 }
 
 struct Shared {
