@@ -76,7 +76,7 @@ pub fn parse_label(s: &str) -> Result<(String, String), String> {
     }
 }
 
-fn fmt_time_ms(ms: i64) -> String {
+pub(crate) fn fmt_time_ms(ms: i64) -> String {
     if ms == 0 {
         return "never".into();
     }

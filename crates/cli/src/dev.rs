@@ -81,13 +81,16 @@ pub struct MasterEntry {
     /// Where it serves /metrics, /healthz and /readyz (HOST:PORT).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics: Option<String>,
+    /// Where it serves the web console (HOST:PORT, HTTPS).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub console: Option<String>,
 }
 
 /// The port an agent in a host of its own serves metrics on (each host has its own addresses).
 const HOST_METRICS_PORT: u16 = 9101;
 
-/// A free TCP port on `addr` (bound and released), for a process's metrics endpoint.
-fn free_metrics_addr(addr: &str) -> Result<String> {
+/// A free TCP port on `addr` (bound and released), for a metrics or console endpoint.
+fn free_addr(addr: &str) -> Result<String> {
     let l = std::net::TcpListener::bind((addr, 0)).with_context(|| format!("cannot find a free port on {addr}"))?;
     Ok(format!("{addr}:{}", l.local_addr()?.port()))
 }
@@ -213,18 +216,14 @@ pub async fn run(a: DevArgs, _g: &Global) -> Result<()> {
         key: pki.join("admin.key"),
     };
 
-    // Every process gets a metrics endpoint: the one it had, or a free port.
+    // Every master gets a metrics endpoint and a web console: the ones it had, or free ports.
     let mut master_metrics: BTreeMap<u64, String> = BTreeMap::new();
+    let mut master_console: BTreeMap<u64, String> = BTreeMap::new();
     for id in plan.keys() {
-        let had =
-            previous.as_ref().and_then(|p| p.masters.iter().find(|m| m.id == *id)).and_then(|m| m.metrics.clone());
-        master_metrics.insert(
-            *id,
-            match had {
-                Some(m) => m,
-                None => free_metrics_addr(&master_addr)?,
-            },
-        );
+        let had = previous.as_ref().and_then(|p| p.masters.iter().find(|m| m.id == *id));
+        let keep_or_pick = |a: Option<&String>| a.cloned().map_or_else(|| free_addr(&master_addr), Ok);
+        master_metrics.insert(*id, keep_or_pick(had.and_then(|m| m.metrics.as_ref()))?);
+        master_console.insert(*id, keep_or_pick(had.and_then(|m| m.console.as_ref()))?);
     }
     let mut children: BTreeMap<u64, Child> = BTreeMap::new();
     for (id, (ep, mdir)) in &plan {
@@ -235,6 +234,8 @@ pub async fn run(a: DevArgs, _g: &Global) -> Result<()> {
             mdir.display().to_string(),
             "--metrics-listen".into(),
             master_metrics[id].clone(),
+            "--console-listen".into(),
+            master_console[id].clone(),
         ];
         if !mdir.join(berth_master::IDENTITY_FILE).exists() {
             args.extend([
@@ -312,7 +313,7 @@ pub async fn run(a: DevArgs, _g: &Global) -> Result<()> {
         let metrics = match had {
             Some(m) => m,
             None if hosts => format!("{}:{HOST_METRICS_PORT}", crate::dev_hosts::addr(i + 1)),
-            None => free_metrics_addr("127.0.0.1")?,
+            None => free_addr("127.0.0.1")?,
         };
         let mut args = vec![
             "agent".to_string(),
@@ -362,6 +363,7 @@ pub async fn run(a: DevArgs, _g: &Global) -> Result<()> {
                 pid: children[id].id(),
                 data_dir: d.clone(),
                 metrics: Some(master_metrics[id].clone()),
+                console: Some(master_console[id].clone()),
             })
             .collect(),
         agents: agent_children
@@ -395,6 +397,15 @@ pub async fn run(a: DevArgs, _g: &Global) -> Result<()> {
             m.endpoint,
             m.pid,
             m.data_dir.join("master.log").display()
+        );
+    }
+    if let Some(c) =
+        file.masters.iter().find(|m| m.id == leader).or(file.masters.first()).and_then(|m| m.console.as_ref())
+    {
+        println!(
+            "  web console: https://{c}/ (any master's; the certificate is the cluster CA's, {}; log in with a token \
+             from `berth console token create`)",
+            creds.ca_cert.display()
         );
     }
     println!();

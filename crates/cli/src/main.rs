@@ -7,6 +7,7 @@ mod bench_overlay;
 mod client;
 mod cmd_access;
 mod cmd_cluster;
+mod cmd_console;
 mod cmd_events;
 mod cmd_images;
 mod cmd_kv;
@@ -141,6 +142,9 @@ enum Cmd {
     /// Cluster events: nodes up and down, task failures, rollouts, leader elections, members,
     /// tokens used (kept an hour, at most 10,000).
     Events(cmd_events::EventsArgs),
+    /// The web console (`berth master --console-listen`): issue, list and revoke its login tokens.
+    #[command(subcommand)]
+    Console(cmd_console::ConsoleCmd),
     /// Benchmarks.
     #[command(subcommand)]
     Bench(bench::BenchCmd),
@@ -373,6 +377,10 @@ struct MasterArgs {
     /// commit index) over plain HTTP on IP:PORT; bind it where only your monitoring reaches.
     #[arg(long, value_name = "IP:PORT")]
     metrics_listen: Option<String>,
+    /// Serve the web console over HTTPS on IP:PORT (this master's certificate; log in with a
+    /// client certificate from the cluster CA or a `berth console token create` token).
+    #[arg(long, value_name = "IP:PORT")]
+    console_listen: Option<String>,
 }
 
 fn init_tracing() {
@@ -423,6 +431,7 @@ async fn run_master(a: MasterArgs) -> Result<()> {
     cfg.network_update_part_bytes = a.network_update_part_bytes;
     cfg.route_domains = a.apps_domain.into_iter().chain(a.allow_route_domains).collect();
     cfg.metrics_listen = a.metrics_listen;
+    cfg.console_listen = a.console_listen;
     if let (Some(address), Some(vip)) = (a.address_pool, a.vip_pool) {
         cfg.pools = Some(
             berth_master::Pools::new(address, a.network_size, vip)
@@ -547,6 +556,7 @@ fn main() {
             Cmd::Role(c) => cmd_access::run_role(c, &cli.global).await,
             Cmd::Audit(a) => cmd_access::run_audit(a, &cli.global).await,
             Cmd::Events(a) => cmd_events::run(a, &cli.global).await,
+            Cmd::Console(c) => cmd_console::run(c, &cli.global).await,
             Cmd::Bench(c) => bench::run(c, &cli.global).await,
             Cmd::Version => cmd_cluster::run_version(&cli.global).await,
             Cmd::Completion(a) => print_completion(a.shell),

@@ -438,4 +438,34 @@ impl Access for AccessService {
         };
         Ok(Response::new(Box::pin(out)))
     }
+
+    async fn console_token_create(
+        &self,
+        r: Request<pb::ConsoleTokenCreateRequest>,
+    ) -> Result<Response<pb::ConsoleTokenCreateResponse>, Status> {
+        let caller = Caller::of(&r)?;
+        let r = r.into_inner();
+        let name = if r.user.is_empty() { caller.identity.to_string() } else { r.user.clone() };
+        let call = crate::console::tokens::create(&self.ctx, &caller, r);
+        audit::mutate(&self.ctx, &caller, Verb::Create, Resource::Users, None, &name, call).await.map(Response::new)
+    }
+
+    async fn console_token_list(
+        &self,
+        r: Request<pb::ConsoleTokenListRequest>,
+    ) -> Result<Response<pb::ConsoleTokenListResponse>, Status> {
+        let caller = Caller::of(&r)?;
+        audit::authorize(&self.ctx, &caller, Verb::List, Resource::Users, None, "").await?;
+        crate::console::tokens::list(&self.ctx).await.map(Response::new)
+    }
+
+    async fn console_token_revoke(
+        &self,
+        r: Request<pb::ConsoleTokenRevokeRequest>,
+    ) -> Result<Response<pb::ConsoleTokenRevokeResponse>, Status> {
+        let caller = Caller::of(&r)?;
+        let id = r.into_inner().id;
+        let call = crate::console::tokens::revoke(&self.ctx, &id);
+        audit::mutate(&self.ctx, &caller, Verb::Delete, Resource::Users, None, &id, call).await.map(Response::new)
+    }
 }

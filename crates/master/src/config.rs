@@ -47,6 +47,8 @@ pub struct MasterConfig {
     pub route_domains: Vec<String>,
     /// Serve `/metrics`, `/healthz` and `/readyz` over plain HTTP here (`--metrics-listen`).
     pub metrics_listen: Option<String>,
+    /// Serve the web console over HTTPS here (`--console-listen`).
+    pub console_listen: Option<String>,
 }
 
 /// SwarmKit declares a node down after ~15 s of silence (5 s heartbeats x 3); with 1 s
@@ -87,6 +89,7 @@ impl MasterConfig {
             route_domains: Vec::new(),
             network_update_part_bytes: crate::endpoints::PART_BYTES,
             metrics_listen: None,
+            console_listen: None,
         }
     }
 

@@ -11,6 +11,7 @@ mod authz;
 mod ca_rotation;
 mod cluster_service;
 mod config;
+mod console;
 mod control_service;
 mod controller;
 mod deadline;

@@ -213,6 +213,10 @@ pub async fn run_master(cfg: MasterConfig, shutdown: CancellationToken) -> Resul
         Some(addr) => Some(berth_metrics::bind(addr, "--metrics-listen").await.map_err(MasterError::Config)?),
         None => None,
     };
+    let console_listener = match &cfg.console_listen {
+        Some(addr) => Some(crate::console::bind(addr).await.map_err(MasterError::Config)?),
+        None => None,
+    };
     crate::identity::secure_data_dir(&cfg.data_dir)?;
     let (ident, _first_start) = Identity::resolve(&cfg)?;
     let listen: SocketAddr = ident
@@ -307,6 +311,7 @@ pub async fn run_master(cfg: MasterConfig, shutdown: CancellationToken) -> Resul
     let metrics = metrics_listener.map(|l| {
         tokio::spawn(crate::metrics::serve(Arc::downgrade(&ctx), reader.metrics().clone(), l, metrics_token.clone()))
     });
+    let console = console_listener.map(|l| tokio::spawn(crate::console::serve(ctx.clone(), l, metrics_token.clone())));
 
     let server_token = CancellationToken::new();
     let server = tokio::spawn(crate::kv_service::serve(
@@ -367,6 +372,9 @@ pub async fn run_master(cfg: MasterConfig, shutdown: CancellationToken) -> Resul
     metrics_token.cancel();
     if let Some(m) = metrics {
         let _ = tokio::time::timeout(Duration::from_secs(2), m).await;
+    }
+    if let Some(c) = console {
+        let _ = tokio::time::timeout(Duration::from_secs(2), c).await;
     }
     let _ = tokio::time::timeout(Duration::from_secs(2), dispatcher).await;
     // Denials and failed calls queued before the stop get their chance to be committed.

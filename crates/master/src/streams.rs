@@ -50,7 +50,10 @@ impl ClientStreams {
         kind: &'static str,
         max: usize,
     ) -> Result<Option<StreamSlot>, Status> {
-        let who = match crate::tls::peer_identity(req) {
+        // The caller the interceptor (or the web console) authenticated; the certificate for a
+        // request that came another way.
+        let caller = req.extensions().get::<crate::authz::Caller>().map(|c| c.identity.clone());
+        let who = match caller.or_else(|| crate::tls::peer_identity(req)) {
             Some(i) if matches!(i.role, berth_pki::Role::Master) => return Ok(None),
             Some(i) => i.to_string(),
             None => "unknown".to_string(),

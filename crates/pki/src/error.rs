@@ -116,6 +116,13 @@ pub enum PkiError {
     /// The secret part of a join token is malformed (the secret itself is never shown).
     #[error("join token has a bad secret: {reason}; copy the whole token a master printed")]
     TokenSecret { reason: String },
+
+    /// A web console token is malformed (the secret itself is never shown).
+    #[error(
+        "not a berth console token: {reason}; a console token looks like BERTHC-1-<id>.<secret>, as `berth \
+         console token create` printed it"
+    )]
+    ConsoleToken { reason: String },
 }
 
 impl PkiError {

@@ -30,7 +30,7 @@ pub use ca::{
 };
 pub use error::PkiError;
 pub use identity::{Identity, Role};
-pub use token::JoinToken;
+pub use token::{ConsoleToken, JoinToken};
 
 /// The same `rustls` and `rustls-pki-types` this crate builds its configurations with.
 pub use rustls;

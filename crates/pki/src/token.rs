@@ -108,6 +108,58 @@ impl FromStr for JoinToken {
     }
 }
 
+/// A login for the web console: `BERTHC-1-<id: 8>.<secret: 32>` (lowercase letters and digits).
+/// The id names the stored record (identity, expiry); the cluster keeps only the secret's hash.
+/// There is no CA digest in it: the browser already checked the master's certificate.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ConsoleToken {
+    pub id: String,
+    pub secret: String,
+}
+
+impl fmt::Debug for ConsoleToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ConsoleToken").field("id", &self.id).field("secret", &"<redacted>").finish()
+    }
+}
+
+/// How every console token starts.
+pub const CONSOLE_TOKEN_PREFIX: &str = "BERTHC-1-";
+
+impl ConsoleToken {
+    /// A token with a random id and secret.
+    pub fn generate() -> Self {
+        let mut rng = rand::rng();
+        let mut random = |len: usize| -> String {
+            (0..len).map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char).collect()
+        };
+        let id = random(ID_LEN);
+        ConsoleToken { id, secret: random(SECRET_LEN) }
+    }
+
+    /// Parses `BERTHC-1-<id>.<secret>` (surrounding whitespace is ignored). Errors never contain
+    /// the secret.
+    pub fn parse(s: &str) -> Result<Self, PkiError> {
+        let bad = |reason: &str| PkiError::ConsoleToken { reason: reason.to_string() };
+        let rest =
+            s.trim().strip_prefix(CONSOLE_TOKEN_PREFIX).ok_or_else(|| bad("it does not start with BERTHC-1-"))?;
+        let (id, secret) = rest.split_once('.').ok_or_else(|| bad("no '.' between its id and its secret"))?;
+        check_part(id, ID_LEN).map_err(|r| bad(&format!("its id: {r}")))?;
+        check_part(secret, SECRET_LEN).map_err(|r| bad(&format!("its secret: {r}")))?;
+        Ok(ConsoleToken { id: id.to_string(), secret: secret.to_string() })
+    }
+
+    /// The token as handed to its user.
+    pub fn encode(&self) -> String {
+        format!("{CONSOLE_TOKEN_PREFIX}{}.{}", self.id, self.secret)
+    }
+
+    /// Hex SHA-256 of the secret: what the cluster stores (compare with [`secret_matches`]).
+    pub fn secret_hash(&self) -> String {
+        hash_secret(&self.secret)
+    }
+}
+
 /// Checks a token part's length and alphabet without echoing it.
 fn check_part(part: &str, len: usize) -> Result<(), String> {
     if part.len() != len {
@@ -134,6 +186,25 @@ pub fn secret_matches(secret: &str, stored_hash: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn console_tokens_round_trip_and_bad_ones_say_what_is_wrong() {
+        let t = ConsoleToken::generate();
+        let parsed = ConsoleToken::parse(&format!("  {}\n", t.encode())).unwrap();
+        assert_eq!(parsed, t);
+        assert!(secret_matches(&t.secret, &t.secret_hash()));
+        assert!(!secret_matches(&ConsoleToken::generate().secret, &t.secret_hash()));
+        assert!(!format!("{t:?}").contains(&t.secret));
+        for (bad, says) in [
+            ("BERTH-1-abc", "does not start"),
+            ("BERTHC-1-abcdefgh", "no '.'"),
+            ("BERTHC-1-abc.def", "its id"),
+            (&format!("BERTHC-1-abcdefgh.{}", "X".repeat(32)), "its secret"),
+        ] {
+            let e = ConsoleToken::parse(bad).unwrap_err().to_string();
+            assert!(e.contains(says) && e.contains("berth console token create"), "{bad}: {e}");
+        }
+    }
 
     fn digest() -> CaDigest {
         CaDigest::of_der(b"some CA certificate")
