@@ -11,6 +11,7 @@ source deploy/chaos-prereqs.sh
 source deploy/storage-prereqs.sh
 source deploy/sandbox-prereqs.sh
 source deploy/edge-prereqs.sh
+source deploy/console-prereqs.sh
 cargo fmt --all --check
 cargo clippy --workspace --all-targets -- -D warnings
 # Licences, banned crates, duplicate versions and sources (deny.toml). cargo-deny is built once
