@@ -293,6 +293,37 @@ fn thousand_simulated_agents_become_ready() -> Result<()> {
     Ok(())
 }
 
+// Joins run concurrently and token uses stay exact: 200 simulated agents (each its own key, CSR
+// and QUIC connection, 64 joining at a time) race for a token of 150 uses. Exactly 150 become
+// nodes; the other 50 are told the token is used up; the token ends with 0 uses left.
+#[test]
+fn two_hundred_agents_race_for_a_token_of_150_uses() -> Result<()> {
+    let c = Cluster::start(3, &[])?;
+    let t = token(&c, &["--uses", "150"])?;
+    let dir = c.dir.path().join("sim");
+    let _sim = spawn_agent(&c, &dir, "sim", Some(&t), &["--simulate", "200"])?;
+    let log = dir.with_extension("log");
+    let used_up = || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("simulated agent failed") && l.contains("no uses left"))
+            .count()
+    };
+    let started = Instant::now();
+    wait_for(Duration::from_secs(180), "150 ready nodes and 50 joins refused as used up", || {
+        let ready = nodes(&c).ok()?.iter().filter(|n| n["status"] == "ready").count();
+        (ready >= 150 && used_up() >= 50).then_some(())
+    })?;
+    eprintln!("200 agents raced for 150 uses: decided after {:.1}s", started.elapsed().as_secs_f64());
+    assert_eq!(nodes(&c)?.len(), 150, "a node too many or too few");
+    assert_eq!(used_up(), 50, "joins refused as used up:\n{}", std::fs::read_to_string(&log)?);
+    let listed = c.berth_json(&["token", "list"])?;
+    let left: Vec<i64> = listed.as_array().unwrap().iter().filter_map(|t| t["uses_left"].as_i64()).collect();
+    assert_eq!(left, [0], "{listed}");
+    Ok(())
+}
+
 // Certificates renew before they expire: with a 1-minute lifetime, 1. the masters re-issue their
 // own certificates and the agent gets a new node certificate over its session, each at a random
 // 50-80% of the lifetime; 2. after the first lifetime has run out the cluster still serves

@@ -17,7 +17,7 @@ use berth_api::pb::{
     JoinTokenRecord, Node, NodeAvailability, NodeStatus,
     agent::{
         Accepted, AgentFrame, Assignment, Assignments, AssignmentsKind, CertificateRenewed, HeartbeatAck, Hello,
-        JoinAccepted, JoinError, JoinRejected, MasterFrame, Redirect, TaskState, agent_frame, master_frame,
+        JoinError, JoinRejected, MasterFrame, Redirect, TaskState, agent_frame, master_frame,
     },
 };
 use berth_channel::{FrameReader, FrameWriter, close};
@@ -280,7 +280,7 @@ async fn handle_connection(
     }
 }
 
-fn rejected(error: JoinError, message: impl Into<String>) -> Option<master_frame::Body> {
+pub(crate) fn rejected(error: JoinError, message: impl Into<String>) -> Option<master_frame::Body> {
     Some(master_frame::Body::JoinRejected(JoinRejected {
         error: error as i32,
         message: message.into(),
@@ -320,9 +320,6 @@ pub(crate) const TOKEN_NOT_VALID: &str = "the token is not valid (no token has t
 /// Compared against when the token id is unknown: no secret hashes to it.
 const UNKNOWN_TOKEN_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
-/// Joins are handled one at a time on the leader, so token use counts stay exact.
-static JOIN_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
 async fn handle_join(ctx: &Ctx, req: berth_api::pb::agent::JoinRequest) -> Option<master_frame::Body> {
     if !ctx.is_leader() {
         let hint = ctx.leader().map(|(_, addr)| addr).unwrap_or_default();
@@ -348,7 +345,7 @@ async fn handle_join(ctx: &Ctx, req: berth_api::pb::agent::JoinRequest) -> Optio
     let Some(ca) = ctx.pki.ca() else {
         return rejected(JoinError::Unavailable, "the leader does not hold the CA key yet; retry in a few seconds");
     };
-    let _guard = JOIN_LOCK.lock().await;
+    // Checked here for a quick answer, and again where the use is counted (`joins`).
     // An unknown id and a wrong secret get the same answer (and the same hash comparison), so
     // that the answers do not tell anyone which token ids exist.
     let rec = match objects::get::<JoinTokenRecord>(&ctx.reader, &objects::token_key(&token.id)) {
@@ -423,39 +420,9 @@ async fn handle_join(ctx: &Ctx, req: berth_api::pb::agent::JoinRequest) -> Optio
         host_paths: Vec::new(),
         edge: false,
     };
-    let mut token_rec = rec.obj.clone();
-    if token_rec.uses_left > 0 {
-        token_rec.uses_left -= 1;
-    }
-    let used = crate::events::new(
-        ctx.id,
-        event::TOKEN_USED,
-        "token",
-        "",
-        &token.id,
-        format!("node {} ({node_id}) joined; {} use(s) left", req.name, token_rec.uses_left),
-    );
-    let txn = crate::events::with(
-        objects::txn_of(vec![
-            objects::cas_put(objects::token_key(&token.id), rec.mod_revision, objects::encode_token(&token_rec)),
-            objects::cas_put(objects::node_key(&node_id), 0, objects::encode_node(&node)),
-            objects::cas_put(objects::node_name_key(&req.name), 0, node_id.clone().into_bytes()),
-        ]),
-        &[used],
-    );
-    match ctx.write(Command::Txn(txn)).await {
-        Ok(CommandResult::Txn(r)) if r.succeeded => {}
-        Ok(_) if matches!(ctx.reader.get(&objects::node_name_key(&req.name)), Ok(Some(_))) => return name_taken(),
-        Ok(_) => return rejected(JoinError::Unavailable, "the token changed during the join; retry"),
-        Err(s) => return rejected(JoinError::Unavailable, format!("recording the node failed: {}", s.message())),
-    }
-    info!(node = %node_id, name = %req.name, token = %token.id, "node joined");
-    Some(master_frame::Body::JoinAccepted(JoinAccepted {
-        node_id,
-        cert_pem,
-        ca_pem: ctx.pki.ca_pem(),
-        masters: master_endpoints(ctx),
-    }))
+    // Many joins run these checks at once; their uses are counted and their nodes written in
+    // batches, one batch at a time.
+    ctx.joins.join(ctx, token.id, node, cert_pem).await
 }
 
 /// The answer to a heartbeat: the term and removed masters, and what the agent lacks: the

@@ -22,6 +22,7 @@ mod events;
 mod identity;
 mod images;
 mod ipam;
+mod joins;
 mod kv_service;
 mod metrics;
 mod network;

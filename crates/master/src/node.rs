@@ -70,6 +70,8 @@ pub(crate) struct Ctx {
     pub rbac: Arc<crate::authz::Rbac>,
     /// The audit log's queue and key numbering.
     pub audit: crate::audit::AuditLog,
+    /// Joins waiting for their batch (the leader's; see `joins`).
+    pub joins: crate::joins::JoinQueue,
     /// What `/metrics` shows.
     pub meters: crate::metrics::Metrics,
 }
@@ -289,6 +291,7 @@ pub async fn run_master(cfg: MasterConfig, shutdown: CancellationToken) -> Resul
         revoked: Default::default(),
         rbac: Default::default(),
         audit: crate::audit::AuditLog::new(),
+        joins: Default::default(),
         meters,
     });
     ctx.refresh_removed();
