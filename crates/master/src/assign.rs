@@ -391,16 +391,8 @@ pub(crate) async fn commit_statuses(ctx: Arc<Ctx>, leading: CancellationToken) {
                     continue;
                 }
                 let Some(updated) = apply_status(&cur.obj, &s) else { continue };
-                let txn = objects::txn_of(vec![objects::cas_put(
-                    tasks::task_key(&id),
-                    cur.mod_revision,
-                    updated.encode_to_vec(),
-                )]);
-                let txn = match failure_event(c.id, &updated) {
-                    Some(e) => crate::events::with(txn, &[e]),
-                    None => txn,
-                };
-                out.push((id, node, s, txn));
+                let put = objects::cas_put(tasks::task_key(&id), cur.mod_revision, updated.encode_to_vec());
+                out.push(Prepared { event: failure_event(c.id, &updated), id, node, status: s, put });
             }
             out
         })
@@ -420,30 +412,83 @@ pub(crate) async fn commit_statuses(ctx: Arc<Ctx>, leading: CancellationToken) {
                 continue;
             }
         };
-        let writes = prepared.into_iter().map(|(id, node, s, txn)| {
-            let ctx = &ctx;
-            async move { (id, node, s, ctx.write(Command::Txn(txn)).await) }
-        });
-        let writes: Vec<_> = writes.collect();
-        let n = writes.len();
-        for (id, node, s, r) in futures::future::join_all(writes).await {
-            match r {
-                Ok(CommandResult::Txn(r)) if r.succeeded => {
-                    ctx.meters.status_committed.inc();
-                }
-                // The task changed meanwhile (a controller wrote it): apply the status again.
-                Ok(_) => ctx.statuses.requeue(id, (node, s)),
-                Err(e) => {
-                    info!("committing task states failed: {}", e.message());
-                    ctx.statuses.requeue(id, (node, s));
-                }
+        // Many tasks per transaction; the chunks are written at once, and the proposer packs
+        // them into few Raft entries.
+        let n = prepared.len();
+        let mut chunks: Vec<Vec<Prepared>> = Vec::new();
+        let mut ops = 0;
+        for p in prepared {
+            let cost = 1 + usize::from(p.event.is_some());
+            if chunks.is_empty() || ops + cost > STATUS_OPS_PER_TXN {
+                chunks.push(Vec::new());
+                ops = 0;
             }
+            ops += cost;
+            chunks.last_mut().expect("a chunk was just pushed").push(p);
         }
+        let ctx_ref = &ctx;
+        futures::future::join_all(chunks.into_iter().map(|chunk| commit_chunk(ctx_ref, chunk))).await;
         ctx.meters.status_batch_seconds.observe(started.elapsed().as_secs_f64());
         if n > 0 {
             debug!(tasks = n, "task states committed");
             if !ctx.statuses.is_empty() {
                 ctx.statuses.notify.notify_one();
+            }
+        }
+    }
+}
+
+/// The most operations a status transaction holds (a put per task, and an event per failure):
+/// under the 128 a transaction may hold.
+const STATUS_OPS_PER_TXN: usize = 120;
+
+/// A task's new state, ready to be written.
+struct Prepared {
+    id: String,
+    node: String,
+    status: TaskStatus,
+    put: (berth_types::Compare, berth_types::RequestOp),
+    event: Option<berth_types::event::ClusterEvent>,
+}
+
+/// Writes `chunk` as one transaction. A conflict (a controller wrote one of its tasks since it
+/// was read) fails it whole: then each task is written on its own, so that one busy task does not
+/// hold back the others, and the one that conflicts again is applied anew next round.
+async fn commit_chunk(ctx: &Ctx, chunk: Vec<Prepared>) {
+    let txn_of = |ps: &[&Prepared]| {
+        let txn = objects::txn_of(ps.iter().map(|p| p.put.clone()).collect());
+        let events: Vec<_> = ps.iter().filter_map(|p| p.event.clone()).collect();
+        crate::events::with(txn, &events)
+    };
+    let all: Vec<&Prepared> = chunk.iter().collect();
+    let whole = ctx.write(Command::Txn(txn_of(&all))).await;
+    if let Ok(CommandResult::Txn(r)) = &whole
+        && r.succeeded
+    {
+        ctx.meters.status_committed.inc_by(chunk.len() as u64);
+        return;
+    }
+    if chunk.len() == 1 || whole.is_err() {
+        if let Err(e) = &whole {
+            info!("committing task states failed: {}", e.message());
+        }
+        for p in chunk {
+            ctx.statuses.requeue(p.id, (p.node, p.status));
+        }
+        return;
+    }
+    let each = chunk.iter().map(|p| async move { ctx.write(Command::Txn(txn_of(&[p]))).await });
+    let results = futures::future::join_all(each).await;
+    for (p, r) in chunk.into_iter().zip(results) {
+        match r {
+            Ok(CommandResult::Txn(r)) if r.succeeded => {
+                ctx.meters.status_committed.inc();
+            }
+            // The task changed meanwhile: apply the status again.
+            Ok(_) => ctx.statuses.requeue(p.id, (p.node, p.status)),
+            Err(e) => {
+                info!("committing task states failed: {}", e.message());
+                ctx.statuses.requeue(p.id, (p.node, p.status));
             }
         }
     }
