@@ -418,8 +418,9 @@ pub(crate) async fn commit_statuses(ctx: Arc<Ctx>, leading: CancellationToken) {
         let mut chunks: Vec<Vec<Prepared>> = Vec::new();
         let mut ops = 0;
         for p in prepared {
-            let cost = 1 + usize::from(p.event.is_some());
-            if chunks.is_empty() || ops + cost > STATUS_OPS_PER_TXN {
+            // A compare and a put for the task, and its event if it failed.
+            let cost = 2 + usize::from(p.event.is_some());
+            if chunks.is_empty() || ops + cost > ctx.limits.max_txn_ops {
                 chunks.push(Vec::new());
                 ops = 0;
             }
@@ -437,10 +438,6 @@ pub(crate) async fn commit_statuses(ctx: Arc<Ctx>, leading: CancellationToken) {
         }
     }
 }
-
-/// The most operations a status transaction holds (a put per task, and an event per failure):
-/// under the 128 a transaction may hold.
-const STATUS_OPS_PER_TXN: usize = 120;
 
 /// A task's new state, ready to be written.
 struct Prepared {
@@ -470,7 +467,7 @@ async fn commit_chunk(ctx: &Ctx, chunk: Vec<Prepared>) {
     }
     if chunk.len() == 1 || whole.is_err() {
         if let Err(e) = &whole {
-            info!("committing task states failed: {}", e.message());
+            warn!(tasks = chunk.len(), "committing task states failed: {}", e.message());
         }
         for p in chunk {
             ctx.statuses.requeue(p.id, (p.node, p.status));

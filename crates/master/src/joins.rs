@@ -2,8 +2,8 @@
 //!
 //! Each join's own checks (token id and secret, name, labels, CSR signing) run concurrently on
 //! the leader; what must be exact runs in one place: a join queues its node, and one waiting join
-//! at a time becomes the committer (group commit, no background task). The committer takes up
-//! to [`JOINS_PER_TXN`] queued joins, re-reads each token, accepts as many as it has uses left
+//! at a time becomes the committer (group commit, no background task). The committer takes as
+//! many queued joins as one transaction holds ([`joins_per_txn`]), re-reads each token, accepts as many as it has uses left
 //! and whose names are free (in the state and in the batch), and writes them in one transaction
 //! that compares the token's revision: the token's new count, each node and its name, a
 //! `TokenUsed` event each. A conflict (the token revoked, a node named meanwhile through another
@@ -25,9 +25,10 @@ use tracing::info;
 
 use crate::{node::Ctx, objects};
 
-/// The most joins in one transaction: 3 operations each (node, name, event) and the token's
-/// update stay under the 128 operations a transaction may hold.
-pub(crate) const JOINS_PER_TXN: usize = 40;
+/// What a transaction holds for each join: the node's and its name's compare and put, and an
+/// event; and for the token: its compare and put.
+const OPS_PER_JOIN: usize = 5;
+const OPS_PER_TOKEN: usize = 2;
 /// How often a batch that conflicted is read and written again before its joins are told to retry.
 const ATTEMPTS: usize = 4;
 
@@ -70,12 +71,17 @@ impl JoinQueue {
             }
             let batch: Vec<Pending> = {
                 let mut q = self.pending.lock().expect("join queue lock");
-                let n = q.len().min(JOINS_PER_TXN);
+                let n = q.len().min(joins_per_txn(ctx));
                 q.drain(..n).collect()
             };
             commit(ctx, batch).await;
         }
     }
+}
+
+/// The most joins one transaction holds (25 under the default limit of 128 operations).
+pub(crate) fn joins_per_txn(ctx: &Ctx) -> usize {
+    (ctx.limits.max_txn_ops.saturating_sub(OPS_PER_TOKEN) / OPS_PER_JOIN).max(1)
 }
 
 /// Decides a batch: every join in it gets its answer.
@@ -206,6 +212,12 @@ async fn commit_token(ctx: &Ctx, token_id: &str, mut joins: Vec<Pending>) {
                 return;
             }
             Err(s) => {
+                tracing::warn!(
+                    token = token_id,
+                    joins = accepted.len(),
+                    "recording joined nodes failed: {}",
+                    s.message()
+                );
                 for p in accepted {
                     refuse(p, JoinError::Unavailable, format!("recording the node failed: {}", s.message()));
                 }
