@@ -31,7 +31,7 @@ fn user_binding(name: &str) -> String {
     format!("user-{name}")
 }
 
-fn txn_ok(r: CommandResult, what: &str) -> Result<i64, Status> {
+pub(crate) fn txn_ok(r: CommandResult, what: &str) -> Result<i64, Status> {
     match r {
         CommandResult::Txn(t) if t.succeeded => Ok(t.revision),
         CommandResult::Txn(_) => Err(Status::aborted(format!("{what} changed concurrently; run the command again"))),

@@ -7,11 +7,12 @@ use std::time::Duration;
 
 use berth_api::pb;
 use berth_pki::{ConsoleToken, Identity};
-use berth_types::{Command, CommandResult};
+use berth_types::Command;
 use serde::{Deserialize, Serialize};
 use tonic::Status;
 
 use crate::{
+    access_service::txn_ok,
     authz::{self, Caller, USERS, UserRecord},
     node::Ctx,
     objects::{cas_put, now_ms, txn_of},
@@ -108,11 +109,7 @@ pub(crate) async fn create(
         0,
         serde_json::to_vec(&rec).expect("a token record serializes"),
     );
-    match ctx.write(Command::Txn(txn_of(vec![put]))).await? {
-        CommandResult::Txn(t) if t.succeeded => {}
-        CommandResult::Txn(_) => return Err(Status::aborted("a token with the same id exists; run the command again")),
-        other => return Err(Status::internal(format!("unexpected result {other:?}"))),
-    }
+    txn_ok(ctx.write(Command::Txn(txn_of(vec![put]))).await?, "the console token")?;
     tracing::info!(id = rec.id, identity = rec.identity, "console token issued");
     Ok(pb::ConsoleTokenCreateResponse { header: Some(ctx.header()), token: token.encode(), record: Some(rec.view()) })
 }
@@ -144,11 +141,7 @@ pub(crate) async fn revoke(ctx: &Ctx, id: &str) -> Result<pb::ConsoleTokenRevoke
         },
         crate::objects::delete(key.into_bytes()),
     );
-    match ctx.write(Command::Txn(txn_of(vec![del]))).await? {
-        CommandResult::Txn(t) if t.succeeded => {}
-        CommandResult::Txn(_) => return Err(Status::aborted("the token changed concurrently; run the command again")),
-        other => return Err(Status::internal(format!("unexpected result {other:?}"))),
-    }
+    txn_ok(ctx.write(Command::Txn(txn_of(vec![del]))).await?, "the console token")?;
     tracing::info!(id, "console token revoked");
     Ok(pb::ConsoleTokenRevokeResponse { header: Some(ctx.header()) })
 }
