@@ -45,6 +45,9 @@ pub struct MasterPki {
     renew_point: RwLock<SystemTime>,
     ca: RwLock<Option<CertificateAuthority>>,
     grpc_server: RwLock<Arc<rustls::ServerConfig>>,
+    /// The web console's, built at its first connection and dropped whenever the gRPC one is
+    /// rebuilt (a renewal, a CA change, the revocation check).
+    console_server: RwLock<Option<Arc<rustls::ServerConfig>>>,
     /// The revocation list, checked in every handshake of the gRPC and QUIC servers; set once
     /// the master's context exists.
     check: std::sync::OnceLock<tls::RevocationCheck>,
@@ -213,6 +216,7 @@ impl MasterPki {
             renew_point: RwLock::new(renew_point),
             ca: RwLock::new(ca),
             grpc_server: RwLock::new(Arc::new(grpc)),
+            console_server: RwLock::new(None),
             check: std::sync::OnceLock::new(),
             hold_renewal: Default::default(),
         });
@@ -293,6 +297,7 @@ impl MasterPki {
         }
         .map_err(pki_err)?;
         *self.grpc_server.write().expect("server config lock") = Arc::new(grpc);
+        *self.console_server.write().expect("console config lock") = None;
         Ok(())
     }
 
@@ -392,13 +397,24 @@ impl MasterPki {
     /// certificate optional (a browser without one logs in with a token); one it presents must
     /// chain to the cluster CA and not be revoked.
     pub(crate) fn console_server_config(&self) -> Result<Arc<rustls::ServerConfig>, MasterError> {
+        if let Some(c) = self.console_server.read().expect("console config lock").as_ref() {
+            return Ok(c.clone());
+        }
+        // Built under the lock a rebuild also takes, so a rebuild in between cannot be undone
+        // by storing a configuration made from the files before it.
+        let mut cached = self.console_server.write().expect("console config lock");
+        if let Some(c) = cached.as_ref() {
+            return Ok(c.clone());
+        }
         let alpn: &[&[u8]] = &[b"http/1.1"];
-        match self.check.get() {
+        let config = match self.check.get() {
             Some(check) => tls::server_config_checked(&self.files(), alpn, true, check.clone()),
             None => tls::server_config_client_auth_optional(&self.files(), alpn),
         }
         .map(Arc::new)
-        .map_err(pki_err)
+        .map_err(pki_err)?;
+        *cached = Some(config.clone());
+        Ok(config)
     }
 
     /// TLS for this master's gRPC clients (Raft, forwarding).
