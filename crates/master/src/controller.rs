@@ -1,11 +1,13 @@
 //! The leader's controllers: orchestrator, updater, scheduler loop and task reaper.
 //!
 //! They run as one loop on the leader, started when it becomes leader and stopped when it stops
-//! being leader. Each round reads the replicated state (services, tasks, slots, nodes), decides,
-//! and writes conditional transactions (compare mod_revision), one per slot change, proposed
-//! together so that the proposer packs them into few Raft entries. Nothing is kept between rounds
-//! but timers, so a new leader resumes exactly where the old one stopped. A round runs when
-//! anything under `/berth/` changes, and at least every second (restart delays, update delays).
+//! being leader. Each round decides over the leader's in-memory index of the replicated state
+//! (services, tasks, slots, nodes; see [`index`]), which the loop's watch keeps current, and
+//! writes conditional transactions (compare mod_revision), one per slot change, proposed together
+//! so that the proposer packs them into few Raft entries. The index is only a cache of the store:
+//! a new leader builds it from the replicated state before its first round, so it resumes exactly
+//! where the old one stopped. A round runs when anything under `/berth/` changes, and at least
+//! every second (restart delays, update delays).
 //!
 //! - **orchestrator**: one task per slot (replicas 1..N, or one per eligible node for `global`);
 //!   replaces tasks that ended, per the restart policy with exponential backoff; replaces tasks
@@ -25,24 +27,26 @@ use std::{
     time::Duration,
 };
 
-use berth_api::pb::{
-    NetworkRecord, Node, NodeAvailability, NodeStatus, Rollout, RolloutState, ServiceRecord, Task, agent::TaskState,
-};
+use berth_api::pb::{NetworkRecord, Node, NodeAvailability, NodeStatus, Rollout, RolloutState, Task, agent::TaskState};
 use berth_scheduler::{NetworkRoom, Scheduler, Strategy};
 use berth_types::{
-    Command, CommandResult, Compare, RequestOp, Txn,
+    Command, CommandResult, Compare, Event, RequestOp, Revision, Txn,
     spec::{PlacementStrategy, RestartCondition, UpdateOrder, network::block_count},
 };
+use futures::FutureExt;
 use prost::Message;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::{
     node::Ctx,
-    objects::{self, NODES_PREFIX},
-    tasks::{self, SERVICES_PREFIX, SLOTS_PREFIX, Svc, TASKS_PREFIX},
+    objects,
+    tasks::{self, SLOTS_PREFIX, Svc},
     updater::{self, Step},
 };
+
+mod index;
+use index::World;
 
 /// Ended tasks kept per slot (for `describe` and logs).
 pub(crate) const KEEP_ENDED_PER_SLOT: usize = 3;
@@ -52,15 +56,19 @@ const MAX_BACKOFF: Duration = Duration::from_secs(60);
 const ROUND_SETTLE: Duration = Duration::from_millis(30);
 
 pub(crate) async fn run(ctx: Arc<Ctx>, leading: CancellationToken) {
-    let ctx_for_rounds = ctx.clone();
     let prefix = b"/berth/".to_vec();
-    let mut watcher = match ctx.reader.watch(prefix.clone(), berth_types::prefix_end(&prefix), 0) {
+    let watch = || ctx.reader.watch(prefix.clone(), berth_types::prefix_end(&prefix), 0);
+    // The watch starts before the index is read, so that no change falls between the two.
+    let mut watcher = match watch() {
         Ok(w) => w,
         Err(e) => {
             warn!("controllers not started: cannot watch the state: {e}");
             return;
         }
     };
+    // None: (re)build the index from the store before the next round.
+    let mut world: Option<World> = None;
+    let mut changes: Vec<(Revision, Event)> = Vec::new();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     info!("controllers started");
@@ -68,13 +76,12 @@ pub(crate) async fn run(ctx: Arc<Ctx>, leading: CancellationToken) {
         tokio::select! {
             _ = leading.cancelled() => break,
             r = watcher.next() => {
-                // The watch fell behind compaction, the state was replaced by a snapshot, or it
-                // broke: start a fresh one from now (a round reads everything anyway).
-                if !matches!(r, Ok(berth_store::WatchEvents::Events(_))) {
-                    if let Err(e) = &r {
-                        warn!("controllers: watch failed: {e}");
-                    }
-                    match ctx.reader.watch(prefix.clone(), berth_types::prefix_end(&prefix), 0) {
+                if !take(r, &mut changes) {
+                    // The watch fell behind compaction, the state was replaced by a snapshot, or
+                    // it broke: start a fresh one from now, and read the index again.
+                    world = None;
+                    changes.clear();
+                    match watch() {
                         Ok(w) => watcher = w,
                         Err(e) => {
                             warn!("controllers: cannot watch the state: {e}");
@@ -82,25 +89,46 @@ pub(crate) async fn run(ctx: Arc<Ctx>, leading: CancellationToken) {
                                 _ = leading.cancelled() => break,
                                 _ = tick.tick() => {}
                             }
+                            continue;
                         }
                     }
                 }
             }
             _ = tick.tick() => {}
         }
-        if leading.is_cancelled() || !ctx.is_leader() {
+        if leading.is_cancelled() {
+            continue;
+        }
+        if !ctx.is_leader() {
+            world = None;
+            changes.clear();
             continue;
         }
         // Coalesce a burst of changes (a status batch, a wave of placements) into one round.
         let settle = tokio::time::sleep(ROUND_SETTLE);
         tokio::pin!(settle);
+        let mut broken = false;
         loop {
             tokio::select! {
                 _ = &mut settle => break,
-                r = watcher.next() => if !matches!(r, Ok(berth_store::WatchEvents::Events(_))) { break },
+                r = watcher.next() => if !take(r, &mut changes) { broken = true; break },
             }
         }
-        match round(&ctx_for_rounds).await {
+        // What is already out (this leader's own last writes, often) goes into this round too.
+        while !broken && let Some(r) = watcher.next().now_or_never() {
+            broken = !take(r, &mut changes);
+        }
+        if broken {
+            world = None;
+            changes.clear();
+            match watch() {
+                Ok(w) => watcher = w,
+                Err(e) => warn!("controllers: cannot watch the state: {e}"),
+            }
+            continue;
+        }
+        let seen = watcher.last_revision();
+        match round(&ctx, &mut world, std::mem::take(&mut changes), seen).await {
             Ok(0) => {}
             Ok(n) => debug!(writes = n, "controller round"),
             Err(e) => info!("controller round: {e}"),
@@ -109,84 +137,19 @@ pub(crate) async fn run(ctx: Arc<Ctx>, leading: CancellationToken) {
     info!("controllers stopped");
 }
 
-/// What one round read.
-struct World {
-    reader: berth_store::KvReader,
-    /// This master, for the events it records.
-    me: u64,
-    now: i64,
-    nodes: HashMap<String, Node>,
-    services: Vec<Svc>,
-    tasks: HashMap<String, objects::Versioned<Task>>,
-    /// slot key -> (task id, mod_revision)
-    slots: HashMap<Vec<u8>, (String, i64)>,
-    /// `namespace/name` -> network; empty on a cluster without pools.
-    networks: HashMap<String, objects::Versioned<NetworkRecord>>,
-    /// The cluster has address pools: services' tasks join networks.
-    has_pools: bool,
-    /// `namespace/name` -> volume.
-    volumes: HashMap<String, objects::Versioned<berth_api::pb::VolumeRecord>>,
-    /// The services routes go to (`namespace/name`); empty on a cluster without pools.
-    routed: std::collections::BTreeSet<String>,
-}
-
-fn load(ctx: &Ctx) -> Result<World, String> {
-    let err = |e: tonic::Status| e.message().to_string();
-    let nodes = objects::list::<Node>(&ctx.reader, NODES_PREFIX).map_err(err)?;
-    let services = objects::list::<ServiceRecord>(&ctx.reader, SERVICES_PREFIX).map_err(err)?;
-    let tasks = objects::list::<Task>(&ctx.reader, TASKS_PREFIX).map_err(err)?;
-    let q = berth_types::RangeQuery {
-        key: SLOTS_PREFIX.as_bytes().to_vec(),
-        range_end: berth_types::prefix_end(SLOTS_PREFIX.as_bytes()),
-        ..Default::default()
-    };
-    let (slots, _) = ctx.reader.range(&q).map_err(|e| e.to_string())?;
-    let has_pools = crate::networks::load_pools(&ctx.reader).map_err(err)?.is_some();
-    let networks = if has_pools {
-        objects::list::<NetworkRecord>(&ctx.reader, crate::networks::NETWORKS_PREFIX)
-            .map_err(err)?
-            .into_iter()
-            .map(|n| (format!("{}/{}", n.obj.namespace, n.obj.name), n))
-            .collect()
-    } else {
-        HashMap::new()
-    };
-    let volumes = crate::volumes::load_all(&ctx.reader).map_err(err)?;
-    let routed = if has_pools {
-        objects::list::<berth_api::pb::RouteRecord>(&ctx.reader, crate::routes::ROUTES_PREFIX)
-            .map_err(err)?
-            .into_iter()
-            .filter_map(|r| {
-                crate::routes::spec_of(&r.obj).ok().map(|d| format!("{}/{}", r.obj.namespace, d.spec.service))
-            })
-            .collect()
-    } else {
-        Default::default()
-    };
-    let mut svcs = Vec::new();
-    for s in services {
-        match Svc::parse(s.obj, s.mod_revision) {
-            Ok(s) => svcs.push(s),
-            Err(e) => warn!("{e}"),
+/// Adds a watch result's changes to `changes`; false if the watch must start over.
+fn take(r: Result<berth_store::WatchEvents, berth_store::StoreError>, changes: &mut Vec<(Revision, Event)>) -> bool {
+    match r {
+        Ok(berth_store::WatchEvents::Events(ev)) => {
+            changes.extend(ev);
+            true
+        }
+        Ok(_) => false,
+        Err(e) => {
+            warn!("controllers: watch failed: {e}");
+            false
         }
     }
-    Ok(World {
-        reader: ctx.reader.clone(),
-        me: ctx.id,
-        now: objects::now_ms(),
-        nodes: nodes.into_iter().map(|n| (n.obj.id.clone(), n.obj)).collect(),
-        services: svcs,
-        tasks: tasks.into_iter().map(|t| (t.obj.id.clone(), t)).collect(),
-        slots: slots
-            .kvs
-            .into_iter()
-            .map(|kv| (kv.key, (String::from_utf8_lossy(&kv.value).into_owned(), kv.mod_revision)))
-            .collect(),
-        networks,
-        has_pools,
-        volumes,
-        routed,
-    })
 }
 
 impl World {
@@ -252,34 +215,62 @@ fn put_task(t: &Task, expected: i64) -> (Compare, RequestOp) {
     objects::cas_put(tasks::task_key(&t.id), expected, t.encode_to_vec())
 }
 
-async fn round(ctx: &Arc<Ctx>) -> Result<usize, String> {
+async fn round(
+    ctx: &Arc<Ctx>,
+    world: &mut Option<World>,
+    changes: Vec<(Revision, Event)>,
+    seen: Revision,
+) -> Result<usize, String> {
     let started = std::time::Instant::now();
-    let r = decide_and_commit(ctx).await;
+    let r = decide_and_commit(ctx, world, changes, seen).await;
     ctx.meters.round_seconds.observe(started.elapsed().as_secs_f64());
     r
 }
 
-async fn decide_and_commit(ctx: &Arc<Ctx>) -> Result<usize, String> {
-    // Reading and deciding is synchronous CPU work over every task: off the async workers, so
-    // that heartbeats and Raft traffic never wait behind it.
+async fn decide_and_commit(
+    ctx: &Arc<Ctx>,
+    world: &mut Option<World>,
+    changes: Vec<(Revision, Event)>,
+    seen: Revision,
+) -> Result<usize, String> {
+    // Updating the index and deciding is synchronous CPU work: off the async workers, so that
+    // heartbeats and Raft traffic never wait behind it. The index goes along and comes back; if
+    // the round fails it is dropped, and the next round reads it again.
     let c = ctx.clone();
-    let plan = tokio::task::spawn_blocking(move || -> Result<Plan, String> {
-        let w = load(&c)?;
+    let index = world.take();
+    let (index, plan) = tokio::task::spawn_blocking(move || -> Result<(World, Plan), String> {
+        let mut w = match index {
+            Some(w) => w,
+            None => World::load(&c.reader, c.id)?,
+        };
+        for (rev, e) in &changes {
+            w.apply(*rev, e);
+        }
+        w.refresh_aux()?;
+        w.now = objects::now_ms();
+        if cfg!(debug_assertions)
+            && let Err(e) = w.check_against_store(seen)
+        {
+            // Debug builds (every test cluster) prove the index against the store each round.
+            error!("the controllers' index differs from the store: {e}");
+            std::process::abort();
+        }
         let mut plan = Plan::default();
         let fence_ms = fence_timeout(&c).as_millis() as u64;
-        for svc in &w.services {
+        for svc in w.services.values() {
             orchestrate(&w, svc, fence_ms, &mut plan);
         }
-        for svc in &w.services {
+        for svc in w.services.values() {
             update(&w, svc, fence_ms, &mut plan);
         }
         schedule(&w, &mut plan);
         ingress_blocks(&w, &mut plan);
         reap(&w, &mut plan);
-        Ok(plan)
+        Ok((w, plan))
     })
     .await
     .map_err(|e| format!("the controller round panicked: {e}"))??;
+    *world = Some(index);
     ctx.meters.pending_tasks.set(plan.unplaced as i64);
     if plan.txns.is_empty() {
         return Ok(0);
@@ -518,7 +509,7 @@ fn orchestrate(w: &World, svc: &Svc, fence_ms: u64, plan: &mut Plan) {
     }
     // Slots no longer wanted, and running tasks that are not their slot's current task.
     let prefix = format!("{SLOTS_PREFIX}{ns}/{name}/");
-    for (key, (id, rev)) in &w.slots {
+    for (key, (id, rev)) in w.slots_of(ns, name) {
         let Some(slot_name) = key.strip_prefix(prefix.as_bytes()) else { continue };
         let slot_name = String::from_utf8_lossy(slot_name).into_owned();
         if desired.contains_key(&slot_name) {
@@ -537,12 +528,11 @@ fn orchestrate(w: &World, svc: &Svc, fence_ms: u64, plan: &mut Plan) {
         }
         plan.push(parts, format!("{}: slot {slot_name} removed", svc.key()));
     }
-    let current: HashSet<&str> =
-        w.slots.iter().filter(|(k, _)| k.starts_with(prefix.as_bytes())).map(|(_, (id, _))| id.as_str()).collect();
+    let current: HashSet<&str> = w.slots_of(ns, name).map(|(_, (id, _))| id.as_str()).collect();
     let start_first = svc.spec.spec.update.order == UpdateOrder::StartFirst;
-    for t in w.tasks.values() {
+    for t in w.tasks_of(ns, name) {
         let o = &t.obj;
-        if o.namespace != *ns || o.service != *name || tasks::desired_of(o) != TaskState::Running {
+        if tasks::desired_of(o) != TaskState::Running {
             continue;
         }
         if current.contains(o.id.as_str()) || plan.touched.contains(&o.id) {
@@ -643,7 +633,7 @@ fn update(w: &World, svc: &Svc, fence_ms: u64, plan: &mut Plan) {
         last_batch_ms: rollout.updated_at_ms,
         now: w.now,
         slots: desired.keys().map(|s| (s.clone(), current(s).map(|t| &t.obj))).collect(),
-        tasks: w.tasks.values().map(|t| &t.obj).filter(|t| t.namespace == *ns && t.service == *name).collect(),
+        tasks: w.tasks_of(ns, name).map(|t| &t.obj).collect(),
     };
     let decision = updater::decide(&input);
     let failures = decision.failures;
@@ -770,7 +760,7 @@ fn stopping_slots<'a>(
 
 fn schedule(w: &World, plan: &mut Plan) {
     let svcs: HashMap<(String, String), &Svc> =
-        w.services.iter().map(|s| ((s.record.namespace.clone(), s.record.name.clone()), s)).collect();
+        w.services.values().map(|s| ((s.record.namespace.clone(), s.record.name.clone()), s)).collect();
     let svc_of = |t: &Task| svcs.get(&(t.namespace.clone(), t.service.clone())).copied();
     let stopping = stopping_slots(w.tasks.values().map(|t| &t.obj), &w.nodes);
     let held = crate::volumes::holders(w.tasks.values().map(|t| &t.obj), &w.nodes, &w.volumes);
@@ -1008,7 +998,7 @@ fn ingress_blocks(w: &World, plan: &mut Plan) {
     let mut capable: Vec<&Node> = w.nodes.values().filter(|n| n.networks).collect();
     capable.sort_by(|a, b| a.id.cmp(&b.id));
     let mut wants: BTreeMap<String, Vec<&Node>> = BTreeMap::new();
-    for s in w.services.iter().filter(|s| !s.record.deleting) {
+    for s in w.services.values().filter(|s| !s.record.deleting) {
         let Some(net) = task_networks(w, s).into_iter().next() else { continue };
         if s.has_ingress() {
             wants.entry(net.clone()).or_default().extend(capable.iter().copied());
@@ -1101,7 +1091,7 @@ fn network_rooms(w: &World) -> Vec<NetworkRoom> {
 
 fn reap(w: &World, plan: &mut Plan) {
     let svcs: HashMap<(&str, &str), &Svc> =
-        w.services.iter().map(|s| ((s.record.namespace.as_str(), s.record.name.as_str()), s)).collect();
+        w.services.values().map(|s| ((s.record.namespace.as_str(), s.record.name.as_str()), s)).collect();
     // Ended tasks per slot, newest first.
     let mut ended: HashMap<(String, String, String), Vec<&objects::Versioned<Task>>> = HashMap::new();
     let mut live_per_service: HashMap<(&str, &str), usize> = HashMap::new();
@@ -1135,18 +1125,17 @@ fn reap(w: &World, plan: &mut Plan) {
         }
     }
     // A deleted service goes once none of its tasks may still run; its ended tasks go with it.
-    for svc in &w.services {
+    for svc in w.services.values() {
         let key = (svc.record.namespace.as_str(), svc.record.name.as_str());
         if !svc.record.deleting || live_per_service.get(&key).copied().unwrap_or(0) > 0 {
             continue;
         }
-        let prefix = format!("{SLOTS_PREFIX}{}/{}/", key.0, key.1);
-        if w.slots.keys().any(|k| k.starts_with(prefix.as_bytes())) {
+        if w.slots_of(key.0, key.1).next().is_some() {
             continue; // the orchestrator removes the slots first
         }
         let mut parts = vec![objects::cas_delete(tasks::service_key(key.0, key.1), svc.mod_revision)];
-        for t in w.tasks.values() {
-            if (t.obj.namespace.as_str(), t.obj.service.as_str()) == key && parts.len() < 60 && plan.touch(&t.obj.id) {
+        for t in w.tasks_of(key.0, key.1) {
+            if parts.len() < 60 && plan.touch(&t.obj.id) {
                 parts.push(objects::cas_delete(tasks::task_key(&t.obj.id), t.mod_revision));
             }
         }
