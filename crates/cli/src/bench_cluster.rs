@@ -25,6 +25,8 @@ use crate::{
 struct LocalCluster {
     _dir: tempfile::TempDir,
     endpoints: BTreeMap<u64, String>,
+    /// Each master's /metrics address.
+    metrics: BTreeMap<u64, String>,
     data_dirs: BTreeMap<u64, PathBuf>,
     children: BTreeMap<u64, Child>,
     exe: PathBuf,
@@ -55,6 +57,7 @@ impl LocalCluster {
         let mut c = LocalCluster {
             _dir: tmp,
             endpoints: BTreeMap::new(),
+            metrics: BTreeMap::new(),
             data_dirs: BTreeMap::new(),
             children: BTreeMap::new(),
             exe: std::env::current_exe()?,
@@ -63,6 +66,7 @@ impl LocalCluster {
         };
         for id in 1..=n {
             c.endpoints.insert(id, format!("127.0.0.1:{}", free_port()?));
+            c.metrics.insert(id, format!("127.0.0.1:{}", free_port()?));
             c.data_dirs.insert(id, dir.join(format!("master-{id}")));
         }
         let initial = c.endpoints.iter().map(|(id, ep)| format!("{id}={ep}")).collect::<Vec<_>>().join(",");
@@ -85,7 +89,14 @@ impl LocalCluster {
     fn spawn(&mut self, id: u64, mut args: Vec<String>) -> Result<()> {
         let dd = &self.data_dirs[&id];
         std::fs::create_dir_all(dd)?;
-        args.extend(["--data-dir".into(), dd.display().to_string(), "--listen".into(), self.endpoints[&id].clone()]);
+        args.extend([
+            "--data-dir".into(),
+            dd.display().to_string(),
+            "--listen".into(),
+            self.endpoints[&id].clone(),
+            "--metrics-listen".into(),
+            self.metrics[&id].clone(),
+        ]);
         let child = spawn_logged(&self.exe, &args, &dd.join("master.log"))?;
         self.children.insert(id, child);
         Ok(())
@@ -102,6 +113,23 @@ impl LocalCluster {
         c.kill()?;
         c.wait()?;
         Ok(())
+    }
+
+    /// The value of counter or gauge `name` on master `id`'s /metrics (0 if it is not there).
+    fn metric(&self, id: u64, name: &str) -> Result<f64> {
+        use std::io::{Read, Write};
+        let addr = &self.metrics[&id];
+        let mut s = std::net::TcpStream::connect(addr).with_context(|| format!("reading {addr}/metrics"))?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        write!(s, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+        let mut body = String::new();
+        s.read_to_string(&mut body)?;
+        Ok(body
+            .lines()
+            .filter_map(|l| l.strip_prefix(name))
+            .filter_map(|rest| rest.strip_prefix(' ').or_else(|| rest.strip_prefix("_total ")))
+            .find_map(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or(0.0))
     }
 
     fn client(&self) -> Result<Client> {
@@ -385,8 +413,14 @@ async fn with_simulated_agents(count: usize, extra: &[String]) -> Result<(LocalC
 /// (placed by the leader's scheduler, sent to its agent, acknowledged running, and that state
 /// committed through Raft).
 pub async fn schedule_e2e(nodes: usize, tasks: usize, extra: &[String], format: Format) -> Result<()> {
-    let (_c, client, _leader, ready) = with_simulated_agents(nodes, extra).await?;
+    let (c, client, leader, ready) = with_simulated_agents(nodes, extra).await?;
     eprintln!("{nodes} simulated nodes ready after {:.1}s; applying {tasks} replicas", ready.as_secs_f64());
+    let pid = c.children[&leader].id();
+    let (cpu0, _) = proc_usage(pid)?;
+    let (entries0, bytes0) = (c.metric(leader, "berth_raft_log_entries")?, c.metric(leader, "berth_raft_log_bytes")?);
+    let mut peak_rss = 0;
+    // Counting the tasks costs the leader a read of them all: less often for large runs.
+    let poll = Duration::from_millis(200).max(Duration::from_micros(5 * tasks as u64)).min(Duration::from_secs(2));
     let per = berth_types::spec::MAX_REPLICAS as usize;
     let mut docs = Vec::new();
     let mut left = tasks;
@@ -427,8 +461,11 @@ pub async fn schedule_e2e(nodes: usize, tasks: usize, extra: &[String], format: 
         if t0.elapsed() > Duration::from_secs(1800) {
             bail!("only {running} of {tasks} tasks were running after 30 minutes");
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        peak_rss = peak_rss.max(proc_usage(pid)?.1);
+        tokio::time::sleep(poll).await;
     };
+    let (cpu1, rss) = proc_usage(pid)?;
+    let (entries1, bytes1) = (c.metric(leader, "berth_raft_log_entries")?, c.metric(leader, "berth_raft_log_bytes")?);
     #[derive(Serialize)]
     struct Out {
         nodes: usize,
@@ -436,18 +473,40 @@ pub async fn schedule_e2e(nodes: usize, tasks: usize, extra: &[String], format: 
         seconds_to_all_placed: f64,
         seconds_to_all_running: f64,
         running_per_sec: f64,
+        /// The leader's CPU time over the run, in cores (seconds of CPU per second).
+        leader_cpu_cores: f64,
+        leader_cpu_seconds: f64,
+        leader_peak_rss_bytes: u64,
+        /// Entries and bytes the leader appended to its Raft log during the run.
+        raft_entries: u64,
+        raft_bytes: u64,
     }
+    let secs = running.as_secs_f64();
     let out = Out {
         nodes,
         tasks,
         seconds_to_all_placed: first_all_placed.unwrap_or(running).as_secs_f64(),
-        seconds_to_all_running: running.as_secs_f64(),
-        running_per_sec: tasks as f64 / running.as_secs_f64(),
+        seconds_to_all_running: secs,
+        running_per_sec: tasks as f64 / secs,
+        leader_cpu_cores: (cpu1 - cpu0) / secs,
+        leader_cpu_seconds: cpu1 - cpu0,
+        leader_peak_rss_bytes: peak_rss.max(rss),
+        raft_entries: (entries1 - entries0) as u64,
+        raft_bytes: (bytes1 - bytes0) as u64,
     };
     output::print(format, &out, |o| {
         println!(
-            "schedule end to end: {} simulated nodes, {} tasks: all placed in {:.1}s, all running (committed) in {:.1}s: {:.0} tasks/s",
-            o.nodes, o.tasks, o.seconds_to_all_placed, o.seconds_to_all_running, o.running_per_sec
+            "schedule end to end: {} simulated nodes, {} tasks: all placed in {:.1}s, all running (committed) in {:.1}s: \
+             {:.0} tasks/s; leader {:.2} cores, peak RSS {}; Raft log {} entries, {}",
+            o.nodes,
+            o.tasks,
+            o.seconds_to_all_placed,
+            o.seconds_to_all_running,
+            o.running_per_sec,
+            o.leader_cpu_cores,
+            output::human_bytes(o.leader_peak_rss_bytes),
+            o.raft_entries,
+            output::human_bytes(o.raft_bytes)
         )
     });
     Ok(())

@@ -174,14 +174,20 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     {
         let mut b = WriteBatch::default();
         let log_cf = cf(&self.db, CF_LOG);
+        let (mut n, mut bytes) = (0u64, 0u64);
         for e in entries {
-            b.put_cf(log_cf, log_key(e.index()), encode(&e));
+            let v = encode(&e);
+            n += 1;
+            bytes += v.len() as u64;
+            b.put_cf(log_cf, log_key(e.index()), v);
         }
         // Readable as soon as this returns; durable (and acknowledged) once the syncer has synced
         // the WAL.
         let started = std::time::Instant::now();
         self.db.write(b).map_err(|e| io::Error::other(format!("writing the Raft log failed: {e}")))?;
         self.metrics.log_append_seconds.observe(started.elapsed().as_secs_f64());
+        self.metrics.log_entries.inc_by(n);
+        self.metrics.log_bytes.inc_by(bytes);
         self.syncer.send(callback).map_err(|_| io::Error::other("the Raft log syncer thread has stopped"))?;
         Ok(())
     }

@@ -25,6 +25,10 @@ pub struct StoreMetrics {
     pub apply_seconds: Histogram,
     /// Commands applied (a Raft entry carries a batch of them).
     pub applied_commands: Counter,
+    /// Raft log entries appended to this master's log.
+    pub log_entries: Counter,
+    /// Bytes of those entries, as stored.
+    pub log_bytes: Counter,
     /// Size of the last snapshot built or installed.
     pub snapshot_bytes: Gauge,
     pub snapshots_built: Counter,
@@ -40,6 +44,8 @@ impl Default for StoreMetrics {
             log_fsync_appends: Histogram::new(exponential_buckets(1.0, 2.0, 12)),
             apply_seconds: seconds(),
             applied_commands: Counter::default(),
+            log_entries: Counter::default(),
+            log_bytes: Counter::default(),
             snapshot_bytes: Gauge::default(),
             snapshots_built: Counter::default(),
             snapshots_installed: Counter::default(),
@@ -75,6 +81,12 @@ impl StoreMetrics {
             "Commands applied to the state machine",
             self.applied_commands.clone(),
         );
+        r.register(
+            "berth_raft_log_entries",
+            "Raft log entries appended to this master's log",
+            self.log_entries.clone(),
+        );
+        r.register("berth_raft_log_bytes", "Bytes of the Raft log entries appended, as stored", self.log_bytes.clone());
         r.register(
             "berth_raft_snapshot_bytes",
             "Size of the last snapshot this master built or installed",
