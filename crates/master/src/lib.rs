@@ -19,6 +19,7 @@ mod dispatcher;
 mod endpoints;
 mod error;
 mod events;
+mod failover;
 mod identity;
 mod images;
 mod ipam;

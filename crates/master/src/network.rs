@@ -62,7 +62,13 @@ pub(crate) struct Peers {
     pki: Arc<crate::tls::MasterPki>,
     channels: Mutex<HashMap<String, Channel>>,
     forwarders: Mutex<HashMap<String, tokio::sync::mpsc::Sender<ForwardJob>>>,
+    /// The leader this master found gone, and when: its vote requests say so for a while
+    /// ([`crate::failover`]).
+    leader_gone: Mutex<Option<(u64, std::time::Instant)>>,
 }
+
+/// How long vote requests keep saying that a leader was found gone.
+const LEADER_GONE_FOR: Duration = Duration::from_secs(2);
 
 /// Why a forwarded write has no answer.
 pub(crate) enum ForwardError {
@@ -181,7 +187,19 @@ impl Peers {
             pki,
             channels: Mutex::new(HashMap::new()),
             forwarders: Mutex::new(HashMap::new()),
+            leader_gone: Mutex::new(None),
         })
+    }
+
+    /// Records that leader `id`'s process is gone (this master saw its address refuse a connection).
+    pub fn note_leader_gone(&self, id: u64) {
+        *self.leader_gone.lock().expect("leader_gone lock") = Some((id, std::time::Instant::now()));
+    }
+
+    /// The leader recently found gone, if any.
+    fn leader_gone(&self) -> Option<u64> {
+        let g = self.leader_gone.lock().expect("leader_gone lock");
+        g.filter(|(_, at)| at.elapsed() < LEADER_GONE_FOR).map(|(id, _)| id)
     }
 
     /// Forwards a write (a header and an encoded command) to the leader at `addr` over that
@@ -359,6 +377,12 @@ impl PeerClient {
             id: 0,
         });
         request.set_timeout(ttl);
+        if matches!(rpc, Rpc::Vote)
+            && let Some(gone) = self.peers.leader_gone()
+            && let Ok(v) = gone.to_string().parse()
+        {
+            request.metadata_mut().insert(crate::failover::LEADER_GONE_HEADER, v);
+        }
         let fut = async {
             match rpc {
                 Rpc::Vote => client.vote(request).await,

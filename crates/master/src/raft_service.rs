@@ -114,10 +114,38 @@ impl RaftService {
     }
 }
 
+/// Dropped with an AppendStream: starts the fast-failover check for its sender.
+struct StreamEnd {
+    ctx: Arc<Ctx>,
+    peer: u64,
+}
+
+impl Drop for StreamEnd {
+    fn drop(&mut self) {
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(crate::failover::append_stream_ended(self.ctx.clone(), self.peer));
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl raft_server::Raft for RaftService {
     async fn vote(&self, r: Request<RaftRequest>) -> Result<Response<RaftResponse>, Status> {
-        let req: VoteRequest<TypeConfig> = self.decode_req(r)?;
+        let gone: Option<u64> = r
+            .metadata()
+            .get(crate::failover::LEADER_GONE_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok());
+        let mut req: VoteRequest<TypeConfig> = self.decode_req(r)?;
+        // The candidate found the leader's process gone: if this master finds the same, the
+        // leader's lease protects nobody, and the vote is decided now ([`crate::failover`]).
+        if let Some(leader) = gone
+            && !req.leadership_transfer
+            && crate::failover::leader_is_gone(&self.ctx, leader).await
+        {
+            tracing::info!(leader, candidate = ?req.vote, "the leader's process is gone here too: voting without its lease");
+            req.leadership_transfer = true;
+        }
         reply(&self.ctx.raft.vote(req).await.map_err(|e| e.to_string()))
     }
 
@@ -135,8 +163,11 @@ impl raft_server::Raft for RaftService {
         let peer = peer_master(&r)?;
         let mut inbound = r.into_inner();
         let svc = RaftService { ctx: self.ctx.clone(), snap_dir: self.snap_dir.clone() };
+        // When the stream ends (its sender died, or dropped it), look whether the leader is gone.
+        let ended = StreamEnd { ctx: self.ctx.clone(), peer };
         // Answered one at a time, in order: the sender waits for each answer anyway.
         let out = async_stream::try_stream! {
+            let _ended = ended;
             while let Some(req) = inbound.message().await? {
                 svc.check(req.header.as_ref(), peer)?;
                 let id = req.id;
