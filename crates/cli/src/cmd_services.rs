@@ -966,6 +966,7 @@ pub async fn wait_rollouts(
     };
     let started = tokio::time::Instant::now();
     let deadline = started + timeout;
+    let mut changes = crate::wait::Changes::open(client, &list_ns).await;
     let mut last_error: Option<String> = None;
     loop {
         match list_services(client, &list_ns).await {
@@ -1032,7 +1033,7 @@ pub async fn wait_rollouts(
         if follows.iter().all(|f| f.outcome.is_some()) || tokio::time::Instant::now() >= deadline {
             break;
         }
-        tokio::time::sleep(POLL_INTERVAL.min(deadline.saturating_duration_since(tokio::time::Instant::now()))).await;
+        changes.next(deadline).await;
     }
     bars.close(follows.iter().map(|f| &f.bar));
     let mut failures = Vec::new();

@@ -23,6 +23,70 @@ use crate::{
     progress::{self, Bars},
 };
 
+/// Wakes a wait loop when something a service view shows changes: the master's `WatchServices`
+/// stream (which also fires on its tasks' changes), so that a wait sees a change as soon as it
+/// is committed rather than at the next poll. Without the stream (a master that refuses it, or a
+/// broken one) it falls back to polling every [`POLL_INTERVAL`].
+pub(crate) struct Changes {
+    stream: Option<tonic::Streaming<pb::ServiceEvent>>,
+    last_wake: tokio::time::Instant,
+}
+
+/// How long a wait sleeps without news from the stream before it reads again anyway (a node
+/// going down changes what a wait counts as ended without a service event).
+const QUIET_RECHECK: Duration = Duration::from_secs(2);
+/// The least time between two reads of a burst of changes.
+const MIN_RECHECK: Duration = Duration::from_millis(50);
+
+impl Changes {
+    /// Watches the services of `namespace` ("" for all the caller may see).
+    pub(crate) async fn open(client: &Client, namespace: &str) -> Changes {
+        let req = pb::WatchServicesRequest { namespace: namespace.to_string() };
+        let stream = client
+            .call(Call::Idempotent, |ch| {
+                let req = req.clone();
+                async move { Client::control(ch).watch_services(req).await.map(|r| r.into_inner()) }
+            })
+            .await
+            .ok();
+        Changes { stream, last_wake: tokio::time::Instant::now() }
+    }
+
+    /// Returns at the next change, after [`QUIET_RECHECK`] without one, or at `deadline`.
+    pub(crate) async fn next(&mut self, deadline: tokio::time::Instant) {
+        let now = tokio::time::Instant::now();
+        let Some(stream) = self.stream.as_mut() else {
+            tokio::time::sleep_until(deadline.min(now + POLL_INTERVAL)).await;
+            return;
+        };
+        // A burst of events is one wake-up.
+        tokio::time::sleep_until(deadline.min(self.last_wake + MIN_RECHECK)).await;
+        let (mut changed, mut broken) = (false, false);
+        loop {
+            match futures::FutureExt::now_or_never(stream.message()) {
+                Some(Ok(Some(_))) => {
+                    changed = true;
+                    continue;
+                }
+                Some(_) => broken = true,
+                None => {}
+            }
+            break;
+        }
+        if !changed && !broken {
+            tokio::select! {
+                r = stream.message() => broken = !matches!(r, Ok(Some(_))),
+                _ = tokio::time::sleep_until(deadline.min(tokio::time::Instant::now() + QUIET_RECHECK)) => {}
+            }
+        }
+        if broken {
+            // Polling from here on; the caller's reads report what is wrong.
+            self.stream = None;
+        }
+        self.last_wake = tokio::time::Instant::now();
+    }
+}
+
 /// What a service's tasks must reach.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Goal {
@@ -217,6 +281,9 @@ pub async fn wait_for(client: &Client, targets: Vec<Target>, timeout: Duration, 
     };
     let notice = |msg: &str| bars.println(msg);
     let deadline = tokio::time::Instant::now() + timeout;
+    let watch_ns =
+        if one_ns { follows.first().map(|f| f.target.namespace.clone()).unwrap_or_default() } else { String::new() };
+    let mut changes = Changes::open(client, &watch_ns).await;
     let mut last_error: Option<String> = None;
     loop {
         for f in follows.iter_mut().filter(|f| f.outcome.is_none()) {
@@ -268,7 +335,7 @@ pub async fn wait_for(client: &Client, targets: Vec<Target>, timeout: Duration, 
         if follows.iter().all(|f| f.outcome.is_some()) || tokio::time::Instant::now() >= deadline {
             break;
         }
-        tokio::time::sleep(POLL_INTERVAL.min(deadline.saturating_duration_since(tokio::time::Instant::now()))).await;
+        changes.next(deadline).await;
     }
     bars.close(follows.iter().map(|f| &f.bar));
     let mut failures = Vec::new();
