@@ -316,7 +316,7 @@ impl World {
             compare("record", &String::from_utf8_lossy(key), self.revs.get(key).copied(), Some(*r), true);
         }
         for (id, n) in &fresh.nodes {
-            if self.revs.get(&objects::node_key(id)).is_some_and(|r| *r <= at) && self.nodes.get(id) != Some(n) {
+            if fresh.revs.get(&objects::node_key(id)).is_some_and(|r| *r <= at) && self.nodes.get(id) != Some(n) {
                 problems.push(format!("node {id} differs"));
             }
         }
