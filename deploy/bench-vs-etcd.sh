@@ -95,6 +95,14 @@ run() { # target endpoints clients ops where
 }
 
 echo "# machine: $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB, $(uname -r)"
+
+# Idle memory, side by side: each member's resident set once both clusters have been up and idle
+# for 10 s (before any load), as {"idle_rss_kib": {"etcd": [...], "berth": [...]}}.
+sleep 10
+rss() { awk '/^VmRSS:/{print $2}' "/proc/$1/status"; }
+etcd_rss=$(for p in "${pids[@]:0:3}"; do rss "$p"; done | paste -sd,)
+berth_rss=$(for p in $(pgrep -f -- "--data-dir $work/berth/master-" || true); do rss "$p"; done | paste -sd,)
+echo "{\"idle_rss_kib\": {\"etcd\": [$etcd_rss], \"berth\": [$berth_rss]}}"
 run etcd "${etcd_leader#https://}" 1 2000 leader
 run berth "$berth_leader" 1 2000 leader
 run etcd "$etcd_follower" 1 2000 follower
