@@ -73,58 +73,48 @@ pub(crate) async fn run(ctx: Arc<Ctx>, leading: CancellationToken) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     info!("controllers started");
     loop {
+        let mut broken = false;
         tokio::select! {
             _ = leading.cancelled() => break,
-            r = watcher.next() => {
-                if !take(r, &mut changes) {
-                    // The watch fell behind compaction, the state was replaced by a snapshot, or
-                    // it broke: start a fresh one from now, and read the index again.
-                    world = None;
-                    changes.clear();
-                    match watch() {
-                        Ok(w) => watcher = w,
-                        Err(e) => {
-                            warn!("controllers: cannot watch the state: {e}");
-                            tokio::select! {
-                                _ = leading.cancelled() => break,
-                                _ = tick.tick() => {}
-                            }
-                            continue;
-                        }
+            r = watcher.next() => broken = !take(r, &mut changes),
+            _ = tick.tick() => {}
+        }
+        let leads = !leading.is_cancelled() && ctx.is_leader();
+        if leads && !broken {
+            // Coalesce a burst of changes (a status batch, a wave of placements) into one round.
+            let settle = tokio::time::sleep(ROUND_SETTLE);
+            tokio::pin!(settle);
+            while !broken {
+                tokio::select! {
+                    _ = &mut settle => break,
+                    r = watcher.next() => broken = !take(r, &mut changes),
+                }
+            }
+            // What is already out (this leader's own last writes, often) goes into this round too.
+            while !broken && let Some(r) = watcher.next().now_or_never() {
+                broken = !take(r, &mut changes);
+            }
+        }
+        if broken || !leads {
+            world = None;
+            changes.clear();
+        }
+        if broken {
+            // The watch fell behind compaction, the state was replaced by a snapshot, or it
+            // broke: start a fresh one from now; the next round reads the index again.
+            match watch() {
+                Ok(w) => watcher = w,
+                Err(e) => {
+                    warn!("controllers: cannot watch the state: {e}");
+                    tokio::select! {
+                        _ = leading.cancelled() => break,
+                        _ = tick.tick() => {}
                     }
                 }
             }
-            _ = tick.tick() => {}
-        }
-        if leading.is_cancelled() {
             continue;
         }
-        if !ctx.is_leader() {
-            world = None;
-            changes.clear();
-            continue;
-        }
-        // Coalesce a burst of changes (a status batch, a wave of placements) into one round.
-        let settle = tokio::time::sleep(ROUND_SETTLE);
-        tokio::pin!(settle);
-        let mut broken = false;
-        loop {
-            tokio::select! {
-                _ = &mut settle => break,
-                r = watcher.next() => if !take(r, &mut changes) { broken = true; break },
-            }
-        }
-        // What is already out (this leader's own last writes, often) goes into this round too.
-        while !broken && let Some(r) = watcher.next().now_or_never() {
-            broken = !take(r, &mut changes);
-        }
-        if broken {
-            world = None;
-            changes.clear();
-            match watch() {
-                Ok(w) => watcher = w,
-                Err(e) => warn!("controllers: cannot watch the state: {e}"),
-            }
+        if !leads {
             continue;
         }
         let seen = watcher.last_revision();
