@@ -48,7 +48,7 @@ pub(crate) async fn leader_is_gone(ctx: &Ctx, leader: u64) -> bool {
 /// this master follows and its process is gone, campaigns (after the followers ranked before
 /// this one had their turn).
 pub(crate) async fn append_stream_ended(ctx: Arc<Ctx>, from: u64) {
-    if ctx.leader().map(|(id, _)| id) != Some(from) || !leader_is_gone(&ctx, from).await {
+    if !leader_is_gone(&ctx, from).await {
         return;
     }
     let m = ctx.metrics();
