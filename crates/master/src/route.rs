@@ -341,6 +341,12 @@ impl Ctx {
         // The header bounds the call once connected; connecting (TLS to a frozen master) is
         // bounded only by this.
         match tokio::time::timeout(bound, client.read_index(req)).await {
+            // A status tonic made here from a broken connection (the leader died while it was
+            // asked: "transport error", code Unknown) keeps its cause: the leader is unreachable,
+            // which the caller waits out like any other, rather than a refusal to pass on.
+            Ok(Err(s)) if std::error::Error::source(&s).is_some() => {
+                Err(Status::unavailable(format!("leader {leader} at {addr} is unreachable: {}", s.message())))
+            }
             Ok(r) => r.map(|r| r.into_inner().read_index),
             Err(_) => Err(Status::cancelled(format!("leader {leader} at {addr} did not answer within {bound:?}"))),
         }
