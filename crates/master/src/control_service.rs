@@ -3,7 +3,7 @@
 //! mod_revision; the leader's controllers do the rest.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
     pin::Pin,
     sync::Arc,
 };
@@ -794,14 +794,23 @@ impl ControlService for ControlSvc {
         let out = async_stream::try_stream! {
             let _slot = slot;
             let mut last: HashMap<String, ServiceView> = HashMap::new();
+            // The names of the services whose tasks changed since the last look (None: look at
+            // every service). A view costs a read of its service's tasks, so only these, and
+            // services whose record changed, are counted again.
+            let mut touched: Option<HashSet<String>> = None;
             loop {
                 let mut now: HashMap<String, ServiceView> = HashMap::new();
                 for rec in objects::list::<ServiceRecord>(&ctx.reader, &prefix)? {
                     if !scope.allows(&rec.obj.namespace) {
                         continue;
                     }
-                    let svc = parse(&rec)?;
-                    now.insert(svc.key(), view(&ctx, &svc, None)?);
+                    let key = format!("{}/{}", rec.obj.namespace, rec.obj.name);
+                    let unchanged = touched.as_ref().is_some_and(|t| !t.contains(&rec.obj.name));
+                    let v = match last.get(&key) {
+                        Some(v) if unchanged && v.mod_revision == rec.mod_revision => v.clone(),
+                        _ => view(&ctx, &parse(&rec)?, None)?,
+                    };
+                    now.insert(key, v);
                 }
                 for (k, v) in &now {
                     if last.get(k) != Some(v) {
@@ -814,14 +823,31 @@ impl ControlService for ControlSvc {
                     }
                 }
                 last = now;
+                let mut names = HashSet::new();
                 loop {
                     match watcher.next().await {
                         Ok(berth_store::WatchEvents::Events(ev)) => {
-                            if ev.iter().any(|(_, e)| e.kv.key.starts_with(&key) || e.kv.key.starts_with(TASKS_PREFIX.as_bytes())) {
+                            let mut relevant = false;
+                            for (_, e) in &ev {
+                                if let Some(id) = e.kv.key.strip_prefix(TASKS_PREFIX.as_bytes()) {
+                                    // A task's id starts with its service's name and a dot.
+                                    let name = id.split(|b| *b == b'.').next().unwrap_or_default();
+                                    names.insert(String::from_utf8_lossy(name).into_owned());
+                                    relevant = true;
+                                } else {
+                                    relevant |= e.kv.key.starts_with(&key);
+                                }
+                            }
+                            if relevant {
+                                touched = Some(names);
                                 break;
                             }
                         }
-                        Ok(_) => break,
+                        // Anything else (the watch fell behind and restarted): look at everything.
+                        Ok(_) => {
+                            touched = None;
+                            break;
+                        }
                         Err(e) => Err(Status::internal(e.to_string()))?,
                     }
                 }
