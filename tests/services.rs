@@ -309,3 +309,100 @@ fn bad_specs_are_rejected_clearly() -> Result<()> {
     assert_eq!(listed.as_array().map(Vec::len), Some(0), "nothing was stored");
     Ok(())
 }
+
+/// A `berth get services --watch` child, killed when the test ends however it ends.
+struct Watching {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    stderr: std::path::PathBuf,
+}
+
+impl Watching {
+    fn start(c: &Cluster) -> Result<Watching> {
+        use std::io::BufRead;
+        let stderr = c.dir.path().join("watch.stderr");
+        let mut child = std::process::Command::new(berth_tests::berth_bin())
+            .args(["get", "services", "--watch", "-o", "json", "--endpoints", &c.endpoints()])
+            .envs(berth_tests::admin_env(&c.pki_dir()))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::fs::File::create(&stderr)?)
+            .spawn()?;
+        let out = child.stdout.take().expect("piped stdout");
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Watching { child, lines, stderr })
+    }
+
+    /// The first change printed from now on that `want` accepts.
+    fn expect(&self, what: &str, want: impl Fn(&Value) -> bool) -> Result<Value> {
+        let deadline = std::time::Instant::now() + LONG;
+        let mut seen = Vec::new();
+        while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
+            let Ok(line) = self.lines.recv_timeout(left) else { break };
+            let v: Value = serde_json::from_str(&line).map_err(|e| anyhow::anyhow!("{e}: {line}"))?;
+            if want(&v) {
+                return Ok(v);
+            }
+            seen.push(line);
+        }
+        let stderr = std::fs::read_to_string(&self.stderr).unwrap_or_default();
+        anyhow::bail!("`get services --watch` printed no change with {what}; it printed: {seen:#?}\nstderr: {stderr}")
+    }
+}
+
+impl Drop for Watching {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+// `get services --watch` prints each change of a service as it commits, and keeps doing so when
+// the master it follows is killed.
+#[test]
+fn get_services_watch_follows_changes_across_a_leader_change() -> Result<()> {
+    let (mut c, _agents) = cluster_with_agents(&[("w1", "a")], &[])?;
+    let dir = c.dir.path().to_path_buf();
+    let watch = Watching::start(&c)?;
+    let spec = |n: u32| {
+        format!(
+            "kind: Service\nmetadata: {{name: watched}}\nspec:\n  replicas: {n}\n  task:\n    runtime: process\n    \
+             command: [/bin/sh, -c, 'exec sleep 100000']\n    resources: {{cpu: 0.1, memory: 16Mi}}\n"
+        )
+    };
+    apply(&c, &dir, "watched", &spec(1))?;
+    let named = |v: &Value| v["service"]["name"] == "watched";
+    let added = watch.expect("watched added", |v| named(v) && v["event"] == "added")?;
+    assert_eq!(added["service"]["desired"], 1, "{added}");
+    watch.expect("watched running 1/1", |v| named(v) && v["event"] == "modified" && v["service"]["running"] == 1)?;
+
+    // The CLI follows the first endpoint it was given (master 1, as `endpoints()` lists them in
+    // order): kill it, and the leader if that is another, then change the service.
+    let leader = c.wait_leader(LONG)?;
+    let first = *c.masters.keys().next().expect("a master");
+    c.kill9(first);
+    if leader != first {
+        c.wait_leader(LONG)?;
+        c.kill9(leader);
+        // Two of three gone is no quorum: bring the first back.
+        c.spawn(first, &[])?;
+    }
+    c.wait_leader(LONG)?;
+    let out = c.berth(&["scale", "watched=2"]);
+    assert!(out.status.success(), "scale: {}", String::from_utf8_lossy(&out.stderr));
+    let two = watch
+        .expect("watched running 2/2", |v| named(v) && v["service"]["running"] == 2 && v["service"]["desired"] == 2)?;
+    assert_eq!(two["event"], "modified", "{two}");
+
+    let out = c.berth(&["delete", "service", "watched"]);
+    assert!(out.status.success(), "delete: {}", String::from_utf8_lossy(&out.stderr));
+    watch.expect("watched deleted", |v| named(v) && v["event"] == "deleted")?;
+    Ok(())
+}

@@ -2,7 +2,7 @@
 //! `rollout`, `delete service` and `logs`, over the ControlService API.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     io::{Read, Write},
     path::{Path, PathBuf},
     time::{Duration, SystemTime, UNIX_EPOCH},
@@ -59,6 +59,11 @@ pub enum GetCmd {
         /// Only this namespace (default: every namespace).
         #[arg(short = 'n', long)]
         namespace: Option<String>,
+        /// List the services, then print each change as it is committed (a line with its
+        /// event: ADDED, MODIFIED or DELETED; one JSON object a line with `-o json`) until
+        /// interrupted. Follows the master's stream of changes, across a leader change.
+        #[arg(short = 'w', long)]
+        watch: bool,
     },
     /// Tasks: service, slot, node, desired and observed state, health, age, message.
     #[command(visible_alias = "task")]
@@ -1155,6 +1160,71 @@ async fn timeout_report(client: &Client, f: &Follow, timeout: Duration, names: &
 // ---------------------------------------------------------------------------------------------
 // get
 
+/// `berth get services --watch`: every service as it is now, then each change, from the master's
+/// `WatchServices` stream. After the stream breaks (its master stopped) it is opened again on
+/// another master; that one sends every service again, so only what differs from what was
+/// printed is printed, and a service deleted in between is found by a list and printed deleted.
+async fn watch_services(client: &Client, namespace: &str, format: Format) -> Result<()> {
+    let wide = format == Format::Wide;
+    let mut headers = vec!["EVENT"];
+    headers.extend_from_slice(if wide { SERVICE_WIDE_HEADERS } else { SERVICE_HEADERS });
+    let mut rows = matches!(format, Format::Table | Format::Wide).then(|| output::RowStream::new(&headers));
+    let mut seen: HashMap<String, ServiceView> = HashMap::new();
+    let mut print = |event: &str, v: &ServiceView| {
+        let out = ServiceOut::from_view(v);
+        match rows.as_mut() {
+            Some(rows) => {
+                let mut row = vec![event.to_string()];
+                row.extend(service_rows(std::slice::from_ref(&out), wide, now_ms()).remove(0));
+                rows.line(row);
+            }
+            None => {
+                #[derive(Serialize)]
+                struct Change<'a> {
+                    event: String,
+                    service: &'a ServiceOut,
+                }
+                output::stream_item(format, &Change { event: event.to_lowercase(), service: &out });
+            }
+        }
+    };
+    let key = |v: &ServiceView| v.record.as_ref().map(|r| format!("{}/{}", r.namespace, r.name)).unwrap_or_default();
+    let mut first = true;
+    loop {
+        let req = pb::WatchServicesRequest { namespace: namespace.to_string() };
+        let mut stream = client
+            .call(Call::Idempotent, |ch| {
+                let req = req.clone();
+                async move { control(ch).watch_services(req).await.map(|r| r.into_inner()) }
+            })
+            .await?;
+        if !first {
+            let now: HashSet<String> = list_services(client, namespace).await?.iter().map(key).collect();
+            let gone: Vec<String> = seen.keys().filter(|k| !now.contains(*k)).cloned().collect();
+            for k in gone {
+                if let Some(v) = seen.remove(&k) {
+                    print("DELETED", &v);
+                }
+            }
+        }
+        first = false;
+        while let Ok(Some(ev)) = stream.message().await {
+            let Some(v) = ev.service else { continue };
+            let k = key(&v);
+            if ev.kind == "delete" {
+                if seen.remove(&k).is_some() {
+                    print("DELETED", &v);
+                }
+            } else if seen.get(&k) != Some(&v) {
+                let event = if seen.contains_key(&k) { "MODIFIED" } else { "ADDED" };
+                print(event, &v);
+                seen.insert(k, v);
+            }
+        }
+        eprintln!("the watch of the services broke; following again from another master");
+    }
+}
+
 pub async fn run_get(cmd: GetCmd, g: &Global) -> Result<()> {
     match cmd {
         GetCmd::Nodes => cmd_nodes::run_get(cmd_nodes::GetCmd::Nodes, g).await,
@@ -1162,7 +1232,11 @@ pub async fn run_get(cmd: GetCmd, g: &Global) -> Result<()> {
         GetCmd::Volumes { namespace } => crate::cmd_storage::run_get_volumes(namespace.as_deref(), g).await,
         GetCmd::Routes { namespace } => crate::cmd_routes::run_get(namespace.as_deref(), g).await,
         GetCmd::Namespaces => crate::cmd_access::run_get_namespaces(g).await,
-        GetCmd::Services { namespace } => {
+        GetCmd::Services { namespace, watch: true } => {
+            let client = crate::config::client(g)?;
+            watch_services(&client, namespace.as_deref().unwrap_or(""), g.output).await
+        }
+        GetCmd::Services { namespace, watch: false } => {
             let client = crate::config::client(g)?;
             let views = list_services(&client, namespace.as_deref().unwrap_or("")).await?;
             let out: Vec<ServiceOut> = views.iter().map(ServiceOut::from_view).collect();

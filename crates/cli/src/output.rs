@@ -48,6 +48,48 @@ pub fn table(headers: &[&str], rows: &[Vec<String>]) {
     }
 }
 
+/// Rows printed one at a time as they happen (`get --watch`): a column is as wide as the widest
+/// cell printed in it so far, so the lines stay aligned as far as can be known in advance.
+pub struct RowStream {
+    widths: Vec<usize>,
+}
+
+impl RowStream {
+    /// Prints the header line.
+    pub fn new(headers: &[&str]) -> RowStream {
+        let mut s = RowStream { widths: Vec::new() };
+        s.line(headers.iter().map(|h| h.to_string()).collect());
+        s
+    }
+
+    pub fn line(&mut self, cells: Vec<String>) {
+        use std::io::Write;
+        self.widths.resize(self.widths.len().max(cells.len()), 0);
+        for (w, c) in self.widths.iter_mut().zip(&cells) {
+            *w = (*w).max(c.chars().count());
+        }
+        let s: Vec<String> = cells.iter().zip(&self.widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        let mut out = std::io::stdout().lock();
+        // A closed pipe (`berth get services -w | head`) ends the output quietly.
+        if writeln!(out, "{}", s.join("  ").trim_end()).and_then(|()| out.flush()).is_err() {
+            std::process::exit(0);
+        }
+    }
+}
+
+/// One document of a stream: a line of JSON (`-o json`), or a YAML document after `---`.
+pub fn stream_item<T: Serialize>(format: Format, value: &T) {
+    use std::io::Write;
+    let text = match format {
+        Format::Yaml => format!("---\n{}", serde_yaml_ng::to_string(value).expect("serializable output")),
+        _ => serde_json::to_string(value).expect("serializable output") + "\n",
+    };
+    let mut out = std::io::stdout().lock();
+    if out.write_all(text.as_bytes()).and_then(|()| out.flush()).is_err() {
+        std::process::exit(0);
+    }
+}
+
 /// A user-facing description of an error: gRPC statuses by their message and code.
 pub fn describe(e: &anyhow::Error) -> String {
     if let Some(s) = e.downcast_ref::<tonic::Status>() {
