@@ -408,6 +408,25 @@ async fn with_simulated_agents(count: usize, extra: &[String]) -> Result<(LocalC
     Ok((c, client, leader, ready))
 }
 
+/// Live tasks of a run, counted from a watch of their records.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct TaskCounts {
+    /// Desired running and on a node.
+    placed: u64,
+    /// Desired running and reported running.
+    running: u64,
+}
+
+impl TaskCounts {
+    /// Moves one task from `old` (placed, running) to `new` (None: absent).
+    fn apply(&mut self, old: Option<(bool, bool)>, new: Option<(bool, bool)>) {
+        let (op, or) = old.unwrap_or_default();
+        let (np, nr) = new.unwrap_or_default();
+        self.placed = self.placed + u64::from(np) - u64::from(op);
+        self.running = self.running + u64::from(nr) - u64::from(or);
+    }
+}
+
 /// End to end: a 3-master cluster with `nodes` simulated agents; services totalling `tasks`
 /// replicas are applied at once, and the clock runs until every task is committed as running
 /// (placed by the leader's scheduler, sent to its agent, acknowledged running, and that state
@@ -419,8 +438,43 @@ pub async fn schedule_e2e(nodes: usize, tasks: usize, extra: &[String], format: 
     let (cpu0, _) = proc_usage(pid)?;
     let (entries0, bytes0) = (c.metric(leader, "berth_raft_log_entries")?, c.metric(leader, "berth_raft_log_bytes")?);
     let mut peak_rss = 0;
-    // Counting the tasks costs the leader a read of them all: less often for large runs.
-    let poll = Duration::from_millis(200).max(Duration::from_micros(5 * tasks as u64)).min(Duration::from_secs(2));
+    // The tasks are counted from a watch of their records, fed as they commit: reading them all
+    // again and again would load the masters more than the run itself does at large counts.
+    let from = c.status().await?.header.map_or(0, |h| h.revision) + 1;
+    let (counts_tx, mut counts) = tokio::sync::watch::channel(TaskCounts::default());
+    // From a follower where there is one, so that serving the watch is not the leader's work.
+    let mut order: Vec<String> = c.endpoints.iter().filter(|(id, _)| **id != leader).map(|(_, e)| e.clone()).collect();
+    order.push(c.endpoints[&leader].clone());
+    let mut watch_client = Client::new(order, c.tls.clone())?;
+    watch_client.patience = Duration::from_secs(60);
+    let watcher = tokio::spawn({
+        let client = watch_client;
+        async move {
+            let prefix = b"/berth/tasks/".to_vec();
+            let end = berth_types::prefix_end(&prefix);
+            let mut tasks: std::collections::HashMap<Vec<u8>, (bool, bool)> = std::collections::HashMap::new();
+            let mut now = TaskCounts::default();
+            crate::cmd_kv::follow(&client, prefix, end, from, |e| {
+                let kv = e.kv.unwrap_or_default();
+                let new = if e.r#type == pb::event::EventType::Delete as i32 {
+                    None
+                } else {
+                    let t = <pb::Task as prost::Message>::decode(kv.value.as_slice())
+                        .context("a task record that does not decode")?;
+                    let live = t.desired_state == pb::agent::TaskState::Running as i32;
+                    Some((live && !t.node_id.is_empty(), live && t.state == pb::agent::TaskState::Running as i32))
+                };
+                let old = match new {
+                    Some(v) => tasks.insert(kv.key, v),
+                    None => tasks.remove(&kv.key),
+                };
+                now.apply(old, new);
+                counts_tx.send_replace(now);
+                Ok(())
+            })
+            .await
+        }
+    });
     let per = berth_types::spec::MAX_REPLICAS as usize;
     let mut docs = Vec::new();
     let mut left = tasks;
@@ -442,28 +496,35 @@ pub async fn schedule_e2e(nodes: usize, tasks: usize, extra: &[String], format: 
         })
         .await?;
     let mut first_all_placed = None;
-    let mut seen_pending = false;
+    let mut rss_checked = Instant::now();
     let running = loop {
-        let r = client
-            .call(Call::Idempotent, |ch| async move {
-                Client::control(ch).list_services(pb::ListServicesRequest::default()).await.map(|r| r.into_inner())
-            })
-            .await?;
-        let running: u64 = r.services.iter().map(|s| u64::from(s.running)).sum();
-        let pending: u64 = r.services.iter().map(|s| u64::from(s.pending)).sum();
-        seen_pending |= pending > 0;
-        if first_all_placed.is_none() && (seen_pending || running > 0) && pending == 0 {
+        let now = *counts.borrow_and_update();
+        if first_all_placed.is_none() && now.placed as usize >= tasks {
             first_all_placed = Some(t0.elapsed());
         }
-        if running as usize >= tasks {
-            break t0.elapsed();
+        if now.running as usize >= tasks {
+            break Some(t0.elapsed());
         }
         if t0.elapsed() > Duration::from_secs(1800) {
-            bail!("only {running} of {tasks} tasks were running after 30 minutes");
+            bail!("only {} of {tasks} tasks were running after 30 minutes", now.running);
         }
-        peak_rss = peak_rss.max(proc_usage(pid)?.1);
-        tokio::time::sleep(poll).await;
+        if rss_checked.elapsed() >= Duration::from_millis(200) {
+            peak_rss = peak_rss.max(proc_usage(pid)?.1);
+            rss_checked = Instant::now();
+        }
+        tokio::select! {
+            changed = counts.changed() => if changed.is_err() { break None },
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+        }
     };
+    let Some(running) = running else {
+        let why = match watcher.await {
+            Ok(Err(e)) => format!("{e:#}"),
+            _ => "it ended".to_string(),
+        };
+        bail!("the watch of the tasks failed: {why}");
+    };
+    watcher.abort();
     let (cpu1, rss) = proc_usage(pid)?;
     let (entries1, bytes1) = (c.metric(leader, "berth_raft_log_entries")?, c.metric(leader, "berth_raft_log_bytes")?);
     #[derive(Serialize)]
