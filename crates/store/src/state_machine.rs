@@ -30,6 +30,38 @@ pub struct WatchBatch {
     pub events: Vec<(Revision, Event)>,
     /// The store was replaced by a snapshot: watchers must start over.
     pub reset: bool,
+    /// The batch changed more than [`WATCH_BATCH_BYTES`] through this revision: its events are
+    /// not in `events`, and watchers read them from the history.
+    pub omitted_through: Revision,
+}
+
+/// Batches the watch broadcast keeps for watchers that are behind. A watcher that falls further
+/// back reads what it missed from the history.
+const WATCH_SLOTS: usize = 128;
+/// The most bytes of keys and values one broadcast batch carries. The broadcast keeps its last
+/// [`WATCH_SLOTS`] batches whether or not anyone still needs them, so this bounds what it holds
+/// (with 1,024 unbounded slots a 100,000-task run kept gigabytes of old task records on every
+/// master). A larger batch (a big apply, a burst of status commits) is read from the history by
+/// each watcher instead.
+const WATCH_BATCH_BYTES: usize = 128 * 1024;
+
+impl WatchBatch {
+    /// What to broadcast of an applied batch's events: them, or where they end when they are too
+    /// many bytes. None for no events.
+    fn of(events: Vec<(Revision, u32, Event)>) -> Option<WatchBatch> {
+        let (last, _, _) = events.last()?;
+        let kv = |kv: &KeyValue| kv.key.len() + kv.value.len() + 48;
+        let bytes: usize = events.iter().map(|(_, _, e)| kv(&e.kv) + e.prev_kv.as_ref().map_or(0, kv)).sum();
+        Some(if bytes > WATCH_BATCH_BYTES {
+            WatchBatch { events: Vec::new(), reset: false, omitted_through: *last }
+        } else {
+            WatchBatch {
+                events: events.into_iter().map(|(rev, _, e)| (rev, e)).collect(),
+                reset: false,
+                omitted_through: 0,
+            }
+        })
+    }
 }
 
 struct Shared {
@@ -65,7 +97,7 @@ impl StateMachine {
     pub(crate) fn new(db: Arc<DB>, snap_dir: PathBuf, metrics: StoreMetrics) -> Result<Self, StoreError> {
         std::fs::create_dir_all(&snap_dir)?;
         snapshot::list(&snap_dir)?; // clears temp files a crash may have left
-        let (watch_tx, _) = broadcast::channel(1024);
+        let (watch_tx, _) = broadcast::channel(WATCH_SLOTS);
         let (audit_tx, _) = broadcast::channel(256);
         Ok(StateMachine { shared: Arc::new(Shared { db, snap_dir, watch_tx, audit_tx, metrics }) })
     }
@@ -132,9 +164,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         for (r, resp) in responders {
             r.send(resp);
         }
-        if !events.is_empty() {
-            let events = events.into_iter().map(|(rev, _, e)| (rev, e)).collect();
-            let _ = self.shared.watch_tx.send(Arc::new(WatchBatch { events, reset: false }));
+        if let Some(batch) = WatchBatch::of(events) {
+            let _ = self.shared.watch_tx.send(Arc::new(batch));
         }
         Ok(())
     }
@@ -168,7 +199,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         })
         .await
         .map_err(io::Error::other)??;
-        let _ = self.shared.watch_tx.send(Arc::new(WatchBatch { events: vec![], reset: true }));
+        let _ = self.shared.watch_tx.send(Arc::new(WatchBatch { events: vec![], reset: true, omitted_through: 0 }));
         let next = crate::audit::read_next(&*self.shared.db)?;
         let _ = self.shared.audit_tx.send(Arc::new(AuditAppended { records: vec![], next }));
         Ok(())
@@ -293,6 +324,15 @@ impl Watcher {
                         let c = self.reader.counters()?;
                         self.last = c.revision;
                         return Ok(WatchEvents::Reset { revision: c.revision });
+                    }
+                    if batch.omitted_through > self.last {
+                        // Too large to broadcast: read from the history (already written).
+                        let from = self.last + 1;
+                        match self.catch_up(from)? {
+                            WatchEvents::Events(ev) if ev.is_empty() => {}
+                            other => return Ok(other),
+                        }
+                        continue;
                     }
                     let mut out = Vec::new();
                     for (rev, e) in batch.events.iter() {
@@ -461,10 +501,48 @@ mod tests {
         assert_eq!(reader.counters().unwrap().revision, 0);
         let mut w = reader.watch(b"k".to_vec(), b"l".to_vec(), 6).unwrap();
         assert_eq!(w.last_revision(), 5, "the watch starts after the revision before its start");
-        let batch = WatchBatch { events: (1..=7).map(|r| event(r, "k1")).collect(), reset: false };
+        let batch = WatchBatch { events: (1..=7).map(|r| event(r, "k1")).collect(), reset: false, omitted_through: 0 };
         sm.shared.watch_tx.send(Arc::new(batch)).unwrap();
         let WatchEvents::Events(got) = w.next().await.unwrap() else { panic!("expected events") };
         let revs: Vec<Revision> = got.iter().map(|(r, _)| *r).collect();
         assert_eq!(revs, vec![6, 7]);
+    }
+
+    // A batch too large for the broadcast reaches a watcher through the history, whole, in order,
+    // and filtered to its range; a small one after it still comes from the broadcast.
+    #[tokio::test]
+    async fn a_batch_too_large_to_broadcast_is_read_from_the_history() {
+        use berth_types::{Command, Txn};
+        let dir = tempfile::tempdir().unwrap();
+        let (_log, sm) = crate::open(dir.path()).unwrap();
+        let reader = sm.reader();
+        let mut w = reader.watch(b"k".to_vec(), b"l".to_vec(), 0).unwrap();
+        let db = &*sm.shared.db;
+        let big = "x".repeat(WATCH_BATCH_BYTES);
+        let applied = |cmds: Vec<Command>| {
+            let mut a = Apply::new(db).unwrap();
+            a.entry(cmds).unwrap();
+            a.finish();
+            let events = std::mem::take(&mut a.events);
+            db.write(std::mem::take(&mut a.batch)).unwrap();
+            WatchBatch::of(events).unwrap()
+        };
+        let batch = applied(vec![
+            Command::Txn(Txn::put("k1", big.as_str())),
+            Command::Txn(Txn::put("other", "no")),
+            Command::Txn(Txn::put("k2", "small")),
+        ]);
+        assert!(batch.events.is_empty() && batch.omitted_through == 3, "{batch:?}");
+        sm.shared.watch_tx.send(Arc::new(batch)).unwrap();
+        let small = applied(vec![Command::Txn(Txn::put("k3", "small"))]);
+        assert_eq!(small.events.len(), 1);
+        sm.shared.watch_tx.send(Arc::new(small)).unwrap();
+        let mut got = Vec::new();
+        while got.len() < 3 {
+            let WatchEvents::Events(ev) = w.next().await.unwrap() else { panic!("expected events") };
+            got.extend(ev.into_iter().map(|(rev, e)| (rev, String::from_utf8(e.kv.key).unwrap(), e.kv.value.len())));
+        }
+        let want = vec![(1, "k1".to_string(), WATCH_BATCH_BYTES), (3, "k2".into(), 5), (4, "k3".into(), 5)];
+        assert_eq!(got, want);
     }
 }
