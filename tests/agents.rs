@@ -433,3 +433,35 @@ fn a_revoked_agent_is_cut_off() -> Result<()> {
     })?;
     Ok(())
 }
+
+// In a cluster of 60 nodes (node-down grace 3s): 1. 20 go silent (their agents killed): they go
+// down, as any silent node does; 2. the other 40 go silent too, so every node would be down at
+// once: the leader holds those declarations (the fault looks like its own) and says so, and the
+// 40 stay ready.
+#[test]
+fn most_nodes_silent_at_once_are_not_declared_down() -> Result<()> {
+    let c = Cluster::start(3, &["--node-down-grace", "3s"])?;
+    let t = token(&c, &["--uses", "60"])?;
+    let mut few = spawn_agent(&c, &c.dir.path().join("few"), "few", Some(&t), &["--simulate", "20"])?;
+    let mut most = spawn_agent(&c, &c.dir.path().join("most"), "most", Some(&t), &["--simulate", "40"])?;
+    let count = |status: &str, prefix: &str| -> Option<usize> {
+        let ns = nodes(&c).ok()?;
+        Some(
+            ns.iter()
+                .filter(|n| n["status"] == status && n["name"].as_str().is_some_and(|s| s.starts_with(prefix)))
+                .count(),
+        )
+    };
+    wait_for(Duration::from_secs(120), "60 ready nodes", || (count("ready", "")? == 60).then_some(()))?;
+    few.kill9();
+    wait_for(Duration::from_secs(30), "the 20 silent nodes down", || (count("down", "few-")? == 20).then_some(()))?;
+    most.kill9();
+    let leader = c.wait_leader(Duration::from_secs(10))?;
+    wait_for(Duration::from_secs(30), "the leader to hold the node-down declarations", || {
+        c.log_of(leader).contains("holding node-down declarations").then_some(())
+    })?;
+    let states: Vec<String> = nodes(&c)?.iter().map(|n| format!("{} {}", n["name"], n["status"])).collect();
+    assert_eq!(count("ready", "most-"), Some(40), "a node of the mass silence was declared down: {states:?}");
+    assert_eq!(count("down", ""), Some(20));
+    Ok(())
+}

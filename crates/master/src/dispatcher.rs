@@ -1037,9 +1037,15 @@ async fn monitor_once(ctx: &Ctx) -> Result<(), String> {
         }
     }
     let mut changes: Vec<(Versioned<Node>, NodeStatus, String)> = Vec::new();
+    let total = nodes.len();
+    let (mut already_down, mut quiet) = (0, 0);
     for n in nodes {
         let status = n.obj.status();
+        already_down += usize::from(status == NodeStatus::Down);
         let Some(silence) = ctx.liveness.silence(&n.obj.id) else { return Ok(()) };
+        // Silent for half the grace: nodes that went quiet together cross the grace a few
+        // rounds apart, and are counted together here.
+        quiet += usize::from(status != NodeStatus::Down && silence > ctx.node_down_grace / 2);
         if ctx.liveness.connected(&n.obj.id) {
             if silence > ctx.node_down_grace {
                 // The connection lives (QUIC keep-alives) but the agent stopped heartbeating.
@@ -1055,6 +1061,24 @@ async fn monitor_once(ctx: &Ctx) -> Result<(), String> {
         if silence > ctx.node_down_grace && status != NodeStatus::Down {
             let msg = format!("no heartbeat for {}s", silence.as_secs());
             changes.push((n, NodeStatus::Down, msg));
+        }
+    }
+    let going_down = changes.iter().filter(|(_, s, _)| *s == NodeStatus::Down).count();
+    if going_down > 0 && mass_silence(total, already_down + quiet) {
+        changes.retain(|(_, s, _)| *s != NodeStatus::Down);
+        static WARNED_MS: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
+        let now = objects::now_ms();
+        if now - WARNED_MS.load(std::sync::atomic::Ordering::Relaxed) >= 30_000 {
+            WARNED_MS.store(now, std::sync::atomic::Ordering::Relaxed);
+            warn!(
+                silent = quiet,
+                already_down,
+                nodes = total,
+                "holding node-down declarations: {} of {total} nodes are down or silent at once, which points at \
+                 this master or its network rather than the nodes; their tasks stay where they are until fewer are \
+                 silent",
+                already_down + quiet
+            );
         }
     }
     if changes.is_empty() {
@@ -1119,6 +1143,20 @@ async fn monitor_once(ctx: &Ctx) -> Result<(), String> {
 /// ops).
 const TRANSITIONS_PER_TXN: usize = 40;
 
+/// Clusters from this many nodes on hold node-down declarations when most nodes are silent.
+const MASS_SILENCE_MIN_NODES: usize = 50;
+/// The share of nodes (in percent) down or going down at once above which the leader assumes
+/// the fault is its own (overloaded, cut off) and declares none down, as Kubernetes' node
+/// controller stops evicting in a full disruption: declaring them down would move all their
+/// tasks, which a leader that could not hear heartbeats cannot place either, and the extra
+/// work deepens the overload that made it deaf.
+const MASS_SILENCE_PERCENT: usize = 55;
+
+/// Whether `down` of `total` nodes down (or about to be) is a mass silence (see above).
+fn mass_silence(total: usize, down: usize) -> bool {
+    total >= MASS_SILENCE_MIN_NODES && down * 100 > total * MASS_SILENCE_PERCENT
+}
+
 /// Binds the agents' QUIC endpoint on the gRPC port number, over UDP.
 pub(crate) fn bind(ctx: &Ctx, addr: SocketAddr) -> Result<quinn::Endpoint, crate::MasterError> {
     let cfg = ctx.pki.quic_server_config()?;
@@ -1142,6 +1180,18 @@ async fn send_network_update(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn most_nodes_silent_at_once_in_a_large_cluster_is_a_mass_silence() {
+        // Small clusters: a node that is silent is down, even the only one.
+        assert!(!mass_silence(1, 1));
+        assert!(!mass_silence(49, 49));
+        // From 50 nodes: more than 55% at once is held.
+        assert!(!mass_silence(100, 55));
+        assert!(mass_silence(100, 56));
+        assert!(mass_silence(60, 60));
+        assert!(!mass_silence(60, 20));
+    }
 
     #[test]
     fn renewals_are_rate_limited_per_node() {
