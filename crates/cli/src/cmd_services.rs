@@ -1190,6 +1190,8 @@ async fn watch_services(client: &Client, namespace: &str, format: Format) -> Res
     };
     let key = |v: &ServiceView| v.record.as_ref().map(|r| format!("{}/{}", r.namespace, r.name)).unwrap_or_default();
     let mut first = true;
+    // Between attempts that brought nothing (a master that breaks the stream at once).
+    let mut backoff = Duration::from_millis(100);
     loop {
         let req = pb::WatchServicesRequest { namespace: namespace.to_string() };
         let mut stream = client
@@ -1208,7 +1210,14 @@ async fn watch_services(client: &Client, namespace: &str, format: Format) -> Res
             }
         }
         first = false;
-        while let Ok(Some(ev)) = stream.message().await {
+        let mut heard = false;
+        let why = loop {
+            let ev = match stream.message().await {
+                Ok(Some(ev)) => ev,
+                Ok(None) => break "the master ended the stream".to_string(),
+                Err(s) => break s.message().to_string(),
+            };
+            heard = true;
             let Some(v) = ev.service else { continue };
             let k = key(&v);
             if ev.kind == "delete" {
@@ -1220,8 +1229,14 @@ async fn watch_services(client: &Client, namespace: &str, format: Format) -> Res
                 print(event, &v);
                 seen.insert(k, v);
             }
+        };
+        eprintln!("the watch of the services broke ({why}); following again from another master");
+        if heard {
+            backoff = Duration::from_millis(100);
+        } else {
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(2));
         }
-        eprintln!("the watch of the services broke; following again from another master");
     }
 }
 
