@@ -26,26 +26,26 @@ pub fn done(format: Format, value: serde_json::Value, text: impl FnOnce() -> Str
     print(format, &value, |_| println!("{}", text()));
 }
 
+/// Writes `text` to standard output; a closed pipe (`berth get nodes | head`) ends the program
+/// quietly instead of panicking.
+fn write_stdout(text: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if out.write_all(text.as_bytes()).and_then(|()| out.flush()).is_err() {
+        std::process::exit(0);
+    }
+}
+
+/// One table line: `cells` left-aligned to `widths` (0 past its end), two spaces apart.
+fn table_line(cells: &[String], widths: &[usize]) -> String {
+    let s: Vec<String> =
+        cells.iter().enumerate().map(|(i, c)| format!("{c:<w$}", w = widths.get(i).copied().unwrap_or(0))).collect();
+    s.join("  ").trim_end().to_string()
+}
+
 /// Left-aligned columns.
 pub fn table(headers: &[&str], rows: &[Vec<String>]) {
-    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
-    for r in rows {
-        for (i, c) in r.iter().enumerate() {
-            widths[i] = widths[i].max(c.chars().count());
-        }
-    }
-    // A closed pipe (`berth get nodes | head`) ends the output quietly.
-    let line = |cells: Vec<String>| {
-        use std::io::Write;
-        let s: Vec<String> = cells.iter().enumerate().map(|(i, c)| format!("{c:<w$}", w = widths[i])).collect();
-        if writeln!(std::io::stdout().lock(), "{}", s.join("  ").trim_end()).is_err() {
-            std::process::exit(0);
-        }
-    };
-    line(headers.iter().map(|h| h.to_string()).collect());
-    for r in rows {
-        line(r.clone());
-    }
+    write_stdout(&render_table(headers, rows));
 }
 
 /// Rows printed one at a time as they happen (`get --watch`): a column is as wide as the widest
@@ -63,31 +63,20 @@ impl RowStream {
     }
 
     pub fn line(&mut self, cells: Vec<String>) {
-        use std::io::Write;
         self.widths.resize(self.widths.len().max(cells.len()), 0);
         for (w, c) in self.widths.iter_mut().zip(&cells) {
             *w = (*w).max(c.chars().count());
         }
-        let s: Vec<String> = cells.iter().zip(&self.widths).map(|(c, w)| format!("{c:<w$}")).collect();
-        let mut out = std::io::stdout().lock();
-        // A closed pipe (`berth get services -w | head`) ends the output quietly.
-        if writeln!(out, "{}", s.join("  ").trim_end()).and_then(|()| out.flush()).is_err() {
-            std::process::exit(0);
-        }
+        write_stdout(&(table_line(&cells, &self.widths) + "\n"));
     }
 }
 
 /// One document of a stream: a line of JSON (`-o json`), or a YAML document after `---`.
 pub fn stream_item<T: Serialize>(format: Format, value: &T) {
-    use std::io::Write;
-    let text = match format {
+    write_stdout(&match format {
         Format::Yaml => format!("---\n{}", serde_yaml_ng::to_string(value).expect("serializable output")),
         _ => serde_json::to_string(value).expect("serializable output") + "\n",
-    };
-    let mut out = std::io::stdout().lock();
-    if out.write_all(text.as_bytes()).and_then(|()| out.flush()).is_err() {
-        std::process::exit(0);
-    }
+    });
 }
 
 /// A user-facing description of an error: gRPC statuses by their message and code.
@@ -122,12 +111,7 @@ pub fn render_table(headers: &[&str], rows: &[Vec<String>]) -> String {
     let mut out = String::new();
     let header: Vec<String> = headers.iter().map(|h| h.to_string()).collect();
     for cells in std::iter::once(&header).chain(rows) {
-        let s: Vec<String> = cells
-            .iter()
-            .enumerate()
-            .map(|(i, c)| format!("{c:<w$}", w = widths.get(i).copied().unwrap_or(0)))
-            .collect();
-        out.push_str(s.join("  ").trim_end());
+        out.push_str(&table_line(cells, &widths));
         out.push('\n');
     }
     out
@@ -136,14 +120,9 @@ pub fn render_table(headers: &[&str], rows: &[Vec<String>]) -> String {
 /// Like [`print`], but a closed pipe (`berth get tasks -o json | head`) ends the program quietly
 /// instead of panicking.
 pub fn emit<T: Serialize>(format: Format, value: &T, table: impl FnOnce(&T)) {
-    use std::io::Write;
-    let text = match format {
+    write_stdout(&match format {
         Format::Json => serde_json::to_string_pretty(value).expect("serializable output") + "\n",
         Format::Yaml => serde_yaml_ng::to_string(value).expect("serializable output"),
         Format::Table | Format::Wide => return table(value),
-    };
-    let mut out = std::io::stdout().lock();
-    if out.write_all(text.as_bytes()).and_then(|()| out.flush()).is_err() {
-        std::process::exit(0);
-    }
+    });
 }

@@ -804,13 +804,13 @@ impl ControlService for ControlSvc {
                     if !scope.allows(&rec.obj.namespace) {
                         continue;
                     }
-                    let key = format!("{}/{}", rec.obj.namespace, rec.obj.name);
+                    let svc_key = format!("{}/{}", rec.obj.namespace, rec.obj.name);
                     let unchanged = touched.as_ref().is_some_and(|t| !t.contains(&rec.obj.name));
-                    let v = match last.get(&key) {
+                    let v = match last.get(&svc_key) {
                         Some(v) if unchanged && v.mod_revision == rec.mod_revision => v.clone(),
                         _ => view(&ctx, &parse(&rec)?, None)?,
                     };
-                    now.insert(key, v);
+                    now.insert(svc_key, v);
                 }
                 for (k, v) in &now {
                     if last.get(k) != Some(v) {
@@ -829,9 +829,7 @@ impl ControlService for ControlSvc {
                         Ok(berth_store::WatchEvents::Events(ev)) => {
                             let mut relevant = false;
                             for (_, e) in &ev {
-                                if let Some(id) = e.kv.key.strip_prefix(TASKS_PREFIX.as_bytes()) {
-                                    // A task's id starts with its service's name and a dot.
-                                    let name = id.split(|b| *b == b'.').next().unwrap_or_default();
+                                if let Some(name) = tasks::service_of_task_key(&e.kv.key) {
                                     names.insert(String::from_utf8_lossy(name).into_owned());
                                     relevant = true;
                                 } else {

@@ -1037,14 +1037,8 @@ fn ingress_blocks(w: &World, plan: &mut Plan) {
 
 /// Logs `msg` as a warning at most once a minute (a controller round runs every second).
 fn warn_every_minute(msg: &str) {
-    static LAST: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
-    let now = objects::now_ms();
-    let last = LAST.load(std::sync::atomic::Ordering::Relaxed);
-    if now - last >= 60_000
-        && LAST
-            .compare_exchange(last, now, std::sync::atomic::Ordering::Relaxed, std::sync::atomic::Ordering::Relaxed)
-            .is_ok()
-    {
+    static LAST: objects::Throttle = objects::Throttle::new();
+    if LAST.ready(60_000) {
         warn!("{msg}");
     }
 }

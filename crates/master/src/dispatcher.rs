@@ -1066,10 +1066,8 @@ async fn monitor_once(ctx: &Ctx) -> Result<(), String> {
     let going_down = changes.iter().filter(|(_, s, _)| *s == NodeStatus::Down).count();
     if going_down > 0 && mass_silence(total, already_down + quiet) {
         changes.retain(|(_, s, _)| *s != NodeStatus::Down);
-        static WARNED_MS: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
-        let now = objects::now_ms();
-        if now - WARNED_MS.load(std::sync::atomic::Ordering::Relaxed) >= 30_000 {
-            WARNED_MS.store(now, std::sync::atomic::Ordering::Relaxed);
+        static HOLDING: objects::Throttle = objects::Throttle::new();
+        if HOLDING.ready(30_000) {
             warn!(
                 silent = quiet,
                 already_down,

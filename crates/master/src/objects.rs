@@ -137,3 +137,20 @@ pub(crate) fn delete_prefix(prefix: &str) -> RequestOp {
 pub(crate) fn cas_delete(key: Vec<u8>, expected: Revision) -> (Compare, RequestOp) {
     (Compare { key: key.clone(), op: CompareOp::Equal, target: CompareTarget::ModRevision(expected) }, delete(key))
 }
+
+/// At most one "yes" per period, for a message a loop would otherwise log on every pass.
+pub(crate) struct Throttle(std::sync::atomic::AtomicI64);
+
+impl Throttle {
+    pub(crate) const fn new() -> Throttle {
+        Throttle(std::sync::atomic::AtomicI64::new(0))
+    }
+
+    /// True when `period_ms` have passed since it last said so (and once at first).
+    pub(crate) fn ready(&self, period_ms: i64) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        let now = now_ms();
+        let last = self.0.load(Relaxed);
+        now - last >= period_ms && self.0.compare_exchange(last, now, Relaxed, Relaxed).is_ok()
+    }
+}

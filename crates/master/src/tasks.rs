@@ -47,6 +47,13 @@ pub(crate) fn new_task_id(service: &str, slot: &str) -> String {
     format!("{service}.{slot}.{}", &r[..10])
 }
 
+/// The name of the service of the task a key under [`TASKS_PREFIX`] holds (see [`new_task_id`];
+/// service names have no dots). None for a key outside the prefix.
+pub(crate) fn service_of_task_key(key: &[u8]) -> Option<&[u8]> {
+    let id = key.strip_prefix(TASKS_PREFIX.as_bytes())?;
+    id.split(|b| *b == b'.').next()
+}
+
 pub(crate) fn state_of(t: &Task) -> TaskState {
     TaskState::try_from(t.state).unwrap_or(TaskState::Unspecified)
 }
@@ -247,5 +254,18 @@ pub(crate) fn placed(t: &Task, svc: Option<&Svc>, with_networks: bool) -> Placed
         cpu_millis: svc.map_or(0, |s| s.spec.spec.task.resources.cpu.millis()),
         memory_bytes: svc.map_or(0, |s| s.spec.spec.task.resources.memory.bytes()),
         host_ports: svc.map(|s| host_ports(s, with_networks)).unwrap_or_default(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_task_key_names_its_service() {
+        let key = task_key(&new_task_id("web", "3"));
+        assert_eq!(service_of_task_key(&key), Some(&b"web"[..]));
+        assert_eq!(service_of_task_key(&task_key(&new_task_id("db", "node-n1"))), Some(&b"db"[..]));
+        assert_eq!(service_of_task_key(b"/berth/services/default/web"), None);
     }
 }

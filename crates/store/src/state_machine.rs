@@ -309,6 +309,15 @@ impl Watcher {
         Ok(WatchEvents::Events(events))
     }
 
+    /// What the broadcast did not bring since the last revision delivered, from the history;
+    /// None when none of it is in this watch's range.
+    fn catch_up_missed(&mut self) -> Result<Option<WatchEvents>, StoreError> {
+        Ok(match self.catch_up(self.last + 1)? {
+            WatchEvents::Events(ev) if ev.is_empty() => None,
+            other => Some(other),
+        })
+    }
+
     /// The next events (never empty), a compaction or a reset.
     pub async fn next(&mut self) -> Result<WatchEvents, StoreError> {
         if let Some(p) = self.pending.take() {
@@ -327,10 +336,8 @@ impl Watcher {
                     }
                     if batch.omitted_through > self.last {
                         // Too large to broadcast: read from the history (already written).
-                        let from = self.last + 1;
-                        match self.catch_up(from)? {
-                            WatchEvents::Events(ev) if ev.is_empty() => {}
-                            other => return Ok(other),
+                        if let Some(out) = self.catch_up_missed()? {
+                            return Ok(out);
                         }
                         continue;
                     }
@@ -349,10 +356,8 @@ impl Watcher {
                 }
                 Err(broadcast::error::RecvError::Lagged(_)) => {
                     // We fell behind the broadcast: read what we missed from the history.
-                    let from = self.last + 1;
-                    match self.catch_up(from)? {
-                        WatchEvents::Events(ev) if ev.is_empty() => {}
-                        other => return Ok(other),
+                    if let Some(out) = self.catch_up_missed()? {
+                        return Ok(out);
                     }
                 }
                 Err(broadcast::error::RecvError::Closed) => {
